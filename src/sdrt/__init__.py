@@ -1,0 +1,14 @@
+"""sdrt: Stable Diffusion exported to ONNX/TensorRT, run by a torch-free numpy runtime."""
+
+__version__ = "0.1.0"
+
+__all__ = ["Pipeline", "__version__"]
+
+
+def __getattr__(name):
+    # Lazy so `import sdrt` stays cheap (the CLI's `--help` should not load onnxruntime).
+    if name == "Pipeline":
+        from sdrt.runtime.pipeline import Pipeline
+
+        return Pipeline
+    raise AttributeError(name)
