@@ -1,0 +1,113 @@
+"""Export: checkpoint -> ONNX models + tokenizer + model.json. The only package that imports torch."""
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+from sdrt.runtime.errors import InvalidOption, ModelError
+from sdrt.runtime.manifest import PRECISIONS, Manifest, SchedulerConfig
+
+__all__ = ["export"]
+
+
+def export(
+    source: str,
+    out_dir,
+    precision: str = "fp32",
+    original_config: str | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Manifest:
+    """Export SOURCE to OUT_DIR atomically: the folder appears complete, or not at all."""
+    if precision not in PRECISIONS:
+        raise InvalidOption("--precision", precision, " or ".join(PRECISIONS))
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise InvalidOption("--output", str(out_dir), "a folder that does not exist yet (or pass --overwrite)")
+    if original_config and not Path(original_config).is_file():
+        raise InvalidOption("--original-config", original_config, "an existing YAML file")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    try:
+        _export_into(source, staging, precision, original_config, progress)
+        staging.chmod(0o755)  # mkdtemp makes it private
+        if out_dir.exists():
+            trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+            out_dir.rename(trash / "old")
+            staging.rename(out_dir)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            staging.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return Manifest.load(out_dir)
+
+
+def _export_into(source, folder: Path, precision, original_config, progress) -> Manifest:
+    from tqdm import tqdm
+
+    from sdrt import __version__
+    from sdrt.export.sources import load_source
+    from sdrt.export.steps import model_steps
+
+    bar = tqdm(total=6, desc="export", unit="step", disable=not progress)
+    bar.set_postfix_str(f"loading {source}")
+    loaded = load_source(source, original_config)
+    pipe = loaded.pipe
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        raise ModelError(f"{source!r} is an SDXL model: SDXL export is not supported by this version of sdrt")
+    bar.update()
+    models = {}
+    for step in model_steps(pipe):
+        bar.set_postfix_str(step.spec.name)
+        error = step.run(folder, precision)
+        tqdm.write(f"{step.spec.name}: max error vs PyTorch {error:.2e} (tolerance {step.tolerance(precision):.0e})")
+        models[step.spec.name] = {"file": f"{step.spec.name}/model.onnx", **step.spec.to_json()}
+        bar.update()
+    bar.set_postfix_str("tokenizer")
+    write_tokenizer(pipe.tokenizer, folder / "tokenizer")
+    manifest = Manifest(
+        family=detect_family(pipe),
+        prediction_type=pipe.scheduler.config.get("prediction_type", "epsilon"),
+        scheduler=SchedulerConfig.from_dict(dict(pipe.scheduler.config)),
+        vae_scaling_factor=float(pipe.vae.config.scaling_factor),
+        vae_shift_factor=pipe.vae.config.get("shift_factor"),
+        latent_channels=int(pipe.vae.config.latent_channels),
+        unet_in_channels=int(pipe.unet.config.in_channels),
+        latent_downsample=int(pipe.vae_scale_factor),
+        native_size=int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor),
+        text_max_length=int(pipe.text_encoder.config.max_position_embeddings),
+        text_hidden_size=int(pipe.text_encoder.config.hidden_size),
+        precision=precision,
+        models=models,
+        source={"kind": loaded.kind, "name": loaded.name, "sha256": loaded.sha256},
+        sdrt_version=__version__,
+    )
+    manifest.save(folder)
+    bar.update()
+    bar.close()
+    return manifest
+
+
+def detect_family(pipe) -> str:
+    """sd2 for OpenCLIP-H text encoders (1024 wide) or v-prediction models, else sd1."""
+    if pipe.unet.config.cross_attention_dim == 1024 or pipe.scheduler.config.get("prediction_type") == "v_prediction":
+        return "sd2"
+    return "sd1"
+
+
+def write_tokenizer(tokenizer, folder: Path) -> None:
+    """Write vocab.json, merges.txt and the special tokens the runtime's BPE reads."""
+    folder.mkdir(parents=True, exist_ok=True)
+    backend = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in backend["merges"]]
+    (folder / "vocab.json").write_text(json.dumps(backend["vocab"], ensure_ascii=False))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(m + "\n" for m in merges))
+    config = {
+        "tokenizer_class": "CLIPTokenizer",
+        "model_max_length": 77,
+        **{k: str(getattr(tokenizer, k)) for k in ("bos_token", "eos_token", "unk_token", "pad_token")},
+    }
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))

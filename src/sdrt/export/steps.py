@@ -1,0 +1,91 @@
+"""One export step per model: its spec, trace inputs, verification inputs, and the export itself."""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from sdrt.export import to_onnx
+from sdrt.runtime.errors import ModelError
+from sdrt.runtime.modelspec import ModelSpec, text_encoder_spec, unet_spec, vae_decoder_spec, vae_encoder_spec
+
+
+@dataclass
+class ModelStep:
+    spec: ModelSpec
+    module: torch.nn.Module
+    forward: object  # (module, *inputs) -> output(s)
+    trace_inputs: tuple  # shapes chosen to exercise dynamic paths while tracing
+    check_inputs: tuple  # other shapes (batch 2), to prove the dynamic axes work
+
+    def tolerance(self, precision: str) -> float:
+        return to_onnx.TOLERANCE[precision]
+
+    def run(self, folder: Path, precision: str) -> float:
+        """Export to FOLDER/<name>/model.onnx, verify against PyTorch, return the relative max error."""
+        self.module.eval().float()
+        reference = to_onnx.reference_outputs(self.module, self.forward, self.check_inputs)
+        if precision == "fp16":
+            self.module.half()
+        out_file = folder / self.spec.name / "model.onnx"
+        to_onnx.export_onnx(self.module, self.forward, self.spec, self.trace_inputs, out_file)
+        self.module.float()
+        feeds = {name: x.numpy() for name, x in zip(self.spec.input_names, self.check_inputs, strict=True)}
+        error = to_onnx.max_error(out_file, feeds, reference)
+        if not error <= self.tolerance(precision):
+            raise ModelError(
+                f"{self.spec.name}: ONNX output differs from PyTorch by {error:.3g} (relative), "
+                f"over the {precision} tolerance {self.tolerance(precision):g}"
+            )
+        return error
+
+
+def model_steps(pipe) -> list[ModelStep]:
+    """The four models of an SD 1.x/2.x pipeline, with inputs sized from its configs."""
+    generator = torch.Generator().manual_seed(0)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator)
+
+    text_encoder, unet, vae = pipe.text_encoder, pipe.unet, pipe.vae
+    vocab, max_len = text_encoder.config.vocab_size, text_encoder.config.max_position_embeddings
+    context = unet.config.cross_attention_dim
+    in_ch, latent_ch = unet.config.in_channels, vae.config.latent_channels
+    # Latent sizes that are not multiples of the UNet's total upsampling factor make the traced graph
+    # resize each skip connection to its partner's dynamic shape (diffusers' forward_upsample_size path).
+    up = 2 ** (len(unet.config.block_out_channels) - 1)
+    down = pipe.vae_scale_factor
+
+    def ids(batch):
+        return torch.randint(0, vocab, (batch, max_len), generator=generator)
+
+    return [
+        ModelStep(
+            text_encoder_spec(text_encoder.config.hidden_size),
+            text_encoder,
+            to_onnx.text_encoder_forward,
+            (ids(1),),
+            (ids(2),),
+        ),
+        ModelStep(
+            unet_spec(latent_ch, in_ch, context),
+            unet,
+            to_onnx.unet_forward,
+            (randn(1, in_ch, 2 * up + 1, 2 * up - 1), torch.tensor([500.0]), randn(1, max_len, context)),
+            (randn(2, in_ch, 2 * up, 3 * up), torch.tensor([999.0, 1.0]), randn(2, 2 * max_len, context)),
+        ),
+        ModelStep(
+            vae_decoder_spec(latent_ch),
+            vae,
+            to_onnx.vae_decoder_forward,
+            (randn(1, latent_ch, 5, 7),),
+            (randn(2, latent_ch, 8, 6),),
+        ),
+        ModelStep(
+            vae_encoder_spec(latent_ch),
+            vae,
+            to_onnx.vae_encoder_forward,
+            (randn(1, 3, 5 * down, 7 * down),),
+            (randn(2, 3, 8 * down, 6 * down),),
+        ),
+    ]

@@ -1,0 +1,113 @@
+"""PyTorch modules -> ONNX graphs named and shaped as sdrt.runtime.modelspec declares, then verified."""
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from sdrt.runtime.errors import ModelError
+from sdrt.runtime.modelspec import ModelSpec
+
+OPSET = 17
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000  # bytes; protobuf files cannot exceed 2 GiB
+# Max error allowed against the PyTorch module, relative to the output's largest magnitude (floor 1).
+TOLERANCE = {"fp32": 1e-3, "fp16": 2e-2}
+
+
+class _CastIO(torch.nn.Module):
+    """Runs MODULE in its own dtype behind float32 inputs and outputs (fp16 engines keep fp32 I/O)."""
+
+    def __init__(self, module: torch.nn.Module, forward):
+        super().__init__()
+        self.module = module
+        self._forward = forward
+
+    def forward(self, *inputs):
+        dtype = next(self.module.parameters()).dtype
+        inputs = [x.to(dtype) if x.is_floating_point() else x for x in inputs]
+        outputs = self._forward(self.module, *inputs)
+        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+        return tuple(y.float() for y in outputs)
+
+
+def text_encoder_forward(text_encoder, input_ids):
+    return text_encoder(input_ids=input_ids, return_dict=False)[0]
+
+
+def unet_forward(unet, sample, timestep, encoder_hidden_states):
+    return unet(sample, timestep.float(), encoder_hidden_states, return_dict=False)[0]
+
+
+def vae_decoder_forward(vae, latent_sample):
+    return vae.decode(latent_sample, return_dict=False)[0]
+
+
+def vae_encoder_forward(vae, sample):
+    dist = vae.encode(sample, return_dict=False)[0]
+    return dist.mean, dist.logvar
+
+
+def export_onnx(module, forward, spec: ModelSpec, example_inputs: tuple, out_file: Path) -> None:
+    """Trace MODULE with EXAMPLE_INPUTS into OUT_FILE (one data file beside it if over 2 GB)."""
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    wrapper = _CastIO(module, forward).eval()
+    with tempfile.TemporaryDirectory(dir=out_file.parent) as tmp:
+        tmp_file = Path(tmp) / "model.onnx"
+        with torch.no_grad():
+            torch.onnx.export(
+                wrapper,
+                example_inputs,
+                str(tmp_file),
+                dynamo=False,
+                opset_version=OPSET,
+                input_names=spec.input_names,
+                output_names=spec.output_names,
+                dynamic_axes=spec.dynamic_axes(),
+                do_constant_folding=True,
+            )
+        data_bytes = sum(f.stat().st_size for f in Path(tmp).iterdir())
+        if data_bytes < EXTERNAL_DATA_THRESHOLD and not any(p.name != "model.onnx" for p in Path(tmp).iterdir()):
+            shutil.move(str(tmp_file), out_file)
+        else:
+            # The exporter writes one file per large tensor; gather them into a single data file.
+            model = onnx.load(str(tmp_file), load_external_data=True)
+            onnx.save_model(
+                model,
+                str(out_file),
+                save_as_external_data=True,
+                all_tensors_to_one_file=True,
+                location=out_file.name + ".data",
+                size_threshold=1024,
+            )
+            del model
+    onnx.checker.check_model(str(out_file))
+
+
+def max_error(onnx_file: Path, feeds: dict[str, np.ndarray], reference: list[np.ndarray]) -> float:
+    """Largest |ONNX Runtime - PyTorch| over all outputs, divided by max(1, largest |reference|)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = os.cpu_count() or 1
+    session = ort.InferenceSession(str(onnx_file), options, providers=["CPUExecutionProvider"])
+    outputs = session.run(None, feeds)
+    del session
+    worst = 0.0
+    for got, want in zip(outputs, reference, strict=True):
+        if got.shape != want.shape:
+            raise ModelError(f"{onnx_file}: output shape {got.shape} differs from PyTorch's {want.shape}")
+        scale = max(1.0, float(np.abs(want).max()))
+        worst = max(worst, float(np.abs(got.astype(np.float64) - want).max()) / scale)
+    return worst
+
+
+def reference_outputs(module, forward, inputs: tuple) -> list[np.ndarray]:
+    """PyTorch outputs for INPUTS (computed before any fp16 conversion), as float32 arrays."""
+    with torch.no_grad():
+        outputs = forward(module, *inputs)
+    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+    return [y.float().numpy() for y in outputs]

@@ -1,0 +1,125 @@
+"""model.json: everything export wrote and the runtime needs, read and validated once."""
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from sdrt.runtime.errors import ModelError
+
+MANIFEST_NAME = "model.json"
+MANIFEST_FORMAT = "sdrt-model"
+MANIFEST_VERSION = 1
+FAMILIES = ("sd1", "sd2", "sdxl")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+PRECISIONS = ("fp32", "fp16")
+MODEL_NAMES = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """The training noise schedule and diffusers' timestep-spacing rules, as in scheduler_config.json."""
+
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    beta_schedule: str = "scaled_linear"  # "linear" | "scaled_linear" | "squaredcos_cap_v2"
+    trained_betas: list[float] | None = None
+    timestep_spacing: str = "leading"  # "leading" | "linspace" | "trailing"
+    steps_offset: int = 1
+    set_alpha_to_one: bool = False
+    clip_sample: bool = False
+    clip_sample_range: float = 1.0
+    rescale_betas_zero_snr: bool = False
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SchedulerConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+@dataclass(frozen=True)
+class Manifest:
+    family: str
+    prediction_type: str
+    scheduler: SchedulerConfig
+    vae_scaling_factor: float
+    latent_channels: int
+    unet_in_channels: int  # 4, or 9 for inpainting UNets
+    latent_downsample: int  # pixels per latent cell (8)
+    native_size: int  # the resolution the model was trained at (512, 768, 1024)
+    text_max_length: int  # tokens per CLIP window, BOS and EOS included (77)
+    text_hidden_size: int
+    precision: str
+    models: dict  # name -> {"file": relative path, "inputs": [...], "outputs": [...]}
+    source: dict  # {"kind", "name", "sha256"}
+    sdrt_version: str
+    vae_shift_factor: float | None = None
+    min_size: int = 64
+    max_size: int = 2048
+    folder: Path = field(default=Path("."), compare=False)
+
+    @property
+    def model_hash(self) -> str:
+        """A1111's short model hash: the first 10 hex digits of the checkpoint's sha256."""
+        return self.source.get("sha256", "")[:10]
+
+    @property
+    def model_name(self) -> str:
+        return self.source.get("name", self.folder.name)
+
+    def model_path(self, name: str) -> Path:
+        return self.folder / self.models[name]["file"]
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d.pop("folder")
+        return {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, **d}
+
+    def save(self, folder: Path) -> None:
+        (Path(folder) / MANIFEST_NAME).write_text(json.dumps(self.to_json(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, folder) -> "Manifest":
+        """Read and validate FOLDER/model.json; every problem is one ModelError naming the file."""
+        folder = Path(folder)
+        path = folder / MANIFEST_NAME
+        if not folder.is_dir():
+            raise ModelError(f"model folder {str(folder)!r} does not exist (run `sdrt export` to make one)")
+        if not path.is_file():
+            raise ModelError(f"{str(path)!r} is missing: {str(folder)!r} is not a model exported by `sdrt export`")
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ModelError(f"{str(path)!r} is not valid JSON ({e})") from None
+        if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
+            raise ModelError(f'{str(path)!r} is not an sdrt manifest (no "format": "{MANIFEST_FORMAT}")')
+        version = data.get("version")
+        if version != MANIFEST_VERSION:
+            raise ModelError(
+                f"{str(path)!r} has manifest version {version!r}; this sdrt reads version {MANIFEST_VERSION}: "
+                "re-export the model with this sdrt"
+            )
+        try:
+            kwargs = {f.name: data[f.name] for f in fields(cls) if f.name in data and f.name != "folder"}
+            kwargs["scheduler"] = SchedulerConfig.from_dict(data["scheduler"])
+            manifest = cls(**kwargs, folder=folder)
+        except (KeyError, TypeError) as e:
+            raise ModelError(f"{str(path)!r} is incomplete or malformed ({e})") from None
+        manifest._validate(path)
+        return manifest
+
+    def _validate(self, path: Path) -> None:
+        checks = [
+            ("family", self.family, FAMILIES),
+            ("prediction_type", self.prediction_type, PREDICTION_TYPES),
+            ("precision", self.precision, PRECISIONS),
+        ]
+        for name, value, allowed in checks:
+            if value not in allowed:
+                raise ModelError(f"{str(path)!r}: {name} is {value!r}; expected one of {', '.join(allowed)}")
+        for name in ("text_encoder", "unet", "vae_decoder"):
+            if name not in self.models:
+                raise ModelError(f"{str(path)!r} lists no {name!r} model")
+        for name in self.models:
+            if not self.model_path(name).is_file():
+                raise ModelError(f"model file {str(self.model_path(name))!r} is missing")

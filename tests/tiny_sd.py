@@ -1,0 +1,131 @@
+"""Build tiny random Stable Diffusion pipelines in diffusers format, offline (test fixtures)."""
+
+import json
+from pathlib import Path
+
+# Printable ASCII words the tiny vocabulary learns merges for, so prompts tokenize into several BPE pieces.
+CORPUS_WORDS = ["a", "an", "the", "grey", "squirrel", "cat", "photo", "of", "in", "red", "blue", "sky", "dog"]
+
+SD15_SCHEDULER = {
+    "_class_name": "PNDMScheduler",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "trained_betas": None,
+    "clip_sample": False,
+}
+
+
+def byte_chars() -> list[str]:
+    """GPT-2/CLIP byte-level alphabet: the 256 printable stand-ins for bytes, in CLIP's order."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for c in cs]
+
+
+def write_tiny_clip_tokenizer(folder: Path, pad_token: str = "<|endoftext|>") -> int:
+    """Write vocab.json/merges.txt with byte tokens plus merges for CORPUS_WORDS; returns the vocab size."""
+    folder.mkdir(parents=True, exist_ok=True)
+    chars = byte_chars()
+    vocab_list = chars + [c + "</w>" for c in chars]
+    merges = []
+    for word in CORPUS_WORDS:
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(pieces) > 1:
+            merged = pieces[0] + pieces[1]
+            if (pieces[0], pieces[1]) not in merges:
+                merges.append((pieces[0], pieces[1]))
+                if merged not in vocab_list:
+                    vocab_list.append(merged)
+            pieces = [merged] + pieces[2:]
+    vocab_list += ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {tok: i for i, tok in enumerate(vocab_list)}
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    config = {
+        "tokenizer_class": "CLIPTokenizer",
+        "model_max_length": 77,
+        "bos_token": "<|startoftext|>",
+        "eos_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>",
+        "pad_token": pad_token,
+    }
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return len(vocab)
+
+
+def build_tiny_sd(folder, seed: int = 0, prediction_type: str = "epsilon", out_gain: float = 10.0):
+    """Save a tiny random SD 1.x-shaped StableDiffusionPipeline to FOLDER and return it (float32, CPU).
+
+    The UNet's conv_out is scaled by OUT_GAIN: a random UNet predicts small unstructured noise, under which
+    every sampler gives nearly the same image and a parity test could not fail.
+    """
+    import torch
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    folder = Path(folder)
+    vocab_size = write_tiny_clip_tokenizer(folder / "tokenizer_src")
+    tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer_src")
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=16,
+    )
+    with torch.no_grad():
+        unet.conv_out.weight.mul_(out_gain)
+        unet.conv_out.bias.mul_(out_gain)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 8, 16, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=64,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=vocab_size,
+            hidden_size=32,
+            intermediate_size=37,
+            num_attention_heads=4,
+            num_hidden_layers=3,
+            max_position_embeddings=77,
+            bos_token_id=vocab_size - 2,
+            eos_token_id=vocab_size - 1,
+            pad_token_id=vocab_size - 1,
+        )
+    )
+    scheduler_config = dict(SD15_SCHEDULER, prediction_type=prediction_type)
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=PNDMScheduler.from_config(scheduler_config),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(folder)
+    return pipe.to(torch.float32)
