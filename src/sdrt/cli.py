@@ -1,0 +1,152 @@
+"""`sdrt export|generate|info`: parse arguments, call export or Pipeline, write files. No logic of its own."""
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+from sdrt.runtime.errors import SdrtError
+
+EXIT_BAD_INPUT = 2
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SDRT_CACHE", Path.home() / ".cache" / "sdrt")) / "models"
+
+
+def resolve_model(model: str) -> Path:
+    """A model folder as is; a checkpoint file, diffusers folder or hub id exported once into the cache."""
+    path = Path(model)
+    is_checkpoint = path.is_file() or (path / "model_index.json").is_file()
+    looks_like_hub_id = not path.exists() and re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", model) is not None
+    if not (is_checkpoint or looks_like_hub_id):
+        return path  # an exported folder (or a bad path: Manifest.load says what is wrong)
+    identity = str(path.resolve()) if path.exists() else model
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    identity += "".join(f":{p}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
+    target = cache_dir() / (
+        re.sub(r"[^A-Za-z0-9._-]", "_", path.name or model)[:60]
+        + "-"
+        + hashlib.sha256(identity.encode()).hexdigest()[:12]
+    )
+    if not (target / "model.json").is_file():
+        try:
+            from sdrt.export import export
+        except ImportError as e:
+            raise SdrtError(f"{model!r} needs exporting first, which needs `pip install sdrt[export]` ({e})") from None
+        print(f"exporting {model} once into {target}", file=sys.stderr)
+        export(model, target, overwrite=True)
+    return target
+
+
+def cmd_export(args) -> int:
+    try:
+        from sdrt.export import export
+    except ImportError as e:
+        raise SdrtError(f"`sdrt export` needs the export extra: pip install 'sdrt[export]' ({e})") from None
+    manifest = export(
+        args.source,
+        args.output,
+        precision=args.precision,
+        original_config=args.original_config,
+        overwrite=args.overwrite,
+    )
+    print(f"exported {manifest.family} model ({manifest.precision}) to {args.output}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from sdrt.runtime.image import save_png
+    from sdrt.runtime.pipeline import Pipeline
+
+    pipe = Pipeline.load(resolve_model(args.model), backend=args.backend)
+    images = pipe.generate(
+        args.prompt,
+        negative_prompt=args.negative_prompt,
+        width=args.width,
+        height=args.height,
+        steps=args.steps,
+        cfg_scale=args.cfg_scale,
+        sampler=args.sampler,
+        scheduler=args.scheduler,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        batch_count=args.batch_count,
+    )
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    index = next_index(out)
+    for i, image in enumerate(images):
+        seed = re.search(r"Seed: (\d+)", image.info["parameters"]).group(1)
+        print(save_png(image, out / f"{index + i:05d}-{seed}.png"))
+    return 0
+
+
+def next_index(folder: Path) -> int:
+    """A1111's file numbering: one past the largest NNNNN- prefix in FOLDER."""
+    numbers = [int(m.group(1)) for p in folder.iterdir() if (m := re.match(r"(\d{5})-", p.name))]
+    return max(numbers, default=-1) + 1
+
+
+def cmd_info(args) -> int:
+    from sdrt.runtime.manifest import Manifest
+
+    print(json.dumps(Manifest.load(Path(args.model_dir)).to_json(), indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from sdrt import __version__
+
+    parser = argparse.ArgumentParser(prog="sdrt", description="Stable Diffusion on ONNX Runtime, without PyTorch.")
+    parser.add_argument("--version", action="version", version=f"sdrt {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("export", help="export a checkpoint to ONNX models + model.json")
+    p.add_argument("source", help="diffusers folder, .safetensors/.ckpt file, or hub id")
+    p.add_argument("-o", "--output", required=True, help="folder to create")
+    p.add_argument("--precision", default="fp32", help="fp32 (default) or fp16")
+    p.add_argument("--original-config", help="the checkpoint's YAML (e.g. v2-inference-v.yaml)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    p.set_defaults(func=cmd_export)
+
+    g = sub.add_parser("generate", help="txt2img: write PNGs with their A1111 parameters")
+    g.add_argument("prompt")
+    g.add_argument("-m", "--model", required=True, help="exported folder, checkpoint file, diffusers folder or hub id")
+    g.add_argument("--negative-prompt", default="")
+    g.add_argument("--width", type=int, help="default: the model's native size")
+    g.add_argument("--height", type=int, help="default: the model's native size")
+    g.add_argument("--steps", type=int, default=20)
+    g.add_argument("--cfg-scale", type=float, default=7.0)
+    g.add_argument("--sampler", default="Euler", help="Euler, Euler a, DDIM, DPM++ 2M (or 'DPM++ 2M Karras')")
+    g.add_argument("--scheduler", default="automatic", help="automatic or karras")
+    g.add_argument("--seed", type=int, default=-1, help="-1: random")
+    g.add_argument("--batch-size", type=int, default=1)
+    g.add_argument("--batch-count", type=int, default=1)
+    g.add_argument("--backend", default="cpu")
+    g.add_argument("-o", "--output", default="outputs", help="folder for the PNGs (default: outputs)")
+    g.set_defaults(func=cmd_generate)
+
+    i = sub.add_parser("info", help="print a model folder's manifest")
+    i.add_argument("model_dir")
+    i.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except SdrtError as e:
+        print(f"sdrt {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""The UNet engine as a denoiser D(x, sigma), with classifier-free guidance and eps / v parameterisation."""
+
+import numpy as np
+
+from sdrt.runtime.schedules import sigma_to_t
+
+
+class Denoiser:
+    """D(x, sigma) = x0 estimate from the UNet (k-diffusion's CompVisDenoiser / CompVisVDenoiser).
+
+    cond and uncond are (B, L, C) float32 text embeddings; with guidance, both halves go through the
+    UNet in one call of batch 2B (uncond first, as diffusers orders them).
+    """
+
+    def __init__(
+        self,
+        unet,
+        prediction_type: str,
+        train_sigmas: np.ndarray,
+        timesteps: dict[float, float],
+        cond: np.ndarray,
+        uncond: np.ndarray | None,
+        cfg_scale: float,
+    ):
+        self.unet = unet
+        self.prediction_type = prediction_type
+        self.log_sigmas = np.log(train_sigmas.astype(np.float64))
+        self.timesteps = timesteps  # exact UNet timesteps for the schedule's sigmas
+        self.cfg_scale = np.float32(cfg_scale)
+        self.guided = uncond is not None
+        self.context = np.concatenate([uncond, cond]) if self.guided else cond  # (2B or B, L, C)
+
+    def timestep(self, sigma: float) -> float:
+        t = self.timesteps.get(float(sigma))
+        return float(sigma_to_t(sigma, self.log_sigmas)[0]) if t is None else t
+
+    def __call__(self, x: np.ndarray, sigma) -> np.ndarray:
+        sigma = np.float32(sigma)
+        c_in = np.float32(1.0) / np.sqrt(sigma * sigma + np.float32(1.0))
+        x_in = np.concatenate([x, x]) if self.guided else x  # (2B or B, C, h, w) float32
+        t = np.full(len(x_in), self.timestep(sigma), dtype=np.float32)
+        feeds = {"sample": (x_in * c_in).astype(np.float32), "timestep": t, "encoder_hidden_states": self.context}
+        out = self.unet.run(feeds)["out_sample"]  # (2B or B, C, h, w) float32
+        if self.guided:
+            uncond, cond = np.split(out, 2)
+            out = uncond + self.cfg_scale * (cond - uncond)
+        if self.prediction_type == "v_prediction":  # Salimans & Ho 2022: x0 = c_skip x + c_out v
+            return x / (sigma * sigma + 1) - out * (sigma * c_in)
+        return x - out * sigma

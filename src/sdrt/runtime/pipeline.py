@@ -1,0 +1,174 @@
+"""The one place that wires the runtime together: prompt -> text encoder -> sampler(UNet) -> VAE -> images.
+
+Never imports torch, diffusers or transformers.
+"""
+
+from pathlib import Path
+
+import numpy as np
+
+from sdrt import __version__
+from sdrt.engines import create_engine
+from sdrt.runtime import samplers
+from sdrt.runtime.denoiser import Denoiser
+from sdrt.runtime.errors import InvalidOption
+from sdrt.runtime.image import format_number, infotext, to_pil
+from sdrt.runtime.manifest import Manifest
+from sdrt.runtime.options import SAMPLERS, SCHEDULERS, GenerationOptions, make_options
+from sdrt.runtime.rng import TorchCPUGenerator
+from sdrt.runtime.schedules import Schedule, build_schedule, train_sigmas
+from sdrt.runtime.tokenizer import ClipTokenizer
+
+
+class Pipeline:
+    """A loaded model: `Pipeline.load(model_dir).generate(prompt, ...)` returns PIL images with infotext."""
+
+    def __init__(self, manifest: Manifest, backend: str):
+        self.manifest = manifest
+        self.backend = backend
+        self.tokenizer = ClipTokenizer.from_dir(manifest.folder / "tokenizer")
+        self.engines = {name: create_engine(manifest.model_path(name), backend) for name in manifest.models}
+        self.train_sigmas = train_sigmas(manifest.scheduler)  # (N,) float32
+
+    @classmethod
+    def load(cls, model_dir, backend: str = "cpu") -> "Pipeline":
+        """Read MODEL_DIR (made by `sdrt export`), validate it, and load its engines."""
+        pipe = cls(Manifest.load(Path(model_dir)), backend)
+        for name in ("text_encoder", "unet", "vae_decoder"):
+            pipe.engines[name].load()
+        return pipe
+
+    def generate(
+        self,
+        prompt: str,
+        negative_prompt: str = "",
+        width: int | None = None,
+        height: int | None = None,
+        steps: int = 20,
+        cfg_scale: float = 7.0,
+        sampler: str = "Euler",
+        scheduler: str = "automatic",
+        seed: int = -1,
+        batch_size: int = 1,
+        batch_count: int = 1,
+        latents: np.ndarray | None = None,
+        output_type: str = "pil",
+        rng: str = "torch",
+        progress: bool = True,
+    ):
+        """txt2img. Returns batch_size * batch_count PIL images, or their final latents with output_type="latent".
+
+        `latents` (batch_size * batch_count, C, height/8, width/8) float32 replaces the drawn initial noise.
+        """
+        opts = make_options(
+            self.manifest,
+            prompt,
+            negative_prompt,
+            width,
+            height,
+            steps,
+            cfg_scale,
+            sampler,
+            scheduler,
+            seed,
+            batch_size,
+            batch_count,
+            rng,
+            output_type,
+        )
+        latent_shape = (
+            self.manifest.latent_channels,
+            opts.height // self.manifest.latent_downsample,
+            opts.width // self.manifest.latent_downsample,
+        )
+        total = opts.batch_size * opts.batch_count
+        if latents is not None:
+            latents = np.asarray(latents, dtype=np.float32)
+            if latents.shape != (total, *latent_shape):
+                raise InvalidOption(
+                    "latents",
+                    f"array of shape {latents.shape}",
+                    f"shape {(total, *latent_shape)} (batch_size * batch_count, C, height/8, width/8)",
+                )
+        schedule = build_schedule(self.manifest.scheduler, opts.steps, SAMPLERS[opts.sampler][1], opts.scheduler)
+        cond, uncond = self.encode_prompts(opts)  # (1, L, C) each
+        results = []
+        bar = _progress(total * opts.steps, progress)
+        for b in range(opts.batch_count):
+            seeds = opts.seeds[b * opts.batch_size : (b + 1) * opts.batch_size]
+            start = None if latents is None else latents[b * opts.batch_size : (b + 1) * opts.batch_size]
+            final = self.sample(opts, schedule, seeds, latent_shape, cond, uncond, start, bar)
+            results.append(final if opts.output_type == "latent" else self.decode(final))
+        bar.close()
+        if opts.output_type == "latent":
+            return np.concatenate(results)
+        images = [im for batch in results for im in to_pil(batch)]
+        for im, seed in zip(images, opts.seeds, strict=True):
+            im.info["parameters"] = self.infotext(opts, seed)
+        return images
+
+    def encode_prompts(self, opts: GenerationOptions) -> tuple[np.ndarray, np.ndarray | None]:
+        """(1, L, C) float32 embeddings of the prompt and, with guidance, of the negative prompt."""
+        texts = [opts.prompt, opts.negative_prompt] if opts.guided else [opts.prompt]
+        ids = self.tokenizer(texts, self.manifest.text_max_length)  # (1 or 2, L) int64
+        hidden = self.engines["text_encoder"].run({"input_ids": ids})["last_hidden_state"]  # (1 or 2, L, C)
+        return hidden[:1], (hidden[1:2] if opts.guided else None)
+
+    def sample(self, opts, schedule: Schedule, seeds, latent_shape, cond, uncond, start, bar) -> np.ndarray:
+        """One batch: initial noise per image seed, the sampler, then the latent the VAE decodes."""
+        generators = [TorchCPUGenerator(seed) for seed in seeds]
+        if start is None:
+            start = np.concatenate([g.randn((1, *latent_shape)) for g in generators])  # (B, C, h, w) float32
+        x = (start * np.float32(schedule.initial_noise_scale)).astype(np.float32)
+
+        def noise():
+            return np.concatenate([g.randn((1, *latent_shape)) for g in generators])
+
+        batch = len(seeds)
+        timesteps = dict(zip(schedule.sigmas[:-1].tolist(), schedule.timesteps.tolist(), strict=True))
+        denoise = Denoiser(
+            self.engines["unet"],
+            self.manifest.prediction_type,
+            self.train_sigmas,
+            timesteps,
+            np.repeat(cond, batch, axis=0),
+            None if uncond is None else np.repeat(uncond, batch, axis=0),
+            opts.cfg_scale,
+        )
+        fn = getattr(samplers, SAMPLERS[opts.sampler][0])
+        kwargs = (
+            {"clip_denoised": self.manifest.scheduler.clip_sample_range}
+            if opts.sampler == "DDIM" and self.manifest.scheduler.clip_sample
+            else {}
+        )
+        x = fn(denoise, x, schedule.sigmas, noise=noise, callback=lambda i, x, d: bar.update(), **kwargs)
+        return (x * np.float32(schedule.final_scale)).astype(np.float32)
+
+    def decode(self, latents: np.ndarray) -> np.ndarray:
+        """(B, C, h, w) latents -> (B, 3, H, W) float32 images in [-1, 1], one image per VAE call."""
+        scaled = latents / np.float32(self.manifest.vae_scaling_factor)
+        if self.manifest.vae_shift_factor is not None:
+            scaled = scaled + np.float32(self.manifest.vae_shift_factor)
+        vae = self.engines["vae_decoder"]
+        return np.concatenate([vae.run({"latent_sample": z[None]})["sample"] for z in scaled.astype(np.float32)])
+
+    def infotext(self, opts: GenerationOptions, seed: int) -> str:
+        """The "parameters" text of one image, with A1111's keys in A1111's order."""
+        params = {
+            "Steps": opts.steps,
+            "Sampler": opts.sampler,
+            "Schedule type": SCHEDULERS[opts.scheduler],
+            "CFG scale": format_number(opts.cfg_scale),
+            "Seed": seed,
+            "Size": f"{opts.width}x{opts.height}",
+            "Model hash": self.manifest.model_hash or None,
+            "Model": self.manifest.model_name,
+            "Version": f"sdrt {__version__}",
+        }
+        return infotext(opts.prompt, opts.negative_prompt, params)
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="generate", unit="step", disable=not enabled, leave=False)
