@@ -6,8 +6,15 @@ import pytest
 from sdrt.runtime.manifest import SchedulerConfig
 from sdrt.runtime.schedules import build_schedule, karras_sigmas, sigma_to_t, train_alphas_cumprod, train_sigmas
 
-SD15 = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-            set_alpha_to_one=False, steps_offset=1, clip_sample=False)
+SD15 = dict(
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    num_train_timesteps=1000,
+    set_alpha_to_one=False,
+    steps_offset=1,
+    clip_sample=False,
+)
 
 
 def diffusers_scheduler(rule, spacing, karras):
@@ -27,8 +34,9 @@ def test_alphas_cumprod_match_diffusers():
 
 @pytest.mark.parametrize("steps", [1, 7, 20, 50])
 @pytest.mark.parametrize("spacing", ["leading", "linspace", "trailing"])
-@pytest.mark.parametrize(("rule", "karras"), [("euler", False), ("euler", True), ("dpmsolver", False),
-                                              ("dpmsolver", True), ("ddim", False)])
+@pytest.mark.parametrize(
+    ("rule", "karras"), [("euler", False), ("euler", True), ("dpmsolver", False), ("dpmsolver", True), ("ddim", False)]
+)
 def test_schedule_matches_diffusers(rule, karras, spacing, steps):
     cfg = SchedulerConfig(**SD15, timestep_spacing=spacing)
     ours = build_schedule(cfg, steps, rule, "karras" if karras else "automatic")

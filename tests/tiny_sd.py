@@ -64,7 +64,7 @@ def write_tiny_clip_tokenizer(folder: Path, pad_token: str = "<|endoftext|>") ->
 
 
 def build_tiny_sd(folder, seed: int = 0, prediction_type: str = "epsilon", out_gain: float = 10.0):
-    """Save a tiny random SD 1.x-shaped StableDiffusionPipeline to FOLDER and return it (float32, CPU).
+    """Save a tiny random SD 1.x-shaped StableDiffusionPipeline to FOLDER and return it loaded back (float32).
 
     The UNet's conv_out is scaled by OUT_GAIN: a random UNet predicts small unstructured noise, under which
     every sampler gives nearly the same image and a parity test could not fail.
@@ -128,4 +128,9 @@ def build_tiny_sd(folder, seed: int = 0, prediction_type: str = "epsilon", out_g
         requires_safety_checker=False,
     )
     pipe.save_pretrained(folder)
-    return pipe.to(torch.float32)
+    # Keep the scheduler config exactly as SD 1.5 publishes it: keys it leaves out (timestep_spacing) take
+    # each diffusers scheduler class's own default, which sdrt must reproduce.
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler_config, indent=2))
+    loaded = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float32)
+    loaded.set_progress_bar_config(disable=True)
+    return loaded

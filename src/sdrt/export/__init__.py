@@ -71,7 +71,7 @@ def _export_into(source, folder: Path, precision, original_config, progress) -> 
     manifest = Manifest(
         family=detect_family(pipe),
         prediction_type=pipe.scheduler.config.get("prediction_type", "epsilon"),
-        scheduler=SchedulerConfig.from_dict(dict(pipe.scheduler.config)),
+        scheduler=scheduler_config(pipe.scheduler.config),
         vae_scaling_factor=float(pipe.vae.config.scaling_factor),
         vae_shift_factor=pipe.vae.config.get("shift_factor"),
         latent_channels=int(pipe.vae.config.latent_channels),
@@ -89,6 +89,12 @@ def _export_into(source, folder: Path, precision, original_config, progress) -> 
     bar.update()
     bar.close()
     return manifest
+
+
+def scheduler_config(config) -> SchedulerConfig:
+    """The keys the checkpoint's scheduler config really sets (diffusers marks the defaulted ones)."""
+    defaulted = set(config.get("_use_default_values", []))
+    return SchedulerConfig.from_dict({k: v for k, v in config.items() if k not in defaulted})
 
 
 def detect_family(pipe) -> str:

@@ -17,17 +17,22 @@ MODEL_NAMES = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    """The training noise schedule and diffusers' timestep-spacing rules, as in scheduler_config.json."""
+    """The keys a model's scheduler_config.json gives; absent ones keep diffusers' defaults.
+
+    None means "the default of whichever diffusers scheduler runs": diffusers drops keys a config did not
+    set when switching scheduler class (`_use_default_values`), so SD 1.5's config, which sets no
+    timestep_spacing, gets "linspace" under Euler and DPM++ but "leading" under DDIM.
+    """
 
     num_train_timesteps: int = 1000
-    beta_start: float = 0.00085
-    beta_end: float = 0.012
-    beta_schedule: str = "scaled_linear"  # "linear" | "scaled_linear" | "squaredcos_cap_v2"
+    beta_start: float = 0.0001
+    beta_end: float = 0.02
+    beta_schedule: str = "linear"  # "linear" | "scaled_linear" | "squaredcos_cap_v2"
     trained_betas: list[float] | None = None
-    timestep_spacing: str = "leading"  # "leading" | "linspace" | "trailing"
-    steps_offset: int = 1
-    set_alpha_to_one: bool = False
-    clip_sample: bool = False
+    timestep_spacing: str | None = None  # "leading" | "linspace" | "trailing"
+    steps_offset: int = 0
+    set_alpha_to_one: bool | None = None
+    clip_sample: bool | None = None
     clip_sample_range: float = 1.0
     rescale_betas_zero_snr: bool = False
 

@@ -16,7 +16,7 @@ from sdrt.runtime.image import format_number, infotext, to_pil
 from sdrt.runtime.manifest import Manifest
 from sdrt.runtime.options import SAMPLERS, SCHEDULERS, GenerationOptions, make_options
 from sdrt.runtime.rng import TorchCPUGenerator
-from sdrt.runtime.schedules import Schedule, build_schedule, train_sigmas
+from sdrt.runtime.schedules import Schedule, build_schedule, resolve_config, train_sigmas
 from sdrt.runtime.tokenizer import ClipTokenizer
 
 
@@ -136,10 +136,9 @@ class Pipeline:
             opts.cfg_scale,
         )
         fn = getattr(samplers, SAMPLERS[opts.sampler][0])
+        ddim_cfg = resolve_config(self.manifest.scheduler, "ddim")
         kwargs = (
-            {"clip_denoised": self.manifest.scheduler.clip_sample_range}
-            if opts.sampler == "DDIM" and self.manifest.scheduler.clip_sample
-            else {}
+            {"clip_denoised": ddim_cfg.clip_sample_range} if opts.sampler == "DDIM" and ddim_cfg.clip_sample else {}
         )
         x = fn(denoise, x, schedule.sigmas, noise=noise, callback=lambda i, x, d: bar.update(), **kwargs)
         return (x * np.float32(schedule.final_scale)).astype(np.float32)

@@ -5,7 +5,7 @@ together with the UNet timestep of each sigma. Which diffusers scheduler class a
 decides the spacing rule and the scale of the initial noise, so those are chosen per "timestep rule".
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -14,6 +14,12 @@ from sdrt.runtime.manifest import SchedulerConfig
 KARRAS_RHO = 7.0  # Karras et al. 2022, eq. 5
 SPACINGS = ("leading", "linspace", "trailing")
 TIMESTEP_RULES = ("euler", "ddim", "dpmsolver")  # diffusers' Euler*, DDIM and DPMSolver* schedulers
+# What each diffusers class uses for a key the model's config does not set.
+RULE_DEFAULTS = {
+    "euler": {"timestep_spacing": "linspace", "set_alpha_to_one": False, "clip_sample": False},
+    "ddim": {"timestep_spacing": "leading", "set_alpha_to_one": True, "clip_sample": True},
+    "dpmsolver": {"timestep_spacing": "linspace", "set_alpha_to_one": False, "clip_sample": False},
+}
 
 
 @dataclass(frozen=True)
@@ -26,6 +32,11 @@ class Schedule:
     def final_scale(self) -> float:
         """Factor from the final x (x0 + sigma * eps) to the variance-preserving latent the VAE decodes."""
         return float(1.0 / np.sqrt(1.0 + float(self.sigmas[-1]) ** 2))
+
+
+def resolve_config(cfg: SchedulerConfig, rule: str) -> SchedulerConfig:
+    """CFG with every key it leaves unset (None) given the default of RULE's diffusers class."""
+    return replace(cfg, **{k: v for k, v in RULE_DEFAULTS[rule].items() if getattr(cfg, k) is None})
 
 
 def train_betas(cfg: SchedulerConfig) -> np.ndarray:
@@ -114,6 +125,7 @@ def spaced_timesteps(cfg: SchedulerConfig, steps: int, rule: str) -> np.ndarray:
 
 def build_schedule(cfg: SchedulerConfig, steps: int, rule: str, scheduler: str) -> Schedule:
     """Sigmas and timesteps for STEPS steps under diffusers' RULE, with scheduler "automatic" or "karras"."""
+    cfg = resolve_config(cfg, rule)
     sigmas_train = train_sigmas(cfg).astype(np.float64)
     log_sigmas = np.log(sigmas_train)
     timesteps = spaced_timesteps(cfg, steps, rule)

@@ -14,12 +14,15 @@ import regex
 # Whitespace as Oniguruma (the regex engine of HF tokenizers) defines \s; Python's \s differs (e.g. \x1c-\x1f).
 _WS = r"\t-\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
 _WS_RUN = regex.compile(f"[{_WS}]+")
-# CLIP pre-tokenizer: the matches are kept, everything else (whitespace) is dropped.
+
+
+# CLIP pre-tokenizer: the matches are kept, everything else (whitespace) is dropped. \p{L}/\p{N} come from
+# the regex package's Unicode tables, tokenizers' Oniguruma may know fewer (newest) characters.
 _CLIP_PAT = regex.compile(
     rf"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|\p{{L}}+|\p{{N}}|[^{_WS}\p{{L}}\p{{N}}]+"
 )
-# The ByteLevel pre-tokenizer then splits each piece again with the GPT-2 pattern; CLIP pieces hold no
-# whitespace, so this only changes "<|startoftext|>"-like pieces (into "<|", "startoftext", "|>").
+# The ByteLevel pre-tokenizer then splits each piece with the GPT-2 pattern; CLIP pieces hold no whitespace,
+# so this only changes "<|startoftext|>"-like pieces (into "<|", "startoftext", "|>").
 _GPT2_PAT = regex.compile(rf"'s|'t|'re|'ve|'m|'ll|'d|\p{{L}}+|\p{{N}}+|[^{_WS}\p{{L}}\p{{N}}]+")
 _SPECIAL_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 _UNSET_MAX_LENGTH = 1_000_000  # transformers writes int(1e30) when model_max_length is unknown
