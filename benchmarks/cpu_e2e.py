@@ -647,7 +647,6 @@ def main(argv=None) -> int:
         result, wall, peak = run_child(runtime, job, job_dir)
         measured[runtime] = {**result, "process_wall_s": wall, "peak_rss_bytes": peak}
         log(f"{runtime}: done in {wall:.1f} s, peak RSS {gib(peak)}")
-    settings["load_average_1min_at_end"] = os.getloadavg()[0]
     s, d = measured["sdrt"], measured["diffusers"]
     report = {
         "benchmark": "cpu_e2e",

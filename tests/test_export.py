@@ -15,7 +15,7 @@ def test_export_layout_and_manifest(tiny_sd):
     _, model = tiny_sd
     manifest = Manifest.load(model)
     assert manifest.family == "sd1" and manifest.prediction_type == "epsilon" and manifest.precision == "fp32"
-    assert manifest.scheduler.timestep_spacing == "leading" and manifest.scheduler.steps_offset == 1
+    assert manifest.scheduler.timestep_spacing is None and manifest.scheduler.steps_offset == 1  # as SD 1.5 sets
     assert manifest.scheduler.beta_schedule == "scaled_linear" and manifest.vae_scaling_factor == 0.18215
     assert manifest.latent_channels == 4 and manifest.latent_downsample == 8 and manifest.native_size == 64
     assert len(manifest.source["sha256"]) == 64 and manifest.source["kind"] == "diffusers"

@@ -63,8 +63,15 @@ def _export_into(source, folder: Path, precision, original_config, progress) -> 
     for step in model_steps(pipe):
         bar.set_postfix_str(step.spec.name)
         error = step.run(folder, precision)
-        tqdm.write(f"{step.spec.name}: max error vs PyTorch {error:.2e} (tolerance {step.tolerance(precision):.0e})")
-        models[step.spec.name] = {"file": f"{step.spec.name}/model.onnx", **step.spec.to_json()}
+        tqdm.write(
+            f"{step.spec.name} ({step.precision(precision)}): "
+            f"max error vs PyTorch {error:.2e} (tolerance {step.tolerance(step.precision(precision)):.0e})"
+        )
+        models[step.spec.name] = {
+            "file": f"{step.spec.name}/model.onnx",
+            "precision": step.precision(precision),
+            **step.spec.to_json(),
+        }
         bar.update()
     bar.set_postfix_str("tokenizer")
     write_tokenizer(pipe.tokenizer, folder / "tokenizer")

@@ -15,6 +15,22 @@ import regex
 _WS = r"\t-\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
 _WS_RUN = regex.compile(f"[{_WS}]+")
 
+# tokenizers' NFC uses Unicode 9.0 tables, so to it the characters below (added later, with a non-zero
+# combining class or taking part in a composition; through Unicode 17) are plain starters that never
+# reorder or compose. Python's NFC knows them, so the text is cut at them and each part normalized alone.
+_NFC_UNKNOWN = (
+    "5C8-5C9 7FD 897-89F 8CA-8D3 9FE C3C D3B-D3C EBA 1715 1ABF-1AF0 1DF6-1DFA A82C 105C9 105E4 "
+    "10D24-10D27 10D69-10D6D 10EAB-10EAC 10ECB-10ECF 10EF0-10EFB 10EFD-10EFF 10F46-10F50 10F82-10F85 "
+    "11070 1133B 11383 11385 1138E 11391 113B8 113BB 113C2 113C5 113C7-113C9 113CE-113D0 1145E "
+    "11839-1183A 11930 11938 1193D-1193E 11943 119E0 11A34 11A47 11A99 11D42 11D44-11D45 11D97 "
+    "11F41-11F42 1611E-16129 1612F 16D67-16D6A 16FF0-16FF1 1D127-1D128 1D250-1D252 1D25B-1D25C 1D25F "
+    "1D280-1D281 1E08F 1E130-1E136 1E2AE 1E2EC-1E2EF 1E4EC-1E4EF 1E5EE-1E5EF 1E6E3 1E6E6 1E6EE-1E6EF "
+    "1E6F5"
+)
+_NFC_BARRIER = regex.compile(
+    "([" + regex.sub(r"[0-9A-F]+", lambda m: chr(int(m[0], 16)), _NFC_UNKNOWN).replace(" ", "") + "])"
+)
+
 
 # CLIP pre-tokenizer: the matches are kept, everything else (whitespace) is dropped. \p{L}/\p{N} come from
 # the regex package's Unicode tables, tokenizers' Oniguruma may know fewer (newest) characters.
@@ -44,10 +60,18 @@ def _byte_to_unicode() -> list[str]:
 _BYTE_CHARS = _byte_to_unicode()
 
 
+def _nfc(text: str) -> str:
+    """NFC as tokenizers computes it (see _NFC_UNKNOWN)."""
+    parts = _NFC_BARRIER.split(text)
+    parts[::2] = [unicodedata.normalize("NFC", part) for part in parts[::2]]
+    return "".join(parts)
+
+
 def _normalize(text: str) -> str:
     """NFC, whitespace runs -> one space, per-character lowercase (no final-sigma rule, like Rust)."""
-    text = _WS_RUN.sub(" ", unicodedata.normalize("NFC", text))
-    return text.lower() if text.isascii() else "".join(c.lower() for c in text)
+    if text.isascii():
+        return _WS_RUN.sub(" ", text).lower()
+    return "".join(c.lower() for c in _WS_RUN.sub(" ", _nfc(text)))
 
 
 def _token_spec(value, from_special_map: bool):
