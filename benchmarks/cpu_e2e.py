@@ -36,6 +36,7 @@ SAMPLER = "Euler"  # diffusers: EulerDiscreteScheduler.from_config(pipe.schedule
 UNET_BATCH = 2  # one guided step: conditional + unconditional
 UNET_TIMESTEP = 500.0
 WEIGHTS_SEED = 0
+BUILD_VERSION = 2  # bump when the build changes: folders built by an older version are built again
 LATENT_DOWNSAMPLE = 8  # VAE with 4 blocks: 3 downsamplings
 BUSY_LOAD = 0.5  # 1-minute load average above which the run warns that timings are disturbed
 
@@ -293,6 +294,9 @@ def worker_build(job: dict) -> dict:
     )
     log(f"build: saving to {out}")
     pipe.save_pretrained(staging)
+    # The scheduler config exactly as SD 1.5 publishes it: keys it leaves out (timestep_spacing) take each
+    # diffusers scheduler class's own default when the pipeline swaps in Euler, as with the real model.
+    (staging / "scheduler" / "scheduler_config.json").write_text(json.dumps(SD15_SCHEDULER, indent=2))
     shutil.rmtree(staging / "tokenizer_src")
     shutil.rmtree(out, ignore_errors=True)
     staging.rename(out)
@@ -462,7 +466,7 @@ def prepare_model(args, configs: dict, model_dir: Path, job_dir: Path) -> tuple[
     """Build and export unless already done (or --rebuild): (build info, export measurements)."""
     diffusers_dir, onnx_dir = model_dir / "diffusers", model_dir / "onnx"
     build_file, export_file = model_dir / "build.json", model_dir / "export.json"
-    stamp = {"weights_seed": WEIGHTS_SEED, **configs}
+    stamp = {"build_version": BUILD_VERSION, "weights_seed": WEIGHTS_SEED, **configs}
     built = None
     if not args.rebuild and (diffusers_dir / "model_index.json").is_file() and build_file.is_file():
         built = json.loads(build_file.read_text())

@@ -131,3 +131,17 @@ def test_bad_input_in_a_real_process_prints_no_traceback(tiny_sd, tmp_path):
     )
     assert result.returncode == 2
     assert result.stderr.strip() == "sdrt generate: error: width: got 100; allowed: a multiple of 8 from 64 to 2048"
+
+
+def test_generate_from_a_diffusers_folder_exports_once_into_the_cache(tiny_sd, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("SDRT_CACHE", str(tmp_path / "cache"))
+    source = tiny_sd[1].parent / "diffusers"
+    args = ("generate", "a cat", "-m", source, "--steps", 2, "--seed", 5, "-o", tmp_path / "out")
+    code, out, err = run_cli(capsys, *args)
+    assert code == 0 and "exporting" in err
+    exported = list((tmp_path / "cache" / "models").iterdir())
+    assert len(exported) == 1 and (exported[0] / "model.json").is_file()
+    code, out2, err = run_cli(capsys, *args)
+    assert code == 0 and "exporting" not in err  # reused
+    first, second = (Image.open(p.strip()) for p in (out, out2))
+    assert first.tobytes() == second.tobytes()

@@ -1,6 +1,7 @@
 """Export: checkpoint -> ONNX models + tokenizer + model.json. The only package that imports torch."""
 
 import json
+import sys
 import shutil
 import tempfile
 from pathlib import Path
@@ -65,7 +66,8 @@ def _export_into(source, folder: Path, precision, original_config, progress) -> 
         error = step.run(folder, precision)
         tqdm.write(
             f"{step.spec.name} ({step.precision(precision)}): "
-            f"max error vs PyTorch {error:.2e} (tolerance {step.tolerance(step.precision(precision)):.0e})"
+            f"max error vs PyTorch {error:.2e} (tolerance {step.tolerance(step.precision(precision)):.0e})",
+            file=sys.stderr,
         )
         models[step.spec.name] = {
             "file": f"{step.spec.name}/model.onnx",
