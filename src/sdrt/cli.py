@@ -52,6 +52,7 @@ def cmd_export(args) -> int:
         args.output,
         precision=args.precision,
         original_config=args.original_config,
+        config=args.config,
         overwrite=args.overwrite,
     )
     print(f"exported {manifest.family} model ({manifest.precision}) to {args.output}")
@@ -110,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="folder to create")
     p.add_argument("--precision", default="fp32", help="fp32 (default) or fp16")
     p.add_argument("--original-config", help="the checkpoint's YAML (e.g. v2-inference-v.yaml)")
+    p.add_argument("--config", help="for a single file: a diffusers folder (or hub id) with the component configs")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     p.set_defaults(func=cmd_export)
 

@@ -1,8 +1,8 @@
 """Export: checkpoint -> ONNX models + tokenizer + model.json. The only package that imports torch."""
 
 import json
-import sys
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -17,6 +17,7 @@ def export(
     out_dir,
     precision: str = "fp32",
     original_config: str | None = None,
+    config: str | None = None,
     overwrite: bool = False,
     progress: bool = True,
 ) -> Manifest:
@@ -28,10 +29,12 @@ def export(
         raise InvalidOption("--output", str(out_dir), "a folder that does not exist yet (or pass --overwrite)")
     if original_config and not Path(original_config).is_file():
         raise InvalidOption("--original-config", original_config, "an existing YAML file")
+    if config and not (Path(config) / "model_index.json").is_file() and Path(config).exists():
+        raise InvalidOption("--config", config, "a diffusers folder (with model_index.json) or a hub id")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
     try:
-        _export_into(source, staging, precision, original_config, progress)
+        _export_into(source, staging, precision, original_config, config, progress)
         staging.chmod(0o755)  # mkdtemp makes it private
         if out_dir.exists():
             trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
@@ -46,7 +49,7 @@ def export(
     return Manifest.load(out_dir)
 
 
-def _export_into(source, folder: Path, precision, original_config, progress) -> Manifest:
+def _export_into(source, folder: Path, precision, original_config, config, progress) -> Manifest:
     from tqdm import tqdm
 
     from sdrt import __version__
@@ -55,7 +58,7 @@ def _export_into(source, folder: Path, precision, original_config, progress) -> 
 
     bar = tqdm(total=6, desc="export", unit="step", disable=not progress)
     bar.set_postfix_str(f"loading {source}")
-    loaded = load_source(source, original_config)
+    loaded = load_source(source, original_config, config)
     pipe = loaded.pipe
     if getattr(pipe, "text_encoder_2", None) is not None:
         raise ModelError(f"{source!r} is an SDXL model: SDXL export is not supported by this version of sdrt")

@@ -52,8 +52,12 @@ def check_ckpt_is_tensors_only(path: Path) -> None:
         ) from None
 
 
-def load_source(source: str, original_config: str | None = None) -> Source:
-    """Load SOURCE (folder with model_index.json, single file, or hub id) as a float32 pipeline."""
+def load_source(source: str, original_config: str | None = None, config: str | None = None) -> Source:
+    """Load SOURCE (folder with model_index.json, single file, or hub id) as a float32 pipeline.
+
+    For a single file, CONFIG (a diffusers folder or hub id holding the component configs) makes loading
+    work offline; without it diffusers infers the model and fetches its configs from the hub.
+    """
     import torch
     from diffusers import StableDiffusionPipeline
 
@@ -76,12 +80,15 @@ def load_source(source: str, original_config: str | None = None) -> Source:
         if path.suffix.lower() != ".safetensors":
             check_ckpt_is_tensors_only(path)
         kwargs = {"original_config": str(original_config)} if original_config else {}
+        if config:
+            kwargs |= {"config": str(config), "local_files_only": Path(config).is_dir()}
         try:
             pipe = StableDiffusionPipeline.from_single_file(
                 str(path), torch_dtype=torch.float32, safety_checker=None, **kwargs
             )
-        except (OSError, ValueError, KeyError) as e:
-            raise ModelError(f"could not load the checkpoint {source!r}: {e}") from None
+        except (OSError, ValueError, KeyError, RuntimeError) as e:
+            hint = "" if config else " (offline, pass --config with a diffusers folder of the same architecture)"
+            raise ModelError(f"could not load the checkpoint {source!r}: {str(e)[:500]}{hint}") from None
         return Source(pipe, "single_file", path.stem, file_sha256(path).hexdigest())
     if path.suffix.lower() in SINGLE_FILE_SUFFIXES or source.startswith((".", "/")) or source.count("/") != 1:
         raise ModelError(f"{source!r} does not exist (expected a diffusers folder, a checkpoint file or a hub id)")

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import regex
 
-# Whitespace as Oniguruma (the regex engine of HF tokenizers) defines \s; Python's \s differs (e.g. \x1c-\x1f).
-_WS = r"\t-\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
-_WS_RUN = regex.compile(f"[{_WS}]+")
+# The regex package's \s (Unicode White_Space) is exactly Oniguruma's, the engine of HF tokenizers; the
+# stdlib re's \s would also match \x1c-\x1f.
+_WS_RUN = regex.compile(r"\s+")
 
 # tokenizers' NFC uses Unicode 9.0 tables, so to it the characters below (added later, with a non-zero
 # combining class or taking part in a composition; through Unicode 17) are plain starters that never
@@ -34,12 +34,10 @@ _NFC_BARRIER = regex.compile(
 
 # CLIP pre-tokenizer: the matches are kept, everything else (whitespace) is dropped. \p{L}/\p{N} come from
 # the regex package's Unicode tables, tokenizers' Oniguruma may know fewer (newest) characters.
-_CLIP_PAT = regex.compile(
-    rf"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|\p{{L}}+|\p{{N}}|[^{_WS}\p{{L}}\p{{N}}]+"
-)
+_CLIP_PAT = regex.compile(r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|\p{L}+|\p{N}|[^\s\p{L}\p{N}]+")
 # The ByteLevel pre-tokenizer then splits each piece with the GPT-2 pattern; CLIP pieces hold no whitespace,
 # so this only changes "<|startoftext|>"-like pieces (into "<|", "startoftext", "|>").
-_GPT2_PAT = regex.compile(rf"'s|'t|'re|'ve|'m|'ll|'d|\p{{L}}+|\p{{N}}+|[^{_WS}\p{{L}}\p{{N}}]+")
+_GPT2_PAT = regex.compile(r"'s|'t|'re|'ve|'m|'ll|'d|\p{L}+|\p{N}+|[^\s\p{L}\p{N}]+")
 _SPECIAL_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 _UNSET_MAX_LENGTH = 1_000_000  # transformers writes int(1e30) when model_max_length is unknown
 
