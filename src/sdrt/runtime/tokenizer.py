@@ -67,6 +67,8 @@ def _nfc(text: str) -> str:
 
 def _normalize(text: str) -> str:
     """NFC, whitespace runs -> one space, per-character lowercase (no final-sigma rule, like Rust)."""
+    # str.lower follows Python's Unicode tables: characters newer than them (Unicode 15+ on Python 3.11)
+    # may lowercase differently from Rust's; everything older matches.
     if text.isascii():
         return _WS_RUN.sub(" ", text).lower()
     return "".join(c.lower() for c in _WS_RUN.sub(" ", _nfc(text)))
