@@ -115,3 +115,13 @@ def test_missing_source_is_a_clear_error(tmp_path):
 def test_manifest_json_is_versioned(tiny_sd):
     data = json.loads((tiny_sd[1] / "model.json").read_text())
     assert data["format"] == "sdrt-model" and data["version"] == 1
+
+
+def test_exported_tokenizer_gives_the_source_tokenizers_ids(tiny_sd):
+    from sdrt.runtime.tokenizer import ClipTokenizer
+
+    pipe, model = tiny_sd
+    ours = ClipTokenizer.from_dir(model / "tokenizer")
+    for text in ["a photo of a grey squirrel", "<|STARTOFTEXT|> Sky!! ", "ÉCLAIR, naïve café " * 12]:
+        want = pipe.tokenizer([text], padding="max_length", max_length=77, truncation=True).input_ids
+        assert ours([text], 77).tolist() == want

@@ -117,15 +117,10 @@ def detect_family(pipe) -> str:
 
 
 def write_tokenizer(tokenizer, folder: Path) -> None:
-    """Write vocab.json, merges.txt and the special tokens the runtime's BPE reads."""
+    """The source tokenizer's own files (special-token flags included), plus vocab.json and merges.txt."""
     folder.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(folder)
     backend = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
     merges = [m if isinstance(m, str) else " ".join(m) for m in backend["merges"]]
     (folder / "vocab.json").write_text(json.dumps(backend["vocab"], ensure_ascii=False))
     (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(m + "\n" for m in merges))
-    config = {
-        "tokenizer_class": "CLIPTokenizer",
-        "model_max_length": 77,
-        **{k: str(getattr(tokenizer, k)) for k in ("bos_token", "eos_token", "unk_token", "pad_token")},
-    }
-    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
