@@ -64,6 +64,11 @@ class GenerationOptions:
     batch_count: int
     rng: str
     output_type: str
+    eta: float | None = None  # None: the sampler's default (DDIM 0, ancestral samplers 1)
+    s_noise: float = 1.0
+    s_churn: float = 0.0
+    s_tmin: float = 0.0
+    s_tmax: float = math.inf
 
     @property
     def guided(self) -> bool:
@@ -75,6 +80,11 @@ class GenerationOptions:
         """A1111: image i of the run uses seed + i, so an image is the same alone or inside a batch."""
         return [(self.seed + i) % (SEED_MAX + 1) for i in range(self.batch_size * self.batch_count)]
 
+    def sampler_kwargs(self) -> dict:
+        """The sampler knobs the user set (eta, s_noise, s_churn, s_tmin, s_tmax); unset eta is left out."""
+        knobs = {"s_noise": self.s_noise, "s_churn": self.s_churn, "s_tmin": self.s_tmin, "s_tmax": self.s_tmax}
+        return knobs if self.eta is None else {**knobs, "eta": self.eta}
+
 
 def _int(field: str, value, low: int, high: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not low <= value <= high:
@@ -82,63 +92,40 @@ def _int(field: str, value, low: int, high: int) -> int:
     return int(value)
 
 
-def make_options(
-    manifest: Manifest,
-    prompt,
-    negative_prompt,
-    width,
-    height,
-    steps,
-    cfg_scale,
-    sampler,
-    scheduler,
-    seed,
-    batch_size,
-    batch_count,
-    rng,
-    output_type,
-) -> GenerationOptions:
+def _float(field: str, value, low: float, high: float, allow_inf: bool = False) -> float:
+    ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+    if not ok or math.isnan(value) or (math.isinf(value) and not allow_inf) or not low <= value <= high:
+        raise InvalidOption(field, value, f"a {'' if allow_inf else 'finite '}number from {low} to {high}")
+    return float(value)
+
+
+def make_options(manifest: Manifest, **raw) -> GenerationOptions:
     """Validate every option against the model's manifest; the first bad one raises InvalidOption."""
-    for field, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
-        if not isinstance(text, str):
-            raise InvalidOption(field, text, "a string")
+    for field in ("prompt", "negative_prompt"):
+        if not isinstance(raw[field], str):
+            raise InvalidOption(field, raw[field], "a string")
     step = manifest.latent_downsample
-    width = manifest.native_size if width is None else width
-    height = manifest.native_size if height is None else height
-    for field, size in (("width", width), ("height", height)):
+    for field in ("width", "height"):
+        size = manifest.native_size if raw[field] is None else raw[field]
         _int(field, size, manifest.min_size, manifest.max_size)
         if size % step:
             raise InvalidOption(field, size, f"a multiple of {step} from {manifest.min_size} to {manifest.max_size}")
-    steps = _int("steps", steps, 1, MAX_STEPS)
-    if (
-        isinstance(cfg_scale, bool)
-        or not isinstance(cfg_scale, (int, float, np.floating))
-        or not math.isfinite(cfg_scale)
-        or not 0 <= cfg_scale <= 100
-    ):
-        raise InvalidOption("cfg_scale", cfg_scale, "a finite number from 0 to 100")
-    sampler, scheduler = resolve_sampler(sampler, scheduler)
-    seed = _int("seed", seed, -1, SEED_MAX)
-    if seed == -1:
-        seed = int(np.random.default_rng().integers(0, SEED_MAX + 1))
-    batch_size = _int("batch_size", batch_size, 1, MAX_BATCH)
-    batch_count = _int("batch_count", batch_count, 1, 10_000)
-    if rng not in RNGS:
-        raise InvalidOption("rng", rng, ", ".join(RNGS))
-    if output_type not in OUTPUT_TYPES:
-        raise InvalidOption("output_type", output_type, ", ".join(OUTPUT_TYPES))
-    return GenerationOptions(
-        prompt,
-        negative_prompt,
-        int(width),
-        int(height),
-        steps,
-        float(cfg_scale),
-        sampler,
-        scheduler,
-        seed,
-        batch_size,
-        batch_count,
-        rng,
-        output_type,
-    )
+        raw[field] = int(size)
+    raw["steps"] = _int("steps", raw["steps"], 1, MAX_STEPS)
+    raw["cfg_scale"] = _float("cfg_scale", raw["cfg_scale"], 0, 100)
+    raw["sampler"], raw["scheduler"] = resolve_sampler(raw["sampler"], raw["scheduler"])
+    seed = _int("seed", raw["seed"], -1, SEED_MAX)
+    raw["seed"] = int(np.random.default_rng().integers(0, SEED_MAX + 1)) if seed == -1 else seed
+    raw["batch_size"] = _int("batch_size", raw["batch_size"], 1, MAX_BATCH)
+    raw["batch_count"] = _int("batch_count", raw["batch_count"], 1, 10_000)
+    if raw["rng"] not in RNGS:
+        raise InvalidOption("rng", raw["rng"], ", ".join(RNGS))
+    if raw["output_type"] not in OUTPUT_TYPES:
+        raise InvalidOption("output_type", raw["output_type"], ", ".join(OUTPUT_TYPES))
+    if raw.get("eta") is not None:
+        raw["eta"] = _float("eta", raw["eta"], 0, 1)
+    raw["s_noise"] = _float("s_noise", raw.get("s_noise", 1.0), 0, 10)
+    raw["s_churn"] = _float("s_churn", raw.get("s_churn", 0.0), 0, 100)
+    raw["s_tmin"] = _float("s_tmin", raw.get("s_tmin", 0.0), 0, math.inf, allow_inf=True)
+    raw["s_tmax"] = _float("s_tmax", raw.get("s_tmax", math.inf), 0, math.inf, allow_inf=True)
+    return GenerationOptions(**raw)

@@ -3,6 +3,8 @@
 Never imports torch, diffusers or transformers.
 """
 
+import inspect
+import math
 from pathlib import Path
 
 import numpy as np
@@ -54,27 +56,38 @@ class Pipeline:
         latents: np.ndarray | None = None,
         output_type: str = "pil",
         rng: str = "torch",
+        eta: float | None = None,
+        s_noise: float = 1.0,
+        s_churn: float = 0.0,
+        s_tmin: float = 0.0,
+        s_tmax: float = math.inf,
         progress: bool = True,
     ):
         """txt2img. Returns batch_size * batch_count PIL images, or their final latents with output_type="latent".
 
         `latents` (batch_size * batch_count, C, height/8, width/8) float32 replaces the drawn initial noise.
+        `eta`, `s_noise`, `s_churn`, `s_tmin`, `s_tmax` reach the samplers that take them (k-diffusion's meanings).
         """
         opts = make_options(
             self.manifest,
-            prompt,
-            negative_prompt,
-            width,
-            height,
-            steps,
-            cfg_scale,
-            sampler,
-            scheduler,
-            seed,
-            batch_size,
-            batch_count,
-            rng,
-            output_type,
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            width=width,
+            height=height,
+            steps=steps,
+            cfg_scale=cfg_scale,
+            sampler=sampler,
+            scheduler=scheduler,
+            seed=seed,
+            batch_size=batch_size,
+            batch_count=batch_count,
+            rng=rng,
+            output_type=output_type,
+            eta=eta,
+            s_noise=s_noise,
+            s_churn=s_churn,
+            s_tmin=s_tmin,
+            s_tmax=s_tmax,
         )
         latent_shape = (
             self.manifest.latent_channels,
@@ -136,10 +149,10 @@ class Pipeline:
             opts.cfg_scale,
         )
         fn = getattr(samplers, SAMPLERS[opts.sampler][0])
+        kwargs = sampler_kwargs(fn, opts.sampler_kwargs())
         ddim_cfg = resolve_config(self.manifest.scheduler, "ddim")
-        kwargs = (
-            {"clip_denoised": ddim_cfg.clip_sample_range} if opts.sampler == "DDIM" and ddim_cfg.clip_sample else {}
-        )
+        if "clip_denoised" in kwargs_accepted(fn) and ddim_cfg.clip_sample:
+            kwargs["clip_denoised"] = ddim_cfg.clip_sample_range
         x = fn(denoise, x, schedule.sigmas, noise=noise, callback=lambda i, x, d: bar.update(), **kwargs)
         return (x * np.float32(schedule.final_scale)).astype(np.float32)
 
@@ -165,6 +178,16 @@ class Pipeline:
             "Version": f"sdrt {__version__}",
         }
         return infotext(opts.prompt, opts.negative_prompt, params)
+
+
+def kwargs_accepted(fn) -> set[str]:
+    return set(inspect.signature(fn).parameters)
+
+
+def sampler_kwargs(fn, knobs: dict) -> dict:
+    """The knobs FN takes; the others do not apply to it (as in A1111, where Euler ignores eta)."""
+    accepted = kwargs_accepted(fn)
+    return {k: v for k, v in knobs.items() if k in accepted}
 
 
 def _progress(total: int, enabled: bool):
