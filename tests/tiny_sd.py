@@ -63,8 +63,28 @@ def write_tiny_clip_tokenizer(folder: Path, pad_token: str = "<|endoftext|>") ->
     return len(vocab)
 
 
-def build_tiny_sd(folder, seed: int = 0, prediction_type: str = "epsilon", out_gain: float = 10.0):
-    """Save a tiny random SD 1.x-shaped StableDiffusionPipeline to FOLDER and return it loaded back (float32).
+# What makes a tiny model SD 2-like: SD 2's tokenizer pads with "!", its OpenCLIP text encoder uses exact GELU,
+# its UNet projects attention with linear layers and upcasts attention, and it is trained at 96 latent cells
+# (768 px; the tiny one: 12 cells, 96 px).
+FAMILY_OPTIONS = {
+    "sd1": {"pad_token": "<|endoftext|>", "hidden_act": "quick_gelu", "unet": {"sample_size": 8}},
+    "sd2": {
+        "pad_token": "!",
+        "hidden_act": "gelu",
+        "unet": {"sample_size": 12, "use_linear_projection": True, "upcast_attention": True},
+    },
+}
+
+
+def build_tiny_sd(
+    folder,
+    seed: int = 0,
+    prediction_type: str = "epsilon",
+    out_gain: float = 10.0,
+    family: str = "sd1",
+    unet_in_channels: int = 4,
+):
+    """Save a tiny random SD 1.x- or 2.x-shaped StableDiffusionPipeline to FOLDER and return it loaded back (float32).
 
     The UNet's conv_out is scaled by OUT_GAIN: a random UNet predicts small unstructured noise, under which
     every sampler gives nearly the same image and a parity test could not fail.
@@ -74,12 +94,13 @@ def build_tiny_sd(folder, seed: int = 0, prediction_type: str = "epsilon", out_g
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     folder = Path(folder)
-    vocab_size = write_tiny_clip_tokenizer(folder / "tokenizer_src")
+    options = FAMILY_OPTIONS[family]
+    vocab_size = write_tiny_clip_tokenizer(folder / "tokenizer_src", pad_token=options["pad_token"])
     tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer_src")
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
+        **options["unet"],
+        in_channels=unet_in_channels,
         out_channels=4,
         block_out_channels=(32, 64),
         layers_per_block=1,
@@ -114,6 +135,7 @@ def build_tiny_sd(folder, seed: int = 0, prediction_type: str = "epsilon", out_g
             bos_token_id=vocab_size - 2,
             eos_token_id=vocab_size - 1,
             pad_token_id=vocab_size - 1,
+            hidden_act=options["hidden_act"],
         )
     )
     scheduler_config = dict(SD15_SCHEDULER, prediction_type=prediction_type)

@@ -73,9 +73,17 @@ def cmd_generate(args) -> int:
         cfg_scale=args.cfg_scale,
         sampler=args.sampler,
         scheduler=args.scheduler,
+        timestep_spacing=args.timestep_spacing,
+        guidance_rescale=args.guidance_rescale,
         seed=args.seed,
         batch_size=args.batch_size,
         batch_count=args.batch_count,
+        rng=args.rng,
+        subseed=args.subseed,
+        subseed_strength=args.subseed_strength,
+        seed_resize_from_w=args.seed_resize_from_w,
+        seed_resize_from_h=args.seed_resize_from_h,
+        ensd=args.ensd,
     )
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
@@ -124,10 +132,22 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--steps", type=int, default=20)
     g.add_argument("--cfg-scale", type=float, default=7.0)
     g.add_argument("--sampler", default="Euler", help="Euler, Euler a, DDIM, DPM++ 2M (or 'DPM++ 2M Karras')")
-    g.add_argument("--scheduler", default="automatic", help="automatic or karras")
+    g.add_argument(
+        "--scheduler",
+        default="automatic",
+        help="schedule type: automatic, uniform, karras, exponential, sgm_uniform, simple, beta",
+    )
+    g.add_argument("--timestep-spacing", help="leading, linspace or trailing (default: the model's config)")
+    g.add_argument("--guidance-rescale", type=float, default=0.0, help="0 to 1: Lin et al. 2023's phi (with cfg > 1)")
     g.add_argument("--seed", type=int, default=-1, help="-1: random")
     g.add_argument("--batch-size", type=int, default=1)
     g.add_argument("--batch-count", type=int, default=1)
+    g.add_argument("--rng", default="torch", help="noise source: torch (= cpu, A1111 'CPU'), gpu (A1111's default), nv")
+    g.add_argument("--subseed", type=int, default=-1, help="A1111 variation seed (-1: random)")
+    g.add_argument("--subseed-strength", type=float, default=0.0, help="0 to 1: blend towards the variation seed")
+    g.add_argument("--seed-resize-from-w", type=int, default=0, help="width the seed was first used at (0: off)")
+    g.add_argument("--seed-resize-from-h", type=int, default=0, help="height the seed was first used at (0: off)")
+    g.add_argument("--ensd", type=int, default=0, help="A1111 eta noise seed delta (31337 in many shared infotexts)")
     g.add_argument("--backend", default="cpu")
     g.add_argument("-o", "--output", default="outputs", help="folder for the PNGs (default: outputs)")
     g.set_defaults(func=cmd_generate)

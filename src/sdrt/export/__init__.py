@@ -29,6 +29,10 @@ def export(
         raise InvalidOption("--output", str(out_dir), "a folder that does not exist yet (or pass --overwrite)")
     if original_config and not Path(original_config).is_file():
         raise InvalidOption("--original-config", original_config, "an existing YAML file")
+    if original_config:
+        from sdrt.export.detect import read_original_config
+
+        read_original_config(original_config)  # a bad YAML fails now, before the checkpoint loads
     if config and not (Path(config) / "model_index.json").is_file() and Path(config).exists():
         raise InvalidOption("--config", config, "a diffusers folder (with model_index.json) or a hub id")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -53,6 +57,7 @@ def _export_into(source, folder: Path, precision, original_config, config, progr
     from tqdm import tqdm
 
     from sdrt import __version__
+    from sdrt.export.detect import detect
     from sdrt.export.sources import load_source
     from sdrt.export.steps import model_steps
 
@@ -62,6 +67,8 @@ def _export_into(source, folder: Path, precision, original_config, config, progr
     pipe = loaded.pipe
     if getattr(pipe, "text_encoder_2", None) is not None:
         raise ModelError(f"{source!r} is an SDXL model: SDXL export is not supported by this version of sdrt")
+    detected = detect(pipe, loaded.checkpoint, loaded.user_config, original_config)
+    tqdm.write(detected.describe(), file=sys.stderr)
     bar.update()
     models = {}
     for step in model_steps(pipe):
@@ -81,21 +88,22 @@ def _export_into(source, folder: Path, precision, original_config, config, progr
     bar.set_postfix_str("tokenizer")
     write_tokenizer(pipe.tokenizer, folder / "tokenizer")
     manifest = Manifest(
-        family=detect_family(pipe),
-        prediction_type=pipe.scheduler.config.get("prediction_type", "epsilon"),
+        family=detected.family.value,
+        prediction_type=detected.prediction_type.value,
         scheduler=scheduler_config(pipe.scheduler.config),
         vae_scaling_factor=float(pipe.vae.config.scaling_factor),
         vae_shift_factor=pipe.vae.config.get("shift_factor"),
         latent_channels=int(pipe.vae.config.latent_channels),
-        unet_in_channels=int(pipe.unet.config.in_channels),
+        unet_in_channels=detected.unet_in_channels.value,
         latent_downsample=int(pipe.vae_scale_factor),
-        native_size=int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor),
+        native_size=detected.native_size.value,
         text_max_length=int(pipe.text_encoder.config.max_position_embeddings),
         text_hidden_size=int(pipe.text_encoder.config.hidden_size),
         precision=precision,
         models=models,
         source={"kind": loaded.kind, "name": loaded.name, "sha256": loaded.sha256},
         sdrt_version=__version__,
+        detected=detected.to_json(),
     )
     manifest.save(folder)
     bar.update()
@@ -107,13 +115,6 @@ def scheduler_config(config) -> SchedulerConfig:
     """The keys the checkpoint's scheduler config really sets (diffusers marks the defaulted ones)."""
     defaulted = set(config.get("_use_default_values", []))
     return SchedulerConfig.from_dict({k: v for k, v in config.items() if k not in defaulted})
-
-
-def detect_family(pipe) -> str:
-    """sd2 for OpenCLIP-H text encoders (1024 wide) or v-prediction models, else sd1."""
-    if pipe.unet.config.cross_attention_dim == 1024 or pipe.scheduler.config.get("prediction_type") == "v_prediction":
-        return "sd2"
-    return "sd1"
 
 
 def write_tokenizer(tokenizer, folder: Path) -> None:

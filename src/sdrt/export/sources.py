@@ -4,6 +4,7 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from sdrt.export.detect import CheckpointInfo
 from sdrt.runtime.errors import InvalidOption, ModelError
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
@@ -16,6 +17,8 @@ class Source:
     kind: str  # "diffusers" | "single_file" | "hub"
     name: str  # what A1111 shows as "Model"
     sha256: str  # of the checkpoint file, or of a folder's files (sorted by path)
+    checkpoint: CheckpointInfo | None = None  # a single file's tensor shapes; None for diffusers folders
+    user_config: str | None = None  # the diffusers config the user gave (the folder, or --config), in words
 
 
 def file_sha256(path: Path, digest=None):
@@ -36,27 +39,47 @@ def folder_sha256(folder: Path) -> str:
     return digest.hexdigest()
 
 
-def check_ckpt_is_tensors_only(path: Path) -> None:
-    """Open a pickled checkpoint with torch's restricted unpickler; refuse one that holds code or objects."""
+def read_checkpoint_info(path: Path) -> CheckpointInfo:
+    """Tensor names and shapes of a single file, without loading its data.
+
+    A pickled checkpoint is opened with torch's restricted unpickler: one that holds code or objects is refused.
+    """
     import pickle
 
     import torch
 
+    if path.suffix.lower() == ".safetensors":
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return CheckpointInfo({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
+        except (SafetensorError, OSError) as e:
+            raise ModelError(f"{str(path)!r} is not a valid .safetensors file ({e})") from None
     try:
-        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError, ValueError) as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelError(
             f"refusing {str(path)!r}: it is not a plain tensor checkpoint, and loading it could run code "
             f"({first_line[:200]}). Convert it to .safetensors with a tool you trust."
         ) from None
+    global_step = checkpoint.get("global_step") if isinstance(checkpoint, dict) else None
+    while isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict):
+        checkpoint = checkpoint["state_dict"]  # Lightning checkpoints nest the weights
+    if not isinstance(checkpoint, dict):
+        raise ModelError(f"{str(path)!r} holds a {type(checkpoint).__name__}, not a dict of tensors")
+    shapes = {k: tuple(v.shape) for k, v in checkpoint.items() if isinstance(v, torch.Tensor)}
+    return CheckpointInfo(shapes, global_step if isinstance(global_step, int) else None)
 
 
 def load_source(source: str, original_config: str | None = None, config: str | None = None) -> Source:
     """Load SOURCE (folder with model_index.json, single file, or hub id) as a float32 pipeline.
 
     For a single file, CONFIG (a diffusers folder or hub id holding the component configs) makes loading
-    work offline; without it diffusers infers the model and fetches its configs from the hub.
+    work offline and defines the architecture; ORIGINAL_CONFIG (the LDM YAML) then only informs detection.
+    Without CONFIG, diffusers builds the UNet and VAE from ORIGINAL_CONFIG if given, and fetches the other
+    configs from the hub.
     """
     import torch
     from diffusers import StableDiffusionPipeline
@@ -69,7 +92,7 @@ def load_source(source: str, original_config: str | None = None, config: str | N
             pipe = StableDiffusionPipeline.from_pretrained(path, torch_dtype=torch.float32, safety_checker=None)
         except (OSError, ValueError, KeyError) as e:
             raise ModelError(f"could not load the diffusers folder {source!r}: {e}") from None
-        return Source(pipe, "diffusers", path.resolve().name, folder_sha256(path))
+        return Source(pipe, "diffusers", path.resolve().name, folder_sha256(path), user_config="diffusers folder")
     if path.is_file():
         if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
             raise InvalidOption(
@@ -77,11 +100,13 @@ def load_source(source: str, original_config: str | None = None, config: str | N
                 source,
                 "a diffusers folder, a " + "/".join(SINGLE_FILE_SUFFIXES) + " file or a hub id",
             )
-        if path.suffix.lower() != ".safetensors":
-            check_ckpt_is_tensors_only(path)
-        kwargs = {"original_config": str(original_config)} if original_config else {}
+        checkpoint = read_checkpoint_info(path)
         if config:
-            kwargs |= {"config": str(config), "local_files_only": Path(config).is_dir()}
+            # diffusers would build the UNet and VAE from the YAML and ignore CONFIG for them; the diffusers
+            # config is exact (group norms, attention upcasting) where the YAML conversion guesses.
+            kwargs = {"config": str(config), "local_files_only": Path(config).is_dir()}
+        else:
+            kwargs = {"original_config": str(original_config)} if original_config else {}
         try:
             pipe = StableDiffusionPipeline.from_single_file(
                 str(path), torch_dtype=torch.float32, safety_checker=None, **kwargs
@@ -89,7 +114,8 @@ def load_source(source: str, original_config: str | None = None, config: str | N
         except (OSError, ValueError, KeyError, RuntimeError) as e:
             hint = "" if config else " (offline, pass --config with a diffusers folder of the same architecture)"
             raise ModelError(f"could not load the checkpoint {source!r}: {str(e)[:500]}{hint}") from None
-        return Source(pipe, "single_file", path.stem, file_sha256(path).hexdigest())
+        user_config = f"--config {config}" if config else None
+        return Source(pipe, "single_file", path.stem, file_sha256(path).hexdigest(), checkpoint, user_config)
     if path.suffix.lower() in SINGLE_FILE_SUFFIXES or source.startswith((".", "/")) or source.count("/") != 1:
         raise ModelError(f"{source!r} does not exist (expected a diffusers folder, a checkpoint file or a hub id)")
     from huggingface_hub import snapshot_download
@@ -99,4 +125,4 @@ def load_source(source: str, original_config: str | None = None, config: str | N
     except Exception as e:  # network and hub errors come in many types
         raise ModelError(f"could not download {source!r} from the hub: {e}") from None
     loaded = load_source(str(folder))
-    return Source(loaded.pipe, "hub", source, loaded.sha256)
+    return Source(loaded.pipe, "hub", source, loaded.sha256, user_config=f"hub {source}")

@@ -21,29 +21,45 @@ class Denoiser:
         cond: np.ndarray,
         uncond: np.ndarray | None,
         cfg_scale: float,
+        guidance_rescale: float = 0.0,
     ):
         self.unet = unet
         self.prediction_type = prediction_type
         self.log_sigmas = np.log(train_sigmas.astype(np.float64))
         self.timesteps = timesteps  # exact UNet timesteps for the schedule's sigmas
         self.cfg_scale = np.float32(cfg_scale)
+        self.guidance_rescale = float(guidance_rescale)
         self.guided = uncond is not None
         self.context = np.concatenate([uncond, cond]) if self.guided else cond  # (2B or B, L, C)
 
-    def timestep(self, sigma: float) -> float:
-        t = self.timesteps.get(float(sigma))
+    def timestep(self, sigma: float, intermediate: bool = False) -> float:
+        """The schedule's own timestep for one of its sigmas; sigma_to_t for any other sigma, and for an intermediate
+        point of a multi-stage step even where it equals a schedule sigma (as diffusers' KDPM2*/DPMSolverSDE do)."""
+        t = None if intermediate else self.timesteps.get(float(sigma))
         return float(sigma_to_t(sigma, self.log_sigmas)[0]) if t is None else t
 
-    def __call__(self, x: np.ndarray, sigma) -> np.ndarray:
+    def __call__(self, x: np.ndarray, sigma, intermediate: bool = False) -> np.ndarray:
         sigma = np.float32(sigma)
         c_in = np.float32(1.0) / np.sqrt(sigma * sigma + np.float32(1.0))
         x_in = np.concatenate([x, x]) if self.guided else x  # (2B or B, C, h, w) float32
-        t = np.full(len(x_in), self.timestep(sigma), dtype=np.float32)
+        t = np.full(len(x_in), self.timestep(sigma, intermediate), dtype=np.float32)
         feeds = {"sample": (x_in * c_in).astype(np.float32), "timestep": t, "encoder_hidden_states": self.context}
         out = self.unet.run(feeds)["out_sample"]  # (2B or B, C, h, w) float32
         if self.guided:
             uncond, cond = np.split(out, 2)
             out = uncond + self.cfg_scale * (cond - uncond)
+            if self.guidance_rescale:
+                out = rescale_guidance(out, cond, self.guidance_rescale)
         if self.prediction_type == "v_prediction":  # Salimans & Ho 2022: x0 = c_skip x + c_out v
             return x / (sigma * sigma + 1) - out * (sigma * c_in)
         return x - out * sigma
+
+
+def rescale_guidance(guided: np.ndarray, cond: np.ndarray, phi: float) -> np.ndarray:
+    """Lin et al. 2023, eq. 15-16: scale the guided prediction to the conditional one's std, blended by PHI.
+
+    guided, cond: (B, C, h, w) float32 model outputs (eps or v); the std is per image, unbiased as torch's.
+    """
+    axes = tuple(range(1, guided.ndim))
+    ratio = cond.std(axis=axes, ddof=1, keepdims=True) / guided.std(axis=axes, ddof=1, keepdims=True)
+    return (np.float32(phi) * ratio + np.float32(1 - phi)) * guided

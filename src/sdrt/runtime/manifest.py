@@ -35,6 +35,9 @@ class SchedulerConfig:
     clip_sample: bool | None = None
     clip_sample_range: float = 1.0
     rescale_betas_zero_snr: bool = False
+    # LCMScheduler (Luo et al. 2023): the distillation's step count and the boundary condition's time scale.
+    original_inference_steps: int = 50
+    timestep_scaling: float = 10.0
 
     @classmethod
     def from_dict(cls, d: dict) -> "SchedulerConfig":
@@ -61,6 +64,7 @@ class Manifest:
     vae_shift_factor: float | None = None
     min_size: int = 64
     max_size: int = 2048
+    detected: dict = field(default_factory=dict)  # export's detection: {fact: {"value": ..., "from": "..."}}
     folder: Path = field(default=Path("."), compare=False)
 
     @property
@@ -122,6 +126,12 @@ class Manifest:
         for name, value, allowed in checks:
             if value not in allowed:
                 raise ModelError(f"{str(path)!r}: {name} is {value!r}; expected one of {', '.join(allowed)}")
+        if self.scheduler.rescale_betas_zero_snr and self.prediction_type != "v_prediction":
+            # Lin et al. 2023, section 3.2: at zero SNR the noise is the input itself; only v can be predicted there.
+            raise ModelError(
+                f"{str(path)!r}: rescale_betas_zero_snr needs prediction_type 'v_prediction', "
+                f"not {self.prediction_type!r} (Lin et al. 2023)"
+            )
         for name in ("text_encoder", "unet", "vae_decoder"):
             if name not in self.models:
                 raise ModelError(f"{str(path)!r} lists no {name!r} model")

@@ -7,13 +7,26 @@ import numpy as np
 
 from sdrt.runtime.errors import InvalidOption
 from sdrt.runtime.manifest import Manifest
+from sdrt.runtime.rng import GENERATORS
+from sdrt.runtime.schedules import SPACINGS, resolve_config, uses_spacing
 
 # A1111 sampler name -> (sampler function name in samplers.py, diffusers timestep rule in schedules.py)
 SAMPLERS = {
     "Euler": ("sample_euler", "euler"),
     "Euler a": ("sample_euler_ancestral", "euler"),
     "DDIM": ("sample_ddim", "ddim"),
+    "PLMS": ("sample_plms", "pndm"),
+    "UniPC": ("sample_unipc", "dpmsolver"),
+    "LCM": ("sample_lcm", "lcm"),
     "DPM++ 2M": ("sample_dpmpp_2m", "dpmsolver"),
+    "Heun": ("sample_heun", "euler"),
+    "DPM2": ("sample_dpm_2", "kdpm2"),
+    "DPM2 a": ("sample_dpm_2_ancestral", "kdpm2"),
+    "LMS": ("sample_lms", "euler"),
+    "DPM++ 2S a": ("sample_dpmpp_2s_ancestral", "euler"),
+    "DPM++ SDE": ("sample_dpmpp_sde", "euler"),
+    "DPM++ 2M SDE": ("sample_dpmpp_2m_sde", "dpmsolver"),
+    "DPM++ 3M SDE": ("sample_dpmpp_3m_sde", "dpmsolver"),
 }
 # A1111's aliases (sd_samplers_kdiffusion.py) and its pre-1.9 names that carried the schedule.
 SAMPLER_ALIASES = {
@@ -21,29 +34,59 @@ SAMPLER_ALIASES = {
     "k_euler_a": "Euler a",
     "k_euler_ancestral": "Euler a",
     "k_dpmpp_2m": "DPM++ 2M",
+    "k_heun": "Heun",
+    "k_dpm_2": "DPM2",
+    "k_dpm_2_a": "DPM2 a",
+    "k_lms": "LMS",
+    "k_dpmpp_2s_a": "DPM++ 2S a",
+    "k_dpmpp_sde": "DPM++ SDE",
+    "k_dpmpp_2m_sde": "DPM++ 2M SDE",
+    "k_dpmpp_3m_sde": "DPM++ 3M SDE",
     "ddim": "DDIM",
+    "k_lcm": "LCM",
 }
-SCHEDULERS = {"automatic": "Automatic", "karras": "Karras"}  # name -> A1111 label ("Schedule type")
-RNGS = ("torch",)
+# Schedule types (schedules.SCHEDULES): name -> A1111 label, as the infotext's "Schedule type" writes it.
+SCHEDULERS = {
+    "automatic": "Automatic",
+    "uniform": "Uniform",
+    "karras": "Karras",
+    "exponential": "Exponential",
+    "sgm_uniform": "SGM Uniform",
+    "simple": "Simple",
+    "beta": "Beta",
+}
+SCHEDULER_ALIASES = {"sgmuniform": "sgm_uniform"}  # A1111's; its labels ("SGM Uniform") are accepted too
+LEGACY_SCHEDULE_SUFFIXES = ("karras", "exponential")  # A1111 < 1.9 names such as "DPM++ 2M SDE Exponential"
+RNGS = tuple(GENERATORS)  # "torch" (= "cpu"), "gpu", "nv": see rng.py
+# A1111's samplers with the "uses_ensd" option: the only ones whose infotext records ENSD (and only with eta != 0).
+ENSD_SAMPLERS = ("Euler a", "DPM2 a", "DPM++ 2S a", "DPM fast", "DPM adaptive")
 OUTPUT_TYPES = ("pil", "latent")
 MAX_STEPS = 1000
 MAX_BATCH = 64
 SEED_MAX = 2**32 - 1
 
 
+def resolve_scheduler(scheduler: str) -> str:
+    """The schedule name for a name or A1111 label ("karras", "Karras", "SGM Uniform"), any case."""
+    by_lower = {k: k for k in SCHEDULERS} | {v.lower(): k for k, v in SCHEDULERS.items()} | SCHEDULER_ALIASES
+    if not isinstance(scheduler, str) or scheduler.strip().lower() not in by_lower:
+        raise InvalidOption("scheduler", scheduler, ", ".join(SCHEDULERS))
+    return by_lower[scheduler.strip().lower()]
+
+
 def resolve_sampler(name: str, scheduler: str) -> tuple[str, str]:
     """(A1111 sampler name, scheduler) from a name such as "Euler a", "k_euler" or "DPM++ 2M Karras"."""
     if not isinstance(name, str):
         raise InvalidOption("sampler", name, ", ".join(SAMPLERS))
-    if not isinstance(scheduler, str) or scheduler.lower() not in SCHEDULERS:
-        raise InvalidOption("scheduler", scheduler, ", ".join(SCHEDULERS))
-    scheduler = scheduler.lower()
+    scheduler = resolve_scheduler(scheduler)
     by_lower = {k.lower(): k for k in SAMPLERS} | SAMPLER_ALIASES
     key = name.strip().lower()
-    if key.endswith(" karras") and key[: -len(" karras")] in by_lower:
-        if scheduler not in ("automatic", "karras"):
-            raise InvalidOption("scheduler", scheduler, f"automatic or karras with the sampler {name!r}")
-        return by_lower[key[: -len(" karras")]], "karras"
+    for suffix in LEGACY_SCHEDULE_SUFFIXES:
+        base = key.removesuffix(" " + suffix)
+        if base != key and base in by_lower:
+            if scheduler not in ("automatic", suffix):
+                raise InvalidOption("scheduler", scheduler, f"automatic or {suffix} with the sampler {name!r}")
+            return by_lower[base], suffix
     if key not in by_lower:
         raise InvalidOption("sampler", name, ", ".join(SAMPLERS) + " (and legacy names such as 'DPM++ 2M Karras')")
     return by_lower[key], scheduler
@@ -69,6 +112,13 @@ class GenerationOptions:
     s_churn: float = 0.0
     s_tmin: float = 0.0
     s_tmax: float = math.inf
+    timestep_spacing: str | None = None  # None: the model's scheduler config, else the sampler class's default
+    guidance_rescale: float = 0.0  # Lin et al. 2023, eq. 16's phi; 0: off
+    subseed: int = 0  # A1111's variation seed of the first image, resolved (never -1)
+    subseed_strength: float = 0.0  # 0: plain seeds; 1: the variation seeds' noise
+    seed_resize_from_w: int = 0  # 0: off; else the size the seed was first used at (both set, or neither)
+    seed_resize_from_h: int = 0
+    ensd: int = 0  # A1111's eta noise seed delta: per-step noise comes from seed + ensd
 
     @property
     def guided(self) -> bool:
@@ -77,8 +127,27 @@ class GenerationOptions:
 
     @property
     def seeds(self) -> list[int]:
-        """A1111: image i of the run uses seed + i, so an image is the same alone or inside a batch."""
-        return [(self.seed + i) % (SEED_MAX + 1) for i in range(self.batch_size * self.batch_count)]
+        """A1111: image i of the run uses seed + i, so an image is the same alone or inside a batch.
+
+        With a variation strength every image uses seed itself, and image i the variation seed subseed + i.
+        """
+        step = 0 if self.subseed_strength else 1
+        return [(self.seed + i * step) % (SEED_MAX + 1) for i in range(self.batch_size * self.batch_count)]
+
+    @property
+    def subseeds(self) -> list[int]:
+        """A1111: image i of the run uses the variation seed subseed + i."""
+        return [(self.subseed + i) % (SEED_MAX + 1) for i in range(self.batch_size * self.batch_count)]
+
+    @property
+    def seed_resize_from(self) -> tuple[int, int] | None:
+        """(height, width) in pixels that the seeds' noise is made at, or None."""
+        return (self.seed_resize_from_h, self.seed_resize_from_w) if self.seed_resize_from_w else None
+
+    @property
+    def records_ensd(self) -> bool:
+        """A1111 writes ENSD only for its "uses_ensd" samplers with eta != 0 (its default eta for them is 1)."""
+        return bool(self.ensd) and self.sampler in ENSD_SAMPLERS and self.eta != 0
 
     def sampler_kwargs(self) -> dict:
         """The sampler knobs the user set (eta, s_noise, s_churn, s_tmin, s_tmax); unset eta is left out."""
@@ -120,6 +189,22 @@ def make_options(manifest: Manifest, **raw) -> GenerationOptions:
     raw["batch_count"] = _int("batch_count", raw["batch_count"], 1, 10_000)
     if raw["rng"] not in RNGS:
         raise InvalidOption("rng", raw["rng"], ", ".join(RNGS))
+    subseed = _int("subseed", raw.get("subseed", -1), -1, SEED_MAX)
+    raw["subseed"] = int(np.random.default_rng().integers(0, SEED_MAX + 1)) if subseed == -1 else subseed
+    raw["subseed_strength"] = _float("subseed_strength", raw.get("subseed_strength", 0.0), 0, 1)
+    for field in ("seed_resize_from_w", "seed_resize_from_h"):
+        size = raw.get(field, 0)
+        integer = not isinstance(size, bool) and isinstance(size, (int, np.integer))
+        off = integer and size in (0, -1)
+        if not off and not (integer and manifest.min_size <= size <= manifest.max_size and size % step == 0):
+            raise InvalidOption(
+                field, size, f"0 or -1 (off), or a multiple of {step} from {manifest.min_size} to {manifest.max_size}"
+            )
+        raw[field] = 0 if off else int(size)
+    if bool(raw["seed_resize_from_w"]) != bool(raw["seed_resize_from_h"]):
+        field = "seed_resize_from_h" if raw["seed_resize_from_w"] else "seed_resize_from_w"
+        raise InvalidOption(field, raw.get(field, 0), "a size too: seed_resize_from_w and _h are set together")
+    raw["ensd"] = _int("ensd", raw.get("ensd", 0), 0, SEED_MAX)
     if raw["output_type"] not in OUTPUT_TYPES:
         raise InvalidOption("output_type", raw["output_type"], ", ".join(OUTPUT_TYPES))
     if raw.get("eta") is not None:
@@ -128,4 +213,37 @@ def make_options(manifest: Manifest, **raw) -> GenerationOptions:
     raw["s_churn"] = _float("s_churn", raw.get("s_churn", 0.0), 0, 100)
     raw["s_tmin"] = _float("s_tmin", raw.get("s_tmin", 0.0), 0, math.inf, allow_inf=True)
     raw["s_tmax"] = _float("s_tmax", raw.get("s_tmax", math.inf), 0, math.inf, allow_inf=True)
+    schedule_options(manifest, raw)
     return GenerationOptions(**raw)
+
+
+def schedule_options(manifest: Manifest, raw: dict) -> None:
+    """Validate timestep_spacing and guidance_rescale in RAW; refuse sampler/schedule/model mixes that make no sense."""
+    sampler, scheduler, cfg = raw["sampler"], raw["scheduler"], manifest.scheduler
+    rule = SAMPLERS[sampler][1]
+    spacing = raw.get("timestep_spacing")
+    if spacing is not None and spacing not in SPACINGS:
+        raise InvalidOption("timestep_spacing", spacing, "None (the model's config), " + ", ".join(SPACINGS))
+    if spacing is not None and not uses_spacing(rule, scheduler):
+        raise InvalidOption(
+            "timestep_spacing", spacing, f"None: sampler {sampler!r} with scheduler {scheduler!r} uses no spacing"
+        )
+    raw["timestep_spacing"] = spacing
+    raw["guidance_rescale"] = _float("guidance_rescale", raw.get("guidance_rescale", 0.0), 0, 1)
+    if raw["guidance_rescale"] and raw["cfg_scale"] <= 1:
+        raise InvalidOption(
+            "guidance_rescale", raw["guidance_rescale"], "0 when cfg_scale <= 1 (no guidance runs to rescale)"
+        )
+    if rule == "lcm" and raw["steps"] > cfg.original_inference_steps:
+        raise InvalidOption(
+            "steps", raw["steps"], f"1 to {cfg.original_inference_steps} with LCM (its original_inference_steps)"
+        )
+    if cfg.rescale_betas_zero_snr and uses_spacing(rule, scheduler):
+        resolved = spacing or resolve_config(cfg, rule).timestep_spacing
+        if resolved == "leading":  # Lin et al. 2023, section 3.3: sample from the last timestep
+            raise InvalidOption(
+                "timestep_spacing",
+                resolved,
+                "trailing or linspace: the model has zero terminal SNR (rescale_betas_zero_snr), "
+                "and leading spacing never starts at its last timestep",
+            )

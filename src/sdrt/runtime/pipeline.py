@@ -17,7 +17,7 @@ from sdrt.runtime.errors import InvalidOption
 from sdrt.runtime.image import format_number, infotext, to_pil
 from sdrt.runtime.manifest import Manifest
 from sdrt.runtime.options import SAMPLERS, SCHEDULERS, GenerationOptions, make_options
-from sdrt.runtime.rng import TorchCPUGenerator
+from sdrt.runtime.rng import A1111_RNG_LABELS, ImageNoise
 from sdrt.runtime.schedules import Schedule, build_schedule, resolve_config, train_sigmas
 from sdrt.runtime.tokenizer import ClipTokenizer
 
@@ -56,17 +56,27 @@ class Pipeline:
         latents: np.ndarray | None = None,
         output_type: str = "pil",
         rng: str = "torch",
+        subseed: int = -1,
+        subseed_strength: float = 0.0,
+        seed_resize_from_w: int = 0,
+        seed_resize_from_h: int = 0,
+        ensd: int = 0,
         eta: float | None = None,
         s_noise: float = 1.0,
         s_churn: float = 0.0,
         s_tmin: float = 0.0,
         s_tmax: float = math.inf,
+        timestep_spacing: str | None = None,
+        guidance_rescale: float = 0.0,
         progress: bool = True,
     ):
         """txt2img. Returns batch_size * batch_count PIL images, or their final latents with output_type="latent".
 
         `latents` (batch_size * batch_count, C, height/8, width/8) float32 replaces the drawn initial noise.
         `eta`, `s_noise`, `s_churn`, `s_tmin`, `s_tmax` reach the samplers that take them (k-diffusion's meanings).
+        `rng`, `subseed`, `subseed_strength`, `seed_resize_from_w`/`_h` and `ensd` are A1111's seed options (rng.py).
+        `timestep_spacing` ("leading", "linspace", "trailing") replaces the model config's spacing;
+        `guidance_rescale` is Lin et al. 2023's phi (diffusers' guidance_rescale), with guidance only.
         """
         opts = make_options(
             self.manifest,
@@ -82,12 +92,19 @@ class Pipeline:
             batch_size=batch_size,
             batch_count=batch_count,
             rng=rng,
+            subseed=subseed,
+            subseed_strength=subseed_strength,
+            seed_resize_from_w=seed_resize_from_w,
+            seed_resize_from_h=seed_resize_from_h,
+            ensd=ensd,
             output_type=output_type,
             eta=eta,
             s_noise=s_noise,
             s_churn=s_churn,
             s_tmin=s_tmin,
             s_tmax=s_tmax,
+            timestep_spacing=timestep_spacing,
+            guidance_rescale=guidance_rescale,
         )
         latent_shape = (
             self.manifest.latent_channels,
@@ -103,21 +120,24 @@ class Pipeline:
                     f"array of shape {latents.shape}",
                     f"shape {(total, *latent_shape)} (batch_size * batch_count, C, height/8, width/8)",
                 )
-        schedule = build_schedule(self.manifest.scheduler, opts.steps, SAMPLERS[opts.sampler][1], opts.scheduler)
+        schedule = build_schedule(
+            self.manifest.scheduler, opts.steps, SAMPLERS[opts.sampler][1], opts.scheduler, opts.timestep_spacing
+        )
         cond, uncond = self.encode_prompts(opts)  # (1, L, C) each
         results = []
         bar = _progress(total * opts.steps, progress)
         for b in range(opts.batch_count):
             seeds = opts.seeds[b * opts.batch_size : (b + 1) * opts.batch_size]
             start = None if latents is None else latents[b * opts.batch_size : (b + 1) * opts.batch_size]
-            final = self.sample(opts, schedule, seeds, latent_shape, cond, uncond, start, bar)
+            subseeds = opts.subseeds[b * opts.batch_size : (b + 1) * opts.batch_size]
+            final = self.sample(opts, schedule, seeds, latent_shape, cond, uncond, start, bar, subseeds=subseeds)
             results.append(final if opts.output_type == "latent" else self.decode(final))
         bar.close()
         if opts.output_type == "latent":
             return np.concatenate(results)
         images = [im for batch in results for im in to_pil(batch)]
-        for im, seed in zip(images, opts.seeds, strict=True):
-            im.info["parameters"] = self.infotext(opts, seed)
+        for im, seed, subseed in zip(images, opts.seeds, opts.subseeds, strict=True):
+            im.info["parameters"] = self.infotext(opts, seed, subseed)
         return images
 
     def encode_prompts(self, opts: GenerationOptions) -> tuple[np.ndarray, np.ndarray | None]:
@@ -127,15 +147,23 @@ class Pipeline:
         hidden = self.engines["text_encoder"].run({"input_ids": ids})["last_hidden_state"]  # (1 or 2, L, C)
         return hidden[:1], (hidden[1:2] if opts.guided else None)
 
-    def sample(self, opts, schedule: Schedule, seeds, latent_shape, cond, uncond, start, bar) -> np.ndarray:
+    def sample(self, opts, schedule: Schedule, seeds, latent_shape, cond, uncond, start, bar, subseeds=None):
         """One batch: initial noise per image seed, the sampler, then the latent the VAE decodes."""
-        generators = [TorchCPUGenerator(seed) for seed in seeds]
+        resize = opts.seed_resize_from
+        noise = ImageNoise(  # noise() -> (B, C, h, w) float32, each image's own generator
+            opts.rng,
+            latent_shape,
+            seeds,
+            subseeds,
+            opts.subseed_strength,
+            None if resize is None else tuple(size // self.manifest.latent_downsample for size in resize),
+            opts.ensd,
+        )
         if start is None:
-            start = np.concatenate([g.randn((1, *latent_shape)) for g in generators])  # (B, C, h, w) float32
+            start = noise.initial()  # (B, C, h, w) float32
+        else:
+            noise.skip_initial()
         x = (start * np.float32(schedule.initial_noise_scale)).astype(np.float32)
-
-        def noise():
-            return np.concatenate([g.randn((1, *latent_shape)) for g in generators])
 
         batch = len(seeds)
         timesteps = dict(zip(schedule.sigmas[:-1].tolist(), schedule.timesteps.tolist(), strict=True))
@@ -147,12 +175,16 @@ class Pipeline:
             np.repeat(cond, batch, axis=0),
             None if uncond is None else np.repeat(uncond, batch, axis=0),
             opts.cfg_scale,
+            guidance_rescale=opts.guidance_rescale,
         )
         fn = getattr(samplers, SAMPLERS[opts.sampler][0])
         kwargs = sampler_kwargs(fn, opts.sampler_kwargs())
         ddim_cfg = resolve_config(self.manifest.scheduler, "ddim")
         if "clip_denoised" in kwargs_accepted(fn) and ddim_cfg.clip_sample:
             kwargs["clip_denoised"] = ddim_cfg.clip_sample_range
+        if "timesteps" in kwargs_accepted(fn):  # LCM's boundary condition is a function of the UNet timestep
+            kwargs["timesteps"] = schedule.timesteps
+            kwargs["timestep_scaling"] = self.manifest.scheduler.timestep_scaling
         x = fn(denoise, x, schedule.sigmas, noise=noise, callback=lambda i, x, d: bar.update(), **kwargs)
         return (x * np.float32(schedule.final_scale)).astype(np.float32)
 
@@ -164,7 +196,7 @@ class Pipeline:
         vae = self.engines["vae_decoder"]
         return np.concatenate([vae.run({"latent_sample": z[None]})["sample"] for z in scaled.astype(np.float32)])
 
-    def infotext(self, opts: GenerationOptions, seed: int) -> str:
+    def infotext(self, opts: GenerationOptions, seed: int, subseed: int | None = None) -> str:
         """The "parameters" text of one image, with A1111's keys in A1111's order."""
         params = {
             "Steps": opts.steps,
@@ -175,6 +207,13 @@ class Pipeline:
             "Size": f"{opts.width}x{opts.height}",
             "Model hash": self.manifest.model_hash or None,
             "Model": self.manifest.model_name,
+            "Variation seed": subseed if opts.subseed_strength else None,
+            "Variation seed strength": format_number(opts.subseed_strength) if opts.subseed_strength else None,
+            "Seed resize from": opts.seed_resize_from and f"{opts.seed_resize_from_w}x{opts.seed_resize_from_h}",
+            "ENSD": opts.ensd if opts.records_ensd else None,
+            "RNG": A1111_RNG_LABELS[opts.rng],
+            "Timestep spacing": opts.timestep_spacing,
+            "Guidance rescale": format_number(opts.guidance_rescale) if opts.guidance_rescale else None,
             "Version": f"sdrt {__version__}",
         }
         return infotext(opts.prompt, opts.negative_prompt, params)

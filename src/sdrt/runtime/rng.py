@@ -1,4 +1,13 @@
-"""numpy reproduction of torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed)) in float32."""
+"""Seeded noise without torch: torch's CPU and CUDA normal streams, A1111's NV generator, and A1111's seed options.
+
+Modes (the `rng` option), one generator per image seed:
+- "torch" / "cpu": `torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed))`, bit for bit on x86-64
+  (TorchCPUGenerator). diffusers uses this stream; A1111 uses it with its "RNG: CPU" setting.
+- "gpu": `torch.randn(shape, generator=torch.Generator("cuda").manual_seed(seed))` on an NVIDIA GPU
+  (TorchCUDAGenerator), A1111's default. Same Philox words and layout; float values to about 1e-6.
+- "nv": A1111's "NV" setting, its numpy imitation of the GPU stream (A1111NVGenerator), bit for bit.
+ImageNoise adds A1111's variation seeds, seed resize and ENSD on top of any of them.
+"""
 
 from __future__ import annotations
 
@@ -136,3 +145,230 @@ class TorchCPUGenerator:
         if n % 16:  # torch redraws the last 16 values (overlapping the last full block) from fresh uniforms
             data[n - 16 :] = self._box_muller(self._uniform_f32(16).reshape(1, 16)).reshape(-1)
         return data.reshape(shape)
+
+
+# --- Philox 4x32-10: torch's CUDA generator (cuRAND's curandStatePhilox4_32_10_t) -------------------------------
+
+PHILOX_M = (0xD2511F53, 0xCD9E8D57)  # round multipliers (Salmon et al. 2011, table 2)
+PHILOX_W = (0x9E3779B9, 0xBB67AE85)  # key increments per round: the golden ratio and sqrt(3) - 1 as 32-bit fractions
+PHILOX_ROUNDS = 10
+_MASK32 = 0xFFFFFFFF
+_MASK64 = 2**64 - 1
+
+
+def philox4x32(counter, key: tuple[int, int], rounds: int = PHILOX_ROUNDS) -> np.ndarray:
+    """Philox4x32-R (Salmon et al. 2011, "Parallel random numbers: as easy as 1, 2, 3"; Random123's philox.h).
+
+    counter: 4 rows of N uint32 words (ctr.x, ctr.y, ctr.z, ctr.w); key: (k0, k1). Returns (4, N) uint32.
+    """
+    c0, c1, c2, c3 = (np.asarray(word, dtype=np.uint64) for word in counter)
+    k0, k1 = key[0] & _MASK32, key[1] & _MASK32
+    for r in range(rounds):
+        if r:  # the key schedule: a Weyl sequence, bumped before every round after the first
+            k0, k1 = (k0 + PHILOX_W[0]) & _MASK32, (k1 + PHILOX_W[1]) & _MASK32
+        p0, p1 = c0 * np.uint64(PHILOX_M[0]), c2 * np.uint64(PHILOX_M[1])  # 32 x 32 -> 64 bits, exact
+        hi0, lo0, hi1, lo1 = p0 >> np.uint64(32), p0 & np.uint64(_MASK32), p1 >> np.uint64(32), p1 & np.uint64(_MASK32)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ np.uint64(k0), lo1, hi0 ^ c3 ^ np.uint64(k1), lo0
+    return np.stack([c0, c1, c2, c3]).astype(np.uint32)
+
+
+_TWO_POW_M32 = _F32(2.0**-32)  # curand's CURAND_2POW32_INV (its literal 2.3283064e-10f is exactly 2^-32)
+_CURAND_TWO_PI = _F32(6.2831855)  # curand's float literal for 2 pi
+_TWO_POW_M32_2PI = _TWO_POW_M32 * _CURAND_TWO_PI  # CURAND_2POW32_INV_2PI, a float product as in curand's header
+
+
+def curand_box_muller(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """cuRAND's _curand_box_muller on device, in float32: two uint32 words -> (r sin v, r cos v) (Box & Muller 1958).
+
+    u = x 2^-32 + 2^-33 and v = (y 2^-32 + 2^-33) 2 pi (fused multiply-adds), r = sqrtf(-2 logf u).
+    Not bit-exact: the GPU takes sin and cos from the __sincosf hardware approximation (absolute error about
+    2^-21.4) and logf to within 1 ulp; here they are correctly rounded, so values differ by up to ~1e-6 (r <= 6.8).
+    """
+    u = _fma(x.astype(_F32), _TWO_POW_M32, _TWO_POW_M32 / _F32(2))  # uint32 -> float rounds to nearest, as cvt.rn
+    v = _fma(y.astype(_F32), _TWO_POW_M32_2PI, _TWO_POW_M32_2PI / _F32(2))
+    radius = np.sqrt(_F32(-2) * np.log(u.astype(np.float64)).astype(_F32))
+    v64 = v.astype(np.float64)
+    return np.sin(v64).astype(_F32) * radius, np.cos(v64).astype(_F32) * radius
+
+
+def a1111_nv_box_muller(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """A1111's NV Box-Muller (modules/rng_philox.py): r sin v only, from the same u and v in float64, then float32.
+
+    A1111 multiplies the uint32 words by float32 constants, which numpy promotes to float64; the same operations in
+    the same order here give the same bits.
+    """
+    u = x.astype(np.float64) * np.float64(_TWO_POW_M32) + np.float64(_TWO_POW_M32 / _F32(2))
+    v = y.astype(np.float64) * np.float64(_TWO_POW_M32_2PI) + np.float64(_TWO_POW_M32_2PI / _F32(2))
+    return (np.sqrt(-2.0 * np.log(u)) * np.sin(v)).astype(_F32)
+
+
+CUDA_BLOCK_SIZE = 256  # threads per block of torch's distribution kernels (block_size_bound)
+CURAND4_VALUES = 4  # normals per curand_normal4 call, torch's unroll factor for float
+PHILOX_OFFSET_PER_CALL = 4  # torch advances the philox offset by 4 words per curand call per thread
+
+
+class TorchCUDAGenerator:
+    """Stand-in for torch.Generator("cuda").manual_seed(seed) driving torch.randn(float32) on an NVIDIA GPU.
+
+    torch (aten/src/ATen/native/cuda/DistributionTemplates.h) launches blocks of 256 threads, at most as many blocks
+    as the GPU keeps resident (multiProcessorCount * (maxThreadsPerMultiProcessor // 256)). Thread t runs
+    curand_init(seed, subsequence=t, offset) -- Philox counter (offset / 4, 0, t, 0), key (seed lo, seed hi) -- and
+    loops over the elements in a grid stride: each curand_normal4 call turns one counter's 4 words into 4 normals for
+    elements t, t + T, t + 2T, t + 3T (T = all threads), then the counter steps by 1. Each randn advances the offset
+    by 4 words per call a thread made. With T >= numel (the default here) element i is the first normal of thread i.
+
+    resident_blocks: the GPU's resident block count, for tensors of more than 256 * resident_blocks elements (an SD
+    1.5 512x512 latent of 16384 needs 64 blocks, which every RTX card holds; a GTX 1650 holds 56, and an SDXL
+    1024x1024 latent needs 256, more than an RTX 3060's 168). None: the layout of a large enough GPU.
+    How sure: the Philox words and layout follow torch's and cuRAND's sources, and Philox passes Random123's
+    known-answer tests. The values are within 7e-7 of A1111's published seed-0 example and ~1e-6 of A1111's NV
+    (see curand_box_muller for why not to the bit). tests/test_seeds.py compares with torch's CUDA randn where a
+    GPU is present; none was when this was written.
+    """
+
+    def __init__(self, seed: int, resident_blocks: int | None = None):
+        self.seed = seed & _MASK64  # torch keeps the whole 64-bit seed (the CPU generator keeps 32 bits)
+        self.resident_blocks = resident_blocks
+        self.offset = 0  # torch's philox_offset_per_thread, in 32-bit words
+
+    def randn(self, shape: tuple[int, ...]) -> np.ndarray:
+        """Standard normal float32 array of SHAPE, as torch.randn(shape, generator=g, device="cuda") fills it."""
+        shape = (shape,) if isinstance(shape, int) else tuple(shape)
+        n = math.prod(shape)
+        if n == 0:
+            return np.zeros(shape, _F32)
+        blocks = -(-n // CUDA_BLOCK_SIZE)
+        if self.resident_blocks is not None:
+            blocks = min(blocks, self.resident_blocks)
+        threads = blocks * CUDA_BLOCK_SIZE
+        calls = -(-n // (threads * CURAND4_VALUES))  # curand_normal4 calls per thread
+        index = np.arange(n, dtype=np.uint64)
+        call, rest = np.divmod(index, np.uint64(threads * CURAND4_VALUES))
+        component, thread = np.divmod(rest, np.uint64(threads))  # which of the call's 4 normals, which thread
+        counter_x = np.uint64(self.offset // PHILOX_OFFSET_PER_CALL) + call  # the offset is a multiple of 4
+        counter = (counter_x & np.uint64(_MASK32), counter_x >> np.uint64(32), thread, np.zeros_like(thread))
+        words = philox4x32(counter, (self.seed & _MASK32, self.seed >> 32))  # (4, n) uint32
+        first = component < 2  # normals 0, 1 come from words 0, 1; normals 2, 3 from words 2, 3
+        sin, cos = curand_box_muller(np.where(first, words[0], words[2]), np.where(first, words[1], words[3]))
+        self.offset += calls * PHILOX_OFFSET_PER_CALL
+        return np.where(component % 2 == 0, sin, cos).reshape(shape)
+
+
+class A1111NVGenerator:
+    """A1111's "NV" random source (modules/rng_philox.py): its numpy imitation of torch's CUDA randn, reproduced.
+
+    Element i of the k-th randn of a generator is r sin v of the first two words of Philox counter (k, 0, i, 0)
+    with key (seed lo, seed hi), computed in float64 then rounded to float32 (a1111_nv_box_muller). This is the
+    CUDA layout of a large enough GPU with a counter that steps by 1 per call, so it agrees with TorchCUDAGenerator
+    to ~1e-6 wherever every draw fits in the GPU's threads. How sure: bit for bit with A1111's code (the same words
+    and float64 operations; compared on 6 seeds x 4 shapes of successive draws during development). The tests keep
+    A1111's published seed-0 example, matched to 3e-7 (A1111's code today gives sdrt's values, not those digits).
+    """
+
+    def __init__(self, seed: int):
+        self.seed = seed & _MASK64
+        self.calls = 0  # A1111's Generator.offset
+
+    def randn(self, shape: tuple[int, ...]) -> np.ndarray:
+        """Standard normal float32 array of SHAPE, A1111's Generator(seed).randn(shape) of the same call."""
+        shape = (shape,) if isinstance(shape, int) else tuple(shape)
+        index = np.arange(math.prod(shape), dtype=np.uint64)
+        zeros = np.zeros_like(index)
+        counter = (np.full_like(index, self.calls & _MASK32), zeros, index & np.uint64(_MASK32), index >> np.uint64(32))
+        words = philox4x32(counter, (self.seed & _MASK32, self.seed >> 32))
+        self.calls += 1
+        return a1111_nv_box_muller(words[0], words[1]).reshape(shape)
+
+
+GENERATORS = {"torch": TorchCPUGenerator, "cpu": TorchCPUGenerator, "gpu": TorchCUDAGenerator, "nv": A1111NVGenerator}
+A1111_RNG_LABELS = {"torch": "CPU", "cpu": "CPU", "gpu": None, "nv": "NV"}  # infotext "RNG"; A1111 omits its "GPU"
+
+
+def make_generator(rng: str, seed: int):
+    """A fresh generator of mode RNG ("torch", "cpu", "gpu", "nv") seeded with SEED, with a .randn(shape) method."""
+    return GENERATORS[rng](seed)
+
+
+# --- A1111's seed options (modules/rng.py ImageRNG) --------------------------------------------------------------
+
+SLERP_LINEAR_ABOVE = 0.9995  # A1111 blends linearly when the mean cosine between the two noises is above this
+
+
+def slerp(t: float, low: np.ndarray, high: np.ndarray) -> np.ndarray:
+    """A1111's variation-seed blend: spherical interpolation (Shoemake 1985) from LOW (t=0) to HIGH (t=1).
+
+    low, high: (C, H, W) float32, one image. As in A1111 (torch.norm(..., dim=1)), the vectors are the columns along
+    H: norms, cosines and angles are per (c, w). When the mean cosine is above SLERP_LINEAR_ABOVE A1111 returns
+    `low * t + high * (1 - t)` -- the weights swapped, kept as A1111 has them (the noises are then all but equal).
+    Computed in float64 (A1111: float32 on its device), returned as float32.
+    """
+    low64, high64 = low.astype(np.float64), high.astype(np.float64)
+    cos = np.sum(low64 * high64, axis=1) / (np.linalg.norm(low64, axis=1) * np.linalg.norm(high64, axis=1))  # (C, W)
+    if cos.mean() > SLERP_LINEAR_ABOVE:
+        return (low64 * t + high64 * (1 - t)).astype(_F32)
+    omega = np.arccos(np.clip(cos, -1.0, 1.0))
+    sin_omega = np.sin(omega)
+    w_low, w_high = np.sin((1 - t) * omega) / sin_omega, np.sin(t * omega) / sin_omega  # (C, W)
+    return (w_low[:, None, :] * low64 + w_high[:, None, :] * high64).astype(_F32)
+
+
+def paste_centered(canvas: np.ndarray, patch: np.ndarray) -> np.ndarray:
+    """A1111's seed resize: PATCH (C, h0, w0) centred on CANVAS (C, H, W), cropped where larger; returns the canvas."""
+    (_, height, width), (_, h0, w0) = canvas.shape, patch.shape
+    dy, dx = (height - h0) // 2, (width - w0) // 2  # floor division, as A1111's Python ints
+    h, w = (h0 if dy >= 0 else h0 + 2 * dy), (w0 if dx >= 0 else w0 + 2 * dx)
+    ty, tx, sy, sx = max(dy, 0), max(dx, 0), max(-dy, 0), max(-dx, 0)
+    canvas[:, ty : ty + h, tx : tx + w] = patch[:, sy : sy + h, sx : sx + w]
+    return canvas
+
+
+class ImageNoise:
+    """The noise of one batch, image by image, as A1111's ImageRNG draws it (modules/rng.py, webui 1.6+).
+
+    shape: (C, h, w) latent of one image. Per image i, with generator g_i = make_generator(rng, seeds[i]):
+    - initial(): g_i's first draw. With subseed_strength > 0 it is slerp(strength, that, first draw of subseeds[i]).
+      With resize_from = (h0, w0) (the latent size the seed was first used at) the seed's and subseed's noises are
+      drawn at that size from fresh generators, blended, and pasted centred onto g_i's first draw at full size.
+    - then, if ensd != 0, g_i is replaced by a fresh generator of seeds[i] + ensd (A1111's "eta noise seed delta").
+    - __call__(): the next draw of every g_i, the per-step noise of ancestral and SDE samplers.
+    So image i is the same alone or in a batch.
+    """
+
+    def __init__(self, rng, shape, seeds, subseeds=None, subseed_strength=0.0, resize_from=None, ensd=0):
+        self.rng, self.shape, self.seeds = rng, tuple(shape), list(seeds)
+        self.subseeds = list(subseeds) if subseeds is not None else None
+        self.subseed_strength, self.ensd = subseed_strength, ensd
+        self.seed_shape = (self.shape[0], *resize_from) if resize_from else self.shape
+        self.generators = [make_generator(rng, seed) for seed in self.seeds]
+
+    def _first(self, i: int) -> np.ndarray:
+        """Image i's initial noise (C, h, w) float32."""
+        resized = self.seed_shape != self.shape
+        if resized:
+            noise = make_generator(self.rng, self.seeds[i]).randn(self.seed_shape)
+        else:
+            noise = self.generators[i].randn(self.shape)
+        if self.subseeds is not None and self.subseed_strength != 0:
+            subnoise = make_generator(self.rng, self.subseeds[i]).randn(self.seed_shape)
+            noise = slerp(self.subseed_strength, noise, subnoise)
+        if resized:
+            noise = paste_centered(self.generators[i].randn(self.shape), noise)
+        return noise
+
+    def _apply_ensd(self):
+        if self.ensd:
+            self.generators = [make_generator(self.rng, seed + self.ensd) for seed in self.seeds]
+
+    def initial(self) -> np.ndarray:
+        """(B, C, h, w) float32 unit-variance starting noise; call once, before any __call__."""
+        noise = np.stack([self._first(i) for i in range(len(self.seeds))])
+        self._apply_ensd()
+        return noise
+
+    def skip_initial(self):
+        """The caller brings its own starting latents: the generators start fresh (diffusers), ENSD still applies."""
+        self._apply_ensd()
+
+    def __call__(self) -> np.ndarray:
+        """(B, C, h, w) float32: the next unit normal draw of every image's generator."""
+        return np.stack([g.randn(self.shape) for g in self.generators])

@@ -1,10 +1,12 @@
-"""Noise schedules: training sigmas, diffusers' timestep spacings, and the Karras schedule, in numpy.
+"""Noise schedules: training sigmas, diffusers' timestep spacings, and A1111's schedule types, in numpy.
 
 A schedule is an explicit array of sigmas (variance-exploding parameterisation, x = x0 + sigma * eps)
 together with the UNet timestep of each sigma. Which diffusers scheduler class a sampler reproduces
 decides the spacing rule and the scale of the initial noise, so those are chosen per "timestep rule".
+The schedule type ("automatic", "karras", ...) then picks the sigmas, as A1111's "Schedule type" does.
 """
 
+import math
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -12,14 +14,30 @@ import numpy as np
 from sdrt.runtime.manifest import SchedulerConfig
 
 KARRAS_RHO = 7.0  # Karras et al. 2022, eq. 5
+# Lee et al. 2024 ("Beta Sampling is All You Need"): Beta(0.6, 0.6), A1111's and diffusers' default.
+BETA_SCHEDULE_ALPHA = 0.6
+BETA_SCHEDULE_BETA = 0.6
 SPACINGS = ("leading", "linspace", "trailing")
-TIMESTEP_RULES = ("euler", "ddim", "dpmsolver")  # diffusers' Euler*, DDIM and DPMSolver* schedulers
+# diffusers' Euler* (also Heun, LMS, DPMSolverSDE), DDIM, DPMSolverMultistep (also UniPC: same set_timesteps),
+# KDPM2* (KDPM2, KDPM2Ancestral), PNDM (PLMS) and LCM rules
+TIMESTEP_RULES = ("euler", "ddim", "dpmsolver", "kdpm2", "pndm", "lcm")
 # What each diffusers class uses for a key the model's config does not set.
 RULE_DEFAULTS = {
     "euler": {"timestep_spacing": "linspace", "set_alpha_to_one": False, "clip_sample": False},
     "ddim": {"timestep_spacing": "leading", "set_alpha_to_one": True, "clip_sample": True},
     "dpmsolver": {"timestep_spacing": "linspace", "set_alpha_to_one": False, "clip_sample": False},
+    "kdpm2": {"timestep_spacing": "linspace", "set_alpha_to_one": False, "clip_sample": False},
+    "pndm": {"timestep_spacing": "leading", "set_alpha_to_one": False, "clip_sample": False},
+    "lcm": {"timestep_spacing": "leading", "set_alpha_to_one": True, "clip_sample": False},
 }
+# Schedule types (A1111's names). "automatic" is the sampler's diffusers class as configured.
+SCHEDULES = ("automatic", "uniform", "karras", "exponential", "sgm_uniform", "simple", "beta")
+# A1111's schedules laid on the training timesteps themselves: the spacing rule plays no part.
+TRAINING_GRID_SCHEDULES = ("uniform", "sgm_uniform", "simple")
+# A formula between sigma_min and sigma_max. diffusers' DPMSolver*/UniPC take the whole training range; the other
+# classes (and sdrt, for classes diffusers gives no such option) the range of the spaced sigmas.
+SIGMA_RANGE_SCHEDULES = ("karras", "exponential", "beta")
+FULL_RANGE_RULES = ("dpmsolver",)
 
 
 @dataclass(frozen=True)
@@ -102,6 +120,103 @@ def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = KARRA
     return (max_inv + ramp * (min_inv - max_inv)) ** rho
 
 
+def exponential_sigmas(sigma_min: float, sigma_max: float, n: int) -> np.ndarray:
+    """n sigmas from sigma_max to sigma_min, evenly spaced in log sigma (k-diffusion's get_sigmas_exponential)."""
+    return np.exp(np.linspace(math.log(sigma_max), math.log(sigma_min), n))
+
+
+def beta_sigmas(
+    sigma_min: float, sigma_max: float, n: int, alpha: float = BETA_SCHEDULE_ALPHA, beta: float = BETA_SCHEDULE_BETA
+) -> np.ndarray:
+    """Lee et al. 2024: sigma_min + F^-1(1 - i/(n-1)) (sigma_max - sigma_min), F the Beta(alpha, beta) CDF."""
+    return sigma_min + beta_ppf(1.0 - np.linspace(0, 1, n), alpha, beta) * (sigma_max - sigma_min)
+
+
+SIGMA_RANGE_FORMULAS = {"karras": karras_sigmas, "exponential": exponential_sigmas, "beta": beta_sigmas}
+BETAINC_TERMS = 200  # continued-fraction terms; it converges in a few dozen where it is used (x < mean)
+BETA_PPF_BISECTIONS = 64  # halvings of [0, 1]: below float64 resolution
+
+
+def betainc(a: float, b: float, x) -> np.ndarray:
+    """Regularized incomplete beta I_x(a, b) (the Beta CDF) by its continued fraction (DLMF 8.17.22), Lentz's method."""
+    x = np.asarray(x, dtype=np.float64)
+    flip = x > (a + 1) / (a + b + 2)  # the fraction converges fast below the mean; use I_x(a,b) = 1 - I_1-x(b,a)
+    p, q, z = np.where(flip, b, a), np.where(flip, a, b), np.where(flip, 1 - x, x)
+    tiny = np.finfo(np.float64).tiny
+
+    def guard(v):
+        return np.where(np.abs(v) < tiny, tiny, v)
+
+    c = np.ones_like(z)
+    d = 1 / guard(1 - (p + q) * z / (p + 1))
+    frac = d.copy()
+    for m in range(1, BETAINC_TERMS + 1):
+        for coef in (
+            m * (q - m) * z / ((p + 2 * m - 1) * (p + 2 * m)),  # d_2m
+            -(p + m) * (p + q + m) * z / ((p + 2 * m) * (p + 2 * m + 1)),  # d_2m+1
+        ):
+            d = 1 / guard(1 + coef * d)
+            c = guard(1 + coef / c)
+            frac *= c * d
+    log_beta = math.lgamma(a) + math.lgamma(b) - math.lgamma(a + b)  # symmetric in a, b
+    with np.errstate(divide="ignore"):
+        front = np.exp(p * np.log(z) + q * np.log1p(-z) - log_beta) / p
+    value = front * frac
+    return np.where(flip, 1 - value, value)
+
+
+def beta_ppf(quantiles, a: float, b: float) -> np.ndarray:
+    """Inverse of the Beta(a, b) CDF by bisection (the CDF is increasing on [0, 1])."""
+    quantiles = np.asarray(quantiles, dtype=np.float64)
+    low, high = np.zeros_like(quantiles), np.ones_like(quantiles)
+    for _ in range(BETA_PPF_BISECTIONS):
+        mid = (low + high) / 2
+        below = betainc(a, b, mid) < quantiles
+        low, high = np.where(below, mid, low), np.where(below, high, mid)
+    return np.where(quantiles <= 0, 0.0, np.where(quantiles >= 1, 1.0, (low + high) / 2))
+
+
+def t_to_sigma(t, log_sigmas: np.ndarray) -> np.ndarray:
+    """Sigma at fractional timestep T by linear interpolation in log-sigma (k-diffusion's t_to_sigma)."""
+    t = np.asarray(t, dtype=np.float64)
+    low = np.floor(t).astype(np.int64)
+    high = np.minimum(low + 1, len(log_sigmas) - 1)
+    w = t - low
+    return np.exp((1 - w) * log_sigmas[low] + w * log_sigmas[high])
+
+
+def training_grid_timesteps(scheduler: str, steps: int, n: int) -> np.ndarray:
+    """(steps,) decreasing fractional timesteps of A1111's uniform, sgm_uniform and simple schedules."""
+    if scheduler == "uniform":  # k-diffusion DiscreteSchedule.get_sigmas: steps points from t_max to 0
+        return np.linspace(n - 1, 0, steps)
+    if scheduler == "sgm_uniform":  # steps + 1 points from t_max to 0, the last (t = 0) dropped
+        return np.linspace(n - 1, 0, steps + 1)[:-1]
+    if scheduler == "simple":  # every (n / steps)-th training timestep, counted down from the last
+        return np.array([n - 1 - int(i * (n / steps)) for i in range(steps)], dtype=np.float64)
+    raise ValueError(f"unsupported training-grid schedule {scheduler!r}")
+
+
+def lcm_timesteps(cfg: SchedulerConfig, steps: int) -> np.ndarray:
+    """(steps,) timesteps of diffusers' LCMScheduler: evenly picked from the distillation's skipping-step grid.
+
+    Luo et al. 2023, section 4.3: distillation ran on original_inference_steps timesteps k - 1, 2k - 1, ..., N - 1.
+    """
+    original = cfg.original_inference_steps
+    if not 1 <= steps <= original:
+        raise ValueError(f"LCM takes 1 to {original} steps (original_inference_steps), not {steps}")
+    k = cfg.num_train_timesteps // original
+    grid = (np.arange(1, original + 1) * k - 1)[::-1]
+    picks = np.floor(np.linspace(0, original, steps, endpoint=False)).astype(np.int64)
+    return grid[picks].astype(np.float64)
+
+
+def uses_spacing(rule: str, scheduler: str) -> bool:
+    """Whether timestep_spacing changes the schedule of RULE under SCHEDULER."""
+    if rule == "lcm" or scheduler in TRAINING_GRID_SCHEDULES:
+        return False
+    return not (rule in FULL_RANGE_RULES and scheduler in SIGMA_RANGE_SCHEDULES)
+
+
 def spaced_timesteps(cfg: SchedulerConfig, steps: int, rule: str) -> np.ndarray:
     """(steps,) decreasing timesteps by cfg.timestep_spacing, exactly as the diffusers class for RULE does."""
     n, spacing = cfg.num_train_timesteps, cfg.timestep_spacing
@@ -115,7 +230,7 @@ def spaced_timesteps(cfg: SchedulerConfig, steps: int, rule: str) -> np.ndarray:
             return (np.arange(0, steps + 1) * ratio).round()[::-1][:-1].astype(np.float64) + cfg.steps_offset
     if spacing == "linspace":
         t = np.linspace(0, n - 1, steps)[::-1]
-        return t.round() if rule in ("ddim", "dpmsolver") else t.astype(np.float32).astype(np.float64)
+        return t.round() if rule in ("ddim", "dpmsolver", "pndm") else t.astype(np.float32).astype(np.float64)
     if spacing == "leading":
         ratio = n // steps
         return (np.arange(0, steps) * ratio).round()[::-1].astype(np.float64) + cfg.steps_offset
@@ -123,31 +238,45 @@ def spaced_timesteps(cfg: SchedulerConfig, steps: int, rule: str) -> np.ndarray:
     return np.arange(n, 0, -ratio).round().astype(np.float64) - 1
 
 
-def build_schedule(cfg: SchedulerConfig, steps: int, rule: str, scheduler: str) -> Schedule:
-    """Sigmas and timesteps for STEPS steps under diffusers' RULE, with scheduler "automatic" or "karras"."""
+def build_schedule(
+    cfg: SchedulerConfig, steps: int, rule: str, scheduler: str, timestep_spacing: str | None = None
+) -> Schedule:
+    """Sigmas and timesteps for STEPS steps under diffusers' RULE with the schedule type SCHEDULER (SCHEDULES).
+
+    TIMESTEP_SPACING, when given, replaces the config's (and so the class default's) timestep_spacing.
+    """
+    if timestep_spacing is not None:
+        cfg = replace(cfg, timestep_spacing=timestep_spacing)
     cfg = resolve_config(cfg, rule)
     sigmas_train = train_sigmas(cfg).astype(np.float64)
-    log_sigmas = np.log(sigmas_train)
-    timesteps = spaced_timesteps(cfg, steps, rule)
-    sigmas = np.interp(timesteps, np.arange(len(sigmas_train)), sigmas_train)
-    if scheduler == "karras":
-        if rule == "dpmsolver":  # DPMSolver: the whole training range, UNet timesteps rounded
-            sigmas = karras_sigmas(sigmas_train[0], sigmas_train[-1], steps)
-            timesteps = sigma_to_t(sigmas, log_sigmas).round()
-        else:  # Euler: the range of the spaced sigmas, fractional timesteps
-            sigmas = karras_sigmas(sigmas[-1], sigmas[0], steps)
+    # log in float32 as diffusers takes it: truncated UNet timesteps (999 vs 998) depend on the last bit
+    log_sigmas = np.log(sigmas_train.astype(np.float32)).astype(np.float64)
+    if scheduler in TRAINING_GRID_SCHEDULES:
+        timesteps = training_grid_timesteps(scheduler, steps, len(sigmas_train))
+        sigmas = t_to_sigma(timesteps, log_sigmas)
+    else:
+        timesteps = lcm_timesteps(cfg, steps) if rule == "lcm" else spaced_timesteps(cfg, steps, rule)
+        sigmas = np.interp(timesteps, np.arange(len(sigmas_train)), sigmas_train)
+        if scheduler in SIGMA_RANGE_SCHEDULES:
+            full = rule in FULL_RANGE_RULES
+            sigma_min, sigma_max = (sigmas_train[0], sigmas_train[-1]) if full else (sigmas[-1], sigmas[0])
+            sigmas = SIGMA_RANGE_FORMULAS[scheduler](float(sigma_min), float(sigma_max), steps)
             timesteps = sigma_to_t(sigmas, log_sigmas)
-    elif scheduler != "automatic":
-        raise ValueError(f"unsupported scheduler {scheduler!r}")
-    if rule == "ddim" and scheduler == "automatic":  # DDIM ends at alpha_bar[0] (or 1 with set_alpha_to_one)
+            if full:  # integer UNet timesteps: diffusers rounds Karras ones and truncates the others
+                timesteps = timesteps.round() if scheduler == "karras" else np.floor(timesteps)
+            elif rule == "kdpm2" and scheduler == "karras":  # KDPM2*: rounded
+                timesteps = timesteps.round()
+        elif scheduler != "automatic":
+            raise ValueError(f"unsupported scheduler {scheduler!r}")
+    if rule in ("ddim", "pndm") and scheduler == "automatic":  # they end at alpha_bar[0] (1 with set_alpha_to_one)
         acp0 = 1.0 if cfg.set_alpha_to_one else 1.0 / (1.0 + sigmas_train[0] ** 2)
         final = np.sqrt((1.0 - acp0) / acp0)
     else:
         final = 0.0
     sigmas = np.append(sigmas, final).astype(np.float32)
     sigma_max = float(sigmas[0])
-    if rule == "euler" and cfg.timestep_spacing in ("linspace", "trailing"):
-        initial = sigma_max
+    if rule in ("euler", "kdpm2") and not (uses_spacing(rule, scheduler) and cfg.timestep_spacing == "leading"):
+        initial = sigma_max  # diffusers' init_noise_sigma; k-diffusion's too
     else:  # variance-preserving samplers start from unit noise: sqrt(1 + sigma^2) in x0 + sigma * eps units
         initial = float(np.sqrt(sigma_max**2 + 1.0))
     return Schedule(sigmas, timesteps.astype(np.float32), initial)
