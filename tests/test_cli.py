@@ -67,6 +67,8 @@ BAD_GENERATE = [
     (["--cfg-scale", -1], "cfg_scale", "from 0"),
     (["--sampler", "Euler z"], "sampler", "DPM++ 2M"),
     (["--scheduler", "fancy"], "scheduler", "karras"),
+    (["--timestep-spacing", "even"], "timestep_spacing", "trailing"),
+    (["--guidance-rescale", 2], "guidance_rescale", "from 0 to 1"),
     (["--batch-size", 0], "batch_size", "integer from 1"),
     (["--batch-count", -2], "batch_count", "integer from 1"),
     (["--seed", -5], "seed", "-1"),
@@ -145,3 +147,13 @@ def test_generate_from_a_diffusers_folder_exports_once_into_the_cache(tiny_sd, t
     assert code == 0 and "exporting" not in err  # reused
     first, second = (Image.open(p.strip()) for p in (out, out2))
     assert first.tobytes() == second.tobytes()
+
+
+def test_txt2img_on_an_inpainting_model_is_refused_clearly(tiny_sd, tmp_path, capsys):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_sd[1], model)
+    data = json.loads((model / "model.json").read_text())
+    (model / "model.json").write_text(json.dumps({**data, "unet_in_channels": 9}))
+    code, _, err = run_cli(capsys, "generate", "a cat", "-m", model, "-o", tmp_path / "out")
+    assert code == 2 and "inpainting model" in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()

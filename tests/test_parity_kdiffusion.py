@@ -16,9 +16,10 @@ from diffusers_reference import diffusers_run
 from test_parity import LATENT_ATOL, NEGATIVE, PIXEL_TOL, PROMPT, max_diff, sdrt_run
 
 from sdrt.runtime import samplers
+from sdrt.runtime.denoiser import Denoiser
 from sdrt.runtime.manifest import SchedulerConfig
 from sdrt.runtime.options import SAMPLERS, resolve_sampler
-from sdrt.runtime.schedules import build_schedule, sigma_to_t, train_sigmas
+from sdrt.runtime.schedules import build_schedule, train_sigmas
 
 DIFFUSERS_PARITY = ["Heun", "DPM2", "DPM2 a", "LMS", "DPM++ 2M SDE"]
 CASES = {  # (width, height, seeds, cfg_scale): guidance on and off, batch 1 and 2
@@ -144,40 +145,46 @@ def vp(sigma: float) -> tuple[float, float, float]:
     return alpha, sigma * alpha, math.log(alpha / (sigma * alpha))
 
 
+def toy(x, sigma: float):
+    """A smooth made-up x0 estimate D(x, sigma), in x's precision."""
+    return x * (0.4 / (1 + sigma)) + 0.3 * math.sin(2 * sigma)
+
+
 def toy_denoiser(calls=None):
-    """A smooth made-up D(x, sigma) -> x0 estimate (float32), recording (sigma, intermediate) of each call."""
+    """The toy D as sdrt's samplers call it (float32), recording (sigma, intermediate) of each call in CALLS."""
 
     def denoise(x, sigma, intermediate=False):
         if calls is not None:
             calls.append((float(sigma), intermediate))
-        sigma = float(sigma)
-        return (x * np.float32(0.4 / (1 + sigma)) + np.float32(0.3 * math.sin(2 * sigma))).astype(np.float32)
+        return toy(x, float(sigma)).astype(np.float32)
 
     return denoise
 
 
-def exact(denoise, x, sigma):
-    """The toy denoiser in float64 (the hand computations' precision)."""
-    return np.asarray(denoise(np.asarray(x, np.float32), sigma), np.float64) if False else (
-        np.asarray(x, np.float64) * (0.4 / (1 + sigma)) + 0.3 * math.sin(2 * sigma)
-    )
+def exact(x, sigma: float):
+    """The toy D in float64: the hand computations' precision."""
+    return toy(np.asarray(x, np.float64), sigma)
 
 
 def unit_noises(count: int, shape=(2, 4, 3, 3), seed=0):
-    """COUNT fixed unit-normal arrays, and noise() handing them out in order."""
+    """COUNT fixed unit-normal float32 arrays, and a noise() that hands them out in order."""
     zs = [np.random.default_rng(seed + k).standard_normal(shape).astype(np.float32) for k in range(count)]
     queue = list(zs)
     return zs, (lambda: queue.pop(0))
 
 
+def sd15_train_sigmas() -> np.ndarray:
+    """(1000,) sqrt((1 - alpha_bar) / alpha_bar) of SD 1.x's DDPM schedule: betas evenly spaced in sqrt(beta)."""
+    betas = np.linspace(SD15["beta_start"] ** 0.5, SD15["beta_end"] ** 0.5, 1000) ** 2
+    alpha_bar = np.cumprod(1 - betas)
+    return np.sqrt((1 - alpha_bar) / alpha_bar)
+
+
 def sd15_sigmas(steps: int, scheduler: str) -> np.ndarray:
     """Euler-rule sigmas worked out from the formulas: linspace timesteps over the SD 1.x training sigmas (DDPM's
     scaled_linear betas), interpolated linearly in t; or Karras et al. 2022's eq. 5 over their range; then 0."""
-    betas = np.linspace(SD15["beta_start"] ** 0.5, SD15["beta_end"] ** 0.5, 1000) ** 2
-    alpha_bar = np.cumprod(1 - betas)
-    train = np.sqrt((1 - alpha_bar) / alpha_bar)
     t = np.linspace(0, 999, steps)[::-1]
-    sigmas = np.interp(t, np.arange(1000), train)
+    sigmas = np.interp(t, np.arange(1000), sd15_train_sigmas())
     if scheduler == "karras":
         rho, ramp = 7.0, np.linspace(0, 1, steps)
         sigmas = (sigmas[0] ** (1 / rho) + ramp * (sigmas[-1] ** (1 / rho) - sigmas[0] ** (1 / rho))) ** rho
@@ -209,66 +216,71 @@ def test_sigmas_and_unet_calls_by_hand(sampler, scheduler):
     fn, rule = SAMPLERS[sampler]
     sched = build_schedule(cfg, steps, rule, scheduler)
     want = sd15_sigmas(steps, scheduler)
-    np.testing.assert_allclose(sched.sigmas, want, rtol=1e-6)
+    np.testing.assert_allclose(sched.sigmas, want, rtol=2e-5)  # sdrt (as diffusers) takes alpha_bar in float32
     calls = []
     x = np.ones((1, 4, 2, 2), np.float32)
     getattr(samplers, fn)(toy_denoiser(calls), x * want[0], sched.sigmas, noise=lambda: np.zeros_like(x))
     want_calls = []
     for i in range(steps):
         want_calls.append((want[i], False))
-        if want[i + 1] > 0:
+        if want[i + 1] > 0:  # the stage-2 point: lambda halfway to sigma_down (2S a) or to sigma_next (SDE)
             target = ancestral(want[i], want[i + 1])[0] if sampler == "DPM++ 2S a" else want[i + 1]
-            want_calls.append((math.exp(-(-math.log(want[i]) - math.log(target)) / 2), True))
+            want_calls.append((math.exp((math.log(want[i]) + math.log(target)) / 2), True))
     assert [flag for _, flag in calls] == [flag for _, flag in want_calls]
-    np.testing.assert_allclose([s for s, _ in calls], [s for s, _ in want_calls], rtol=1e-6)
-    log_train = np.log(train_sigmas(cfg).astype(np.float64))
-    mids = np.array([s for s, flag in want_calls if flag])
-    low = np.array([np.searchsorted(-log_train, -math.log(s)) - 1 for s in mids])  # log_train increases in t
-    frac = (np.log(mids) - log_train[low]) / (log_train[low + 1] - log_train[low])
-    np.testing.assert_allclose(sigma_to_t(mids, log_train), low + frac, atol=1e-6)
+    np.testing.assert_allclose([s for s, _ in calls], [s for s, _ in want_calls], rtol=2e-5)
+    # UNet timesteps: the schedule's for its sigmas; at a midpoint, t where log sigma interpolates linearly between
+    # the training sigmas of the two neighbouring integer timesteps
+    table = dict(zip(sched.sigmas[:-1].tolist(), sched.timesteps.tolist(), strict=True))
+    unet_side = Denoiser(None, "epsilon", train_sigmas(cfg), table, np.zeros((1, 1, 1), np.float32), None, 1.0)
+    log_train = np.log(sd15_train_sigmas())  # increasing in t
+    for (sigma, intermediate), (want_sigma, _) in zip(calls, want_calls, strict=True):
+        if intermediate:
+            low = int(np.searchsorted(log_train, math.log(want_sigma))) - 1
+            want_t = low + (math.log(want_sigma) - log_train[low]) / (log_train[low + 1] - log_train[low])
+        else:
+            want_t = float(sched.timesteps[list(sched.sigmas).index(np.float32(sigma))])
+        assert unet_side.timestep(sigma, intermediate) == pytest.approx(want_t, abs=3e-3)  # float32 alpha_bar: 1.4e-3
 
 
 def test_dpmpp_2s_ancestral_step_by_hand():
     """DPM-Solver++(2S) (Lu et al. 2022, Alg. 1, r = 1/2) to sigma_down, then sigma_up of fresh noise."""
-    sigmas = sd15_sigmas(8, "karras")
-    zs, noise = unit_noises(1)
+    sigmas = sd15_sigmas(8, "karras").astype(np.float32)
     denoise = toy_denoiser()
     for i in (0, 4):
-        x = zs[0] * np.float32(sigmas[i])
-        _, noise = unit_noises(1, seed=10)
-        z = unit_noises(1, seed=10)[0][0]
-        got = samplers.sample_dpmpp_2s_ancestral(denoise, x, sigmas[i : i + 2].astype(np.float32), noise=noise)
-        sigma, sigma_next = float(np.float32(sigmas[i])), float(np.float32(sigmas[i + 1]))
+        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+        x = unit_noises(1, seed=1)[0][0] * np.float32(sigma)
+        (z,), noise = unit_noises(1, seed=10)
+        got = samplers.sample_dpmpp_2s_ancestral(denoise, x, sigmas[i : i + 2], noise=noise)
         down, up = ancestral(sigma, sigma_next)
         lam_s, lam_down = vp(sigma)[2], vp(down)[2]
         sigma_mid = math.exp(-(lam_s + (lam_down - lam_s) / 2))
-        u = dpm_solver_pp_1(x, exact(denoise, x, sigma), sigma, sigma_mid)
-        want = dpm_solver_pp_1(x, exact(denoise, u, sigma_mid), sigma, down) + up * z
-        np.testing.assert_allclose(got, want, rtol=FORMULA_RTOL, atol=FORMULA_RTOL * np.abs(want).max())
-        # can fail: Euler ancestral's first-order step from the same point misses by far more
-        _, noise = unit_noises(1, seed=10)
-        euler_a = samplers.sample_euler_ancestral(denoise, x, sigmas[i : i + 2].astype(np.float32), noise=noise)
-        assert np.abs(euler_a - want).max() > 100 * FORMULA_RTOL * np.abs(want).max()
+        u = dpm_solver_pp_1(x, exact(x, sigma), sigma, sigma_mid)
+        want = dpm_solver_pp_1(x, exact(u, sigma_mid), sigma, down) + up * z
+        tol = FORMULA_RTOL * np.abs(want).max()
+        np.testing.assert_allclose(got, want, rtol=FORMULA_RTOL, atol=tol)
+        # can fail: Euler ancestral's first-order step from the same point, with the same noise, misses by far more
+        euler_a = samplers.sample_euler_ancestral(denoise, x, sigmas[i : i + 2], noise=unit_noises(1, seed=10)[1])
+        assert np.abs(euler_a - want).max() > 100 * tol
 
 
 def test_dpmpp_sde_step_by_hand():
     """DPM-Solver++ SDE (k-diffusion, r = 1/2): an ancestral DPM-Solver++ step to the lambda-midpoint, then one over
     the whole step with the midpoint's D; both noises are increments of one Brownian path in sigma."""
-    sigmas = sd15_sigmas(8, "automatic")
+    sigmas = sd15_sigmas(8, "automatic").astype(np.float32)
     denoise = toy_denoiser()
     for i in (0, 5):
-        sigma, sigma_next = float(np.float32(sigmas[i])), float(np.float32(sigmas[i + 1]))
+        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
         x = unit_noises(1, seed=3)[0][0] * np.float32(sigma)
         (z1, z2), noise = unit_noises(2, seed=20)
-        got = samplers.sample_dpmpp_sde(denoise, x, np.array([sigma, sigma_next], np.float32), noise=noise)
+        got = samplers.sample_dpmpp_sde(denoise, x, sigmas[i : i + 2], noise=noise)
         lam_s, lam_t = vp(sigma)[2], vp(sigma_next)[2]
         sigma_mid = math.exp(-(lam_s + (lam_t - lam_s) / 2))
         down, up = ancestral(sigma, sigma_mid)
-        u = dpm_solver_pp_1(x, exact(denoise, x, sigma), sigma, down) + up * z1
+        u = dpm_solver_pp_1(x, exact(x, sigma), sigma, down) + up * z1
         # W(sigma_next) - W(sigma) = [W(sigma_mid) - W(sigma)] + [W(sigma_next) - W(sigma_mid)], normalised
         w = (z1 * math.sqrt(sigma - sigma_mid) + z2 * math.sqrt(sigma_mid - sigma_next)) / math.sqrt(sigma - sigma_next)
         down, up = ancestral(sigma, sigma_next)
-        want = dpm_solver_pp_1(x, exact(denoise, u, sigma_mid), sigma, down) + up * w
+        want = dpm_solver_pp_1(x, exact(u, sigma_mid), sigma, down) + up * w
         tol = FORMULA_RTOL * np.abs(want).max()
         np.testing.assert_allclose(got, want, rtol=FORMULA_RTOL, atol=tol)
         # can fail: independent noise for the whole step (not on the stage-1 path) misses
@@ -278,22 +290,18 @@ def test_dpmpp_sde_step_by_hand():
 def test_dpmpp_3m_sde_steps_by_hand():
     """SDE-DPM-Solver++ (Lu et al. 2022) with eta = 1 as k-diffusion's sample_dpmpp_3m_sde: first order, then second
     (the multistep D1 with the phi_2 weight), then third order (D1, D2 of the last three denoised values)."""
-    sigmas = sd15_sigmas(8, "karras")[:5]  # four steps, none to sigma 0
-    denoise = toy_denoiser()
-    zs, noise = unit_noises(4, seed=30)
-    x0 = zs[0] * np.float32(sigmas[0])
-    _, noise = unit_noises(4, seed=40)
-    noises = unit_noises(4, seed=40)[0]
+    sigmas = sd15_sigmas(8, "karras")[:5].astype(np.float32)  # four steps, none to sigma 0
+    x0 = unit_noises(1, seed=30)[0][0] * sigmas[0]
+    noises, noise = unit_noises(4, seed=40)
     trace = []
-    samplers.sample_dpmpp_3m_sde(denoise, x0, sigmas.astype(np.float32), noise=noise,
-                                 callback=lambda i, x, d: trace.append(x))  # fmt: skip
-    s = [float(v) for v in sigmas.astype(np.float32)]
+    samplers.sample_dpmpp_3m_sde(toy_denoiser(), x0, sigmas, noise=noise, callback=lambda i, x, d: trace.append(x))
+    s = [float(v) for v in sigmas]
     x, history, wrong_d2 = np.asarray(x0, np.float64), [], None
     for i in range(4):
         alpha_s, sig_s, lam_s = vp(s[i])
         alpha_t, sig_t, lam_t = vp(s[i + 1])
         h = lam_t - lam_s
-        m0 = exact(denoise, x, s[i])
+        m0 = exact(x, s[i])
         x_vp = (sig_t / sig_s) * math.exp(-h) * (alpha_s * x) + alpha_t * (1 - math.exp(-2 * h)) * m0
         heun_weight = alpha_t * ((1 - math.exp(-2 * h)) / (-2 * h) + 1)
         if len(history) == 1:
@@ -327,7 +335,7 @@ def test_churn_by_hand(sampler):
     s_churn, s_noise = 2.0, 0.9
     s_tmax = float(sigmas[1]) * 1.01  # step 0 outside [s_tmin, s_tmax]: no churn, though it still draws
     x0 = unit_noises(1, seed=50)[0][0] * sigmas[0]
-    zs, noise = unit_noises(3, seed=60)
+    zs, noise = unit_noises(8, seed=60)
     trace = []
     fn(denoise, x0, sigmas, noise=noise, s_churn=s_churn, s_tmax=s_tmax, s_noise=s_noise,
        callback=lambda i, x, d: trace.append(x))  # fmt: skip
@@ -337,16 +345,16 @@ def test_churn_by_hand(sampler):
         gamma = min(s_churn / 8, 2**0.5 - 1) if sigma <= s_tmax else 0.0
         sigma_hat = sigma * (1 + gamma)
         x = x + math.sqrt(sigma_hat**2 - sigma**2) * s_noise * zs[i]
-        slope = (x - exact(denoise, x, sigma_hat)) / sigma_hat
+        slope = (x - exact(x, sigma_hat)) / sigma_hat
         x_euler = x + slope * (sigma_next - sigma_hat)
         if sampler == "Heun":
-            slope_next = (x_euler - exact(denoise, x_euler, sigma_next)) / sigma_next
+            slope_next = (x_euler - exact(x_euler, sigma_next)) / sigma_next
             x_euler = x + (slope + slope_next) / 2 * (sigma_next - sigma_hat)
         x = x_euler
         np.testing.assert_allclose(trace[i], x, rtol=FORMULA_RTOL, atol=FORMULA_RTOL * np.abs(x).max())
     # can fail: without churn the second step differs by far more
     trace_plain = []
-    fn(denoise, x0, sigmas, noise=unit_noises(3, seed=60)[1], callback=lambda i, x, d: trace_plain.append(x))
+    fn(denoise, x0, sigmas, noise=unit_noises(8, seed=60)[1], callback=lambda i, x, d: trace_plain.append(x))
     assert np.abs(trace_plain[1] - x).max() > 100 * FORMULA_RTOL * np.abs(x).max()
 
 

@@ -13,7 +13,7 @@ from sdrt import __version__
 from sdrt.engines import create_engine
 from sdrt.runtime import samplers
 from sdrt.runtime.denoiser import Denoiser
-from sdrt.runtime.errors import InvalidOption
+from sdrt.runtime.errors import InvalidOption, ModelError
 from sdrt.runtime.image import format_number, infotext, to_pil
 from sdrt.runtime.manifest import Manifest
 from sdrt.runtime.options import SAMPLERS, SCHEDULERS, GenerationOptions, make_options
@@ -78,6 +78,12 @@ class Pipeline:
         `timestep_spacing` ("leading", "linspace", "trailing") replaces the model config's spacing;
         `guidance_rescale` is Lin et al. 2023's phi (diffusers' guidance_rescale), with guidance only.
         """
+        if self.manifest.unet_in_channels != self.manifest.latent_channels:
+            raise ModelError(
+                f"{self.manifest.folder} is an inpainting model (UNet takes {self.manifest.unet_in_channels} "
+                "channels: latents, mask and masked-image latents); this version of sdrt runs it only for inpainting, "
+                "which is not supported yet"
+            )
         opts = make_options(
             self.manifest,
             prompt=prompt,

@@ -176,6 +176,7 @@ def unipc_step(x, sigmas_done, denoised_done, sigma_next: float, order: int, var
         phi_k = phi_k / hh - 1 / factorial
     vander = np.array([[r ** (i - 1) for r in rks] for i in range(1, order + 1)])  # R_p(h)
     x_next = np.float32(sigma_next / sigma) * x - np.float32(h_phi_1) * m0
+    # The one-unknown systems (UniC-1, UniP-2) take rho = 1/2, the second-order choice of the paper and diffusers.
     if denoised_next is not None:  # UniC
         rhos = [0.5] if order == 1 else np.linalg.solve(vander, np.array(b)).tolist()
         diffs.append(denoised_next - m0)
@@ -197,6 +198,8 @@ def sample_unipc(
     As diffusers' UniPCMultistepScheduler: order 1 on the first step, rising to ORDER (warm-up), and falling again
     on the last steps (lower_order_final); every evaluation after the first corrects the step that led to it.
     """
+    if variant not in UNIPC_VARIANTS:
+        raise ValueError(f"UniPC variant {variant!r}: expected one of {', '.join(UNIPC_VARIANTS)}")
     steps = len(sigmas) - 1
     sigmas_done, denoised_done = [], []  # the last ORDER evaluations, newest last
     x_start, last_order = x, 0
@@ -284,8 +287,7 @@ def sample_dpm_2(
     s_noise=1.0,
     callback=_noop,
 ):
-    """DPM-Solver-2 (Lu et al. 2022, Alg. 1, r = 1/2) as k-diffusion's sample_dpm_2: an Euler half step in log sigma
-    to the midpoint, then the whole step with the midpoint's slope; Euler on the final step."""
+    """DPM-Solver-2 (Lu et al. 2022, Alg. 1, r = 1/2; k-diffusion sample_dpm_2): the slope at the log-sigma midpoint."""
     for i in range(len(sigmas) - 1):
         sigma_next = float(sigmas[i + 1])
         x, sigma = churn(x, sigmas[i], len(sigmas) - 1, noise, s_churn, s_tmin, s_tmax, s_noise)
@@ -326,9 +328,8 @@ LMS_ORDER = 4  # k-diffusion's and diffusers' default order of the linear multis
 
 
 def lms_coefficients(sigmas: np.ndarray, i: int, order: int) -> np.ndarray:
-    """(order,) weights of the slopes at sigmas[i], sigmas[i-1], ... for the step sigmas[i] -> sigmas[i+1]: the
-    integrals over that step of the Lagrange basis polynomials through those sigmas (linear multistep, Adams-Bashforth
-    on a non-uniform grid), integrated exactly; in tau = sigma - sigmas[i] to keep the arithmetic well conditioned."""
+    """(order,) weights of the slopes at sigmas[i], sigmas[i-1], ...: their Lagrange basis polynomials' integrals."""
+    # over the step sigmas[i] -> sigmas[i+1], in tau = sigma - sigmas[i] to keep the arithmetic well conditioned
     nodes = np.asarray(sigmas[i - order + 1 : i + 1][::-1], dtype=np.float64) - float(sigmas[i])  # node j: step i-j
     end = float(sigmas[i + 1]) - float(sigmas[i])
     weights = np.empty(order)
@@ -356,16 +357,17 @@ def sample_lms(denoise: Denoise, x, sigmas, noise: Noise | None = None, order=LM
 
 
 def brownian_noise(z_first, z_rest, sigma: float, sigma_mid: float, sigma_next: float):
-    """Unit noise of a Brownian path's increment over (sigma, sigma_next), given z_first, its normalised increment over
-    (sigma, sigma_mid), and z_rest, fresh unit noise for (sigma_mid, sigma_next): both increments come from one path,
-    as with k-diffusion's BrownianTreeNoiseSampler (Brownian motion in sigma)."""
+    """Unit noise of a Brownian increment over (sigma, sigma_next) continuing z_first's over (sigma, sigma_mid).
+
+    z_first and z_rest are unit normals, z_rest fresh for (sigma_mid, sigma_next): both increments then come from one
+    path, as with k-diffusion's BrownianTreeNoiseSampler (Brownian motion in sigma).
+    """
     first, rest = sigma - sigma_mid, sigma_mid - sigma_next
     return (z_first * np.float32(first**0.5) + z_rest * np.float32(rest**0.5)) * np.float32((first + rest) ** -0.5)
 
 
 def sample_dpmpp_2s_ancestral(denoise: Denoise, x, sigmas, noise: Noise, eta=1.0, s_noise=1.0, callback=_noop):
-    """DPM-Solver++(2S) (Lu et al. 2022, Alg. 1, r = 1/2) step to sigma_down, then fresh noise up to sigma_next
-    (k-diffusion sample_dpmpp_2s_ancestral); Euler where sigma_down is 0."""
+    """DPM-Solver++(2S) (Lu et al. 2022, Alg. 1, r = 1/2) to sigma_down, then noise (k-diffusion's 2S ancestral)."""
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
         denoised = denoise(x, sigmas[i])
@@ -385,8 +387,7 @@ def sample_dpmpp_2s_ancestral(denoise: Denoise, x, sigmas, noise: Noise, eta=1.0
 
 
 def sample_dpmpp_sde(denoise: Denoise, x, sigmas, noise: Noise, eta=1.0, s_noise=1.0, r=0.5, callback=_noop):
-    """DPM-Solver++ stochastic, two stages per step (Lu et al. 2022, Alg. 1 with ancestral noise; k-diffusion
-    sample_dpmpp_sde): stage 1 to lambda + r h, stage 2 to lambda + h, each an ancestral step on one Brownian path."""
+    """DPM-Solver++ SDE (k-diffusion sample_dpmpp_sde): ancestral DPM-Solver++ stages to lambda + r h, then + h."""
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
         denoised = denoise(x, sigmas[i])
@@ -410,8 +411,7 @@ def sample_dpmpp_sde(denoise: Denoise, x, sigmas, noise: Noise, eta=1.0, s_noise
 
 
 def sample_dpmpp_2m_sde(denoise: Denoise, x, sigmas, noise: Noise, eta=1.0, s_noise=1.0, callback=_noop):
-    """DPM-Solver++(2M) SDE, midpoint form (Lu et al. 2022; k-diffusion sample_dpmpp_2m_sde): first order on the
-    first step, x = D(x) on the final (sigma = 0) one."""
+    """DPM-Solver++(2M) SDE, midpoint form (Lu et al. 2022; k-diffusion sample_dpmpp_2m_sde); x = D(x) at the end."""
     old_denoised, h_last = None, None
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
@@ -434,8 +434,7 @@ def sample_dpmpp_2m_sde(denoise: Denoise, x, sigmas, noise: Noise, eta=1.0, s_no
 
 
 def sample_dpmpp_3m_sde(denoise: Denoise, x, sigmas, noise: Noise, eta=1.0, s_noise=1.0, callback=_noop):
-    """DPM-Solver++(3M) SDE (Lu et al. 2022; k-diffusion sample_dpmpp_3m_sde): first, then second, then third order
-    from the third step on; x = D(x) on the final (sigma = 0) step."""
+    """DPM-Solver++(3M) SDE (k-diffusion sample_dpmpp_3m_sde): orders 1, 2, then 3 from step 3; x = D(x) at the end."""
     denoised_1, denoised_2, h_1, h_2 = None, None, None, None
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])

@@ -133,8 +133,9 @@ def beta_sigmas(
 
 
 SIGMA_RANGE_FORMULAS = {"karras": karras_sigmas, "exponential": exponential_sigmas, "beta": beta_sigmas}
-BETAINC_TERMS = 200  # continued-fraction terms; it converges in a few dozen where it is used (x < mean)
-BETA_PPF_BISECTIONS = 64  # halvings of [0, 1]: below float64 resolution
+BETAINC_TERMS = 200  # at most; the continued fraction converges in a few dozen where it is used (x below the mean)
+BETAINC_TOLERANCE = 1e-15  # stop once a term changes the fraction by less than this (relative)
+BETA_PPF_BISECTIONS = 53  # halvings of [0, 1]: down to float64 resolution
 
 
 def betainc(a: float, b: float, x) -> np.ndarray:
@@ -158,6 +159,8 @@ def betainc(a: float, b: float, x) -> np.ndarray:
             d = 1 / guard(1 + coef * d)
             c = guard(1 + coef / c)
             frac *= c * d
+        if np.all(np.abs(c * d - 1) < BETAINC_TOLERANCE):
+            break
     log_beta = math.lgamma(a) + math.lgamma(b) - math.lgamma(a + b)  # symmetric in a, b
     with np.errstate(divide="ignore"):
         front = np.exp(p * np.log(z) + q * np.log1p(-z) - log_beta) / p
