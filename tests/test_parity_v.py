@@ -122,3 +122,33 @@ def test_v_parity_can_fail(tiny_sd_v, tmp_path, change):
     want = diffusers_run(pipe, PROMPT, seeds=(5,), **kw)
     got = sdrt_images(edited_copy(model, tmp_path, **WRONG[change]), [5], **kw)
     assert max_diff(got, want) > 4 * PIXEL_TOL, f"{change} went unnoticed"
+
+
+# Every other sampler whose diffusers class runs the same algorithm, on the v-model too. PLMS is left out:
+# diffusers' PNDM mixes raw v outputs where CompVis/A1111/sdrt mix eps (README); test_parity_multistep covers it
+# against PNDM fed eps. DPM++ 3M SDE differs from diffusers by design after its third step (README).
+MORE_V_CASES = [
+    ("Heun", "automatic"),
+    ("Heun", "karras"),
+    ("DPM2", "automatic"),
+    ("DPM2 a", "karras"),
+    ("LMS", "automatic"),
+    ("LMS", "karras"),
+    ("DPM++ 2M SDE", "karras"),
+    ("UniPC", "automatic"),
+    ("LCM", "automatic"),
+    ("Euler", "exponential"),
+    ("DPM++ 2M", "beta"),
+]
+
+
+@pytest.mark.parametrize(("sampler", "scheduler"), MORE_V_CASES)
+def test_more_samplers_match_diffusers_on_v(tiny_sd_v, v_pipeline, sampler, scheduler):
+    pipe, _ = tiny_sd_v
+    kw = dict(negative_prompt=NEGATIVE, width=64, height=64, steps=4 if sampler == "LCM" else 6, cfg_scale=6.0,
+              sampler=sampler)
+    want = diffusers_run(pipe, PROMPT, seeds=(8, 9), scheduler=scheduler, **kw)
+    got = sdrt_images(v_pipeline, [8, 9], scheduler=scheduler, **kw)
+    assert max_diff(got, want) <= PIXEL_TOL
+    wrong = sdrt_images(v_pipeline, [8, 9], scheduler=scheduler, **{**kw, "steps": kw["steps"] - 1})
+    assert max_diff(wrong, want) > 4 * PIXEL_TOL  # the comparison can fail
