@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from diffusers_reference import diffusers_run
 from test_parity import LATENT_ATOL, NEGATIVE, PIXEL_TOL, PROMPT, max_diff, sdrt_run
+from tiny_sd import SD15_SCHEDULER_KWARGS
 
 from sdrt.runtime import samplers
 from sdrt.runtime.denoiser import Denoiser
@@ -28,16 +29,7 @@ CASES = {  # (width, height, seeds, cfg_scale): guidance on and off, batch 1 and
     "b2-nocfg": (64, 72, (11, 12), 1.0),
 }
 FORMULA_RTOL = 1e-5  # float32 sampler against float64 hand arithmetic; measured below 1e-6
-SD15 = dict(
-    beta_start=0.00085,
-    beta_end=0.012,
-    beta_schedule="scaled_linear",
-    num_train_timesteps=1000,
-    set_alpha_to_one=False,
-    steps_offset=1,
-    clip_sample=False,
-    timestep_spacing="linspace",
-)
+SD15 = dict(SD15_SCHEDULER_KWARGS, timestep_spacing="linspace")
 # diffusers' DPMSolverMultistepScheduler(sde-dpmsolver++, solver_order=3) is k-diffusion's DPM++ 3M SDE only for its
 # first three steps, and only with solver_type="heun": its third-order update has the D2 coefficient 1 lower than
 # k-diffusion's (and Lu et al.'s ODE form), and with fewer than 15 steps it uses second order on the next-to-last step.

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from diffusers_reference import diffusers_run
 from test_parity import LATENT_ATOL, NEGATIVE, PIXEL_TOL, PROMPT, max_diff, sdrt_run
+from tiny_sd import SD15_SCHEDULER_KWARGS
 
 from sdrt.runtime.errors import InvalidOption, ModelError
 from sdrt.runtime.manifest import SchedulerConfig
@@ -241,15 +242,7 @@ def test_infotext_records_schedule_and_options(tiny_pipeline):
 
 # Sampler level: diffusers' scheduler classes stepped on a smooth synthetic model, against sdrt's samplers on the
 # same sigmas; no UNet, so many step counts and orders are cheap to check.
-SD15 = dict(
-    beta_start=0.00085,
-    beta_end=0.012,
-    beta_schedule="scaled_linear",
-    num_train_timesteps=1000,
-    set_alpha_to_one=False,
-    steps_offset=1,
-    clip_sample=False,
-)
+SD15 = SD15_SCHEDULER_KWARGS
 SAMPLER_ATOL = 1e-4  # float32 over up to 20 steps on values up to ~15; measured: up to 2.3e-5
 
 

@@ -12,13 +12,12 @@ import shutil
 import numpy as np
 import pytest
 from diffusers_reference import diffusers_run
+from test_parity import LATENT_ATOL, PIXEL_TOL, max_diff
 
 from sdrt import Pipeline
 from sdrt.runtime.manifest import Manifest
 from sdrt.runtime.tokenizer import ClipTokenizer
 
-PIXEL_TOL = 2  # /255
-LATENT_ATOL = 2e-3
 PROMPT = "a photo of a grey squirrel!"
 NEGATIVE = "blue sky"
 SAMPLER_CASES = [
@@ -39,10 +38,6 @@ def v_pipeline(tiny_sd_v):
 def sdrt_images(pipeline, seeds, **kw):
     images = pipeline.generate(PROMPT, seed=seeds[0], batch_size=len(seeds), progress=False, **kw)
     return np.stack([np.asarray(im) for im in images])
-
-
-def max_diff(a, b) -> int:
-    return int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max())
 
 
 def test_manifest_says_sd2_v(tiny_sd_v):
@@ -145,8 +140,14 @@ MORE_V_CASES = [
 @pytest.mark.parametrize(("sampler", "scheduler"), MORE_V_CASES)
 def test_more_samplers_match_diffusers_on_v(tiny_sd_v, v_pipeline, sampler, scheduler):
     pipe, _ = tiny_sd_v
-    kw = dict(negative_prompt=NEGATIVE, width=64, height=64, steps=4 if sampler == "LCM" else 6, cfg_scale=6.0,
-              sampler=sampler)
+    kw = dict(
+        negative_prompt=NEGATIVE,
+        width=64,
+        height=64,
+        steps=4 if sampler == "LCM" else 6,
+        cfg_scale=6.0,
+        sampler=sampler,
+    )
     want = diffusers_run(pipe, PROMPT, seeds=(8, 9), scheduler=scheduler, **kw)
     got = sdrt_images(v_pipeline, [8, 9], scheduler=scheduler, **kw)
     assert max_diff(got, want) <= PIXEL_TOL

@@ -4,19 +4,12 @@ import functools
 
 import numpy as np
 import pytest
+from tiny_sd import SD15_SCHEDULER_KWARGS
 
 from sdrt.runtime.manifest import SchedulerConfig
 from sdrt.runtime.schedules import build_schedule, karras_sigmas, sigma_to_t, train_alphas_cumprod, train_sigmas
 
-SD15 = dict(
-    beta_start=0.00085,
-    beta_end=0.012,
-    beta_schedule="scaled_linear",
-    num_train_timesteps=1000,
-    set_alpha_to_one=False,
-    steps_offset=1,
-    clip_sample=False,
-)
+SD15 = SD15_SCHEDULER_KWARGS
 
 
 def diffusers_scheduler(rule, spacing, karras):

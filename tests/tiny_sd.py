@@ -18,6 +18,10 @@ SD15_SCHEDULER = {
     "trained_betas": None,
     "clip_sample": False,
 }
+# The same, as keyword arguments for any diffusers scheduler class (tests build schedulers from it).
+SD15_SCHEDULER_KWARGS = {
+    k: v for k, v in SD15_SCHEDULER.items() if k not in ("_class_name", "skip_prk_steps", "trained_betas")
+}
 
 
 def byte_chars() -> list[str]:
