@@ -6,6 +6,7 @@ import json
 import os
 import re
 import sys
+import warnings
 from pathlib import Path
 
 from sdrt.runtime.errors import SdrtError
@@ -59,13 +60,21 @@ def cmd_export(args) -> int:
     return 0
 
 
-def cmd_generate(args) -> int:
-    from sdrt.runtime.image import save_png
-    from sdrt.runtime.pipeline import Pipeline
+EDITING_OPTIONS = (  # passed on only when given, so generate's defaults (A1111's) apply otherwise
+    "strength",
+    "resize_mode",
+    "mask_blur",
+    "inpainting_fill",
+    "inpaint_full_res",
+    "inpaint_full_res_padding",
+    "inpainting_mask_invert",
+)
+MASK_OPTIONS = EDITING_OPTIONS[2:]
 
-    pipe = Pipeline.load(resolve_model(args.model), backend=args.backend)
-    images = pipe.generate(
-        args.prompt,
+
+def generate_kwargs(args) -> dict:
+    """The generation options shared by `generate` and `outpaint`, as Pipeline.generate's keyword arguments."""
+    kwargs = dict(
         negative_prompt=args.negative_prompt,
         width=args.width,
         height=args.height,
@@ -85,7 +94,56 @@ def cmd_generate(args) -> int:
         seed_resize_from_h=args.seed_resize_from_h,
         ensd=args.ensd,
     )
-    out = Path(args.output)
+    for name in EDITING_OPTIONS:
+        if getattr(args, name, None) is not None:
+            kwargs[name] = getattr(args, name)
+    return kwargs
+
+
+def read_images(args) -> dict:
+    """--init-image and --mask, read before the model loads, so a bad file costs nothing (InvalidOption naming it)."""
+    from sdrt.runtime.errors import InvalidOption
+    from sdrt.runtime.masks import load_image, open_image
+
+    images = {}
+    if args.init_image is not None:
+        images["init_image"] = load_image(args.init_image, "init_image")
+    if args.mask is not None:
+        if "init_image" not in images:
+            raise InvalidOption("mask", args.mask, "a mask together with --init-image (the image to inpaint)")
+        images["mask"] = open_image(args.mask, "mask")
+    given = [name for name in EDITING_OPTIONS if getattr(args, name) is not None]
+    if "init_image" not in images and given:
+        raise InvalidOption(given[0], getattr(args, given[0]), "only with --init-image")
+    if "mask" not in images and set(given) & set(MASK_OPTIONS):
+        name = next(n for n in given if n in MASK_OPTIONS)
+        raise InvalidOption(name, getattr(args, name), "only with --mask")
+    return images
+
+
+def cmd_generate(args) -> int:
+    from sdrt.runtime.pipeline import Pipeline
+
+    images = read_images(args)
+    pipe = Pipeline.load(resolve_model(args.model), backend=args.backend)
+    return write_images(pipe.generate(args.prompt, **images, **generate_kwargs(args)), args.output)
+
+
+def cmd_outpaint(args) -> int:
+    from sdrt.runtime.masks import check_outpaint_amounts, load_image
+    from sdrt.runtime.pipeline import Pipeline
+
+    amounts = check_outpaint_amounts(args.left, args.right, args.up, args.down)
+    image = load_image(args.image, "image")
+    pipe = Pipeline.load(resolve_model(args.model), backend=args.backend)
+    return write_images(pipe.outpaint(image, args.prompt, **amounts, **generate_kwargs(args)), args.output)
+
+
+def write_images(images, output) -> int:
+    """Save each image as NNNNN-SEED.png (atomically, with its infotext) and print its path."""
+    from sdrt.runtime.image import save_png
+
+    out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     index = next_index(out)
     for i, image in enumerate(images):
@@ -123,34 +181,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     p.set_defaults(func=cmd_export)
 
-    g = sub.add_parser("generate", help="txt2img: write PNGs with their A1111 parameters")
+    g = sub.add_parser("generate", help="txt2img, img2img (--init-image) and inpainting (--mask): write PNGs")
     g.add_argument("prompt")
-    g.add_argument("-m", "--model", required=True, help="exported folder, checkpoint file, diffusers folder or hub id")
-    g.add_argument("--negative-prompt", default="")
-    g.add_argument("--width", type=int, help="default: the model's native size")
-    g.add_argument("--height", type=int, help="default: the model's native size")
-    g.add_argument("--steps", type=int, default=20)
-    g.add_argument("--cfg-scale", type=float, default=7.0)
-    g.add_argument("--sampler", default="Euler", help="Euler, Euler a, DDIM, DPM++ 2M (or 'DPM++ 2M Karras')")
-    g.add_argument(
-        "--scheduler",
-        default="automatic",
-        help="schedule type: automatic, uniform, karras, exponential, sgm_uniform, simple, beta",
-    )
-    g.add_argument("--timestep-spacing", help="leading, linspace or trailing (default: the model's config)")
-    g.add_argument("--guidance-rescale", type=float, default=0.0, help="0 to 1: Lin et al. 2023's phi (with cfg > 1)")
-    g.add_argument("--seed", type=int, default=-1, help="-1: random")
-    g.add_argument("--batch-size", type=int, default=1)
-    g.add_argument("--batch-count", type=int, default=1)
-    g.add_argument("--rng", default="torch", help="noise source: torch (= cpu, A1111 'CPU'), gpu (A1111's default), nv")
-    g.add_argument("--subseed", type=int, default=-1, help="A1111 variation seed (-1: random)")
-    g.add_argument("--subseed-strength", type=float, default=0.0, help="0 to 1: blend towards the variation seed")
-    g.add_argument("--seed-resize-from-w", type=int, default=0, help="width the seed was first used at (0: off)")
-    g.add_argument("--seed-resize-from-h", type=int, default=0, help="height the seed was first used at (0: off)")
-    g.add_argument("--ensd", type=int, default=0, help="A1111 eta noise seed delta (31337 in many shared infotexts)")
-    g.add_argument("--backend", default="cpu")
-    g.add_argument("-o", "--output", default="outputs", help="folder for the PNGs (default: outputs)")
+    add_generation_arguments(g)
+    e = g.add_argument_group("img2img and inpainting (A1111's names)")
+    e.add_argument("--init-image", help="img2img: the starting image (any mode; see README 'Image inputs')")
+    e.add_argument("--strength", type=float, help="denoising strength, 0 to 1 (default 0.75)")
+    e.add_argument("--resize-mode", help="just resize (default), crop and resize, resize and fill")
+    e.add_argument("--mask", help="inpainting: white = repaint (alpha or colour masks are converted)")
+    e.add_argument("--mask-blur", type=int, help="Gaussian sigma in pixels (default 4)")
+    e.add_argument("--inpainting-fill", help="masked content: fill, original (default), latent noise, latent nothing")
+    e.add_argument("--inpaint-full-res", action="store_const", const=True, help="only masked: crop, generate, paste")
+    e.add_argument("--inpaint-full-res-padding", type=int, help="pixels around the mask's box (default 32)")
+    e.add_argument("--inpainting-mask-invert", action="store_const", const=True, help="repaint the black part")
     g.set_defaults(func=cmd_generate)
+
+    o = sub.add_parser("outpaint", help="extend IMAGE by multiples of 8 pixels and paint the new area")
+    o.add_argument("image")
+    o.add_argument("prompt")
+    for side in ("left", "right", "up", "down"):
+        o.add_argument(f"--{side}", type=int, default=0, help=f"pixels to add ({side}), a multiple of 8")
+    add_generation_arguments(o)
+    o.add_argument("--mask-blur", type=int, help="Gaussian sigma in pixels (default 4)")
+    o.add_argument("--inpainting-fill", help="fill, original (default: the prefilled canvas), latent noise, ...")
+    o.add_argument("--strength", type=float, help="denoising strength, 0 to 1 (default 1)")
+    o.set_defaults(func=cmd_outpaint)
 
     i = sub.add_parser("info", help="print a model folder's manifest")
     i.add_argument("model_dir")
@@ -158,10 +213,46 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def add_generation_arguments(c) -> None:
+    """The options `generate` and `outpaint` share."""
+    c.add_argument("-m", "--model", required=True, help="exported folder, checkpoint file, diffusers folder or hub id")
+    c.add_argument("--negative-prompt", default="")
+    c.add_argument("--width", type=int, help="default: the model's native size")
+    c.add_argument("--height", type=int, help="default: the model's native size")
+    c.add_argument("--steps", type=int, default=20)
+    c.add_argument("--cfg-scale", type=float, default=7.0)
+    c.add_argument("--sampler", default="Euler", help="Euler, Euler a, DDIM, DPM++ 2M (or 'DPM++ 2M Karras')")
+    c.add_argument(
+        "--scheduler",
+        default="automatic",
+        help="schedule type: automatic, uniform, karras, exponential, sgm_uniform, simple, beta",
+    )
+    c.add_argument("--timestep-spacing", help="leading, linspace or trailing (default: the model's config)")
+    c.add_argument("--guidance-rescale", type=float, default=0.0, help="0 to 1: Lin et al. 2023's phi (with cfg > 1)")
+    c.add_argument("--seed", type=int, default=-1, help="-1: random")
+    c.add_argument("--batch-size", type=int, default=1)
+    c.add_argument("--batch-count", type=int, default=1)
+    c.add_argument("--rng", default="torch", help="noise source: torch (= cpu, A1111 'CPU'), gpu (A1111's default), nv")
+    c.add_argument("--subseed", type=int, default=-1, help="A1111 variation seed (-1: random)")
+    c.add_argument("--subseed-strength", type=float, default=0.0, help="0 to 1: blend towards the variation seed")
+    c.add_argument("--seed-resize-from-w", type=int, default=0, help="width the seed was first used at (0: off)")
+    c.add_argument("--seed-resize-from-h", type=int, default=0, help="height the seed was first used at (0: off)")
+    c.add_argument("--ensd", type=int, default=0, help="A1111 eta noise seed delta (31337 in many shared infotexts)")
+    c.add_argument("--backend", default="cpu")
+    c.add_argument("-o", "--output", default="outputs", help="folder for the PNGs (default: outputs)")
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+
+    def note(message, category, *_, **__):  # the runtime's notes (a mask resized, ...): one plain line each
+        print(f"sdrt {args.command}: note: {message}", file=sys.stderr)
+
     try:
-        return args.func(args)
+        with warnings.catch_warnings():
+            warnings.simplefilter("always", UserWarning)
+            warnings.showwarning = note
+            return args.func(args)
     except SdrtError as e:
         print(f"sdrt {args.command}: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -22,6 +22,7 @@ class Denoiser:
         uncond: np.ndarray | None,
         cfg_scale: float,
         guidance_rescale: float = 0.0,
+        conditioning: np.ndarray | None = None,
     ):
         self.unet = unet
         self.prediction_type = prediction_type
@@ -31,6 +32,11 @@ class Denoiser:
         self.guidance_rescale = float(guidance_rescale)
         self.guided = uncond is not None
         self.context = np.concatenate([uncond, cond]) if self.guided else cond  # (2B or B, L, C)
+        # Inpainting UNets: (B, 1 + C, h, w) mask and masked-image latents appended to the scaled input's channels
+        # (StableDiffusionInpaintPipeline), the same for both guidance halves.
+        if conditioning is not None and self.guided:
+            conditioning = np.concatenate([conditioning, conditioning])
+        self.conditioning = conditioning  # (2B or B, 1 + C, h, w) float32 or None
 
     def timestep(self, sigma: float, intermediate: bool = False) -> float:
         """The schedule's own timestep for one of its sigmas; sigma_to_t for any other sigma, and for an intermediate
@@ -43,7 +49,10 @@ class Denoiser:
         c_in = np.float32(1.0) / np.sqrt(sigma * sigma + np.float32(1.0))
         x_in = np.concatenate([x, x]) if self.guided else x  # (2B or B, C, h, w) float32
         t = np.full(len(x_in), self.timestep(sigma, intermediate), dtype=np.float32)
-        feeds = {"sample": (x_in * c_in).astype(np.float32), "timestep": t, "encoder_hidden_states": self.context}
+        sample = (x_in * c_in).astype(np.float32)
+        if self.conditioning is not None:
+            sample = np.concatenate([sample, self.conditioning], axis=1)  # (2B or B, C + 1 + C, h, w)
+        feeds = {"sample": sample, "timestep": t, "encoder_hidden_states": self.context}
         out = self.unet.run(feeds)["out_sample"]  # (2B or B, C, h, w) float32
         if self.guided:
             uncond, cond = np.split(out, 2)

@@ -15,6 +15,12 @@ def to_pil(images: np.ndarray) -> list[Image.Image]:
     return [Image.fromarray((im * 255).round().astype(np.uint8)) for im in unit]
 
 
+def from_pil(image: Image.Image) -> np.ndarray:
+    """An RGB PIL image -> (1, 3, H, W) float32 in [-1, 1], as diffusers' VaeImageProcessor normalises it."""
+    unit = np.asarray(image.convert("RGB"), dtype=np.float32) / np.float32(255)  # (H, W, 3)
+    return (unit * 2 - 1).transpose(2, 0, 1)[None].copy()
+
+
 def quote(value) -> str:
     """A1111's infotext quoting: JSON-quote a value holding a comma, colon or newline."""
     text = str(value)

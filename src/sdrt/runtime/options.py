@@ -64,6 +64,7 @@ OUTPUT_TYPES = ("pil", "latent")
 MAX_STEPS = 1000
 MAX_BATCH = 64
 SEED_MAX = 2**32 - 1
+MAX_MASK_BLUR = 64  # A1111's mask blur slider maximum
 
 
 def resolve_scheduler(scheduler: str) -> str:
@@ -119,6 +120,13 @@ class GenerationOptions:
     seed_resize_from_w: int = 0  # 0: off; else the size the seed was first used at (both set, or neither)
     seed_resize_from_h: int = 0
     ensd: int = 0  # A1111's eta noise seed delta: per-step noise comes from seed + ensd
+    strength: float | None = None  # img2img/inpaint denoising strength in [0, 1]; None: txt2img
+    mask_blur: int | None = None  # A1111's mask blur (Gaussian sigma, pixels) when a mask is given; None: no mask
+
+    @property
+    def steps_run(self) -> int:
+        """Steps actually sampled: int(steps * strength) with an init image (diffusers' get_timesteps), else steps."""
+        return self.steps if self.strength is None else min(int(self.steps * self.strength), self.steps)
 
     @property
     def guided(self) -> bool:
@@ -213,6 +221,10 @@ def make_options(manifest: Manifest, **raw) -> GenerationOptions:
     raw["s_churn"] = _float("s_churn", raw.get("s_churn", 0.0), 0, 100)
     raw["s_tmin"] = _float("s_tmin", raw.get("s_tmin", 0.0), 0, math.inf, allow_inf=True)
     raw["s_tmax"] = _float("s_tmax", raw.get("s_tmax", math.inf), 0, math.inf, allow_inf=True)
+    if raw.get("strength") is not None:
+        raw["strength"] = _float("strength", raw["strength"], 0, 1)
+    if raw.get("mask_blur") is not None:
+        raw["mask_blur"] = _int("mask_blur", raw["mask_blur"], 0, MAX_MASK_BLUR)
     schedule_options(manifest, raw)
     return GenerationOptions(**raw)
 

@@ -5,16 +5,19 @@ Never imports torch, diffusers or transformers.
 
 import inspect
 import math
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from sdrt import __version__
 from sdrt.engines import create_engine
-from sdrt.runtime import samplers
+from sdrt.runtime import masks, samplers
 from sdrt.runtime.denoiser import Denoiser
 from sdrt.runtime.errors import InvalidOption, ModelError
-from sdrt.runtime.image import format_number, infotext, to_pil
+from sdrt.runtime.image import format_number, from_pil, infotext, to_pil
 from sdrt.runtime.manifest import Manifest
 from sdrt.runtime.options import SAMPLERS, SCHEDULERS, GenerationOptions, make_options
 from sdrt.runtime.rng import A1111_RNG_LABELS, ImageNoise
@@ -68,6 +71,15 @@ class Pipeline:
         s_tmax: float = math.inf,
         timestep_spacing: str | None = None,
         guidance_rescale: float = 0.0,
+        init_image=None,
+        strength: float = 0.75,
+        resize_mode: str = "just resize",
+        mask=None,
+        mask_blur: int = 4,
+        inpainting_fill: str = "original",
+        inpaint_full_res: bool = False,
+        inpaint_full_res_padding: int = 32,
+        inpainting_mask_invert: bool = False,
         progress: bool = True,
     ):
         """txt2img. Returns batch_size * batch_count PIL images, or their final latents with output_type="latent".
@@ -77,13 +89,30 @@ class Pipeline:
         `rng`, `subseed`, `subseed_strength`, `seed_resize_from_w`/`_h` and `ensd` are A1111's seed options (rng.py).
         `timestep_spacing` ("leading", "linspace", "trailing") replaces the model config's spacing;
         `guidance_rescale` is Lin et al. 2023's phi (diffusers' guidance_rescale), with guidance only.
+
+        img2img: `init_image` (PIL image or path) is resized to width x height (default: its own size, rounded down
+        to a multiple of 8) by `resize_mode`, encoded, noised to the schedule's sigma after the first
+        steps - int(steps * strength) steps, and sampled for the int(steps * strength) left (diffusers' rule).
+        Inpainting: `mask` (white = repaint) with A1111's `mask_blur`, `inpainting_fill`, `inpaint_full_res`(+
+        `_padding`) and `inpainting_mask_invert`; pixels outside the (blurred) mask are the init image's.
         """
-        if self.manifest.unet_in_channels != self.manifest.latent_channels:
-            raise ModelError(
-                f"{self.manifest.folder} is an inpainting model (UNet takes {self.manifest.unet_in_channels} "
-                "channels: latents, mask and masked-image latents); this version of sdrt runs it only for inpainting, "
-                "which is not supported yet"
-            )
+        editing = init_image is not None
+        if not editing:
+            if mask is not None:
+                raise InvalidOption("mask", "a mask", "None without init_image (the image to inpaint)")
+            if self.manifest.unet_in_channels != self.manifest.latent_channels:
+                raise ModelError(
+                    f"{self.manifest.folder} is an inpainting model (UNet takes {self.manifest.unet_in_channels} "
+                    "channels: latents, mask and masked-image latents); sdrt runs it for img2img and inpainting "
+                    "(pass init_image, and a mask), not txt2img"
+                )
+        else:
+            if latents is not None:
+                raise InvalidOption("latents", "an array", "None with init_image (the init image gives the start)")
+            init_image = masks.load_image(init_image, "init_image")
+            step = self.manifest.latent_downsample
+            width = init_image.width // step * step if width is None else width
+            height = init_image.height // step * step if height is None else height
         opts = make_options(
             self.manifest,
             prompt=prompt,
@@ -111,7 +140,21 @@ class Pipeline:
             s_tmax=s_tmax,
             timestep_spacing=timestep_spacing,
             guidance_rescale=guidance_rescale,
+            strength=strength if editing else None,
+            mask_blur=mask_blur if mask is not None else None,
         )
+        edit = None
+        if editing:
+            edit = self.prepare_edit(
+                opts,
+                init_image,
+                masks.check_resize_mode(resize_mode),
+                mask,
+                masks.check_inpainting_fill(inpainting_fill),
+                inpaint_full_res,
+                inpaint_full_res_padding,
+                inpainting_mask_invert,
+            )
         latent_shape = (
             self.manifest.latent_channels,
             opts.height // self.manifest.latent_downsample,
@@ -131,20 +174,49 @@ class Pipeline:
         )
         cond, uncond = self.encode_prompts(opts)  # (1, L, C) each
         results = []
-        bar = _progress(total * opts.steps, progress)
+        bar = _progress(total * opts.steps_run, progress)
         for b in range(opts.batch_count):
             seeds = opts.seeds[b * opts.batch_size : (b + 1) * opts.batch_size]
             start = None if latents is None else latents[b * opts.batch_size : (b + 1) * opts.batch_size]
             subseeds = opts.subseeds[b * opts.batch_size : (b + 1) * opts.batch_size]
-            final = self.sample(opts, schedule, seeds, latent_shape, cond, uncond, start, bar, subseeds=subseeds)
+            final = self.sample(
+                opts, schedule, seeds, latent_shape, cond, uncond, start, bar, subseeds=subseeds, edit=edit
+            )
             results.append(final if opts.output_type == "latent" else self.decode(final))
         bar.close()
         if opts.output_type == "latent":
             return np.concatenate(results)
         images = [im for batch in results for im in to_pil(batch)]
+        if edit is not None and edit.overlay is not None:
+            images = [masks.paste_back(im, edit.original, edit.overlay, edit.paste_box) for im in images]
         for im, seed, subseed in zip(images, opts.seeds, opts.subseeds, strict=True):
             im.info["parameters"] = self.infotext(opts, seed, subseed)
         return images
+
+    def outpaint(self, image, prompt: str, left: int = 0, right: int = 0, up: int = 0, down: int = 0, **kwargs):
+        """Extend IMAGE by multiples of 8 pixels and inpaint the new area (masks.outpaint_canvas), on any model.
+
+        The canvas is the image plus edge-extended, noised borders; its mask covers the new area and
+        overlaps the old border by masks.OUTPAINT_OVERLAP pixels, feathered, so the seam is repainted.
+        Pixels farther than that (plus the mask blur's reach) inside the old image are kept exactly.
+        `kwargs` go to generate(); `strength` defaults to 1 (the new area is drawn from noise),
+        the other editing options to A1111's. The image's sides must be multiples of 8, and the canvas is
+        the output size (width/height, if given, must match it).
+        """
+        amounts = masks.check_outpaint_amounts(left, right, up, down)
+        image = masks.load_image(image, "image", self.manifest.min_size // 8, self.manifest.max_size)
+        step = self.manifest.latent_downsample
+        if image.width % step or image.height % step:
+            raise InvalidOption("image", f"{image.width}x{image.height}", f"sides that are multiples of {step} pixels")
+        seed = kwargs.get("seed", -1)
+        prefill_seed = seed if isinstance(seed, int) and seed >= 0 else 0  # the prefill noise follows the seed
+        canvas, mask = masks.outpaint_canvas(image, **amounts, seed=prefill_seed)
+        for field, size in (("width", canvas.width), ("height", canvas.height)):
+            if kwargs.setdefault(field, size) not in (None, size):
+                raise InvalidOption(field, kwargs[field], f"{size}: the outpainted canvas's {field}")
+            kwargs[field] = size
+        kwargs.setdefault("strength", 1.0)
+        return self.generate(prompt, init_image=canvas, mask=mask, **kwargs)
 
     def encode_prompts(self, opts: GenerationOptions) -> tuple[np.ndarray, np.ndarray | None]:
         """(1, L, C) float32 embeddings of the prompt and, with guidance, of the negative prompt."""
@@ -153,7 +225,7 @@ class Pipeline:
         hidden = self.engines["text_encoder"].run({"input_ids": ids})["last_hidden_state"]  # (1 or 2, L, C)
         return hidden[:1], (hidden[1:2] if opts.guided else None)
 
-    def sample(self, opts, schedule: Schedule, seeds, latent_shape, cond, uncond, start, bar, subseeds=None):
+    def sample(self, opts, schedule: Schedule, seeds, latent_shape, cond, uncond, start, bar, subseeds=None, edit=None):
         """One batch: initial noise per image seed, the sampler, then the latent the VAE decodes."""
         resize = opts.seed_resize_from
         noise = ImageNoise(  # noise() -> (B, C, h, w) float32, each image's own generator
@@ -165,13 +237,15 @@ class Pipeline:
             None if resize is None else tuple(size // self.manifest.latent_downsample for size in resize),
             opts.ensd,
         )
-        if start is None:
-            start = noise.initial()  # (B, C, h, w) float32
+        batch = len(seeds)
+        conditioning, blend = None, None
+        if edit is not None:
+            schedule, x, conditioning, blend = self.start_edit(opts, schedule, edit, noise, batch)
+        elif start is None:
+            x = (noise.initial() * np.float32(schedule.initial_noise_scale)).astype(np.float32)  # (B, C, h, w)
         else:
             noise.skip_initial()
-        x = (start * np.float32(schedule.initial_noise_scale)).astype(np.float32)
-
-        batch = len(seeds)
+            x = (start * np.float32(schedule.initial_noise_scale)).astype(np.float32)
         timesteps = dict(zip(schedule.sigmas[:-1].tolist(), schedule.timesteps.tolist(), strict=True))
         denoise = Denoiser(
             self.engines["unet"],
@@ -182,6 +256,7 @@ class Pipeline:
             None if uncond is None else np.repeat(uncond, batch, axis=0),
             opts.cfg_scale,
             guidance_rescale=opts.guidance_rescale,
+            conditioning=conditioning,
         )
         fn = getattr(samplers, SAMPLERS[opts.sampler][0])
         kwargs = sampler_kwargs(fn, opts.sampler_kwargs())
@@ -191,8 +266,95 @@ class Pipeline:
         if "timesteps" in kwargs_accepted(fn):  # LCM's boundary condition is a function of the UNet timestep
             kwargs["timesteps"] = schedule.timesteps
             kwargs["timestep_scaling"] = self.manifest.scheduler.timestep_scaling
-        x = fn(denoise, x, schedule.sigmas, noise=noise, callback=lambda i, x, d: bar.update(), **kwargs)
+        x = fn(denoise, x, schedule.sigmas, noise=noise, callback=step_hook(schedule, blend, bar), **kwargs)
         return (x * np.float32(schedule.final_scale)).astype(np.float32)
+
+    def prepare_edit(self, opts, image, resize_mode, mask, fill, full_res, full_res_padding, invert) -> "Edit":
+        """The init image and mask as the sampler needs them (A1111's StableDiffusionProcessingImg2Img.init order:
+        invert, blur, crop for "only masked" or resize, fill), and what the paste-back needs."""
+        size = (opts.width, opts.height)
+        inpaint_unet = self.manifest.unet_in_channels != self.manifest.latent_channels
+        if mask is None and not inpaint_unet:
+            return Edit(image=from_pil(masks.resize_image(image, *size, resize_mode)))
+        if mask is None:  # an inpainting UNet without a mask repaints everything (A1111's img2img conditioning)
+            pixel_mask, overlay = Image.new("L", image.size, 255), None
+        else:
+            pixel_mask, notes = masks.load_mask(mask, image.size)
+            for note in notes:
+                warnings.warn(note, stacklevel=3)
+            if invert:
+                pixel_mask = masks.invert_mask(pixel_mask)
+            masks.check_mask_not_empty(pixel_mask)
+            if opts.mask_blur:
+                pixel_mask = masks.blur_mask(pixel_mask, opts.mask_blur)
+            overlay = pixel_mask if full_res else masks.overlay_mask(pixel_mask)
+        original, paste_box = image, None
+        if full_res:
+            if mask is None:
+                raise InvalidOption("inpaint_full_res", full_res, "False without a mask")
+            padding = _int_option("inpaint_full_res_padding", full_res_padding, 0, max(image.size))
+            image, pixel_mask, paste_box = masks.crop_for_inpaint(image, pixel_mask, *size, padding)
+        else:
+            image = masks.resize_image(image, *size, resize_mode)
+            pixel_mask = masks.resize_image(pixel_mask, *size, resize_mode)
+            if overlay is not None:
+                original, overlay = image, masks.resize_image(overlay, *size, resize_mode)
+        image = masks.fill_init_image(image, pixel_mask, fill)
+        step = self.manifest.latent_downsample
+        repaint = (np.asarray(pixel_mask, dtype=np.float32) / 255 >= 0.5).astype(np.float32)  # (H, W), binarised
+        pixels = from_pil(image)  # (1, 3, H, W) float32 in [-1, 1]
+        return Edit(
+            image=pixels,
+            latent_mask=masks.latent_mask(pixel_mask, opts.width // step, opts.height // step),
+            conditioning_mask=repaint[None, None, ::step, ::step],  # nearest, as torch's interpolate
+            masked_image=(pixels * (1 - repaint)).astype(np.float32),  # masked area grey (0)
+            fill=fill,
+            original=original,
+            overlay=overlay,
+            paste_box=paste_box,
+        )
+
+    def start_edit(self, opts, schedule: Schedule, edit: "Edit", noise: ImageNoise, batch: int):
+        """(schedule cut to the steps run, starting x, UNet conditioning, blend state) of img2img / inpainting.
+
+        Each image's generator draws in diffusers' order (StableDiffusionImg2ImgPipeline / InpaintPipeline
+        prepare_latents, then prepare_mask_latents): init image latents, initial noise, masked-image latents.
+        """
+        inpaint_unet = self.manifest.unet_in_channels != self.manifest.latent_channels
+        inpainting = edit.latent_mask is not None
+        first = len(schedule.timesteps) - opts.steps_run
+        cut = Schedule(schedule.sigmas[first:], schedule.timesteps[first:], schedule.initial_noise_scale)
+        pure_noise = inpainting and opts.strength == 1.0  # diffusers' inpaint starts from noise alone at strength 1
+        x0 = None if inpaint_unet and pure_noise else self.encode(edit.image, noise)  # (B, C, h, w)
+        eps = noise.initial()  # (B, C, h, w) float32
+        if x0 is not None and inpainting and edit.fill in ("latent noise", "latent nothing"):
+            x0 = masks.fill_init_latents(x0, edit.latent_mask, edit.fill, eps)
+        if pure_noise:
+            x = eps * np.float32(cut.initial_noise_scale)
+        elif opts.steps_run == 0:  # strength 0 (or steps * strength < 1): the init image through the VAE
+            x = x0 / np.float32(cut.final_scale)
+        else:  # x0 + sigma eps: every scheduler's add_noise in x0 + sigma * eps units
+            x = x0 + np.float32(cut.sigmas[0]) * eps
+        conditioning = None
+        if inpaint_unet:
+            masked = self.encode(edit.masked_image, noise)  # (B, C, h, w)
+            conditioning = np.concatenate([np.repeat(edit.conditioning_mask, batch, axis=0), masked], axis=1)
+        elif inpainting:  # diffusers samples the masked image's latents with regular UNets too, unused: skip a draw
+            noise()
+        blend = (x0, eps, edit.latent_mask) if inpainting and not inpaint_unet else None
+        return cut, x.astype(np.float32), conditioning, blend
+
+    def encode(self, images: np.ndarray, noise: ImageNoise) -> np.ndarray:
+        """(1, 3, H, W) image in [-1, 1] -> (B, C, h, w) scaled latents: one sample of the VAE posterior per image,
+        from that image's generator (diffusers' retrieve_latents in "sample" mode)."""
+        if "vae_encoder" not in self.engines:
+            raise ModelError(f"{self.manifest.folder} has no VAE encoder: re-export the model with this sdrt")
+        out = self.engines["vae_encoder"].run({"sample": images.astype(np.float32)})
+        mean, logvar = out["latent_mean"], out["latent_logvar"]  # (1, C, h, w) float32 each
+        z = mean + np.exp(np.float32(0.5) * logvar) * noise()  # (B, C, h, w)
+        if self.manifest.vae_shift_factor is not None:
+            z = z - np.float32(self.manifest.vae_shift_factor)
+        return (z * np.float32(self.manifest.vae_scaling_factor)).astype(np.float32)
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
         """(B, C, h, w) latents -> (B, 3, H, W) float32 images in [-1, 1], one image per VAE call."""
@@ -216,13 +378,55 @@ class Pipeline:
             "Variation seed": subseed if opts.subseed_strength else None,
             "Variation seed strength": format_number(opts.subseed_strength) if opts.subseed_strength else None,
             "Seed resize from": opts.seed_resize_from and f"{opts.seed_resize_from_w}x{opts.seed_resize_from_h}",
+            "Denoising strength": None if opts.strength is None else format_number(opts.strength),
             "ENSD": opts.ensd if opts.records_ensd else None,
             "RNG": A1111_RNG_LABELS[opts.rng],
+            "Mask blur": opts.mask_blur,
             "Timestep spacing": opts.timestep_spacing,
             "Guidance rescale": format_number(opts.guidance_rescale) if opts.guidance_rescale else None,
             "Version": f"sdrt {__version__}",
         }
         return infotext(opts.prompt, opts.negative_prompt, params)
+
+
+@dataclass(frozen=True)
+class Edit:
+    """img2img / inpainting inputs at the generated size. Masks: 1 (or 255) = repaint."""
+
+    image: np.ndarray  # (1, 3, H, W) float32 in [-1, 1]: the (filled) init image the VAE encodes
+    latent_mask: np.ndarray | None = None  # (1, 1, h, w) float32 0/1: where the sampler's result is kept
+    conditioning_mask: np.ndarray | None = None  # (1, 1, h, w) float32 0/1: inpainting UNets' mask channel
+    masked_image: np.ndarray | None = None  # (1, 3, H, W) float32: init image with the repainted area at 0
+    fill: str = "original"  # A1111's inpainting_fill
+    original: Image.Image | None = None  # what the result is pasted onto
+    overlay: Image.Image | None = None  # L mask of the paste-back (None: no paste-back)
+    paste_box: tuple[int, int, int, int] | None = None  # (x, y, w, h) with inpaint_full_res
+
+
+def step_hook(schedule: Schedule, blend, bar):
+    """The samplers' callback(i, x, denoised): progress, and for inpainting with a regular UNet the blend of
+    StableDiffusionInpaintPipeline: after step i, x outside the mask is replaced in place by the init latents
+    noised to sigmas[i + 1] with the initial noise (clean after the last step), so the next step starts from it."""
+    last = len(schedule.sigmas) - 2
+
+    def hook(i, x, denoised):
+        bar.update()
+        if blend is None:
+            return
+        x0, eps, mask = blend  # (B, C, h, w), (B, C, h, w), (1, 1, h, w)
+        if i == last:
+            known = x0 / np.float32(schedule.final_scale)
+        else:
+            known = x0 + np.float32(schedule.sigmas[i + 1]) * eps
+        np.copyto(x, (1 - mask) * known + mask * x)
+
+    return hook
+
+
+def _int_option(field: str, value, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not low <= value <= high:
+        raise InvalidOption(field, value, f"an integer from {low} to {high}")
+    return int(value)
 
 
 def kwargs_accepted(fn) -> set[str]:
