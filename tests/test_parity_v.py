@@ -12,7 +12,7 @@ import shutil
 import numpy as np
 import pytest
 from diffusers_reference import diffusers_run
-from test_parity import LATENT_ATOL, PIXEL_TOL, max_diff
+from test_parity import LATENT_ATOL, PIXEL_TOL, SAMPLER_CASES, max_diff
 
 from sdrt import Pipeline
 from sdrt.runtime.manifest import Manifest
@@ -20,14 +20,6 @@ from sdrt.runtime.tokenizer import ClipTokenizer
 
 PROMPT = "a photo of a grey squirrel!"
 NEGATIVE = "blue sky"
-SAMPLER_CASES = [
-    ("Euler", "automatic"),
-    ("Euler a", "automatic"),
-    ("DDIM", "automatic"),
-    ("DPM++ 2M", "automatic"),
-    ("Euler", "karras"),
-    ("DPM++ 2M", "karras"),
-]
 
 
 @pytest.fixture(scope="module")
