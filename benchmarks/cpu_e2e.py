@@ -251,8 +251,8 @@ def worker_build(job: dict) -> dict:
     """Random-weight SD pipeline of the job's configs -> a diffusers folder (written whole, then renamed)."""
     sys.path.insert(0, str(REPO / "tests"))
     import torch
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from tiny_sd import SD15_SCHEDULER, write_tiny_clip_tokenizer
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from tiny_sd import SD15_SCHEDULER, assemble_pipeline, write_tiny_clip_tokenizer
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     out = Path(job["diffusers_dir"])
@@ -282,16 +282,7 @@ def worker_build(job: dict) -> dict:
     }
     for name, count in params.items():
         log(f"build: {name} has {count / 1e6:.1f} M parameters")
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=PNDMScheduler.from_config(SD15_SCHEDULER),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    pipe = assemble_pipeline(unet, vae, text_encoder, tokenizer, SD15_SCHEDULER)
     log(f"build: saving to {out}")
     pipe.save_pretrained(staging)
     # The scheduler config exactly as SD 1.5 publishes it: keys it leaves out (timestep_spacing) take each

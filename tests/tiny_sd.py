@@ -24,6 +24,22 @@ SD15_SCHEDULER_KWARGS = {
 }
 
 
+def assemble_pipeline(unet, vae, text_encoder, tokenizer, scheduler_config: dict):
+    """An SD 1.x/2.x StableDiffusionPipeline from its parts, PNDM-configured and without a safety checker."""
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=PNDMScheduler.from_config(scheduler_config),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
 def byte_chars() -> list[str]:
     """GPT-2/CLIP byte-level alphabet: the 256 printable stand-ins for bytes, in CLIP's order."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
@@ -94,7 +110,7 @@ def build_tiny_sd(
     every sampler gives nearly the same image and a parity test could not fail.
     """
     import torch
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     folder = Path(folder)
@@ -143,16 +159,7 @@ def build_tiny_sd(
         )
     )
     scheduler_config = dict(SD15_SCHEDULER, prediction_type=prediction_type)
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=PNDMScheduler.from_config(scheduler_config),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    pipe = assemble_pipeline(unet, vae, text_encoder, tokenizer, scheduler_config)
     pipe.save_pretrained(folder)
     # Keep the scheduler config exactly as SD 1.5 publishes it: keys it leaves out (timestep_spacing) take
     # each diffusers scheduler class's own default, which sdrt must reproduce.
