@@ -15,9 +15,14 @@ def pytest_collection_modifyitems(config, items):
         has_gpu = "CUDAExecutionProvider" in onnxruntime.get_available_providers()
     except ImportError:
         has_gpu = False
+    from sdrt.engines import tensorrt_available
+
+    has_trt = tensorrt_available()  # tensorrt + cuda-python importable and a CUDA device present
     for item in items:
         if item.get_closest_marker("gpu") is not None and not has_gpu:  # not keywords: ids may say "gpu"
             item.add_marker(pytest.mark.skip(reason="needs an NVIDIA GPU with onnxruntime-gpu"))
+        if item.get_closest_marker("tensorrt") is not None and not has_trt:
+            item.add_marker(pytest.mark.skip(reason="needs TensorRT, cuda-python and an NVIDIA GPU (sdrt[tensorrt])"))
 
 
 @pytest.fixture(scope="session")
@@ -53,3 +58,28 @@ def tiny_sd_v(tmp_path_factory):
     assert main(["export", str(root / "diffusers"), "-o", str(root / "onnx")]) == 0
     pipe.set_progress_bar_config(disable=True)
     return pipe, root / "onnx"
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory):
+    """(base, refiner) diffusers SDXL pipelines and their exported folders: {"base": (pipe, dir), "refiner": ...}."""
+    from tiny_sdxl import build_tiny_sdxl, build_tiny_sdxl_refiner
+
+    from sdrt.cli import main
+
+    root = tmp_path_factory.mktemp("tiny_sdxl")
+    base = build_tiny_sdxl(root / "base")
+    refiner = build_tiny_sdxl_refiner(root / "refiner", base)
+    for name in ("base", "refiner"):
+        assert main(["export", str(root / name), "-o", str(root / f"{name}-onnx")]) == 0
+    return {"base": (base, root / "base-onnx"), "refiner": (refiner, root / "refiner-onnx")}
+
+
+@pytest.fixture(scope="session")
+def sdrt_server(tiny_sd, tmp_path_factory):
+    """`sdrt serve` of the tiny model, a real process on loopback, for the server API and browser tests."""
+    pytest.importorskip("fastapi", reason="the serve extra is not installed")
+    from server_fixture import TEST_SERVER_ARGS, running_server
+
+    with running_server(tiny_sd[1], tmp_path_factory.mktemp("server"), *TEST_SERVER_ARGS) as server:
+        yield server

@@ -113,8 +113,15 @@ def test_missing_source_is_a_clear_error(tmp_path):
 
 
 def test_manifest_json_is_versioned(tiny_sd):
+    from sdrt.runtime.manifest import MANIFEST_VERSION, Manifest
+
     data = json.loads((tiny_sd[1] / "model.json").read_text())
-    assert data["format"] == "sdrt-model" and data["version"] == 1
+    assert data["format"] == "sdrt-model" and data["version"] == MANIFEST_VERSION == 2
+    old = tiny_sd[1].parent / "old_manifest"
+    old.mkdir(exist_ok=True)
+    (old / "model.json").write_text(json.dumps({**data, "version": 1}))
+    with pytest.raises(ModelError, match="re-export"):
+        Manifest.load(old)
 
 
 def test_exported_tokenizer_gives_the_source_tokenizers_ids(tiny_sd):

@@ -17,7 +17,7 @@ from test_parity import LATENT_ATOL, NEGATIVE, PIXEL_TOL, PROMPT, max_diff, sdrt
 from tiny_sd import SD15_SCHEDULER_KWARGS
 
 from sdrt.runtime import samplers
-from sdrt.runtime.denoiser import Denoiser
+from sdrt.runtime.denoiser import Denoiser, TextConditioning
 from sdrt.runtime.manifest import SchedulerConfig
 from sdrt.runtime.options import SAMPLERS, resolve_sampler
 from sdrt.runtime.schedules import build_schedule, train_sigmas
@@ -223,7 +223,7 @@ def test_sigmas_and_unet_calls_by_hand(sampler, scheduler):
     # UNet timesteps: the schedule's for its sigmas; at a midpoint, t where log sigma interpolates linearly between
     # the training sigmas of the two neighbouring integer timesteps
     table = dict(zip(sched.sigmas[:-1].tolist(), sched.timesteps.tolist(), strict=True))
-    unet_side = Denoiser(None, "epsilon", train_sigmas(cfg), table, np.zeros((1, 1, 1), np.float32), None, 1.0)
+    unet_side = Denoiser(None, "epsilon", train_sigmas(cfg), table, TextConditioning.fixed({}, False), 1.0)
     log_train = np.log(sd15_train_sigmas())  # increasing in t
     for (sigma, intermediate), (want_sigma, _) in zip(calls, want_calls, strict=True):
         if intermediate:

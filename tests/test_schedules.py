@@ -88,13 +88,13 @@ VP_INPUT_CLASSES = ("DPMSolverMultistepScheduler",)  # the UNet input is not res
 def sdrt_evaluations(sampler: str, cfg: SchedulerConfig, steps: int, scheduler: str) -> np.ndarray:
     """(calls, 2) float64: input scale 1/sqrt(sigma^2 + 1) and UNet timestep of each UNet call sdrt's SAMPLER makes."""
     from sdrt.runtime import samplers
-    from sdrt.runtime.denoiser import Denoiser
+    from sdrt.runtime.denoiser import Denoiser, TextConditioning
     from sdrt.runtime.options import SAMPLERS
 
     fn, rule = SAMPLERS[sampler]
     sched = build_schedule(cfg, steps, rule, scheduler)
     table = dict(zip(sched.sigmas[:-1].tolist(), sched.timesteps.tolist(), strict=True))
-    unet_side = Denoiser(None, "epsilon", train_sigmas(cfg), table, np.zeros((1, 1, 1), np.float32), None, 1.0)
+    unet_side = Denoiser(None, "epsilon", train_sigmas(cfg), table, TextConditioning.fixed({}, False), 1.0)
     calls = []
 
     def denoise(x, sigma, intermediate=False):

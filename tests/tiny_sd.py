@@ -158,6 +158,10 @@ def build_tiny_sd(
             hidden_act=options["hidden_act"],
         )
     )
+    with torch.no_grad():  # trained CLIPs' final layer norms are far from the identity; A1111's emphasis
+        # rescales by the conditioning's mean, which an identity norm would leave at exactly 0
+        text_encoder.final_layer_norm.weight.uniform_(0.5, 1.5)
+        text_encoder.final_layer_norm.bias.normal_(0.3, 0.5)
     scheduler_config = dict(SD15_SCHEDULER, prediction_type=prediction_type)
     pipe = assemble_pipeline(unet, vae, text_encoder, tokenizer, scheduler_config)
     pipe.save_pretrained(folder)

@@ -33,7 +33,7 @@ def resolve_model(model: str) -> Path:
         + "-"
         + hashlib.sha256(identity.encode()).hexdigest()[:12]
     )
-    if not (target / "model.json").is_file():
+    if not _current_export(target):
         try:
             from sdrt.export import export
         except ImportError as e:
@@ -41,6 +41,16 @@ def resolve_model(model: str) -> Path:
         print(f"exporting {model} once into {target}", file=sys.stderr)
         export(model, target, overwrite=True)
     return target
+
+
+def _current_export(folder: Path) -> bool:
+    """FOLDER holds a manifest this sdrt reads (a cached export from an older sdrt is made again)."""
+    from sdrt.runtime.manifest import MANIFEST_NAME, MANIFEST_VERSION
+
+    try:
+        return json.loads((folder / MANIFEST_NAME).read_text()).get("version") == MANIFEST_VERSION
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def cmd_export(args) -> int:
@@ -55,8 +65,14 @@ def cmd_export(args) -> int:
         original_config=args.original_config,
         config=args.config,
         overwrite=args.overwrite,
+        vae=args.vae,
     )
     print(f"exported {manifest.family} model ({manifest.precision}) to {args.output}")
+    if args.target == "tensorrt":
+        from sdrt.engines.plan import ShapeRanges
+        from sdrt.export.build_trt import build
+
+        build(args.output, ShapeRanges())
     return 0
 
 
@@ -70,6 +86,15 @@ EDITING_OPTIONS = (  # passed on only when given, so generate's defaults (A1111'
     "inpainting_mask_invert",
 )
 MASK_OPTIONS = EDITING_OPTIONS[2:]
+# SDXL's options passed on when given (sdrt.runtime.sdxl validates them against the model).
+SDXL_CLI_OPTIONS = (
+    "prompt_2",
+    "negative_prompt_2",
+    "refiner",
+    "refiner_switch_at",
+    "aesthetic_score",
+    "negative_aesthetic_score",
+)
 
 
 def generate_kwargs(args) -> dict:
@@ -93,10 +118,15 @@ def generate_kwargs(args) -> dict:
         seed_resize_from_w=args.seed_resize_from_w,
         seed_resize_from_h=args.seed_resize_from_h,
         ensd=args.ensd,
+        clip_skip=args.clip_skip,
+        emphasis=args.emphasis,
     )
-    for name in EDITING_OPTIONS:
+    for name in EDITING_OPTIONS + SDXL_CLI_OPTIONS:
         if getattr(args, name, None) is not None:
             kwargs[name] = getattr(args, name)
+    for name in ("original_size", "crops_coords_top_left", "target_size"):  # (height, width), (top, left)
+        if getattr(args, name, None) is not None:
+            kwargs[name] = tuple(getattr(args, name))
     return kwargs
 
 
@@ -121,12 +151,72 @@ def read_images(args) -> dict:
     return images
 
 
+def memory_kwargs(args) -> dict:
+    """Pipeline.load's memory options (engines/memory.py) as given on the command line."""
+    return {"low_vram": args.low_vram, "vram_budget": args.vram_budget, "vae_tile": args.vae_tile}
+
+
+def cmd_build(args) -> int:
+    from sdrt.engines.plan import ShapeRanges, parse_range, parse_size
+    from sdrt.export.build_trt import build
+
+    if args.static:
+        w, _, h = args.static.partition("x")
+        if not (w.isdigit() and h.isdigit()):
+            from sdrt.runtime.errors import InvalidOption
+
+            raise InvalidOption("--static", args.static, "WIDTHxHEIGHT, e.g. 512x512")
+        ranges = ShapeRanges.static(parse_range("--batch", args.batch)[1], int(h), int(w))
+    else:
+        ranges = ShapeRanges(*(parse_range(f"--{n}", getattr(args, n.replace("-", "_")))
+                               for n in ("batch", "height", "width", "text-windows")))  # fmt: skip
+    models = tuple(args.models.split(",")) if args.models else None
+    workspace = parse_size(args.builder_workspace, "--builder-workspace")
+    built = build(args.model_dir, ranges, models, workspace, args.weight_streaming, args.refit)
+    for name, path in built.items():
+        print(f"{name}: {path}")
+    return 0
+
+
 def cmd_generate(args) -> int:
     from sdrt.runtime.pipeline import Pipeline
 
     images = read_images(args)
-    pipe = Pipeline.load(resolve_model(args.model), backend=args.backend)
-    return write_images(pipe.generate(args.prompt, **images, **generate_kwargs(args)), args.output)
+    kwargs = generate_kwargs(args)
+    prompt = args.prompt
+    if args.from_png is not None:
+        kwargs = {**png_kwargs(args.from_png, "init_image" in images), **{k: kwargs[k] for k in explicit_kwargs(args)}}
+        prompt = kwargs.pop("prompt") if args.prompt is None else args.prompt
+    elif args.prompt is None:
+        raise SdrtError("sdrt generate needs a PROMPT (or --from-png IMAGE.png)")
+    pipe = Pipeline.load(
+        resolve_model(args.model), backend=args.backend, embeddings=args.embeddings, **memory_kwargs(args)
+    )
+    return write_images(pipe.generate(prompt, **images, **kwargs), args.output)
+
+
+def png_kwargs(path: str, has_init_image: bool) -> dict:
+    """Pipeline.generate arguments from the generation parameters an image carries (A1111 or ComfyUI)."""
+    from sdrt.runtime.errors import InvalidOption
+    from sdrt.runtime.infotext import generate_kwargs as infotext_kwargs
+    from sdrt.runtime.infotext import parse_infotext, read_parameters
+    from sdrt.runtime.masks import open_image
+
+    text, where = read_parameters(open_image(path, "--from-png"))
+    if text is None:
+        raise InvalidOption("--from-png", path, f"an image carrying generation parameters (found {where})")
+    kwargs = infotext_kwargs(parse_infotext(text))
+    if "strength" in kwargs and not has_init_image:
+        raise InvalidOption("--from-png", path, "a txt2img image, or give --init-image to redo an img2img one")
+    if not has_init_image:
+        kwargs.pop("mask_blur", None)
+    return kwargs
+
+
+def explicit_kwargs(args) -> list[str]:
+    """The Pipeline.generate arguments the command line gave explicitly (they override --from-png's)."""
+    given = set(args.explicit)
+    return [name for name in generate_kwargs(args) if name in given]
 
 
 def cmd_outpaint(args) -> int:
@@ -135,7 +225,9 @@ def cmd_outpaint(args) -> int:
 
     amounts = check_outpaint_amounts(args.left, args.right, args.up, args.down)
     image = load_image(args.image, "image")
-    pipe = Pipeline.load(resolve_model(args.model), backend=args.backend)
+    pipe = Pipeline.load(
+        resolve_model(args.model), backend=args.backend, embeddings=args.embeddings, **memory_kwargs(args)
+    )
     return write_images(pipe.outpaint(image, args.prompt, **amounts, **generate_kwargs(args)), args.output)
 
 
@@ -158,9 +250,47 @@ def next_index(folder: Path) -> int:
     return max(numbers, default=-1) + 1
 
 
+def cmd_serve(args) -> int:
+    from sdrt.runtime.errors import InvalidOption
+
+    if not 0 <= args.port <= 65535:
+        raise InvalidOption("--port", args.port, "0 to 65535")
+    for name in ("max_queue", "max_steps", "max_batch_size", "max_images", "max_pixels", "max_body_mb"):
+        if getattr(args, name) <= 0:
+            raise InvalidOption("--" + name.replace("_", "-"), getattr(args, name), "a positive number")
+    try:
+        from sdrt.server.app import Limits, parse_credentials, serve
+    except ImportError as e:
+        raise SdrtError(f"`sdrt serve` needs the serve extra: pip install 'sdrt[serve]' ({e})") from None
+    if args.api_auth is not None:
+        parse_credentials(args.api_auth)  # a malformed value fails before the model loads
+    limits = Limits(
+        max_pixels=args.max_pixels,
+        max_steps=args.max_steps,
+        max_batch_size=args.max_batch_size,
+        max_images=args.max_images,
+        max_body_bytes=int(args.max_body_mb * 2**20),
+        max_queue=args.max_queue,
+    )
+    return serve(resolve_model(args.model), args.host, args.port, args.api_auth, args.backend, limits)
+
+
 def cmd_info(args) -> int:
+    """A model folder's manifest, or the generation parameters an image carries."""
     from sdrt.runtime.manifest import Manifest
 
+    if Path(args.model_dir).is_file():
+        from sdrt.runtime.infotext import parse_infotext, read_parameters
+        from sdrt.runtime.masks import open_image
+
+        text, where = read_parameters(open_image(args.model_dir, "image"))
+        if text is None:
+            print(f"{args.model_dir}: {where}")
+            return 0
+        print(text)
+        print(f"\n# parsed ({where}):")
+        print(json.dumps(parse_infotext(text), indent=2, ensure_ascii=False))
+        return 0
     print(json.dumps(Manifest.load(Path(args.model_dir)).to_json(), indent=2))
     return 0
 
@@ -179,11 +309,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--original-config", help="the checkpoint's YAML (e.g. v2-inference-v.yaml)")
     p.add_argument("--config", help="for a single file: a diffusers folder (or hub id) with the component configs")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    p.add_argument("--vae", help="another VAE (diffusers folder or hub id), e.g. one fixed for fp16 for SDXL")
+    p.add_argument("--target", default="onnx", choices=("onnx", "tensorrt"), help="tensorrt: also `sdrt build` it")
     p.set_defaults(func=cmd_export)
 
     g = sub.add_parser("generate", help="txt2img, img2img (--init-image) and inpainting (--mask): write PNGs")
-    g.add_argument("prompt")
+    g.add_argument("prompt", nargs="?", help="the prompt (optional with --from-png)")
     add_generation_arguments(g)
+    g.add_argument("--from-png", help="regenerate from the parameters an image carries; given options override them")
     e = g.add_argument_group("img2img and inpainting (A1111's names)")
     e.add_argument("--init-image", help="img2img: the starting image (any mode; see README 'Image inputs')")
     e.add_argument("--strength", type=float, help="denoising strength, 0 to 1 (default 0.75)")
@@ -207,8 +340,37 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--strength", type=float, help="denoising strength, 0 to 1 (default 1)")
     o.set_defaults(func=cmd_outpaint)
 
-    i = sub.add_parser("info", help="print a model folder's manifest")
-    i.add_argument("model_dir")
+    s = sub.add_parser("serve", help="HTTP server: A1111-compatible API (/sdapi/v1) and a web page at /")
+    s.add_argument("-m", "--model", required=True, help="exported folder, checkpoint file, diffusers folder or hub id")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    s.add_argument("--port", type=int, default=7860)
+    s.add_argument("--api-auth", help="user:password[,user2:password2]: HTTP basic auth on every route")
+    s.add_argument("--backend", default="cpu")
+    s.add_argument("--max-queue", type=int, default=8, help="jobs waiting behind the running one (then HTTP 429)")
+    s.add_argument("--max-steps", type=int, default=150)
+    s.add_argument("--max-batch-size", type=int, default=8)
+    s.add_argument("--max-images", type=int, default=64, help="batch_size * n_iter per request")
+    s.add_argument("--max-pixels", type=int, default=2048 * 2048, help="width * height per image")
+    s.add_argument("--max-body-mb", type=float, default=64, help="request body size limit (HTTP 413)")
+    s.set_defaults(func=cmd_serve)
+
+    b = sub.add_parser("build", help="TensorRT engines for an exported model (needs sdrt[tensorrt] and a GPU)")
+    b.add_argument("model_dir")
+    b.add_argument("--static", help="one size WIDTHxHEIGHT (fastest, CUDA-graph replay) instead of ranges")
+    b.add_argument("--batch", default="1:1:4", help="images per batch: N, MIN-MAX or MIN:OPT:MAX (default 1:1:4)")
+    b.add_argument("--height", default="256:512:1024", help="pixels (default 256:512:1024)")
+    b.add_argument("--width", default="256:512:1024", help="pixels (default 256:512:1024)")
+    b.add_argument("--text-windows", default="1:1:3", help="77-token prompt windows (default 1:1:3)")
+    b.add_argument("--models", help="comma-separated subset: text_encoder,unet,vae_decoder,vae_encoder")
+    b.add_argument("--builder-workspace", default="4GB", help="scratch memory the builder may use (default 4GB)")
+    b.add_argument("--weight-streaming", action="store_true", help="build the UNet for weight streaming (low VRAM)")
+    b.add_argument("--refit", action="store_true", help="refittable engines (new weights without a rebuild)")
+    b.set_defaults(func=cmd_build)
+
+    sub.add_parser("bench", help="sdrt vs diffusers on random full-size weights (`sdrt bench --help`)")
+
+    i = sub.add_parser("info", help="print a model folder's manifest, or the generation parameters of an image")
+    i.add_argument("model_dir", metavar="MODEL_DIR|IMAGE")
     i.set_defaults(func=cmd_info)
     return parser
 
@@ -238,12 +400,34 @@ def add_generation_arguments(c) -> None:
     c.add_argument("--seed-resize-from-w", type=int, default=0, help="width the seed was first used at (0: off)")
     c.add_argument("--seed-resize-from-h", type=int, default=0, help="height the seed was first used at (0: off)")
     c.add_argument("--ensd", type=int, default=0, help="A1111 eta noise seed delta (31337 in many shared infotexts)")
-    c.add_argument("--backend", default="cpu")
+    c.add_argument("--clip-skip", type=int, default=1, help="A1111's Clip skip: 2 = the penultimate layer")
+    c.add_argument("--emphasis", default="Original", help="prompt weights: Original (default), 'No norm', None")
+    x = c.add_argument_group("SDXL (diffusers' names; refused on SD 1.x/2.x models)")
+    x.add_argument("--prompt-2", help="the second text encoder's prompt (default: PROMPT)")
+    x.add_argument("--negative-prompt-2", help="the second text encoder's negative prompt")
+    x.add_argument("--refiner", help="an exported SDXL refiner folder: the second stage")
+    x.add_argument("--refiner-switch-at", type=float, help="fraction of the noise schedule the base runs (0.8)")
+    x.add_argument("--aesthetic-score", type=float, help="refiner conditioning, 0 to 10 (default 6)")
+    x.add_argument("--negative-aesthetic-score", type=float, help="refiner conditioning (default 2.5)")
+    x.add_argument("--original-size", type=int, nargs=2, metavar=("H", "W"), help="micro-conditioning (default: size)")
+    x.add_argument("--crops-coords-top-left", type=int, nargs=2, metavar=("TOP", "LEFT"), help="default: 0 0")
+    x.add_argument("--target-size", type=int, nargs=2, metavar=("H", "W"), help="micro-conditioning (default: size)")
+    c.add_argument("--embeddings", help="folder of textual inversion embeddings, used by file name in prompts")
+    c.add_argument("--backend", default="cpu", help="cpu (default), cuda, tensorrt, or auto (TensorRT > CUDA > CPU)")
+    c.add_argument("--low-vram", action="store_true", help="one engine loaded at a time, tiled VAE")
+    c.add_argument("--vram-budget", help="plan staging, UNet weight streaming and VAE tiling to fit, e.g. 2GB")
+    c.add_argument("--vae-tile", type=int, help="decode/encode the VAE in tiles of this many pixels (e.g. 512)")
     c.add_argument("-o", "--output", default="outputs", help="folder for the PNGs (default: outputs)")
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # its own parser (sdrt.bench): options pass through untouched
+        from sdrt.bench import main as bench_main
+
+        return bench_main(argv[1:])
     args = build_parser().parse_args(argv)
+    args.explicit = given_options(argv)
 
     def note(message, category, *_, **__):  # the runtime's notes (a mask resized, ...): one plain line each
         print(f"sdrt {args.command}: note: {message}", file=sys.stderr)
@@ -259,6 +443,18 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def given_options(argv: list[str]) -> list[str]:
+    """Dests of the options ARGV sets explicitly: ARGV parsed again with every default suppressed."""
+    parser = build_parser()
+    for sub in parser._subparsers._group_actions[0].choices.values():  # argparse keeps subparsers here
+        for action in sub._actions:
+            action.default = argparse.SUPPRESS
+    try:
+        return [k for k in vars(parser.parse_args(argv)) if k not in ("command", "func")]
+    except SystemExit:
+        return []
 
 
 if __name__ == "__main__":

@@ -1,11 +1,13 @@
 """Backends behind one small seam: load, run(feeds) -> outputs named as in the ONNX graph, unload."""
 
+import importlib.util
+import sys
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
-BACKENDS = ("cpu",)
+BACKENDS = ("auto", "cpu", "cuda", "tensorrt")
 
 
 class Engine(Protocol):
@@ -19,12 +21,70 @@ class Engine(Protocol):
     def unload(self) -> None: ...
 
 
-def create_engine(model_file: Path, backend: str) -> Engine:
-    """An unloaded engine for MODEL_FILE on BACKEND (one of BACKENDS)."""
+def tensorrt_available() -> bool:
+    """tensorrt and cuda-python importable and a CUDA device present (nothing is imported to find out but cudart)."""
+    if importlib.util.find_spec("tensorrt") is None or importlib.util.find_spec("cuda") is None:
+        return False
+    try:
+        from sdrt.engines.tensorrt import device_count
+
+        return device_count() > 0
+    except Exception:  # a broken CUDA install: not available
+        return False
+
+
+def cuda_available() -> bool:
+    """ONNX Runtime built with the CUDA execution provider (onnxruntime-gpu)."""
+    try:
+        import onnxruntime
+    except ImportError:
+        return False
+    return "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+
+
+def resolve_backend(backend: str, model_dir: Path | None = None, announce: bool = True) -> str:
+    """BACKEND itself, or for "auto" the fastest one present: TensorRT (with engines built for MODEL_DIR),
+    then ONNX Runtime CUDA, then CPU; says which on stderr."""
+    from sdrt.runtime.errors import InvalidOption
+
+    if backend not in BACKENDS:
+        raise InvalidOption("backend", backend, ", ".join(BACKENDS))
+    if backend != "auto":
+        return backend
+    reasons = []
+    if not tensorrt_available():
+        reasons.append("TensorRT: tensorrt/cuda-python or a GPU missing")
+    elif model_dir is not None and not any((Path(model_dir) / "engines").glob("*/*.json")):
+        reasons.append(f"TensorRT: no engines built (sdrt build {model_dir})")
+    else:
+        chosen = "tensorrt"
+    if reasons:
+        chosen = "cuda" if cuda_available() else "cpu"
+        if chosen == "cpu":
+            reasons.append("CUDA: onnxruntime-gpu's CUDAExecutionProvider missing")
+    if announce:
+        print(f"sdrt: backend auto -> {chosen}" + (f" ({'; '.join(reasons)})" if reasons else ""), file=sys.stderr)
+    return chosen
+
+
+def create_engine(model_file: Path, backend: str, **options) -> Engine:
+    """An unloaded engine for MODEL_FILE on BACKEND ("cpu", "cuda" or "tensorrt"; resolve "auto" first).
+
+    OPTIONS: for "cuda", `gpu_mem_limit` (bytes) and `device_id`; for "tensorrt", `workspace` (a shared
+    tensorrt.Workspace) and `streaming_budget` (bytes of weights kept on the GPU).
+    """
+    from sdrt.runtime.errors import InvalidOption
+
     if backend == "cpu":
         from sdrt.engines.onnxruntime import OnnxRuntimeEngine
 
         return OnnxRuntimeEngine(model_file, providers=["CPUExecutionProvider"])
-    from sdrt.runtime.errors import InvalidOption
+    if backend == "cuda":
+        from sdrt.engines.onnxruntime import OnnxRuntimeEngine, cuda_providers
 
-    raise InvalidOption("backend", backend, ", ".join(BACKENDS))
+        return OnnxRuntimeEngine(model_file, providers=cuda_providers(**options), device="cuda")
+    if backend == "tensorrt":
+        from sdrt.engines.tensorrt import TensorRTEngine
+
+        return TensorRTEngine(model_file, **options)
+    raise InvalidOption("backend", backend, ", ".join(b for b in BACKENDS if b != "auto") + " (auto: resolve first)")

@@ -6,7 +6,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from sdrt.runtime.errors import InvalidOption, ModelError
+from sdrt.runtime.errors import InvalidOption
 from sdrt.runtime.manifest import PRECISIONS, Manifest, SchedulerConfig
 
 __all__ = ["export"]
@@ -20,6 +20,7 @@ def export(
     config: str | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    vae: str | None = None,
 ) -> Manifest:
     """Export SOURCE to OUT_DIR atomically: the folder appears complete, or not at all."""
     if precision not in PRECISIONS:
@@ -35,10 +36,14 @@ def export(
         read_original_config(original_config)  # a bad YAML fails now, before the checkpoint loads
     if config and not (Path(config) / "model_index.json").is_file() and Path(config).exists():
         raise InvalidOption("--config", config, "a diffusers folder (with model_index.json) or a hub id")
+    if vae:
+        from sdrt.export.sdxl import check_vae_option
+
+        check_vae_option(vae)  # a bad --vae fails now, before the checkpoint loads
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
     try:
-        _export_into(source, staging, precision, original_config, config, progress)
+        _export_into(source, staging, precision, original_config, config, progress, vae)
         staging.chmod(0o755)  # mkdtemp makes it private
         if out_dir.exists():
             trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
@@ -53,38 +58,30 @@ def export(
     return Manifest.load(out_dir)
 
 
-def _export_into(source, folder: Path, precision, original_config, config, progress) -> Manifest:
+def _export_into(source, folder: Path, precision, original_config, config, progress, vae=None) -> Manifest:
     from tqdm import tqdm
 
     from sdrt import __version__
+    from sdrt.export import sdxl
     from sdrt.export.detect import detect
     from sdrt.export.sources import load_source
     from sdrt.export.steps import model_steps
 
     bar = tqdm(total=6, desc="export", unit="step", disable=not progress)
     bar.set_postfix_str(f"loading {source}")
+    if sdxl.is_sdxl(source, sdxl.checkpoint_info(source)):
+        return sdxl.export_sdxl_into(source, folder, precision, original_config, config, vae, bar)
     loaded = load_source(source, original_config, config)
     pipe = loaded.pipe
-    if getattr(pipe, "text_encoder_2", None) is not None:
-        raise ModelError(f"{source!r} is an SDXL model: SDXL export is not supported by this version of sdrt")
+    if vae is not None:
+        pipe.vae = sdxl.load_vae(vae)
+        sdxl.check_vae(pipe.vae, pipe.unet.config.out_channels, vae)
     detected = detect(pipe, loaded.checkpoint, loaded.user_config, original_config)
     tqdm.write(detected.describe(), file=sys.stderr)
     bar.update()
     models = {}
     for step in model_steps(pipe):
-        bar.set_postfix_str(step.spec.name)
-        error = step.run(folder, precision)
-        tqdm.write(
-            f"{step.spec.name} ({step.precision(precision)}): "
-            f"max error vs PyTorch {error:.2e} (tolerance {step.tolerance(step.precision(precision)):.0e})",
-            file=sys.stderr,
-        )
-        models[step.spec.name] = {
-            "file": f"{step.spec.name}/model.onnx",
-            "precision": step.precision(precision),
-            **step.spec.to_json(),
-        }
-        bar.update()
+        models[step.spec.name] = run_step(step, folder, precision, bar)
     bar.set_postfix_str("tokenizer")
     write_tokenizer(pipe.tokenizer, folder / "tokenizer")
     manifest = Manifest(
@@ -101,7 +98,7 @@ def _export_into(source, folder: Path, precision, original_config, config, progr
         text_hidden_size=int(pipe.text_encoder.config.hidden_size),
         precision=precision,
         models=models,
-        source={"kind": loaded.kind, "name": loaded.name, "sha256": loaded.sha256},
+        source={"kind": loaded.kind, "name": loaded.name, "sha256": loaded.sha256, **({"vae": vae} if vae else {})},
         sdrt_version=__version__,
         detected=detected.to_json(),
     )
@@ -109,6 +106,26 @@ def _export_into(source, folder: Path, precision, original_config, config, progr
     bar.update()
     bar.close()
     return manifest
+
+
+def run_step(step, folder: Path, precision: str, bar) -> dict:
+    """Export and verify one model; its model.json entry."""
+    from tqdm import tqdm
+
+    bar.set_postfix_str(step.spec.name)
+    error = step.run(folder, precision)
+    tqdm.write(
+        f"{step.spec.name} ({step.precision(precision)}): "
+        f"max error vs PyTorch {error:.2e} (tolerance {step.tolerance(step.precision(precision)):.0e})",
+        file=sys.stderr,
+    )
+    bar.update()
+    return {
+        "file": f"{step.spec.name}/model.onnx",
+        "precision": step.precision(precision),
+        **step.spec.to_json(),
+        **step.manifest_entry,
+    }
 
 
 def scheduler_config(config) -> SchedulerConfig:

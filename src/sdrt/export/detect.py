@@ -82,7 +82,7 @@ def yaml_facts(config: dict, name: str) -> dict[str, Fact]:
     """family, prediction_type and unet_in_channels (and context_dim, for checks) stated by an LDM YAML."""
     params = config["model"]["params"]
     if "network_config" in params or "conditioner_config" in params:
-        raise ModelError(f"{name} describes an SDXL-style model: SDXL export is not supported by this version of sdrt")
+        raise ModelError(f"{name} describes an SDXL (SGM) model, but the checkpoint is SD 1.x/2.x: pass its LDM YAML")
     facts = {}
     parameterization = params.get("parameterization", LDM_DEFAULT_PARAMETERIZATION)
     if parameterization not in PARAMETERIZATIONS:
@@ -111,7 +111,7 @@ def weight_facts(info: CheckpointInfo) -> dict[str, Fact]:
     """family and unet_in_channels read off a single file's tensor names and shapes."""
     keys = info.shapes
     if any(k.startswith(LDM_SDXL_PREFIX) for k in keys):
-        raise ModelError("the checkpoint is an SDXL model: SDXL export is not supported by this version of sdrt")
+        raise ModelError("the checkpoint is an SDXL model: export it as one (sdrt.export.sdxl), not as SD 1.x/2.x")
     facts = {}
     if any(k.startswith(LDM_OPEN_CLIP_PREFIX) for k in keys):
         facts["family"] = Fact("sd2", f"weights: OpenCLIP text encoder ({LDM_OPEN_CLIP_PREFIX}*)")

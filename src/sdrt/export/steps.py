@@ -1,13 +1,21 @@
 """One export step per model: its spec, trace inputs, verification inputs, and the export itself."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from sdrt.export import to_onnx
 from sdrt.runtime.errors import ModelError
-from sdrt.runtime.modelspec import ModelSpec, text_encoder_spec, unet_spec, vae_decoder_spec, vae_encoder_spec
+from sdrt.runtime.modelspec import (
+    TOKEN_EMBEDDING_FILE,
+    ModelSpec,
+    text_encoder_spec,
+    unet_spec,
+    vae_decoder_spec,
+    vae_encoder_spec,
+)
 
 
 @dataclass
@@ -18,6 +26,9 @@ class ModelStep:
     trace_inputs: tuple  # shapes chosen to exercise dynamic paths while tracing
     check_inputs: tuple  # other shapes (batch 2), to prove the dynamic axes work
     fp16_capable: bool = True  # False: the model stays fp32 in an fp16 export
+    arrays: dict = field(default_factory=dict)  # file name -> np.ndarray saved as .npy beside model.onnx
+    manifest_entry: dict = field(default_factory=dict)  # extra keys of this model's entry in model.json
+    release: object = None  # () -> None: drops every other reference to the module once its graph is written
 
     def precision(self, requested: str) -> str:
         return requested if self.fp16_capable else "fp32"
@@ -34,7 +45,13 @@ class ModelStep:
             self.module.half()
         out_file = folder / self.spec.name / "model.onnx"
         to_onnx.export_onnx(self.module, self.forward, self.spec, self.trace_inputs, out_file)
-        self.module.float()
+        # The module stays in its export dtype (the next step sharing it, the VAE encoder, converts it back first);
+        # with `release` it is freed before ONNX Runtime loads the graph to verify it.
+        if self.release is not None:
+            self.module = None
+            self.release()
+        for file_name, array in self.arrays.items():
+            np.save(out_file.parent / file_name, array)
         feeds = {name: x.numpy() for name, x in zip(self.spec.input_names, self.check_inputs, strict=True)}
         error = to_onnx.max_error(out_file, feeds, reference)
         if not error <= self.tolerance(precision):
@@ -45,6 +62,38 @@ class ModelStep:
         return error
 
 
+def text_encoder_step(text_encoder, name: str = "text_encoder") -> ModelStep:
+    """A CLIP text encoder fed token embeddings; its token embedding table is saved for the runtime."""
+    config = text_encoder.config
+    generator = torch.Generator().manual_seed(0)
+    width, tokens = config.hidden_size, config.max_position_embeddings
+    projection = getattr(text_encoder, "text_projection", None)
+    pooled = width if projection is None else projection.out_features
+
+    def inputs(batch):
+        embeds = torch.randn(batch, tokens, width, generator=generator) * 0.02  # the scale of CLIP's token table
+        return embeds, torch.randint(1, tokens, (batch,), generator=generator)
+
+    table = text_encoder.get_input_embeddings().weight.detach().float().numpy()  # (vocab, width)
+    return ModelStep(
+        text_encoder_spec(name, width, config.num_hidden_layers, pooled),
+        text_encoder,
+        to_onnx.text_encoder_forward,
+        inputs(1),
+        inputs(2),
+        # CLIP traced in half precision mixes fp16 and fp32 in its layer norms; it runs once per image.
+        fp16_capable=False,
+        arrays={TOKEN_EMBEDDING_FILE: table},
+        manifest_entry={
+            "token_embedding": f"{name}/{TOKEN_EMBEDDING_FILE}",
+            "layers": config.num_hidden_layers,
+            # transformers' CLIP pools the state at argmax(input_ids) when a config keeps the legacy eos id 2
+            # (the EOS token then has the largest id), else at the first EOS token.
+            "pool_at": "argmax" if config.eos_token_id == 2 else "first_eos",
+        },
+    )
+
+
 def model_steps(pipe) -> list[ModelStep]:
     """The four models of an SD 1.x/2.x pipeline, with inputs sized from its configs."""
     generator = torch.Generator().manual_seed(0)
@@ -53,7 +102,7 @@ def model_steps(pipe) -> list[ModelStep]:
         return torch.randn(*shape, generator=generator)
 
     text_encoder, unet, vae = pipe.text_encoder, pipe.unet, pipe.vae
-    vocab, max_len = text_encoder.config.vocab_size, text_encoder.config.max_position_embeddings
+    max_len = text_encoder.config.max_position_embeddings
     context = unet.config.cross_attention_dim
     in_ch, latent_ch = unet.config.in_channels, vae.config.latent_channels
     # Latent sizes that are not multiples of the UNet's total upsampling factor make the traced graph
@@ -61,19 +110,8 @@ def model_steps(pipe) -> list[ModelStep]:
     up = 2 ** (len(unet.config.block_out_channels) - 1)
     down = pipe.vae_scale_factor
 
-    def ids(batch):
-        return torch.randint(0, vocab, (batch, max_len), generator=generator)
-
     return [
-        ModelStep(
-            text_encoder_spec(text_encoder.config.hidden_size),
-            text_encoder,
-            to_onnx.text_encoder_forward,
-            (ids(1),),
-            (ids(2),),
-            # CLIP traced in half precision mixes fp16 and fp32 in its layer norms; it runs once per image.
-            fp16_capable=False,
-        ),
+        text_encoder_step(text_encoder),
         ModelStep(
             unet_spec(latent_ch, in_ch, context),
             unet,
@@ -81,12 +119,26 @@ def model_steps(pipe) -> list[ModelStep]:
             (randn(1, in_ch, 2 * up + 1, 2 * up - 1), torch.tensor([500.0]), randn(1, max_len, context)),
             (randn(2, in_ch, 2 * up, 3 * up), torch.tensor([999.0, 1.0]), randn(2, 2 * max_len, context)),
         ),
+        *vae_steps(vae, down),
+    ]
+
+
+def vae_steps(vae, down: int, fp16_capable: bool = True) -> list[ModelStep]:
+    """The VAE's decoder and encoder; DOWN pixels per latent cell. FP16_CAPABLE False keeps both fp32 (SDXL's VAE)."""
+    generator = torch.Generator().manual_seed(1)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator)
+
+    latent_ch = vae.config.latent_channels
+    return [
         ModelStep(
             vae_decoder_spec(latent_ch),
             vae,
             to_onnx.vae_decoder_forward,
             (randn(1, latent_ch, 5, 7),),
             (randn(2, latent_ch, 8, 6),),
+            fp16_capable=fp16_capable,
         ),
         ModelStep(
             vae_encoder_spec(latent_ch),
@@ -94,5 +146,6 @@ def model_steps(pipe) -> list[ModelStep]:
             to_onnx.vae_encoder_forward,
             (randn(1, 3, 5 * down, 7 * down),),
             (randn(2, 3, 8 * down, 6 * down),),
+            fp16_capable=fp16_capable,
         ),
     ]

@@ -35,8 +35,26 @@ class _CastIO(torch.nn.Module):
         return tuple(y.float() for y in outputs)
 
 
-def text_encoder_forward(text_encoder, input_ids):
-    return text_encoder(input_ids=input_ids, return_dict=False)[0]
+def text_encoder_forward(text_encoder, inputs_embeds, eos_index):
+    """transformers' CLIPTextTransformer.forward from token embeddings, keeping every layer's output.
+
+    inputs_embeds (B, T, C) float, eos_index (B,) int64 -> hidden_states and normed_hidden_states
+    (layers + 1, B, T, C), pooled (B, P).
+    """
+    model = getattr(text_encoder, "text_model", text_encoder)  # transformers 5: CLIPTextModel is the transformer
+    x = model.embeddings(inputs_embeds=inputs_embeds)  # + position embeddings, (B, T, C)
+    positions = torch.arange(inputs_embeds.shape[1], device=x.device)
+    future = positions[None, :] > positions[:, None]  # (T, T): causal attention hides later tokens
+    mask = torch.zeros(future.shape, dtype=x.dtype).masked_fill(future, torch.finfo(x.dtype).min)[None, None]
+    hidden = [x]
+    for layer in model.encoder.layers:
+        x = layer(x, mask)
+        hidden.append(x)
+    stack = torch.stack(hidden)  # (layers + 1, B, T, C)
+    normed = model.final_layer_norm(stack)
+    pooled = normed[-1][torch.arange(normed.shape[1]), eos_index]  # (B, C)
+    projection = getattr(text_encoder, "text_projection", None)
+    return stack, normed, pooled if projection is None else projection(pooled)
 
 
 def unet_forward(unet, sample, timestep, encoder_hidden_states):
@@ -76,18 +94,46 @@ def export_onnx(module, forward, spec: ModelSpec, example_inputs: tuple, out_fil
         if data_bytes < EXTERNAL_DATA_THRESHOLD and not any(p.name != "model.onnx" for p in Path(tmp).iterdir()):
             shutil.move(str(tmp_file), out_file)
         else:
-            # The exporter writes one file per large tensor; gather them into a single data file.
-            model = onnx.load(str(tmp_file), load_external_data=True)
-            onnx.save_model(
-                model,
-                str(out_file),
-                save_as_external_data=True,
-                all_tensors_to_one_file=True,
-                location=out_file.name + ".data",
-                size_threshold=1024,
-            )
-            del model
+            gather_external_data(tmp_file, out_file)
     onnx.checker.check_model(str(out_file))
+
+
+EXTERNAL_DATA_ALIGNMENT = 4096  # bytes: tensors start on page boundaries, so a runtime can memory-map them
+EXTERNAL_DATA_MIN_BYTES = 1024  # smaller tensors stay inside the protobuf
+
+
+def gather_external_data(src: Path, out_file: Path) -> None:
+    """SRC (the exporter's protobuf, its large tensors in one file each or inline) -> OUT_FILE plus one
+    OUT_FILE.data, streamed one tensor at a time: never more than the largest tensor in memory (onnx.load with
+    its external data would hold the whole model a second time beside the PyTorch module)."""
+    from onnx.external_data_helper import _get_all_tensors, uses_external_data
+
+    model = onnx.load(str(src), load_external_data=False)
+    location = out_file.name + ".data"
+    offset = 0
+    with open(out_file.parent / location, "wb") as data:
+        for tensor in _get_all_tensors(model):
+            if uses_external_data(tensor):
+                info = {e.key: e.value for e in tensor.external_data}
+                with open(src.parent / info["location"], "rb") as f:
+                    f.seek(int(info.get("offset", 0)))
+                    chunk = f.read(int(info["length"])) if "length" in info else f.read()
+            elif tensor.HasField("raw_data") and len(tensor.raw_data) >= EXTERNAL_DATA_MIN_BYTES:
+                chunk = tensor.raw_data
+                tensor.ClearField("raw_data")
+            else:
+                continue
+            del tensor.external_data[:]
+            offset = -(-offset // EXTERNAL_DATA_ALIGNMENT) * EXTERNAL_DATA_ALIGNMENT
+            data.seek(offset)
+            data.write(chunk)
+            for key, value in (("location", location), ("offset", offset), ("length", len(chunk))):
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, str(value)
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+            offset += len(chunk)
+            del chunk
+    onnx.save_model(model, str(out_file))
 
 
 def max_error(onnx_file: Path, feeds: dict[str, np.ndarray], reference: list[np.ndarray]) -> float:

@@ -1,15 +1,49 @@
 """The UNet engine as a denoiser D(x, sigma), with classifier-free guidance and eps / v parameterisation."""
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from sdrt.runtime.schedules import sigma_to_t
 
 
+@dataclass(frozen=True)
+class TextConditioning:
+    """The UNet's text inputs per denoiser call (A1111's ScheduledPromptConditioning): entry i serves the calls
+    numbered <= ends[i] (0-based), the last entry every later call. With guidance each array holds the uncond
+    half first: {"encoder_hidden_states": (2B or B, L, C) float32, ...} (SDXL adds its pooled inputs)."""
+
+    ends: tuple[int, ...]
+    feeds: tuple[dict, ...]
+    guided: bool
+
+    @classmethod
+    def fixed(cls, feeds: dict, guided: bool) -> "TextConditioning":
+        return cls((0,), (feeds,), guided)
+
+    def repeat(self, batch: int) -> "TextConditioning":
+        """The same conditioning for BATCH images: each half repeated, the uncond block first."""
+
+        def each(a: np.ndarray) -> np.ndarray:
+            halves = np.split(a, 2) if self.guided else [a]
+            return np.concatenate([np.repeat(h, batch, axis=0) for h in halves])
+
+        feeds = tuple({name: each(a) for name, a in f.items()} for f in self.feeds)
+        return TextConditioning(self.ends, feeds, self.guided)
+
+    def at(self, call: int) -> dict:
+        for end, feeds in zip(self.ends, self.feeds, strict=True):
+            if call <= end:
+                return feeds
+        return self.feeds[-1]
+
+
 class Denoiser:
     """D(x, sigma) = x0 estimate from the UNet (k-diffusion's CompVisDenoiser / CompVisVDenoiser).
 
-    cond and uncond are (B, L, C) float32 text embeddings; with guidance, both halves go through the
-    UNet in one call of batch 2B (uncond first, as diffusers orders them).
+    TEXT gives the text embeddings of each call; with guidance, both halves go through the UNet in one call of
+    batch 2B (uncond first, as diffusers orders them). Calls are counted, as A1111's CFGDenoiser counts its
+    steps, so prompt editing switches at the same UNet call as in A1111 (second-order samplers call twice a step).
     """
 
     def __init__(
@@ -18,8 +52,7 @@ class Denoiser:
         prediction_type: str,
         train_sigmas: np.ndarray,
         timesteps: dict[float, float],
-        cond: np.ndarray,
-        uncond: np.ndarray | None,
+        text: TextConditioning,
         cfg_scale: float,
         guidance_rescale: float = 0.0,
         conditioning: np.ndarray | None = None,
@@ -30,8 +63,9 @@ class Denoiser:
         self.timesteps = timesteps  # exact UNet timesteps for the schedule's sigmas
         self.cfg_scale = np.float32(cfg_scale)
         self.guidance_rescale = float(guidance_rescale)
-        self.guided = uncond is not None
-        self.context = np.concatenate([uncond, cond]) if self.guided else cond  # (2B or B, L, C)
+        self.text = text
+        self.guided = text.guided
+        self.calls = 0
         # Inpainting UNets: (B, 1 + C, h, w) mask and masked-image latents appended to the scaled input's channels
         # (StableDiffusionInpaintPipeline), the same for both guidance halves.
         if conditioning is not None and self.guided:
@@ -52,7 +86,8 @@ class Denoiser:
         sample = (x_in * c_in).astype(np.float32)
         if self.conditioning is not None:
             sample = np.concatenate([sample, self.conditioning], axis=1)  # (2B or B, C + 1 + C, h, w)
-        feeds = {"sample": sample, "timestep": t, "encoder_hidden_states": self.context}
+        feeds = {"sample": sample, "timestep": t, **self.text.at(self.calls)}
+        self.calls += 1
         out = self.unet.run(feeds)["out_sample"]  # (2B or B, C, h, w) float32
         if self.guided:
             uncond, cond = np.split(out, 2)

@@ -15,3 +15,7 @@ class InvalidOption(SdrtError, ValueError):
 
 class ModelError(SdrtError):
     """A model folder, manifest or model file that is missing, corrupt or of another version."""
+
+
+class Interrupted(Exception):
+    """Raised by a generate() callback to stop the run after the current sampler step (A1111's Interrupt)."""

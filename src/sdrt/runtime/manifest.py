@@ -8,11 +8,12 @@ from sdrt.runtime.errors import ModelError
 
 MANIFEST_NAME = "model.json"
 MANIFEST_FORMAT = "sdrt-model"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: text encoders take token embeddings and return every layer
 FAMILIES = ("sd1", "sd2", "sdxl")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 PRECISIONS = ("fp32", "fp16")
 MODEL_NAMES = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
+TEXT_ENCODER_NAMES = ("text_encoder", "text_encoder_2")  # SDXL's refiner has only the second
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,10 @@ class Manifest:
     min_size: int = 64
     max_size: int = 2048
     detected: dict = field(default_factory=dict)  # export's detection: {fact: {"value": ..., "from": "..."}}
+    # SDXL (diffusers' pipeline config): an empty negative prompt gives zero embeddings (base), and the UNet's
+    # micro-conditioning ends with an aesthetic score instead of the target size (refiner).
+    force_zeros_for_empty_prompt: bool = False
+    requires_aesthetics_score: bool = False
     folder: Path = field(default=Path("."), compare=False)
 
     @property
@@ -132,9 +137,11 @@ class Manifest:
                 f"{str(path)!r}: rescale_betas_zero_snr needs prediction_type 'v_prediction', "
                 f"not {self.prediction_type!r} (Lin et al. 2023)"
             )
-        for name in ("text_encoder", "unet", "vae_decoder"):
+        for name in ("unet", "vae_decoder"):
             if name not in self.models:
                 raise ModelError(f"{str(path)!r} lists no {name!r} model")
+        if not set(TEXT_ENCODER_NAMES) & set(self.models):
+            raise ModelError(f"{str(path)!r} lists no text encoder ({' or '.join(TEXT_ENCODER_NAMES)})")
         for name in self.models:
             if not self.model_path(name).is_file():
                 raise ModelError(f"model file {str(self.model_path(name))!r} is missing")

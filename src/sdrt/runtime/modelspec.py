@@ -5,6 +5,8 @@ Dimension names are symbolic (dynamic) axes; ints are fixed sizes. Shapes use ON
 
 from dataclasses import dataclass
 
+TOKEN_EMBEDDING_FILE = "token_embedding.npy"  # (vocab, C) float32 beside each text encoder's model.onnx
+
 
 @dataclass(frozen=True)
 class TensorSpec:
@@ -40,12 +42,26 @@ class ModelSpec:
         return {"inputs": tensors(self.inputs), "outputs": tensors(self.outputs)}
 
 
-def text_encoder_spec(hidden_size: int) -> ModelSpec:
-    """CLIP text encoder: token ids -> last hidden state (and the penultimate one, for CLIP skip)."""
+def text_encoder_spec(name: str, hidden_size: int, layers: int, pooled_size: int) -> ModelSpec:
+    """CLIP text transformer from token embeddings (the runtime looks them up, so textual inversion needs no
+    re-export) -> every layer's hidden states, raw and through the final layer norm, and the pooled EOS state.
+
+    hidden_states[0] is the embedding output and hidden_states[-1] the last layer's (transformers' order);
+    pooled is the projected EOS state (CLIPTextModelWithProjection's text_embeds) or, without a projection,
+    the final-normed EOS state (pooler_output).
+    """
+    stack = (layers + 1, "batch", "tokens", hidden_size)
     return ModelSpec(
-        "text_encoder",
-        inputs=(TensorSpec("input_ids", "int64", ("batch", "tokens")),),
-        outputs=(TensorSpec("last_hidden_state", "float32", ("batch", "tokens", hidden_size)),),
+        name,
+        inputs=(
+            TensorSpec("inputs_embeds", "float32", ("batch", "tokens", hidden_size)),
+            TensorSpec("eos_index", "int64", ("batch",)),
+        ),
+        outputs=(
+            TensorSpec("hidden_states", "float32", stack),
+            TensorSpec("normed_hidden_states", "float32", stack),
+            TensorSpec("pooled", "float32", ("batch", pooled_size)),
+        ),
     )
 
 
@@ -60,6 +76,18 @@ def unet_spec(latent_channels: int, in_channels: int, context_dim: int) -> Model
         ),
         outputs=(TensorSpec("out_sample", "float32", ("batch", latent_channels, "latent_height", "latent_width")),),
     )
+
+
+def sdxl_unet_spec(latent_channels: int, in_channels: int, context_dim: int, pooled_size: int, time_ids: int):
+    """SDXL UNet: unet_spec's inputs plus the added conditioning (Podell et al. 2023, sec. 2.2): the pooled text
+    embedding and the micro-conditioning numbers (6 for the base: original size, crop, target size; 5 for the
+    refiner: original size, crop, aesthetic score)."""
+    base = unet_spec(latent_channels, in_channels, context_dim)
+    added = (
+        TensorSpec("text_embeds", "float32", ("batch", pooled_size)),
+        TensorSpec("time_ids", "float32", ("batch", time_ids)),
+    )
+    return ModelSpec(base.name, inputs=base.inputs + added, outputs=base.outputs)
 
 
 def vae_decoder_spec(latent_channels: int) -> ModelSpec:

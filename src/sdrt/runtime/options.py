@@ -5,10 +5,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from sdrt.runtime.conditioning import EMPHASES, MAX_CLIP_SKIP
 from sdrt.runtime.errors import InvalidOption
 from sdrt.runtime.manifest import Manifest
 from sdrt.runtime.rng import GENERATORS
 from sdrt.runtime.schedules import SPACINGS, resolve_config, uses_spacing
+from sdrt.runtime.sdxl import SdxlOptions, make_sdxl_options
 
 # A1111 sampler name -> (sampler function name in samplers.py, diffusers timestep rule in schedules.py)
 SAMPLERS = {
@@ -65,6 +67,7 @@ MAX_STEPS = 1000
 MAX_BATCH = 64
 SEED_MAX = 2**32 - 1
 MAX_MASK_BLUR = 64  # A1111's mask blur slider maximum
+MAX_PROMPT_CHARS = 20_000  # about 70 chunks of 75 tokens: far past any real prompt, short of a memory hazard
 
 
 def resolve_scheduler(scheduler: str) -> str:
@@ -122,6 +125,9 @@ class GenerationOptions:
     ensd: int = 0  # A1111's eta noise seed delta: per-step noise comes from seed + ensd
     strength: float | None = None  # img2img/inpaint denoising strength in [0, 1]; None: txt2img
     mask_blur: int | None = None  # A1111's mask blur (Gaussian sigma, pixels) when a mask is given; None: no mask
+    sdxl: SdxlOptions | None = None  # SDXL's own options (prompt_2, micro-conditioning, refiner); None: SD 1.x/2.x
+    clip_skip: int = 1  # A1111's "Clip skip": 1 = the last layer, 2 = the penultimate (through the final layer norm)
+    emphasis: str = "Original"  # A1111's emphasis mode: "Original", "No norm", "None"
 
     @property
     def steps_run(self) -> int:
@@ -181,6 +187,8 @@ def make_options(manifest: Manifest, **raw) -> GenerationOptions:
     for field in ("prompt", "negative_prompt"):
         if not isinstance(raw[field], str):
             raise InvalidOption(field, raw[field], "a string")
+        if len(raw[field]) > MAX_PROMPT_CHARS:
+            raise InvalidOption(field, f"a text of {len(raw[field])} characters", f"at most {MAX_PROMPT_CHARS}")
     step = manifest.latent_downsample
     for field in ("width", "height"):
         size = manifest.native_size if raw[field] is None else raw[field]
@@ -225,7 +233,11 @@ def make_options(manifest: Manifest, **raw) -> GenerationOptions:
         raw["strength"] = _float("strength", raw["strength"], 0, 1)
     if raw.get("mask_blur") is not None:
         raw["mask_blur"] = _int("mask_blur", raw["mask_blur"], 0, MAX_MASK_BLUR)
+    raw["clip_skip"] = _int("clip_skip", raw.get("clip_skip", 1), 1, MAX_CLIP_SKIP)
+    if raw.get("emphasis", "Original") not in EMPHASES:
+        raise InvalidOption("emphasis", raw["emphasis"], ", ".join(EMPHASES))
     schedule_options(manifest, raw)
+    raw["sdxl"] = make_sdxl_options(manifest, raw.get("sdxl") or {})
     return GenerationOptions(**raw)
 
 

@@ -13,33 +13,55 @@ import numpy as np
 from PIL import Image
 
 from sdrt import __version__
-from sdrt.engines import create_engine
+from sdrt.engines import resolve_backend
+from sdrt.engines.memory import memory_plan
 from sdrt.runtime import masks, samplers
-from sdrt.runtime.denoiser import Denoiser
-from sdrt.runtime.errors import InvalidOption, ModelError
+from sdrt.runtime.checks import require_finite
+from sdrt.runtime.conditioning import Conditioner, Encoded, TextEncoder, pad_to
+from sdrt.runtime.denoiser import Denoiser, TextConditioning
+from sdrt.runtime.embeddings import EmbeddingDB
+from sdrt.runtime.errors import Interrupted, InvalidOption, ModelError
 from sdrt.runtime.image import format_number, from_pil, infotext, to_pil
 from sdrt.runtime.manifest import Manifest
 from sdrt.runtime.options import SAMPLERS, SCHEDULERS, GenerationOptions, make_options
+from sdrt.runtime.prompt import prompt_schedules
 from sdrt.runtime.rng import A1111_RNG_LABELS, ImageNoise
 from sdrt.runtime.schedules import Schedule, build_schedule, resolve_config, train_sigmas
+from sdrt.runtime.sdxl import SDXL_OPTIONS, load_refiner, refiner_infotext, split_schedule
+from sdrt.runtime.tiling import decode_tiled, encode_tiled
 from sdrt.runtime.tokenizer import ClipTokenizer
 
 
 class Pipeline:
     """A loaded model: `Pipeline.load(model_dir).generate(prompt, ...)` returns PIL images with infotext."""
 
-    def __init__(self, manifest: Manifest, backend: str):
+    def __init__(self, manifest: Manifest, backend: str, low_vram: bool = False, vram_budget=None, vae_tile=None):
         self.manifest = manifest
-        self.backend = backend
+        self.backend = resolve_backend(backend, manifest.folder)
+        self.memory = memory_plan(manifest, self.backend, low_vram, vram_budget, vae_tile)  # staging, tiling
         self.tokenizer = ClipTokenizer.from_dir(manifest.folder / "tokenizer")
-        self.engines = {name: create_engine(manifest.model_path(name), backend) for name in manifest.models}
+        self.engines = self.memory.create_engines(manifest, self.backend)
+        self.embeddings = EmbeddingDB()  # textual inversions, used by name in prompts
+        encoder = TextEncoder(self.engines["text_encoder"], manifest, "text_encoder", self.tokenizer)
+        self.conditioner = Conditioner([encoder], self.embeddings)
         self.train_sigmas = train_sigmas(manifest.scheduler)  # (N,) float32
 
     @classmethod
-    def load(cls, model_dir, backend: str = "cpu") -> "Pipeline":
-        """Read MODEL_DIR (made by `sdrt export`), validate it, and load its engines."""
-        pipe = cls(Manifest.load(Path(model_dir)), backend)
-        for name in ("text_encoder", "unet", "vae_decoder"):
+    def load(
+        cls, model_dir, backend: str = "cpu", embeddings=None, low_vram: bool = False, vram_budget=None, vae_tile=None
+    ) -> "Pipeline":
+        """Read MODEL_DIR (made by `sdrt export`), validate it, and load its engines.
+
+        `embeddings`: a folder of textual inversion files (.pt, .bin, .safetensors), used by file name in prompts.
+        `backend`: "auto" (TensorRT, then CUDA, then CPU), "cpu", "cuda" or "tensorrt".
+        `low_vram`: load one engine at a time (text encoder -> UNet -> VAE, each freed after use) and tile the VAE;
+        `vram_budget` ("2GB") plans staging, TensorRT UNet weight streaming and tiling to fit it; `vae_tile`: VAE
+        tile size in pixels (tiling.py).
+        """
+        pipe = cls(Manifest.load(Path(model_dir)), backend, low_vram, vram_budget, vae_tile)
+        if embeddings is not None:
+            pipe.embeddings.load_dir(embeddings)
+        for name in () if pipe.memory.staged else ("text_encoder", "unet", "vae_decoder"):
             pipe.engines[name].load()
         return pipe
 
@@ -80,7 +102,22 @@ class Pipeline:
         inpaint_full_res: bool = False,
         inpaint_full_res_padding: int = 32,
         inpainting_mask_invert: bool = False,
+        clip_skip: int = 1,
+        emphasis: str = "Original",
         progress: bool = True,
+        callback=None,
+        prompt_2: str | None = None,
+        negative_prompt_2: str | None = None,
+        original_size: tuple[int, int] | None = None,
+        crops_coords_top_left: tuple[int, int] | None = None,
+        target_size: tuple[int, int] | None = None,
+        negative_original_size: tuple[int, int] | None = None,
+        negative_crops_coords_top_left: tuple[int, int] | None = None,
+        negative_target_size: tuple[int, int] | None = None,
+        aesthetic_score: float | None = None,
+        negative_aesthetic_score: float | None = None,
+        refiner=None,
+        refiner_switch_at: float | None = None,
     ):
         """txt2img. Returns batch_size * batch_count PIL images, or their final latents with output_type="latent".
 
@@ -95,7 +132,18 @@ class Pipeline:
         steps - int(steps * strength) steps, and sampled for the int(steps * strength) left (diffusers' rule).
         Inpainting: `mask` (white = repaint) with A1111's `mask_blur`, `inpainting_fill`, `inpaint_full_res`(+
         `_padding`) and `inpainting_mask_invert`; pixels outside the (blurred) mask are the init image's.
+
+        `callback(step, total_steps, denoised)` runs after each sampler step: step counts 1..batch_count * steps run
+        over the whole run; denoised (batch_size, C, h, w) float32 is the sampler's current x0 estimate. If it raises
+        errors.Interrupted, the run stops there and returns the batches already finished (possibly none).
+
+        SDXL only (sdxl.py, diffusers' names): `prompt_2`/`negative_prompt_2` for the second text encoder (default:
+        the first's), micro-conditioning `original_size`, `crops_coords_top_left`, `target_size` and their
+        `negative_` variants ((height, width) and (top, left) pixels; default: the generated size, no crop), the
+        refiner's `aesthetic_score`/`negative_aesthetic_score` (6, 2.5), and `refiner` (a refiner model folder)
+        taking over at `refiner_switch_at` (0.8) of the noise schedule (diffusers' denoising_end/_start).
         """
+        sdxl_options = {name: value for name, value in locals().items() if name in SDXL_OPTIONS}
         editing = init_image is not None
         if not editing:
             if mask is not None:
@@ -142,7 +190,11 @@ class Pipeline:
             guidance_rescale=guidance_rescale,
             strength=strength if editing else None,
             mask_blur=mask_blur if mask is not None else None,
+            clip_skip=clip_skip,
+            emphasis=emphasis,
+            sdxl=sdxl_options,
         )
+        self.conditioner.check(opts.clip_skip, opts.emphasis)
         edit = None
         if editing:
             edit = self.prepare_edit(
@@ -172,25 +224,35 @@ class Pipeline:
         schedule = build_schedule(
             self.manifest.scheduler, opts.steps, SAMPLERS[opts.sampler][1], opts.scheduler, opts.timestep_spacing
         )
-        cond, uncond = self.encode_prompts(opts)  # (1, L, C) each
+        text, notes = self.encode_prompts(opts)
+        refiner, decoder = None, self
+        if opts.sdxl is not None and opts.sdxl.refiner is not None:  # SDXL's second stage, and its VAE decodes
+            decoder = load_refiner(self, opts.sdxl.refiner)
+            refiner = (decoder, decoder.encode_prompts(opts)[0])
+            notes = {**notes, **refiner_infotext(decoder.manifest, opts.sdxl.refiner_switch_at)}
         results = []
-        bar = _progress(total * opts.steps_run, progress)
+        bar = Progress(opts.batch_count * opts.steps_run, progress, callback)
         for b in range(opts.batch_count):
             seeds = opts.seeds[b * opts.batch_size : (b + 1) * opts.batch_size]
             start = None if latents is None else latents[b * opts.batch_size : (b + 1) * opts.batch_size]
             subseeds = opts.subseeds[b * opts.batch_size : (b + 1) * opts.batch_size]
-            final = self.sample(
-                opts, schedule, seeds, latent_shape, cond, uncond, start, bar, subseeds=subseeds, edit=edit
-            )
-            results.append(final if opts.output_type == "latent" else self.decode(final))
+            try:
+                final = self.sample(
+                    opts, schedule, seeds, latent_shape, text, start, bar, subseeds=subseeds, edit=edit, refiner=refiner
+                )
+            except Interrupted:  # the callback stopped the run: keep the batches already finished
+                break
+            if opts.output_type != "latent":
+                final = require_finite(decoder.decode(final), "images", decoder.manifest)
+            results.append(final)
         bar.close()
         if opts.output_type == "latent":
-            return np.concatenate(results)
+            return np.concatenate(results) if results else np.zeros((0, *latent_shape), np.float32)
         images = [im for batch in results for im in to_pil(batch)]
         if edit is not None and edit.overlay is not None:
             images = [masks.paste_back(im, edit.original, edit.overlay, edit.paste_box) for im in images]
-        for im, seed, subseed in zip(images, opts.seeds, opts.subseeds, strict=True):
-            im.info["parameters"] = self.infotext(opts, seed, subseed)
+        for im, seed, subseed in zip(images, opts.seeds[: len(images)], opts.subseeds[: len(images)], strict=True):
+            im.info["parameters"] = self.infotext(opts, seed, subseed, notes)
         return images
 
     def outpaint(self, image, prompt: str, left: int = 0, right: int = 0, up: int = 0, down: int = 0, **kwargs):
@@ -218,15 +280,51 @@ class Pipeline:
         kwargs.setdefault("strength", 1.0)
         return self.generate(prompt, init_image=canvas, mask=mask, **kwargs)
 
-    def encode_prompts(self, opts: GenerationOptions) -> tuple[np.ndarray, np.ndarray | None]:
-        """(1, L, C) float32 embeddings of the prompt and, with guidance, of the negative prompt."""
-        texts = [opts.prompt, opts.negative_prompt] if opts.guided else [opts.prompt]
-        ids = self.tokenizer(texts, self.manifest.text_max_length)  # (1 or 2, L) int64
-        hidden = self.engines["text_encoder"].run({"input_ids": ids})["last_hidden_state"]  # (1 or 2, L, C)
-        return hidden[:1], (hidden[1:2] if opts.guided else None)
+    def encode_prompts(self, opts: GenerationOptions) -> tuple[TextConditioning, dict]:
+        """The prompt's (and with guidance the negative prompt's) conditioning for each denoiser call, for one image,
+        and the infotext fields it adds. Prompt editing gives one entry per switch (A1111's schedules over opts.steps);
+        cond and uncond are padded to the same length with the empty prompt's chunk (A1111's "Pad conds")."""
+        prompts = [opts.prompt, opts.negative_prompt] if opts.guided else [opts.prompt]
+        schedules = prompt_schedules(prompts, opts.steps)  # per prompt: [(last step, text)]
+        encoded = []  # per prompt: [(last step, Encoded)]
+        for schedule in schedules:
+            result = self.conditioner.encode([text for _, text in schedule], opts.clip_skip, opts.emphasis)
+            encoded.append([(end, self._row(result, i)) for i, (end, _) in enumerate(schedule)])
+        length = max(e.context.shape[1] for entries in encoded for _, e in entries)
+        padded = any(e.context.shape[1] != length for entries in encoded for _, e in entries)
+        if padded:
+            empty = self.conditioner.empty(opts.clip_skip)
+            encoded = [[(end, Encoded(pad_to(e.context, length, empty), e.pooled, e.used)) for end, e in entries]
+                       for entries in encoded]
+        ends = sorted({end for entries in encoded for end, _ in entries})
+        feeds = []
+        for end in ends:
+            at = [next((e for last, e in entries if end <= last), entries[-1][1]) for entries in encoded]
+            feeds.append(self.text_feeds(at[0], at[1] if opts.guided else None))
+        used = {e.name: e for entries in encoded for _, enc in entries for e in enc.used}
+        notes = {
+            "Emphasis": opts.emphasis if opts.emphasis != "Original" and _has_emphasis(prompts) else None,
+            "TI hashes": ", ".join(f"{_clean(n)}: {e.shorthash}" for n, e in used.items()) or None,
+            "Pad conds": True if padded else None,
+        }
+        return TextConditioning(tuple(ends), tuple(feeds), opts.guided), notes
 
-    def sample(self, opts, schedule: Schedule, seeds, latent_shape, cond, uncond, start, bar, subseeds=None, edit=None):
-        """One batch: initial noise per image seed, the sampler, then the latent the VAE decodes."""
+    @staticmethod
+    def _row(encoded: Encoded, i: int) -> Encoded:
+        pooled = None if encoded.pooled is None else encoded.pooled[i : i + 1]
+        return Encoded(encoded.context[i : i + 1], pooled, encoded.used)
+
+    def text_feeds(self, cond: Encoded, uncond: Encoded | None) -> dict:
+        """UNet text inputs for one image, uncond first: {"encoder_hidden_states": (2 or 1, L, C) float32}."""
+        halves = [cond] if uncond is None else [uncond, cond]
+        return {"encoder_hidden_states": np.concatenate([h.context for h in halves]).astype(np.float32)}
+
+    def sample(
+        self, opts, schedule: Schedule, seeds, latent_shape, text, start, bar, subseeds=None, edit=None, refiner=None
+    ):
+        """One batch: initial noise per image seed, the sampler, then the latent the VAE decodes.
+
+        REFINER: (refiner Pipeline, its TextConditioning), SDXL's second stage."""
         resize = opts.seed_resize_from
         noise = ImageNoise(  # noise() -> (B, C, h, w) float32, each image's own generator
             opts.rng,
@@ -252,8 +350,7 @@ class Pipeline:
             self.manifest.prediction_type,
             self.train_sigmas,
             timesteps,
-            np.repeat(cond, batch, axis=0),
-            None if uncond is None else np.repeat(uncond, batch, axis=0),
+            text.repeat(batch),
             opts.cfg_scale,
             guidance_rescale=opts.guidance_rescale,
             conditioning=conditioning,
@@ -263,11 +360,31 @@ class Pipeline:
         ddim_cfg = resolve_config(self.manifest.scheduler, "ddim")
         if "clip_denoised" in kwargs_accepted(fn) and ddim_cfg.clip_sample:
             kwargs["clip_denoised"] = ddim_cfg.clip_sample_range
-        if "timesteps" in kwargs_accepted(fn):  # LCM's boundary condition is a function of the UNet timestep
-            kwargs["timesteps"] = schedule.timesteps
-            kwargs["timestep_scaling"] = self.manifest.scheduler.timestep_scaling
-        x = fn(denoise, x, schedule.sigmas, noise=noise, callback=step_hook(schedule, blend, bar), **kwargs)
-        return (x * np.float32(schedule.final_scale)).astype(np.float32)
+        stages = [(schedule, denoise)]
+        if refiner is not None:  # SDXL: the refiner's UNet takes over at refiner_switch_at (diffusers' handoff)
+            refiner_pipe, refiner_text = refiner
+            base_part, refiner_part = split_schedule(
+                schedule, opts.sdxl.refiner_switch_at, self.manifest.scheduler.num_train_timesteps
+            )
+            refined = Denoiser(
+                refiner_pipe.engines["unet"],
+                refiner_pipe.manifest.prediction_type,
+                refiner_pipe.train_sigmas,
+                timesteps,
+                refiner_text.repeat(batch),
+                opts.cfg_scale,
+                guidance_rescale=opts.guidance_rescale,
+            )
+            stages = [(base_part, denoise), (refiner_part, refined)]
+        for part, stage in stages:
+            if len(part.timesteps) == 0:
+                continue
+            if "timesteps" in kwargs_accepted(fn):  # LCM's boundary condition is a function of the UNet timestep
+                kwargs["timesteps"] = part.timesteps
+                kwargs["timestep_scaling"] = self.manifest.scheduler.timestep_scaling
+            hook = step_hook(part, blend, bar, final=stage is stages[-1][1])
+            x = fn(stage, x, part.sigmas, noise=noise, callback=hook, **kwargs)
+        return require_finite((x * np.float32(schedule.final_scale)).astype(np.float32), "latents", self.manifest)
 
     def prepare_edit(self, opts, image, resize_mode, mask, fill, full_res, full_res_padding, invert) -> "Edit":
         """The init image and mask as the sampler needs them (A1111's StableDiffusionProcessingImg2Img.init order:
@@ -349,7 +466,10 @@ class Pipeline:
         from that image's generator (diffusers' retrieve_latents in "sample" mode)."""
         if "vae_encoder" not in self.engines:
             raise ModelError(f"{self.manifest.folder} has no VAE encoder: re-export the model with this sdrt")
-        out = self.engines["vae_encoder"].run({"sample": images.astype(np.float32)})
+        if self.memory.tiles([side // self.manifest.latent_downsample for side in images.shape[2:]]):
+            out = encode_tiled(self.engines["vae_encoder"], images.astype(np.float32), *self.memory.tiling)
+        else:
+            out = self.engines["vae_encoder"].run({"sample": images.astype(np.float32)})
         mean, logvar = out["latent_mean"], out["latent_logvar"]  # (1, C, h, w) float32 each
         z = mean + np.exp(np.float32(0.5) * logvar) * noise()  # (B, C, h, w)
         if self.manifest.vae_shift_factor is not None:
@@ -362,9 +482,11 @@ class Pipeline:
         if self.manifest.vae_shift_factor is not None:
             scaled = scaled + np.float32(self.manifest.vae_shift_factor)
         vae = self.engines["vae_decoder"]
+        if self.memory.tiles(scaled.shape):  # overlapping tiles, blended (tiling.py)
+            return np.concatenate([decode_tiled(vae, z[None], *self.memory.tiling) for z in scaled.astype(np.float32)])
         return np.concatenate([vae.run({"latent_sample": z[None]})["sample"] for z in scaled.astype(np.float32)])
 
-    def infotext(self, opts: GenerationOptions, seed: int, subseed: int | None = None) -> str:
+    def infotext(self, opts: GenerationOptions, seed: int, subseed: int | None = None, notes=None) -> str:
         """The "parameters" text of one image, with A1111's keys in A1111's order."""
         params = {
             "Steps": opts.steps,
@@ -379,9 +501,12 @@ class Pipeline:
             "Variation seed strength": format_number(opts.subseed_strength) if opts.subseed_strength else None,
             "Seed resize from": opts.seed_resize_from and f"{opts.seed_resize_from_w}x{opts.seed_resize_from_h}",
             "Denoising strength": None if opts.strength is None else format_number(opts.strength),
+            "Clip skip": opts.clip_skip if opts.clip_skip > 1 else None,
             "ENSD": opts.ensd if opts.records_ensd else None,
             "RNG": A1111_RNG_LABELS[opts.rng],
+            "Eta": None if opts.eta is None else format_number(opts.eta),
             "Mask blur": opts.mask_blur,
+            **(notes or {}),
             "Timestep spacing": opts.timestep_spacing,
             "Guidance rescale": format_number(opts.guidance_rescale) if opts.guidance_rescale else None,
             "Version": f"sdrt {__version__}",
@@ -403,24 +528,33 @@ class Edit:
     paste_box: tuple[int, int, int, int] | None = None  # (x, y, w, h) with inpaint_full_res
 
 
-def step_hook(schedule: Schedule, blend, bar):
+def step_hook(schedule: Schedule, blend, bar, final: bool = True):
     """The samplers' callback(i, x, denoised): progress, and for inpainting with a regular UNet the blend of
     StableDiffusionInpaintPipeline: after step i, x outside the mask is replaced in place by the init latents
-    noised to sigmas[i + 1] with the initial noise (clean after the last step), so the next step starts from it."""
-    last = len(schedule.sigmas) - 2
+    noised to sigmas[i + 1] with the initial noise (clean after the last step), so the next step starts from it.
+    FINAL False: SCHEDULE is a first stage (SDXL's base before its refiner), whose last step is not the end."""
+    last = len(schedule.sigmas) - 2 if final else -1
 
     def hook(i, x, denoised):
-        bar.update()
-        if blend is None:
-            return
-        x0, eps, mask = blend  # (B, C, h, w), (B, C, h, w), (1, 1, h, w)
-        if i == last:
-            known = x0 / np.float32(schedule.final_scale)
-        else:
-            known = x0 + np.float32(schedule.sigmas[i + 1]) * eps
-        np.copyto(x, (1 - mask) * known + mask * x)
+        if blend is not None:
+            x0, eps, mask = blend  # (B, C, h, w), (B, C, h, w), (1, 1, h, w)
+            if i == last:
+                known = x0 / np.float32(schedule.final_scale)
+            else:
+                known = x0 + np.float32(schedule.sigmas[i + 1]) * eps
+            np.copyto(x, (1 - mask) * known + mask * x)
+        bar.update(denoised)
 
     return hook
+
+
+def _has_emphasis(texts) -> bool:
+    """A1111 records a non-default emphasis only for prompts with brackets."""
+    return any("(" in t or "[" in t for t in texts)
+
+
+def _clean(name: str) -> str:
+    return name.replace(":", "").replace(",", "")
 
 
 def _int_option(field: str, value, low: int, high: int) -> int:
@@ -439,7 +573,20 @@ def sampler_kwargs(fn, knobs: dict) -> dict:
     return {k: v for k, v in knobs.items() if k in accepted}
 
 
-def _progress(total: int, enabled: bool):
-    from tqdm import tqdm
+class Progress:
+    """A run's sampler steps: a tqdm bar, and the caller's callback(step, total_steps, denoised) after each."""
 
-    return tqdm(total=total, desc="generate", unit="step", disable=not enabled, leave=False)
+    def __init__(self, total: int, enabled: bool, callback=None):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, desc="generate", unit="step", disable=not enabled, leave=False)
+        self.total, self.done, self.callback = total, 0, callback
+
+    def update(self, denoised: np.ndarray | None = None) -> None:
+        self.bar.update()
+        self.done += 1
+        if self.callback is not None:
+            self.callback(self.done, self.total, denoised)
+
+    def close(self) -> None:
+        self.bar.close()

@@ -1,0 +1,106 @@
+"""The model cases `sdrt bench --model NAME` can build: full-size architectures with random weights (no download).
+
+Add a case (e.g. SDXL) by adding a ModelCase to CASES; the build worker reads its configs, the runners its sizes.
+"""
+
+from dataclasses import dataclass, field
+
+# Stable Diffusion 1.5's UNet (runwayml/stable-diffusion-v1-5 unet/config.json): 859.5 M parameters.
+SD15_UNET = {
+    "sample_size": 64,
+    "in_channels": 4,
+    "out_channels": 4,
+    "block_out_channels": [320, 640, 1280, 1280],
+    "layers_per_block": 2,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    "cross_attention_dim": 768,
+    "attention_head_dim": 8,
+    "norm_num_groups": 32,
+}
+SD15_VAE = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "block_out_channels": [128, 256, 512, 512],
+    "layers_per_block": 2,
+    "latent_channels": 4,
+    "norm_num_groups": 32,
+    "sample_size": 512,
+    "scaling_factor": 0.18215,
+}
+# CLIP ViT-L/14's text tower. The tokenizer is the tiny test vocabulary: its ids only index the embedding.
+SD15_TEXT = {
+    "vocab_size": 49408,
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "max_position_embeddings": 77,
+    "hidden_act": "quick_gelu",
+    "projection_dim": 768,
+}
+
+# "small": the same code path on models a few MB in size (a smoke test of the benchmark itself).
+SMALL_UNET = {
+    "sample_size": 32,
+    "in_channels": 4,
+    "out_channels": 4,
+    "block_out_channels": [32, 64],
+    "layers_per_block": 1,
+    "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+    "cross_attention_dim": 64,
+    "attention_head_dim": 8,
+    "norm_num_groups": 16,
+}
+SMALL_VAE = dict(SD15_VAE, block_out_channels=[16, 16, 32, 32], layers_per_block=1, norm_num_groups=8, sample_size=256)
+SMALL_TEXT = dict(
+    SD15_TEXT, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, projection_dim=64
+)
+
+
+@dataclass(frozen=True)
+class ModelCase:
+    """One architecture to benchmark and the settings it is measured at on each device."""
+
+    name: str
+    description: str
+    unet_config: dict
+    vae_config: dict
+    text_config: dict  # vocab_size None: the tiny tokenizer's size
+    cpu: dict = field(default_factory=dict)  # defaults of --size/--steps on the CPU
+    gpu: dict = field(default_factory=dict)  # defaults on a GPU (the published peers' settings)
+    unet_tflop_per_sample_step: float | None = None  # at 512x512: for the FLOP-rate utilisation figure
+    smoke: bool = False  # a smoke test of the benchmark, not a result
+    pipeline: str = "sd"  # the builder in common.BUILDERS that assembles it ("sd": SD 1.x/2.x; add "sdxl")
+
+    def configs(self) -> dict:
+        """The build stamp: the same keys as before pipeline kinds existed for "sd" (earlier builds stay reusable)."""
+        configs = {"unet_config": self.unet_config, "vae_config": self.vae_config, "text_config": self.text_config}
+        return configs if self.pipeline == "sd" else {**configs, "pipeline": self.pipeline}
+
+
+CASES = {
+    "sd15": ModelCase(
+        "sd15",
+        "SD 1.5 architecture, random weights",
+        SD15_UNET,
+        SD15_VAE,
+        SD15_TEXT,
+        cpu={"size": 256, "steps": 10},
+        gpu={"size": 512, "steps": 50},  # TensorRT demo / diffusers published settings
+        unet_tflop_per_sample_step=0.80,  # SD 1.5 UNet at 512x512 (ARCHITECTURE.md)
+    ),
+    "small": ModelCase(
+        "small",
+        "tiny random models (--model small)",
+        SMALL_UNET,
+        SMALL_VAE,
+        dict(SMALL_TEXT, vocab_size=None),
+        cpu={"size": 256, "steps": 10},
+        gpu={"size": 256, "steps": 10},
+        smoke=True,
+    ),
+}

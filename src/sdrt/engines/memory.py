@@ -1,0 +1,139 @@
+"""Memory modes of a Pipeline: everything resident, or low-VRAM staging (one engine loaded at a time), UNet weight
+streaming under a VRAM budget (TensorRT), and tiled VAE decode/encode."""
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from sdrt.engines import create_engine
+from sdrt.engines.plan import CUDA_CONTEXT_BYTES, StageCost, parse_size, plan_vram
+from sdrt.runtime.errors import InvalidOption
+from sdrt.runtime.tiling import DEFAULT_OVERLAP, DEFAULT_TILE, tiling_for
+
+# Activation bytes per latent cell per image of each engine in fp16 (TensorRT, fused attention), used to plan a
+# VRAM budget before any engine runs. Estimates from published SD 1.5 figures (UNet ~1 GB at 512x512, batch 2;
+# VAE decoder ~2.5 GB at 512x512 untiled), not measured by sdrt: the budget test on a GPU checks the plan.
+ACTIVATION_PER_CELL = {"text_encoder": 0, "unet": 120_000, "vae_decoder": 600_000, "vae_encoder": 300_000}
+TEXT_ENCODER_ACTIVATIONS = 64 * 2**20
+FP16_WEIGHT_SHARE = 0.5  # GPU engines are fp16: half the bytes of an fp32 export's files
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """How a Pipeline holds its engines: `staged` (one at a time), engine options, VAE tiling in latent cells."""
+
+    staged: bool = False
+    vae_tile: int | None = None
+    vram_budget: int | None = None
+    unet_streaming_budget: int | None = None
+
+    @property
+    def tiling(self) -> tuple[int, int, int]:
+        """(tile, overlap, margin) in latent cells (tiling.tiling_for)."""
+        return tiling_for(self.vae_tile)
+
+    def tiles(self, latent_shape) -> bool:
+        """True if a latent of LATENT_SHAPE (..., h, w) is decoded in tiles."""
+        return self.vae_tile is not None and max(latent_shape[-2:]) > self.vae_tile
+
+    def create_engines(self, manifest, backend: str) -> dict:
+        """The manifest's engines on BACKEND; under a Stager when staged."""
+        engines = {}
+        for name in manifest.models:
+            options = {}
+            if backend == "cuda" and self.vram_budget:
+                options["gpu_mem_limit"] = self.vram_budget
+            if backend == "tensorrt" and name == "unet" and self.unet_streaming_budget is not None:
+                options["streaming_budget"] = self.unet_streaming_budget
+            engines[name] = create_engine(manifest.model_path(name), backend, **options)
+        return Stager().wrap(engines) if self.staged else engines
+
+
+def memory_plan(manifest, backend: str, low_vram: bool = False, vram_budget=None, vae_tile=None) -> MemoryPlan:
+    """Validate the memory options and plan them. VAE_TILE is in pixels (a multiple of the latent downsample);
+    LOW_VRAM alone stages the engines and tiles the VAE at DEFAULT_TILE; VRAM_BUDGET ('2GB') plans with plan_vram."""
+    if not isinstance(low_vram, bool):
+        raise InvalidOption("low_vram", low_vram, "True or False")
+    step = manifest.latent_downsample
+    tile = None
+    if vae_tile is not None:
+        bad = isinstance(vae_tile, bool) or not isinstance(vae_tile, (int, np.integer))
+        if bad or vae_tile % step or vae_tile <= 0:
+            raise InvalidOption("vae_tile", vae_tile, f"a positive number of pixels, a multiple of {step}")
+        tile = int(vae_tile) // step
+        tiling_for(tile)  # refuses a tile too small to blend
+    if vram_budget is None:
+        if low_vram:
+            return MemoryPlan(staged=True, vae_tile=tile or DEFAULT_TILE)
+        return MemoryPlan(vae_tile=tile)
+    budget = parse_size(vram_budget)
+    native = manifest.native_size // step
+    cells = native * native
+    stages = {}
+    for name in manifest.models:
+        files = [manifest.model_path(name), *manifest.model_path(name).parent.glob("*.data")]
+        share = FP16_WEIGHT_SHARE if backend != "cpu" and manifest.precision == "fp32" else 1
+        weights = int(sum(f.stat().st_size for f in files) * share)
+        batch = 2 if name == "unet" else 1  # a guided UNet step runs cond + uncond
+        acts = TEXT_ENCODER_ACTIVATIONS if name == "text_encoder" else ACTIVATION_PER_CELL[name] * cells * batch
+        stages[name] = StageCost(weights, acts, streamable=weights if name == "unet" and backend == "tensorrt" else 0)
+    overhead = CUDA_CONTEXT_BYTES if backend != "cpu" else 0
+    plan = plan_vram(budget, stages, vae_full_latent=native, overhead=overhead, tile_min=2 * DEFAULT_OVERLAP)
+    planned_tile = tile or plan.vae_tile or (DEFAULT_TILE if plan.staged else None)
+    return MemoryPlan(plan.staged or low_vram, planned_tile, vram_budget=budget,
+                      unet_streaming_budget=plan.unet_streaming_budget)  # fmt: skip
+
+
+class Stager:
+    """Keeps at most one of its engines loaded: running one unloads the one before (low-VRAM / low-RAM mode).
+
+    The pipeline runs text encoder -> UNet -> VAE, so each is loaded once per generation and freed after use.
+    """
+
+    def __init__(self):
+        self.resident = None
+        self.loads = 0  # engine loads so far (a measure of staging's cost)
+
+    def wrap(self, engines: dict) -> dict:
+        return {name: StagedEngine(engine, self) for name, engine in engines.items()}
+
+    def activate(self, staged: "StagedEngine") -> None:
+        if self.resident is staged:
+            return
+        if self.resident is not None:
+            self.resident.inner.unload()
+            self.resident = None
+        staged.inner.load()
+        self.resident = staged
+        self.loads += 1
+
+
+class StagedEngine:
+    """An engine that loads itself when it runs and is unloaded when another engine of its Stager runs."""
+
+    def __init__(self, inner, stager: Stager):
+        self.inner = inner
+        self.stager = stager
+
+    @property
+    def input_names(self) -> list[str]:
+        return self.inner.input_names
+
+    @property
+    def output_names(self) -> list[str]:
+        return self.inner.output_names
+
+    def load(self) -> None:
+        """Deferred: the engine loads when it first runs."""
+
+    def run(self, feeds: dict) -> dict:
+        self.stager.activate(self)
+        return self.inner.run(feeds)
+
+    def unload(self) -> None:
+        if self.stager.resident is self:
+            self.stager.resident = None
+        self.inner.unload()
+
+    def __getattr__(self, name):  # the wrapped engine's other attributes (model_file, session, ...)
+        return getattr(self.inner, name)

@@ -1,0 +1,426 @@
+"""SDXL export (base, refiner, Turbo; diffusers folder or single file) -> ONNX models + model.json.
+
+Memory: a diffusers folder is read one part at a time, and each part is released once exported, so the
+peak is about one part (the UNet: 2.6 B parameters, 10.3 GB in fp32) plus what the ONNX exporter and the
+verification hold. A single file is loaded whole by diffusers (in fp16 for fp16 exports) and its parts are
+released as they are exported.
+"""
+
+import gc
+import importlib
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sdrt.export.detect import INPAINT_IN_CHANNELS, TXT2IMG_IN_CHANNELS, CheckpointInfo, Detection, Fact
+from sdrt.runtime.errors import InvalidOption, ModelError
+
+SGM_PREFIX = "conditioner.embedders."  # the SGM (generative-models) single-file layout of SDXL
+SGM_BASE_TEXT_ENCODER_2 = "conditioner.embedders.1.model."  # OpenCLIP bigG beside CLIP ViT-L: the base
+SGM_REFINER_TEXT_ENCODER = "conditioner.embedders.0.model."  # OpenCLIP bigG alone: the refiner
+SDXL_SINGLE_FILE_PIPELINES = {
+    "base": "StableDiffusionXLPipeline",
+    "refiner": "StableDiffusionXLImg2ImgPipeline",
+    "inpainting": "StableDiffusionXLInpaintPipeline",
+}
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
+# Micro-conditioning numbers per UNet (Podell et al. 2023, sec. 2.2-2.5): original size (2), crop (2) and target
+# size (2) for the base; original size, crop and an aesthetic score for the refiner.
+TIME_IDS_BASE, TIME_IDS_REFINER = 6, 5
+# Trace values of the micro-conditioning: SDXL's native 1024 px, no crop.
+TRACE_TIME_IDS = {
+    TIME_IDS_BASE: [1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0],
+    TIME_IDS_REFINER: [1024.0, 1024.0, 0.0, 0.0, 6.0],
+}
+
+
+def is_sdxl(source: str, checkpoint: CheckpointInfo | None = None) -> bool:
+    """True for a diffusers folder (or hub id) with a second text encoder, or a single file in SDXL's SGM layout."""
+    path = Path(source)
+    if (path / "model_index.json").is_file():
+        return "text_encoder_2" in _read_json(path / "model_index.json")
+    if _hub_id(source):
+        from huggingface_hub import hf_hub_download
+
+        try:
+            return "text_encoder_2" in _read_json(Path(hf_hub_download(source, "model_index.json")))
+        except Exception:  # offline, unknown id: load_source reports it
+            return False
+    return checkpoint is not None and any(k.startswith(SGM_PREFIX) for k in checkpoint.shapes)
+
+
+def _hub_id(source: str) -> bool:
+    return not Path(source).exists() and source.count("/") == 1 and not source.startswith((".", "/"))
+
+
+# A hub snapshot's files: configs, tokenizers and the full-precision weights (not the .fp16 variants beside them).
+HUB_PATTERNS = ["*.json", "*.txt", "*/diffusion_pytorch_model.safetensors", "*/model.safetensors"]
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelError(f"{str(path)!r} is not valid JSON ({e})") from None
+
+
+def _class(library: str, name: str):
+    return getattr(importlib.import_module(library), name)
+
+
+@dataclass
+class SdxlParts:
+    """An SDXL checkpoint's parts, handed out one at a time; `release` drops a part once it is exported."""
+
+    kind: str  # "diffusers" | "single_file"
+    name: str
+    sha256: str
+    config: dict  # the pipeline config: force_zeros_for_empty_prompt, requires_aesthetics_score
+    scheduler: object  # a diffusers scheduler (its config)
+    where: str  # where the configs came from, in words
+    folder: Path | None = None
+    pipe: object = None  # single files: the whole pipeline
+    checkpoint: CheckpointInfo | None = None
+    unet_dtype: object = None
+    loaded: dict = field(default_factory=dict)
+
+    def has(self, name: str) -> bool:
+        if self.pipe is not None:
+            return getattr(self.pipe, name, None) is not None or name in self.loaded
+        entry = self.config.get(name)
+        return isinstance(entry, list) and entry[0] is not None
+
+    def get(self, name: str):
+        """The part NAME (a torch module or tokenizer), loaded now for a folder."""
+        if name in self.loaded:
+            return self.loaded[name]
+        if self.pipe is not None:
+            part = getattr(self.pipe, name)
+        else:
+            import torch
+
+            library, cls = self.config[name]
+            kwargs = {}
+            if library in ("diffusers", "transformers") and not name.startswith("tokenizer"):
+                kwargs["torch_dtype"] = self.unet_dtype if name == "unet" else torch.float32
+            try:
+                part = _class(library, cls).from_pretrained(self.folder, subfolder=name, **kwargs)
+            except (OSError, ValueError, KeyError) as e:
+                raise ModelError(f"could not load {name} from {str(self.folder)!r}: {e}") from None
+        self.loaded[name] = part
+        return part
+
+    def config_of(self, name: str) -> dict:
+        """A part's config without loading its weights (a folder's NAME/config.json)."""
+        if self.pipe is not None or name in self.loaded:
+            return dict(self.get(name).config)
+        return _read_json(self.folder / name / "config.json")
+
+    def release(self, name: str) -> None:
+        self.loaded.pop(name, None)
+        if self.pipe is not None and hasattr(self.pipe, name):
+            setattr(self.pipe, name, None)
+        gc.collect()
+
+
+def load_sdxl(source: str, precision: str, original_config=None, config=None) -> SdxlParts:
+    """SOURCE (an SDXL diffusers folder or SGM-layout single file) as SdxlParts, nothing loaded yet for a folder."""
+    import torch
+
+    from sdrt.export.sources import file_sha256, folder_sha256, read_checkpoint_info
+
+    unet_dtype = torch.float16 if precision == "fp16" else torch.float32
+    if _hub_id(source):
+        from huggingface_hub import snapshot_download
+
+        try:
+            folder = snapshot_download(source, allow_patterns=HUB_PATTERNS)
+        except Exception as e:  # network and hub errors come in many types
+            raise ModelError(f"could not download {source!r} from the hub: {e}") from None
+        parts = load_sdxl(folder, precision)
+        parts.kind, parts.name, parts.where = "hub", source, f"hub {source}"
+        return parts
+    path = Path(source)
+    if path.is_dir():
+        index = _read_json(path / "model_index.json")
+        scheduler = _load_scheduler(index, path)
+        return SdxlParts(
+            "diffusers", path.resolve().name, folder_sha256(path), index, scheduler, "diffusers folder", path,
+            unet_dtype=unet_dtype,
+        )  # fmt: skip
+    import diffusers
+
+    checkpoint = read_checkpoint_info(path)
+    role = single_file_role(checkpoint)
+    if config:
+        kwargs = {"config": str(config), "local_files_only": Path(config).is_dir()}
+    else:
+        kwargs = {"original_config": str(original_config)} if original_config else {}
+    try:
+        pipe = getattr(diffusers, SDXL_SINGLE_FILE_PIPELINES[role]).from_single_file(
+            str(path), torch_dtype=unet_dtype, **kwargs
+        )
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        hint = "" if config else " (offline, pass --config with a diffusers SDXL folder of the same architecture)"
+        raise ModelError(f"could not load the checkpoint {source!r}: {str(e)[:500]}{hint}") from None
+    where = f"--config {config}" if config else "diffusers' default SDXL config"
+    return SdxlParts(
+        "single_file", path.stem, file_sha256(path).hexdigest(), dict(pipe.config), pipe.scheduler, where,
+        pipe=pipe, checkpoint=checkpoint, unet_dtype=unet_dtype,
+    )  # fmt: skip
+
+
+def _load_scheduler(index: dict, folder: Path):
+    import diffusers
+
+    library, cls = index.get("scheduler") or ("diffusers", "EulerDiscreteScheduler")
+    try:
+        return getattr(diffusers, cls).from_pretrained(folder, subfolder="scheduler")
+    except (OSError, ValueError, AttributeError) as e:
+        raise ModelError(f"could not load the scheduler config of {str(folder)!r}: {e}") from None
+
+
+def single_file_role(checkpoint: CheckpointInfo) -> str:
+    """Base, refiner or inpainting, from an SGM-layout file's keys and UNet input channels."""
+    from sdrt.export.detect import LDM_UNET_IN
+
+    keys = checkpoint.shapes
+    if LDM_UNET_IN in keys and keys[LDM_UNET_IN][1] == INPAINT_IN_CHANNELS:
+        return "inpainting"
+    if any(k.startswith(SGM_BASE_TEXT_ENCODER_2) for k in keys):
+        return "base"
+    if any(k.startswith(SGM_REFINER_TEXT_ENCODER) for k in keys):
+        return "refiner"
+    raise ModelError("the checkpoint has SDXL conditioner keys but no OpenCLIP text encoder: unknown SDXL layout")
+
+
+def sgm_yaml_facts(path: str) -> dict[str, Fact]:
+    """prediction_type and the variant stated by an SGM (SDXL) inference YAML."""
+    from sdrt.export.detect import read_original_config
+
+    params = read_original_config(path)["model"]["params"]
+    name = f"original config {Path(path).name}"
+    if "network_config" not in params:
+        raise ModelError(f"{name} is not an SDXL (SGM) config: it has no model.params.network_config")
+    facts = {}
+    scaling = str(((params.get("denoiser_config") or {}).get("params") or {}).get("scaling_config", {}).get("target"))
+    if scaling.endswith("VScaling"):
+        facts["prediction_type"] = Fact("v_prediction", f"{name}: scaling_config VScaling")
+    elif scaling.endswith("EpsScaling"):
+        facts["prediction_type"] = Fact("epsilon", f"{name}: scaling_config EpsScaling")
+    network = params["network_config"].get("params") or {}
+    if "in_channels" in network:
+        facts["unet_in_channels"] = Fact(int(network["in_channels"]), f"{name}: network_config in_channels")
+    return facts
+
+
+def detect_sdxl(parts: SdxlParts, unet_config, original_config=None) -> Detection:
+    """family, prediction type, variant, UNet input channels and native size of an SDXL model."""
+    where = parts.where
+    if parts.kind == "single_file":
+        family = Fact("sdxl", f"weights: SDXL conditioner ({SGM_PREFIX}*)")
+    else:
+        family = Fact("sdxl", f"{where}: a second text encoder (text_encoder_2)")
+    from_yaml = sgm_yaml_facts(original_config) if original_config else {}
+    in_channels = int(unet_config["in_channels"])
+    stated = from_yaml.get("unet_in_channels")
+    if stated and stated.value != in_channels:
+        raise ModelError(f"{stated.source} is {stated.value}, but the loaded UNet takes {in_channels} channels")
+    if in_channels not in (TXT2IMG_IN_CHANNELS, INPAINT_IN_CHANNELS):
+        raise ModelError(f"an SDXL UNet with {in_channels} input channels is not supported (4, or 9: inpainting)")
+    config = parts.scheduler.config
+    if "prediction_type" in from_yaml:
+        prediction = from_yaml["prediction_type"]
+    elif "prediction_type" in config and "prediction_type" not in config.get("_use_default_values", []):
+        prediction = Fact(config["prediction_type"], f"{where}: scheduler prediction_type")
+    else:
+        prediction = Fact("epsilon", f"{where}: the scheduler config sets none, diffusers' default")
+    if in_channels == INPAINT_IN_CHANNELS:
+        variant = Fact("inpainting", f"{in_channels}-channel UNet")
+    elif parts.config.get("requires_aesthetics_score"):
+        variant = Fact("refiner", f"{where}: requires_aesthetics_score (aesthetic-score conditioning)")
+    else:
+        variant = Fact("txt2img", f"{in_channels}-channel UNet")
+    sample = int(unet_config["sample_size"])
+    return Detection(
+        family=family,
+        prediction_type=prediction,
+        variant=variant,
+        unet_in_channels=Fact(in_channels, f"{where}: UNet in_channels"),
+        native_size=Fact(sample * 8, f"{where}: UNet sample_size {sample} latent cells"),
+    )
+
+
+def unet_forward(unet, sample, timestep, encoder_hidden_states, text_embeds, time_ids):
+    """diffusers' SDXL UNet call: added conditioning through added_cond_kwargs."""
+    added = {"text_embeds": text_embeds, "time_ids": time_ids}
+    return unet(sample, timestep.float(), encoder_hidden_states, added_cond_kwargs=added, return_dict=False)[0]
+
+
+def unet_step(unet, pooled_size: int, time_ids: int, max_len: int):
+    """The SDXL UNet's export step, inputs sized from its config."""
+    import torch
+
+    from sdrt.export.steps import ModelStep
+    from sdrt.runtime.modelspec import sdxl_unet_spec
+
+    config = unet.config
+    expected = time_ids * config.addition_time_embed_dim + pooled_size
+    if config.addition_embed_type != "text_time" or unet.add_embedding.linear_1.in_features != expected:
+        raise ModelError(
+            f"the UNet's added conditioning takes {unet.add_embedding.linear_1.in_features} numbers; SDXL's "
+            f"{'refiner' if time_ids == TIME_IDS_REFINER else 'base'} layout needs {expected} "
+            f"({time_ids} time ids x {config.addition_time_embed_dim} + pooled {pooled_size})"
+        )
+    generator = torch.Generator().manual_seed(0)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator)
+
+    in_ch, context, latent_ch = config.in_channels, config.cross_attention_dim, config.out_channels
+    up = 2 ** (len(config.block_out_channels) - 1)  # odd latent sizes exercise the skip-connection resize
+    ids = torch.tensor([TRACE_TIME_IDS[time_ids]])
+
+    def inputs(batch, h, w, t, tokens):
+        return (
+            randn(batch, in_ch, h, w),
+            torch.tensor(t),
+            randn(batch, tokens, context),
+            randn(batch, pooled_size),
+            ids.repeat(batch, 1),
+        )
+
+    return ModelStep(
+        sdxl_unet_spec(latent_ch, in_ch, context, pooled_size, time_ids),
+        unet,
+        unet_forward,
+        inputs(1, 2 * up + 1, 2 * up - 1, [500.0], max_len),
+        inputs(2, 2 * up, 3 * up, [999.0, 1.0], 2 * max_len),
+    )
+
+
+def check_vae_option(vae: str) -> Path | str:
+    """--vae as a folder holding config.json (a model folder's vae/ too), or a hub id; else InvalidOption."""
+    path = Path(vae)
+    if (path / "vae" / "config.json").is_file():
+        path = path / "vae"
+    if not ((path / "config.json").is_file() or _hub_id(vae)):
+        allowed = "a diffusers VAE folder (with config.json), a model folder with vae/, or a hub id"
+        raise InvalidOption("--vae", vae, allowed)
+    return path if path.exists() else vae
+
+
+def load_vae(vae: str):
+    """--vae: an AutoencoderKL from a diffusers VAE folder (config.json), a model folder's vae/, or a hub id."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    path = check_vae_option(vae)
+    try:
+        return AutoencoderKL.from_pretrained(str(path), torch_dtype=torch.float32)
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelError(f"could not load the VAE {vae!r}: {str(e)[:300]}") from None
+
+
+def check_vae(vae, unet_out_channels: int, vae_option: str) -> None:
+    """A replacement VAE must share the UNet's latent channels."""
+    if int(vae.config.latent_channels) != int(unet_out_channels):
+        raise InvalidOption(
+            "--vae",
+            vae_option,
+            f"a VAE with {unet_out_channels} latent channels (the UNet's); this one has {vae.config.latent_channels}",
+        )
+
+
+def vae_fp16_capable(vae, family: str) -> bool:
+    """SDXL's VAE overflows in fp16 (its config says force_upcast): it stays fp32 unless a fixed VAE says otherwise."""
+    return family != "sdxl" or not bool(vae.config.get("force_upcast", True))
+
+
+def checkpoint_info(source: str) -> CheckpointInfo | None:
+    """A single file's tensor shapes (to tell SDXL's layout); None for folders and hub ids."""
+    from sdrt.export.sources import SINGLE_FILE_SUFFIXES, read_checkpoint_info
+
+    path = Path(source)
+    return read_checkpoint_info(path) if path.is_file() and path.suffix.lower() in SINGLE_FILE_SUFFIXES else None
+
+
+def export_sdxl_into(source, folder: Path, precision: str, original_config, config, vae_option, bar):
+    """Export an SDXL base, refiner or inpainting model into FOLDER, one part at a time; returns its Manifest."""
+    from tqdm import tqdm
+
+    from sdrt import __version__
+    from sdrt.export import run_step, scheduler_config, write_tokenizer
+    from sdrt.export.steps import text_encoder_step, vae_steps
+    from sdrt.runtime.manifest import Manifest
+
+    parts = load_sdxl(source, precision, original_config, config)
+    unet_config = parts.config_of("unet")
+    detected = detect_sdxl(parts, unet_config, original_config)
+    tqdm.write(detected.describe(), file=sys.stderr)
+    bar.update()
+    models, pooled_size, max_len = {}, None, None
+    encoders = [name for name in TEXT_ENCODERS if parts.has(name)]
+    if "text_encoder_2" not in encoders:
+        raise ModelError(f"{source!r} has no text_encoder_2 (OpenCLIP bigG): every SDXL model needs it")
+    for name in encoders:
+        text_encoder = parts.get(name)
+        max_len = int(text_encoder.config.max_position_embeddings)
+        if name == "text_encoder_2":
+            pooled_size = int(text_encoder.config.projection_dim)
+        step = text_encoder_step(text_encoder, name)
+        step.release = lambda name=name: parts.release(name)
+        del text_encoder
+        models[name] = run_step(step, folder, precision, bar)
+        tokenizer = name.replace("text_encoder", "tokenizer")
+        write_tokenizer(parts.get(tokenizer), folder / tokenizer)
+        parts.release(tokenizer)
+    refiner = bool(parts.config.get("requires_aesthetics_score", False))
+    step = unet_step(parts.get("unet"), pooled_size, TIME_IDS_REFINER if refiner else TIME_IDS_BASE, max_len)
+    step.release = lambda: parts.release("unet")  # the UNet leaves memory before ONNX Runtime loads its graph
+    models["unet"] = run_step(step, folder, precision, bar)
+    del step
+    vae = load_vae(vae_option) if vae_option else parts.get("vae")
+    if vae_option:
+        check_vae(vae, unet_config["out_channels"], vae_option)
+    fp16_vae = vae_fp16_capable(vae, "sdxl")
+    if precision == "fp16" and not fp16_vae:
+        tqdm.write(
+            "vae: kept fp32: SDXL's VAE overflows in fp16 (its config sets force_upcast); "
+            "pass --vae with a VAE fixed for fp16 (force_upcast false) to run it in fp16",
+            file=sys.stderr,
+        )
+    down = 2 ** (len(vae.config.block_out_channels) - 1)
+    for step in vae_steps(vae, down, fp16_vae):
+        models[step.spec.name] = run_step(step, folder, precision, bar)
+    vae_config = dict(vae.config)
+    parts.release("vae")
+    del vae
+    source_info = {"kind": parts.kind, "name": parts.name, "sha256": parts.sha256}
+    if vae_option:
+        source_info["vae"] = str(vae_option)
+    manifest = Manifest(
+        family="sdxl",
+        prediction_type=detected.prediction_type.value,
+        scheduler=scheduler_config(parts.scheduler.config),
+        vae_scaling_factor=float(vae_config["scaling_factor"]),
+        vae_shift_factor=vae_config.get("shift_factor"),
+        latent_channels=int(vae_config["latent_channels"]),
+        unet_in_channels=detected.unet_in_channels.value,
+        latent_downsample=down,
+        native_size=detected.native_size.value,
+        text_max_length=max_len,
+        text_hidden_size=int(unet_config["cross_attention_dim"]),
+        precision=precision,
+        models=models,
+        source=source_info,
+        sdrt_version=__version__,
+        detected=detected.to_json(),
+        force_zeros_for_empty_prompt=bool(parts.config.get("force_zeros_for_empty_prompt", True)),
+        requires_aesthetics_score=refiner,
+    )
+    manifest.save(folder)
+    bar.update()
+    bar.close()
+    return manifest

@@ -1,0 +1,386 @@
+"""A1111's API request fields and defaults (modules/api/models.py over processing.py), and their mapping to sdrt.
+
+Field names and defaults are A1111's (steps 50, 512x512, sampler_index "Euler", img2img denoising_strength 0.75,
+inpainting_fill 0 = fill, inpaint_full_res True with padding 0, ...). Fields for features sdrt does not have
+(hires fix, face restoration, tiling, scripts, styles, refiners) are accepted at their defaults and refused
+(422 naming the field) otherwise; unknown fields are ignored, as A1111's pydantic models ignore them.
+"""
+
+import inspect
+import json
+import math
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from sdrt import __version__
+from sdrt.runtime.errors import InvalidOption
+from sdrt.runtime.infotext import generate_kwargs as infotext_kwargs
+from sdrt.runtime.infotext import parse_infotext
+from sdrt.runtime.options import ENSD_SAMPLERS, SAMPLER_ALIASES, SAMPLERS, SCHEDULER_ALIASES, SCHEDULERS, make_options
+
+RANDN_SOURCES = {"GPU": "gpu", "CPU": "torch", "NV": "nv"}  # A1111's randn_source option -> sdrt's rng
+# Pipeline.generate / make_options argument -> the A1111 request field a client sent
+FIELD_NAMES = {
+    "sampler": "sampler_name",
+    "batch_count": "n_iter",
+    "strength": "denoising_strength",
+    "init_image": "init_images",
+    "ensd": "override_settings.eta_noise_seed_delta",
+    "rng": "override_settings.randn_source",
+    "clip_skip": "override_settings.CLIP_stop_at_last_layers",
+    "emphasis": "override_settings.emphasis",
+}
+# Options /sdapi/v1/options reports and accepts, with A1111's defaults (sd_model_checkpoint is set at start).
+DEFAULT_OPTIONS = {
+    "sd_model_checkpoint": "",
+    "CLIP_stop_at_last_layers": 1,
+    "emphasis": "Original",
+    "eta_noise_seed_delta": 0,
+    "randn_source": "GPU",
+    "live_previews_enable": True,
+    "show_progress_every_n_steps": 10,
+    "samples_format": "png",
+}
+
+
+class GenerationRequest(BaseModel):
+    """The fields txt2img and img2img share (A1111's StableDiffusionProcessing)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    prompt: str = ""
+    negative_prompt: str = ""
+    styles: list[str] | None = None
+    seed: int = -1
+    subseed: int = -1
+    subseed_strength: float = 0.0
+    seed_resize_from_h: int = -1
+    seed_resize_from_w: int = -1
+    sampler_name: str | None = None
+    scheduler: str | None = None
+    batch_size: int = 1
+    n_iter: int = 1
+    steps: int = 50
+    cfg_scale: float = 7.0
+    width: int = 512
+    height: int = 512
+    restore_faces: bool | None = None
+    tiling: bool | None = None
+    do_not_save_samples: bool = False
+    do_not_save_grid: bool = False
+    eta: float | None = None
+    denoising_strength: float | None = None
+    s_min_uncond: float | None = None
+    s_churn: float | None = None
+    s_tmax: float | None = None
+    s_tmin: float | None = None
+    s_noise: float | None = None
+    override_settings: dict[str, Any] | None = None
+    override_settings_restore_afterwards: bool = True
+    refiner_checkpoint: str | None = None
+    refiner_switch_at: float | None = None
+    disable_extra_networks: bool = False
+    comments: dict[str, Any] | None = None
+    sampler_index: str = "Euler"
+    script_name: str | None = None
+    script_args: list = Field(default_factory=list)
+    send_images: bool = True
+    save_images: bool = False
+    alwayson_scripts: dict[str, Any] = Field(default_factory=dict)
+    force_task_id: str | None = None
+    infotext: str | None = None
+
+
+class Txt2ImgRequest(GenerationRequest):
+    """POST /sdapi/v1/txt2img (A1111's StableDiffusionProcessingTxt2Img)."""
+
+    enable_hr: bool = False
+    firstphase_width: int = 0
+    firstphase_height: int = 0
+    hr_scale: float = 2.0
+    hr_upscaler: str | None = None
+    hr_second_pass_steps: int = 0
+    hr_resize_x: int = 0
+    hr_resize_y: int = 0
+    hr_checkpoint_name: str | None = None
+    hr_sampler_name: str | None = None
+    hr_scheduler: str | None = None
+    hr_prompt: str = ""
+    hr_negative_prompt: str = ""
+    firstpass_image: str | None = None
+
+
+class Img2ImgRequest(GenerationRequest):
+    """POST /sdapi/v1/img2img (A1111's StableDiffusionProcessingImg2Img): init_images and mask are base64 images."""
+
+    init_images: list[str] | None = None
+    resize_mode: int = 0
+    denoising_strength: float = 0.75
+    image_cfg_scale: float | None = None
+    mask: str | None = None
+    mask_blur_x: int = 4
+    mask_blur_y: int = 4
+    mask_blur: int | None = None
+    mask_round: bool = True
+    inpainting_fill: int = 0
+    inpaint_full_res: bool = True
+    inpaint_full_res_padding: int = 0
+    inpainting_mask_invert: int = 0
+    initial_noise_multiplier: float | None = None
+    latent_mask: str | None = None
+    include_init_images: bool = Field(default=False, exclude=True)
+
+
+class OutpaintRequest(GenerationRequest):
+    """POST /sdrt/v1/outpaint: extend `image` by left/right/up/down pixels (multiples of 8) and paint the new area."""
+
+    image: str = Field(description="the base64-encoded image to extend; its sides must be multiples of 8")
+    left: int = 0
+    right: int = 0
+    up: int = 0
+    down: int = 0
+    width: int | None = None  # the canvas size; other values are refused
+    height: int | None = None
+    denoising_strength: float = 1.0
+    mask_blur: int = 4
+    inpainting_fill: int = 1  # original: the prefilled canvas
+
+
+class PngInfoRequest(BaseModel):
+    image: str = Field(description="a base64-encoded PNG")
+
+
+class ProgressResponse(BaseModel):
+    progress: float
+    eta_relative: float
+    state: dict
+    current_image: str | None = None
+    textinfo: str | None = None
+
+
+class ImagesResponse(BaseModel):
+    images: list[str] | None = None
+    parameters: dict
+    info: str
+
+
+# field -> (values sdrt accepts, why it refuses others)
+UNSUPPORTED = {
+    "styles": ((None, []), "sdrt has no styles database"),
+    "restore_faces": ((None, False), "sdrt has no face restoration"),
+    "tiling": ((None, False), "sdrt has no tiling"),
+    "s_min_uncond": ((None, 0, 0.0), "sdrt always runs the unconditional pass"),
+    "refiner_checkpoint": ((None, "", "None"), "sdrt has no refiner"),
+    "script_name": ((None, ""), "sdrt has no scripts"),
+    "script_args": (([],), "sdrt has no scripts"),
+    "alwayson_scripts": (({},), "sdrt has no scripts"),
+    "enable_hr": ((False,), "sdrt has no hires fix"),
+    "firstpass_image": ((None, ""), "sdrt has no hires fix"),
+    "initial_noise_multiplier": ((None, 1, 1.0), "sdrt uses A1111's default multiplier 1"),
+    "latent_mask": ((None, ""), "sdrt derives the latent mask from `mask`"),
+    "mask_round": ((True,), "sdrt always rounds the mask (A1111's default)"),
+}
+
+
+def check_supported(req: GenerationRequest) -> None:
+    """Refuse fields set for features sdrt does not have (InvalidOption naming the field)."""
+    for name, (accepted, why) in UNSUPPORTED.items():
+        value = getattr(req, name, accepted[0])
+        if not any(value == ok and type(value) is type(ok) or value is ok for ok in accepted):
+            raise InvalidOption(name, value, f"{accepted[0]!r}: {why}")
+
+
+# infotext.generate_kwargs names -> request fields (A1111's paste_fields); the rest become override_settings
+INFOTEXT_FIELDS = {"sampler": "sampler_name", "strength": "denoising_strength"}
+INFOTEXT_SETTINGS = {"clip_skip": "CLIP_stop_at_last_layers", "ensd": "eta_noise_seed_delta", "emphasis": "emphasis"}
+INFOTEXT_RNG = {v: k for k, v in RANDN_SOURCES.items()}
+
+
+def apply_infotext(req: GenerationRequest, options: dict) -> None:
+    """A1111's apply_infotext: the `infotext` field's parameters fill the fields the request did not set, and
+    its settings that differ from the server's OPTIONS become override_settings (unless the request has them)."""
+    if not req.infotext:
+        return
+    given = req.model_fields_set
+    overrides = dict(req.override_settings or {})
+    for name, value in infotext_kwargs(parse_infotext(req.infotext)).items():
+        field = INFOTEXT_FIELDS.get(name, name)
+        if name in INFOTEXT_SETTINGS or name == "rng":
+            key, value = ("randn_source", INFOTEXT_RNG[value]) if name == "rng" else (INFOTEXT_SETTINGS[name], value)
+            if options[key] != value:
+                overrides.setdefault(key, value)
+        elif field in type(req).model_fields and field not in given:
+            setattr(req, field, value)
+    if overrides:
+        req.override_settings = overrides
+
+
+def settings(req: GenerationRequest, options: dict, checkpoint_titles: tuple[str, ...]) -> dict:
+    """The server options with the request's override_settings applied (validated like POST /options)."""
+    merged = dict(options)
+    for key, value in (req.override_settings or {}).items():
+        merged[key] = check_option(key, value, checkpoint_titles, "override_settings")
+    return merged
+
+
+def check_option(key: str, value, checkpoint_titles: tuple[str, ...], where: str = "options"):
+    """One option's value, validated (InvalidOption naming WHERE.key); unknown options are refused."""
+    field = f"{where}.{key}"
+    if key not in DEFAULT_OPTIONS:
+        raise InvalidOption(field, value, "one of " + ", ".join(DEFAULT_OPTIONS))
+    if key == "sd_model_checkpoint":
+        if value not in checkpoint_titles:
+            raise InvalidOption(field, value, " or ".join(repr(t) for t in checkpoint_titles) + " (the loaded model)")
+        return checkpoint_titles[0]
+    if key == "randn_source":
+        if value not in RANDN_SOURCES:
+            raise InvalidOption(field, value, ", ".join(RANDN_SOURCES))
+        return value
+    if key == "samples_format":
+        if value != "png":
+            raise InvalidOption(field, value, "png")
+        return value
+    if key == "emphasis":
+        if not isinstance(value, str):
+            raise InvalidOption(field, value, "Original, No norm or None")
+        return value
+    if key == "live_previews_enable":
+        if not isinstance(value, bool):
+            raise InvalidOption(field, value, "true or false")
+        return value
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidOption(field, value, "an integer")
+    return value
+
+
+def generate_kwargs(req: GenerationRequest, opts: dict, generate_params) -> dict:
+    """Pipeline.generate keyword arguments for the fields txt2img, img2img and outpaint share."""
+    sampler = req.sampler_name or req.sampler_index
+    kwargs = dict(
+        negative_prompt=req.negative_prompt,
+        width=req.width,
+        height=req.height,
+        steps=req.steps,
+        cfg_scale=req.cfg_scale,
+        sampler=sampler,
+        scheduler=req.scheduler or "automatic",
+        seed=req.seed,
+        batch_size=req.batch_size,
+        batch_count=req.n_iter,
+        rng=RANDN_SOURCES[opts["randn_source"]],
+        subseed=req.subseed,
+        subseed_strength=req.subseed_strength,
+        seed_resize_from_w=max(req.seed_resize_from_w, 0),
+        seed_resize_from_h=max(req.seed_resize_from_h, 0),
+        ensd=opts["eta_noise_seed_delta"],
+        eta=req.eta,
+        s_noise=1.0 if req.s_noise is None else req.s_noise,
+        s_churn=req.s_churn or 0.0,
+        s_tmin=req.s_tmin or 0.0,
+        s_tmax=req.s_tmax or math.inf,  # A1111: 0 or unset means infinity
+    )
+    for name, option, default in (("clip_skip", "CLIP_stop_at_last_layers", 1), ("emphasis", "emphasis", "Original")):
+        if name in generate_params:
+            kwargs[name] = opts[option]
+        elif opts[option] != default:
+            raise InvalidOption(f"override_settings.{option}", opts[option], repr(default))
+    return kwargs
+
+
+OPTION_KEYS = {  # generate() arguments that make_options validates (the rest are image inputs and edit modes)
+    "negative_prompt", "width", "height", "steps", "cfg_scale", "sampler", "scheduler", "seed", "batch_size",
+    "batch_count", "rng", "subseed", "subseed_strength", "seed_resize_from_w", "seed_resize_from_h", "ensd", "eta",
+    "s_noise", "s_churn", "s_tmin", "s_tmax", "strength", "mask_blur", "clip_skip", "emphasis",
+}  # fmt: skip
+
+
+def resolve(manifest, prompt: str, kwargs: dict):
+    """Validate KWARGS once with make_options (before queueing) and pin the random seeds it drew into KWARGS."""
+    raw = {k: v for k, v in kwargs.items() if k in OPTION_KEYS}
+    opts = make_options(manifest, prompt=prompt, output_type="pil", **raw)
+    kwargs["seed"], kwargs["subseed"] = opts.seed, opts.subseed
+    kwargs["sampler"], kwargs["scheduler"] = opts.sampler, opts.scheduler
+    return opts
+
+
+def generate_params(pipe) -> set[str]:
+    """The keyword arguments this Pipeline.generate takes (clip_skip arrives with prompt syntax)."""
+    return set(inspect.signature(pipe.generate).parameters)
+
+
+def info_json(images, manifest, opts, clip_skip: int, inpainting: bool) -> str:
+    """A1111's Processed.js(): the run's parameters, every image's seed and infotext."""
+    total = opts.batch_size * opts.batch_count
+    infotexts = [im.info.get("parameters", "") for im in images]
+    extra = {"Schedule type": SCHEDULERS[opts.scheduler]}
+    if opts.records_ensd:
+        extra["ENSD"] = opts.ensd
+    return json.dumps(
+        {
+            "prompt": opts.prompt,
+            "all_prompts": [opts.prompt] * total,
+            "negative_prompt": opts.negative_prompt,
+            "all_negative_prompts": [opts.negative_prompt] * total,
+            "seed": opts.seeds[0],
+            "all_seeds": opts.seeds,
+            "subseed": opts.subseeds[0],
+            "all_subseeds": opts.subseeds,
+            "subseed_strength": opts.subseed_strength,
+            "width": opts.width,
+            "height": opts.height,
+            "sampler_name": opts.sampler,
+            "cfg_scale": opts.cfg_scale,
+            "steps": opts.steps,
+            "batch_size": opts.batch_size,
+            "restore_faces": False,
+            "face_restoration_model": None,
+            "sd_model_name": manifest.model_name,
+            "sd_model_hash": manifest.model_hash or None,
+            "sd_vae_name": None,
+            "sd_vae_hash": None,
+            "seed_resize_from_w": opts.seed_resize_from_w or -1,
+            "seed_resize_from_h": opts.seed_resize_from_h or -1,
+            "denoising_strength": opts.strength,
+            "extra_generation_params": extra,
+            "index_of_first_image": 0,
+            "infotexts": infotexts,
+            "styles": [],
+            "job_timestamp": datetime.now().strftime("%Y%m%d%H%M%S"),
+            "clip_skip": clip_skip,
+            "is_using_inpainting_conditioning": inpainting,
+            "version": f"sdrt {__version__}",
+        }
+    )
+
+
+def samplers_list() -> list[dict]:
+    """GET /sdapi/v1/samplers: A1111's SamplerItem for each sampler sdrt runs."""
+    aliases = {name: [a for a, target in SAMPLER_ALIASES.items() if target == name] for name in SAMPLERS}
+    return [
+        {"name": name, "aliases": aliases[name], "options": {"uses_ensd": "True"} if name in ENSD_SAMPLERS else {}}
+        for name in SAMPLERS
+    ]
+
+
+KARRAS_RHO = 7.0  # Karras et al. 2022's rho, A1111's default_rho for its karras schedule
+
+
+def schedulers_list() -> list[dict]:
+    """GET /sdapi/v1/schedulers: A1111's SchedulerItem for each schedule type sdrt has."""
+    return [
+        {
+            "name": name,
+            "label": label,
+            "aliases": [a for a, target in SCHEDULER_ALIASES.items() if target == name] or None,
+            "default_rho": KARRAS_RHO if name == "karras" else -1,
+            "need_inner_model": name in ("uniform", "sgm_uniform", "simple"),
+        }
+        for name, label in SCHEDULERS.items()
+    ]
+
+
+def request_field(field: str) -> str:
+    """The A1111 request field a Pipeline/make_options field name stands for."""
+    return FIELD_NAMES.get(field, field)

@@ -1,0 +1,375 @@
+"""The FastAPI app: A1111's /sdapi/v1 routes, /sdrt/v1/outpaint, the page at /, request limits and basic auth."""
+
+import asyncio
+import base64
+import binascii
+import json
+import logging
+import secrets
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastapi import FastAPI, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+
+from sdrt import __version__
+from sdrt.runtime import masks
+from sdrt.runtime.errors import InvalidOption, SdrtError
+from sdrt.runtime.image import to_pil
+from sdrt.server import a1111
+from sdrt.server.codec import ImageTooLarge, UndecodableImage, decode_image, encode_png
+from sdrt.server.jobs import Job, QueueFull, Worker
+from sdrt.server.pnginfo import png_info_response
+
+STATIC = Path(__file__).parent / "static"
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+DISCONNECT_POLL_S = 0.25  # how often a waiting request checks that its client is still there
+CLIENT_CLOSED = 499  # nginx's "client closed request": the status logged for an answer nobody reads
+log = logging.getLogger("sdrt.server")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-request limits (HTTP 422 naming the field, 413 for the body) and the queue's size (429 when full)."""
+
+    max_pixels: int = 2048 * 2048  # width * height of one generated image
+    max_steps: int = 150  # A1111's UI slider maximum
+    max_batch_size: int = 8  # A1111's UI slider maximum
+    max_images: int = 64  # batch_size * n_iter
+    max_input_pixels: int = 4096 * 4096  # decoded init images, masks, PNG Info images
+    max_body_bytes: int = 64 * 2**20
+    max_queue: int = 8  # jobs waiting behind the running one
+
+
+class Server:
+    """One loaded Pipeline, its worker thread and the A1111 options."""
+
+    def __init__(self, pipe, limits: Limits):
+        self.pipe, self.limits = pipe, limits
+        manifest = pipe.manifest
+        self.title = f"{manifest.model_name} [{manifest.model_hash}]" if manifest.model_hash else manifest.model_name
+        self.titles = (self.title, manifest.model_name)
+        self.options = dict(a1111.DEFAULT_OPTIONS, sd_model_checkpoint=self.title)
+        self.params = a1111.generate_params(pipe)
+        self.worker = Worker(limits.max_queue, self.preview_every)
+
+    def preview_every(self) -> int:
+        return self.options["show_progress_every_n_steps"] if self.options["live_previews_enable"] else 0
+
+    def check_limits(self, req) -> None:
+        lim = self.limits
+        if req.steps > lim.max_steps:
+            raise InvalidOption("steps", req.steps, f"1 to {lim.max_steps} on this server")
+        if req.batch_size > lim.max_batch_size:
+            raise InvalidOption("batch_size", req.batch_size, f"1 to {lim.max_batch_size} on this server")
+        if req.batch_size * req.n_iter > lim.max_images:
+            raise InvalidOption("n_iter", req.n_iter, f"batch_size * n_iter <= {lim.max_images} on this server")
+        if req.width is not None and req.height is not None and req.width * req.height > lim.max_pixels:
+            raise InvalidOption("width", req.width, f"width * height <= {lim.max_pixels} pixels on this server")
+
+    def prepare(self, kind: str, req) -> Job:
+        """Validate REQ completely and build its job; errors here answer the request before it queues."""
+        a1111.apply_infotext(req, self.options)
+        a1111.check_supported(req)
+        self.check_limits(req)
+        opts = a1111.settings(req, self.options, self.titles)
+        kwargs = a1111.generate_kwargs(req, opts, self.params)
+        pipe, prompt = self.pipe, req.prompt
+        if kind == "img2img":
+            self.add_img2img(req, kwargs)
+        if kind == "outpaint":
+            image, amounts = self.add_outpaint(req, kwargs)
+
+            def run(callback):
+                return pipe.outpaint(image, prompt, **amounts, callback=callback, progress=False, **kwargs)
+
+        else:
+
+            def run(callback):
+                return pipe.generate(prompt, callback=callback, progress=False, **kwargs)
+
+        resolved = a1111.resolve(pipe.manifest, prompt, kwargs)  # validates; pins seeds and names into kwargs
+        inpaint_unet = pipe.manifest.unet_in_channels != pipe.manifest.latent_channels  # A1111: hybrid conditioning
+        meta = {"opts": resolved, "clip_skip": opts["CLIP_stop_at_last_layers"], "inpainting": inpaint_unet}
+        return Job(kind, run, batches=req.n_iter, preview=self.preview, meta=meta)
+
+    def add_img2img(self, req, kwargs: dict) -> None:
+        """init_images[0], mask and A1111's mask options as Pipeline.generate arguments."""
+        if not req.init_images or len(req.init_images) != 1:
+            count = 0 if not req.init_images else len(req.init_images)
+            raise InvalidOption("init_images", f"{count} images", "exactly one base64 image")
+        kwargs["init_image"] = self.decode(req.init_images[0], "init_images[0]")
+        kwargs["strength"] = req.denoising_strength
+        kwargs["resize_mode"] = req.resize_mode
+        if req.mask is None:
+            return
+        if req.mask_blur is None and req.mask_blur_x != req.mask_blur_y:
+            raise InvalidOption("mask_blur_y", req.mask_blur_y, f"{req.mask_blur_x}, equal to mask_blur_x")
+        if req.inpainting_mask_invert not in (0, 1):
+            raise InvalidOption("inpainting_mask_invert", req.inpainting_mask_invert, "0 or 1")
+        kwargs.update(
+            mask=self.decode(req.mask, "mask"),
+            mask_blur=req.mask_blur_x if req.mask_blur is None else req.mask_blur,
+            inpainting_fill=req.inpainting_fill,
+            inpaint_full_res=req.inpaint_full_res,
+            inpaint_full_res_padding=req.inpaint_full_res_padding,
+            inpainting_mask_invert=bool(req.inpainting_mask_invert),
+        )
+
+    def add_outpaint(self, req, kwargs: dict):
+        """(image, amounts) of an outpaint request; the canvas size and editing options into KWARGS."""
+        image = self.decode(req.image, "image")
+        amounts = masks.check_outpaint_amounts(req.left, req.right, req.up, req.down)
+        step = self.pipe.manifest.latent_downsample
+        if image.width % step or image.height % step:
+            raise InvalidOption("image", f"{image.width}x{image.height}", f"sides that are multiples of {step}")
+        kwargs["width"] = req.width or image.width + amounts["left"] + amounts["right"]
+        kwargs["height"] = req.height or image.height + amounts["up"] + amounts["down"]
+        kwargs.update(strength=req.denoising_strength, mask_blur=req.mask_blur, inpainting_fill=req.inpainting_fill)
+        return image, amounts
+
+    def decode(self, text, field: str):
+        return decode_image(text, field, self.limits.max_input_pixels)
+
+    def preview(self, denoised) -> str:
+        """The first image's current x0 estimate through the VAE, as base64 PNG (A1111's "Full" live preview)."""
+        return encode_png(to_pil(self.pipe.decode(denoised[:1]))[0])
+
+    def respond(self, job: Job, req, images) -> dict:
+        """A1111's TextToImageResponse / ImageToImageResponse."""
+        parameters = req.model_dump()
+        for name in ("init_images", "mask", "image"):
+            if name in parameters and not getattr(req, "include_init_images", False):
+                parameters[name] = None
+        return {
+            "images": [encode_png(im) for im in images] if req.send_images else [],
+            "parameters": parameters,
+            "info": a1111.info_json(images, self.pipe.manifest, **job.meta),
+        }
+
+    async def run(self, kind: str, req, request: Request):
+        """Queue REQ's job and answer when it is done; a client that leaves first frees its place in the queue."""
+        job = await run_in_threadpool(self.prepare, kind, req)
+        future = asyncio.wrap_future(self.worker.submit(job))
+        while not future.done():
+            await asyncio.wait([future], timeout=DISCONNECT_POLL_S)
+            if not future.done() and await request.is_disconnected():
+                future.cancel()  # a job still waiting is skipped; a running one finishes, unheard
+                return Response(status_code=CLIENT_CLOSED)
+        return await run_in_threadpool(self.respond, job, req, future.result())
+
+
+def field_error(field: str, message: str, value) -> JSONResponse:
+    """HTTP 422 in FastAPI's validation-error shape, naming the request field."""
+    text = value if isinstance(value, (str, int, float, bool, type(None))) else repr(value)
+    detail = [{"loc": ["body", *field.split(".")], "msg": message, "type": "value_error", "input": text}]
+    return JSONResponse({"detail": detail}, status_code=422)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(InvalidOption)
+    async def invalid_option(_, e: InvalidOption):
+        field = a1111.request_field(e.field)
+        return field_error(field, f"{field}: got {e.value!r}; allowed: {e.allowed}", e.value)
+
+    @app.exception_handler(ImageTooLarge)
+    async def too_large(_, e: ImageTooLarge):
+        return field_error(e.field, str(e), e.value)
+
+    @app.exception_handler(UndecodableImage)
+    async def undecodable(_, e: UndecodableImage):
+        return JSONResponse({"detail": str(e)}, status_code=400)
+
+    @app.exception_handler(SdrtError)
+    async def sdrt_error(_, e: SdrtError):
+        return JSONResponse({"detail": str(e)}, status_code=422)
+
+    @app.exception_handler(QueueFull)
+    async def queue_full(_, e: QueueFull):
+        return JSONResponse({"detail": str(e)}, status_code=429, headers={"Retry-After": str(e.retry_after)})
+
+    @app.exception_handler(Exception)
+    async def unexpected(_, e: Exception):
+        log.exception("request failed")
+        return JSONResponse({"detail": f"internal error: {type(e).__name__}: {e}"}, status_code=500)
+
+
+def create_app(pipe, limits: Limits | None = None, credentials: dict[str, str] | None = None) -> FastAPI:
+    """The ASGI app over a loaded Pipeline; CREDENTIALS {user: password} turn on HTTP basic auth for every route."""
+    server = Server(pipe, limits or Limits())
+    app = FastAPI(title="sdrt", version=__version__, description="A1111-compatible API over sdrt's runtime")
+    app.state.server = server
+    install_error_handlers(app)
+    add_routes(app, server)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    app.add_middleware(BodyLimit, max_bytes=server.limits.max_body_bytes)
+    if credentials:
+        app.add_middleware(BasicAuth, credentials=credentials)
+    return app
+
+
+def add_routes(app: FastAPI, server: Server) -> None:
+    @app.get("/", include_in_schema=False)
+    def page():
+        return FileResponse(STATIC / "index.html")
+
+    @app.post("/sdapi/v1/txt2img", response_model=a1111.ImagesResponse)
+    async def txt2img(req: a1111.Txt2ImgRequest, request: Request):
+        return await server.run("txt2img", req, request)
+
+    @app.post("/sdapi/v1/img2img", response_model=a1111.ImagesResponse)
+    async def img2img(req: a1111.Img2ImgRequest, request: Request):
+        return await server.run("img2img", req, request)
+
+    @app.post("/sdrt/v1/outpaint", response_model=a1111.ImagesResponse)
+    async def outpaint(req: a1111.OutpaintRequest, request: Request):
+        return await server.run("outpaint", req, request)
+
+    @app.get("/sdapi/v1/samplers")
+    def samplers():
+        return a1111.samplers_list()
+
+    @app.get("/sdapi/v1/schedulers")
+    def schedulers():
+        return a1111.schedulers_list()
+
+    @app.get("/sdapi/v1/sd-models")
+    def sd_models():
+        m = server.pipe.manifest
+        sha = m.source.get("sha256") or None
+        item = {"title": server.title, "model_name": m.model_name, "hash": m.model_hash or None, "sha256": sha}
+        return [{**item, "filename": m.folder.name, "config": None}]  # the folder's name: no server paths
+
+    @app.get("/sdapi/v1/options")
+    def get_options():
+        return server.options
+
+    @app.post("/sdapi/v1/options")
+    def set_options(values: dict):
+        checked = {k: a1111.check_option(k, v, server.titles) for k, v in values.items()}
+        server.options.update(checked)
+        return None
+
+    @app.get("/sdapi/v1/progress", response_model=a1111.ProgressResponse)
+    def progress(skip_current_image: bool = False):
+        state = server.worker.state
+        with state.lock:
+            done, eta = state.progress()
+            image = None if skip_current_image else state.current_image
+            return {"progress": done, "eta_relative": eta, "state": state.as_dict(), "current_image": image}
+
+    @app.post("/sdapi/v1/interrupt")
+    def interrupt():
+        server.worker.interrupt()
+        return None
+
+    @app.post("/sdapi/v1/png-info")
+    def png_info(req: a1111.PngInfoRequest):
+        return png_info_response(server.decode(req.image, "image"))
+
+
+class BodyLimit:
+    """ASGI middleware: bodies over max_bytes (by Content-Length, or counted as they stream) get HTTP 413."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length", b"0")
+        if not length.isdigit() or int(length) > self.max_bytes:
+            return await self.refuse(send)
+        received, started = 0, False
+
+        async def counted():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_bytes:
+                raise BodyTooLarge()
+            return message
+
+        async def tracked(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted, tracked)
+        except BodyTooLarge:
+            if not started:
+                await self.refuse(send)
+
+    async def refuse(self, send) -> None:
+        body = json.dumps({"detail": f"request body over {self.max_bytes} bytes"}).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        await send({"type": "http.response.start", "status": 413, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class BasicAuth:
+    """ASGI middleware: HTTP basic auth (A1111's --api-auth user:pass[,user2:pass2]) on every route."""
+
+    def __init__(self, app, credentials: dict[str, str]):
+        self.app, self.credentials = app, credentials
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or self.allowed(dict(scope["headers"]).get(b"authorization", b"")):
+            return await self.app(scope, receive, send)
+        body = b'{"detail":"Incorrect username or password"}'
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"www-authenticate", b'Basic realm="sdrt"'),
+            (b"content-length", str(len(body)).encode()),
+        ]
+        await send({"type": "http.response.start", "status": 401, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    def allowed(self, header: bytes) -> bool:
+        scheme, _, encoded = header.partition(b" ")
+        if scheme.lower() != b"basic":
+            return False
+        try:
+            user, _, password = base64.b64decode(encoded, validate=True).decode().partition(":")
+        except (binascii.Error, UnicodeDecodeError):
+            return False
+        expected = self.credentials.get(user)
+        return expected is not None and secrets.compare_digest(password.encode(), expected.encode())
+
+
+def parse_credentials(text: str) -> dict[str, str]:
+    """A1111's --api-auth "user:pass[,user2:pass2]" -> {user: pass}; malformed text raises InvalidOption."""
+    pairs = {}
+    for item in text.split(","):
+        user, sep, password = item.strip().partition(":")
+        if not sep or not user or not password:
+            raise InvalidOption("--api-auth", text, "user:password, or several separated by commas")
+        pairs[user] = password
+    return pairs
+
+
+def serve(model_dir, host: str, port: int, api_auth: str | None, backend: str, limits: Limits) -> int:
+    """Load the model once and serve until interrupted."""
+    try:
+        import uvicorn
+    except ImportError as e:
+        raise SdrtError(f"`sdrt serve` needs the serve extra: pip install 'sdrt[serve]' ({e})") from None
+    from sdrt.runtime.pipeline import Pipeline
+
+    credentials = parse_credentials(api_auth) if api_auth else None
+    pipe = Pipeline.load(model_dir, backend=backend)
+    app = create_app(pipe, limits, credentials)
+    if host not in LOOPBACK and not credentials:
+        print(f"sdrt serve: note: {host} without --api-auth: whoever reaches this port can use it", file=sys.stderr)
+    print(f"sdrt serve: http://{host}:{port}/ (API docs at /docs)", file=sys.stderr, flush=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
+    app.state.server.worker.stop()
+    return 0
