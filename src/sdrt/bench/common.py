@@ -251,7 +251,6 @@ def worker_export(job: dict) -> dict:
     return {"export_call_s": time.perf_counter() - start}
 
 
-
 # ----------------------------------------------------------------------------------------------- stages
 
 
@@ -310,6 +309,23 @@ def prepare_model(args, configs: dict, model_dir: Path, job_dir: Path, precision
     return built, exported
 
 
+def base_job(args, configs: dict, model_dir: Path, onnx_dir: Path, out_dir: Path) -> dict:
+    """The fields every runner's child job takes: model folders, the generation settings, the UNet's input sizes."""
+    return {
+        "diffusers_dir": str(model_dir / "diffusers"),
+        "onnx_dir": str(onnx_dir),
+        "out_dir": str(out_dir),
+        "width": args.size,
+        "height": args.size,
+        "steps": args.steps,
+        "runs": args.runs,
+        "seed": args.seed,
+        "latent_channels": configs["unet_config"]["in_channels"],
+        "context_dim": configs["unet_config"]["cross_attention_dim"],
+        "text_max_length": configs["text_config"]["max_position_embeddings"],
+    }
+
+
 def compare_outputs(out_dir: Path) -> dict:
     import numpy as np
 
@@ -328,8 +344,6 @@ def compare_outputs(out_dir: Path) -> dict:
 
 def ratio(a, b):
     return None if a is None or b is None or b == 0 else a / b
-
-
 
 
 def busy_warning() -> float:

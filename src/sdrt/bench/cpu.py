@@ -19,6 +19,7 @@ from sdrt.bench.common import (
     UNET_BATCH,
     UNET_TIMESTEP,
     WEIGHTS_SEED,
+    base_job,
     busy_warning,
     compare_outputs,
     describe_machine,
@@ -94,7 +95,6 @@ def worker_sdrt(job: dict) -> dict:
     }
 
 
-
 def worker_diffusers(job: dict) -> dict:
     """diffusers' StableDiffusionPipeline, fp32 on the CPU, torch threads = physical cores."""
     start = time.perf_counter()
@@ -163,7 +163,6 @@ def worker_diffusers(job: dict) -> dict:
     }
 
 
-
 def markdown_table(report: dict) -> str:
     s, d, r = report["sdrt"], report["diffusers"], report["ratios"]
     st = report["settings"]
@@ -215,8 +214,6 @@ def markdown_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-
-
 def low_vram_rows(report: dict) -> list[str]:
     """Table rows for sdrt with staged engines (--low-vram), against sdrt with all engines resident."""
     s, low = report["sdrt"], report.get("sdrt_low_vram")
@@ -260,19 +257,7 @@ def run_cpu(args, case) -> int:
         "workdir": str(model_dir),
         "load_average_1min_at_start": load_start,
     }
-    job = {
-        "diffusers_dir": str(model_dir / "diffusers"),
-        "onnx_dir": str(model_dir / "onnx"),
-        "out_dir": str(out_dir),
-        "width": args.size,
-        "height": args.size,
-        "steps": args.steps,
-        "runs": args.runs,
-        "seed": args.seed,
-        "latent_channels": configs["unet_config"]["in_channels"],
-        "context_dim": configs["unet_config"]["cross_attention_dim"],
-        "text_max_length": configs["text_config"]["max_position_embeddings"],
-    }
+    job = base_job(args, configs, model_dir, model_dir / "onnx", out_dir)
     stages = [("sdrt", {}), ("diffusers", {})]
     if args.low_vram:
         stages.insert(1, ("sdrt_low_vram", {"low_vram": True, "label": "sdrt_low_vram"}))
@@ -338,4 +323,3 @@ def sdrt_worker(job: dict) -> dict:
 
 def diffusers_worker(job: dict) -> dict:
     return worker_diffusers(job)
-

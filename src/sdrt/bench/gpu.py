@@ -20,6 +20,7 @@ from sdrt.bench.common import (
     SCHEMA_VERSION,
     UNET_BATCH,
     WEIGHTS_SEED,
+    base_job,
     gib,
     log,
     measure,
@@ -231,10 +232,14 @@ def markdown_table(report: dict) -> str:
     st = report["settings"]
     rows = [
         ("UNet it/s (batch 2, one guided step)", lambda m: f"{m['unet_step']['it_per_s']:.2f}"),
-        ("UNet TFLOP/s (share of fp16 peak)", lambda m: f"{m['unet_util']['tflops']:.0f} "
-         f"({100 * m['unet_util']['fraction_of_fp16_peak']:.0f}%)"),  # fmt: skip
-        (f"txt2img {st['width']}x{st['height']}, {st['steps']} steps (median)",
-         lambda m: f"{m['txt2img']['median_s']:.3f} s"),  # fmt: skip
+        (
+            "UNet TFLOP/s (share of fp16 peak)",
+            lambda m: f"{m['unet_util']['tflops']:.0f} ({100 * m['unet_util']['fraction_of_fp16_peak']:.0f}%)",
+        ),  # fmt: skip
+        (
+            f"txt2img {st['width']}x{st['height']}, {st['steps']} steps (median)",
+            lambda m: f"{m['txt2img']['median_s']:.3f} s",
+        ),  # fmt: skip
     ]
     rows += [(f"images/s at batch {b}", lambda m, b=b: f"{m['throughput'][str(b)]['images_per_s']:.2f}")
              for b in st["batches"]]  # fmt: skip
@@ -261,20 +266,7 @@ def run_gpu(args, case) -> int:
         folder.mkdir(parents=True, exist_ok=True)
     built, exported = prepare_model(args, case.configs(), model_dir, job_dir, precision="fp16")
     batches = [int(b) for b in args.batches.split(",")]
-    job = {
-        "diffusers_dir": str(model_dir / "diffusers"),
-        "onnx_dir": str(model_dir / "onnx-fp16"),
-        "out_dir": str(out_dir),
-        "width": args.size,
-        "height": args.size,
-        "steps": args.steps,
-        "runs": args.runs,
-        "seed": args.seed,
-        "batches": batches,
-        "latent_channels": case.unet_config["in_channels"],
-        "context_dim": case.unet_config["cross_attention_dim"],
-        "text_max_length": case.text_config["max_position_embeddings"],
-    }
+    job = {**base_job(args, case.configs(), model_dir, model_dir / "onnx-fp16", out_dir), "batches": batches}
     stages = {
         "diffusers": ("diffusers_gpu", {}),
         "diffusers_compile": ("diffusers_gpu", {"compile": True}),
@@ -305,12 +297,26 @@ def run_gpu(args, case) -> int:
         "schema_version": SCHEMA_VERSION,
         "date": now_iso(),
         "smoke": case.smoke,
-        "device": {"name": device, "fp16_dense_tflops": fp16_peak_tflops(device),
-                   "versions": {n: package_version(n) for n in ("sdrt", "tensorrt", "onnxruntime-gpu", "torch",
-                                                                "diffusers", "cuda-python")}},  # fmt: skip
-        "settings": {"model": case.description, "width": args.size, "height": args.size, "steps": args.steps,
-                     "cfg_scale": CFG_SCALE, "sampler": SAMPLER, "seed": args.seed, "runs": args.runs,
-                     "batches": batches, "precision": "fp16"},  # fmt: skip
+        "device": {
+            "name": device,
+            "fp16_dense_tflops": fp16_peak_tflops(device),
+            "versions": {
+                n: package_version(n)
+                for n in ("sdrt", "tensorrt", "onnxruntime-gpu", "torch", "diffusers", "cuda-python")
+            },
+        },  # fmt: skip
+        "settings": {
+            "model": case.description,
+            "width": args.size,
+            "height": args.size,
+            "steps": args.steps,
+            "cfg_scale": CFG_SCALE,
+            "sampler": SAMPLER,
+            "seed": args.seed,
+            "runs": args.runs,
+            "batches": batches,
+            "precision": "fp16",
+        },  # fmt: skip
         "model": {"case": case.name, "weights_seed": WEIGHTS_SEED, "parameters": built["parameters"]},
         "export": exported,
         "runtimes": runtimes,
