@@ -117,8 +117,11 @@ def _save(pipe, folder: Path, scheduler_config: dict, cls):
     return loaded
 
 
-def build_tiny_sdxl(folder, seed: int = 0, out_gain: float = 10.0, scheduler_config: dict = SDXL_SCHEDULER):
-    """Save a tiny random SDXL base StableDiffusionXLPipeline to FOLDER and return it loaded back (float32)."""
+def build_tiny_sdxl(
+    folder, seed: int = 0, out_gain: float = 10.0, scheduler_config: dict = SDXL_SCHEDULER, unet_in_channels: int = 4
+):
+    """Save a tiny random SDXL base StableDiffusionXLPipeline to FOLDER and return it loaded back (float32).
+    UNET_IN_CHANNELS 9: an SDXL inpainting model's UNet (latents, mask, masked-image latents)."""
     import torch
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
     from transformers import CLIPTokenizer
@@ -133,7 +136,7 @@ def build_tiny_sdxl(folder, seed: int = 0, out_gain: float = 10.0, scheduler_con
         text_encoder_2=_text_encoder(vocab, OPEN_CLIP_WIDTH, "gelu", PROJECTION),
         tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer_src"),
         tokenizer_2=CLIPTokenizer.from_pretrained(folder / "tokenizer_2_src"),
-        unet=_unet(CLIP_WIDTH + OPEN_CLIP_WIDTH, 6, out_gain),
+        unet=_unet(CLIP_WIDTH + OPEN_CLIP_WIDTH, 6, out_gain, in_channels=unet_in_channels),
         scheduler=EulerDiscreteScheduler.from_config(SDXL_SCHEDULER),
         force_zeros_for_empty_prompt=True,
         add_watermarker=False,

@@ -364,6 +364,8 @@ def export_sdxl_into(source, folder: Path, precision: str, original_config, conf
     encoders = [name for name in TEXT_ENCODERS if parts.has(name)]
     if "text_encoder_2" not in encoders:
         raise ModelError(f"{source!r} has no text_encoder_2 (OpenCLIP bigG): every SDXL model needs it")
+    bar.total = len(encoders) + 5  # detection, text encoders, UNet, VAE decoder and encoder, manifest
+    bar.refresh()
     for name in encoders:
         text_encoder = parts.get(name)
         max_len = int(text_encoder.config.max_position_embeddings)

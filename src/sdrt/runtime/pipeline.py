@@ -15,19 +15,18 @@ from PIL import Image
 from sdrt import __version__
 from sdrt.engines import resolve_backend
 from sdrt.engines.memory import memory_plan
-from sdrt.runtime import masks, samplers
+from sdrt.runtime import masks, samplers, sdxl
 from sdrt.runtime.checks import require_finite
 from sdrt.runtime.conditioning import Conditioner, Encoded, TextEncoder, pad_to
 from sdrt.runtime.denoiser import Denoiser, TextConditioning
 from sdrt.runtime.embeddings import EmbeddingDB
 from sdrt.runtime.errors import Interrupted, InvalidOption, ModelError
 from sdrt.runtime.image import format_number, from_pil, infotext, to_pil
-from sdrt.runtime.manifest import Manifest
+from sdrt.runtime.manifest import TEXT_ENCODER_NAMES, Manifest
 from sdrt.runtime.options import SAMPLERS, SCHEDULERS, GenerationOptions, make_options
 from sdrt.runtime.prompt import prompt_schedules
 from sdrt.runtime.rng import A1111_RNG_LABELS, ImageNoise
 from sdrt.runtime.schedules import Schedule, build_schedule, resolve_config, train_sigmas
-from sdrt.runtime.sdxl import SDXL_OPTIONS, load_refiner, refiner_infotext, split_schedule
 from sdrt.runtime.tiling import decode_tiled, encode_tiled
 from sdrt.runtime.tokenizer import ClipTokenizer
 
@@ -39,12 +38,17 @@ class Pipeline:
         self.manifest = manifest
         self.backend = resolve_backend(backend, manifest.folder)
         self.memory = memory_plan(manifest, self.backend, low_vram, vram_budget, vae_tile)  # staging, tiling
-        self.tokenizer = ClipTokenizer.from_dir(manifest.folder / "tokenizer")
         self.engines = self.memory.create_engines(manifest, self.backend)
         self.embeddings = EmbeddingDB()  # textual inversions, used by name in prompts
-        encoder = TextEncoder(self.engines["text_encoder"], manifest, "text_encoder", self.tokenizer)
-        self.conditioner = Conditioner([encoder], self.embeddings)
+        if manifest.family == "sdxl":  # two text encoders (a refiner: the second only), sdxl.py
+            self.conditioner = sdxl.sdxl_conditioner(manifest, self.engines, self.embeddings)
+            self.tokenizer = self.conditioner.encoders[0].tokenizer
+        else:
+            self.tokenizer = ClipTokenizer.from_dir(manifest.folder / "tokenizer")
+            encoder = TextEncoder(self.engines["text_encoder"], manifest, "text_encoder", self.tokenizer)
+            self.conditioner = Conditioner([encoder], self.embeddings)
         self.train_sigmas = train_sigmas(manifest.scheduler)  # (N,) float32
+        self.refiners = {}  # SDXL refiner folder -> its Pipeline, loaded once (sdxl.load_refiner)
 
     @classmethod
     def load(
@@ -61,7 +65,8 @@ class Pipeline:
         pipe = cls(Manifest.load(Path(model_dir)), backend, low_vram, vram_budget, vae_tile)
         if embeddings is not None:
             pipe.embeddings.load_dir(embeddings)
-        for name in () if pipe.memory.staged else ("text_encoder", "unet", "vae_decoder"):
+        text_encoders = [name for name in TEXT_ENCODER_NAMES if name in pipe.manifest.models]
+        for name in () if pipe.memory.staged else (*text_encoders, "unet", "vae_decoder"):
             pipe.engines[name].load()
         return pipe
 
@@ -143,7 +148,7 @@ class Pipeline:
         refiner's `aesthetic_score`/`negative_aesthetic_score` (6, 2.5), and `refiner` (a refiner model folder)
         taking over at `refiner_switch_at` (0.8) of the noise schedule (diffusers' denoising_end/_start).
         """
-        sdxl_options = {name: value for name, value in locals().items() if name in SDXL_OPTIONS}
+        sdxl_options = {name: value for name, value in locals().items() if name in sdxl.SDXL_OPTIONS}
         editing = init_image is not None
         if not editing:
             if mask is not None:
@@ -227,9 +232,9 @@ class Pipeline:
         text, notes = self.encode_prompts(opts)
         refiner, decoder = None, self
         if opts.sdxl is not None and opts.sdxl.refiner is not None:  # SDXL's second stage, and its VAE decodes
-            decoder = load_refiner(self, opts.sdxl.refiner)
+            decoder = sdxl.load_refiner(self, opts.sdxl.refiner)
             refiner = (decoder, decoder.encode_prompts(opts)[0])
-            notes = {**notes, **refiner_infotext(decoder.manifest, opts.sdxl.refiner_switch_at)}
+            notes = {**notes, **sdxl.refiner_infotext(decoder.manifest, opts.sdxl.refiner_switch_at)}
         results = []
         bar = Progress(opts.batch_count * opts.steps_run, progress, callback)
         for b in range(opts.batch_count):
@@ -287,8 +292,12 @@ class Pipeline:
         prompts = [opts.prompt, opts.negative_prompt] if opts.guided else [opts.prompt]
         schedules = prompt_schedules(prompts, opts.steps)  # per prompt: [(last step, text)]
         encoded = []  # per prompt: [(last step, Encoded)]
-        for schedule in schedules:
-            result = self.conditioner.encode([text for _, text in schedule], opts.clip_skip, opts.emphasis)
+        for index, schedule in enumerate(schedules):
+            texts = [text for _, text in schedule]
+            second = sdxl.second_texts(opts, index, len(texts))  # SDXL's prompt_2 / negative_prompt_2
+            result = self.conditioner.encode(texts, opts.clip_skip, opts.emphasis, texts_2=second)
+            if index == 1 and sdxl.zeroes_negative(self.manifest, opts):
+                result = sdxl.zeroed(result)
             encoded.append([(end, self._row(result, i)) for i, (end, _) in enumerate(schedule)])
         length = max(e.context.shape[1] for entries in encoded for _, e in entries)
         padded = any(e.context.shape[1] != length for entries in encoded for _, e in entries)
@@ -300,7 +309,7 @@ class Pipeline:
         feeds = []
         for end in ends:
             at = [next((e for last, e in entries if end <= last), entries[-1][1]) for entries in encoded]
-            feeds.append(self.text_feeds(at[0], at[1] if opts.guided else None))
+            feeds.append(self.text_feeds(at[0], at[1] if opts.guided else None, opts))
         used = {e.name: e for entries in encoded for _, enc in entries for e in enc.used}
         notes = {
             "Emphasis": opts.emphasis if opts.emphasis != "Original" and _has_emphasis(prompts) else None,
@@ -314,10 +323,14 @@ class Pipeline:
         pooled = None if encoded.pooled is None else encoded.pooled[i : i + 1]
         return Encoded(encoded.context[i : i + 1], pooled, encoded.used)
 
-    def text_feeds(self, cond: Encoded, uncond: Encoded | None) -> dict:
-        """UNet text inputs for one image, uncond first: {"encoder_hidden_states": (2 or 1, L, C) float32}."""
+    def text_feeds(self, cond: Encoded, uncond: Encoded | None, opts: GenerationOptions) -> dict:
+        """UNet text inputs for one image, uncond first: {"encoder_hidden_states": (2 or 1, L, C) float32}, and
+        for SDXL the pooled text_embeds (2 or 1, P) and micro-conditioning time_ids (2 or 1, 6 or 5)."""
         halves = [cond] if uncond is None else [uncond, cond]
-        return {"encoder_hidden_states": np.concatenate([h.context for h in halves]).astype(np.float32)}
+        feeds = {"encoder_hidden_states": np.concatenate([h.context for h in halves]).astype(np.float32)}
+        if self.manifest.family == "sdxl":
+            feeds |= sdxl.added_feeds(self.manifest, opts, cond.pooled, None if uncond is None else uncond.pooled)
+        return feeds
 
     def sample(
         self, opts, schedule: Schedule, seeds, latent_shape, text, start, bar, subseeds=None, edit=None, refiner=None
@@ -363,7 +376,7 @@ class Pipeline:
         stages = [(schedule, denoise)]
         if refiner is not None:  # SDXL: the refiner's UNet takes over at refiner_switch_at (diffusers' handoff)
             refiner_pipe, refiner_text = refiner
-            base_part, refiner_part = split_schedule(
+            base_part, refiner_part = sdxl.split_schedule(
                 schedule, opts.sdxl.refiner_switch_at, self.manifest.scheduler.num_train_timesteps
             )
             refined = Denoiser(

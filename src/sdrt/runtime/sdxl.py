@@ -177,11 +177,10 @@ def load_refiner(pipeline, refiner):
     if isinstance(refiner, type(pipeline)):
         loaded = refiner
     else:
-        cache = pipeline.__dict__.setdefault("_refiners", {})
         key = str(Path(refiner).resolve())
-        if key not in cache:
-            cache[key] = type(pipeline).load(refiner, backend=pipeline.backend)
-        loaded = cache[key]
+        if key not in pipeline.refiners:
+            pipeline.refiners[key] = type(pipeline).load(refiner, backend=pipeline.backend)
+        loaded = pipeline.refiners[key]
     check_refiner(pipeline.manifest, loaded.manifest)
     return loaded
 
@@ -243,3 +242,10 @@ def added_feeds(manifest, opts, pooled_cond: np.ndarray, pooled_uncond: np.ndarr
     if pooled_uncond is None:
         return pooled_feeds([pooled_cond], [ids_cond])
     return pooled_feeds([pooled_uncond, pooled_cond], [ids_uncond, ids_cond])
+
+
+def zeroed(encoded):
+    """ENCODED (conditioning.Encoded) with zero context and pooled vectors: zeroes_negative's embeddings."""
+    from dataclasses import replace
+
+    return replace(encoded, context=np.zeros_like(encoded.context), pooled=np.zeros_like(encoded.pooled))
