@@ -35,7 +35,7 @@ def test_cases_registry_and_device_defaults():
 @pytest.mark.parametrize(
     "argv,message",
     [
-        (["--model", "sdxl"], "--model: got 'sdxl'; allowed: sd15, small"),
+        (["--model", "sd3"], "--model: got 'sd3'; allowed: sdxl, sd15, small"),
         (["--size", "100"], "--size: got 100; allowed: a positive multiple of 8"),
         (["--runs", "0"], "--runs: got 0; allowed: at least 1"),
         (["--batches", "1,x"], "--batches: got '1,x'"),
@@ -129,3 +129,16 @@ def test_gpu_table_from_a_report():
     assert table.splitlines()[0] == "| metric | sdrt_tensorrt | diffusers |"
     assert "| peak VRAM (NVML, above idle) | 2.00 GiB | 2.00 GiB |" in table
     assert "2.00x" in table and "static batch 1: 100 s" in table
+
+
+def test_sdxl_case_feeds_the_unet_its_added_inputs():
+    from sdrt.bench.cases import CASES
+    from sdrt.bench.common import unet_added_inputs
+
+    case = CASES["sdxl"]
+    assert case.pipeline == "sdxl" and case.unet_config["addition_embed_type"] == "text_time"
+    assert case.unet_config["projection_class_embeddings_input_dim"] == 6 * 256 + 1280
+    job = {"pipeline": "sdxl", "seed": 1, "width": 512, "height": 384}
+    added = unet_added_inputs(job)
+    assert added["text_embeds"].shape == (2, 1280) and added["time_ids"][0].tolist() == [384, 512, 0, 0, 384, 512]
+    assert unet_added_inputs({**job, "pipeline": "sd"}) == {}

@@ -42,6 +42,59 @@ SD15_TEXT = {
     "projection_dim": 768,
 }
 
+# stabilityai/stable-diffusion-xl-base-1.0 unet/config.json (the keys that differ from diffusers' defaults).
+SDXL_UNET = {
+    "sample_size": 128,
+    "in_channels": 4,
+    "out_channels": 4,
+    "block_out_channels": [320, 640, 1280],
+    "layers_per_block": 2,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "transformer_layers_per_block": [1, 2, 10],
+    "attention_head_dim": [5, 10, 20],
+    "cross_attention_dim": 2048,
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 256,
+    "projection_class_embeddings_input_dim": 2816,  # 6 time ids x 256 + 1280 pooled
+    "norm_num_groups": 32,
+}
+# stabilityai/stable-diffusion-xl-refiner-1.0 unet/config.json: 2.3 B parameters, OpenCLIP bigG context only.
+SDXL_REFINER_UNET = dict(
+    SDXL_UNET,
+    block_out_channels=[384, 768, 1536, 1536],
+    down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    transformer_layers_per_block=4,
+    attention_head_dim=[6, 12, 24, 24],
+    cross_attention_dim=1280,
+    projection_class_embeddings_input_dim=2560,  # 5 time ids x 256 + 1280 pooled
+)
+SDXL_VAE = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "block_out_channels": [128, 256, 512, 512],
+    "layers_per_block": 2,
+    "latent_channels": 4,
+    "norm_num_groups": 32,
+    "sample_size": 1024,
+    "scaling_factor": 0.13025,
+    "force_upcast": True,
+}
+CLIP_VIT_L = SD15_TEXT  # SDXL's text_encoder: the same OpenAI CLIP ViT-L/14 text tower
+OPEN_CLIP_BIGG = {  # text_encoder_2: OpenCLIP ViT-bigG/14's text tower, with its projection
+    "vocab_size": 49408,
+    "hidden_size": 1280,
+    "intermediate_size": 5120,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 20,
+    "max_position_embeddings": 77,
+    "hidden_act": "gelu",
+    "projection_dim": 1280,
+}
 # "small": the same code path on models a few MB in size (a smoke test of the benchmark itself).
 SMALL_UNET = {
     "sample_size": 32,
@@ -83,6 +136,16 @@ class ModelCase:
 
 
 CASES = {
+    "sdxl": ModelCase(
+        "sdxl",
+        "SDXL 1.0 base architecture, random weights",
+        SDXL_UNET,
+        SDXL_VAE,
+        CLIP_VIT_L,
+        cpu={"size": 512, "steps": 4},
+        gpu={"size": 1024, "steps": 30},
+        pipeline="sdxl",
+    ),
     "sd15": ModelCase(
         "sd15",
         "SD 1.5 architecture, random weights",

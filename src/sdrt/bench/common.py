@@ -4,6 +4,7 @@ so each one's peak memory is its own."""
 
 import datetime
 import json
+import math
 import os
 import platform
 import re
@@ -171,6 +172,20 @@ def unet_inputs(job: dict):
     return sample, timestep, context
 
 
+def unet_added_inputs(job: dict) -> dict:
+    """SDXL's extra UNet feeds, the same for both runtimes: pooled text (B, 1280) and micro-conditioning (B, 6)."""
+    import numpy as np
+
+    if job.get("pipeline", "sd") != "sdxl":
+        return {}
+    rng = np.random.default_rng(job["seed"] + 1)
+    size = [job["height"], job["width"], 0, 0, job["height"], job["width"]]  # original, crop, target
+    return {
+        "text_embeds": rng.standard_normal((UNET_BATCH, 1280), dtype=np.float32),
+        "time_ids": np.tile(np.array(size, dtype=np.float32), (UNET_BATCH, 1)),
+    }
+
+
 def measure(label: str, fn, runs: int) -> dict:
     """One warm-up call, then RUNS timed calls; returns warm-up, every run and the median, in seconds."""
     warmup = timed(fn)
@@ -240,7 +255,28 @@ def build_sd(job: dict) -> dict:
     return {"parameters": params}
 
 
-BUILDERS = {"sd": build_sd}  # pipeline kind -> builder; an SDXL case adds "sdxl" here
+def build_sdxl(job: dict) -> dict:
+    """Random-weight SDXL base (benchmarks/sdxl_arch.py, one part at a time, fp16 weights that both runtimes
+    load as float32) -> a diffusers folder (written whole, then renamed)."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from sdxl_arch import build_sdxl_folder
+
+    out = Path(job["diffusers_dir"])
+    staging = out.with_name(out.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    from safetensors import safe_open
+
+    build_sdxl_folder(staging, dtype="fp16", seed=job["weights_seed"])
+    params = {}
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        with safe_open(next((staging / name).glob("*.safetensors")), "np") as f:
+            params[name] = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    shutil.rmtree(out, ignore_errors=True)
+    staging.rename(out)
+    return {"parameters": params}
+
+
+BUILDERS = {"sd": build_sd, "sdxl": build_sdxl}  # pipeline kind -> builder
 
 
 def worker_export(job: dict) -> dict:
@@ -323,6 +359,7 @@ def base_job(args, configs: dict, model_dir: Path, onnx_dir: Path, out_dir: Path
         "latent_channels": configs["unet_config"]["in_channels"],
         "context_dim": configs["unet_config"]["cross_attention_dim"],
         "text_max_length": configs["text_config"]["max_position_embeddings"],
+        "pipeline": configs.get("pipeline", "sd"),
     }
 
 

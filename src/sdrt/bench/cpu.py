@@ -32,6 +32,7 @@ from sdrt.bench.common import (
     ratio,
     rss_now,
     run_child,
+    unet_added_inputs,
     unet_inputs,
     write_results,
 )
@@ -54,7 +55,7 @@ def worker_sdrt(job: dict) -> dict:
     rss_after_load = rss_now()
     unet = pipe.engines["unet"]
     sample, timestep, context = unet_inputs(job)
-    feeds = {"sample": sample, "timestep": timestep, "encoder_hidden_states": context}
+    feeds = {"sample": sample, "timestep": timestep, "encoder_hidden_states": context, **unet_added_inputs(job)}
     outputs = {}
 
     def unet_call():
@@ -100,7 +101,7 @@ def worker_diffusers(job: dict) -> dict:
     start = time.perf_counter()
     import numpy as np
     import torch
-    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     import_s = time.perf_counter() - start
     import diffusers.utils.logging
@@ -113,20 +114,24 @@ def worker_diffusers(job: dict) -> dict:
     torch.set_num_threads(threads)
     log("diffusers: loading the pipeline")
     start = time.perf_counter()
-    pipe = StableDiffusionPipeline.from_pretrained(
-        job["diffusers_dir"], torch_dtype=torch.float32, safety_checker=None, requires_safety_checker=False
-    )
+    if job.get("pipeline", "sd") == "sdxl":
+        pipe = StableDiffusionXLPipeline.from_pretrained(job["diffusers_dir"], torch_dtype=torch.float32)
+    else:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            job["diffusers_dir"], torch_dtype=torch.float32, safety_checker=None, requires_safety_checker=False
+        )
     pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     load_s = time.perf_counter() - start
     log(f"diffusers: loaded in {load_s:.1f} s")
     rss_after_load = rss_now()
     sample, timestep, context = (torch.from_numpy(x) for x in unet_inputs(job))
+    added = {name: torch.from_numpy(x) for name, x in unet_added_inputs(job).items()} or None
     outputs = {}
 
     def unet_call():
         with torch.inference_mode():
-            outputs["unet"] = pipe.unet(sample, timestep, context, return_dict=False)[0]
+            outputs["unet"] = pipe.unet(sample, timestep, context, added_cond_kwargs=added, return_dict=False)[0]
 
     log(f"diffusers: UNet, batch {UNET_BATCH}, {job['width']}x{job['height']}")
     unet_stats = measure("diffusers UNet", unet_call, job["runs"])
