@@ -40,6 +40,24 @@ def assemble_pipeline(unet, vae, text_encoder, tokenizer, scheduler_config: dict
     )
 
 
+def tiny_vae(**overrides):
+    """A tiny AutoencoderKL with SD's layout (4 blocks, 8 pixels per latent cell, 4 latent channels)."""
+    from diffusers import AutoencoderKL
+
+    config = dict(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 8, 16, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=64,
+    )
+    return AutoencoderKL(**{**config, **overrides})
+
+
 def byte_chars() -> list[str]:
     """GPT-2/CLIP byte-level alphabet: the 256 printable stand-ins for bytes, in CLIP's order."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
@@ -110,7 +128,7 @@ def build_tiny_sd(
     every sampler gives nearly the same image and a parity test could not fail.
     """
     import torch
-    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     folder = Path(folder)
@@ -133,17 +151,7 @@ def build_tiny_sd(
     with torch.no_grad():
         unet.conv_out.weight.mul_(out_gain)
         unet.conv_out.bias.mul_(out_gain)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 8, 16, 16),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=64,
-    )
+    vae = tiny_vae()
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=vocab_size,

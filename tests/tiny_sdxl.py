@@ -89,21 +89,9 @@ def _unet(context_dim: int, time_ids: int, out_gain: float, in_channels: int = 4
 
 
 def _vae():
-    from diffusers import AutoencoderKL
+    from tiny_sd import tiny_vae
 
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 8, 16, 16),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=64,
-        scaling_factor=SDXL_VAE_SCALING_FACTOR,
-        force_upcast=True,
-    )
+    return tiny_vae(scaling_factor=SDXL_VAE_SCALING_FACTOR, force_upcast=True)
 
 
 def _save(pipe, folder: Path, scheduler_config: dict, cls):

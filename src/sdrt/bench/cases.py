@@ -71,19 +71,7 @@ SDXL_REFINER_UNET = dict(
     cross_attention_dim=1280,
     projection_class_embeddings_input_dim=2560,  # 5 time ids x 256 + 1280 pooled
 )
-SDXL_VAE = {
-    "in_channels": 3,
-    "out_channels": 3,
-    "down_block_types": ["DownEncoderBlock2D"] * 4,
-    "up_block_types": ["UpDecoderBlock2D"] * 4,
-    "block_out_channels": [128, 256, 512, 512],
-    "layers_per_block": 2,
-    "latent_channels": 4,
-    "norm_num_groups": 32,
-    "sample_size": 1024,
-    "scaling_factor": 0.13025,
-    "force_upcast": True,
-}
+SDXL_VAE = dict(SD15_VAE, sample_size=1024, scaling_factor=0.13025, force_upcast=True)  # the SD VAE's layout
 CLIP_VIT_L = SD15_TEXT  # SDXL's text_encoder: the same OpenAI CLIP ViT-L/14 text tower
 OPEN_CLIP_BIGG = {  # text_encoder_2: OpenCLIP ViT-bigG/14's text tower, with its projection
     "vocab_size": 49408,
