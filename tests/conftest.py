@@ -87,3 +87,17 @@ def sdrt_server(tiny_sd, tmp_path_factory):
 
     with running_server(tiny_sd[1], tmp_path_factory.mktemp("server"), *TEST_SERVER_ARGS) as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def tiny_inpaint(tmp_path_factory):
+    """(diffusers pipeline, sdrt Pipeline) for a tiny 9-channel inpainting UNet, exported with `sdrt export`."""
+    from tiny_sd import build_tiny_sd
+
+    from sdrt import Pipeline
+    from sdrt.cli import main
+
+    root = tmp_path_factory.mktemp("tiny_inpaint")
+    pipe = build_tiny_sd(root / "diffusers", seed=2, unet_in_channels=9)
+    assert main(["export", str(root / "diffusers"), "-o", str(root / "onnx")]) == 0
+    return pipe, Pipeline.load(root / "onnx")

@@ -6,9 +6,9 @@ import sys
 import numpy as np
 import pytest
 
-from sdrt.engines.memory import StagedEngine, memory_plan
 from sdrt.runtime.errors import InvalidOption
 from sdrt.runtime.manifest import Manifest
+from sdrt.runtime.memory import StagedEngine, memory_plan
 
 ARGS = dict(width=64, height=64, steps=3, seed=7, cfg_scale=5.0, progress=False)
 

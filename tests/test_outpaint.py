@@ -70,17 +70,9 @@ def test_refuses_bad_amounts_and_sizes(tiny_pipeline):
 
 
 @pytest.fixture(scope="module")
-def tiny_inpaint_pipeline(tmp_path_factory):
-    """A tiny 9-channel inpainting model (the same builder as test_parity_editing's), exported and loaded."""
-    from tiny_sd import build_tiny_sd
-
-    from sdrt import Pipeline
-    from sdrt.cli import main
-
-    root = tmp_path_factory.mktemp("tiny_inpaint_outpaint")
-    build_tiny_sd(root / "diffusers", seed=2, unet_in_channels=9)
-    assert main(["export", str(root / "diffusers"), "-o", str(root / "onnx")]) == 0
-    return Pipeline.load(root / "onnx")
+def tiny_inpaint_pipeline(tiny_inpaint):
+    """The tiny 9-channel inpainting model (conftest's tiny_inpaint), loaded."""
+    return tiny_inpaint[1]
 
 
 def test_inpainting_model_outpaints(tiny_inpaint_pipeline):

@@ -13,6 +13,9 @@ from PIL import Image
 
 PIXEL_TOL = 2  # /255
 LATENT_ATOL = 2e-3
+# float32 rounding grows with the latents' magnitude: at strength 1 they reach ~110 (conv_out gain 10), where
+# 2.4e-3 (2.2e-5 relative) was measured on an AMD EPYC; 1e-4 relative still fails a wrong step by orders of magnitude.
+LATENT_RTOL = 1e-4
 PROMPT = "a photo of a grey squirrel"
 NEGATIVE = "blue sky"
 SIZE = 64
@@ -79,20 +82,6 @@ def outside(images):
     return images[:, keep]
 
 
-@pytest.fixture(scope="module")
-def tiny_inpaint(tmp_path_factory):
-    """(diffusers pipeline, sdrt Pipeline) for a tiny 9-channel inpainting UNet, exported with `sdrt export`."""
-    from tiny_sd import build_tiny_sd
-
-    from sdrt import Pipeline
-    from sdrt.cli import main
-
-    root = tmp_path_factory.mktemp("tiny_inpaint")
-    pipe = build_tiny_sd(root / "diffusers", seed=2, unet_in_channels=9)
-    assert main(["export", str(root / "diffusers"), "-o", str(root / "onnx")]) == 0
-    return pipe, Pipeline.load(root / "onnx")
-
-
 @pytest.mark.parametrize("sampler", ["Euler", "Euler a", "DDIM", "DPM++ 2M"])
 @pytest.mark.parametrize("strength", [0.3, 0.75, 1.0])
 def test_img2img_matches_diffusers(tiny_sd, tiny_pipeline, sampler, strength):
@@ -110,7 +99,7 @@ def test_img2img_latents_batch_match_diffusers(tiny_sd, tiny_pipeline):
     kw = dict(image=image, strength=0.6)
     want = diffusers_edit(pipe, "StableDiffusionImg2ImgPipeline", "Euler a", (8, 9), output_type="latent", **kw)
     got = sdrt_edit(tiny_pipeline, [8, 9], output_type="latent", sampler="Euler a", init_image=image, strength=0.6)
-    np.testing.assert_allclose(got, want, atol=LATENT_ATOL, rtol=0)
+    np.testing.assert_allclose(got, want, atol=LATENT_ATOL, rtol=LATENT_RTOL)
 
 
 def test_img2img_strength_zero_is_the_vae_round_trip(tiny_pipeline):
@@ -150,7 +139,7 @@ def test_regular_model_inpainting_matches_diffusers(tiny_sd, tiny_pipeline, samp
         mask_blur=0,
         strength=strength,
     )
-    np.testing.assert_allclose(got, want, atol=LATENT_ATOL, rtol=0)
+    np.testing.assert_allclose(got, want, atol=LATENT_ATOL, rtol=LATENT_RTOL)
     want = diffusers_edit(pipe, "StableDiffusionInpaintPipeline", sampler, (6,), **kw)
     got = sdrt_edit(tiny_pipeline, [6], sampler=sampler, init_image=image, mask=mask, mask_blur=0, strength=strength)
     assert max_diff(inside(got), inside(want)) <= PIXEL_TOL

@@ -196,7 +196,7 @@ def test_bad_vae_option(tiny_sd, tmp_path, capsys):
 def test_vae_fp16_rule():
     from types import SimpleNamespace
 
-    from sdrt.export.sdxl import vae_fp16_capable
+    from sdrt.export.vae import vae_fp16_capable
 
     def vae(config):
         return SimpleNamespace(config=config)

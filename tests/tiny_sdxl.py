@@ -9,26 +9,8 @@ the second encoder and 5 numbers, the last an aesthetic score), and a VAE with S
 import json
 from pathlib import Path
 
-from tiny_sd import write_tiny_clip_tokenizer
+from sdrt.bench.fixtures import SDXL_SCHEDULER, write_tiny_clip_tokenizer
 
-# stabilityai/stable-diffusion-xl-base-1.0 and -refiner-1.0 scheduler/scheduler_config.json (as published).
-SDXL_SCHEDULER = {
-    "_class_name": "EulerDiscreteScheduler",
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "beta_start": 0.00085,
-    "clip_sample": False,
-    "interpolation_type": "linear",
-    "num_train_timesteps": 1000,
-    "prediction_type": "epsilon",
-    "sample_max_value": 1.0,
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "timestep_spacing": "leading",
-    "trained_betas": None,
-    "use_karras_sigmas": False,
-}
 # stabilityai/sdxl-turbo: Euler ancestral with trailing spacing (its 1 to 4 steps start at the last timestep).
 SDXL_TURBO_SCHEDULER = {
     **{k: v for k, v in SDXL_SCHEDULER.items() if k != "use_karras_sigmas"},

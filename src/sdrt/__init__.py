@@ -1,6 +1,6 @@
 """sdrt: Stable Diffusion exported to ONNX/TensorRT, run by a torch-free numpy runtime."""
 
-__version__ = "0.1.0"
+from sdrt.version import __version__
 
 __all__ = ["Pipeline", "__version__"]
 

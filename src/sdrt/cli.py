@@ -9,7 +9,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from sdrt.runtime.errors import SdrtError
+from sdrt.errors import SdrtError
 
 EXIT_BAD_INPUT = 2
 
@@ -76,83 +76,44 @@ def cmd_export(args) -> int:
     return 0
 
 
-EDITING_OPTIONS = (  # passed on only when given, so generate's defaults (A1111's) apply otherwise
-    "strength",
-    "resize_mode",
-    "mask_blur",
-    "inpainting_fill",
-    "inpaint_full_res",
-    "inpaint_full_res_padding",
-    "inpainting_mask_invert",
-)
-MASK_OPTIONS = EDITING_OPTIONS[2:]
-# SDXL's options passed on when given (sdrt.runtime.sdxl validates them against the model).
-SDXL_CLI_OPTIONS = (
-    "prompt_2",
-    "negative_prompt_2",
-    "refiner",
-    "refiner_switch_at",
-    "aesthetic_score",
-    "negative_aesthetic_score",
-)
+# The editing options `outpaint` takes (its canvas and mask are made for it).
+OUTPAINT_EDITING = ("strength", "mask_blur", "inpainting_fill")
 
 
 def generate_kwargs(args) -> dict:
-    """The generation options shared by `generate` and `outpaint`, as Pipeline.generate's keyword arguments."""
-    kwargs = dict(
-        negative_prompt=args.negative_prompt,
-        width=args.width,
-        height=args.height,
-        steps=args.steps,
-        cfg_scale=args.cfg_scale,
-        sampler=args.sampler,
-        scheduler=args.scheduler,
-        timestep_spacing=args.timestep_spacing,
-        guidance_rescale=args.guidance_rescale,
-        seed=args.seed,
-        batch_size=args.batch_size,
-        batch_count=args.batch_count,
-        rng=args.rng,
-        subseed=args.subseed,
-        subseed_strength=args.subseed_strength,
-        seed_resize_from_w=args.seed_resize_from_w,
-        seed_resize_from_h=args.seed_resize_from_h,
-        ensd=args.ensd,
-        clip_skip=args.clip_skip,
-        emphasis=args.emphasis,
-    )
-    for name in EDITING_OPTIONS + SDXL_CLI_OPTIONS:
-        if getattr(args, name, None) is not None:
-            kwargs[name] = getattr(args, name)
-    for name in ("original_size", "crops_coords_top_left", "target_size"):  # (height, width), (top, left)
-        if getattr(args, name, None) is not None:
-            kwargs[name] = tuple(getattr(args, name))
-    return kwargs
+    """The generation options the command line gave (GenerationOptions fields), images aside: argparse leaves the
+    others out, so the schema's defaults apply and --from-png's values are replaced only by what was given."""
+    from sdrt.runtime.options import OPTION_FIELDS, spec
+
+    given = {name: getattr(args, name) for name in OPTION_FIELDS if hasattr(args, name)}
+    return {name: tuple(v) if spec(name).kind == "pair" else v for name, v in given.items()
+            if spec(name).kind != "image"}  # fmt: skip
 
 
 def read_images(args) -> dict:
     """--init-image and --mask, read before the model loads, so a bad file costs nothing (InvalidOption naming it)."""
-    from sdrt.runtime.errors import InvalidOption
+    from sdrt.errors import InvalidOption
     from sdrt.runtime.masks import load_image, open_image
+    from sdrt.runtime.options import OPTION_FIELDS, spec
 
     images = {}
-    if args.init_image is not None:
+    if getattr(args, "init_image", None) is not None:
         images["init_image"] = load_image(args.init_image, "init_image")
-    if args.mask is not None:
+    if getattr(args, "mask", None) is not None:
         if "init_image" not in images:
             raise InvalidOption("mask", args.mask, "a mask together with --init-image (the image to inpaint)")
         images["mask"] = open_image(args.mask, "mask")
-    given = [name for name in EDITING_OPTIONS if getattr(args, name) is not None]
+    given = [name for name in OPTION_FIELDS if spec(name).group == "editing" and hasattr(args, name)]
     if "init_image" not in images and given:
         raise InvalidOption(given[0], getattr(args, given[0]), "only with --init-image")
-    if "mask" not in images and set(given) & set(MASK_OPTIONS):
-        name = next(n for n in given if n in MASK_OPTIONS)
-        raise InvalidOption(name, getattr(args, name), "only with --mask")
+    masked = [name for name in given if name not in ("init_image", "strength", "resize_mode", "mask")]
+    if "mask" not in images and masked:
+        raise InvalidOption(masked[0], getattr(args, masked[0]), "only with --mask")
     return images
 
 
 def memory_kwargs(args) -> dict:
-    """Pipeline.load's memory options (engines/memory.py) as given on the command line."""
+    """Pipeline.load's memory options (runtime/memory.py) as given on the command line."""
     return {"low_vram": args.low_vram, "vram_budget": args.vram_budget, "vae_tile": args.vae_tile}
 
 
@@ -163,7 +124,7 @@ def cmd_build(args) -> int:
     if args.static:
         w, _, h = args.static.partition("x")
         if not (w.isdigit() and h.isdigit()):
-            from sdrt.runtime.errors import InvalidOption
+            from sdrt.errors import InvalidOption
 
             raise InvalidOption("--static", args.static, "WIDTHxHEIGHT, e.g. 512x512")
         ranges = ShapeRanges.static(parse_range("--batch", args.batch)[1], int(h), int(w))
@@ -183,21 +144,19 @@ def cmd_generate(args) -> int:
 
     images = read_images(args)
     kwargs = generate_kwargs(args)
-    prompt = args.prompt
     if args.from_png is not None:
-        kwargs = {**png_kwargs(args.from_png, "init_image" in images), **{k: kwargs[k] for k in explicit_kwargs(args)}}
-        prompt = kwargs.pop("prompt") if args.prompt is None else args.prompt
-    elif args.prompt is None:
+        kwargs = {**png_kwargs(args.from_png, "init_image" in images), **kwargs}
+    elif "prompt" not in kwargs:
         raise SdrtError("sdrt generate needs a PROMPT (or --from-png IMAGE.png)")
     pipe = Pipeline.load(
         resolve_model(args.model), backend=args.backend, embeddings=args.embeddings, **memory_kwargs(args)
     )
-    return write_images(pipe.generate(prompt, **images, **kwargs), args.output)
+    return write_images(pipe.generate(**images, **kwargs), args.output)
 
 
 def png_kwargs(path: str, has_init_image: bool) -> dict:
-    """Pipeline.generate arguments from the generation parameters an image carries (A1111 or ComfyUI)."""
-    from sdrt.runtime.errors import InvalidOption
+    """Generation options from the parameters an image carries (A1111 or ComfyUI)."""
+    from sdrt.errors import InvalidOption
     from sdrt.runtime.infotext import generate_kwargs as infotext_kwargs
     from sdrt.runtime.infotext import parse_infotext, read_parameters
     from sdrt.runtime.masks import open_image
@@ -213,12 +172,6 @@ def png_kwargs(path: str, has_init_image: bool) -> dict:
     return kwargs
 
 
-def explicit_kwargs(args) -> list[str]:
-    """The Pipeline.generate arguments the command line gave explicitly (they override --from-png's)."""
-    given = set(args.explicit)
-    return [name for name in generate_kwargs(args) if name in given]
-
-
 def cmd_outpaint(args) -> int:
     from sdrt.runtime.masks import check_outpaint_amounts, load_image
     from sdrt.runtime.pipeline import Pipeline
@@ -228,7 +181,7 @@ def cmd_outpaint(args) -> int:
     pipe = Pipeline.load(
         resolve_model(args.model), backend=args.backend, embeddings=args.embeddings, **memory_kwargs(args)
     )
-    return write_images(pipe.outpaint(image, args.prompt, **amounts, **generate_kwargs(args)), args.output)
+    return write_images(pipe.outpaint(image, **amounts, **generate_kwargs(args)), args.output)
 
 
 def write_images(images, output) -> int:
@@ -251,7 +204,7 @@ def next_index(folder: Path) -> int:
 
 
 def cmd_serve(args) -> int:
-    from sdrt.runtime.errors import InvalidOption
+    from sdrt.errors import InvalidOption
 
     if not 0 <= args.port <= 65535:
         raise InvalidOption("--port", args.port, "0 to 65535")
@@ -296,7 +249,7 @@ def cmd_info(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from sdrt import __version__
+    from sdrt.version import __version__
 
     parser = argparse.ArgumentParser(prog="sdrt", description="Stable Diffusion on ONNX Runtime, without PyTorch.")
     parser.add_argument("--version", action="version", version=f"sdrt {__version__}")
@@ -314,19 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     g = sub.add_parser("generate", help="txt2img, img2img (--init-image) and inpainting (--mask): write PNGs")
-    g.add_argument("prompt", nargs="?", help="the prompt (optional with --from-png)")
-    add_generation_arguments(g)
+    g.add_argument("prompt", nargs="?", default=argparse.SUPPRESS, help="the prompt (optional with --from-png)")
+    add_generation_arguments(g, editing=None)
     g.add_argument("--from-png", help="regenerate from the parameters an image carries; given options override them")
-    e = g.add_argument_group("img2img and inpainting (A1111's names)")
-    e.add_argument("--init-image", help="img2img: the starting image (any mode; see README 'Image inputs')")
-    e.add_argument("--strength", type=float, help="denoising strength, 0 to 1 (default 0.75)")
-    e.add_argument("--resize-mode", help="just resize (default), crop and resize, resize and fill")
-    e.add_argument("--mask", help="inpainting: white = repaint (alpha or colour masks are converted)")
-    e.add_argument("--mask-blur", type=int, help="Gaussian sigma in pixels (default 4)")
-    e.add_argument("--inpainting-fill", help="masked content: fill, original (default), latent noise, latent nothing")
-    e.add_argument("--inpaint-full-res", action="store_const", const=True, help="only masked: crop, generate, paste")
-    e.add_argument("--inpaint-full-res-padding", type=int, help="pixels around the mask's box (default 32)")
-    e.add_argument("--inpainting-mask-invert", action="store_const", const=True, help="repaint the black part")
     g.set_defaults(func=cmd_generate)
 
     o = sub.add_parser("outpaint", help="extend IMAGE by multiples of 8 pixels and paint the new area")
@@ -334,10 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("prompt")
     for side in ("left", "right", "up", "down"):
         o.add_argument(f"--{side}", type=int, default=0, help=f"pixels to add ({side}), a multiple of 8")
-    add_generation_arguments(o)
-    o.add_argument("--mask-blur", type=int, help="Gaussian sigma in pixels (default 4)")
-    o.add_argument("--inpainting-fill", help="fill, original (default: the prefilled canvas), latent noise, ...")
-    o.add_argument("--strength", type=float, help="denoising strength, 0 to 1 (default 1)")
+    add_generation_arguments(o, editing=OUTPAINT_EDITING)
     o.set_defaults(func=cmd_outpaint)
 
     s = sub.add_parser("serve", help="HTTP server: A1111-compatible API (/sdapi/v1) and a web page at /")
@@ -375,43 +315,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def add_generation_arguments(c) -> None:
-    """The options `generate` and `outpaint` share."""
+GROUP_TITLES = {
+    "generation": "generation options",
+    "editing": "img2img and inpainting (A1111's names)",
+    "sdxl": "SDXL (diffusers' names; refused on SD 1.x/2.x models)",
+}
+
+
+def add_generation_arguments(c, editing: tuple[str, ...] | None) -> None:
+    """The model and load options, and one flag per GenerationOptions field (options.py), grouped as the schema
+    groups them; EDITING: the editing options this command takes (None: all). Defaults stay the schema's."""
+    from sdrt.runtime.options import OPTION_FIELDS, spec
+
     c.add_argument("-m", "--model", required=True, help="exported folder, checkpoint file, diffusers folder or hub id")
-    c.add_argument("--negative-prompt", default="")
-    c.add_argument("--width", type=int, help="default: the model's native size")
-    c.add_argument("--height", type=int, help="default: the model's native size")
-    c.add_argument("--steps", type=int, default=20)
-    c.add_argument("--cfg-scale", type=float, default=7.0)
-    c.add_argument("--sampler", default="Euler", help="Euler, Euler a, DDIM, DPM++ 2M (or 'DPM++ 2M Karras')")
-    c.add_argument(
-        "--scheduler",
-        default="automatic",
-        help="schedule type: automatic, uniform, karras, exponential, sgm_uniform, simple, beta",
-    )
-    c.add_argument("--timestep-spacing", help="leading, linspace or trailing (default: the model's config)")
-    c.add_argument("--guidance-rescale", type=float, default=0.0, help="0 to 1: Lin et al. 2023's phi (with cfg > 1)")
-    c.add_argument("--seed", type=int, default=-1, help="-1: random")
-    c.add_argument("--batch-size", type=int, default=1)
-    c.add_argument("--batch-count", type=int, default=1)
-    c.add_argument("--rng", default="torch", help="noise source: torch (= cpu, A1111 'CPU'), gpu (A1111's default), nv")
-    c.add_argument("--subseed", type=int, default=-1, help="A1111 variation seed (-1: random)")
-    c.add_argument("--subseed-strength", type=float, default=0.0, help="0 to 1: blend towards the variation seed")
-    c.add_argument("--seed-resize-from-w", type=int, default=0, help="width the seed was first used at (0: off)")
-    c.add_argument("--seed-resize-from-h", type=int, default=0, help="height the seed was first used at (0: off)")
-    c.add_argument("--ensd", type=int, default=0, help="A1111 eta noise seed delta (31337 in many shared infotexts)")
-    c.add_argument("--clip-skip", type=int, default=1, help="A1111's Clip skip: 2 = the penultimate layer")
-    c.add_argument("--emphasis", default="Original", help="prompt weights: Original (default), 'No norm', None")
-    x = c.add_argument_group("SDXL (diffusers' names; refused on SD 1.x/2.x models)")
-    x.add_argument("--prompt-2", help="the second text encoder's prompt (default: PROMPT)")
-    x.add_argument("--negative-prompt-2", help="the second text encoder's negative prompt")
-    x.add_argument("--refiner", help="an exported SDXL refiner folder: the second stage")
-    x.add_argument("--refiner-switch-at", type=float, help="fraction of the noise schedule the base runs (0.8)")
-    x.add_argument("--aesthetic-score", type=float, help="refiner conditioning, 0 to 10 (default 6)")
-    x.add_argument("--negative-aesthetic-score", type=float, help="refiner conditioning (default 2.5)")
-    x.add_argument("--original-size", type=int, nargs=2, metavar=("H", "W"), help="micro-conditioning (default: size)")
-    x.add_argument("--crops-coords-top-left", type=int, nargs=2, metavar=("TOP", "LEFT"), help="default: 0 0")
-    x.add_argument("--target-size", type=int, nargs=2, metavar=("H", "W"), help="micro-conditioning (default: size)")
+    groups = {group: c.add_argument_group(title) for group, title in GROUP_TITLES.items()}
+    for name, field in OPTION_FIELDS.items():
+        s = spec(name)
+        if not s.cli or s.group not in groups or (s.group == "editing" and editing is not None and name not in editing):
+            continue
+        default = field.default
+        help_text = s.help + ("" if default is None or s.kind == "bool" else f" (default: {default})")
+        flag = {"dest": name, "default": argparse.SUPPRESS, "help": help_text.replace("%", "%%")}
+        if s.kind == "bool":
+            flag |= {"action": "store_const", "const": True}
+        elif s.kind == "pair":
+            flag |= {"type": int, "nargs": 2, "metavar": ("TOP", "LEFT") if "crops" in name else ("H", "W")}
+        else:
+            flag["type"] = {"int": int, "float": float}.get(s.kind, str)
+        groups[s.group].add_argument("--" + name.replace("_", "-"), **flag)
     c.add_argument("--embeddings", help="folder of textual inversion embeddings, used by file name in prompts")
     c.add_argument("--backend", default="cpu", help="cpu (default), cuda, tensorrt, or auto (TensorRT > CUDA > CPU)")
     c.add_argument("--low-vram", action="store_true", help="one engine loaded at a time, tiled VAE")
@@ -427,7 +358,6 @@ def main(argv=None) -> int:
 
         return bench_main(argv[1:])
     args = build_parser().parse_args(argv)
-    args.explicit = given_options(argv)
 
     def note(message, category, *_, **__):  # the runtime's notes (a mask resized, ...): one plain line each
         print(f"sdrt {args.command}: note: {message}", file=sys.stderr)
@@ -443,18 +373,6 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-
-
-def given_options(argv: list[str]) -> list[str]:
-    """Dests of the options ARGV sets explicitly: ARGV parsed again with every default suppressed."""
-    parser = build_parser()
-    for sub in parser._subparsers._group_actions[0].choices.values():  # argparse keeps subparsers here
-        for action in sub._actions:
-            action.default = argparse.SUPPRESS
-    try:
-        return [k for k in vars(parser.parse_args(argv)) if k not in ("command", "func")]
-    except SystemExit:
-        return []
 
 
 if __name__ == "__main__":

@@ -16,7 +16,9 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[3]  # a source checkout: the build uses tests/tiny_sd.py's tokenizer
+from sdrt.bench.fixtures import SD15_SCHEDULER, assemble_pipeline, write_tiny_clip_tokenizer
+
+REPO = Path(__file__).resolve().parents[3]  # a source checkout (benchmarks/results)
 RESULTS_DIR = REPO / "benchmarks" / "results"
 SCHEMA_VERSION = 1
 
@@ -210,10 +212,8 @@ def worker_build(job: dict) -> dict:
 
 def build_sd(job: dict) -> dict:
     """Random-weight SD 1.x/2.x pipeline of the job's configs -> a diffusers folder (written whole, then renamed)."""
-    sys.path.insert(0, str(REPO / "tests"))
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from tiny_sd import SD15_SCHEDULER, assemble_pipeline, write_tiny_clip_tokenizer
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     out = Path(job["diffusers_dir"])
@@ -256,10 +256,9 @@ def build_sd(job: dict) -> dict:
 
 
 def build_sdxl(job: dict) -> dict:
-    """Random-weight SDXL base (benchmarks/sdxl_arch.py, one part at a time, fp16 weights that both runtimes
+    """Random-weight SDXL base (sdrt.bench.sdxl_arch, one part at a time, fp16 weights that both runtimes
     load as float32) -> a diffusers folder (written whole, then renamed)."""
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    from sdxl_arch import build_sdxl_folder
+    from sdrt.bench.sdxl_arch import build_sdxl_folder
 
     out = Path(job["diffusers_dir"])
     staging = out.with_name(out.name + ".partial")
@@ -292,7 +291,7 @@ def worker_export(job: dict) -> dict:
 
 def onnx_is_current(onnx_dir: Path) -> bool:
     """True if ONNX_DIR holds an export this sdrt can load (its manifest reads and validates)."""
-    from sdrt.runtime.errors import ModelError
+    from sdrt.errors import ModelError
     from sdrt.runtime.manifest import Manifest
 
     try:

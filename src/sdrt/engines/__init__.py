@@ -45,7 +45,7 @@ def cuda_available() -> bool:
 def resolve_backend(backend: str, model_dir: Path | None = None, announce: bool = True) -> str:
     """BACKEND itself, or for "auto" the fastest one present: TensorRT (with engines built for MODEL_DIR),
     then ONNX Runtime CUDA, then CPU; says which on stderr."""
-    from sdrt.runtime.errors import InvalidOption
+    from sdrt.errors import InvalidOption
 
     if backend not in BACKENDS:
         raise InvalidOption("backend", backend, ", ".join(BACKENDS))
@@ -73,7 +73,7 @@ def create_engine(model_file: Path, backend: str, **options) -> Engine:
     OPTIONS: for "cuda", `gpu_mem_limit` (bytes) and `device_id`; for "tensorrt", `workspace` (a shared
     tensorrt.Workspace) and `streaming_budget` (bytes of weights kept on the GPU).
     """
-    from sdrt.runtime.errors import InvalidOption
+    from sdrt.errors import InvalidOption
 
     if backend == "cpu":
         from sdrt.engines.onnxruntime import OnnxRuntimeEngine

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sdrt.runtime.errors import ModelError
+from sdrt.errors import ModelError
 
 
 def cpu_signature() -> str:

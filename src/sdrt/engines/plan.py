@@ -11,7 +11,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from sdrt.runtime.errors import InvalidOption, ModelError
+from sdrt.errors import InvalidOption, ModelError, is_int, is_number
 
 TEXT_WINDOW = 77  # CLIP tokens per window, BOS and EOS included: text lengths are multiples of it
 ALIGNMENT = 256  # bytes: cudaMalloc's alignment, and TensorRT's for I/O tensors and device memory
@@ -59,7 +59,7 @@ def check_ranges(ranges: ShapeRanges, step: int = 8, min_size: int = 64, max_siz
         ok = (
             isinstance(bounds, tuple)
             and len(bounds) == 3
-            and all(isinstance(v, int) and not isinstance(v, bool) for v in bounds)
+            and all(is_int(v) for v in bounds)
             and low <= bounds[0] <= bounds[1] <= bounds[2] <= high
             and all(v % multiple == 0 for v in bounds)
         )
@@ -278,7 +278,7 @@ _UNITS = {"": 1, "B": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
 def parse_size(value, field_name: str = "vram_budget") -> int:
     """'2GB', '1.5 GiB', '2048M', 2e9 -> bytes (binary units: a GPU's '8 GB' is 8 GiB)."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+    if is_number(value) and value > 0:
         return int(value)
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(I?B)?\s*", str(value).upper()) if value is not None else None
     if m is None or float(m.group(1)) <= 0:

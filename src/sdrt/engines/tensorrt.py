@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from sdrt.engines.plan import EngineIdentity, aligned, select_engine, source_fingerprint, static_profile
-from sdrt.runtime.errors import ModelError, SdrtError
+from sdrt.errors import ModelError, SdrtError
 
 ENGINES_DIR = "engines"  # MODEL_DIR/engines/<model name>/<key>.plan + <key>.json
 

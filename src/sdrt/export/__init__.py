@@ -1,15 +1,14 @@
 """Export: checkpoint -> ONNX models + tokenizer + model.json. The only package that imports torch."""
 
-import json
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
-from sdrt.runtime.errors import InvalidOption
-from sdrt.runtime.manifest import PRECISIONS, Manifest, SchedulerConfig
+from sdrt.errors import InvalidOption
+from sdrt.export.driver import scheduler_config
+from sdrt.runtime.manifest import PRECISIONS, Manifest
 
-__all__ = ["export"]
+__all__ = ["export", "scheduler_config"]
 
 
 def export(
@@ -37,7 +36,7 @@ def export(
     if config and not (Path(config) / "model_index.json").is_file() and Path(config).exists():
         raise InvalidOption("--config", config, "a diffusers folder (with model_index.json) or a hub id")
     if vae:
-        from sdrt.export.sdxl import check_vae_option
+        from sdrt.export.vae import check_vae_option
 
         check_vae_option(vae)  # a bad --vae fails now, before the checkpoint loads
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -59,86 +58,14 @@ def export(
 
 
 def _export_into(source, folder: Path, precision, original_config, config, progress, vae=None) -> Manifest:
+    """The family's plan (SD 1.x/2.x or SDXL) run by the one driver."""
     from tqdm import tqdm
 
-    from sdrt import __version__
     from sdrt.export import sdxl
-    from sdrt.export.detect import detect
-    from sdrt.export.sources import load_source
-    from sdrt.export.steps import model_steps
+    from sdrt.export.driver import export_into
+    from sdrt.export.sd import sd_plan
 
     bar = tqdm(total=6, desc="export", unit="step", disable=not progress)
     bar.set_postfix_str(f"loading {source}")
-    if sdxl.is_sdxl(source, sdxl.checkpoint_info(source)):
-        return sdxl.export_sdxl_into(source, folder, precision, original_config, config, vae, bar)
-    loaded = load_source(source, original_config, config)
-    pipe = loaded.pipe
-    if vae is not None:
-        pipe.vae = sdxl.load_vae(vae)
-        sdxl.check_vae(pipe.vae, pipe.unet.config.out_channels, vae)
-    detected = detect(pipe, loaded.checkpoint, loaded.user_config, original_config)
-    tqdm.write(detected.describe(), file=sys.stderr)
-    bar.update()
-    models = {}
-    for step in model_steps(pipe):
-        models[step.spec.name] = run_step(step, folder, precision, bar)
-    bar.set_postfix_str("tokenizer")
-    write_tokenizer(pipe.tokenizer, folder / "tokenizer")
-    manifest = Manifest(
-        family=detected.family.value,
-        prediction_type=detected.prediction_type.value,
-        scheduler=scheduler_config(pipe.scheduler.config),
-        vae_scaling_factor=float(pipe.vae.config.scaling_factor),
-        vae_shift_factor=pipe.vae.config.get("shift_factor"),
-        latent_channels=int(pipe.vae.config.latent_channels),
-        unet_in_channels=detected.unet_in_channels.value,
-        latent_downsample=int(pipe.vae_scale_factor),
-        native_size=detected.native_size.value,
-        text_max_length=int(pipe.text_encoder.config.max_position_embeddings),
-        text_hidden_size=int(pipe.text_encoder.config.hidden_size),
-        precision=precision,
-        models=models,
-        source={"kind": loaded.kind, "name": loaded.name, "sha256": loaded.sha256, **({"vae": vae} if vae else {})},
-        sdrt_version=__version__,
-        detected=detected.to_json(),
-    )
-    manifest.save(folder)
-    bar.update()
-    bar.close()
-    return manifest
-
-
-def run_step(step, folder: Path, precision: str, bar) -> dict:
-    """Export and verify one model; its model.json entry."""
-    from tqdm import tqdm
-
-    bar.set_postfix_str(step.spec.name)
-    error = step.run(folder, precision)
-    tqdm.write(
-        f"{step.spec.name} ({step.precision(precision)}): "
-        f"max error vs PyTorch {error:.2e} (tolerance {step.tolerance(step.precision(precision)):.0e})",
-        file=sys.stderr,
-    )
-    bar.update()
-    return {
-        "file": f"{step.spec.name}/model.onnx",
-        "precision": step.precision(precision),
-        **step.spec.to_json(),
-        **step.manifest_entry,
-    }
-
-
-def scheduler_config(config) -> SchedulerConfig:
-    """The keys the checkpoint's scheduler config really sets (diffusers marks the defaulted ones)."""
-    defaulted = set(config.get("_use_default_values", []))
-    return SchedulerConfig.from_dict({k: v for k, v in config.items() if k not in defaulted})
-
-
-def write_tokenizer(tokenizer, folder: Path) -> None:
-    """The source tokenizer's own files (special-token flags included), plus vocab.json and merges.txt."""
-    folder.mkdir(parents=True, exist_ok=True)
-    tokenizer.save_pretrained(folder)
-    backend = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
-    merges = [m if isinstance(m, str) else " ".join(m) for m in backend["merges"]]
-    (folder / "vocab.json").write_text(json.dumps(backend["vocab"], ensure_ascii=False))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(m + "\n" for m in merges))
+    make_plan = sdxl.sdxl_plan if sdxl.is_sdxl(source, sdxl.checkpoint_info(source)) else sd_plan
+    return export_into(make_plan(source, precision, original_config, config, vae), folder, precision, bar)

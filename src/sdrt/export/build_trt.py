@@ -15,7 +15,7 @@ from pathlib import Path
 
 from sdrt.engines.plan import EngineIdentity, ShapeRanges, check_ranges, plan_profile, source_fingerprint
 from sdrt.engines.tensorrt import ENGINES_DIR, compute_capability, device_name
-from sdrt.runtime.errors import InvalidOption, ModelError, SdrtError
+from sdrt.errors import InvalidOption, ModelError, SdrtError
 from sdrt.runtime.manifest import Manifest
 
 DEFAULT_BUILDER_WORKSPACE = 4 * 2**30  # bytes of scratch the builder may try tactics with

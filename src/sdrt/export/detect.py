@@ -7,7 +7,7 @@ diffusers folder, or `--config` for a single file), the single file's weights, a
 from dataclasses import dataclass
 from pathlib import Path
 
-from sdrt.runtime.errors import InvalidOption, ModelError
+from sdrt.errors import InvalidOption, ModelError
 
 # LDM's `model.params.parameterization` -> diffusers' prediction_type; LDM's default is "eps".
 PARAMETERIZATIONS = {"eps": "epsilon", "v": "v_prediction"}

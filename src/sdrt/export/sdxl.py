@@ -13,8 +13,9 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sdrt.errors import ModelError
 from sdrt.export.detect import INPAINT_IN_CHANNELS, TXT2IMG_IN_CHANNELS, CheckpointInfo, Detection, Fact
-from sdrt.runtime.errors import InvalidOption, ModelError
+from sdrt.export.sources import is_hub_id
 
 SGM_PREFIX = "conditioner.embedders."  # the SGM (generative-models) single-file layout of SDXL
 SGM_BASE_TEXT_ENCODER_2 = "conditioner.embedders.1.model."  # OpenCLIP bigG beside CLIP ViT-L: the base
@@ -40,7 +41,7 @@ def is_sdxl(source: str, checkpoint: CheckpointInfo | None = None) -> bool:
     path = Path(source)
     if (path / "model_index.json").is_file():
         return "text_encoder_2" in _read_json(path / "model_index.json")
-    if _hub_id(source):
+    if is_hub_id(source):
         from huggingface_hub import hf_hub_download
 
         try:
@@ -48,10 +49,6 @@ def is_sdxl(source: str, checkpoint: CheckpointInfo | None = None) -> bool:
         except Exception:  # offline, unknown id: load_source reports it
             return False
     return checkpoint is not None and any(k.startswith(SGM_PREFIX) for k in checkpoint.shapes)
-
-
-def _hub_id(source: str) -> bool:
-    return not Path(source).exists() and source.count("/") == 1 and not source.startswith((".", "/"))
 
 
 # A hub snapshot's files: configs, tokenizers and the full-precision weights (not the .fp16 variants beside them).
@@ -131,7 +128,7 @@ def load_sdxl(source: str, precision: str, original_config=None, config=None) ->
     from sdrt.export.sources import file_sha256, folder_sha256, read_checkpoint_info
 
     unet_dtype = torch.float16 if precision == "fp16" else torch.float32
-    if _hub_id(source):
+    if is_hub_id(source):
         from huggingface_hub import snapshot_download
 
         try:
@@ -300,44 +297,6 @@ def unet_step(unet, pooled_size: int, time_ids: int, max_len: int):
     )
 
 
-def check_vae_option(vae: str) -> Path | str:
-    """--vae as a folder holding config.json (a model folder's vae/ too), or a hub id; else InvalidOption."""
-    path = Path(vae)
-    if (path / "vae" / "config.json").is_file():
-        path = path / "vae"
-    if not ((path / "config.json").is_file() or _hub_id(vae)):
-        allowed = "a diffusers VAE folder (with config.json), a model folder with vae/, or a hub id"
-        raise InvalidOption("--vae", vae, allowed)
-    return path if path.exists() else vae
-
-
-def load_vae(vae: str):
-    """--vae: an AutoencoderKL from a diffusers VAE folder (config.json), a model folder's vae/, or a hub id."""
-    import torch
-    from diffusers import AutoencoderKL
-
-    path = check_vae_option(vae)
-    try:
-        return AutoencoderKL.from_pretrained(str(path), torch_dtype=torch.float32)
-    except (OSError, ValueError, KeyError) as e:
-        raise ModelError(f"could not load the VAE {vae!r}: {str(e)[:300]}") from None
-
-
-def check_vae(vae, unet_out_channels: int, vae_option: str) -> None:
-    """A replacement VAE must share the UNet's latent channels."""
-    if int(vae.config.latent_channels) != int(unet_out_channels):
-        raise InvalidOption(
-            "--vae",
-            vae_option,
-            f"a VAE with {unet_out_channels} latent channels (the UNet's); this one has {vae.config.latent_channels}",
-        )
-
-
-def vae_fp16_capable(vae, family: str) -> bool:
-    """SDXL's VAE overflows in fp16 (its config says force_upcast): it stays fp32 unless a fixed VAE says otherwise."""
-    return family != "sdxl" or not bool(vae.config.get("force_upcast", True))
-
-
 def checkpoint_info(source: str) -> CheckpointInfo | None:
     """A single file's tensor shapes (to tell SDXL's layout); None for folders and hub ids."""
     from sdrt.export.sources import SINGLE_FILE_SUFFIXES, read_checkpoint_info
@@ -346,83 +305,68 @@ def checkpoint_info(source: str) -> CheckpointInfo | None:
     return read_checkpoint_info(path) if path.is_file() and path.suffix.lower() in SINGLE_FILE_SUFFIXES else None
 
 
-def export_sdxl_into(source, folder: Path, precision: str, original_config, config, vae_option, bar):
-    """Export an SDXL base, refiner or inpainting model into FOLDER, one part at a time; returns its Manifest."""
-    from tqdm import tqdm
-
-    from sdrt import __version__
-    from sdrt.export import run_step, scheduler_config, write_tokenizer
-    from sdrt.export.steps import text_encoder_step, vae_steps
-    from sdrt.runtime.manifest import Manifest
+def sdxl_plan(source, precision: str, original_config, config, vae_option):
+    """The plan of an SDXL base, refiner or inpainting model: its text encoders (each followed by its tokenizer),
+    UNet, VAE decoder and encoder, each part loaded when its turn comes and released after it."""
+    from sdrt.export import driver
+    from sdrt.export.vae import check_vae, load_vae, vae_fp16_capable
 
     parts = load_sdxl(source, precision, original_config, config)
     unet_config = parts.config_of("unet")
     detected = detect_sdxl(parts, unet_config, original_config)
-    tqdm.write(detected.describe(), file=sys.stderr)
-    bar.update()
-    models, pooled_size, max_len = {}, None, None
     encoders = [name for name in TEXT_ENCODERS if parts.has(name)]
     if "text_encoder_2" not in encoders:
         raise ModelError(f"{source!r} has no text_encoder_2 (OpenCLIP bigG): every SDXL model needs it")
-    bar.total = len(encoders) + 5  # detection, text encoders, UNet, VAE decoder and encoder, manifest
-    bar.refresh()
-    for name in encoders:
-        text_encoder = parts.get(name)
-        max_len = int(text_encoder.config.max_position_embeddings)
-        if name == "text_encoder_2":
-            pooled_size = int(text_encoder.config.projection_dim)
-        step = text_encoder_step(text_encoder, name)
-        step.release = lambda name=name: parts.release(name)
-        del text_encoder
-        models[name] = run_step(step, folder, precision, bar)
-        tokenizer = name.replace("text_encoder", "tokenizer")
-        write_tokenizer(parts.get(tokenizer), folder / tokenizer)
-        parts.release(tokenizer)
     refiner = bool(parts.config.get("requires_aesthetics_score", False))
-    step = unet_step(parts.get("unet"), pooled_size, TIME_IDS_REFINER if refiner else TIME_IDS_BASE, max_len)
-    step.release = lambda: parts.release("unet")  # the UNet leaves memory before ONNX Runtime loads its graph
-    models["unet"] = run_step(step, folder, precision, bar)
-    del step
-    vae = load_vae(vae_option) if vae_option else parts.get("vae")
-    if vae_option:
-        check_vae(vae, unet_config["out_channels"], vae_option)
-    fp16_vae = vae_fp16_capable(vae, "sdxl")
-    if precision == "fp16" and not fp16_vae:
-        tqdm.write(
-            "vae: kept fp32: SDXL's VAE overflows in fp16 (its config sets force_upcast); "
-            "pass --vae with a VAE fixed for fp16 (force_upcast false) to run it in fp16",
-            file=sys.stderr,
-        )
-    down = 2 ** (len(vae.config.block_out_channels) - 1)
-    for step in vae_steps(vae, down, fp16_vae):
-        models[step.spec.name] = run_step(step, folder, precision, bar)
-    vae_config = dict(vae.config)
-    parts.release("vae")
-    del vae
-    source_info = {"kind": parts.kind, "name": parts.name, "sha256": parts.sha256}
-    if vae_option:
-        source_info["vae"] = str(vae_option)
-    manifest = Manifest(
-        family="sdxl",
-        prediction_type=detected.prediction_type.value,
-        scheduler=scheduler_config(parts.scheduler.config),
-        vae_scaling_factor=float(vae_config["scaling_factor"]),
-        vae_shift_factor=vae_config.get("shift_factor"),
-        latent_channels=int(vae_config["latent_channels"]),
-        unet_in_channels=detected.unet_in_channels.value,
-        latent_downsample=down,
-        native_size=detected.native_size.value,
-        text_max_length=max_len,
-        text_hidden_size=int(unet_config["cross_attention_dim"]),
-        precision=precision,
-        models=models,
-        source=source_info,
-        sdrt_version=__version__,
-        detected=detected.to_json(),
-        force_zeros_for_empty_prompt=bool(parts.config.get("force_zeros_for_empty_prompt", True)),
-        requires_aesthetics_score=refiner,
-    )
-    manifest.save(folder)
-    bar.update()
-    bar.close()
-    return manifest
+    made = {}  # what the parts learn on the way: text sizes, the VAE's config
+
+    def steps():
+        from tqdm import tqdm
+
+        from sdrt.export.steps import text_encoder_step, vae_steps
+
+        for name in encoders:
+            text_encoder = parts.get(name)
+            made["max_len"] = int(text_encoder.config.max_position_embeddings)
+            if name == "text_encoder_2":
+                made["pooled"] = int(text_encoder.config.projection_dim)
+            step = text_encoder_step(text_encoder, name)
+            step.release = lambda name=name: parts.release(name)
+            del text_encoder
+            yield step
+            tokenizer = name.replace("text_encoder", "tokenizer")
+            yield driver.Tokenizer(tokenizer, parts.get(tokenizer), lambda t=tokenizer: parts.release(t))
+        time_ids = TIME_IDS_REFINER if refiner else TIME_IDS_BASE
+        step = unet_step(parts.get("unet"), made["pooled"], time_ids, made["max_len"])
+        step.release = lambda: parts.release("unet")  # the UNet leaves memory before ONNX Runtime loads its graph
+        yield step
+        del step
+        vae = load_vae(vae_option) if vae_option else parts.get("vae")
+        if vae_option:
+            check_vae(vae, unet_config["out_channels"], vae_option)
+        fp16_vae = vae_fp16_capable(vae, "sdxl")
+        if precision == "fp16" and not fp16_vae:
+            tqdm.write(
+                "vae: kept fp32: SDXL's VAE overflows in fp16 (its config sets force_upcast); "
+                "pass --vae with a VAE fixed for fp16 (force_upcast false) to run it in fp16",
+                file=sys.stderr,
+            )
+        made["down"] = 2 ** (len(vae.config.block_out_channels) - 1)
+        made["vae_config"] = dict(vae.config)
+        yield from vae_steps(vae, made["down"], fp16_vae)
+        parts.release("vae")
+
+    def facts() -> dict:
+        return {
+            "family": "sdxl",
+            "scheduler": driver.scheduler_config(parts.scheduler.config),
+            **driver.vae_facts(made["vae_config"], made["down"]),
+            **driver.detected_facts(detected),
+            "text_max_length": made["max_len"],
+            "text_hidden_size": int(unet_config["cross_attention_dim"]),
+            **driver.source_facts(parts.kind, parts.name, parts.sha256, vae_option),
+            "force_zeros_for_empty_prompt": bool(parts.config.get("force_zeros_for_empty_prompt", True)),
+            "requires_aesthetics_score": refiner,
+        }
+
+    return driver.ExportPlan(detected.describe(), steps(), len(encoders) + 3, facts)

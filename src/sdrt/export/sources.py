@@ -4,8 +4,8 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from sdrt.errors import InvalidOption, ModelError
 from sdrt.export.detect import CheckpointInfo
-from sdrt.runtime.errors import InvalidOption, ModelError
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 HASHED_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".json", ".txt")
@@ -126,3 +126,8 @@ def load_source(source: str, original_config: str | None = None, config: str | N
         raise ModelError(f"could not download {source!r} from the hub: {e}") from None
     loaded = load_source(str(folder))
     return Source(loaded.pipe, "hub", source, loaded.sha256, user_config=f"hub {source}")
+
+
+def is_hub_id(source: str) -> bool:
+    """SOURCE names a model on the hub ("owner/name"), not a local path."""
+    return not Path(source).exists() and source.count("/") == 1 and not source.startswith((".", "/"))

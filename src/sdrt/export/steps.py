@@ -6,8 +6,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sdrt.errors import ModelError
 from sdrt.export import to_onnx
-from sdrt.runtime.errors import ModelError
 from sdrt.runtime.modelspec import (
     TOKEN_EMBEDDING_FILE,
     ModelSpec,

@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 import torch
 
-from sdrt.runtime.errors import ModelError
+from sdrt.errors import ModelError
 from sdrt.runtime.modelspec import ModelSpec
 
 OPSET = 17

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from sdrt.runtime.errors import ModelError
+from sdrt.errors import ModelError
 
 # What produced each checked array, and the model whose fp16 overflow is the usual cause.
 STAGES = {"latents": "unet", "images": "vae_decoder", "init latents": "vae_encoder"}

@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from sdrt.errors import InvalidOption, check_int
 from sdrt.runtime.embeddings import Embedding, EmbeddingDB
-from sdrt.runtime.errors import InvalidOption
 from sdrt.runtime.prompt import parse_prompt_attention
 from sdrt.runtime.tokenizer import ClipTokenizer
 
@@ -117,8 +117,7 @@ class TextEncoder:
 
     def check_clip_skip(self, clip_skip: int) -> None:
         deepest = min(MAX_CLIP_SKIP, self.layers + self.layer_offset + 1)
-        if isinstance(clip_skip, bool) or not isinstance(clip_skip, (int, np.integer)) or not 1 <= clip_skip <= deepest:
-            raise InvalidOption("clip_skip", clip_skip, f"an integer from 1 to {deepest}")
+        check_int("clip_skip", clip_skip, 1, deepest)
 
     def embed(self, chunks: list[Chunk]) -> tuple[np.ndarray, np.ndarray]:
         """(inputs_embeds (N, 77, C) float32, eos_index (N,) int64) of a batch of chunks."""
@@ -219,3 +218,67 @@ def pad_to(context: np.ndarray, length: int, empty: np.ndarray) -> np.ndarray:
     if repeats <= 0:
         return context
     return np.concatenate([context, np.repeat(np.tile(empty, (1, repeats, 1)), len(context), axis=0)], axis=1)
+
+
+def encode_prompts(conditioner: Conditioner, manifest, opts) -> tuple:
+    """The prompt's (and with guidance the negative prompt's) conditioning for each denoiser call, for one image,
+    and the infotext fields it adds. Prompt editing gives one entry per switch (A1111's schedules over opts.steps);
+    cond and uncond are padded to the same length with the empty prompt's chunk (A1111's "Pad conds")."""
+    from sdrt.runtime import sdxl
+    from sdrt.runtime.denoiser import TextConditioning
+    from sdrt.runtime.prompt import prompt_schedules
+
+    prompts = [opts.prompt, opts.negative_prompt] if opts.guided else [opts.prompt]
+    schedules = prompt_schedules(prompts, opts.steps)  # per prompt: [(last step, text)]
+    encoded = []  # per prompt: [(last step, Encoded)]
+    for index, schedule in enumerate(schedules):
+        texts = [text for _, text in schedule]
+        second = sdxl.second_texts(opts, index, len(texts))  # SDXL's prompt_2 / negative_prompt_2
+        result = conditioner.encode(texts, opts.clip_skip, opts.emphasis, texts_2=second)
+        if index == 1 and sdxl.zeroes_negative(manifest, opts):
+            result = sdxl.zeroed(result)
+        encoded.append([(end, _row(result, i)) for i, (end, _) in enumerate(schedule)])
+    length = max(e.context.shape[1] for entries in encoded for _, e in entries)
+    padded = any(e.context.shape[1] != length for entries in encoded for _, e in entries)
+    if padded:
+        empty = conditioner.empty(opts.clip_skip)
+        encoded = [[(end, Encoded(pad_to(e.context, length, empty), e.pooled, e.used)) for end, e in entries]
+                   for entries in encoded]  # fmt: skip
+    ends = sorted({end for entries in encoded for end, _ in entries})
+    feeds = []
+    for end in ends:
+        at = [next((e for last, e in entries if end <= last), entries[-1][1]) for entries in encoded]
+        feeds.append(text_feeds(manifest, at[0], at[1] if opts.guided else None, opts))
+    used = {e.name: e for entries in encoded for _, enc in entries for e in enc.used}
+    notes = {
+        "Emphasis": opts.emphasis if opts.emphasis != "Original" and _has_emphasis(prompts) else None,
+        "TI hashes": ", ".join(f"{_clean(n)}: {e.shorthash}" for n, e in used.items()) or None,
+        "Pad conds": True if padded else None,
+    }
+    return TextConditioning(tuple(ends), tuple(feeds), opts.guided), notes
+
+
+def _row(encoded: Encoded, i: int) -> Encoded:
+    pooled = None if encoded.pooled is None else encoded.pooled[i : i + 1]
+    return Encoded(encoded.context[i : i + 1], pooled, encoded.used)
+
+
+def text_feeds(manifest, cond: Encoded, uncond: Encoded | None, opts) -> dict:
+    """UNet text inputs for one image, uncond first: {"encoder_hidden_states": (2 or 1, L, C) float32}, and
+    for SDXL the pooled text_embeds (2 or 1, P) and micro-conditioning time_ids (2 or 1, 6 or 5)."""
+    from sdrt.runtime import sdxl
+
+    halves = [cond] if uncond is None else [uncond, cond]
+    feeds = {"encoder_hidden_states": np.concatenate([h.context for h in halves]).astype(np.float32)}
+    if manifest.family == "sdxl":
+        feeds |= sdxl.added_feeds(manifest, opts, cond.pooled, None if uncond is None else uncond.pooled)
+    return feeds
+
+
+def _has_emphasis(texts) -> bool:
+    """A1111 records a non-default emphasis only for prompts with brackets."""
+    return any("(" in t or "[" in t for t in texts)
+
+
+def _clean(name: str) -> str:
+    return name.replace(":", "").replace(",", "")

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import regex
 
-from sdrt.runtime.errors import InvalidOption
+from sdrt.errors import InvalidOption
 
 EMBEDDING_SUFFIXES = (".pt", ".bin", ".safetensors")
 MAX_EMBEDDING_BYTES = 64 * 2**20  # textual inversions are a few KB; refuse anything absurd before reading it

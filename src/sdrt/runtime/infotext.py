@@ -1,25 +1,46 @@
-"""Reading generation parameters back: A1111's infotext (PNG "parameters" chunk, JPEG/WebP EXIF comment) and
-ComfyUI's workflow PNGs, and turning them into Pipeline.generate keyword arguments.
+"""The infotext: writing A1111's generation parameters, and reading them back (A1111's PNG "parameters" chunk,
+JPEG/WebP EXIF comment, and ComfyUI's workflow PNGs) as GenerationOptions fields.
 
-The writer is image.infotext; the parser follows A1111's parse_generation_parameters (modules/infotext_utils.py):
-the last line holds "Key: value" pairs (values with a comma, colon or newline are JSON-quoted), the lines
-before it the prompt and "Negative prompt: ...".
+Both directions are derived from the options schema (options.py: each field's infotext key, writer and reader).
+The parser follows A1111's parse_generation_parameters (modules/infotext_utils.py): the last line holds
+"Key: value" pairs (values with a comma, colon or newline are JSON-quoted), the lines before it the prompt and
+"Negative prompt: ...".
 """
 
 import json
 
 import regex
 
-from sdrt.runtime.errors import InvalidOption
+from sdrt.errors import InvalidOption
 from sdrt.runtime.image import infotext
+from sdrt.runtime.options import OPTION_FIELDS, GenerationOptions, spec
+from sdrt.version import __version__
 
 # A1111's re_param: a key of word characters, spaces, '-' and '/', then a quoted or comma-free value.
 _PARAM = regex.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 _SIZE = regex.compile(r"^(\d+)x(\d+)$")
 MAX_INFOTEXT_CHARS = 200_000  # a parameters chunk longer than this is not a real one
 
-# A1111 labels -> sdrt names, for the fields where they differ.
-RNG_NAMES = {"CPU": "torch", "GPU": "gpu", "NV": "nv"}
+# Written beside the options' own keys: the model after "Size", the stages' notes before "Timestep spacing".
+MODEL_AFTER, NOTES_BEFORE = "Size", "Timestep spacing"
+
+
+def write_infotext(opts: GenerationOptions, seed: int, subseed: int, model: dict, notes: dict | None = None) -> str:
+    """The "parameters" text of one image (seed, subseed: its own), with A1111's keys in A1111's order.
+
+    MODEL: {"Model hash": ..., "Model": ...}; NOTES: what the stages add (emphasis, TI hashes, refiner, ...)."""
+    params = {}
+    for name in OPTION_FIELDS:
+        s = spec(name)
+        if s.infotext is None or s.write is None:
+            continue
+        if s.infotext == NOTES_BEFORE:
+            params |= notes or {}
+        params[s.infotext] = s.write(opts, (seed, subseed))
+        if s.infotext == MODEL_AFTER:
+            params |= model
+    params["Version"] = f"sdrt {__version__}"
+    return infotext(opts.prompt, opts.negative_prompt, params)
 
 
 def parse_infotext(text: str) -> dict:
@@ -160,44 +181,27 @@ COMFY_SCHEDULES = {
 
 
 def generate_kwargs(params: dict) -> dict:
-    """Pipeline.generate keyword arguments from parse_infotext's dict; fields sdrt does not know are left out.
+    """GenerationOptions fields from parse_infotext's dict; keys sdrt does not know are left out.
 
-    Values stay as the infotext gives them converted to numbers; Pipeline.generate validates them, so a bad value
-    is refused there with the field named.
+    Values are converted to the field's type only; resolve validates them, so a bad value is refused there with
+    the field named.
     """
     kwargs = {"prompt": params.get("Prompt", ""), "negative_prompt": params.get("Negative prompt", "")}
-    fields = {  # infotext key -> (generate keyword, converter)
-        "Steps": ("steps", int),
-        "Sampler": ("sampler", str),
-        "Schedule type": ("scheduler", str),
-        "CFG scale": ("cfg_scale", float),
-        "Seed": ("seed", int),
-        "Size-1": ("width", int),
-        "Size-2": ("height", int),
-        "Variation seed": ("subseed", int),
-        "Variation seed strength": ("subseed_strength", float),
-        "Seed resize from-1": ("seed_resize_from_w", int),
-        "Seed resize from-2": ("seed_resize_from_h", int),
-        "Denoising strength": ("strength", float),
-        "Clip skip": ("clip_skip", int),
-        "ENSD": ("ensd", int),
-        "Eta": ("eta", float),
-        "Eta DDIM": ("eta", float),
-        "Mask blur": ("mask_blur", int),
-        "Timestep spacing": ("timestep_spacing", str),
-        "Guidance rescale": ("guidance_rescale", float),
-        "Emphasis": ("emphasis", str),
-    }
-    for key, (name, convert) in fields.items():
-        if key not in params:
+    for name in OPTION_FIELDS:
+        s = spec(name)
+        if s.infotext is None:
             continue
-        try:
-            kwargs[name] = convert(params[key])
-        except (TypeError, ValueError):
-            raise InvalidOption(key, params[key], f"a {convert.__name__} value in the infotext") from None
-    rng = params.get("RNG")
-    if rng is not None:
-        if rng not in RNG_NAMES:
-            raise InvalidOption("RNG", rng, ", ".join(RNG_NAMES))
-        kwargs["rng"] = RNG_NAMES[rng]
+        for key in (s.infotext if s.part is None else f"{s.infotext}-{s.part}", *s.aliases):
+            if key in params:
+                kwargs[name] = _read(s, key, params[key])
     return kwargs
+
+
+def _read(s, key: str, text):
+    convert = s.read or {"int": int, "float": float}.get(s.kind, str)
+    try:
+        return convert(text)
+    except InvalidOption:
+        raise
+    except (TypeError, ValueError):
+        raise InvalidOption(key, text, f"a {s.kind} value in the infotext") from None

@@ -4,7 +4,7 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from sdrt.runtime.errors import ModelError
+from sdrt.errors import ModelError
 
 MANIFEST_NAME = "model.json"
 MANIFEST_FORMAT = "sdrt-model"

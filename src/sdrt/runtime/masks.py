@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
 
-from sdrt.runtime.errors import InvalidOption
+from sdrt.errors import InvalidOption, is_int
 
 RESIZE_MODES = ("just resize", "crop and resize", "resize and fill")  # A1111's resize_mode 0, 1, 2
 INPAINTING_FILLS = ("fill", "original", "latent noise", "latent nothing")  # A1111's inpainting_fill 0..3
@@ -82,7 +82,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 def check_resize_mode(mode: str) -> str:
     """A1111's resize mode names (or their index 0, 1, 2) -> the name; anything else is an InvalidOption."""
-    if isinstance(mode, int) and not isinstance(mode, bool) and 0 <= mode < len(RESIZE_MODES):
+    if is_int(mode) and 0 <= mode < len(RESIZE_MODES):
         return RESIZE_MODES[mode]
     if isinstance(mode, str) and mode.strip().lower() in RESIZE_MODES:
         return mode.strip().lower()
@@ -198,7 +198,7 @@ def latent_mask(mask: Image.Image, latent_width: int, latent_height: int) -> np.
 
 def check_inpainting_fill(mode) -> str:
     """A1111's inpainting_fill names (or their index 0..3) -> the name; anything else is an InvalidOption."""
-    if isinstance(mode, int) and not isinstance(mode, bool) and 0 <= mode < len(INPAINTING_FILLS):
+    if is_int(mode) and 0 <= mode < len(INPAINTING_FILLS):
         return INPAINTING_FILLS[mode]
     if isinstance(mode, str) and mode.strip().lower() in INPAINTING_FILLS:
         return mode.strip().lower()
@@ -307,12 +307,7 @@ def check_outpaint_amounts(left: int, right: int, up: int, down: int) -> dict[st
     """Outpaint amounts: non-negative multiples of 8 pixels, not all zero."""
     amounts = {"left": left, "right": right, "up": up, "down": down}
     for name, value in amounts.items():
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, (int, np.integer))
-            or value < 0
-            or value % OUTPAINT_MULTIPLE
-        ):
+        if not is_int(value) or value < 0 or value % OUTPAINT_MULTIPLE:
             raise InvalidOption(name, value, f"a non-negative multiple of {OUTPAINT_MULTIPLE} pixels")
     if not any(amounts.values()):
         raise InvalidOption("left/right/up/down", 0, "at least one direction greater than 0")

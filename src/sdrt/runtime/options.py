@@ -1,133 +1,233 @@
-"""Generation options: one frozen dataclass, validated once, with errors naming field, value and what is allowed."""
+"""Generation options: one schema. Each field of GenerationOptions holds its default, type, allowed range or values,
+and how the interfaces see it: its CLI flag, its A1111 request field (or A1111 setting), its infotext key, and how it
+is read from and written to the infotext. The CLI (cli.py), the server's A1111 mapping (server/a1111.py), the infotext
+writer and reader (infotext.py) and `sdrt generate --from-png` are derived from it; `resolve` validates once against a
+model's manifest, with errors naming the field, the value and what is allowed.
 
+Adding an option: one field here, plus its use.
+"""
+
+import dataclasses
 import math
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 import numpy as np
 
+from sdrt.errors import InvalidOption, ModelError, check_int, check_number, is_int
+from sdrt.runtime import masks
 from sdrt.runtime.conditioning import EMPHASES, MAX_CLIP_SKIP
-from sdrt.runtime.errors import InvalidOption
+from sdrt.runtime.image import format_number
 from sdrt.runtime.manifest import Manifest
-from sdrt.runtime.rng import GENERATORS
-from sdrt.runtime.schedules import SPACINGS, resolve_config, uses_spacing
-from sdrt.runtime.sdxl import SdxlOptions, make_sdxl_options
+from sdrt.runtime.rng import A1111_RNG_LABELS, GENERATORS
+from sdrt.runtime.samplers import SAMPLER_ALIASES, SAMPLERS, resolve_sampler  # noqa: F401 (re-exported)
+from sdrt.runtime.schedules import (  # noqa: F401 (re-exported)
+    SCHEDULER_ALIASES,
+    SCHEDULERS,
+    SPACINGS,
+    check_schedule,
+    resolve_scheduler,
+)
+from sdrt.runtime.sdxl import SDXL_OPTIONS, SdxlOptions, make_sdxl_options
 
-# A1111 sampler name -> (sampler function name in samplers.py, diffusers timestep rule in schedules.py)
-SAMPLERS = {
-    "Euler": ("sample_euler", "euler"),
-    "Euler a": ("sample_euler_ancestral", "euler"),
-    "DDIM": ("sample_ddim", "ddim"),
-    "PLMS": ("sample_plms", "pndm"),
-    "UniPC": ("sample_unipc", "dpmsolver"),
-    "LCM": ("sample_lcm", "lcm"),
-    "DPM++ 2M": ("sample_dpmpp_2m", "dpmsolver"),
-    "Heun": ("sample_heun", "euler"),
-    "DPM2": ("sample_dpm_2", "kdpm2"),
-    "DPM2 a": ("sample_dpm_2_ancestral", "kdpm2"),
-    "LMS": ("sample_lms", "euler"),
-    "DPM++ 2S a": ("sample_dpmpp_2s_ancestral", "euler"),
-    "DPM++ SDE": ("sample_dpmpp_sde", "euler"),
-    "DPM++ 2M SDE": ("sample_dpmpp_2m_sde", "dpmsolver"),
-    "DPM++ 3M SDE": ("sample_dpmpp_3m_sde", "dpmsolver"),
-}
-# A1111's aliases (sd_samplers_kdiffusion.py) and its pre-1.9 names that carried the schedule.
-SAMPLER_ALIASES = {
-    "k_euler": "Euler",
-    "k_euler_a": "Euler a",
-    "k_euler_ancestral": "Euler a",
-    "k_dpmpp_2m": "DPM++ 2M",
-    "k_heun": "Heun",
-    "k_dpm_2": "DPM2",
-    "k_dpm_2_a": "DPM2 a",
-    "k_lms": "LMS",
-    "k_dpmpp_2s_a": "DPM++ 2S a",
-    "k_dpmpp_sde": "DPM++ SDE",
-    "k_dpmpp_2m_sde": "DPM++ 2M SDE",
-    "k_dpmpp_3m_sde": "DPM++ 3M SDE",
-    "ddim": "DDIM",
-    "k_lcm": "LCM",
-}
-# Schedule types (schedules.SCHEDULES): name -> A1111 label, as the infotext's "Schedule type" writes it.
-SCHEDULERS = {
-    "automatic": "Automatic",
-    "uniform": "Uniform",
-    "karras": "Karras",
-    "exponential": "Exponential",
-    "sgm_uniform": "SGM Uniform",
-    "simple": "Simple",
-    "beta": "Beta",
-}
-SCHEDULER_ALIASES = {"sgmuniform": "sgm_uniform"}  # A1111's; its labels ("SGM Uniform") are accepted too
-LEGACY_SCHEDULE_SUFFIXES = ("karras", "exponential")  # A1111 < 1.9 names such as "DPM++ 2M SDE Exponential"
 RNGS = tuple(GENERATORS)  # "torch" (= "cpu"), "gpu", "nv": see rng.py
+RNG_NAMES = {"CPU": "torch", "GPU": "gpu", "NV": "nv"}  # A1111's labels (infotext "RNG", option randn_source)
 # A1111's samplers with the "uses_ensd" option: the only ones whose infotext records ENSD (and only with eta != 0).
 ENSD_SAMPLERS = ("Euler a", "DPM2 a", "DPM++ 2S a", "DPM fast", "DPM adaptive")
 OUTPUT_TYPES = ("pil", "latent")
 MAX_STEPS = 1000
 MAX_BATCH = 64
+MAX_BATCH_COUNT = 10_000
 SEED_MAX = 2**32 - 1
 MAX_MASK_BLUR = 64  # A1111's mask blur slider maximum
 MAX_PROMPT_CHARS = 20_000  # about 70 chunks of 75 tokens: far past any real prompt, short of a memory hazard
+UNSET = object()  # an A1111 mapping's answer when the request does not carry the option
 
 
-def resolve_scheduler(scheduler: str) -> str:
-    """The schedule name for a name or A1111 label ("karras", "Karras", "SGM Uniform"), any case."""
-    by_lower = {k: k for k in SCHEDULERS} | {v.lower(): k for k, v in SCHEDULERS.items()} | SCHEDULER_ALIASES
-    if not isinstance(scheduler, str) or scheduler.strip().lower() not in by_lower:
-        raise InvalidOption("scheduler", scheduler, ", ".join(SCHEDULERS))
-    return by_lower[scheduler.strip().lower()]
+@dataclass(frozen=True)
+class Spec:
+    """How one option is typed, bounded and seen by the interfaces.
+
+    kind: str, int, float, bool, pair (two ints), image (PIL image or path), path, array, any.
+    low/high: the allowed range (numbers); choices: the allowed values (strings).
+    group: generation, editing (img2img/inpainting), sdxl, or output (Python only).
+    cli: a command-line flag --name-with-dashes. a1111: the A1111 request field (from_a1111(request) converts it;
+    UNSET when absent); setting: or the A1111 option (override_settings key) it comes from, through from_setting.
+    infotext: its key (part 1/2 of an "AxB" value), write(opts, image seeds) -> text or None, read(text) -> value.
+    """
+
+    kind: str
+    help: str = ""
+    low: float | None = None
+    high: float | None = None
+    choices: tuple | None = None
+    group: str = "generation"
+    cli: bool = True
+    a1111: str | None = None
+    from_a1111: Callable | None = None
+    setting: str | None = None
+    from_setting: Callable | None = None
+    infotext: str | None = None
+    part: int | None = None
+    aliases: tuple[str, ...] = ()
+    write: Callable | None = None
+    read: Callable | None = None
 
 
-def resolve_sampler(name: str, scheduler: str) -> tuple[str, str]:
-    """(A1111 sampler name, scheduler) from a name such as "Euler a", "k_euler" or "DPM++ 2M Karras"."""
-    if not isinstance(name, str):
-        raise InvalidOption("sampler", name, ", ".join(SAMPLERS))
-    scheduler = resolve_scheduler(scheduler)
-    by_lower = {k.lower(): k for k in SAMPLERS} | SAMPLER_ALIASES
-    key = name.strip().lower()
-    for suffix in LEGACY_SCHEDULE_SUFFIXES:
-        base = key.removesuffix(" " + suffix)
-        if base != key and base in by_lower:
-            if scheduler not in ("automatic", suffix):
-                raise InvalidOption("scheduler", scheduler, f"automatic or {suffix} with the sampler {name!r}")
-            return by_lower[base], suffix
-    if key not in by_lower:
-        raise InvalidOption("sampler", name, ", ".join(SAMPLERS) + " (and legacy names such as 'DPM++ 2M Karras')")
-    return by_lower[key], scheduler
+def option(default, kind: str, **spec):
+    return field(default=default, metadata={"spec": Spec(kind, **spec)})
+
+
+def _if_masked(request, value):
+    """An inpainting option of an A1111 request: only with a mask (outpaint requests always have one)."""
+    return value if getattr(request, "mask", True) is not None else UNSET
+
+
+def _mask_blur(request):
+    if getattr(request, "mask", True) is None:
+        return UNSET
+    if getattr(request, "mask_blur", None) is None and request.mask_blur_x != request.mask_blur_y:
+        raise InvalidOption("mask_blur_y", request.mask_blur_y, f"{request.mask_blur_x}, equal to mask_blur_x")
+    return request.mask_blur_x if request.mask_blur is None else request.mask_blur
+
+
+def _mask_invert(request):
+    if request.inpainting_mask_invert not in (0, 1):
+        raise InvalidOption("inpainting_mask_invert", request.inpainting_mask_invert, "0 or 1")
+    return _if_masked(request, bool(request.inpainting_mask_invert))
+
+
+def _read_rng(label: str) -> str:
+    if label not in RNG_NAMES:
+        raise InvalidOption("RNG", label, ", ".join(RNG_NAMES))
+    return RNG_NAMES[label]
+
+
+def _number_text(value):
+    return None if value is None else format_number(value)
 
 
 @dataclass(frozen=True)
 class GenerationOptions:
-    prompt: str
-    negative_prompt: str
-    width: int
-    height: int
-    steps: int
-    cfg_scale: float
-    sampler: str  # A1111 name, resolved
-    scheduler: str  # "automatic" | "karras"
-    seed: int  # the first image's seed, resolved (never -1)
-    batch_size: int
-    batch_count: int
-    rng: str
-    output_type: str
-    eta: float | None = None  # None: the sampler's default (DDIM 0, ancestral samplers 1)
-    s_noise: float = 1.0
-    s_churn: float = 0.0
-    s_tmin: float = 0.0
-    s_tmax: float = math.inf
-    timestep_spacing: str | None = None  # None: the model's scheduler config, else the sampler class's default
-    guidance_rescale: float = 0.0  # Lin et al. 2023, eq. 16's phi; 0: off
-    subseed: int = 0  # A1111's variation seed of the first image, resolved (never -1)
-    subseed_strength: float = 0.0  # 0: plain seeds; 1: the variation seeds' noise
-    seed_resize_from_w: int = 0  # 0: off; else the size the seed was first used at (both set, or neither)
-    seed_resize_from_h: int = 0
-    ensd: int = 0  # A1111's eta noise seed delta: per-step noise comes from seed + ensd
-    strength: float | None = None  # img2img/inpaint denoising strength in [0, 1]; None: txt2img
-    mask_blur: int | None = None  # A1111's mask blur (Gaussian sigma, pixels) when a mask is given; None: no mask
-    sdxl: SdxlOptions | None = None  # SDXL's own options (prompt_2, micro-conditioning, refiner); None: SD 1.x/2.x
-    clip_skip: int = 1  # A1111's "Clip skip": 1 = the last layer, 2 = the penultimate (through the final layer norm)
-    emphasis: str = "Original"  # A1111's emphasis mode: "Original", "No norm", "None"
+    """Every generation option once. The fields that the infotext writes come first, in A1111's order."""
+
+    prompt: str = option("", "str", cli=False, a1111="prompt", help="the prompt (A1111's syntax)")
+    negative_prompt: str = option("", "str", a1111="negative_prompt", help="what to steer away from")
+    steps: int = option(20, "int", low=1, high=MAX_STEPS, a1111="steps", infotext="Steps",
+                        write=lambda o, im: o.steps)  # fmt: skip
+    sampler: str = option(
+        "Euler", "str", a1111="sampler_name", from_a1111=lambda r: r.sampler_name or r.sampler_index,
+        infotext="Sampler", write=lambda o, im: o.sampler,
+        help="Euler, Euler a, DDIM, DPM++ 2M, ... (or A1111's legacy 'DPM++ 2M Karras')",
+    )  # fmt: skip
+    scheduler: str = option(
+        "automatic", "str", a1111="scheduler", from_a1111=lambda r: r.scheduler or "automatic",
+        infotext="Schedule type", write=lambda o, im: SCHEDULERS[o.scheduler],
+        help="schedule type: " + ", ".join(SCHEDULERS),
+    )  # fmt: skip
+    cfg_scale: float = option(7.0, "float", low=0, high=100, a1111="cfg_scale", infotext="CFG scale",
+                              write=lambda o, im: format_number(o.cfg_scale),
+                              help="classifier-free guidance scale (runs when > 1)")  # fmt: skip
+    seed: int = option(-1, "int", low=-1, high=SEED_MAX, a1111="seed", infotext="Seed", write=lambda o, im: im[0],
+                       help="-1: random; image i of a run uses seed + i")  # fmt: skip
+    width: int | None = option(None, "int", a1111="width", infotext="Size", part=1,
+                               write=lambda o, im: f"{o.width}x{o.height}",
+                               help="a multiple of 8 (default: the model's native size)")  # fmt: skip
+    height: int | None = option(None, "int", a1111="height", infotext="Size", part=2,
+                                help="a multiple of 8 (default: the model's native size)")  # fmt: skip
+    subseed: int = option(-1, "int", low=-1, high=SEED_MAX, a1111="subseed", infotext="Variation seed",
+                          write=lambda o, im: im[1] if o.subseed_strength else None,
+                          help="A1111's variation seed (-1: random)")  # fmt: skip
+    subseed_strength: float = option(0.0, "float", low=0, high=1, a1111="subseed_strength",
+                                     infotext="Variation seed strength",
+                                     write=lambda o, im: _number_text(o.subseed_strength or None),
+                                     help="0 to 1: how far to move towards the variation seed's noise")  # fmt: skip
+    seed_resize_from_w: int = option(
+        0, "int", a1111="seed_resize_from_w", from_a1111=lambda r: max(r.seed_resize_from_w, 0),
+        infotext="Seed resize from", part=1,
+        write=lambda o, im: f"{o.seed_resize_from_w}x{o.seed_resize_from_h}" if o.seed_resize_from_w else None,
+        help="the width a seed was first used at (0: off)",
+    )  # fmt: skip
+    seed_resize_from_h: int = option(
+        0, "int", a1111="seed_resize_from_h", from_a1111=lambda r: max(r.seed_resize_from_h, 0),
+        infotext="Seed resize from", part=2, help="the height a seed was first used at (0: off)",
+    )  # fmt: skip
+    strength: float | None = option(0.75, "float", low=0, high=1, group="editing", a1111="denoising_strength",
+                                    infotext="Denoising strength", write=lambda o, im: _number_text(o.strength),
+                                    help="img2img/inpainting denoising strength (default 0.75)")  # fmt: skip
+    clip_skip: int = option(1, "int", setting="CLIP_stop_at_last_layers", infotext="Clip skip",
+                            write=lambda o, im: o.clip_skip if o.clip_skip > 1 else None,
+                            help="A1111's Clip skip: 2 = the penultimate layer")  # fmt: skip
+    ensd: int = option(0, "int", low=0, high=SEED_MAX, setting="eta_noise_seed_delta", infotext="ENSD",
+                       write=lambda o, im: o.ensd if o.records_ensd else None,
+                       help="A1111's eta noise seed delta (31337 in many shared infotexts)")  # fmt: skip
+    rng: str = option(
+        "torch", "str", choices=RNGS, setting="randn_source", from_setting=lambda label: RNG_NAMES[label],
+        infotext="RNG", write=lambda o, im: A1111_RNG_LABELS[o.rng], read=_read_rng,
+        help="noise source: torch (= cpu, A1111 'CPU'), gpu (A1111's default), nv",
+    )  # fmt: skip
+    eta: float | None = option(None, "float", low=0, high=1, a1111="eta", infotext="Eta", aliases=("Eta DDIM",),
+                               write=lambda o, im: _number_text(o.eta),
+                               help="DDIM's and the ancestral samplers' eta (default: the sampler's)")  # fmt: skip
+    mask_blur: int | None = option(4, "int", low=0, high=MAX_MASK_BLUR, group="editing", a1111="mask_blur",
+                                   from_a1111=_mask_blur, infotext="Mask blur", write=lambda o, im: o.mask_blur,
+                                   help="Gaussian sigma in pixels (default 4)")  # fmt: skip
+    timestep_spacing: str | None = option(None, "str", choices=SPACINGS, infotext="Timestep spacing",
+                                          write=lambda o, im: o.timestep_spacing,
+                                          help="leading, linspace or trailing (default: the model's)")  # fmt: skip
+    guidance_rescale: float = option(0.0, "float", low=0, high=1, infotext="Guidance rescale",
+                                     write=lambda o, im: _number_text(o.guidance_rescale or None),
+                                     help="0 to 1: Lin et al. 2023's phi (with cfg > 1)")  # fmt: skip
+    emphasis: str = option("Original", "str", choices=EMPHASES, setting="emphasis", infotext="Emphasis",
+                           help="prompt weights: Original, 'No norm', None")  # fmt: skip
+    batch_size: int = option(1, "int", low=1, high=MAX_BATCH, a1111="batch_size", help="images per UNet batch")
+    batch_count: int = option(1, "int", low=1, high=MAX_BATCH_COUNT, a1111="n_iter", help="number of batches")
+    s_noise: float = option(1.0, "float", low=0, high=10, a1111="s_noise",
+                            from_a1111=lambda r: 1.0 if r.s_noise is None else r.s_noise,
+                            help="noise multiplier of the samplers that add noise")  # fmt: skip
+    s_churn: float = option(0.0, "float", low=0, high=100, a1111="s_churn", from_a1111=lambda r: r.s_churn or 0.0,
+                            help="Karras churn (Euler, Heun, DPM2)")  # fmt: skip
+    s_tmin: float = option(0.0, "float", low=0, high=math.inf, a1111="s_tmin", from_a1111=lambda r: r.s_tmin or 0.0,
+                           help="churn from this sigma")  # fmt: skip
+    s_tmax: float = option(math.inf, "float", low=0, high=math.inf, a1111="s_tmax",
+                           from_a1111=lambda r: r.s_tmax or math.inf,  # A1111: 0 or unset means infinity
+                           help="churn up to this sigma")  # fmt: skip
+    output_type: str = option("pil", "str", choices=OUTPUT_TYPES, group="output", cli=False)
+    latents: np.ndarray | None = option(None, "array", group="output", cli=False)  # (N, C, h, w) float32
+    init_image: Any = option(None, "image", group="editing", a1111="init_images",
+                             help="img2img: the starting image")  # fmt: skip
+    resize_mode: str = option("just resize", "str", group="editing", a1111="resize_mode",
+                              help="just resize (default), crop and resize, resize and fill")  # fmt: skip
+    mask: Any = option(None, "image", group="editing", a1111="mask", help="inpainting: white = repaint")
+    inpainting_fill: str = option(
+        "original", "str", group="editing", a1111="inpainting_fill",
+        from_a1111=lambda r: _if_masked(r, r.inpainting_fill),
+        help="masked content: fill, original (default), latent noise, latent nothing",
+    )  # fmt: skip
+    inpaint_full_res: bool = option(False, "bool", group="editing", a1111="inpaint_full_res",
+                                    from_a1111=lambda r: _if_masked(r, r.inpaint_full_res),
+                                    help="only masked: crop, generate, paste back")  # fmt: skip
+    inpaint_full_res_padding: int = option(32, "int", group="editing", a1111="inpaint_full_res_padding",
+                                           from_a1111=lambda r: _if_masked(r, r.inpaint_full_res_padding),
+                                           help="pixels around the mask's box (default 32)")  # fmt: skip
+    inpainting_mask_invert: bool = option(False, "bool", group="editing", a1111="inpainting_mask_invert",
+                                          from_a1111=_mask_invert, help="repaint the black part")  # fmt: skip
+    prompt_2: str | None = option(None, "str", group="sdxl", help="the second text encoder's prompt")
+    negative_prompt_2: str | None = option(None, "str", group="sdxl", help="its negative prompt")
+    original_size: tuple[int, int] | None = option(None, "pair", group="sdxl", help="H W micro-conditioning")
+    crops_coords_top_left: tuple[int, int] | None = option(None, "pair", group="sdxl", help="TOP LEFT (default 0 0)")
+    target_size: tuple[int, int] | None = option(None, "pair", group="sdxl", help="H W micro-conditioning")
+    negative_original_size: tuple[int, int] | None = option(None, "pair", group="sdxl", help="H W")
+    negative_crops_coords_top_left: tuple[int, int] | None = option(None, "pair", group="sdxl", help="TOP LEFT")
+    negative_target_size: tuple[int, int] | None = option(None, "pair", group="sdxl", help="H W")
+    aesthetic_score: float | None = option(None, "float", group="sdxl", help="refiner conditioning (default 6)")
+    negative_aesthetic_score: float | None = option(None, "float", group="sdxl", help="refiner (default 2.5)")
+    refiner: Any = option(None, "path", group="sdxl", help="an exported SDXL refiner folder: the second stage")
+    refiner_switch_at: float | None = option(None, "float", group="sdxl",
+                                             help="fraction of the noise schedule the base runs (0.8)")  # fmt: skip
+    # Set by resolve: SDXL's options validated against the model (None for SD 1.x/2.x).
+    sdxl: SdxlOptions | None = field(default=None, init=False, compare=False)
 
     @property
     def steps_run(self) -> int:
@@ -169,105 +269,120 @@ class GenerationOptions:
         return knobs if self.eta is None else {**knobs, "eta": self.eta}
 
 
-def _int(field: str, value, low: int, high: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not low <= value <= high:
-        raise InvalidOption(field, value, f"an integer from {low} to {high}")
-    return int(value)
+OPTION_FIELDS = {f.name: f for f in fields(GenerationOptions) if f.init}
 
 
-def _float(field: str, value, low: float, high: float, allow_inf: bool = False) -> float:
-    ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
-    if not ok or math.isnan(value) or (math.isinf(value) and not allow_inf) or not low <= value <= high:
-        raise InvalidOption(field, value, f"a {'' if allow_inf else 'finite '}number from {low} to {high}")
-    return float(value)
+def spec(name: str) -> Spec:
+    return OPTION_FIELDS[name].metadata["spec"]
+
+
+def build_options(options: GenerationOptions | None = None, **overrides) -> GenerationOptions:
+    """OPTIONS (default: all defaults) with OVERRIDES by field name; an unknown name is a TypeError, as for a call."""
+    unknown = [name for name in overrides if name not in OPTION_FIELDS]
+    if unknown:
+        raise TypeError(f"unknown generation option {unknown[0]!r}; the options are GenerationOptions' fields")
+    return dataclasses.replace(options or GenerationOptions(), **overrides)
 
 
 def make_options(manifest: Manifest, **raw) -> GenerationOptions:
-    """Validate every option against the model's manifest; the first bad one raises InvalidOption."""
-    for field in ("prompt", "negative_prompt"):
-        if not isinstance(raw[field], str):
-            raise InvalidOption(field, raw[field], "a string")
-        if len(raw[field]) > MAX_PROMPT_CHARS:
-            raise InvalidOption(field, f"a text of {len(raw[field])} characters", f"at most {MAX_PROMPT_CHARS}")
+    """GenerationOptions from keyword arguments, validated against the model's manifest (resolve)."""
+    return resolve(build_options(**raw), manifest)
+
+
+def resolve(options: GenerationOptions, manifest: Manifest) -> GenerationOptions:
+    """Validate every option against the model's manifest, fill in what depends on it (size, random seeds, the
+    init image's size) and pin the sampler's name; the first bad option raises InvalidOption."""
+    o = {name: getattr(options, name) for name in OPTION_FIELDS}
+    editing = o["init_image"] is not None
+    if not editing:
+        if o["mask"] is not None:
+            raise InvalidOption("mask", "a mask", "None without init_image (the image to inpaint)")
+        if manifest.unet_in_channels != manifest.latent_channels:
+            raise ModelError(
+                f"{manifest.folder} is an inpainting model (UNet takes {manifest.unet_in_channels} "
+                "channels: latents, mask and masked-image latents); sdrt runs it for img2img and inpainting "
+                "(pass init_image, and a mask), not txt2img"
+            )
+    else:
+        if o["latents"] is not None:
+            raise InvalidOption("latents", "an array", "None with init_image (the init image gives the start)")
+        o["init_image"] = image = masks.load_image(o["init_image"], "init_image")
+        step = manifest.latent_downsample
+        o["width"] = image.width // step * step if o["width"] is None else o["width"]
+        o["height"] = image.height // step * step if o["height"] is None else o["height"]
+    for name in ("prompt", "negative_prompt"):
+        if not isinstance(o[name], str):
+            raise InvalidOption(name, o[name], "a string")
+        if len(o[name]) > MAX_PROMPT_CHARS:
+            raise InvalidOption(name, f"a text of {len(o[name])} characters", f"at most {MAX_PROMPT_CHARS}")
     step = manifest.latent_downsample
-    for field in ("width", "height"):
-        size = manifest.native_size if raw[field] is None else raw[field]
-        _int(field, size, manifest.min_size, manifest.max_size)
+    for name in ("width", "height"):
+        size = manifest.native_size if o[name] is None else o[name]
+        check_int(name, size, manifest.min_size, manifest.max_size)
         if size % step:
-            raise InvalidOption(field, size, f"a multiple of {step} from {manifest.min_size} to {manifest.max_size}")
-        raw[field] = int(size)
-    raw["steps"] = _int("steps", raw["steps"], 1, MAX_STEPS)
-    raw["cfg_scale"] = _float("cfg_scale", raw["cfg_scale"], 0, 100)
-    raw["sampler"], raw["scheduler"] = resolve_sampler(raw["sampler"], raw["scheduler"])
-    seed = _int("seed", raw["seed"], -1, SEED_MAX)
-    raw["seed"] = int(np.random.default_rng().integers(0, SEED_MAX + 1)) if seed == -1 else seed
-    raw["batch_size"] = _int("batch_size", raw["batch_size"], 1, MAX_BATCH)
-    raw["batch_count"] = _int("batch_count", raw["batch_count"], 1, 10_000)
-    if raw["rng"] not in RNGS:
-        raise InvalidOption("rng", raw["rng"], ", ".join(RNGS))
-    subseed = _int("subseed", raw.get("subseed", -1), -1, SEED_MAX)
-    raw["subseed"] = int(np.random.default_rng().integers(0, SEED_MAX + 1)) if subseed == -1 else subseed
-    raw["subseed_strength"] = _float("subseed_strength", raw.get("subseed_strength", 0.0), 0, 1)
-    for field in ("seed_resize_from_w", "seed_resize_from_h"):
-        size = raw.get(field, 0)
-        integer = not isinstance(size, bool) and isinstance(size, (int, np.integer))
-        off = integer and size in (0, -1)
-        if not off and not (integer and manifest.min_size <= size <= manifest.max_size and size % step == 0):
+            raise InvalidOption(name, size, f"a multiple of {step} from {manifest.min_size} to {manifest.max_size}")
+        o[name] = int(size)
+    for name in ("steps", "cfg_scale"):
+        o[name] = _in_range(name, o[name])
+    o["sampler"], o["scheduler"] = resolve_sampler(o["sampler"], o["scheduler"])
+    for name in ("seed", "batch_size", "batch_count", "rng", "subseed", "subseed_strength"):
+        o[name] = _in_range(name, o[name])
+    for name in ("seed", "subseed"):
+        o[name] = int(np.random.default_rng().integers(0, SEED_MAX + 1)) if o[name] == -1 else o[name]
+    for name in ("seed_resize_from_w", "seed_resize_from_h"):
+        size = o[name]
+        off = is_int(size) and size in (0, -1)
+        if not off and not (is_int(size) and manifest.min_size <= size <= manifest.max_size and size % step == 0):
             raise InvalidOption(
-                field, size, f"0 or -1 (off), or a multiple of {step} from {manifest.min_size} to {manifest.max_size}"
+                name, size, f"0 or -1 (off), or a multiple of {step} from {manifest.min_size} to {manifest.max_size}"
             )
-        raw[field] = 0 if off else int(size)
-    if bool(raw["seed_resize_from_w"]) != bool(raw["seed_resize_from_h"]):
-        field = "seed_resize_from_h" if raw["seed_resize_from_w"] else "seed_resize_from_w"
-        raise InvalidOption(field, raw.get(field, 0), "a size too: seed_resize_from_w and _h are set together")
-    raw["ensd"] = _int("ensd", raw.get("ensd", 0), 0, SEED_MAX)
-    if raw["output_type"] not in OUTPUT_TYPES:
-        raise InvalidOption("output_type", raw["output_type"], ", ".join(OUTPUT_TYPES))
-    if raw.get("eta") is not None:
-        raw["eta"] = _float("eta", raw["eta"], 0, 1)
-    raw["s_noise"] = _float("s_noise", raw.get("s_noise", 1.0), 0, 10)
-    raw["s_churn"] = _float("s_churn", raw.get("s_churn", 0.0), 0, 100)
-    raw["s_tmin"] = _float("s_tmin", raw.get("s_tmin", 0.0), 0, math.inf, allow_inf=True)
-    raw["s_tmax"] = _float("s_tmax", raw.get("s_tmax", math.inf), 0, math.inf, allow_inf=True)
-    if raw.get("strength") is not None:
-        raw["strength"] = _float("strength", raw["strength"], 0, 1)
-    if raw.get("mask_blur") is not None:
-        raw["mask_blur"] = _int("mask_blur", raw["mask_blur"], 0, MAX_MASK_BLUR)
-    raw["clip_skip"] = _int("clip_skip", raw.get("clip_skip", 1), 1, MAX_CLIP_SKIP)
-    if raw.get("emphasis", "Original") not in EMPHASES:
-        raise InvalidOption("emphasis", raw["emphasis"], ", ".join(EMPHASES))
-    schedule_options(manifest, raw)
-    raw["sdxl"] = make_sdxl_options(manifest, raw.get("sdxl") or {})
-    return GenerationOptions(**raw)
+        o[name] = 0 if off else int(size)
+    if bool(o["seed_resize_from_w"]) != bool(o["seed_resize_from_h"]):
+        name = "seed_resize_from_h" if o["seed_resize_from_w"] else "seed_resize_from_w"
+        raise InvalidOption(name, o[name], "a size too: seed_resize_from_w and _h are set together")
+    for name in ("ensd", "output_type", "eta", "s_noise", "s_churn", "s_tmin", "s_tmax"):
+        o[name] = _in_range(name, o[name])
+    o["strength"] = _in_range("strength", o["strength"]) if editing else None
+    o["mask_blur"] = _in_range("mask_blur", o["mask_blur"]) if o["mask"] is not None else None
+    o["clip_skip"] = check_int("clip_skip", o["clip_skip"], 1, MAX_CLIP_SKIP)
+    o["emphasis"] = _in_range("emphasis", o["emphasis"])
+    if editing:
+        o["resize_mode"] = masks.check_resize_mode(o["resize_mode"])
+        o["inpainting_fill"] = masks.check_inpainting_fill(o["inpainting_fill"])
+    check_schedule(manifest.scheduler, o["sampler"], SAMPLERS[o["sampler"]][1], o["scheduler"], o["timestep_spacing"],
+                   o["steps"])  # fmt: skip
+    o["guidance_rescale"] = _in_range("guidance_rescale", o["guidance_rescale"])
+    if o["guidance_rescale"] and o["cfg_scale"] <= 1:
+        allowed = "0 when cfg_scale <= 1 (no guidance runs to rescale)"
+        raise InvalidOption("guidance_rescale", o["guidance_rescale"], allowed)
+    _check_latents(manifest, o)
+    resolved = GenerationOptions(**o)
+    object.__setattr__(resolved, "sdxl", make_sdxl_options(manifest, {k: o[k] for k in SDXL_OPTIONS}))
+    return resolved
 
 
-def schedule_options(manifest: Manifest, raw: dict) -> None:
-    """Validate timestep_spacing and guidance_rescale in RAW; refuse sampler/schedule/model mixes that make no sense."""
-    sampler, scheduler, cfg = raw["sampler"], raw["scheduler"], manifest.scheduler
-    rule = SAMPLERS[sampler][1]
-    spacing = raw.get("timestep_spacing")
-    if spacing is not None and spacing not in SPACINGS:
-        raise InvalidOption("timestep_spacing", spacing, "None (the model's config), " + ", ".join(SPACINGS))
-    if spacing is not None and not uses_spacing(rule, scheduler):
-        raise InvalidOption(
-            "timestep_spacing", spacing, f"None: sampler {sampler!r} with scheduler {scheduler!r} uses no spacing"
-        )
-    raw["timestep_spacing"] = spacing
-    raw["guidance_rescale"] = _float("guidance_rescale", raw.get("guidance_rescale", 0.0), 0, 1)
-    if raw["guidance_rescale"] and raw["cfg_scale"] <= 1:
-        raise InvalidOption(
-            "guidance_rescale", raw["guidance_rescale"], "0 when cfg_scale <= 1 (no guidance runs to rescale)"
-        )
-    if rule == "lcm" and raw["steps"] > cfg.original_inference_steps:
-        raise InvalidOption(
-            "steps", raw["steps"], f"1 to {cfg.original_inference_steps} with LCM (its original_inference_steps)"
-        )
-    if cfg.rescale_betas_zero_snr and uses_spacing(rule, scheduler):
-        resolved = spacing or resolve_config(cfg, rule).timestep_spacing
-        if resolved == "leading":  # Lin et al. 2023, section 3.3: sample from the last timestep
-            raise InvalidOption(
-                "timestep_spacing",
-                resolved,
-                "trailing or linspace: the model has zero terminal SNR (rescale_betas_zero_snr), "
-                "and leading spacing never starts at its last timestep",
-            )
+def _in_range(name: str, value):
+    """VALUE checked against its field's spec (range, or choices; None where the default is None)."""
+    s = spec(name)
+    if value is None and OPTION_FIELDS[name].default is None:
+        return None
+    if s.choices is not None:
+        if value not in s.choices:
+            raise InvalidOption(name, value, ", ".join(s.choices))
+        return value
+    if s.kind == "int":
+        return check_int(name, value, int(s.low), int(s.high))
+    return check_number(name, value, s.low, s.high, allow_inf=math.isinf(s.high))
+
+
+def _check_latents(manifest: Manifest, o: dict) -> None:
+    """LATENTS, when given: float32 (batch_size * batch_count, C, height/8, width/8)."""
+    if o["latents"] is None:
+        return
+    step = manifest.latent_downsample
+    want = (o["batch_size"] * o["batch_count"], manifest.latent_channels, o["height"] // step, o["width"] // step)
+    latents = np.asarray(o["latents"], dtype=np.float32)
+    if latents.shape != want:
+        allowed = f"shape {want} (batch_size * batch_count, C, height/8, width/8)"
+        raise InvalidOption("latents", f"array of shape {latents.shape}", allowed)
+    o["latents"] = latents

@@ -33,7 +33,7 @@ from itertools import pairwise
 
 import numpy as np
 
-from sdrt.runtime.errors import InvalidOption
+from sdrt.errors import InvalidOption, is_int
 
 ROUND_MULTIPLIER = 1.1  # "(x)"
 SQUARE_MULTIPLIER = 1 / 1.1  # "[x]": A1111 multiplies by this constant (not a division by 1.1)
@@ -315,7 +315,7 @@ def prompt_schedules(prompts: list[str], steps: int, timeline: str = "new") -> l
     """Per prompt, [(last step, text)]: A1111's get_learned_conditioning_prompt_schedules(prompts, steps)."""
     if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)):
         raise InvalidOption("prompts", prompts, "a list of strings")
-    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
+    if not is_int(steps) or steps < 1:
         raise InvalidOption("steps", steps, "an integer >= 1")
     if timeline not in TIMELINES:
         raise InvalidOption("timeline", timeline, " or ".join(map(repr, TIMELINES)))

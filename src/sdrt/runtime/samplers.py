@@ -12,6 +12,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from sdrt.errors import InvalidOption
+
 Denoise = Callable[..., np.ndarray]  # (x, sigma, intermediate=False) -> x0 estimate
 Noise = Callable[[], np.ndarray]
 
@@ -462,3 +464,91 @@ def sample_dpmpp_3m_sde(denoise: Denoise, x, sigmas, noise: Noise, eta=1.0, s_no
         denoised_1, denoised_2, h_1, h_2 = denoised, denoised_1, h, h_1
         callback(i, x, denoised)
     return x
+
+
+# A1111 sampler name -> (function name here, diffusers timestep rule in schedules.py).
+SAMPLERS = {
+    "Euler": ("sample_euler", "euler"),
+    "Euler a": ("sample_euler_ancestral", "euler"),
+    "DDIM": ("sample_ddim", "ddim"),
+    "PLMS": ("sample_plms", "pndm"),
+    "UniPC": ("sample_unipc", "dpmsolver"),
+    "LCM": ("sample_lcm", "lcm"),
+    "DPM++ 2M": ("sample_dpmpp_2m", "dpmsolver"),
+    "Heun": ("sample_heun", "euler"),
+    "DPM2": ("sample_dpm_2", "kdpm2"),
+    "DPM2 a": ("sample_dpm_2_ancestral", "kdpm2"),
+    "LMS": ("sample_lms", "euler"),
+    "DPM++ 2S a": ("sample_dpmpp_2s_ancestral", "euler"),
+    "DPM++ SDE": ("sample_dpmpp_sde", "euler"),
+    "DPM++ 2M SDE": ("sample_dpmpp_2m_sde", "dpmsolver"),
+    "DPM++ 3M SDE": ("sample_dpmpp_3m_sde", "dpmsolver"),
+}
+# Each sampler's keyword arguments beyond (denoise, x, sigmas, noise, callback): its whole contract (k-diffusion's
+# meanings). The user's knobs (eta, s_noise, s_churn, s_tmin, s_tmax) reach only the samplers that take them, as in
+# A1111 where Euler ignores eta; clip_denoised (DDIM) and timesteps/timestep_scaling (LCM) come from the model.
+_CHURN = ("s_churn", "s_tmin", "s_tmax", "s_noise")
+_ANCESTRAL = ("eta", "s_noise")
+SAMPLER_ARGUMENTS = {
+    "sample_euler": _CHURN,
+    "sample_euler_ancestral": _ANCESTRAL,
+    "sample_ddim": ("eta", "clip_denoised"),
+    "sample_plms": (),
+    "sample_unipc": ("order", "variant"),
+    "sample_lcm": ("timesteps", "timestep_scaling"),
+    "sample_dpmpp_2m": (),
+    "sample_heun": _CHURN,
+    "sample_dpm_2": _CHURN,
+    "sample_dpm_2_ancestral": _ANCESTRAL,
+    "sample_lms": ("order",),
+    "sample_dpmpp_2s_ancestral": _ANCESTRAL,
+    "sample_dpmpp_sde": ("eta", "s_noise", "r"),
+    "sample_dpmpp_2m_sde": _ANCESTRAL,
+    "sample_dpmpp_3m_sde": _ANCESTRAL,
+}
+
+
+def sampler_function(name: str):
+    """(function, the keyword arguments it takes) of an A1111 sampler name (resolved)."""
+    function = SAMPLERS[name][0]
+    return globals()[function], SAMPLER_ARGUMENTS[function]
+
+
+# A1111's aliases (sd_samplers_kdiffusion.py) and its pre-1.9 names that carried the schedule.
+SAMPLER_ALIASES = {
+    "k_euler": "Euler",
+    "k_euler_a": "Euler a",
+    "k_euler_ancestral": "Euler a",
+    "k_dpmpp_2m": "DPM++ 2M",
+    "k_heun": "Heun",
+    "k_dpm_2": "DPM2",
+    "k_dpm_2_a": "DPM2 a",
+    "k_lms": "LMS",
+    "k_dpmpp_2s_a": "DPM++ 2S a",
+    "k_dpmpp_sde": "DPM++ SDE",
+    "k_dpmpp_2m_sde": "DPM++ 2M SDE",
+    "k_dpmpp_3m_sde": "DPM++ 3M SDE",
+    "ddim": "DDIM",
+    "k_lcm": "LCM",
+}
+LEGACY_SCHEDULE_SUFFIXES = ("karras", "exponential")  # A1111 < 1.9 names such as "DPM++ 2M SDE Exponential"
+
+
+def resolve_sampler(name: str, scheduler: str) -> tuple[str, str]:
+    """(A1111 sampler name, scheduler) from a name such as "Euler a", "k_euler" or "DPM++ 2M Karras"."""
+    if not isinstance(name, str):
+        raise InvalidOption("sampler", name, ", ".join(SAMPLERS))
+    from sdrt.runtime.schedules import resolve_scheduler
+
+    scheduler = resolve_scheduler(scheduler)
+    by_lower = {k.lower(): k for k in SAMPLERS} | SAMPLER_ALIASES
+    key = name.strip().lower()
+    for suffix in LEGACY_SCHEDULE_SUFFIXES:
+        base = key.removesuffix(" " + suffix)
+        if base != key and base in by_lower:
+            if scheduler not in ("automatic", suffix):
+                raise InvalidOption("scheduler", scheduler, f"automatic or {suffix} with the sampler {name!r}")
+            return by_lower[base], suffix
+    if key not in by_lower:
+        raise InvalidOption("sampler", name, ", ".join(SAMPLERS) + " (and legacy names such as 'DPM++ 2M Karras')")
+    return by_lower[key], scheduler

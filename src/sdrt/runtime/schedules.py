@@ -11,6 +11,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from sdrt.errors import InvalidOption
 from sdrt.runtime.manifest import SchedulerConfig
 
 KARRAS_RHO = 7.0  # Karras et al. 2022, eq. 5
@@ -283,3 +284,48 @@ def build_schedule(
     else:  # variance-preserving samplers start from unit noise: sqrt(1 + sigma^2) in x0 + sigma * eps units
         initial = float(np.sqrt(sigma_max**2 + 1.0))
     return Schedule(sigmas, timesteps.astype(np.float32), initial)
+
+
+# Schedule types (schedules.SCHEDULES): name -> A1111 label, as the infotext's "Schedule type" writes it.
+SCHEDULERS = {
+    "automatic": "Automatic",
+    "uniform": "Uniform",
+    "karras": "Karras",
+    "exponential": "Exponential",
+    "sgm_uniform": "SGM Uniform",
+    "simple": "Simple",
+    "beta": "Beta",
+}
+SCHEDULER_ALIASES = {"sgmuniform": "sgm_uniform"}  # A1111's; its labels ("SGM Uniform") are accepted too
+
+
+def resolve_scheduler(scheduler: str) -> str:
+    """The schedule name for a name or A1111 label ("karras", "Karras", "SGM Uniform"), any case."""
+    by_lower = {k: k for k in SCHEDULERS} | {v.lower(): k for k, v in SCHEDULERS.items()} | SCHEDULER_ALIASES
+    if not isinstance(scheduler, str) or scheduler.strip().lower() not in by_lower:
+        raise InvalidOption("scheduler", scheduler, ", ".join(SCHEDULERS))
+    return by_lower[scheduler.strip().lower()]
+
+
+def check_schedule(config: SchedulerConfig, sampler: str, rule: str, scheduler: str, spacing, steps: int) -> None:
+    """Refuse the timestep spacing, steps and schedule mixes that make no sense for SAMPLER (timestep RULE) with
+    SCHEDULER on a model of scheduler CONFIG (InvalidOption naming the field)."""
+    if spacing is not None and spacing not in SPACINGS:
+        raise InvalidOption("timestep_spacing", spacing, "None (the model's config), " + ", ".join(SPACINGS))
+    if spacing is not None and not uses_spacing(rule, scheduler):
+        raise InvalidOption(
+            "timestep_spacing", spacing, f"None: sampler {sampler!r} with scheduler {scheduler!r} uses no spacing"
+        )
+    if rule == "lcm" and steps > config.original_inference_steps:
+        raise InvalidOption(
+            "steps", steps, f"1 to {config.original_inference_steps} with LCM (its original_inference_steps)"
+        )
+    if config.rescale_betas_zero_snr and uses_spacing(rule, scheduler):
+        resolved = spacing or resolve_config(config, rule).timestep_spacing
+        if resolved == "leading":  # Lin et al. 2023, section 3.3: sample from the last timestep
+            raise InvalidOption(
+                "timestep_spacing",
+                resolved,
+                "trailing or linspace: the model has zero terminal SNR (rescale_betas_zero_snr), "
+                "and leading spacing never starts at its last timestep",
+            )

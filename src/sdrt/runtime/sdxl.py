@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sdrt.runtime.errors import InvalidOption, ModelError
+from sdrt.errors import InvalidOption, ModelError, is_int, is_number
 
 SIZE_OPTIONS = ("original_size", "target_size", "negative_original_size", "negative_target_size")
 CROP_OPTIONS = ("crops_coords_top_left", "negative_crops_coords_top_left")
@@ -63,7 +63,7 @@ class SdxlOptions:
 
 def _pair(field: str, value, low: int, high: int) -> tuple[int, int]:
     ok = isinstance(value, (tuple, list)) and len(value) == 2
-    ok = ok and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and low <= v <= high for v in value)
+    ok = ok and all(is_int(v) and low <= v <= high for v in value)
     if not ok:
         raise InvalidOption(field, value, f"two integers from {low} to {high}")
     return int(value[0]), int(value[1])
@@ -93,7 +93,7 @@ def make_sdxl_options(manifest, raw: dict) -> SdxlOptions | None:
         if field not in given:
             continue
         value = given[field]
-        number = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+        number = is_number(value)
         if not number or math.isnan(value) or not 0 <= value <= MAX_AESTHETIC_SCORE:
             raise InvalidOption(field, value, f"a number from 0 to {MAX_AESTHETIC_SCORE:g}")
         if not (is_refiner or staged):
@@ -107,7 +107,7 @@ def make_sdxl_options(manifest, raw: dict) -> SdxlOptions | None:
                 )
     if "refiner_switch_at" in given:
         value = given["refiner_switch_at"]
-        number = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+        number = is_number(value)
         if not number or math.isnan(value) or not 0 < value < 1:
             raise InvalidOption("refiner_switch_at", value, "a number strictly between 0 and 1")
         if not staged:

@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 
-from sdrt.runtime.errors import InvalidOption
+from sdrt.errors import InvalidOption, is_int
 
 DEFAULT_TILE = 64  # latent cells per tile side (512 px for SD): 4x less VAE activation memory than 1024 px
 DEFAULT_OVERLAP = 24  # latent cells shared by neighbouring tiles
@@ -22,7 +22,7 @@ DEFAULT_MARGIN = 8  # latent cells next to a tile's inner edge whose output is d
 def check_tiling(tile: int, overlap: int = DEFAULT_OVERLAP, margin: int = DEFAULT_MARGIN) -> tuple[int, int, int]:
     """(tile, overlap, margin) in latent cells if they make a seamless blend, else InvalidOption."""
     for name, v in (("vae_tile", tile), ("tile_overlap", overlap), ("tile_margin", margin)):
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
+        if not is_int(v) or v < 0:
             raise InvalidOption(name, v, "a non-negative integer (latent cells)")
     if overlap < 2 * margin + 1:
         raise InvalidOption("tile_overlap", overlap, f"at least 2 * margin + 1 = {2 * margin + 1} latent cells")

@@ -6,32 +6,31 @@ inpainting_fill 0 = fill, inpaint_full_res True with padding 0, ...). Fields for
 (422 naming the field) otherwise; unknown fields are ignored, as A1111's pydantic models ignore them.
 """
 
-import inspect
 import json
-import math
 from datetime import datetime
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from sdrt import __version__
-from sdrt.runtime.errors import InvalidOption
+from sdrt.errors import InvalidOption, is_int
 from sdrt.runtime.infotext import generate_kwargs as infotext_kwargs
 from sdrt.runtime.infotext import parse_infotext
-from sdrt.runtime.options import ENSD_SAMPLERS, SAMPLER_ALIASES, SAMPLERS, SCHEDULER_ALIASES, SCHEDULERS, make_options
+from sdrt.runtime.options import (
+    ENSD_SAMPLERS,
+    OPTION_FIELDS,
+    RNG_NAMES,
+    SAMPLER_ALIASES,
+    SAMPLERS,
+    SCHEDULER_ALIASES,
+    SCHEDULERS,
+    UNSET,
+    build_options,
+    resolve,
+    spec,
+)
+from sdrt.version import __version__
 
-RANDN_SOURCES = {"GPU": "gpu", "CPU": "torch", "NV": "nv"}  # A1111's randn_source option -> sdrt's rng
-# Pipeline.generate / make_options argument -> the A1111 request field a client sent
-FIELD_NAMES = {
-    "sampler": "sampler_name",
-    "batch_count": "n_iter",
-    "strength": "denoising_strength",
-    "init_image": "init_images",
-    "ensd": "override_settings.eta_noise_seed_delta",
-    "rng": "override_settings.randn_source",
-    "clip_skip": "override_settings.CLIP_stop_at_last_layers",
-    "emphasis": "override_settings.emphasis",
-}
+RANDN_SOURCES = RNG_NAMES  # A1111's randn_source option -> sdrt's rng
 # Options /sdapi/v1/options reports and accepts, with A1111's defaults (sd_model_checkpoint is set at start).
 DEFAULT_OPTIONS = {
     "sd_model_checkpoint": "",
@@ -192,12 +191,6 @@ def check_supported(req: GenerationRequest) -> None:
             raise InvalidOption(name, value, f"{accepted[0]!r}: {why}")
 
 
-# infotext.generate_kwargs names -> request fields (A1111's paste_fields); the rest become override_settings
-INFOTEXT_FIELDS = {"sampler": "sampler_name", "strength": "denoising_strength"}
-INFOTEXT_SETTINGS = {"clip_skip": "CLIP_stop_at_last_layers", "ensd": "eta_noise_seed_delta", "emphasis": "emphasis"}
-INFOTEXT_RNG = {v: k for k, v in RANDN_SOURCES.items()}
-
-
 def apply_infotext(req: GenerationRequest, options: dict) -> None:
     """A1111's apply_infotext: the `infotext` field's parameters fill the fields the request did not set, and
     its settings that differ from the server's OPTIONS become override_settings (unless the request has them)."""
@@ -205,14 +198,15 @@ def apply_infotext(req: GenerationRequest, options: dict) -> None:
         return
     given = req.model_fields_set
     overrides = dict(req.override_settings or {})
+    labels = {v: k for k, v in RANDN_SOURCES.items()}
     for name, value in infotext_kwargs(parse_infotext(req.infotext)).items():
-        field = INFOTEXT_FIELDS.get(name, name)
-        if name in INFOTEXT_SETTINGS or name == "rng":
-            key, value = ("randn_source", INFOTEXT_RNG[value]) if name == "rng" else (INFOTEXT_SETTINGS[name], value)
-            if options[key] != value:
-                overrides.setdefault(key, value)
-        elif field in type(req).model_fields and field not in given:
-            setattr(req, field, value)
+        s = spec(name)
+        if s.setting is not None:
+            value = labels[value] if s.setting == "randn_source" else value
+            if options[s.setting] != value:
+                overrides.setdefault(s.setting, value)
+        elif s.a1111 in type(req).model_fields and s.a1111 not in given:
+            setattr(req, s.a1111, value)
     if overrides:
         req.override_settings = overrides
 
@@ -250,64 +244,34 @@ def check_option(key: str, value, checkpoint_titles: tuple[str, ...], where: str
         if not isinstance(value, bool):
             raise InvalidOption(field, value, "true or false")
         return value
-    if isinstance(value, bool) or not isinstance(value, int):
+    if not is_int(value):
         raise InvalidOption(field, value, "an integer")
     return value
 
 
-def generate_kwargs(req: GenerationRequest, opts: dict, generate_params) -> dict:
-    """Pipeline.generate keyword arguments for the fields txt2img, img2img and outpaint share."""
-    sampler = req.sampler_name or req.sampler_index
-    kwargs = dict(
-        negative_prompt=req.negative_prompt,
-        width=req.width,
-        height=req.height,
-        steps=req.steps,
-        cfg_scale=req.cfg_scale,
-        sampler=sampler,
-        scheduler=req.scheduler or "automatic",
-        seed=req.seed,
-        batch_size=req.batch_size,
-        batch_count=req.n_iter,
-        rng=RANDN_SOURCES[opts["randn_source"]],
-        subseed=req.subseed,
-        subseed_strength=req.subseed_strength,
-        seed_resize_from_w=max(req.seed_resize_from_w, 0),
-        seed_resize_from_h=max(req.seed_resize_from_h, 0),
-        ensd=opts["eta_noise_seed_delta"],
-        eta=req.eta,
-        s_noise=1.0 if req.s_noise is None else req.s_noise,
-        s_churn=req.s_churn or 0.0,
-        s_tmin=req.s_tmin or 0.0,
-        s_tmax=req.s_tmax or math.inf,  # A1111: 0 or unset means infinity
-    )
-    for name, option, default in (("clip_skip", "CLIP_stop_at_last_layers", 1), ("emphasis", "emphasis", "Original")):
-        if name in generate_params:
-            kwargs[name] = opts[option]
-        elif opts[option] != default:
-            raise InvalidOption(f"override_settings.{option}", opts[option], repr(default))
+def generate_kwargs(req: GenerationRequest, settings: dict) -> dict:
+    """GenerationOptions fields from an A1111 request and the server's SETTINGS (its override_settings applied),
+    each as the options schema maps it (a request field, or an A1111 setting). Images are decoded by the server."""
+    kwargs = {}
+    for name in OPTION_FIELDS:
+        s = spec(name)
+        if s.setting is not None:
+            value = settings[s.setting]
+            kwargs[name] = value if s.from_setting is None else s.from_setting(value)
+        elif s.a1111 is not None and s.kind != "image" and s.a1111 in type(req).model_fields:
+            value = getattr(req, s.a1111) if s.from_a1111 is None else s.from_a1111(req)
+            if value is not UNSET:
+                kwargs[name] = value
     return kwargs
 
 
-OPTION_KEYS = {  # generate() arguments that make_options validates (the rest are image inputs and edit modes)
-    "negative_prompt", "width", "height", "steps", "cfg_scale", "sampler", "scheduler", "seed", "batch_size",
-    "batch_count", "rng", "subseed", "subseed_strength", "seed_resize_from_w", "seed_resize_from_h", "ensd", "eta",
-    "s_noise", "s_churn", "s_tmin", "s_tmax", "strength", "mask_blur", "clip_skip", "emphasis",
-}  # fmt: skip
-
-
-def resolve(manifest, prompt: str, kwargs: dict):
-    """Validate KWARGS once with make_options (before queueing) and pin the random seeds it drew into KWARGS."""
-    raw = {k: v for k, v in kwargs.items() if k in OPTION_KEYS}
-    opts = make_options(manifest, prompt=prompt, output_type="pil", **raw)
-    kwargs["seed"], kwargs["subseed"] = opts.seed, opts.subseed
-    kwargs["sampler"], kwargs["scheduler"] = opts.sampler, opts.scheduler
+def resolve_request(manifest, kwargs: dict, inputs: dict):
+    """Validate KWARGS (with INPUTS, such as the image an outpaint extends) once, before queueing, and pin what
+    resolving chose (random seeds, sampler names) into KWARGS, so that the job generates what the response says."""
+    opts = resolve(build_options(**kwargs, **inputs), manifest)
+    for name in ("seed", "subseed", "sampler", "scheduler"):
+        kwargs[name] = getattr(opts, name)
     return opts
-
-
-def generate_params(pipe) -> set[str]:
-    """The keyword arguments this Pipeline.generate takes (clip_skip arrives with prompt syntax)."""
-    return set(inspect.signature(pipe.generate).parameters)
 
 
 def info_json(images, manifest, opts, clip_skip: int, inpainting: bool) -> str:
@@ -382,5 +346,8 @@ def schedulers_list() -> list[dict]:
 
 
 def request_field(field: str) -> str:
-    """The A1111 request field a Pipeline/make_options field name stands for."""
-    return FIELD_NAMES.get(field, field)
+    """The A1111 request field (or override setting) a GenerationOptions field comes from, for error messages."""
+    if field not in OPTION_FIELDS:
+        return field
+    s = spec(field)
+    return f"override_settings.{s.setting}" if s.setting else s.a1111 or field

@@ -15,14 +15,14 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
-from sdrt import __version__
+from sdrt.errors import InvalidOption, SdrtError
 from sdrt.runtime import masks
-from sdrt.runtime.errors import InvalidOption, SdrtError
 from sdrt.runtime.image import to_pil
 from sdrt.server import a1111
 from sdrt.server.codec import ImageTooLarge, UndecodableImage, decode_image, encode_png
 from sdrt.server.jobs import Job, QueueFull, Worker
 from sdrt.server.pnginfo import png_info_response
+from sdrt.version import __version__
 
 STATIC = Path(__file__).parent / "static"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -53,7 +53,6 @@ class Server:
         self.title = f"{manifest.model_name} [{manifest.model_hash}]" if manifest.model_hash else manifest.model_name
         self.titles = (self.title, manifest.model_name)
         self.options = dict(a1111.DEFAULT_OPTIONS, sd_model_checkpoint=self.title)
-        self.params = a1111.generate_params(pipe)
         self.worker = Worker(limits.max_queue, self.preview_every)
 
     def preview_every(self) -> int:
@@ -76,48 +75,35 @@ class Server:
         a1111.check_supported(req)
         self.check_limits(req)
         opts = a1111.settings(req, self.options, self.titles)
-        kwargs = a1111.generate_kwargs(req, opts, self.params)
-        pipe, prompt = self.pipe, req.prompt
+        kwargs = a1111.generate_kwargs(req, opts)
+        pipe = self.pipe
         if kind == "img2img":
             self.add_img2img(req, kwargs)
         if kind == "outpaint":
             image, amounts = self.add_outpaint(req, kwargs)
 
             def run(callback):
-                return pipe.outpaint(image, prompt, **amounts, callback=callback, progress=False, **kwargs)
+                return pipe.outpaint(image, **amounts, callback=callback, progress=False, **kwargs)
 
         else:
 
             def run(callback):
-                return pipe.generate(prompt, callback=callback, progress=False, **kwargs)
+                return pipe.generate(callback=callback, progress=False, **kwargs)
 
-        resolved = a1111.resolve(pipe.manifest, prompt, kwargs)  # validates; pins seeds and names into kwargs
+        # validates (an outpaint as the img2img of its image); pins seeds and names into kwargs
+        resolved = a1111.resolve_request(pipe.manifest, kwargs, {"init_image": image} if kind == "outpaint" else {})
         inpaint_unet = pipe.manifest.unet_in_channels != pipe.manifest.latent_channels  # A1111: hybrid conditioning
         meta = {"opts": resolved, "clip_skip": opts["CLIP_stop_at_last_layers"], "inpainting": inpaint_unet}
         return Job(kind, run, batches=req.n_iter, preview=self.preview, meta=meta)
 
     def add_img2img(self, req, kwargs: dict) -> None:
-        """init_images[0], mask and A1111's mask options as Pipeline.generate arguments."""
+        """init_images[0] and the mask, decoded (the other img2img fields come through the options schema)."""
         if not req.init_images or len(req.init_images) != 1:
             count = 0 if not req.init_images else len(req.init_images)
             raise InvalidOption("init_images", f"{count} images", "exactly one base64 image")
         kwargs["init_image"] = self.decode(req.init_images[0], "init_images[0]")
-        kwargs["strength"] = req.denoising_strength
-        kwargs["resize_mode"] = req.resize_mode
-        if req.mask is None:
-            return
-        if req.mask_blur is None and req.mask_blur_x != req.mask_blur_y:
-            raise InvalidOption("mask_blur_y", req.mask_blur_y, f"{req.mask_blur_x}, equal to mask_blur_x")
-        if req.inpainting_mask_invert not in (0, 1):
-            raise InvalidOption("inpainting_mask_invert", req.inpainting_mask_invert, "0 or 1")
-        kwargs.update(
-            mask=self.decode(req.mask, "mask"),
-            mask_blur=req.mask_blur_x if req.mask_blur is None else req.mask_blur,
-            inpainting_fill=req.inpainting_fill,
-            inpaint_full_res=req.inpaint_full_res,
-            inpaint_full_res_padding=req.inpaint_full_res_padding,
-            inpainting_mask_invert=bool(req.inpainting_mask_invert),
-        )
+        if req.mask is not None:
+            kwargs["mask"] = self.decode(req.mask, "mask")
 
     def add_outpaint(self, req, kwargs: dict):
         """(image, amounts) of an outpaint request; the canvas size and editing options into KWARGS."""
@@ -128,7 +114,6 @@ class Server:
             raise InvalidOption("image", f"{image.width}x{image.height}", f"sides that are multiples of {step}")
         kwargs["width"] = req.width or image.width + amounts["left"] + amounts["right"]
         kwargs["height"] = req.height or image.height + amounts["up"] + amounts["down"]
-        kwargs.update(strength=req.denoising_strength, mask_blur=req.mask_blur, inpainting_fill=req.inpainting_fill)
         return image, amounts
 
     def decode(self, text, field: str):

@@ -14,7 +14,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from sdrt.runtime.errors import Interrupted
+from sdrt.errors import Interrupted
 
 DURATION_SMOOTHING = 0.3  # weight of the newest job in the running mean of job durations (for Retry-After)
 

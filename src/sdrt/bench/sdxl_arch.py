@@ -4,11 +4,11 @@
 Speed and memory do not depend on the weights' values. Each part is built on PyTorch's meta device, given
 storage in the asked dtype, initialised by its layers' own reset_parameters (PyTorch's default init), saved
 and freed before the next: the peak is one part (the UNet: 5.1 GB in fp16, 10.3 GB in fp32). The tokenizers
-are the tiny test vocabulary of tests/tiny_sd.py (its ids only index the 49408-row embedding tables).
+are the tiny test vocabulary of sdrt.bench.fixtures (its ids only index the 49408-row embedding tables).
 
-    .venv/bin/python benchmarks/sdxl_arch.py build /tmp/sdxl-random            # base, fp16 weights
-    .venv/bin/python benchmarks/sdxl_arch.py build /tmp/sdxl-refiner --refiner
-    .venv/bin/python benchmarks/sdxl_arch.py measure-export /tmp/sdxl-random -o /tmp/sdxl-onnx --precision fp16
+    .venv/bin/python -m sdrt.bench.sdxl_arch build /tmp/sdxl-random            # base, fp16 weights
+    .venv/bin/python -m sdrt.bench.sdxl_arch build /tmp/sdxl-refiner --refiner
+    .venv/bin/python -m sdrt.bench.sdxl_arch measure-export /tmp/sdxl-random -o /tmp/sdxl-onnx --precision fp16
 
 `measure-export` runs `sdrt export` in a child process and prints its peak RSS (getrusage of the child).
 `build --small` makes the same layout a few MB in size (a smoke test of this script).
@@ -24,8 +24,7 @@ import time
 from pathlib import Path
 
 from sdrt.bench.cases import CLIP_VIT_L, OPEN_CLIP_BIGG, SDXL_REFINER_UNET, SDXL_UNET, SDXL_VAE
-
-REPO = Path(__file__).resolve().parents[1]
+from sdrt.bench.fixtures import SDXL_SCHEDULER, write_tiny_clip_tokenizer
 
 SMALL = {  # --small: the same layout, a few MB
     "unet": {"block_out_channels": [32, 64, 64], "transformer_layers_per_block": [1, 1, 1], "norm_num_groups": 16,
@@ -60,11 +59,8 @@ def materialise(build, dtype):
 
 def build_sdxl_folder(folder, refiner: bool = False, small: bool = False, dtype: str = "fp16", seed: int = 0):
     """Write a random-weight SDXL base (or refiner) diffusers folder to FOLDER, one part at a time."""
-    sys.path.insert(0, str(REPO / "tests"))
     import torch
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
-    from tiny_sd import write_tiny_clip_tokenizer
-    from tiny_sdxl import SDXL_SCHEDULER
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     torch_dtype = {"fp16": torch.float16, "fp32": torch.float32}[dtype]

@@ -3,11 +3,9 @@ streaming under a VRAM budget (TensorRT), and tiled VAE decode/encode."""
 
 from dataclasses import dataclass
 
-import numpy as np
-
 from sdrt.engines import create_engine
 from sdrt.engines.plan import CUDA_CONTEXT_BYTES, StageCost, parse_size, plan_vram
-from sdrt.runtime.errors import InvalidOption
+from sdrt.errors import InvalidOption, is_int
 from sdrt.runtime.tiling import DEFAULT_OVERLAP, DEFAULT_TILE, tiling_for
 
 # Activation bytes per latent cell per image of each engine in fp16 (TensorRT, fused attention), used to plan a
@@ -57,8 +55,7 @@ def memory_plan(manifest, backend: str, low_vram: bool = False, vram_budget=None
     step = manifest.latent_downsample
     tile = None
     if vae_tile is not None:
-        bad = isinstance(vae_tile, bool) or not isinstance(vae_tile, (int, np.integer))
-        if bad or vae_tile % step or vae_tile <= 0:
+        if not is_int(vae_tile) or vae_tile % step or vae_tile <= 0:
             raise InvalidOption("vae_tile", vae_tile, f"a positive number of pixels, a multiple of {step}")
         tile = int(vae_tile) // step
         tiling_for(tile)  # refuses a tile too small to blend
