@@ -68,6 +68,8 @@ def cmd_export(args) -> int:
         vae=args.vae,
     )
     print(f"exported {manifest.family} model ({manifest.precision}) to {args.output}")
+    if args.optimize != "none":
+        cmd_optimize(argparse.Namespace(model_dir=args.output, target=args.optimize, models=None, no_verify=False))
     if args.target == "tensorrt":
         from sdrt.engines.plan import ShapeRanges
         from sdrt.export.build_trt import build
@@ -115,6 +117,20 @@ def read_images(args) -> dict:
 def memory_kwargs(args) -> dict:
     """Pipeline.load's memory options (runtime/memory.py) as given on the command line."""
     return {"low_vram": args.low_vram, "vram_budget": args.vram_budget, "vae_tile": args.vae_tile}
+
+
+def cmd_optimize(args) -> int:
+    """Fused graph variants for ONNX Runtime's CUDA or CPU provider (sdrt.export.optimize); their counts printed."""
+    try:
+        from sdrt.export.optimize import optimize
+    except ImportError as e:
+        raise SdrtError(f"`sdrt optimize` needs the export extra: pip install 'sdrt[export]' ({e})") from None
+    models = args.models.split(",") if args.models else None
+    entry = optimize(args.model_dir, args.target, models, verify=not args.no_verify)
+    for name, variant in entry.items():
+        ops = ", ".join(f"{op} {n}" for op, n in variant["fused_ops"].items()) or "nothing fused"
+        print(f"{name}: {variant['file']} ({variant['precision']}): {ops}")
+    return 0
 
 
 def cmd_build(args) -> int:
@@ -264,7 +280,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     p.add_argument("--vae", help="another VAE (diffusers folder or hub id), e.g. one fixed for fp16 for SDXL")
     p.add_argument("--target", default="onnx", choices=("onnx", "tensorrt"), help="tensorrt: also `sdrt build` it")
+    p.add_argument("--optimize", default="none", choices=("none", "cuda", "cpu"),
+                   help="also write fused graphs for ONNX Runtime's CUDA (fp16) or CPU provider (`sdrt optimize`)")
     p.set_defaults(func=cmd_export)
+
+    z = sub.add_parser("optimize", help="fused graphs (attention, GroupNorm, NHWC conv; fp16 for CUDA) of an export")
+    z.add_argument("model_dir")
+    z.add_argument("--target", default="cuda", choices=("cuda", "cpu"), help="cuda (default, fp16) or cpu (fp32)")
+    z.add_argument("--models", help="comma-separated subset: text_encoder,unet,vae_decoder,vae_encoder")
+    z.add_argument("--no-verify", action="store_true", help="skip the check against the unfused graphs")
+    z.set_defaults(func=cmd_optimize)
 
     g = sub.add_parser("generate", help="txt2img, img2img (--init-image) and inpainting (--mask): write PNGs")
     g.add_argument("prompt", nargs="?", default=argparse.SUPPRESS, help="the prompt (optional with --from-png)")

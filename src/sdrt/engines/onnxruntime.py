@@ -1,6 +1,7 @@
 """ONNX Runtime backend: CPU, and CUDA's execution provider (onnxruntime-gpu) with I/O binding."""
 
 import hashlib
+import logging
 import os
 import platform
 import shutil
@@ -10,6 +11,8 @@ from pathlib import Path
 import numpy as np
 
 from sdrt.errors import ModelError
+
+log = logging.getLogger("sdrt.engines")
 
 
 def cpu_signature() -> str:
@@ -41,36 +44,116 @@ def physical_cores() -> int:
         return os.cpu_count() or 1
 
 
-def cuda_providers(device_id: int = 0, gpu_mem_limit: int | None = None) -> list:
+def cuda_providers(
+    device_id: int = 0, gpu_mem_limit: int | None = None, static: bool = False, cuda_graph: bool = False
+) -> list:
     """CUDA execution provider options (onnxruntime's documented CUDA EP keys), CPU as fallback for unsupported ops.
 
     kSameAsRequested keeps the arena at what was asked for (ORT's default doubles it), so peak VRAM follows the model.
+    STATIC (one input shape per engine): cuDNN's EXHAUSTIVE search, once per shape, cached by cuDNN for the process;
+    dynamic shapes keep HEURISTIC (EXHAUSTIVE would benchmark again at every new size). CUDA_GRAPH: capture the run
+    once per shape and replay it (needs every node on the GPU, which a static profile makes possible).
     """
     options = {
         "device_id": device_id,
         "arena_extend_strategy": "kSameAsRequested",
-        "cudnn_conv_algo_search": "HEURISTIC",  # EXHAUSTIVE re-benchmarks every new shape: slow first steps
+        "cudnn_conv_algo_search": "EXHAUSTIVE" if static else "HEURISTIC",
         "do_copy_in_default_stream": True,
-        "cudnn_conv_use_max_workspace": "1",
+        # under a VRAM budget, cuDNN gets only the workspace its default algorithms need
+        "cudnn_conv_use_max_workspace": "0" if gpu_mem_limit else "1",
         "prefer_nhwc": "1",
     }
     if gpu_mem_limit:
         options["gpu_mem_limit"] = int(gpu_mem_limit)
+    if cuda_graph:
+        options["enable_cuda_graph"] = "1"
     return [("CUDAExecutionProvider", options), "CPUExecutionProvider"]
 
 
-class OnnxRuntimeEngine:
-    """One ONNX model in an onnxruntime.InferenceSession; on DEVICE "cuda" it runs through an I/O binding."""
+MEMCPY_OPS = ("MemcpyFromHost", "MemcpyToHost")  # what ONNX Runtime inserts where a CPU node feeds a GPU node
+ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
+              "tensor(int32)": np.int32, "tensor(bool)": np.bool_}  # fmt: skip
+MAX_SHAPE_SETS = 4  # device buffer sets kept per engine (one per input shape seen), oldest dropped first
 
-    def __init__(self, model_file: Path, providers: list, threads: int | None = None, device: str = "cpu"):
+
+def count_ops(model_file: Path, op_types=MEMCPY_OPS) -> int | None:
+    """Nodes of OP_TYPES in an ONNX file's main graph (ORT's saved optimized graph); None without the onnx package."""
+    try:
+        import onnx
+    except ImportError:
+        return None
+    model = onnx.load(str(model_file), load_external_data=False)
+    return sum(node.op_type in op_types for node in model.graph.node)
+
+
+class BoundShapes:
+    """Device buffers and one I/O binding for one set of input shapes (the TensorRT demo's allocate_buffers).
+
+    Inputs are copied into fixed buffers, so a CUDA graph captured for these shapes replays on the same addresses;
+    an input passed again as the same unchanged array (text conditioning through a run) is not sent again.
+    """
+
+    def __init__(self, session, device: str, input_shapes: dict, dims: dict, graph_id: int):
+        import onnxruntime as ort
+
+        self.binding = session.io_binding()
+        self.inputs, self.dtypes, self.outputs, self.sent = {}, {}, {}, {}
+        self.graph_id = graph_id  # the CUDA graph captured for these shapes
+        for meta in session.get_inputs():
+            self.dtypes[meta.name] = ORT_DTYPES[meta.type]
+            shape, dtype = input_shapes[meta.name], self.dtypes[meta.name]
+            value = self.inputs[meta.name] = ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, device, 0)
+            self.binding.bind_ortvalue_input(meta.name, value)
+        for meta in session.get_outputs():
+            shape = [dims.get(d) if isinstance(d, str) else d for d in meta.shape]
+            if all(isinstance(d, int) for d in shape):  # known before the run: a fixed buffer
+                value = ort.OrtValue.ortvalue_from_shape_and_type(shape, ORT_DTYPES[meta.type], device, 0)
+                self.outputs[meta.name] = value
+                self.binding.bind_ortvalue_output(meta.name, value)
+            else:  # a size the inputs do not name (the VAE's pixels): ONNX Runtime allocates it on the device
+                self.binding.bind_output(meta.name, device)
+
+    def send(self, name: str, value) -> None:
+        """VALUE (a numpy array, or an OrtValue already on the device: bound as is) into input NAME, unless it is
+        the same array as last time, unchanged since."""
+        import onnxruntime as ort
+
+        if isinstance(value, ort.OrtValue):
+            self.binding.bind_ortvalue_input(name, value)
+            self.sent[name] = (None, None)  # the next array is copied into the buffer, bound again
+            return
+        last = self.sent.get(name)
+        if last is not None and last[0] is value and np.array_equal(last[1], value):
+            return  # constant through the run: sent once
+        if last is not None and last[0] is None:  # an OrtValue was bound here before: back to the buffer
+            self.binding.bind_ortvalue_input(name, self.inputs[name])
+        self.inputs[name].update_inplace(np.ascontiguousarray(value, dtype=self.dtypes[name]))
+        self.sent[name] = (value, np.array(value, copy=True))
+
+
+class OnnxRuntimeEngine:
+    """One ONNX model in an onnxruntime.InferenceSession; on DEVICE "cuda" it runs through an I/O binding.
+
+    STATIC_DIMS ({axis name: size}, a static profile) fixes the graph's dynamic axes when the session is created
+    (free dimension overrides): ONNX Runtime then folds the shape arithmetic away, which leaves no CPU node (no
+    Memcpy) in a CUDA graph and lets CUDA_GRAPH capture the run once per shape and replay it.
+    """
+
+    def __init__(self, model_file: Path, providers: list, threads: int | None = None, device: str = "cpu",
+                 static_dims: dict | None = None, cuda_graph: bool = False):  # fmt: skip
         self.model_file = Path(model_file)
         self.providers = providers
         self.threads = threads or physical_cores()
         self.device = device
         self.io_binding = device != "cpu"  # tests set it on the CPU too: the same code path
+        self.static_dims = dict(static_dims or {})
+        self.cuda_graph = cuda_graph
         self.session = None
         self.input_names: list[str] = []
         self.output_names: list[str] = []
+        self.memcpy_nodes: int | None = None  # Memcpy nodes ONNX Runtime added (from its optimized graph)
+        self.optimized_file: Path | None = None
+        self._shape_sets: dict = {}  # input shapes -> BoundShapes
 
     def load(self) -> None:
         """Create the session, from the optimised-graph cache when it holds this model for this machine."""
@@ -86,15 +169,24 @@ class OnnxRuntimeEngine:
             self.session = self._session(self.model_file, optimize=True, save_to=cached)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
+        if cached is not None and cached.is_file():
+            self.optimized_file = cached
+            if self.device != "cpu":
+                self.memcpy_nodes = count_ops(cached)
+                if self.memcpy_nodes:
+                    log.info("%s: %d Memcpy nodes (CPU nodes between GPU kernels)", self.model_file, self.memcpy_nodes)
 
     def cache_path(self) -> Path | None:
-        """Where this model's optimised graph lives: keyed by ONNX Runtime version, providers, CPU and file."""
+        """Where this model's optimised graph lives: keyed by ONNX Runtime version, providers, CPU, static shapes and
+        file."""
         import onnxruntime as ort
 
         if os.environ.get("SDRT_NO_ORT_CACHE") or not self.model_file.is_file():
             return None
         stat = self.model_file.stat()
         key = f"{ort.__version__}|{self.providers}|{cpu_signature()}|{stat.st_size}|{stat.st_mtime_ns}"
+        if self.static_dims:
+            key += f"|{sorted(self.static_dims.items())}"
         return self.model_file.parent / ".ort-cache" / hashlib.sha256(key.encode()).hexdigest()[:16] / "model.onnx"
 
     def _session(self, path: Path, optimize: bool, save_to: Path | None = None):
@@ -111,6 +203,8 @@ class OnnxRuntimeEngine:
         options.enable_cpu_mem_arena = False
         options.enable_mem_pattern = True
         options.log_severity_level = 3  # errors only
+        for axis, size in self.static_dims.items():
+            options.add_free_dimension_override_by_name(axis, int(size))
         staging = None
         if save_to is not None and _writable(save_to.parent.parent):
             # Optimising a 3.4 GB UNet takes ~20 s; the saved graph then loads in ~1 s (same machine only:
@@ -140,27 +234,72 @@ class OnnxRuntimeEngine:
         if self.session is None:
             self.load()
         if self.io_binding:
-            return self.run_bound(feeds)
+            return {name: _host(value) for name, value in self.run_device(feeds).items()}
+        self._check_static(feeds)
         outputs = self.session.run(self.output_names, feeds)
         return dict(zip(self.output_names, outputs, strict=True))
 
-    def run_bound(self, feeds: dict) -> dict[str, np.ndarray]:
-        """Run with inputs copied once to the device and outputs allocated there, then copied back.
+    def prepare(self, input_shapes: dict) -> BoundShapes:
+        """Device buffers and the binding for INPUT_SHAPES ({input name: shape}), made once before the loop."""
+        if self.session is None:
+            self.load()
+        key = tuple(sorted((name, tuple(int(d) for d in shape)) for name, shape in input_shapes.items()))
+        bound = self._shape_sets.get(key)
+        if bound is None:
+            dims = dict(self.static_dims)
+            for meta in self.session.get_inputs():  # axis names -> sizes, from the inputs' declared shapes
+                for d, size in zip(meta.shape, input_shapes[meta.name], strict=True):
+                    if isinstance(d, str):
+                        dims[d] = int(size)
+            while len(self._shape_sets) >= MAX_SHAPE_SETS:
+                self._shape_sets.pop(next(iter(self._shape_sets)))
+            graph_id = max((b.graph_id for b in self._shape_sets.values()), default=-1) + 1
+            bound = self._shape_sets[key] = BoundShapes(self.session, self.device, dict(key), dims, graph_id)
+        return bound
 
-        A feed may be an onnxruntime.OrtValue already on the device (latents kept there between steps): bound as is.
-        """
+    def run_device(self, feeds: dict) -> dict:
+        """Run through the binding of these input shapes: {output name: OrtValue on the device}, valid until the
+        next run of this engine (fixed buffers are reused). A feed may be an OrtValue already on the device."""
         import onnxruntime as ort
 
-        binding = self.session.io_binding()
+        if self.session is None:
+            self.load()
+        self._check_static(feeds)
+        shapes = {name: tuple(value.shape() if isinstance(value, ort.OrtValue) else np.shape(value))
+                  for name, value in feeds.items()}  # fmt: skip
+        bound = self.prepare(shapes)
         for name, value in feeds.items():
-            if isinstance(value, ort.OrtValue):
-                binding.bind_ortvalue_input(name, value)
-            else:
-                binding.bind_cpu_input(name, np.ascontiguousarray(value))
-        for name in self.output_names:
-            binding.bind_output(name, self.device)
-        self.session.run_with_iobinding(binding)
-        return dict(zip(self.output_names, binding.copy_outputs_to_cpu(), strict=True))
+            bound.send(name, value)
+        run_options = None
+        if self.cuda_graph:
+            run_options = ort.RunOptions()
+            run_options.add_run_config_entry("gpu_graph_id", str(bound.graph_id))
+        self.session.run_with_iobinding(bound.binding, run_options)
+        values = bound.binding.get_outputs()
+        return dict(zip(self.output_names, values, strict=True))
+
+    def _check_static(self, feeds: dict) -> None:
+        """Under a static profile, every input's named axes must have the profile's sizes."""
+        if not self.static_dims:
+            return
+        from sdrt.runtime.errors import InvalidOption
+
+        for meta in self.session.get_inputs():
+            value = feeds.get(meta.name)
+            shape = tuple(value.shape()) if hasattr(value, "device_name") else np.shape(value)
+            want = tuple(self.static_dims.get(d, "?") if isinstance(d, str) else d for d in meta.shape)
+            if len(shape) != len(want) or any(w != "?" and w != s for w, s in zip(want, shape, strict=False)):
+                raise InvalidOption(
+                    f"{self.model_file.parent.name} input {meta.name}", shape,
+                    f"{want} (the static profile this engine was loaded for; load without `static` for other sizes)",
+                )  # fmt: skip
 
     def unload(self) -> None:
         self.session = None
+        self._shape_sets = {}
+
+
+def _host(value) -> np.ndarray:
+    """An output OrtValue as a numpy array the caller owns (a CPU OrtValue's numpy() is a view of its buffer)."""
+    array = value.numpy()
+    return np.array(array, copy=True) if value.device_name().lower() == "cpu" else array

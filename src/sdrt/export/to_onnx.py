@@ -1,5 +1,6 @@
 """PyTorch modules -> ONNX graphs named and shaped as sdrt.runtime.modelspec declares, then verified."""
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -70,11 +71,28 @@ def vae_encoder_forward(vae, sample):
     return dist.mean, dist.logvar
 
 
+@contextlib.contextmanager
+def classic_attention(module):
+    """MODULE's attention traced as MatMul-Softmax-MatMul (diffusers' AttnProcessor) instead of through SDPA: the
+    pattern ONNX Runtime's attention fusions recognise (sdrt.export.optimize); the same arithmetic."""
+    if not hasattr(module, "set_attn_processor"):
+        yield
+        return
+    from diffusers.models.attention_processor import AttnProcessor
+
+    before = module.attn_processors
+    module.set_attn_processor(AttnProcessor())
+    try:
+        yield
+    finally:
+        module.set_attn_processor(before)
+
+
 def export_onnx(module, forward, spec: ModelSpec, example_inputs: tuple, out_file: Path) -> None:
     """Trace MODULE with EXAMPLE_INPUTS into OUT_FILE (one data file beside it if over 2 GB)."""
     out_file.parent.mkdir(parents=True, exist_ok=True)
     wrapper = _CastIO(module, forward).eval()
-    with tempfile.TemporaryDirectory(dir=out_file.parent) as tmp:
+    with tempfile.TemporaryDirectory(dir=out_file.parent) as tmp, classic_attention(module):
         tmp_file = Path(tmp) / "model.onnx"
         with torch.no_grad(), warnings.catch_warnings():
             # The tracer warns about every Python branch on a shape; the verification below is what counts.

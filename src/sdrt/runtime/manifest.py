@@ -70,6 +70,9 @@ class Manifest:
     # micro-conditioning ends with an aesthetic score instead of the target size (refiner).
     force_zeros_for_empty_prompt: bool = False
     requires_aesthetics_score: bool = False
+    # Fused graph variants (sdrt.export.optimize): {target ("cuda", "cpu"): {model: {"file", "precision",
+    # "fused_ops": {op: count}, "max_error", "verified_on"}}}. Absent in older manifests: the plain graphs run.
+    optimized: dict = field(default_factory=dict)
     folder: Path = field(default=Path("."), compare=False)
 
     @property
@@ -83,6 +86,11 @@ class Manifest:
 
     def model_path(self, name: str) -> Path:
         return self.folder / self.models[name]["file"]
+
+    def graph_path(self, name: str, target: str | None = None) -> Path:
+        """Model NAME's graph for TARGET ("cuda", "cpu"): its fused variant when one was written, else model.onnx."""
+        variant = self.optimized.get(target, {}).get(name) if target else None
+        return self.folder / variant["file"] if variant else self.model_path(name)
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -145,3 +153,7 @@ class Manifest:
         for name in self.models:
             if not self.model_path(name).is_file():
                 raise ModelError(f"model file {str(self.model_path(name))!r} is missing")
+        for target, variants in self.optimized.items():
+            for name, variant in variants.items():
+                if name not in self.models or not (self.folder / variant.get("file", "")).is_file():
+                    raise ModelError(f"{str(path)!r}: the {target} variant of {name!r} is missing (sdrt optimize)")
