@@ -70,7 +70,8 @@ def resolve_backend(backend: str, model_dir: Path | None = None, announce: bool 
 def create_engine(model_file: Path, backend: str, **options) -> Engine:
     """An unloaded engine for MODEL_FILE on BACKEND ("cpu", "cuda" or "tensorrt"; resolve "auto" first).
 
-    OPTIONS: for "cuda", `gpu_mem_limit` (bytes) and `device_id`; for "tensorrt", `workspace` (a shared
+    OPTIONS: for "cuda", `gpu_mem_limit` (bytes), `device_id`, `static_dims` ({axis: size}, a static profile) and
+    `cuda_graph` (capture and replay, with static_dims); for "cpu", `static_dims`; for "tensorrt", `workspace` (a shared
     tensorrt.Workspace) and `streaming_budget` (bytes of weights kept on the GPU).
     """
     from sdrt.errors import InvalidOption
@@ -78,11 +79,13 @@ def create_engine(model_file: Path, backend: str, **options) -> Engine:
     if backend == "cpu":
         from sdrt.engines.onnxruntime import OnnxRuntimeEngine
 
-        return OnnxRuntimeEngine(model_file, providers=["CPUExecutionProvider"])
+        return OnnxRuntimeEngine(model_file, providers=["CPUExecutionProvider"], static_dims=options.get("static_dims"))
     if backend == "cuda":
         from sdrt.engines.onnxruntime import OnnxRuntimeEngine, cuda_providers
 
-        return OnnxRuntimeEngine(model_file, providers=cuda_providers(**options), device="cuda")
+        static, graph = options.pop("static_dims", None), options.pop("cuda_graph", False)
+        providers = cuda_providers(**options, static=bool(static), cuda_graph=graph)
+        return OnnxRuntimeEngine(model_file, providers=providers, device="cuda", static_dims=static, cuda_graph=graph)
     if backend == "tensorrt":
         from sdrt.engines.tensorrt import TensorRTEngine
 

@@ -159,14 +159,17 @@ class OnnxRuntimeEngine:
         """Create the session, from the optimised-graph cache when it holds this model for this machine."""
         if self.session is not None:
             return
-        cached = self.cache_path()
-        if cached is not None and cached.is_file():
-            try:
-                self.session = self._session(cached, optimize=False)
-            except ModelError:
-                self.session = None  # a damaged cache entry: fall back to the model itself
-        if self.session is None:
-            self.session = self._session(self.model_file, optimize=True, save_to=cached)
+        try:
+            cached = self._open()
+        except ModelError as e:
+            if not self.cuda_graph:
+                raise
+            # ONNX Runtime refuses CUDA graphs when a node stays on the CPU (a dynamic shape left): run without
+            log.warning("%s: no CUDA graph (%s); running without", self.model_file, e)
+            self.cuda_graph = False
+            self.providers = [(p[0], {k: v for k, v in p[1].items() if k != "enable_cuda_graph"})
+                              if isinstance(p, tuple) else p for p in self.providers]  # fmt: skip
+            cached = self._open()
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
         if cached is not None and cached.is_file():
@@ -175,6 +178,18 @@ class OnnxRuntimeEngine:
                 self.memcpy_nodes = count_ops(cached)
                 if self.memcpy_nodes:
                     log.info("%s: %d Memcpy nodes (CPU nodes between GPU kernels)", self.model_file, self.memcpy_nodes)
+
+    def _open(self) -> Path | None:
+        """The session, from the optimised-graph cache when it holds this model; the cache file (None: no cache)."""
+        cached = self.cache_path()
+        if cached is not None and cached.is_file():
+            try:
+                self.session = self._session(cached, optimize=False)
+            except ModelError:
+                self.session = None  # a damaged cache entry: fall back to the model itself
+        if self.session is None:
+            self.session = self._session(self.model_file, optimize=True, save_to=cached)
+        return cached
 
     def cache_path(self) -> Path | None:
         """Where this model's optimised graph lives: keyed by ONNX Runtime version, providers, CPU, static shapes and

@@ -110,6 +110,17 @@ def axis_ranges(model: str, ranges: ShapeRanges, latent_downsample: int, guided:
     raise InvalidOption("model", model, ", ".join(MODEL_ORDER))
 
 
+def static_dims(model: str, width: int, height: int, batch: int, latent_downsample: int, text_tokens: int = 77,
+                guided: bool = True) -> dict:
+    """{axis name: size} of MODEL's inputs under a static profile: BATCH images of WIDTH x HEIGHT pixels, one text
+    window of TEXT_TOKENS (ONNX Runtime's free dimension overrides; axis_ranges' sizes at min == opt == max)."""
+    ranges = ShapeRanges.static(batch, height, width, max(1, text_tokens // TEXT_WINDOW))
+    dims = {axis: opt for axis, (_, opt, _) in axis_ranges(model, ranges, latent_downsample, guided).items()}
+    if "tokens" in dims:
+        dims["tokens"] = text_tokens
+    return dims
+
+
 def plan_profile(model: str, inputs: list[dict], ranges: ShapeRanges, latent_downsample: int, guided=True) -> dict:
     """{input name: (min shape, opt shape, max shape)} for a TensorRT optimisation profile.
 

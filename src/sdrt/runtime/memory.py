@@ -12,6 +12,13 @@ from sdrt.runtime.tiling import DEFAULT_OVERLAP, DEFAULT_TILE, tiling_for
 # VRAM budget before any engine runs. Estimates from published SD 1.5 figures (UNet ~1 GB at 512x512, batch 2;
 # VAE decoder ~2.5 GB at 512x512 untiled), not measured by sdrt: the budget test on a GPU checks the plan.
 ACTIVATION_PER_CELL = {"text_encoder": 0, "unet": 120_000, "vae_decoder": 600_000, "vae_encoder": 300_000}
+# A UNet with fused attention (sdrt optimize --target cuda: flash / memory-efficient MultiHeadAttention) holds no
+# (heads, N, N) score matrix, 8 x 4096^2 x 2 bytes per sample at 512x512, which was ~100 KB of the 120 KB per cell
+# above. What stays live at the 64x64 level, per latent cell per sample in fp16: the GEGLU projection (2560 channels,
+# 5 KB) and its gated half (2.5 KB), packed QKV (1.9 KB), the down path's skip tensors (~3.4 KB over all levels),
+# residual and concatenated up-path tensors (~3 KB): ~16 KB, rounded up to 20 KB for cuDNN's workspace. Derived
+# from tensor sizes, not measured: the budget test on a GPU checks it.
+FUSED_ACTIVATION_PER_CELL = {**ACTIVATION_PER_CELL, "unet": 20_000}
 TEXT_ENCODER_ACTIVATIONS = 64 * 2**20
 FP16_WEIGHT_SHARE = 0.5  # GPU engines are fp16: half the bytes of an fp32 export's files
 
@@ -34,22 +41,50 @@ class MemoryPlan:
         """True if a latent of LATENT_SHAPE (..., h, w) is decoded in tiles."""
         return self.vae_tile is not None and max(latent_shape[-2:]) > self.vae_tile
 
-    def create_engines(self, manifest, backend: str) -> dict:
-        """The manifest's engines on BACKEND; under a Stager when staged."""
+    def create_engines(self, manifest, backend: str, fused: bool = True, static=None) -> dict:
+        """The manifest's engines on BACKEND; under a Stager when staged. FUSED: the fused graph variants written for
+        BACKEND (sdrt optimize) where there are some. STATIC: (width, height, batch), a static profile: the UNet and
+        VAE decoder fixed at those shapes (engines.plan.static_dims), replayed as CUDA graphs on "cuda"."""
         engines = {}
+        dims = static_model_dims(manifest, static) if static is not None else {}
         for name in manifest.models:
             options = {}
             if backend == "cuda" and self.vram_budget:
                 options["gpu_mem_limit"] = self.vram_budget
             if backend == "tensorrt" and name == "unet" and self.unet_streaming_budget is not None:
                 options["streaming_budget"] = self.unet_streaming_budget
-            engines[name] = create_engine(manifest.model_path(name), backend, **options)
+            if name in dims and backend in ("cpu", "cuda"):
+                options["static_dims"] = dims[name]
+                options["cuda_graph"] = backend == "cuda"
+            path = manifest.graph_path(name, backend if fused and backend in ("cpu", "cuda") else None)
+            engines[name] = create_engine(path, backend, **options)
         return Stager().wrap(engines) if self.staged else engines
 
 
-def memory_plan(manifest, backend: str, low_vram: bool = False, vram_budget=None, vae_tile=None) -> MemoryPlan:
+def static_model_dims(manifest, static) -> dict:
+    """{model: {axis: size}} of a static profile STATIC = (width, height, batch) (InvalidOption if malformed)."""
+    from sdrt.engines.plan import static_dims
+
+    ok = isinstance(static, (tuple, list)) and len(static) == 3 and all(
+        isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v > 0 for v in static
+    )
+    step = manifest.latent_downsample
+    if not ok or static[0] % step or static[1] % step:
+        raise InvalidOption("static", static, f"(width, height, batch): positive integers, sizes multiples of {step}")
+    width, height, batch = (int(v) for v in static)
+    return {name: static_dims(name, width, height, batch, step, manifest.text_max_length)
+            for name in ("unet", "vae_decoder") if name in manifest.models}  # fmt: skip
+
+
+def memory_plan(
+    manifest, backend: str, low_vram: bool = False, vram_budget=None, vae_tile=None, fused: bool = True
+) -> MemoryPlan:
     """Validate the memory options and plan them. VAE_TILE is in pixels (a multiple of the latent downsample);
-    LOW_VRAM alone stages the engines and tiles the VAE at DEFAULT_TILE; VRAM_BUDGET ('2GB') plans with plan_vram."""
+    LOW_VRAM alone stages the engines and tiles the VAE at DEFAULT_TILE; VRAM_BUDGET ('2GB') plans with plan_vram.
+
+    On "cuda" the budget is ONNX Runtime's arena limit (gpu_mem_limit): weights, activations and workspace; the
+    CUDA context and library handles (~0.3-0.5 GiB, the driver's) come on top, as in stable-diffusion.cpp's
+    figures. FUSED: plan with the fused graph variants written for BACKEND where there are some."""
     if not isinstance(low_vram, bool):
         raise InvalidOption("low_vram", low_vram, "True or False")
     step = manifest.latent_downsample
@@ -65,20 +100,35 @@ def memory_plan(manifest, backend: str, low_vram: bool = False, vram_budget=None
         return MemoryPlan(vae_tile=tile)
     budget = parse_size(vram_budget)
     native = manifest.native_size // step
-    cells = native * native
-    stages = {}
+    target = backend if fused and backend in ("cpu", "cuda") else None
+    weights, fused_models = {}, set()
     for name in manifest.models:
-        files = [manifest.model_path(name), *manifest.model_path(name).parent.glob("*.data")]
-        share = FP16_WEIGHT_SHARE if backend != "cpu" and manifest.precision == "fp32" else 1
-        weights = int(sum(f.stat().st_size for f in files) * share)
-        batch = 2 if name == "unet" else 1  # a guided UNet step runs cond + uncond
-        acts = TEXT_ENCODER_ACTIVATIONS if name == "text_encoder" else ACTIVATION_PER_CELL[name] * cells * batch
-        stages[name] = StageCost(weights, acts, streamable=weights if name == "unet" and backend == "tensorrt" else 0)
-    overhead = CUDA_CONTEXT_BYTES if backend != "cpu" else 0
+        path = manifest.graph_path(name, target)
+        variant = manifest.optimized.get(target, {}).get(name) if target else None
+        precision = variant["precision"] if variant else manifest.models[name].get("precision", manifest.precision)
+        share = FP16_WEIGHT_SHARE if backend != "cpu" and precision == "fp32" else 1
+        weights[name] = int(sum(f.stat().st_size for f in (path, path.with_name(path.name + ".data")) if f.is_file())
+                            * share)  # fmt: skip
+        if variant and variant["fused_ops"].get("MultiHeadAttention"):
+            fused_models.add(name)
+    stages = stage_costs(weights, native * native, backend, fused_models)
+    overhead = CUDA_CONTEXT_BYTES if backend == "tensorrt" else 0  # "cuda": the arena limit, context outside
     plan = plan_vram(budget, stages, vae_full_latent=native, overhead=overhead, tile_min=2 * DEFAULT_OVERLAP)
     planned_tile = tile or plan.vae_tile or (DEFAULT_TILE if plan.staged else None)
     return MemoryPlan(plan.staged or low_vram, planned_tile, vram_budget=budget,
                       unet_streaming_budget=plan.unet_streaming_budget)  # fmt: skip
+
+
+def stage_costs(weights: dict, cells: int, backend: str, fused_attention=frozenset()) -> dict:
+    """{model: StageCost} from WEIGHTS ({model: bytes on the device}) at CELLS latent cells per image; models in
+    FUSED_ATTENTION run fused attention (FUSED_ACTIVATION_PER_CELL). Pure: the budget tests plan SD 1.5 with it."""
+    stages = {}
+    for name, size in weights.items():
+        batch = 2 if name == "unet" else 1  # a guided UNet step runs cond + uncond
+        table = FUSED_ACTIVATION_PER_CELL if name in fused_attention else ACTIVATION_PER_CELL
+        acts = TEXT_ENCODER_ACTIVATIONS if name.startswith("text_encoder") else table[name] * cells * batch
+        stages[name] = StageCost(size, acts, streamable=size if name == "unet" and backend == "tensorrt" else 0)
+    return stages
 
 
 class Stager:

@@ -29,11 +29,12 @@ from sdrt.runtime.vae import Vae
 class Pipeline:
     """A loaded model: `Pipeline.load(model_dir).generate(prompt, ...)` returns PIL images with infotext."""
 
-    def __init__(self, manifest: Manifest, backend: str, low_vram: bool = False, vram_budget=None, vae_tile=None):
+    def __init__(self, manifest: Manifest, backend: str, low_vram: bool = False, vram_budget=None, vae_tile=None,
+                 static=None, fused: bool = True):  # fmt: skip
         self.manifest = manifest
         self.backend = resolve_backend(backend, manifest.folder)
-        self.memory = memory_plan(manifest, self.backend, low_vram, vram_budget, vae_tile)  # staging, tiling
-        self.engines = self.memory.create_engines(manifest, self.backend)
+        self.memory = memory_plan(manifest, self.backend, low_vram, vram_budget, vae_tile, fused)  # staging, tiling
+        self.engines = self.memory.create_engines(manifest, self.backend, fused, static)
         self.embeddings = EmbeddingDB()  # textual inversions, used by name in prompts
         if manifest.family == "sdxl":  # two text encoders (a refiner: the second only), sdxl.py
             self.conditioner = sdxl.sdxl_conditioner(manifest, self.engines, self.embeddings)
@@ -48,8 +49,9 @@ class Pipeline:
 
     @classmethod
     def load(
-        cls, model_dir, backend: str = "cpu", embeddings=None, low_vram: bool = False, vram_budget=None, vae_tile=None
-    ) -> "Pipeline":
+        cls, model_dir, backend: str = "cpu", embeddings=None, low_vram: bool = False, vram_budget=None, vae_tile=None,
+        static=None, fused: bool = True,
+    ) -> "Pipeline":  # fmt: skip
         """Read MODEL_DIR (made by `sdrt export`), validate it, and load its engines.
 
         `embeddings`: a folder of textual inversion files (.pt, .bin, .safetensors), used by file name in prompts.
@@ -57,8 +59,10 @@ class Pipeline:
         `low_vram`: load one engine at a time (text encoder -> UNet -> VAE, each freed after use) and tile the VAE;
         `vram_budget` ("2GB") plans staging, TensorRT UNet weight streaming and tiling to fit it; `vae_tile`: VAE
         tile size in pixels (tiling.py).
+        `static`: (width, height, batch), one size: the UNet and VAE decoder fixed at it (faster; CUDA graphs on
+        "cuda"); other sizes are refused. `fused`: the fused graphs `sdrt optimize` wrote for this backend, if any.
         """
-        pipe = cls(Manifest.load(Path(model_dir)), backend, low_vram, vram_budget, vae_tile)
+        pipe = cls(Manifest.load(Path(model_dir)), backend, low_vram, vram_budget, vae_tile, static, fused)
         if embeddings is not None:
             pipe.embeddings.load_dir(embeddings)
         text_encoders = [name for name in TEXT_ENCODER_NAMES if name in pipe.manifest.models]
