@@ -2,7 +2,8 @@
 
     sdrt bench                               # CPU: SD 1.5, 256x256, 10 steps, median of 3 (benchmarks/cpu_e2e.py)
     sdrt bench --low-vram                    # CPU: also sdrt with engines staged one at a time (peak RSS)
-    sdrt bench --device gpu                  # GPU: TensorRT, ORT CUDA, diffusers fp16 (+ torch.compile), 512x512
+    sdrt bench --device gpu                  # GPU: ORT CUDA (fp16, fused, static + CUDA graphs), diffusers, 512x512
+    sdrt bench --cpu-smoke --model small     # the GPU driver's stages on the CPU (benchmarks/gpu_check.sh --cpu-smoke)
     sdrt bench --model small --workdir /tmp/b  # tiny random models: a smoke test of the benchmark itself
 
 Needs a source checkout with the `export` and `test` extras (torch, diffusers, transformers, onnx, psutil); the
@@ -33,9 +34,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", type=Path, help="JSON path (default benchmarks/results/<machine>.json)")
     p.add_argument("--low-vram", action="store_true", help="CPU: also measure sdrt with staged engines")
     p.add_argument("--batches", default="1,4,8", help="GPU: batch sizes for images/s (default 1,4,8)")
-    p.add_argument("--runtimes", help="GPU: subset of sdrt_tensorrt,sdrt_tensorrt_low_vram,sdrt_cuda,diffusers,"
-                   "diffusers_compile (default: all)")  # fmt: skip
+    p.add_argument("--runtimes", help="GPU: subset of sdrt_cuda,sdrt_cuda_fused,sdrt_cuda_static,diffusers,"
+                   "diffusers_fp32,diffusers_compile,sdrt_tensorrt,sdrt_tensorrt_low_vram (default: all but TensorRT)")
     p.add_argument("--vram-budget", default="2GB", help="GPU: sdrt_tensorrt_low_vram's budget (default 2GB)")
+    p.add_argument("--cpu-smoke", action="store_true",
+                   help="GPU driver on the CPU (CPU provider, PyTorch on the CPU): a test of the stages, no figures")
+    p.add_argument("--stage-timeout", type=float, default=300, help="GPU: seconds each stage may take (default 300)")
+    p.add_argument("--no-peak-batch1", dest="peak_batch1", action="store_false",
+                   help="GPU: skip the batch-1 peak VRAM processes")
+    p.add_argument("--no-graph-parity", dest="graph_parity", action="store_false",
+                   help="GPU: skip the per-graph comparison with PyTorch fp32")
     p.add_argument("--worker", nargs=2, metavar=("STAGE", "JOB"), help=argparse.SUPPRESS)
     return p
 
@@ -47,6 +55,10 @@ def check_args(parser, args) -> None:
     if args.model not in CASES:
         parser.error(f"--model: got {args.model!r}; allowed: {', '.join(CASES)}")
     case = CASES[args.model]
+    if args.cpu_smoke:
+        args.device = "gpu"  # the GPU driver, run on the CPU
+    if args.stage_timeout <= 0:
+        parser.error(f"--stage-timeout: got {args.stage_timeout}; allowed: a positive number of seconds")
     defaults = case.gpu if args.device == "gpu" else case.cpu
     args.size = defaults["size"] if args.size is None else args.size
     args.steps = defaults["steps"] if args.steps is None else args.steps
@@ -74,7 +86,12 @@ def run_worker(stage: str, job_file: str) -> None:
     if stage.endswith("_gpu"):
         from sdrt.bench import gpu
 
-        workers.update(sdrt_gpu=gpu.worker_sdrt_gpu, diffusers_gpu=gpu.worker_diffusers_gpu)
+        workers.update(sdrt_gpu=gpu.worker_sdrt_gpu, diffusers_gpu=gpu.worker_diffusers_gpu,
+                       graph_parity_gpu=gpu.worker_graph_parity)  # fmt: skip
+    if stage == "optimize":
+        from sdrt.bench import gpu
+
+        workers["optimize"] = gpu.worker_optimize
     job = json.loads(Path(job_file).read_text())
     result = workers[stage](job)
     Path(job["result_file"]).write_text(json.dumps(result, indent=2))
@@ -88,7 +105,7 @@ def main(argv=None) -> int:
         return 0
     check_args(parser, args)
     case = CASES[args.model]
-    if args.device == "gpu":
+    if args.device == "gpu" or args.cpu_smoke:
         from sdrt.bench.gpu import run_gpu
 
         return run_gpu(args, case)

@@ -96,6 +96,20 @@ def package_version(name: str) -> str | None:
         return None
 
 
+def sdrt_version() -> str:
+    """sdrt's version, from `git describe` in a source checkout (commit, and "-dirty" with local changes)."""
+    from sdrt import __version__
+
+    try:
+        described = subprocess.run(
+            ["git", "-C", str(REPO), "describe", "--always", "--dirty", "--tags"],
+            capture_output=True, text=True, timeout=10, check=True,
+        ).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return __version__
+    return f"{__version__}+g{described}" if described else __version__
+
+
 def describe_machine() -> dict:
     import psutil
 
@@ -112,8 +126,9 @@ def describe_machine() -> dict:
         "os": platform.platform(),
         "python": platform.python_version(),
         "versions": {
-            name: package_version(name)
-            for name in ("sdrt", "numpy", "onnxruntime", "torch", "diffusers", "transformers", "onnx")
+            **{name: package_version(name) for name in ("numpy", "onnxruntime", "torch", "diffusers", "transformers",
+                                                         "onnx")},  # fmt: skip
+            "sdrt": sdrt_version(),
         },
     }
 
@@ -121,31 +136,48 @@ def describe_machine() -> dict:
 # ----------------------------------------------------------------------------------------------- subprocesses
 
 
-def run_child(stage: str, job: dict, job_dir: Path, fatal: bool = True) -> tuple[dict, float, int]:
+def run_child(
+    stage: str, job: dict, job_dir: Path, fatal: bool = True, timeout: float | None = None, label: str | None = None
+) -> tuple[dict, float, int]:
     """Run this script as `--worker STAGE` in a subprocess: (its result, wall seconds, its peak RSS in bytes).
 
     The peak RSS comes from wait4's rusage of that one child, so each runtime's figure is its own. A failed child
-    ends the benchmark, or with FATAL False raises RuntimeError.
+    ends the benchmark, or with FATAL False raises RuntimeError; one still running after TIMEOUT seconds is killed.
+    LABEL names its job files (default STAGE: one child per stage).
     """
-    job_file = job_dir / f"{stage}.job.json"
-    result_file = job_dir / f"{stage}.result.json"
+    import threading
+
+    label = label or stage
+    job_file = job_dir / f"{label}.job.json"
+    result_file = job_dir / f"{label}.result.json"
     result_file.unlink(missing_ok=True)
     job_file.write_text(json.dumps(dict(job, result_file=str(result_file)), indent=2))
     start = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "sdrt.bench", "--worker", stage, str(job_file)])
+    killer = threading.Timer(timeout, proc.kill) if timeout else None
+    if killer is not None:
+        killer.start()
     try:
         _, status, usage = os.wait4(proc.pid, 0)
     except BaseException:
         proc.kill()
         proc.wait()
         raise
+    finally:
+        if killer is not None:
+            killer.cancel()
     proc.returncode = os.waitstatus_to_exitcode(status)
+    if timeout and time.perf_counter() - start >= timeout and proc.returncode != 0:
+        message = f"the {label} subprocess ran past its {timeout:.0f} s limit and was stopped"
+        if fatal:
+            sys.exit(f"sdrt bench: {message}")
+        raise RuntimeError(message)
     wall = time.perf_counter() - start
     peak_rss = usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024)  # Linux reports KiB
     if (proc.returncode != 0 or not result_file.is_file()) and not fatal:
-        raise RuntimeError(f"the {stage} subprocess failed (exit status {proc.returncode})")
+        raise RuntimeError(f"the {label} subprocess failed (exit status {proc.returncode})")
     if proc.returncode != 0 or not result_file.is_file():
-        sys.exit(f"sdrt bench: the {stage} subprocess failed (exit status {proc.returncode}); see its errors above")
+        sys.exit(f"sdrt bench: the {label} subprocess failed (exit status {proc.returncode}); see its errors above")
     return json.loads(result_file.read_text()), wall, peak_rss
 
 
