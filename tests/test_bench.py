@@ -127,8 +127,8 @@ def test_gpu_table_from_a_report():
     report = {"settings": {"width": 512, "height": 512, "steps": 50, "batches": [1]},
               "runtimes": {"sdrt_tensorrt": run, "diffusers": {**run, "engine_build_s": {}}}}  # fmt: skip
     table = gpu_table(report)
-    assert table.splitlines()[0] == "| metric | sdrt_tensorrt | diffusers |"
-    assert "| peak VRAM (NVML, above idle) | 2.00 GiB | 2.00 GiB |" in table
+    assert table.splitlines()[0] == "| metric | diffusers | sdrt_tensorrt |"
+    assert "| peak VRAM, whole run (NVML, above idle) | 2.00 GiB | 2.00 GiB |" in table
     assert "2.00x" in table and "static batch 1: 100 s" in table
 
 
