@@ -55,45 +55,14 @@ def fusion_options(model_type: str, target: str):
     if model_type == "vae":
         # onnxruntime.transformers' VAE attention fusion (1.32, fusion_attention_vae.create_attention_node) replaces the
         # q/k/v biases with zeros: measured 0.13 relative error on the tiny VAE decoder. The VAE's one attention stays
-        # unfused (4096 tokens at 512x512: a 32 MiB fp16 score matrix per image).
+        # unfused (4096 tokens at 512x512: a 32 MiB fp16 score matrix per image). Its head detection also calls int()
+        # on a 1-element array, a TypeError under numpy 2.
         options.enable_attention = False
     if target == "cpu":
         for flag in CUDA_ONLY_FUSIONS:
             if hasattr(options, flag):
                 setattr(options, flag, False)
     return options
-
-
-@contextlib.contextmanager
-def _numpy2_head_detection(num_heads: int, hidden_size: int):
-    """Work around onnxruntime.transformers' VAE attention fusion calling int() on a 1-element array (a TypeError
-    since numpy 2): when its head detection raises, the heads and width sdrt knows from the graph are used."""
-    from onnxruntime.transformers.optimizer import MODEL_TYPES as ORT_MODEL_TYPES
-
-    # the optimizer imports its modules by their bare names: patch the class the VAE model really uses
-    cls = sys.modules[ORT_MODEL_TYPES["vae"][0].__module__].FusionAttentionVae
-    original = cls.get_num_heads_and_hidden_size
-
-    def detect(self, reshape_q, add_q):
-        try:
-            return original(self, reshape_q, add_q)
-        except TypeError:
-            return num_heads, hidden_size
-
-    cls.get_num_heads_and_hidden_size = detect
-    try:
-        yield
-    finally:
-        cls.get_num_heads_and_hidden_size = original
-
-
-def vae_attention_width(graph: onnx.GraphProto) -> int:
-    """Channels of the VAE's mid-block attention (one head): the width of its first MatMul weight's output."""
-    initializers = {t.name: t for t in graph.initializer}
-    for node in graph.node:
-        if node.op_type == "MatMul" and node.input[1] in initializers:
-            return int(initializers[node.input[1]].dims[-1])
-    return 0
 
 
 def fused_op_counts(model: onnx.ModelProto) -> dict:
@@ -107,10 +76,7 @@ def fuse(src: Path, dst: Path, name: str, target: str, fp16: bool) -> dict:
     from onnxruntime.transformers.optimizer import optimize_model
 
     model_type = MODEL_TYPES[name]
-    heads, width = 0, 0
-    if model_type == "vae":
-        heads, width = 1, vae_attention_width(onnx.load(str(src), load_external_data=False).graph)
-    with _numpy2_head_detection(heads, width), _quiet():
+    with _quiet():
         optimized = optimize_model(
             str(src), model_type=model_type, num_heads=0, hidden_size=0, opt_level=0,
             optimization_options=fusion_options(model_type, target), use_gpu=target == "cuda",
