@@ -297,3 +297,17 @@ def test_cuda_static_fused_pipeline_matches_the_cpu_image(fused_model, tiny_sd):
     gpu = Pipeline.load(fused_model, backend="cuda", static=(64, 64, 1))
     assert gpu.engines["unet"].model_file.name == "model.cuda.onnx"
     assert np.abs(np.asarray(gpu.generate("a photo of a cat", **args)[0]).astype(int) - cpu).max() <= 4
+
+
+def test_cli_optimize_prints_counts_and_refuses_bad_input(fused_model, tmp_path, capsys):
+    from sdrt.cli import main
+
+    assert main(["optimize", str(fused_model), "--target", "cpu", "--models", "text_encoder"]) == 0
+    assert "text_encoder: text_encoder/model.cpu.onnx (fp32): SkipLayerNormalization" in capsys.readouterr().out
+    assert main(["optimize", str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["optimize", str(fused_model), "--models", "unet,refiner"]) == 2
+    assert "models: got 'refiner'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["optimize", str(fused_model), "--target", "tpu"])
+    assert exit_info.value.code == 2
