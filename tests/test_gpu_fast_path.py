@@ -90,11 +90,14 @@ def test_cuda_fusion_counts_and_fp16_with_float32_io(fused_model):
     assert weights[onnx.TensorProto.FLOAT16] > weights[onnx.TensorProto.FLOAT]
 
 
-def test_fp16_conversion_of_the_cpu_fused_unet_keeps_float32_io_and_parity(fused_model, tmp_path):
+def test_fp16_conversion_of_the_cpu_fused_unet_keeps_float32_io_and_parity(fused_model, tmp_path, monkeypatch):
+    from sdrt.export import optimize
     from sdrt.export.optimize import TOLERANCE, check_feeds, convert_to_fp16, relative_error, run_graph
 
+    monkeypatch.setattr(optimize, "PROTOBUF_LIMIT", 0)  # weights to an external file, as for SD 1.5's fp32 UNet
     manifest = Manifest.load(fused_model)
     convert_to_fp16(manifest.graph_path("unet", "cpu"), tmp_path / "unet16.onnx")
+    assert (tmp_path / "unet16.onnx.data").stat().st_size > (tmp_path / "unet16.onnx").stat().st_size
     graph = onnx.load(str(tmp_path / "unet16.onnx")).graph
     assert all(t.type.tensor_type.elem_type == onnx.TensorProto.FLOAT for t in (*graph.input, *graph.output))
     feeds = check_feeds(manifest, "unet")

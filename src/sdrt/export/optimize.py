@@ -103,7 +103,10 @@ def save(model, dst: Path) -> None:
     dst.parent.mkdir(parents=True, exist_ok=True)
     for stale in (dst, dst.with_name(dst.name + ".data")):
         stale.unlink(missing_ok=True)
-    size = model.model.ByteSize()  # may wrap negative past 2 GiB (ORT's SD tooling checks the same)
+    try:
+        size = model.model.ByteSize()  # may wrap negative past 2 GiB (ORT's SD tooling checks the same)
+    except Exception:  # protobuf's upb refuses to size a message past 2 GiB (EncodeError): the fp32 SD 1.5 UNet
+        size = -1
     external = not 0 < size < PROTOBUF_LIMIT
     model.save_model_to_file(str(dst), use_external_data_format=external)
 
