@@ -148,7 +148,8 @@ def check_feeds(manifest: Manifest, name: str, batch: int = 2, latent: int | Non
 
 
 def relative_error(got: list, want: list) -> float:
-    """max |GOT - WANT| over all outputs, divided by max(1, max |WANT|): the export's measure (to_onnx.max_error)."""
+    """max |GOT - WANT| over all outputs, divided by max(1, max |WANT|): the export's measure, inf for a non-finite
+    output."""
     worst = 0.0
     for a, b in zip(got, want, strict=True):
         if a.shape != b.shape:

@@ -158,18 +158,17 @@ def max_error(onnx_file: Path, feeds: dict[str, np.ndarray], reference: list[np.
     """Largest |ONNX Runtime - PyTorch| over all outputs, divided by max(1, largest |reference|)."""
     import onnxruntime as ort
 
+    from sdrt.export.optimize import relative_error
+
     options = ort.SessionOptions()
     options.intra_op_num_threads = os.cpu_count() or 1
     session = ort.InferenceSession(str(onnx_file), options, providers=["CPUExecutionProvider"])
     outputs = session.run(None, feeds)
     del session
-    worst = 0.0
-    for got, want in zip(outputs, reference, strict=True):
-        if got.shape != want.shape:
-            raise ModelError(f"{onnx_file}: output shape {got.shape} differs from PyTorch's {want.shape}")
-        scale = max(1.0, float(np.abs(want).max()))
-        worst = max(worst, float(np.abs(got.astype(np.float64) - want).max()) / scale)
-    return worst
+    try:
+        return relative_error(outputs, reference)
+    except ModelError as e:
+        raise ModelError(f"{onnx_file}: {e}") from None
 
 
 def reference_outputs(module, forward, inputs: tuple) -> list[np.ndarray]:
