@@ -176,8 +176,9 @@ class OnnxRuntimeEngine:
             self.optimized_file = cached
             if self.device != "cpu":
                 self.memcpy_nodes = count_ops(cached)
-                if self.memcpy_nodes:
-                    log.info("%s: %d Memcpy nodes (CPU nodes between GPU kernels)", self.model_file, self.memcpy_nodes)
+                if self.memcpy_nodes:  # expected with dynamic shapes; at a static profile, a lost optimisation
+                    report = log.warning if self.static_dims else log.info
+                    report("%s: %d Memcpy nodes (CPU nodes between GPU kernels)", self.model_file, self.memcpy_nodes)
 
     def _open(self) -> Path | None:
         """The session, from the optimised-graph cache when it holds this model; the cache file (None: no cache)."""
