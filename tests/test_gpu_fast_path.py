@@ -18,7 +18,7 @@ import pytest
 from onnx import numpy_helper
 
 from sdrt.engines.onnxruntime import BoundShapes, OnnxRuntimeEngine, count_ops
-from sdrt.runtime.errors import InvalidOption
+from sdrt.errors import InvalidOption
 from sdrt.runtime.manifest import Manifest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -202,8 +202,8 @@ SD15_FP16 = {"text_encoder": 246_000_000, "unet": 1_719_000_000, "vae_decoder": 
 
 
 def test_a_2gb_budget_fits_sd15_at_512_with_fused_attention_only():
-    from sdrt.engines.memory import stage_costs
     from sdrt.engines.plan import parse_size, plan_vram
+    from sdrt.runtime.memory import stage_costs
 
     budget = parse_size("2GB")
     fused = plan_vram(budget, stage_costs(SD15_FP16, 64 * 64, "cuda", {"unet"}), vae_full_latent=64, overhead=0,

@@ -298,7 +298,7 @@ class OnnxRuntimeEngine:
         """Under a static profile, every input's named axes must have the profile's sizes."""
         if not self.static_dims:
             return
-        from sdrt.runtime.errors import InvalidOption
+        from sdrt.errors import InvalidOption
 
         for meta in self.session.get_inputs():
             value = feeds.get(meta.name)

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from sdrt.runtime.errors import InvalidOption, ModelError
+from sdrt.errors import InvalidOption, ModelError
 from sdrt.runtime.manifest import Manifest
 
 TARGETS = ("cuda", "cpu")

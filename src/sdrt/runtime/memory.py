@@ -65,9 +65,7 @@ def static_model_dims(manifest, static) -> dict:
     """{model: {axis: size}} of a static profile STATIC = (width, height, batch) (InvalidOption if malformed)."""
     from sdrt.engines.plan import static_dims
 
-    ok = isinstance(static, (tuple, list)) and len(static) == 3 and all(
-        isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v > 0 for v in static
-    )
+    ok = isinstance(static, (tuple, list)) and len(static) == 3 and all(is_int(v) and v > 0 for v in static)
     step = manifest.latent_downsample
     if not ok or static[0] % step or static[1] % step:
         raise InvalidOption("static", static, f"(width, height, batch): positive integers, sizes multiples of {step}")
