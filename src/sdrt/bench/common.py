@@ -98,7 +98,7 @@ def package_version(name: str) -> str | None:
 
 def sdrt_version() -> str:
     """sdrt's version, from `git describe` in a source checkout (commit, and "-dirty" with local changes)."""
-    from sdrt import __version__
+    from sdrt.version import __version__
 
     try:
         described = subprocess.run(
