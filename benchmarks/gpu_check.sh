@@ -13,6 +13,7 @@
 #   --cpu-smoke   the same stages on the CPU with tiny models (the CPU provider, PyTorch on the CPU): tests the script
 #   --dry-run     write env.json and the plan (plan.txt) only
 # Python: $PYTHON, else /opt/torch/.venv/bin/python3 when present (the GPU machine's), else python3.
+# A copy of the repository without .git: SDRT_COMMIT=<commit> names the sdrt version measured.
 set -uo pipefail
 
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -128,7 +129,7 @@ step "sdrt bench" "$limit" bench.log "$python" -m sdrt.bench "${bench_args[@]}" 
 {
   echo "# sdrt GPU check, $(date -u +%Y-%m-%dT%H:%M:%SZ)"
   echo
-  echo "sdrt $(cd "$repo" && git describe --always --dirty 2>/dev/null || echo '(no git)'); $(tr -d '\n' < "$out/env.json" | grep -o '"nvidia_smi": "[^"]*"' || true)"
+  echo "sdrt $(grep -o '"sdrt": "[^"]*"' "$out/env.json" | head -1 | cut -d'"' -f4); $(tr -d '\n' < "$out/env.json" | grep -o '"nvidia_smi": "[^"]*"' || true)"
   echo
   printf '%s\n' "${summary[@]}"
   echo

@@ -97,9 +97,12 @@ def package_version(name: str) -> str | None:
 
 
 def sdrt_version() -> str:
-    """sdrt's version, from `git describe` in a source checkout (commit, and "-dirty" with local changes)."""
+    """sdrt's version, from `git describe` in a source checkout (commit, and "-dirty" with local changes); a copy
+    without .git (a GPU machine's) names its commit in SDRT_COMMIT."""
     from sdrt.version import __version__
 
+    if os.environ.get("SDRT_COMMIT"):
+        return f"{__version__}+g{os.environ['SDRT_COMMIT']}"
     try:
         described = subprocess.run(
             ["git", "-C", str(REPO), "describe", "--always", "--dirty", "--tags"],
