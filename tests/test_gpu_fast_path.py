@@ -284,7 +284,7 @@ def test_cuda_fused_graphs_match_pytorch_fp32_and_the_static_unet_has_no_memcpy(
     graphed.load()
     assert graphed.memcpy_nodes == 0 and graphed.cuda_graph  # no CPU node: captured and replayed
     plain = create_engine(manifest.graph_path("unet", "cuda"), "cuda")
-    for seed in range(3):  # the first runs capture, the later ones replay
+    for seed in range(5):  # ONNX Runtime captures after its warm-up runs, then replays
         feeds = check_feeds(manifest, "unet", latent=8, seed=seed)
         np.testing.assert_allclose(graphed.run(feeds)["out_sample"], plain.run(feeds)["out_sample"], atol=2e-3)
 
