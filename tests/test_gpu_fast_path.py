@@ -314,3 +314,53 @@ def test_cli_optimize_prints_counts_and_refuses_bad_input(fused_model, tmp_path,
     with pytest.raises(SystemExit) as exit_info:
         main(["optimize", str(fused_model), "--target", "tpu"])
     assert exit_info.value.code == 2
+
+
+def test_gpu_bench_driver_orders_stages_records_failures_and_reports(tmp_path, monkeypatch):
+    """run_gpu's orchestration with the subprocesses replaced: what gpu_check.sh relies on, without a GPU."""
+    import json
+
+    from sdrt.bench import build_parser, check_args, gpu
+    from sdrt.bench.cases import CASES
+
+    calls, exported = [], []
+
+    def fake_prepare(args, configs, model_dir, job_dir, precision="fp32"):
+        exported.append(precision)
+        return {"parameters": {"unet": 1}}, {"wall_s": 1.0}
+
+    def fake_child(stage, job, job_dir, fatal=True, timeout=None, label=None):
+        calls.append(label or stage)
+        if job.get("name") == "diffusers_compile":
+            raise RuntimeError("the diffusers_compile subprocess ran past its 150 s limit and was stopped")
+        if stage == "optimize":
+            return {"optimize_s": 1.0, "graphs": {"unet": {"fused_ops": {"MultiHeadAttention": 32}}}}, 1.0, 1
+        if stage == "graph_parity_gpu":
+            assert [s[0] for s in job["graph_sets"]] == ["fp32 export", "fused cuda", "fp16 export"]
+            return {"relative_error": {"fused cuda/unet": 2e-3}}, 1.0, 1
+        if job.get("peak_only"):
+            return {"peak_vram_bytes": 2**30}, 1.0, 1
+        image = np.full((8, 8, 3), 100 if job["name"] == "diffusers_fp32" else 101, np.uint8)
+        np.save(Path(job["out_dir"]) / f"{job['name']}_image.npy", image)
+        return {"unet_step": {"median_s": 0.01, "it_per_s": 100.0}, "txt2img": {"median_s": 1.0},
+                "throughput": {"1": {"images_per_s": 1.0}}, "peak_vram_bytes": 2**31, "engine_build_s": {},
+                "memcpy_nodes": {}}, 1.0, 1  # fmt: skip
+
+    monkeypatch.setattr(gpu, "prepare_model", fake_prepare)
+    monkeypatch.setattr(gpu, "run_child", fake_child)
+    monkeypatch.setattr(gpu, "gpu_device_name", lambda smoke=False: "NVIDIA H100 80GB HBM3")
+    parser = build_parser()
+    args = parser.parse_args(["--device", "gpu", "--model", "sd15", "--batches", "1", "--workdir", str(tmp_path),
+                              "--output", str(tmp_path / "out" / "check.json")])  # fmt: skip
+    check_args(parser, args)
+    assert gpu.run_gpu(args, CASES["sd15"]) == 0
+    assert sorted(exported) == ["fp16", "fp32"]
+    assert calls[0] == "optimize" and calls[1] == "diffusers_fp32" and "diffusers_fp32-peak1" not in calls
+    assert calls.index("sdrt_cuda_static") < calls.index("sdrt_cuda") and calls[-1] == "graph_parity_gpu"
+    report = json.loads((tmp_path / "out" / "check.json").read_text())
+    runtimes = report["runtimes"]
+    assert runtimes["sdrt_cuda_static"]["parity"]["max_abs_255"] == 1  # against diffusers fp32's image
+    assert runtimes["sdrt_cuda_static"]["peak_vram_batch1_bytes"] == 2**30
+    assert "ran past" in runtimes["diffusers_compile"]["error"]
+    assert report["graph_parity"]["relative_error"]["fused cuda/unet"] == 2e-3 and report["device"]["versions"]["sdrt"]
+    assert (tmp_path / "out" / "check.md").is_file() and (tmp_path / "out" / "check.png").is_file()

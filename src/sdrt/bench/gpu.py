@@ -378,7 +378,7 @@ def markdown_table(report: dict) -> str:
     for name, m in r.items():
         if "error" in m:
             lines.append(f"\n{name}: not measured ({m['error']})")
-    errors = report.get("graph_parity", {}).get("relative_error", {})
+    errors = (report.get("graph_parity") or {}).get("relative_error", {})
     if errors:
         lines += ["", "| graph vs PyTorch fp32 (same inputs) | relative error |", "|---|---|"]
         lines += [f"| {k} | {v if isinstance(v, str) else f'{v:.2e}'} |" for k, v in errors.items()]
