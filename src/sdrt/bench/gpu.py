@@ -227,6 +227,8 @@ def worker_diffusers_gpu(job: dict) -> dict:
 
     device = platform_of(job)["torch_device"]
     dtype = torch.float32 if job.get("fp32") or device == "cpu" else torch.float16
+    if dtype == torch.float32:
+        true_fp32(torch)
     monitor = vram_monitor(job)
     pipe = StableDiffusionPipeline.from_pretrained(
         job["diffusers_dir"], torch_dtype=dtype, safety_checker=None, requires_safety_checker=False
@@ -280,6 +282,12 @@ def worker_diffusers_gpu(job: dict) -> dict:
     }  # fmt: skip
 
 
+def true_fp32(torch) -> None:
+    """PyTorch's CUDA convolutions (and, if enabled, matmuls) run in TF32 by default: a reference runs in fp32."""
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+
+
 def worker_optimize(job: dict) -> dict:
     """`sdrt optimize` of the fp32 export for the job's target, verified on its provider when present."""
     from sdrt.export.optimize import optimize
@@ -301,6 +309,7 @@ def worker_graph_parity(job: dict) -> dict:
 
     plat = platform_of(job)
     device = plat["torch_device"]
+    true_fp32(torch)
     pipe = StableDiffusionPipeline.from_pretrained(job["diffusers_dir"], torch_dtype=torch.float32).to(device)
     modules = {"text_encoder": (pipe.text_encoder, to_onnx.text_encoder_forward),
                "unet": (pipe.unet, to_onnx.unet_forward), "vae_decoder": (pipe.vae, to_onnx.vae_decoder_forward)}
