@@ -71,19 +71,27 @@ class OnnxRuntimeEngine:
         self.session = None
         self.input_names: list[str] = []
         self.output_names: list[str] = []
+        self.weights: dict[str, np.ndarray] = {}  # initializer name -> replacement (set_weights)
+        self._placed = None  # the OrtValues the session runs on in place of initializers: kept alive with it
 
     def load(self) -> None:
         """Create the session, from the optimised-graph cache when it holds this model for this machine."""
         if self.session is not None:
             return
         cached = self.cache_path()
+        if cached is not None and not cached.is_file() and self.weights:
+            self._session(self.model_file, optimize=True, save_to=cached)  # fill the cache with the file's own weights
         if cached is not None and cached.is_file():
             try:
-                self.session = self._session(cached, optimize=False)
+                overrides = self._overrides_for(cached)
+                if overrides is not None:
+                    self.session = self._session(cached, optimize=False, overrides=overrides)
             except ModelError:
                 self.session = None  # a damaged cache entry: fall back to the model itself
         if self.session is None:
-            self.session = self._session(self.model_file, optimize=True, save_to=cached)
+            overrides = {name: _ortvalue(array) for name, array in self.weights.items()}
+            self.session = self._session(self.model_file, optimize=True, save_to=None if overrides else cached,
+                                         overrides=overrides)  # fmt: skip
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
 
@@ -97,10 +105,47 @@ class OnnxRuntimeEngine:
         key = f"{ort.__version__}|{self.providers}|{cpu_signature()}|{stat.st_size}|{stat.st_mtime_ns}"
         return self.model_file.parent / ".ort-cache" / hashlib.sha256(key.encode()).hexdigest()[:16] / "model.onnx"
 
-    def _session(self, path: Path, optimize: bool, save_to: Path | None = None):
+    def read_weights(self, names) -> dict[str, np.ndarray]:
+        """Copies of the named initializers of the model file, as stored there (what set_weights replaces)."""
+        from sdrt.engines.onnx_weights import OnnxWeights
+
+        graph = OnnxWeights(self.model_file)
+        try:
+            return {name: graph.read(name) for name in names}
+        finally:
+            graph.close()
+
+    def set_weights(self, weights: dict[str, np.ndarray]) -> None:
+        """Run with WEIGHTS (initializer name -> array of its shape, dtype and layout in the model file) in place of
+        the file's values; every initializer not named, and all of them after set_weights({}), is the file's own.
+
+        The session is rebuilt from the optimised-graph cache with the replacements passed as initializers
+        (SessionOptions.add_initializer): the cached graph is never rewritten, so it keeps the file's weights. Where
+        the optimiser re-laid a weight out (ONNX Runtime's NCHWc convolutions), the replacement is laid out the
+        same way (nchwc.py), the layout found once per cache by matching the file's values (cached beside it).
+        """
+        self.weights = dict(weights)
+        if self.session is not None:
+            self.session = self._placed = None  # free the old session's memory before the new one is built
+            self.load()
+
+    def _overrides_for(self, cached: Path) -> dict | None:
+        """{cached-graph initializer: OrtValue} for self.weights, or None if some weight has no known place there."""
+        if not self.weights:
+            return {}
+        from sdrt.engines import nchwc
+
+        slots = nchwc.find_slots(self.model_file, cached, list(self.weights))
+        if any(slots.get(name) is None for name in self.weights):
+            return None
+        return {slots[name][0]: _ortvalue(nchwc.to_layout(array, slots[name][1])) for name, array in self.weights.items()}
+
+    def _session(self, path: Path, optimize: bool, save_to: Path | None = None, overrides: dict | None = None):
         import onnxruntime as ort
 
         options = ort.SessionOptions()
+        for name, value in (overrides or {}).items():
+            options.add_initializer(name, value)
         level = ort.GraphOptimizationLevel
         options.graph_optimization_level = level.ORT_ENABLE_ALL if optimize else level.ORT_DISABLE_ALL
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -122,7 +167,10 @@ class OnnxRuntimeEngine:
             )
             options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
         try:
-            session = ort.InferenceSession(str(path), options, providers=self.providers)
+            # Measured (ORT 1.32): the NCHWc transformer lays filters out from the file's values and ignores
+            # add_initializer's, so a replaced weight of an un-optimised graph needs it off.
+            disabled = ["NchwcTransformer"] if overrides and optimize else None
+            session = ort.InferenceSession(str(path), options, providers=self.providers, disabled_optimizers=disabled)
         except Exception as e:  # onnxruntime raises its own exception types for corrupt files
             message = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
             raise ModelError(f"cannot load {str(path)!r} (truncated or corrupt ONNX file?): {message}") from None
@@ -134,6 +182,7 @@ class OnnxRuntimeEngine:
                 staging.rename(save_to.parent)
             except OSError:  # another process filled the cache first
                 shutil.rmtree(staging, ignore_errors=True)
+        self._placed = overrides  # ONNX Runtime reads these buffers for as long as the session runs
         return session
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -163,4 +212,10 @@ class OnnxRuntimeEngine:
         return dict(zip(self.output_names, binding.copy_outputs_to_cpu(), strict=True))
 
     def unload(self) -> None:
-        self.session = None
+        self.session = self._placed = None
+
+
+def _ortvalue(array: np.ndarray):
+    import onnxruntime as ort
+
+    return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array))

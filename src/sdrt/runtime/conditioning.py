@@ -228,7 +228,10 @@ def encode_prompts(conditioner: Conditioner, manifest, opts) -> tuple:
     from sdrt.runtime.denoiser import TextConditioning
     from sdrt.runtime.prompt import prompt_schedules
 
-    prompts = [opts.prompt, opts.negative_prompt] if opts.guided else [opts.prompt]
+    from sdrt.runtime.lora import strip_tags
+
+    prompt = strip_tags(opts.prompt)  # A1111 takes <lora:...> (extra network) tags out before encoding
+    prompts = [prompt, opts.negative_prompt] if opts.guided else [prompt]
     schedules = prompt_schedules(prompts, opts.steps)  # per prompt: [(last step, text)]
     encoded = []  # per prompt: [(last step, Encoded)]
     for index, schedule in enumerate(schedules):
