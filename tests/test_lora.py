@@ -247,3 +247,34 @@ def test_listing_as_a1111(lora_pipeline):
     assert entries["style"] == {"name": "style", "alias": "my_style", "path": "styles/style.safetensors",
                                 "metadata": {"ss_output_name": "my_style"}}  # fmt: skip
     assert entries["loha_pt"]["path"] == "loha_pt.pt"
+
+
+def test_http_api(tiny_sd, loras, lora_pipeline, tmp_path):
+    """`sdrt serve --lora-dir`: LoRAs in the prompt as in A1111's API, GET /sdapi/v1/loras without server paths,
+    and a bad LoRA a 4xx naming the file relative to the folder."""
+    pytest.importorskip("fastapi", reason="the serve extra is not installed")
+    import base64
+    import io
+
+    from PIL import Image
+    from server_fixture import running_server
+
+    (loras[0] / "broken.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
+    try:
+        with running_server(tiny_sd[1], tmp_path, "--lora-dir", str(loras[0])) as server:
+            listed = server.get("/sdapi/v1/loras").json()
+            assert {"name": "style", "alias": "my_style", "path": "styles/style.safetensors",
+                    "metadata": {"ss_output_name": "my_style"}} in listed  # fmt: skip
+            assert not any(str(loras[0]) in str(entry) for entry in listed)
+            body = {"prompt": f"{PROMPT} <lora:style:0.8>", "seed": SEED, **RUN, "sampler_name": RUN["sampler"]}
+            body.pop("sampler")
+            res = server.post("/sdapi/v1/txt2img", json=body)
+            assert res.status_code == 200, res.text
+            image = np.asarray(Image.open(io.BytesIO(base64.b64decode(res.json()["images"][0]))).convert("RGB"))
+            direct = sdrt_image(lora_pipeline, f"{PROMPT} <lora:style:0.8>", rng="gpu")[0]  # A1111's default RNG
+            assert max_diff(image[None], direct) == 0
+            bad = server.post("/sdapi/v1/txt2img", json={**body, "prompt": "<lora:broken:1>"})
+            assert 400 <= bad.status_code < 500 and "broken.safetensors" in bad.text
+            assert str(loras[0]) not in bad.text
+    finally:
+        (loras[0] / "broken.safetensors").unlink()

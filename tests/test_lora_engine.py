@@ -64,20 +64,33 @@ def test_set_weights_matches_torch(tiny_sd, monkeypatch, cache):
              "encoder_hidden_states": rng.standard_normal((2, 77, 32)).astype(np.float32)}  # fmt: skip
     before = engine.run(feeds)[engine.output_names[0]]
     modules = dict(unet.named_modules())
-    replaced = {}
-    with torch.no_grad():
-        for name, entry in weight_map.items():
-            weight = modules[name].weight
-            weight.mul_(1.2).add_(0.01)
-            value = weight.numpy()
-            replaced[entry["initializer"]] = np.ascontiguousarray(value.T if entry["layout"] == "io" else value)
-        want = unet(*(torch.from_numpy(feeds[k]) for k in ("sample", "timestep", "encoder_hidden_states"))).sample
-    engine.set_weights(replaced)
-    got = engine.run(feeds)[engine.output_names[0]]
-    np.testing.assert_allclose(got, want.numpy(), atol=2e-4 * float(want.abs().max()), rtol=0)
-    assert np.abs(got - before).max() > 0.1 * np.abs(before).max()
-    engine.set_weights({})
-    assert np.array_equal(engine.run(feeds)[engine.output_names[0]], before)  # the file's own weights, exactly
+    base = engine.read_weights(e["initializer"] for e in weight_map.values())
+
+    def scaled(factor):
+        """Every mapped UNet weight times FACTOR plus 0.01: (PyTorch output, {initializer: value in its layout})."""
+        replaced = {}
+        with torch.no_grad():
+            for name, entry in weight_map.items():
+                weight = modules[name].weight
+                stored = base[entry["initializer"]]
+                weight.copy_(torch.from_numpy(stored.T if entry["layout"] == "io" else stored) * factor + 0.01)
+                replaced[entry["initializer"]] = stored * np.float32(factor) + np.float32(0.01)
+            inputs = (torch.from_numpy(feeds[k]) for k in ("sample", "timestep", "encoder_hidden_states"))
+            return unet(*inputs).sample.numpy(), replaced
+
+    for factor in (1.2, 0.8):  # a new session, then (with the cache) the same names written in place
+        want, replaced = scaled(factor)
+        session = engine.session
+        engine.set_weights(replaced)
+        assert (engine.session is session) == (cache and factor == 0.8)
+        got = engine.run(feeds)[engine.output_names[0]]
+        np.testing.assert_allclose(got, want, atol=2e-4 * float(np.abs(want).max()), rtol=0)
+        assert np.abs(got - before).max() > 0.1 * np.abs(before).max()
+    engine.set_weights(base)  # the file's values back: in place with the cache (without, another kernel choice)
+    restored = engine.run(feeds)[engine.output_names[0]]
+    np.testing.assert_allclose(restored, before, atol=1e-5 * float(np.abs(before).max()), rtol=0)
+    engine.set_weights({})  # a session without replacements
+    assert np.array_equal(engine.run(feeds)[engine.output_names[0]], before)
 
 
 def test_refit_plan():

@@ -39,6 +39,24 @@ def to_layout(weight: np.ndarray, layout: str) -> np.ndarray:
     return np.ascontiguousarray(blocked).reshape(out_pad, in_pad, kh, kw)
 
 
+def write_layout(buffer: np.ndarray, weight: np.ndarray, layout: str) -> None:
+    """Copy WEIGHT (the file's layout) into BUFFER (the optimised graph's LAYOUT), in one strided pass when no
+    channel needs padding (the padding of a padded buffer stays zero)."""
+    if layout == "same":
+        np.copyto(buffer, weight)
+        return
+    block = int(layout.removeprefix("bibo").removeprefix("bo"))
+    out_ch, in_ch, kh, kw = weight.shape
+    if out_ch % block or (layout.startswith("bibo") and in_ch % block):
+        np.copyto(buffer, to_layout(weight, layout))
+        return
+    if layout.startswith("bibo"):
+        source = weight.reshape(out_ch // block, block, in_ch // block, block, kh, kw).transpose(0, 2, 4, 5, 3, 1)
+    else:
+        source = weight.reshape(out_ch // block, block, in_ch, kh, kw).transpose(0, 2, 3, 4, 1)
+    np.copyto(buffer.reshape(source.shape), source)
+
+
 def _digest(data) -> str:
     return hashlib.blake2b(data, digest_size=16).hexdigest()
 

@@ -73,6 +73,7 @@ class OnnxRuntimeEngine:
         self.output_names: list[str] = []
         self.weights: dict[str, np.ndarray] = {}  # initializer name -> replacement (set_weights)
         self._placed = None  # the OrtValues the session runs on in place of initializers: kept alive with it
+        self._live: dict | None = None  # file initializer -> (the buffer the session reads, its layout there)
 
     def load(self) -> None:
         """Create the session, from the optimised-graph cache when it holds this model for this machine."""
@@ -85,10 +86,11 @@ class OnnxRuntimeEngine:
             try:
                 overrides = self._overrides_for(cached)
                 if overrides is not None:
-                    self.session = self._session(cached, optimize=False, overrides=overrides)
+                    self.session = self._session(cached, optimize=False, overrides=overrides, live=True)
             except ModelError:
                 self.session = None  # a damaged cache entry: fall back to the model itself
         if self.session is None:
+            self._live = None  # an un-optimised graph's session: a new set of weights rebuilds it
             overrides = {name: _ortvalue(array) for name, array in self.weights.items()}
             self.session = self._session(self.model_file, optimize=True, save_to=None if overrides else cached,
                                          overrides=overrides)  # fmt: skip
@@ -119,15 +121,27 @@ class OnnxRuntimeEngine:
         """Run with WEIGHTS (initializer name -> array of its shape, dtype and layout in the model file) in place of
         the file's values; every initializer not named, and all of them after set_weights({}), is the file's own.
 
-        The session is rebuilt from the optimised-graph cache with the replacements passed as initializers
-        (SessionOptions.add_initializer): the cached graph is never rewritten, so it keeps the file's weights. Where
-        the optimiser re-laid a weight out (ONNX Runtime's NCHWc convolutions), the replacement is laid out the
-        same way (nchwc.py), the layout found once per cache by matching the file's values (cached beside it).
+        A new set of names rebuilds the session from the optimised-graph cache with the replacements passed as
+        initializers (SessionOptions.add_initializer) in buffers the engine owns: the cached graph is never
+        rewritten, so it keeps the file's weights. Where the optimiser re-laid a weight out (ONNX Runtime's NCHWc
+        convolutions), the replacement is laid out the same way (nchwc.py; the place of each weight is found once
+        per cache by matching the file's values, and kept beside it). Such a session is built without prepacking
+        ("session.disable_prepacking"), so every kernel reads the weights from those buffers at run time: the same
+        names with new values are then copied into the buffers, and no session is built (measured: the same
+        outputs as a rebuilt session, bit for bit; with prepacking, MatMul keeps its packed copy of the old values).
         """
         self.weights = dict(weights)
-        if self.session is not None:
-            self.session = self._placed = None  # free the old session's memory before the new one is built
-            self.load()
+        if self.session is None:
+            return
+        if self._live is not None and set(self.weights) == set(self._live):
+            from sdrt.engines import nchwc
+
+            for name, array in self.weights.items():
+                buffer, layout = self._live[name]
+                nchwc.write_layout(buffer, array, layout)
+            return
+        self.session = self._placed = self._live = None  # free the old session's memory before the new one is built
+        self.load()
 
     def _overrides_for(self, cached: Path) -> dict | None:
         """{cached-graph initializer: OrtValue} for self.weights, or None if some weight has no known place there."""
@@ -138,14 +152,24 @@ class OnnxRuntimeEngine:
         slots = nchwc.find_slots(self.model_file, cached, list(self.weights))
         if any(slots.get(name) is None for name in self.weights):
             return None
-        return {slots[name][0]: _ortvalue(nchwc.to_layout(array, slots[name][1])) for name, array in self.weights.items()}
+        live = {}
+        for name, array in self.weights.items():  # buffers of the engine's own: set_weights writes into them
+            slot, layout = slots[name]
+            laid = nchwc.to_layout(array, layout)
+            live[name] = (np.array(laid, copy=True) if laid is array else np.ascontiguousarray(laid), layout)
+        overrides = {slots[name][0]: _ortvalue(buffer) for name, (buffer, _) in live.items()}
+        self._live = live
+        return overrides
 
-    def _session(self, path: Path, optimize: bool, save_to: Path | None = None, overrides: dict | None = None):
+    def _session(self, path: Path, optimize: bool, save_to: Path | None = None, overrides: dict | None = None,
+                 live: bool = False):  # fmt: skip
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         for name, value in (overrides or {}).items():
             options.add_initializer(name, value)
+        if live and overrides:  # kernels read the replaced weights' buffers at run time (set_weights writes them)
+            options.add_session_config_entry("session.disable_prepacking", "1")
         level = ort.GraphOptimizationLevel
         options.graph_optimization_level = level.ORT_ENABLE_ALL if optimize else level.ORT_DISABLE_ALL
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -212,7 +236,7 @@ class OnnxRuntimeEngine:
         return dict(zip(self.output_names, binding.copy_outputs_to_cpu(), strict=True))
 
     def unload(self) -> None:
-        self.session = self._placed = None
+        self.session = self._placed = self._live = None
 
 
 def _ortvalue(array: np.ndarray):

@@ -210,6 +210,7 @@ class Loras:
         self.targets: dict[str, dict[str, list[Target]]] = {}  # name -> part -> targets
         self.base: dict[tuple[str, str], np.ndarray] = {}  # (part, initializer) -> the model file's value
         self.applied: dict[str, tuple] = {part: () for part in self.indexes}  # part -> ((name, weight), ...)
+        self.touched: dict[str, set] = {}  # part -> initializers any LoRA changed so far
 
     def load_dir(self, folder) -> "Loras":
         """Every LoRA file under FOLDER (subfolders too), by file stem as A1111 names them; read when first used."""
@@ -231,10 +232,13 @@ class Loras:
         out = []
         for name, path in self.available.items():
             metadata = read_metadata(path)
-            relative = str(path.relative_to(self.folder)) if self.folder is not None else path.name
-            out.append({"name": name, "alias": metadata.get("ss_output_name", name), "path": relative,
+            out.append({"name": name, "alias": metadata.get("ss_output_name", name), "path": self.relative(path),
                         "metadata": metadata})  # fmt: skip
         return out
+
+    def relative(self, path: Path) -> str:
+        """PATH relative to the LoRA folder: what messages and the API show of a file."""
+        return str(path.relative_to(self.folder)) if self.folder is not None else path.name
 
     def file(self, name: str) -> LoraFile:
         """The LoRA NAME, read and checked against this model once."""
@@ -244,7 +248,7 @@ class Loras:
             if name not in self.available:
                 known = ", ".join(sorted(self.available)[:20]) or "none: pass a LoRA folder (--lora-dir / loras=)"
                 raise InvalidOption("lora", name, f"a LoRA in the LoRA folder ({known})")
-            lora = read_lora(self.available[name])
+            lora = read_lora(self.available[name], self.relative(self.available[name]))
             self.targets[name] = self._place(lora)
             self.files[name] = lora
         return self.files[name]
@@ -299,7 +303,14 @@ class Loras:
             )
             if signature == self.applied[part]:
                 continue
-            self.engines[part].set_weights(self.merged(part, signature))
+            merged = self.merged(part, signature)
+            # Layers changed before and not now get their base values back: the engine then keeps one set of names
+            # and overwrites their buffers in place (no new session), and the base is restored exactly.
+            touched = self.touched.setdefault(part, set())
+            weights = {name: self.base[(part, name)] for name in touched - merged.keys()}
+            weights.update(merged)
+            touched |= merged.keys()
+            self.engines[part].set_weights(weights)
             self.applied[part] = signature
 
     def merged(self, part: str, signature: tuple) -> dict[str, np.ndarray]:
@@ -311,12 +322,13 @@ class Loras:
                 self.base[(part, initializer)] = value
         sums: dict[str, np.ndarray] = {}
         for weight, target in targets:
-            delta = target.update.delta(target.shape) * np.float32(weight)  # (out, in[, kh, kw]) float32
-            delta = delta.T if target.layout == "io" else delta
+            # (out, in[, kh, kw]) float32, or (in, out) for a Linear the export stored transposed
+            delta = target.update.delta(target.shape, weight, transposed=target.layout == "io")
             if target.initializer in sums:
-                sums[target.initializer] += delta
+                np.add(sums[target.initializer], delta, out=sums[target.initializer])
             else:
-                sums[target.initializer] = self.base[(part, target.initializer)].astype(np.float32) + delta
+                base = self.base[(part, target.initializer)]
+                sums[target.initializer] = np.add(base, delta, dtype=np.float32)
         return {name: value.astype(self.base[(part, name)].dtype, copy=False) for name, value in sums.items()}
 
     def fix_names(self, prompt: str, hashes_text: str | None) -> str:

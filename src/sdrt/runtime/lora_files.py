@@ -56,17 +56,20 @@ class LayerUpdate:
     tensors: dict = field(hash=False)  # role ("down", "up", "w1a", ...) -> float32 array
     alpha: float | None = None
 
-    def delta(self, shape: tuple) -> np.ndarray:
-        """The weight update, scale included, in the layer's weight SHAPE (out, in[, kh, kw]) float32."""
+    def delta(self, shape: tuple, factor: float = 1.0, transposed: bool = False) -> np.ndarray:
+        """FACTOR x the weight update, scale included, in the layer's weight SHAPE (out, in[, kh, kw]) float32, or
+        with TRANSPOSED its (in, out) transpose for a 2-D SHAPE. A LoRA's is one matrix product of its factors
+        (a 3x3 LoCon's too: its 1x1 up-projection is a matrix over the 3x3 down-projection's outputs)."""
         t = self.tensors
         if self.kind == "lora":
             down, up = t["down"], t["up"]  # (r, in[, kh, kw]), (out, r[, 1, 1])
             rank = down.shape[0]
-            if down.ndim == 4 and down.shape[2:] != (1, 1):  # LoCon 3x3: up is 1x1
-                update = np.einsum("or,rikl->oikl", up.reshape(up.shape[0], rank), down)
-            else:
-                update = up.reshape(up.shape[0], rank) @ down.reshape(rank, -1)
-        elif self.kind == "loha":  # Hadamard product of two low-rank products
+            up = up.reshape(up.shape[0], rank) * np.float32(factor * self._scale(rank))  # (out, r): the cheap side
+            down = down.reshape(rank, -1)  # (r, in * kh * kw)
+            if transposed:
+                return down.T @ up.T  # (in, out)
+            return (up @ down).reshape(shape)
+        if self.kind == "loha":  # Hadamard product of two low-rank products
             rank = t["h1b"].shape[0]
             update = (t["h1a"] @ t["h1b"].reshape(rank, -1)) * (t["h2a"] @ t["h2b"].reshape(rank, -1))
         elif self.kind == "lokr":  # Kronecker product; a conv's kernel rides in the second factor
@@ -79,8 +82,11 @@ class LayerUpdate:
             rank, update = None, t["diff"]
         if update.size != int(np.prod(shape)):
             raise ValueError(f"update of {update.size} values for a weight of shape {tuple(shape)}")
-        scale = self.alpha / rank if self.alpha is not None and rank else 1.0
-        return (update.reshape(shape) * np.float32(scale)).astype(np.float32)
+        update = update.reshape(shape) * np.float32(factor * self._scale(rank))
+        return update.T if transposed else update
+
+    def _scale(self, rank) -> float:
+        return self.alpha / rank if self.alpha is not None and rank else 1.0
 
     def out_in(self) -> tuple[int, int]:
         """(out features, in features x kernel) the update is shaped for: what a layer must match."""
@@ -119,13 +125,15 @@ class LoraFile:
         return text + (f", trained on {base})" if base else ")")
 
 
-def read_lora(path) -> LoraFile:
-    """Parse the LoRA file PATH; a file that is not one is refused with InvalidOption naming it."""
+def read_lora(path, label: str | None = None) -> LoraFile:
+    """Parse the LoRA file PATH; a file that is not one is refused with InvalidOption naming it (as LABEL: a server
+    names files relative to its LoRA folder, never by their path on the server)."""
     path = Path(path)
+    label = str(path) if label is None else label
     if path.suffix.lower() not in LORA_SUFFIXES:
-        raise InvalidOption("lora", str(path), "a .safetensors, .pt, .ckpt or .bin file")
+        raise InvalidOption("lora", label, "a .safetensors, .pt, .ckpt or .bin file")
     if path.stat().st_size > MAX_LORA_BYTES:
-        raise InvalidOption("lora", str(path), f"a file under {MAX_LORA_BYTES // 2**30} GiB")
+        raise InvalidOption("lora", label, f"a file under {MAX_LORA_BYTES // 2**30} GiB")
     data = path.read_bytes()
     try:
         if path.suffix.lower() == ".safetensors":
@@ -135,9 +143,9 @@ def read_lora(path) -> LoraFile:
         digest = shorthash(path, data, metadata)
         layers, layout = group_layers(tensors)
     except (ValueError, KeyError, TypeError, struct.error, zipfile.BadZipFile, pickle.UnpicklingError) as e:
-        raise InvalidOption("lora", str(path), f"a LoRA file ({e})") from None
+        raise InvalidOption("lora", label, f"a LoRA file ({e})") from None
     if not layers:
-        raise InvalidOption("lora", str(path), "a LoRA file (no lora_down/lora_up, lora_A/lora_B, LoHa or LoKr tensors)")
+        raise InvalidOption("lora", label, "a LoRA file (no lora_down/lora_up, lora_A/lora_B, LoHa or LoKr tensors)")
     return LoraFile(path.stem, path, layers, digest, metadata, layout)
 
 
