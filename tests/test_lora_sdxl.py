@@ -38,7 +38,8 @@ def sgm_kohya(sd: dict, unet_config) -> dict:
             layer, _, suffix = key.partition(".")
             # the diffusers name is recovered from the module table make_lora used (dots -> underscores is lossy)
             name = _UNDERSCORED[layer.removeprefix("lora_unet_")]
-            key = "lora_unet_" + _rename(name + ".", prefixes, RESNET_PARTS).rstrip(".").replace(".", "_") + "." + suffix
+            sgm = _rename(name + ".", prefixes, RESNET_PARTS).rstrip(".")
+            key = "lora_unet_" + sgm.replace(".", "_") + "." + suffix
         out[key] = value
     return out
 

@@ -149,7 +149,8 @@ def ldm_names(names) -> dict[str, str]:
         for j in range(layers + 1):
             prefixes[f"up_blocks.{i}.resnets.{j}"] = f"output_blocks.{(layers + 1) * i + j}.0"
             prefixes[f"up_blocks.{i}.attentions.{j}"] = f"output_blocks.{(layers + 1) * i + j}.1"
-        prefixes[f"up_blocks.{i}.upsamplers.0.conv"] = f"output_blocks.{(layers + 1) * i + layers}.{2 if attention else 1}.conv"
+        upsampler = f"output_blocks.{(layers + 1) * i + layers}.{2 if attention else 1}.conv"
+        prefixes[f"up_blocks.{i}.upsamplers.0.conv"] = upsampler
     out = {}
     for name in names:
         for prefix, ldm in prefixes.items():
