@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from sdrt.runtime.embeddings import read_safetensors, read_torch_zip
 from sdrt.errors import InvalidOption
+from sdrt.runtime.embeddings import read_safetensors, read_torch_zip
 
 LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt", ".bin")
 MAX_LORA_BYTES = 4 * 2**30

@@ -50,7 +50,7 @@ UNSET = object()  # an A1111 mapping's answer when the request does not carry th
 class Spec:
     """How one option is typed, bounded and seen by the interfaces.
 
-    kind: str, int, float, bool, pair (two ints), image (PIL image or path), path, array, any.
+    kind: str, int, float, bool, pair (two ints), image (PIL image or path), path, array, dict, any.
     low/high: the allowed range (numbers); choices: the allowed values (strings).
     group: generation, editing (img2img/inpainting), sdxl, or output (Python only).
     cli: a command-line flag --name-with-dashes. a1111: the A1111 request field (from_a1111(request) converts it;
@@ -229,7 +229,7 @@ class GenerationOptions:
                                              help="fraction of the noise schedule the base runs (0.8)")  # fmt: skip
     # LoRAs for programs, {name: weight or (te weight, unet weight)}: resolve appends them to the prompt as
     # <lora:name:te:unet> tags (A1111 records its default LoRA so), the prompt's tags being the one source (lora.py).
-    loras: dict | None = option(None, "any", group="output", cli=False, help="LoRAs added to the prompt's tags")
+    loras: dict | None = option(None, "dict", group="output", cli=False, help="LoRAs added to the prompt's tags")
     # Set by resolve: SDXL's options validated against the model (None for SD 1.x/2.x).
     sdxl: SdxlOptions | None = field(default=None, init=False, compare=False)
 
