@@ -278,3 +278,12 @@ def test_http_api(tiny_sd, loras, lora_pipeline, tmp_path):
             assert str(loras[0]) not in bad.text
     finally:
         (loras[0] / "broken.safetensors").unlink()
+
+
+def test_low_vram_staging_keeps_loras(tiny_sd, loras, lora_pipeline):
+    """With engines loaded one at a time, each load takes the LoRA weights set while it was unloaded."""
+    from sdrt import Pipeline
+
+    staged = Pipeline.load(tiny_sd[1], loras=loras[0], low_vram=True)
+    for prompt in (f"{PROMPT} <lora:style:0.8>", f"{PROMPT} <lora:loha:1>", PROMPT):
+        assert max_diff(sdrt_image(staged, prompt)[0], sdrt_image(lora_pipeline, prompt)[0]) == 0
