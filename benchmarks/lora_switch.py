@@ -10,6 +10,7 @@ Writes benchmarks/results/lora-<machine>.json. Run it on a quiet machine: every 
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import sys
@@ -60,6 +61,7 @@ def main() -> int:
     from sdrt.bench.common import describe_machine, log
     from sdrt.runtime.manifest import Manifest
 
+    load_average = [round(os.getloadavg()[0], 2)]  # other processes' share of the CPU: timings are wall-clock
     manifest = Manifest.load(args.model)
     loras = args.workdir / "loras"
     loras.mkdir(parents=True, exist_ok=True)
@@ -140,6 +142,7 @@ def main() -> int:
             "median_s": {state: round(statistics.median(runs), 2) for state, runs in timed_runs.items()},
         },
         "peak_rss_gib": round(peak_rss_gib(), 2),
+        "load_average_1min": [*load_average, round(os.getloadavg()[0], 2)],  # at start and end
         "command": " ".join(sys.argv),
     }
     out = Path(__file__).parent / "results" / f"lora-{report['machine'].get('slug', 'machine')}.json"
