@@ -212,6 +212,7 @@ class Loras:
         self.base: dict[tuple[str, str], np.ndarray] = {}  # (part, initializer) -> the model file's value
         self.applied: dict[str, tuple] = {part: () for part in self.indexes}  # part -> ((name, weight), ...)
         self.touched: dict[str, set] = {}  # part -> initializers any LoRA changed so far
+        self.buffers: dict[tuple[str, str], np.ndarray] = {}  # (part, initializer) -> merge buffer, reused
 
     def load_dir(self, folder) -> "Loras":
         """Every LoRA file under FOLDER (subfolders too), by file stem as A1111 names them; read when first used."""
@@ -313,6 +314,8 @@ class Loras:
             touched |= merged.keys()
             self.engines[part].set_weights(weights)
             self.applied[part] = signature
+            if not signature:  # back to base: the merge buffers' memory goes back too
+                self.buffers = {key: buffer for key, buffer in self.buffers.items() if key[0] != part}
 
     def merged(self, part: str, signature: tuple) -> dict[str, np.ndarray]:
         """{initializer: base + sum w * delta} of PART for SIGNATURE ((name, weight), ...), in the file's dtype."""
@@ -324,12 +327,18 @@ class Loras:
         sums: dict[str, np.ndarray] = {}
         for weight, target in targets:
             # (out, in[, kh, kw]) float32, or (in, out) for a Linear the export stored transposed
-            delta = target.update.delta(target.shape, weight, transposed=target.layout == "io")
-            if target.initializer in sums:
-                np.add(sums[target.initializer], delta, out=sums[target.initializer])
-            else:
-                base = self.base[(part, target.initializer)]
-                sums[target.initializer] = np.add(base, delta, dtype=np.float32)
+            name, transposed = target.initializer, target.layout == "io"
+            base = self.base[(part, name)]
+            if name in sums:
+                np.add(sums[name], target.update.delta(target.shape, weight, transposed), out=sums[name])
+                continue
+            # The merge buffers stay allocated between switches: fresh multi-GB arrays would cost their page faults
+            # again on every switch (they are freed when the part goes back to its base weights).
+            buffer = self.buffers.get((part, name))
+            if buffer is None:
+                buffer = self.buffers[(part, name)] = np.empty(base.shape, np.float32)
+            target.update.delta(target.shape, weight, transposed, out=buffer)
+            sums[name] = np.add(buffer, base, out=buffer)
         return {name: value.astype(self.base[(part, name)].dtype, copy=False) for name, value in sums.items()}
 
     def fix_names(self, prompt: str, hashes_text: str | None) -> str:
