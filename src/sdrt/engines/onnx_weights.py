@@ -25,9 +25,8 @@ class Initializer:
     shape: tuple[int, ...]
     dtype: object  # numpy dtype, or "bf16"
     location: str | None  # external data file, relative to the .onnx file; None: inline raw_data
-    offset: int
-    length: int  # bytes; -1 with float_data: float_data_offset holds the packed floats' position
-    float_data: bool = False
+    offset: int  # byte offset of the little-endian values (raw_data or packed float_data) or in the data file
+    length: int  # bytes; -1: to the end of the data file
 
     @property
     def itemsize(self) -> int:
@@ -106,7 +105,7 @@ def _tensor(buf, start: int, end: int) -> Initializer | None:
     if raw is not None:
         return Initializer(name, tuple(shape), np_dtype, None, raw[0], raw[1])
     if floats is not None and np_dtype == np.float32:
-        return Initializer(name, tuple(shape), np_dtype, None, floats[0], floats[1], float_data=True)
+        return Initializer(name, tuple(shape), np_dtype, None, floats[0], floats[1])
     return None
 
 
