@@ -165,9 +165,21 @@ def cmd_generate(args) -> int:
     elif "prompt" not in kwargs:
         raise SdrtError("sdrt generate needs a PROMPT (or --from-png IMAGE.png)")
     pipe = Pipeline.load(
-        resolve_model(args.model), backend=args.backend, embeddings=args.embeddings, **memory_kwargs(args)
-    )
+        resolve_model(args.model), backend=args.backend, embeddings=args.embeddings, loras=args.lora_dir,
+        **memory_kwargs(args),
+    )  # fmt: skip
+    if args.from_png is not None and "prompt" in kwargs:  # A1111: a LoRA renamed since is found by its hash
+        kwargs["prompt"] = pipe.loras.fix_names(kwargs["prompt"], png_lora_hashes(args.from_png))
     return write_images(pipe.generate(**images, **kwargs), args.output)
+
+
+def png_lora_hashes(path: str) -> str | None:
+    """The "Lora hashes" an image's parameters record."""
+    from sdrt.runtime.infotext import parse_infotext, read_parameters
+    from sdrt.runtime.masks import open_image
+
+    text, _ = read_parameters(open_image(path, "--from-png"))
+    return parse_infotext(text).get("Lora hashes") if text else None
 
 
 def png_kwargs(path: str, has_init_image: bool) -> dict:
@@ -195,8 +207,9 @@ def cmd_outpaint(args) -> int:
     amounts = check_outpaint_amounts(args.left, args.right, args.up, args.down)
     image = load_image(args.image, "image")
     pipe = Pipeline.load(
-        resolve_model(args.model), backend=args.backend, embeddings=args.embeddings, **memory_kwargs(args)
-    )
+        resolve_model(args.model), backend=args.backend, embeddings=args.embeddings, loras=args.lora_dir,
+        **memory_kwargs(args),
+    )  # fmt: skip
     return write_images(pipe.outpaint(image, **amounts, **generate_kwargs(args)), args.output)
 
 
@@ -241,7 +254,7 @@ def cmd_serve(args) -> int:
         max_body_bytes=int(args.max_body_mb * 2**20),
         max_queue=args.max_queue,
     )
-    return serve(resolve_model(args.model), args.host, args.port, args.api_auth, args.backend, limits)
+    return serve(resolve_model(args.model), args.host, args.port, args.api_auth, args.backend, limits, args.lora_dir)
 
 
 def cmd_info(args) -> int:
@@ -310,6 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     s.add_argument("--port", type=int, default=7860)
     s.add_argument("--api-auth", help="user:password[,user2:password2]: HTTP basic auth on every route")
+    s.add_argument("--lora-dir", help="folder of LoRA files, used as <lora:NAME:WEIGHT> in prompts (A1111)")
     s.add_argument("--backend", default="cpu")
     s.add_argument("--max-queue", type=int, default=8, help="jobs waiting behind the running one (then HTTP 429)")
     s.add_argument("--max-steps", type=int, default=150)
@@ -369,6 +383,7 @@ def add_generation_arguments(c, editing: tuple[str, ...] | None) -> None:
             flag["type"] = {"int": int, "float": float}.get(s.kind, str)
         groups[s.group].add_argument("--" + name.replace("_", "-"), **flag)
     c.add_argument("--embeddings", help="folder of textual inversion embeddings, used by file name in prompts")
+    c.add_argument("--lora-dir", help="folder of LoRA files, used as <lora:NAME:WEIGHT> in prompts (A1111)")
     c.add_argument("--backend", default="cpu", help="cpu (default), cuda, tensorrt, or auto (TensorRT > CUDA > CPU)")
     c.add_argument("--low-vram", action="store_true", help="one engine loaded at a time, tiled VAE")
     c.add_argument("--vram-budget", help="plan staging, UNet weight streaming and VAE tiling to fit, e.g. 2GB")

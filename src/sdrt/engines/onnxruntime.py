@@ -154,6 +154,9 @@ class OnnxRuntimeEngine:
         self.memcpy_nodes: int | None = None  # Memcpy nodes ONNX Runtime added (from its optimized graph)
         self.optimized_file: Path | None = None
         self._shape_sets: dict = {}  # input shapes -> BoundShapes
+        self.weights: dict[str, np.ndarray] = {}  # initializer name -> replacement (set_weights)
+        self._placed = None  # the OrtValues the session runs on in place of initializers: kept alive with it
+        self._live: dict | None = None  # file initializer -> (the buffer the session reads, its layout there)
 
     def load(self) -> None:
         """Create the session, from the optimised-graph cache when it holds this model for this machine."""
@@ -183,13 +186,20 @@ class OnnxRuntimeEngine:
     def _open(self) -> Path | None:
         """The session, from the optimised-graph cache when it holds this model; the cache file (None: no cache)."""
         cached = self.cache_path()
+        if cached is not None and not cached.is_file() and self.weights:
+            self._session(self.model_file, optimize=True, save_to=cached)  # fill the cache with the file's own weights
         if cached is not None and cached.is_file():
             try:
-                self.session = self._session(cached, optimize=False)
+                overrides = self._overrides_for(cached)
+                if overrides is not None:
+                    self.session = self._session(cached, optimize=False, overrides=overrides, live=True)
             except ModelError:
                 self.session = None  # a damaged cache entry: fall back to the model itself
         if self.session is None:
-            self.session = self._session(self.model_file, optimize=True, save_to=cached)
+            self._live = None  # an un-optimised graph's session: a new set of weights rebuilds it
+            overrides = {name: _ortvalue(array) for name, array in self.weights.items()}
+            self.session = self._session(self.model_file, optimize=True, save_to=None if overrides else cached,
+                                         overrides=overrides)  # fmt: skip
         return cached
 
     def cache_path(self) -> Path | None:
@@ -205,10 +215,70 @@ class OnnxRuntimeEngine:
             key += f"|{sorted(self.static_dims.items())}"
         return self.model_file.parent / ".ort-cache" / hashlib.sha256(key.encode()).hexdigest()[:16] / "model.onnx"
 
-    def _session(self, path: Path, optimize: bool, save_to: Path | None = None):
+    def read_weights(self, names) -> dict[str, np.ndarray]:
+        """Copies of the named initializers of the model file, as stored there (what set_weights replaces)."""
+        from sdrt.engines.onnx_weights import OnnxWeights
+
+        graph = OnnxWeights(self.model_file)
+        try:
+            return {name: graph.read(name) for name in names}
+        finally:
+            graph.close()
+
+    def set_weights(self, weights: dict[str, np.ndarray]) -> None:
+        """Run with WEIGHTS (initializer name -> array of its shape, dtype and layout in the model file) in place of
+        the file's values; every initializer not named, and all of them after set_weights({}), is the file's own.
+
+        A new set of names rebuilds the session from the optimised-graph cache with the replacements passed as
+        initializers (SessionOptions.add_initializer) in buffers the engine owns: the cached graph is never
+        rewritten, so it keeps the file's weights. Where the optimiser re-laid a weight out (ONNX Runtime's NCHWc
+        convolutions), the replacement is laid out the same way (nchwc.py; the place of each weight is found once
+        per cache by matching the file's values, and kept beside it). Such a session is built without prepacking
+        ("session.disable_prepacking"), so every kernel reads the weights from those buffers at run time: the same
+        names with new values are then copied into the buffers, and no session is built (measured: the same
+        outputs as a rebuilt session, bit for bit; with prepacking, MatMul keeps its packed copy of the old values).
+        """
+        self.weights = dict(weights)
+        if self.session is None:
+            return
+        if self._live is not None and self.device == "cpu" and set(self.weights) == set(self._live):
+            from sdrt.engines import nchwc
+
+            for name, array in self.weights.items():
+                buffer, layout = self._live[name]
+                nchwc.write_layout(buffer, array, layout)
+            return
+        self.session = self._placed = self._live = None  # free the old session's memory before the new one is built
+        self._shape_sets = {}  # bindings of the old session
+        self.load()
+
+    def _overrides_for(self, cached: Path) -> dict | None:
+        """{cached-graph initializer: OrtValue} for self.weights, or None if some weight has no known place there."""
+        if not self.weights:
+            return {}
+        from sdrt.engines import nchwc
+
+        slots = nchwc.find_slots(self.model_file, cached, list(self.weights))
+        if any(slots.get(name) is None for name in self.weights):
+            return None
+        live = {}
+        for name, array in self.weights.items():  # buffers of the engine's own: set_weights writes into them
+            slot, layout = slots[name]
+            laid = nchwc.to_layout(array, layout)
+            live[name] = (np.array(laid, copy=True) if laid is array else np.ascontiguousarray(laid), layout)
+        overrides = {slots[name][0]: _ortvalue(buffer) for name, (buffer, _) in live.items()}
+        self._live = live
+        return overrides
+
+    def _session(self, path: Path, optimize: bool, save_to: Path | None = None, overrides: dict | None = None,
+                 live: bool = False):  # fmt: skip
         import onnxruntime as ort
 
         options = ort.SessionOptions()
+        for name, value in (overrides or {}).items():
+            options.add_initializer(name, value)
+        if live and overrides:  # kernels read the replaced weights' buffers at run time (set_weights writes them)
+            options.add_session_config_entry("session.disable_prepacking", "1")
         level = ort.GraphOptimizationLevel
         options.graph_optimization_level = level.ORT_ENABLE_ALL if optimize else level.ORT_DISABLE_ALL
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -232,7 +302,10 @@ class OnnxRuntimeEngine:
             )
             options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
         try:
-            session = ort.InferenceSession(str(path), options, providers=self.providers)
+            # Measured (ORT 1.32): the NCHWc transformer lays filters out from the file's values and ignores
+            # add_initializer's, so a replaced weight of an un-optimised graph needs it off.
+            disabled = ["NchwcTransformer"] if overrides and optimize else None
+            session = ort.InferenceSession(str(path), options, providers=self.providers, disabled_optimizers=disabled)
         except Exception as e:  # onnxruntime raises its own exception types for corrupt files
             message = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
             raise ModelError(f"cannot load {str(path)!r} (truncated or corrupt ONNX file?): {message}") from None
@@ -244,6 +317,7 @@ class OnnxRuntimeEngine:
                 staging.rename(save_to.parent)
             except OSError:  # another process filled the cache first
                 shutil.rmtree(staging, ignore_errors=True)
+        self._placed = overrides  # ONNX Runtime reads these buffers for as long as the session runs
         return session
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -311,7 +385,7 @@ class OnnxRuntimeEngine:
                 )  # fmt: skip
 
     def unload(self) -> None:
-        self.session = None
+        self.session = self._placed = self._live = None
         self._shape_sets = {}
 
 
@@ -319,3 +393,9 @@ def _host(value) -> np.ndarray:
     """An output OrtValue as a numpy array the caller owns (a CPU OrtValue's numpy() is a view of its buffer)."""
     array = value.numpy()
     return np.array(array, copy=True) if value.device_name().lower() == "cpu" else array
+
+
+def _ortvalue(array: np.ndarray):
+    import onnxruntime as ort
+
+    return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array))

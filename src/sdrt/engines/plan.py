@@ -359,3 +359,41 @@ def plan_vram(
         least = overhead + s.weights + s.io + (s.activations if not name.startswith("vae") else 0)
         raise InvalidOption("vram_budget", budget, f"at least {least / 2**30:.2f} GiB ({name} alone needs more)")
     return VramPlan(budget, True, streaming, tile, peak, tuple(notes))
+
+
+# ----------------------------------------------------------------------------------------------- refit (LoRA)
+
+
+@dataclass(frozen=True)
+class RefitPlan:
+    """What one TensorRT refit sets: each weight as the engine wants it (its prototype's dtype, contiguous)."""
+
+    arrays: dict  # ONNX initializer name -> np.ndarray
+    restored: tuple[str, ...]  # names among them going back to the ONNX file's values
+
+
+def refit_plan(prototypes: dict, weights: dict, previous, read_base) -> RefitPlan:
+    """The refit that makes an engine run on WEIGHTS (ONNX initializer name -> array in the ONNX layout) in place of
+    the ONNX file's values, the weights set before (PREVIOUS) and not in WEIGHTS going back to READ_BASE(names).
+
+    PROTOTYPES: name -> (shape, numpy dtype) of every refittable weight (trt.Refitter.get_all_weights and
+    get_weights_prototype): TensorRT refits only what the engine was built to refit (`sdrt build --refit`).
+    """
+    import numpy as np
+
+    if weights and not prototypes:
+        raise ModelError("this TensorRT engine cannot be refitted: build it with `sdrt build --refit` to use LoRAs")
+    restored = tuple(sorted(set(previous) - set(weights)))
+    arrays = dict(weights)
+    arrays.update(read_base(list(restored)) if restored else {})
+    out = {}
+    for name, array in arrays.items():
+        if name not in prototypes:
+            raise ModelError(f"weight {name!r} is not refittable in this TensorRT engine (folded into another layer "
+                             "at build time?): rebuild it with `sdrt build --refit`")  # fmt: skip
+        shape, dtype = prototypes[name]
+        array = np.asarray(array)
+        if array.size != int(np.prod(shape)):
+            raise ModelError(f"weight {name!r}: {array.shape} given, the engine holds {tuple(shape)}")
+        out[name] = np.ascontiguousarray(array.reshape(shape), dtype=dtype)
+    return RefitPlan(out, restored)

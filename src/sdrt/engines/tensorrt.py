@@ -144,6 +144,8 @@ class TensorRTEngine:
         self.buffers: dict[str, DeviceBuffer] = {}
         self.graph = None  # (input shapes, graph exec) of the captured static step
         self._workspace_ptr = 0
+        self.weights: dict[str, np.ndarray] = {}  # ONNX initializer name -> replacement (set_weights, refit)
+        self._refitted: set[str] = set()  # names the engine now holds replaced values of
 
     def load(self, shapes: dict | None = None) -> None:
         """Deserialize the engine built for this GPU / TensorRT / ONNX file (covering SHAPES); refuse any other."""
@@ -175,6 +177,48 @@ class TensorRTEngine:
         self.output_names = [n for n in names if engine.get_tensor_mode(n) != mode]
         self.dtypes = {n: np.dtype(trt.nptype(engine.get_tensor_dtype(n))) for n in names}
         self.workspace.users += 1
+        self._refitted = set()
+        if self.weights:
+            self._refit()
+
+    def read_weights(self, names) -> dict[str, np.ndarray]:
+        """Copies of the named initializers of the ONNX file the engine was built from."""
+        from sdrt.engines.onnx_weights import OnnxWeights
+
+        graph = OnnxWeights(self.model_file)
+        try:
+            return {name: graph.read(name) for name in names}
+        finally:
+            graph.close()
+
+    def set_weights(self, weights: dict[str, np.ndarray]) -> None:
+        """Run with WEIGHTS (ONNX initializer name -> array in the ONNX layout) in place of the built ones; names
+        set before and not now go back to the ONNX file's values. A refit (trt.Refitter.refit_cuda_engine) of an
+        engine built with `sdrt build --refit`: no rebuild, the engine stays loaded."""
+        self.weights = dict(weights)
+        if self.engine is not None:
+            self._refit()
+
+    def _refit(self) -> None:
+        import tensorrt as trt
+
+        from sdrt.engines.plan import refit_plan
+
+        refitter = trt.Refitter(self.engine, trt.Logger(trt.Logger.WARNING))
+        prototypes = {}
+        for name in refitter.get_all_weights():  # refittable weights, named as the ONNX parser named them
+            proto = refitter.get_weights_prototype(name)
+            prototypes[name] = (tuple(proto.shape), np.dtype(trt.nptype(proto.dtype)))
+        plan = refit_plan(prototypes, self.weights, self._refitted, self.read_weights)
+        for name, array in plan.arrays.items():
+            if not refitter.set_named_weights(name, trt.Weights(array)):
+                raise ModelError(f"TensorRT refused the weight {name!r} for {self.name}")
+        self._refit_arrays = plan.arrays  # TensorRT reads host memory until refit_cuda_engine returns
+        if not refitter.refit_cuda_engine():
+            raise ModelError(f"TensorRT could not refit {self.name} (missing: {refitter.get_missing_weights()})")
+        self._refit_arrays = None
+        self._refitted = set(self.weights)
+        self.graph = None  # a captured CUDA graph is re-captured on the refitted engine
 
     def _device_memory(self) -> int:
         size = getattr(self.engine, "device_memory_size_v2", None)

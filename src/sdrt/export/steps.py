@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from sdrt.errors import ModelError
-from sdrt.export import to_onnx
+from sdrt.export import to_onnx, weight_map
 from sdrt.runtime.modelspec import (
     TOKEN_EMBEDDING_FILE,
     ModelSpec,
@@ -45,6 +45,8 @@ class ModelStep:
             self.module.half()
         out_file = folder / self.spec.name / "model.onnx"
         to_onnx.export_onnx(self.module, self.forward, self.spec, self.trace_inputs, out_file)
+        if self.spec.name in weight_map.MAPPED_MODELS:  # LoRA merging finds each layer's initializer through it
+            self.manifest_entry["weight_map"] = weight_map.write_weight_map(self.module, out_file)
         # The module stays in its export dtype (the next step sharing it, the VAE encoder, converts it back first);
         # with `release` it is freed before ONNX Runtime loads the graph to verify it.
         if self.release is not None:

@@ -226,9 +226,11 @@ def encode_prompts(conditioner: Conditioner, manifest, opts) -> tuple:
     cond and uncond are padded to the same length with the empty prompt's chunk (A1111's "Pad conds")."""
     from sdrt.runtime import sdxl
     from sdrt.runtime.denoiser import TextConditioning
+    from sdrt.runtime.lora import strip_tags
     from sdrt.runtime.prompt import prompt_schedules
 
-    prompts = [opts.prompt, opts.negative_prompt] if opts.guided else [opts.prompt]
+    prompt = strip_tags(opts.prompt)  # A1111 takes <lora:...> (extra network) tags out before encoding
+    prompts = [prompt, opts.negative_prompt] if opts.guided else [prompt]
     schedules = prompt_schedules(prompts, opts.steps)  # per prompt: [(last step, text)]
     encoded = []  # per prompt: [(last step, Encoded)]
     for index, schedule in enumerate(schedules):

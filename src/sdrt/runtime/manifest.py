@@ -14,6 +14,10 @@ PREDICTION_TYPES = ("epsilon", "v_prediction")
 PRECISIONS = ("fp32", "fp16")
 MODEL_NAMES = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
 TEXT_ENCODER_NAMES = ("text_encoder", "text_encoder_2")  # SDXL's refiner has only the second
+# A model's optional "weight_map" entry: a JSON beside its model.onnx from diffusers module names to the ONNX
+# initializers holding their weights (export/weight_map.py). Models exported before it have none: no LoRA.
+WEIGHT_MAP_FILE = "weights.json"
+WEIGHT_MAP_FORMAT = "sdrt-weight-map"
 
 
 @dataclass(frozen=True)
@@ -91,6 +95,22 @@ class Manifest:
         """Model NAME's graph for TARGET ("cuda", "cpu"): its fused variant when one was written, else model.onnx."""
         variant = self.optimized.get(target, {}).get(name) if target else None
         return self.folder / variant["file"] if variant else self.model_path(name)
+
+    def weight_map(self, name: str) -> dict | None:
+        """{diffusers module name: {"initializer", "layout", "shape"}} of model NAME, or None if export wrote none."""
+        entry = self.models.get(name, {}).get("weight_map")
+        if entry is None:
+            return None
+        path = self.folder / entry
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ModelError(f"weight map {str(path)!r} is unreadable ({e}): re-export the model") from None
+        if not isinstance(data, dict) or data.get("format") != WEIGHT_MAP_FORMAT or not isinstance(
+            data.get("weights"), dict
+        ):
+            raise ModelError(f"{str(path)!r} is not an sdrt weight map: re-export the model")
+        return data["weights"]
 
     def to_json(self) -> dict:
         d = asdict(self)

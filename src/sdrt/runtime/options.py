@@ -19,6 +19,7 @@ from sdrt.errors import InvalidOption, ModelError, check_int, check_number, is_i
 from sdrt.runtime import masks
 from sdrt.runtime.conditioning import EMPHASES, MAX_CLIP_SKIP
 from sdrt.runtime.image import format_number
+from sdrt.runtime.lora import requested
 from sdrt.runtime.manifest import Manifest
 from sdrt.runtime.rng import A1111_RNG_LABELS, GENERATORS
 from sdrt.runtime.samplers import SAMPLER_ALIASES, SAMPLERS, resolve_sampler  # noqa: F401 (re-exported)
@@ -49,7 +50,7 @@ UNSET = object()  # an A1111 mapping's answer when the request does not carry th
 class Spec:
     """How one option is typed, bounded and seen by the interfaces.
 
-    kind: str, int, float, bool, pair (two ints), image (PIL image or path), path, array, any.
+    kind: str, int, float, bool, pair (two ints), image (PIL image or path), path, array, dict, any.
     low/high: the allowed range (numbers); choices: the allowed values (strings).
     group: generation, editing (img2img/inpainting), sdxl, or output (Python only).
     cli: a command-line flag --name-with-dashes. a1111: the A1111 request field (from_a1111(request) converts it;
@@ -226,6 +227,9 @@ class GenerationOptions:
     refiner: Any = option(None, "path", group="sdxl", help="an exported SDXL refiner folder: the second stage")
     refiner_switch_at: float | None = option(None, "float", group="sdxl",
                                              help="fraction of the noise schedule the base runs (0.8)")  # fmt: skip
+    # LoRAs for programs, {name: weight or (te weight, unet weight)}: resolve appends them to the prompt as
+    # <lora:name:te:unet> tags (A1111 records its default LoRA so), the prompt's tags being the one source (lora.py).
+    loras: dict | None = option(None, "dict", group="output", cli=False, help="LoRAs added to the prompt's tags")
     # Set by resolve: SDXL's options validated against the model (None for SD 1.x/2.x).
     sdxl: SdxlOptions | None = field(default=None, init=False, compare=False)
 
@@ -315,6 +319,7 @@ def resolve(options: GenerationOptions, manifest: Manifest) -> GenerationOptions
             raise InvalidOption(name, o[name], "a string")
         if len(o[name]) > MAX_PROMPT_CHARS:
             raise InvalidOption(name, f"a text of {len(o[name])} characters", f"at most {MAX_PROMPT_CHARS}")
+    o["prompt"], o["loras"] = requested(o["prompt"], o["loras"])[0], None  # and its <lora:...> tags checked
     step = manifest.latent_downsample
     for name in ("width", "height"):
         size = manifest.native_size if o[name] is None else o[name]

@@ -17,6 +17,7 @@ from sdrt.runtime.denoiser import TextConditioning
 from sdrt.runtime.embeddings import EmbeddingDB
 from sdrt.runtime.image import to_pil
 from sdrt.runtime.infotext import write_infotext
+from sdrt.runtime.lora import Loras, infotext_hashes, parse_prompt
 from sdrt.runtime.manifest import TEXT_ENCODER_NAMES, Manifest
 from sdrt.runtime.memory import memory_plan
 from sdrt.runtime.options import SAMPLERS, GenerationOptions, build_options, resolve
@@ -36,6 +37,7 @@ class Pipeline:
         self.memory = memory_plan(manifest, self.backend, low_vram, vram_budget, vae_tile, fused)  # staging, tiling
         self.engines = self.memory.create_engines(manifest, self.backend, fused, static)
         self.embeddings = EmbeddingDB()  # textual inversions, used by name in prompts
+        self.loras = Loras(manifest, self.engines)  # LoRAs, by name in prompts (<lora:name:w>), merged per run
         if manifest.family == "sdxl":  # two text encoders (a refiner: the second only), sdxl.py
             self.conditioner = sdxl.sdxl_conditioner(manifest, self.engines, self.embeddings)
             self.tokenizer = self.conditioner.encoders[0].tokenizer
@@ -50,11 +52,13 @@ class Pipeline:
     @classmethod
     def load(
         cls, model_dir, backend: str = "cpu", embeddings=None, low_vram: bool = False, vram_budget=None, vae_tile=None,
-        static=None, fused: bool = True,
+        static=None, fused: bool = True, loras=None,
     ) -> "Pipeline":  # fmt: skip
         """Read MODEL_DIR (made by `sdrt export`), validate it, and load its engines.
 
         `embeddings`: a folder of textual inversion files (.pt, .bin, .safetensors), used by file name in prompts.
+        `loras`: a folder of LoRA files (.safetensors, .pt, .ckpt, .bin; subfolders too), used by file name as
+        A1111's `<lora:name:weight>` in prompts (lora.py).
         `backend`: "auto" (TensorRT, then CUDA, then CPU), "cpu", "cuda" or "tensorrt".
         `low_vram`: load one engine at a time (text encoder -> UNet -> VAE, each freed after use) and tile the VAE;
         `vram_budget` ("2GB") plans staging, TensorRT UNet weight streaming and tiling to fit it; `vae_tile`: VAE
@@ -65,6 +69,8 @@ class Pipeline:
         pipe = cls(Manifest.load(Path(model_dir)), backend, low_vram, vram_budget, vae_tile, static, fused)
         if embeddings is not None:
             pipe.embeddings.load_dir(embeddings)
+        if loras is not None:
+            pipe.loras.load_dir(loras)
         text_encoders = [name for name in TEXT_ENCODER_NAMES if name in pipe.manifest.models]
         for name in () if pipe.memory.staged else (*text_encoders, "unet", "vae_decoder"):
             pipe.engines[name].load()
@@ -86,6 +92,8 @@ class Pipeline:
             overrides["prompt"] = prompt
         opts = resolve(build_options(options, **overrides), self.manifest)
         self.conditioner.check(opts.clip_skip, opts.emphasis)
+        active_loras = parse_prompt(opts.prompt)[1]
+        self.loras.apply(active_loras)  # merged into the text encoders and UNet before they run
         edit = editing.prepare_edit(self.manifest, opts) if opts.init_image is not None else None
         step = self.manifest.latent_downsample
         latent_shape = (self.manifest.latent_channels, opts.height // step, opts.width // step)
@@ -93,6 +101,7 @@ class Pipeline:
             self.manifest.scheduler, opts.steps, SAMPLERS[opts.sampler][1], opts.scheduler, opts.timestep_spacing
         )
         text, notes = self.encode_prompts(opts)
+        notes["Lora hashes"] = infotext_hashes(active_loras, self.loras.files)
         refiner, decoder = None, self
         if opts.sdxl is not None and opts.sdxl.refiner is not None:  # SDXL's second stage, and its VAE decodes
             decoder = sdxl.load_refiner(self, opts.sdxl.refiner)

@@ -228,6 +228,10 @@ def add_routes(app: FastAPI, server: Server) -> None:
         item = {"title": server.title, "model_name": m.model_name, "hash": m.model_hash or None, "sha256": sha}
         return [{**item, "filename": m.folder.name, "config": None}]  # the folder's name: no server paths
 
+    @app.get("/sdapi/v1/loras")
+    def loras():  # A1111's Lora extension: name, alias, path (relative to the LoRA folder: no server paths), metadata
+        return server.pipe.loras.listing()
+
     @app.get("/sdapi/v1/options")
     def get_options():
         return server.options
@@ -341,7 +345,7 @@ def parse_credentials(text: str) -> dict[str, str]:
     return pairs
 
 
-def serve(model_dir, host: str, port: int, api_auth: str | None, backend: str, limits: Limits) -> int:
+def serve(model_dir, host: str, port: int, api_auth: str | None, backend: str, limits: Limits, loras=None) -> int:
     """Load the model once and serve until interrupted."""
     try:
         import uvicorn
@@ -350,7 +354,7 @@ def serve(model_dir, host: str, port: int, api_auth: str | None, backend: str, l
     from sdrt.runtime.pipeline import Pipeline
 
     credentials = parse_credentials(api_auth) if api_auth else None
-    pipe = Pipeline.load(model_dir, backend=backend)
+    pipe = Pipeline.load(model_dir, backend=backend, loras=loras)
     app = create_app(pipe, limits, credentials)
     if host not in LOOPBACK and not credentials:
         print(f"sdrt serve: note: {host} without --api-auth: whoever reaches this port can use it", file=sys.stderr)
