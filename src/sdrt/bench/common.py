@@ -121,8 +121,9 @@ def describe_machine() -> dict:
 # ----------------------------------------------------------------------------------------------- subprocesses
 
 
-def run_child(stage: str, job: dict, job_dir: Path, fatal: bool = True) -> tuple[dict, float, int]:
-    """Run this script as `--worker STAGE` in a subprocess: (its result, wall seconds, its peak RSS in bytes).
+def run_child(stage: str, job: dict, job_dir: Path, fatal: bool = True, script=None) -> tuple[dict, float, int]:
+    """Run this script (or SCRIPT, a file) as `--worker STAGE` in a subprocess: (its result, wall seconds, its peak
+    RSS in bytes).
 
     The peak RSS comes from wait4's rusage of that one child, so each runtime's figure is its own. A failed child
     ends the benchmark, or with FATAL False raises RuntimeError.
@@ -132,7 +133,8 @@ def run_child(stage: str, job: dict, job_dir: Path, fatal: bool = True) -> tuple
     result_file.unlink(missing_ok=True)
     job_file.write_text(json.dumps(dict(job, result_file=str(result_file)), indent=2))
     start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "sdrt.bench", "--worker", stage, str(job_file)])
+    command = [sys.executable, "-m", "sdrt.bench"] if script is None else [sys.executable, str(script)]
+    proc = subprocess.Popen([*command, "--worker", stage, str(job_file)])
     try:
         _, status, usage = os.wait4(proc.pid, 0)
     except BaseException:

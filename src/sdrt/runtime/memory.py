@@ -68,6 +68,8 @@ def memory_plan(manifest, backend: str, low_vram: bool = False, vram_budget=None
     cells = native * native
     stages = {}
     for name in manifest.models:
+        if name == "unet_controlnet":  # runs instead of the UNet, only with ControlNets: not planned yet
+            continue
         files = [manifest.model_path(name), *manifest.model_path(name).parent.glob("*.data")]
         share = FP16_WEIGHT_SHARE if backend != "cpu" and manifest.precision == "fp32" else 1
         weights = int(sum(f.stat().st_size for f in files) * share)

@@ -18,6 +18,7 @@ import numpy as np
 from sdrt.errors import InvalidOption, ModelError, check_int, check_number, is_int
 from sdrt.runtime import masks
 from sdrt.runtime.conditioning import EMPHASES, MAX_CLIP_SKIP
+from sdrt.runtime.controlnet import check_units
 from sdrt.runtime.image import format_number
 from sdrt.runtime.manifest import Manifest
 from sdrt.runtime.rng import A1111_RNG_LABELS, GENERATORS
@@ -226,6 +227,10 @@ class GenerationOptions:
     refiner: Any = option(None, "path", group="sdxl", help="an exported SDXL refiner folder: the second stage")
     refiner_switch_at: float | None = option(None, "float", group="sdxl",
                                              help="fraction of the noise schedule the base runs (0.8)")  # fmt: skip
+    controlnets: tuple = option((), "units", group="controlnet", cli=False,
+                                help="ControlNet units (controlnet.ControlNetUnit), any number")  # fmt: skip
+    control_maps: bool = option(False, "bool", group="output", cli=False,
+                                help="append each ControlNet unit's control map to the images")  # fmt: skip
     # Set by resolve: SDXL's options validated against the model (None for SD 1.x/2.x).
     sdxl: SdxlOptions | None = field(default=None, init=False, compare=False)
 
@@ -356,6 +361,9 @@ def resolve(options: GenerationOptions, manifest: Manifest) -> GenerationOptions
         allowed = "0 when cfg_scale <= 1 (no guidance runs to rescale)"
         raise InvalidOption("guidance_rescale", o["guidance_rescale"], allowed)
     _check_latents(manifest, o)
+    o["controlnets"] = check_units(o["controlnets"])
+    if not isinstance(o["control_maps"], bool):
+        raise InvalidOption("control_maps", o["control_maps"], "True or False")
     resolved = GenerationOptions(**o)
     object.__setattr__(resolved, "sdxl", make_sdxl_options(manifest, {k: o[k] for k in SDXL_OPTIONS}))
     return resolved
