@@ -50,7 +50,8 @@ UNSET = object()  # an A1111 mapping's answer when the request does not carry th
 class Spec:
     """How one option is typed, bounded and seen by the interfaces.
 
-    kind: str, int, float, bool, pair (two ints), image (PIL image or path), path, array, any.
+    kind: str, int, float, bool, pair (two ints), image (PIL image or path), path, array, any, units (ControlNet
+    units, controlnet.py).
     low/high: the allowed range (numbers); choices: the allowed values (strings).
     group: generation, editing (img2img/inpainting), sdxl, or output (Python only).
     cli: a command-line flag --name-with-dashes. a1111: the A1111 request field (from_a1111(request) converts it;
