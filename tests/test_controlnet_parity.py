@@ -172,6 +172,28 @@ def test_inpaint_matches_diffusers(sd):
     assert max_diff(twin[:, y1:y2, x1:x2], want[:, y1:y2, x1:x2]) > TWIN_MIN
 
 
+def test_inpainting_unet_matches_diffusers(tiny_inpaint, tiny_controlnets, tmp_path):
+    """A 9-channel inpainting UNet: its ControlNet (4 channels) sees the latents alone, as in diffusers."""
+    import shutil
+
+    from sdrt.export.controlnet import add_unet_controlnet
+
+    pipe, loaded = tiny_inpaint
+    _, _, [(net, folder), _] = tiny_controlnets  # made from the tiny SD UNet: the same blocks, 4 input channels
+    shutil.copytree(loaded.manifest.folder, tmp_path / "model")
+    add_unet_controlnet(str(loaded.manifest.folder.parent / "diffusers"), tmp_path / "model", progress=False)
+    pipeline = Pipeline.load(tmp_path / "model")
+    kw = dict(init_image=init_image(), mask=mask_image(), strength=0.75, mask_blur=0)
+    want = run_diffusers("StableDiffusionControlNetInpaintPipeline", pipe, net, image=init_image(),
+                         mask_image=mask_image(), control_image=control_image(), strength=0.75,
+                         controlnet_conditioning_scale=1.0)  # fmt: skip
+    x1, y1, x2, y2 = MASK_BOX
+    got = run_sdrt(pipeline, [unit(folder)], **kw)
+    assert max_diff(got[:, y1:y2, x1:x2], want[:, y1:y2, x1:x2]) <= PIXEL_TOL
+    plain = run_sdrt(pipeline, None, **kw)
+    assert max_diff(plain[:, y1:y2, x1:x2], want[:, y1:y2, x1:x2]) > TWIN_MIN  # can fail: the ControlNet acts
+
+
 @pytest.fixture(scope="module")
 def sdxl(tiny_sdxl, tmp_path_factory):
     """(diffusers SDXL base, sdrt Pipeline with unet_controlnet, diffusers ControlNet, its exported folder)."""
