@@ -342,3 +342,15 @@ def test_single_file_export_matches_diffusers_folder(tiny_controlnets, tmp_path,
     out = capsys.readouterr()
     assert "refusing" in out.err and "unpickled code ran" not in out.out
     assert not (tmp_path / "e").exists()
+
+
+def test_tensorrt_profile_covers_the_residual_inputs(tiny_controlnets):
+    """`sdrt build` plans the unet_controlnet graph like the UNet, its residual axes at 1/2, 1/4, ... of the latent."""
+    from sdrt.engines.plan import ShapeRanges, plan_profile
+    from sdrt.runtime.manifest import Manifest
+
+    manifest = Manifest.load(tiny_controlnets[1])
+    profile = plan_profile("unet_controlnet", manifest.models["unet_controlnet"]["inputs"], ShapeRanges(), 8)
+    assert profile["sample"][2] == (8, 4, 128, 128)  # batch 4 x 2 (guided), 1024 px
+    assert profile["down_block_res_0"][2] == (8, 32, 128, 128)
+    assert profile["mid_block_res"][0] == (1, 64, 16, 16)  # 256 px at 1/2 of the latent
