@@ -105,17 +105,14 @@ def tiny_inpaint(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_controlnets(tiny_sd, tmp_path_factory):
-    """(diffusers pipe, a copy of the tiny model with `unet_controlnet` added by `sdrt export --controlnet`, two tiny
-    ControlNets [(diffusers ControlNetModel, folder exported by `sdrt export-controlnet`)])."""
-    import shutil
-
+    """(diffusers pipe, the tiny model exported by `sdrt export --controlnet` (with the `unet_controlnet` variant), two
+    tiny ControlNets [(diffusers ControlNetModel, folder exported by `sdrt export-controlnet`)])."""
     from tiny_controlnet import build_tiny_controlnet
 
     from sdrt.cli import main
 
     pipe, exported = tiny_sd
     root = tmp_path_factory.mktemp("tiny_controlnet")
-    shutil.copytree(exported, root / "model")  # the shared fixture's folder stays without the graph
     assert main(["export", str(exported.parent / "diffusers"), "-o", str(root / "model"), "--controlnet"]) == 0
     nets = []
     for seed in (0, 1):

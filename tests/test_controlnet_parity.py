@@ -8,6 +8,7 @@ two missing: each moves the image by far more than the tolerance (asserted), so 
 """
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -174,8 +175,6 @@ def test_inpaint_matches_diffusers(sd):
 
 def test_inpainting_unet_matches_diffusers(tiny_inpaint, tiny_controlnets, tmp_path):
     """A 9-channel inpainting UNet: its ControlNet (4 channels) sees the latents alone, as in diffusers."""
-    import shutil
-
     from sdrt.export.controlnet import add_unet_controlnet
 
     pipe, loaded = tiny_inpaint
@@ -204,7 +203,8 @@ def sdxl(tiny_sdxl, tmp_path_factory):
 
     pipe, exported = tiny_sdxl["base"]
     root = tmp_path_factory.mktemp("controlnet_sdxl")
-    model = root / "model"  # a fresh export with the graph variant (the driver's path; the SD fixture adds it later)
+    model = root / "model"  # `--controlnet` on a folder already exported: only the graph is added
+    shutil.copytree(exported, model)  # (the shared fixture's folder stays as it is)
     assert main(["export", str(exported.parent / "base"), "-o", str(model), "--controlnet"]) == 0
     assert json.loads((model / "model.json").read_text())["models"]["unet_controlnet"]["inputs"][-1]["name"] == (
         "mid_block_res"
