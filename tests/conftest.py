@@ -101,3 +101,22 @@ def tiny_inpaint(tmp_path_factory):
     pipe = build_tiny_sd(root / "diffusers", seed=2, unet_in_channels=9)
     assert main(["export", str(root / "diffusers"), "-o", str(root / "onnx")]) == 0
     return pipe, Pipeline.load(root / "onnx")
+
+
+@pytest.fixture(scope="session")
+def tiny_controlnets(tiny_sd, tmp_path_factory):
+    """(diffusers pipe, the tiny model exported by `sdrt export --controlnet` (with the `unet_controlnet` variant), two
+    tiny ControlNets [(diffusers ControlNetModel, folder exported by `sdrt export-controlnet`)])."""
+    from tiny_controlnet import build_tiny_controlnet
+
+    from sdrt.cli import main
+
+    pipe, exported = tiny_sd
+    root = tmp_path_factory.mktemp("tiny_controlnet")
+    assert main(["export", str(exported.parent / "diffusers"), "-o", str(root / "model"), "--controlnet"]) == 0
+    nets = []
+    for seed in (0, 1):
+        net = build_tiny_controlnet(pipe.unet, root / f"cn{seed}", seed=seed)
+        assert main(["export-controlnet", str(root / f"cn{seed}"), "-o", str(root / "controlnets" / f"cn{seed}")]) == 0
+        nets.append((net, root / "controlnets" / f"cn{seed}"))
+    return pipe, root / "model", nets

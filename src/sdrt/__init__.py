@@ -2,7 +2,7 @@
 
 from sdrt.version import __version__
 
-__all__ = ["Pipeline", "__version__"]
+__all__ = ["ControlNetUnit", "Pipeline", "__version__"]
 
 
 def __getattr__(name):
@@ -11,4 +11,8 @@ def __getattr__(name):
         from sdrt.runtime.pipeline import Pipeline
 
         return Pipeline
+    if name == "ControlNetUnit":
+        from sdrt.runtime.controlnet import ControlNetUnit
+
+        return ControlNetUnit
     raise AttributeError(name)

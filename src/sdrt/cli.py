@@ -9,6 +9,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from sdrt import cli_controlnet
 from sdrt.errors import SdrtError
 
 EXIT_BAD_INPUT = 2
@@ -58,6 +59,8 @@ def cmd_export(args) -> int:
         from sdrt.export import export
     except ImportError as e:
         raise SdrtError(f"`sdrt export` needs the export extra: pip install 'sdrt[export]' ({e})") from None
+    if cli_controlnet.export_unet_controlnet(args):  # --controlnet on a model already exported: add the graph
+        return 0
     manifest = export(
         args.source,
         args.output,
@@ -66,6 +69,7 @@ def cmd_export(args) -> int:
         config=args.config,
         overwrite=args.overwrite,
         vae=args.vae,
+        controlnet=args.controlnet,
     )
     print(f"exported {manifest.family} model ({manifest.precision}) to {args.output}")
     if args.optimize != "none":
@@ -164,13 +168,14 @@ def cmd_generate(args) -> int:
         kwargs = {**png_kwargs(args.from_png, "init_image" in images), **kwargs}
     elif "prompt" not in kwargs:
         raise SdrtError("sdrt generate needs a PROMPT (or --from-png IMAGE.png)")
+    kwargs |= cli_controlnet.controlnet_kwargs(args)
     pipe = Pipeline.load(
         resolve_model(args.model), backend=args.backend, embeddings=args.embeddings, loras=args.lora_dir,
         **memory_kwargs(args),
     )  # fmt: skip
     if args.from_png is not None and "prompt" in kwargs:  # A1111: a LoRA renamed since is found by its hash
         kwargs["prompt"] = pipe.loras.fix_names(kwargs["prompt"], png_lora_hashes(args.from_png))
-    return write_images(pipe.generate(**images, **kwargs), args.output)
+    return cli_controlnet.write_outputs(pipe.generate(**images, **kwargs), args.output, write_images, next_index)
 
 
 def png_lora_hashes(path: str) -> str | None:
@@ -210,7 +215,9 @@ def cmd_outpaint(args) -> int:
         resolve_model(args.model), backend=args.backend, embeddings=args.embeddings, loras=args.lora_dir,
         **memory_kwargs(args),
     )  # fmt: skip
-    return write_images(pipe.outpaint(image, **amounts, **generate_kwargs(args)), args.output)
+    kwargs = generate_kwargs(args) | cli_controlnet.controlnet_kwargs(args)
+    return cli_controlnet.write_outputs(pipe.outpaint(image, **amounts, **kwargs), args.output, write_images,
+                                        next_index)  # fmt: skip
 
 
 def write_images(images, output) -> int:
@@ -254,7 +261,8 @@ def cmd_serve(args) -> int:
         max_body_bytes=int(args.max_body_mb * 2**20),
         max_queue=args.max_queue,
     )
-    return serve(resolve_model(args.model), args.host, args.port, args.api_auth, args.backend, limits, args.lora_dir)
+    model = resolve_model(args.model)
+    return serve(model, args.host, args.port, args.api_auth, args.backend, limits, args.lora_dir, args.controlnet_dir)
 
 
 def cmd_info(args) -> int:
@@ -295,7 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", default="onnx", choices=("onnx", "tensorrt"), help="tensorrt: also `sdrt build` it")
     p.add_argument("--optimize", default="none", choices=("none", "cuda", "cpu"),
                    help="also write fused graphs for ONNX Runtime's CUDA (fp16) or CPU provider (`sdrt optimize`)")
+    p.add_argument("--controlnet", action="store_true", help="also the UNet graph that takes ControlNet residuals")
     p.set_defaults(func=cmd_export)
+    cli_controlnet.add_export_controlnet_parser(sub)
 
     z = sub.add_parser("optimize", help="fused graphs (attention, GroupNorm, NHWC conv; fp16 for CUDA) of an export")
     z.add_argument("model_dir")
@@ -331,6 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-images", type=int, default=64, help="batch_size * n_iter per request")
     s.add_argument("--max-pixels", type=int, default=2048 * 2048, help="width * height per image")
     s.add_argument("--max-body-mb", type=float, default=64, help="request body size limit (HTTP 413)")
+    s.add_argument("--controlnet-dir", help="folder of exported ControlNets (`sdrt export-controlnet`) the API offers")
     s.set_defaults(func=cmd_serve)
 
     b = sub.add_parser("build", help="TensorRT engines for an exported model (needs sdrt[tensorrt] and a GPU)")
@@ -389,6 +400,7 @@ def add_generation_arguments(c, editing: tuple[str, ...] | None) -> None:
     c.add_argument("--vram-budget", help="plan staging, UNet weight streaming and VAE tiling to fit, e.g. 2GB")
     c.add_argument("--vae-tile", type=int, help="decode/encode the VAE in tiles of this many pixels (e.g. 512)")
     c.add_argument("-o", "--output", default="outputs", help="folder for the PNGs (default: outputs)")
+    cli_controlnet.add_generation_arguments(c)
 
 
 def main(argv=None) -> int:

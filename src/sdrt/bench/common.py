@@ -140,9 +140,11 @@ def describe_machine() -> dict:
 
 
 def run_child(
-    stage: str, job: dict, job_dir: Path, fatal: bool = True, timeout: float | None = None, label: str | None = None
+    stage: str, job: dict, job_dir: Path, fatal: bool = True, timeout: float | None = None, label: str | None = None,
+    script=None,
 ) -> tuple[dict, float, int]:
-    """Run this script as `--worker STAGE` in a subprocess: (its result, wall seconds, its peak RSS in bytes).
+    """Run this script (or SCRIPT, a file) as `--worker STAGE` in a subprocess: (its result, wall seconds, its peak
+    RSS in bytes).
 
     The peak RSS comes from wait4's rusage of that one child, so each runtime's figure is its own. A failed child
     ends the benchmark, or with FATAL False raises RuntimeError; one still running after TIMEOUT seconds is killed.
@@ -156,7 +158,8 @@ def run_child(
     result_file.unlink(missing_ok=True)
     job_file.write_text(json.dumps(dict(job, result_file=str(result_file)), indent=2))
     start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "sdrt.bench", "--worker", stage, str(job_file)])
+    command = [sys.executable, "-m", "sdrt.bench"] if script is None else [sys.executable, str(script)]
+    proc = subprocess.Popen([*command, "--worker", stage, str(job_file)])
     killer = threading.Timer(timeout, proc.kill) if timeout else None
     if killer is not None:
         killer.start()

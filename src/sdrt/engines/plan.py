@@ -19,6 +19,7 @@ CUDA_CONTEXT_BYTES = 300 * 2**20  # CUDA context + cuBLAS/cuDNN handles, measure
 MIN_STREAMING_FRACTION = 0.05  # below this share of the UNet's weights resident, streaming is too slow to use
 DTYPE_BYTES = {"float32": 4, "float16": 2, "int64": 8, "int32": 4, "bool": 1, "uint8": 1}
 MODEL_ORDER = ("text_encoder", "unet", "vae_decoder", "vae_encoder")  # low-VRAM staging order
+RESIDUAL_DOWNSCALES = (2, 4, 8)  # the unet_controlnet graph's residual inputs below the latent size (modelspec.py)
 
 
 # ----------------------------------------------------------------------------------------------- profiles
@@ -94,12 +95,15 @@ def axis_ranges(model: str, ranges: ShapeRanges, latent_downsample: int, guided:
     """
     lat_h = tuple(v // latent_downsample for v in ranges.height)
     lat_w = tuple(v // latent_downsample for v in ranges.width)
-    if model == "unet":
+    if model in ("unet", "unet_controlnet"):
         lo, opt, hi = ranges.batch
         factor = 2 if guided else 1  # a static engine runs one batch size: guided, cond + uncond
         batch = (factor * lo if ranges.is_static else lo, factor * opt, factor * hi)
         tokens = tuple(TEXT_WINDOW * k for k in ranges.text_windows)
-        return {"batch": batch, "tokens": tokens, "latent_height": lat_h, "latent_width": lat_w}
+        axes = {"batch": batch, "tokens": tokens, "latent_height": lat_h, "latent_width": lat_w}
+        for k in RESIDUAL_DOWNSCALES:  # ControlNet residuals at 1/k of the latent size (stride-2 convs round up)
+            axes |= {f"height_{k}": tuple(-(-v // k) for v in lat_h), f"width_{k}": tuple(-(-v // k) for v in lat_w)}
+        return axes
     if model.startswith("text_encoder"):  # text_encoder, text_encoder_2 (SDXL)
         lo, opt, hi = ranges.text_windows
         factor = 2 if guided else 1

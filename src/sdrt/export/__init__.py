@@ -20,8 +20,10 @@ def export(
     overwrite: bool = False,
     progress: bool = True,
     vae: str | None = None,
+    controlnet: bool = False,
 ) -> Manifest:
-    """Export SOURCE to OUT_DIR atomically: the folder appears complete, or not at all."""
+    """Export SOURCE to OUT_DIR atomically: the folder appears complete, or not at all. CONTROLNET: also the UNet
+    variant that takes ControlNet residuals (export/controlnet.py)."""
     if precision not in PRECISIONS:
         raise InvalidOption("--precision", precision, " or ".join(PRECISIONS))
     out_dir = Path(out_dir)
@@ -42,7 +44,7 @@ def export(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
     try:
-        _export_into(source, staging, precision, original_config, config, progress, vae)
+        _export_into(source, staging, precision, original_config, config, progress, vae, controlnet)
         staging.chmod(0o755)  # mkdtemp makes it private
         if out_dir.exists():
             trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
@@ -57,7 +59,7 @@ def export(
     return Manifest.load(out_dir)
 
 
-def _export_into(source, folder: Path, precision, original_config, config, progress, vae=None) -> Manifest:
+def _export_into(source, folder: Path, precision, original_config, config, progress, vae=None, controlnet=False):
     """The family's plan (SD 1.x/2.x or SDXL) run by the one driver."""
     from tqdm import tqdm
 
@@ -68,4 +70,9 @@ def _export_into(source, folder: Path, precision, original_config, config, progr
     bar = tqdm(total=6, desc="export", unit="step", disable=not progress)
     bar.set_postfix_str(f"loading {source}")
     make_plan = sdxl.sdxl_plan if sdxl.is_sdxl(source, sdxl.checkpoint_info(source)) else sd_plan
-    return export_into(make_plan(source, precision, original_config, config, vae), folder, precision, bar)
+    plan = make_plan(source, precision, original_config, config, vae)
+    if controlnet:  # graph variants: ControlNet's UNet with residual inputs
+        from sdrt.export.controlnet import with_unet_controlnet
+
+        plan = with_unet_controlnet(plan)
+    return export_into(plan, folder, precision, bar)

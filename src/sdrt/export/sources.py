@@ -44,8 +44,6 @@ def read_checkpoint_info(path: Path) -> CheckpointInfo:
 
     A pickled checkpoint is opened with torch's restricted unpickler: one that holds code or objects is refused.
     """
-    import pickle
-
     import torch
 
     if path.suffix.lower() == ".safetensors":
@@ -56,6 +54,18 @@ def read_checkpoint_info(path: Path) -> CheckpointInfo:
                 return CheckpointInfo({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
         except (SafetensorError, OSError) as e:
             raise ModelError(f"{str(path)!r} is not a valid .safetensors file ({e})") from None
+    checkpoint, global_step = _load_pickled(path)
+    shapes = {k: tuple(v.shape) for k, v in checkpoint.items() if isinstance(v, torch.Tensor)}
+    return CheckpointInfo(shapes, global_step if isinstance(global_step, int) else None)
+
+
+def _load_pickled(path: Path) -> tuple[dict, int | None]:
+    """(state dict, Lightning's global_step or None) of a pickled checkpoint, through torch's weights-only
+    unpickler: a file holding code or objects is refused and none of it runs."""
+    import pickle
+
+    import torch
+
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError, ValueError) as e:
@@ -69,8 +79,23 @@ def read_checkpoint_info(path: Path) -> CheckpointInfo:
         checkpoint = checkpoint["state_dict"]  # Lightning checkpoints nest the weights
     if not isinstance(checkpoint, dict):
         raise ModelError(f"{str(path)!r} holds a {type(checkpoint).__name__}, not a dict of tensors")
-    shapes = {k: tuple(v.shape) for k, v in checkpoint.items() if isinstance(v, torch.Tensor)}
-    return CheckpointInfo(shapes, global_step if isinstance(global_step, int) else None)
+    return checkpoint, global_step
+
+
+def load_weights(path: Path) -> dict:
+    """A single file's tensors by name: .safetensors directly, anything else through _load_pickled."""
+    import torch
+
+    if path.suffix.lower() == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError) as e:
+            raise ModelError(f"{str(path)!r} is not a valid .safetensors file ({e})") from None
+    checkpoint, _ = _load_pickled(path)
+    return {k: v for k, v in checkpoint.items() if isinstance(v, torch.Tensor)}
 
 
 def load_source(source: str, original_config: str | None = None, config: str | None = None) -> Source:

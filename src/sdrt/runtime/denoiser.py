@@ -56,6 +56,7 @@ class Denoiser:
         cfg_scale: float,
         guidance_rescale: float = 0.0,
         conditioning: np.ndarray | None = None,
+        control=None,
     ):
         self.unet = unet
         self.prediction_type = prediction_type
@@ -71,6 +72,7 @@ class Denoiser:
         if conditioning is not None and self.guided:
             conditioning = np.concatenate([conditioning, conditioning])
         self.conditioning = conditioning  # (2B or B, 1 + C, h, w) float32 or None
+        self.control = control  # controlnet.ControlHook or None: ControlNet residuals for the UNet
 
     def timestep(self, sigma: float, intermediate: bool = False) -> float:
         """The schedule's own timestep for one of its sigmas; sigma_to_t for any other sigma, and for an intermediate
@@ -84,11 +86,18 @@ class Denoiser:
         x_in = np.concatenate([x, x]) if self.guided else x  # (2B or B, C, h, w) float32
         t = np.full(len(x_in), self.timestep(sigma, intermediate), dtype=np.float32)
         sample = (x_in * c_in).astype(np.float32)
+        text = self.text.at(self.calls)
+        unet, residuals = self.unet, None
+        if self.control is not None:  # the ControlNets see the latents without an inpainting UNet's extra channels
+            residuals = self.control(sample, t, text, sigma, self.guided)
         if self.conditioning is not None:
             sample = np.concatenate([sample, self.conditioning], axis=1)  # (2B or B, C + 1 + C, h, w)
-        feeds = {"sample": sample, "timestep": t, **self.text.at(self.calls)}
+        feeds = {"sample": sample, "timestep": t, **text}
+        if residuals is not None:
+            feeds |= residuals
+            unet = self.control.unet
         self.calls += 1
-        out = self.unet.run(feeds)["out_sample"]  # (2B or B, C, h, w) float32
+        out = unet.run(feeds)["out_sample"]  # (2B or B, C, h, w) float32
         if self.guided:
             uncond, cond = np.split(out, 2)
             out = uncond + self.cfg_scale * (cond - uncond)

@@ -101,6 +101,8 @@ def memory_plan(
     target = backend if fused and backend in ("cpu", "cuda") else None
     weights, fused_models = {}, set()
     for name in manifest.models:
+        if name == "unet_controlnet":  # runs instead of the UNet, only with ControlNets: not planned yet
+            continue
         path = manifest.graph_path(name, target)
         variant = manifest.optimized.get(target, {}).get(name) if target else None
         precision = variant["precision"] if variant else manifest.models[name].get("precision", manifest.precision)

@@ -110,3 +110,53 @@ def vae_encoder_spec(latent_channels: int) -> ModelSpec:
             TensorSpec("latent_logvar", "float32", latent),
         ),
     )
+
+
+@dataclass(frozen=True)
+class Residual:
+    """One ControlNet residual: its tensor name, channels, and latent cells per residual cell (1, 2, 4, ...)."""
+
+    name: str
+    channels: int
+    downscale: int
+
+    def tensor(self) -> TensorSpec:
+        axes = ("latent_height", "latent_width") if self.downscale == 1 else (
+            f"height_{self.downscale}", f"width_{self.downscale}")  # fmt: skip
+        return TensorSpec(self.name, "float32", ("batch", self.channels, *axes))
+
+
+def controlnet_residuals(block_out_channels, layers_per_block: int) -> tuple[Residual, ...]:
+    """The residuals a ControlNet adds to a UNet of this shape (Zhang et al. 2023, fig. 3): conv_in's output, each
+    down block's resnet outputs and downsampler, then the mid block's (12 + 1 for SD 1.x/2.x, 9 + 1 for SDXL)."""
+    out = [Residual("down_block_res_0", int(block_out_channels[0]), 1)]
+    for level, channels in enumerate(block_out_channels):
+        for _ in range(layers_per_block):
+            out.append(Residual(f"down_block_res_{len(out)}", int(channels), 2**level))
+        if level < len(block_out_channels) - 1:  # every block but the last ends with a downsampler
+            out.append(Residual(f"down_block_res_{len(out)}", int(channels), 2 ** (level + 1)))
+    out.append(Residual("mid_block_res", int(block_out_channels[-1]), 2 ** (len(block_out_channels) - 1)))
+    return tuple(out)
+
+
+def controlnet_spec(
+    latent_channels: int, context_dim: int, residuals, cond_channels: int = 3, added: tuple = ()
+) -> ModelSpec:
+    """ControlNet: the UNet's inputs plus the control image in [0, 1] at pixel size -> unscaled residuals (the runtime
+    applies the weight). ADDED: SDXL's text_embeds/time_ids TensorSpecs."""
+    return ModelSpec(
+        "controlnet",
+        inputs=(
+            TensorSpec("sample", "float32", ("batch", latent_channels, "latent_height", "latent_width")),
+            TensorSpec("timestep", "float32", ("batch",)),
+            TensorSpec("encoder_hidden_states", "float32", ("batch", "tokens", context_dim)),
+            TensorSpec("controlnet_cond", "float32", ("batch", cond_channels, "height", "width")),
+            *added,
+        ),
+        outputs=tuple(r.tensor() for r in residuals),
+    )
+
+
+def unet_controlnet_spec(unet: ModelSpec, residuals) -> ModelSpec:
+    """A UNet (SD or SDXL spec) that also adds ControlNet residuals to its skip connections and mid block."""
+    return ModelSpec("unet_controlnet", inputs=unet.inputs + tuple(r.tensor() for r in residuals), outputs=unet.outputs)

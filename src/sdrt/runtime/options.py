@@ -18,6 +18,7 @@ import numpy as np
 from sdrt.errors import InvalidOption, ModelError, check_int, check_number, is_int
 from sdrt.runtime import masks
 from sdrt.runtime.conditioning import EMPHASES, MAX_CLIP_SKIP
+from sdrt.runtime.controlnet import check_units
 from sdrt.runtime.image import format_number
 from sdrt.runtime.lora import requested
 from sdrt.runtime.manifest import Manifest
@@ -50,7 +51,8 @@ UNSET = object()  # an A1111 mapping's answer when the request does not carry th
 class Spec:
     """How one option is typed, bounded and seen by the interfaces.
 
-    kind: str, int, float, bool, pair (two ints), image (PIL image or path), path, array, dict, any.
+    kind: str, int, float, bool, pair (two ints), image (PIL image or path), path, array, dict, any, units
+    (ControlNet units, controlnet.py).
     low/high: the allowed range (numbers); choices: the allowed values (strings).
     group: generation, editing (img2img/inpainting), sdxl, or output (Python only).
     cli: a command-line flag --name-with-dashes. a1111: the A1111 request field (from_a1111(request) converts it;
@@ -230,6 +232,10 @@ class GenerationOptions:
     # LoRAs for programs, {name: weight or (te weight, unet weight)}: resolve appends them to the prompt as
     # <lora:name:te:unet> tags (A1111 records its default LoRA so), the prompt's tags being the one source (lora.py).
     loras: dict | None = option(None, "dict", group="output", cli=False, help="LoRAs added to the prompt's tags")
+    controlnets: tuple = option((), "units", group="controlnet", cli=False,
+                                help="ControlNet units (controlnet.ControlNetUnit), any number")  # fmt: skip
+    control_maps: bool = option(False, "bool", group="output", cli=False,
+                                help="append each ControlNet unit's control map to the images")  # fmt: skip
     # Set by resolve: SDXL's options validated against the model (None for SD 1.x/2.x).
     sdxl: SdxlOptions | None = field(default=None, init=False, compare=False)
 
@@ -361,6 +367,9 @@ def resolve(options: GenerationOptions, manifest: Manifest) -> GenerationOptions
         allowed = "0 when cfg_scale <= 1 (no guidance runs to rescale)"
         raise InvalidOption("guidance_rescale", o["guidance_rescale"], allowed)
     _check_latents(manifest, o)
+    o["controlnets"] = check_units(o["controlnets"])
+    if not isinstance(o["control_maps"], bool):
+        raise InvalidOption("control_maps", o["control_maps"], "True or False")
     resolved = GenerationOptions(**o)
     object.__setattr__(resolved, "sdxl", make_sdxl_options(manifest, {k: o[k] for k in SDXL_OPTIONS}))
     return resolved

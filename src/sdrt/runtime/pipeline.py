@@ -13,6 +13,7 @@ from sdrt.errors import Interrupted, InvalidOption
 from sdrt.runtime import editing, masks, sdxl
 from sdrt.runtime.checks import require_finite
 from sdrt.runtime.conditioning import Conditioner, TextEncoder, encode_prompts
+from sdrt.runtime.controlnet import ControlNetCache, prepare_controls
 from sdrt.runtime.denoiser import TextConditioning
 from sdrt.runtime.embeddings import EmbeddingDB
 from sdrt.runtime.image import to_pil
@@ -48,6 +49,7 @@ class Pipeline:
         self.train_sigmas = train_sigmas(manifest.scheduler)  # (N,) float32
         self.refiners = {}  # SDXL refiner folder -> its Pipeline, loaded once (sdxl.load_refiner)
         self.vae = Vae(manifest, self.engines, self.memory)
+        self.controlnets = ControlNetCache(self.backend)  # ControlNets by folder, loaded once (controlnet.py)
 
     @classmethod
     def load(
@@ -102,6 +104,9 @@ class Pipeline:
         )
         text, notes = self.encode_prompts(opts)
         notes["Lora hashes"] = infotext_hashes(active_loras, self.loras.files)
+        controls = prepare_controls(self, opts.controlnets, opts.width, opts.height)  # None without ControlNets
+        if controls is not None:
+            notes = {**notes, **controls.infotext()}
         refiner, decoder = None, self
         if opts.sdxl is not None and opts.sdxl.refiner is not None:  # SDXL's second stage, and its VAE decodes
             decoder = sdxl.load_refiner(self, opts.sdxl.refiner)
@@ -114,7 +119,7 @@ class Pipeline:
             start = None if opts.latents is None else opts.latents[batch]
             try:
                 final = sample(self, opts, schedule, opts.seeds[batch], latent_shape, text, start, bar,
-                               opts.subseeds[batch], edit=edit, refiner=refiner)  # fmt: skip
+                               opts.subseeds[batch], edit=edit, refiner=refiner, control=controls)  # fmt: skip
             except Interrupted:  # the callback stopped the run: keep the batches already finished
                 break
             if opts.output_type != "latent":
@@ -126,7 +131,7 @@ class Pipeline:
         images = editing.paste_back([im for batch in results for im in to_pil(batch)], edit)
         for im, seed, subseed in zip(images, opts.seeds[: len(images)], opts.subseeds[: len(images)], strict=True):
             im.info["parameters"] = write_infotext(opts, seed, subseed, self.model_infotext(), notes)
-        return images
+        return images + (controls.maps if opts.control_maps and controls is not None else [])
 
     def outpaint(self, image, prompt: str | None = None, left: int = 0, right: int = 0, up: int = 0, down: int = 0,
                  options: GenerationOptions | None = None, **kwargs):

@@ -10,11 +10,13 @@ from sdrt.runtime.rng import ImageNoise
 from sdrt.runtime.schedules import Schedule, resolve_config
 
 
-def sample(pipe, opts, schedule: Schedule, seeds, latent_shape, text, start, bar, subseeds, edit=None, refiner=None):
+def sample(pipe, opts, schedule: Schedule, seeds, latent_shape, text, start, bar, subseeds, edit=None, refiner=None,
+           control=None):  # fmt: skip
     """One batch -> (B, C, h, w) float32 latents for the VAE. PIPE: the Pipeline (engines, manifest, VAE).
 
     START: (B, C, h, w) latents replacing the drawn noise, or None. REFINER: (refiner Pipeline, its
-    TextConditioning), SDXL's second stage."""
+    TextConditioning), SDXL's second stage. CONTROL: the generation's ControlNets (controlnet.ControlSet), on the
+    base model's steps (the schedule after the img2img cut: guidance start/end are fractions of the steps run)."""
     manifest = pipe.manifest
     resize = opts.seed_resize_from
     noise = ImageNoise(  # noise() -> (B, C, h, w) float32, each image's own generator
@@ -36,7 +38,8 @@ def sample(pipe, opts, schedule: Schedule, seeds, latent_shape, text, start, bar
         noise.skip_initial()
         x = (start * np.float32(schedule.initial_noise_scale)).astype(np.float32)
     timesteps = dict(zip(schedule.sigmas[:-1].tolist(), schedule.timesteps.tolist(), strict=True))
-    stages = [(schedule, denoiser(pipe, opts, timesteps, text.repeat(batch), conditioning))]
+    control_hook = None if control is None else control.hook(schedule.sigmas)
+    stages = [(schedule, denoiser(pipe, opts, timesteps, text.repeat(batch), conditioning, control_hook))]
     if refiner is not None:  # SDXL: the refiner's UNet takes over at refiner_switch_at (diffusers' handoff)
         refiner_pipe, refiner_text = refiner
         parts = sdxl.split_schedule(schedule, opts.sdxl.refiner_switch_at, manifest.scheduler.num_train_timesteps)
@@ -58,8 +61,9 @@ def sample(pipe, opts, schedule: Schedule, seeds, latent_shape, text, start, bar
     return require_finite((x * np.float32(schedule.final_scale)).astype(np.float32), "latents", manifest)
 
 
-def denoiser(pipe, opts, timesteps: dict, text, conditioning=None) -> Denoiser:
-    """D(x, sigma) around PIPE's UNet with guidance; CONDITIONING: an inpainting UNet's extra channels."""
+def denoiser(pipe, opts, timesteps: dict, text, conditioning=None, control=None) -> Denoiser:
+    """D(x, sigma) around PIPE's UNet with guidance; CONDITIONING: an inpainting UNet's extra channels; CONTROL: a
+    controlnet.ControlHook adding ControlNet residuals."""
     return Denoiser(
         pipe.engines["unet"],
         pipe.manifest.prediction_type,
@@ -69,6 +73,7 @@ def denoiser(pipe, opts, timesteps: dict, text, conditioning=None) -> Denoiser:
         opts.cfg_scale,
         guidance_rescale=opts.guidance_rescale,
         conditioning=conditioning,
+        control=control,
     )
 
 

@@ -18,7 +18,7 @@ from fastapi.staticfiles import StaticFiles
 from sdrt.errors import InvalidOption, SdrtError
 from sdrt.runtime import masks
 from sdrt.runtime.image import to_pil
-from sdrt.server import a1111
+from sdrt.server import a1111, controlnet_api
 from sdrt.server.codec import ImageTooLarge, UndecodableImage, decode_image, encode_png
 from sdrt.server.jobs import Job, QueueFull, Worker
 from sdrt.server.pnginfo import png_info_response
@@ -72,6 +72,7 @@ class Server:
     def prepare(self, kind: str, req) -> Job:
         """Validate REQ completely and build its job; errors here answer the request before it queues."""
         a1111.apply_infotext(req, self.options)
+        controlnet_units = controlnet_api.take_units(req)  # the ControlNet extension's alwayson script
         a1111.check_supported(req)
         self.check_limits(req)
         opts = a1111.settings(req, self.options, self.titles)
@@ -81,6 +82,8 @@ class Server:
             self.add_img2img(req, kwargs)
         if kind == "outpaint":
             image, amounts = self.add_outpaint(req, kwargs)
+        controlnet_api.add_units(controlnet_units, kwargs, self)
+        if kind == "outpaint":
 
             def run(callback):
                 return pipe.outpaint(image, **amounts, callback=callback, progress=False, **kwargs)
@@ -189,6 +192,7 @@ def create_app(pipe, limits: Limits | None = None, credentials: dict[str, str] |
     app.state.server = server
     install_error_handlers(app)
     add_routes(app, server)
+    controlnet_api.add_routes(app, server)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     app.add_middleware(BodyLimit, max_bytes=server.limits.max_body_bytes)
     if credentials:
@@ -345,7 +349,9 @@ def parse_credentials(text: str) -> dict[str, str]:
     return pairs
 
 
-def serve(model_dir, host: str, port: int, api_auth: str | None, backend: str, limits: Limits, loras=None) -> int:
+def serve(
+    model_dir, host: str, port: int, api_auth: str | None, backend: str, limits: Limits, loras=None, controlnet_dir=None
+) -> int:
     """Load the model once and serve until interrupted."""
     try:
         import uvicorn
@@ -355,6 +361,7 @@ def serve(model_dir, host: str, port: int, api_auth: str | None, backend: str, l
 
     credentials = parse_credentials(api_auth) if api_auth else None
     pipe = Pipeline.load(model_dir, backend=backend, loras=loras)
+    pipe.controlnets.directory = None if controlnet_dir is None else Path(controlnet_dir)  # /controlnet/model_list
     app = create_app(pipe, limits, credentials)
     if host not in LOOPBACK and not credentials:
         print(f"sdrt serve: note: {host} without --api-auth: whoever reaches this port can use it", file=sys.stderr)

@@ -1,0 +1,552 @@
+"""ControlNet at run time (Zhang et al. 2023): units as A1111's ControlNet extension takes them, control maps, and the
+residuals each denoiser call adds to the UNet (the model's `unet_controlnet` graph).
+
+How a unit acts, as the extension does it (`scripts/hook.py`, `scripts/controlnet.py`) and diffusers' ControlNet
+pipelines:
+- The ControlNet sees the UNet's scaled input x / sqrt(sigma^2 + 1) (4 channels, also for inpainting UNets), the
+  timestep, the text embeddings (SDXL: pooled + time ids) and the control map in [0, 1]. Its residuals, times the
+  unit's scales, are summed over units and added to the UNet's skip connections and mid block.
+- Control mode "Balanced": every residual times `weight`, for both guidance halves (diffusers' default).
+  "My prompt is more important": soft injection, residual i of n times weight * 10 ** (-(n - 1 - i) / (n - 1)),
+  from 0.1 to 1 at the mid block (diffusers' guess-mode scales; for SD 1.x's 13 residuals that is 0.8254 ** (12 - i),
+  within 0.6% of the extension's 0.825 ** (12 - i)), on both halves.
+  "ControlNet is more important": the same soft scales, on the conditional half only (the extension's
+  cfg_injection, diffusers' guess_mode).
+  ControlNets with global_pool_conditions (shuffle) give spatial means, on the conditional half only.
+- Guidance start/end: step i of the n steps run uses the unit when not (i / n < start or (i + 1) / n > end)
+  (diffusers' controlnet_keep). The extension's rule (i / n within [start, end]) runs one step more at the end.
+"""
+
+import json
+import math
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from sdrt.errors import InvalidOption, ModelError
+from sdrt.runtime.control_preprocess import MODULE_ALIASES, PREPROCESSORS
+
+CONTROLNET_MANIFEST = "controlnet.json"
+CONTROLNET_FORMAT = "sdrt-controlnet"
+CONTROLNET_VERSION = 1
+UNET_CONTROLNET = "unet_controlnet"
+CONTROL_MODES = ("Balanced", "My prompt is more important", "ControlNet is more important")
+RESIZE_MODES = ("Just Resize", "Crop and Resize", "Resize and Fill")  # the extension's labels, its order
+# Older names the extension's API still accepts.
+RESIZE_ALIASES = {"Inner Fit (Scale to Fit)": "Crop and Resize", "Envelope (Outer Fit)": "Resize and Fill"}
+SOFT_INJECTION_RANGE = 0.1  # soft injection scales residuals from 0.1 (the first) to 1 (the mid block's)
+MAX_WEIGHT = 2.0  # the extension's "Control Weight" slider: 0 to 2
+DEFAULT_PROCESSOR_RES = 512  # the extension's "Preprocessor Resolution"
+MIN_PROCESSOR_RES, MAX_PROCESSOR_RES = 64, 2048
+
+
+def controlnet_family(config: dict) -> str:
+    """sdxl (added text/time conditioning), sd2 (1024-wide cross-attention or linear projections) or sd1."""
+    if config.get("addition_embed_type") == "text_time":
+        return "sdxl"
+    return "sd2" if config.get("cross_attention_dim") == 1024 or config.get("use_linear_projection") else "sd1"
+
+
+def short_hash(sha256: str) -> str:
+    """The extension's model hash in names: the first 8 hex digits of the file's sha256."""
+    return sha256[:8]
+
+
+@dataclass(frozen=True)
+class ControlNetInfo:
+    """An exported ControlNet folder's controlnet.json, validated."""
+
+    folder: Path
+    family: str
+    name: str
+    sha256: str
+    precision: str
+    global_pool_conditions: bool
+    inputs: tuple[str, ...]
+    residuals: tuple[tuple[str, int], ...]  # (output name, channels) in order: down residuals, then mid
+
+    @property
+    def title(self) -> str:
+        """The extension's model_list entry: "name [hash]"."""
+        return f"{self.name} [{short_hash(self.sha256)}]" if self.sha256 else self.name
+
+    @property
+    def model_file(self) -> Path:
+        return self.folder / self.file
+
+    file: str = "controlnet/model.onnx"
+
+    @classmethod
+    def load(cls, folder) -> "ControlNetInfo":
+        folder = Path(folder)
+        path = folder / CONTROLNET_MANIFEST
+        if not path.is_file():
+            raise ModelError(
+                f"{str(folder)!r} is not a ControlNet exported by `sdrt export-controlnet` (no {CONTROLNET_MANIFEST})"
+            )
+        try:
+            data = json.loads(path.read_text())
+            if data.get("format") != CONTROLNET_FORMAT or data.get("version") != CONTROLNET_VERSION:
+                raise ModelError(
+                    f"{str(path)!r} is not an sdrt ControlNet manifest of version {CONTROLNET_VERSION}: "
+                    "re-export it with this sdrt"
+                )
+            model = data["model"]
+            info = cls(
+                folder=folder,
+                family=data["family"],
+                name=data["name"],
+                sha256=data["source"].get("sha256", ""),
+                precision=data["precision"],
+                global_pool_conditions=bool(data.get("global_pool_conditions", False)),
+                inputs=tuple(t["name"] for t in model["inputs"]),
+                residuals=tuple((t["name"], int(t["shape"][1])) for t in model["outputs"]),
+                file=model["file"],
+            )
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ModelError(f"{str(path)!r} is incomplete or malformed ({e})") from None
+        if not info.model_file.is_file():
+            raise ModelError(f"model file {str(info.model_file)!r} is missing")
+        return info
+
+
+@dataclass(frozen=True)
+class ControlNetUnit:
+    """One ControlNet of a generation, with the A1111 extension's field names and defaults.
+
+    `model`: an exported ControlNet folder (`sdrt export-controlnet`), or its name/title in the pipeline's
+    `controlnet_dir`. `image`: a PIL image, a path or an (H, W, 3) uint8 array; the preprocessor `module` turns it
+    into the control map (`none`: the image is the map). `weight` 0 to 2; `guidance_start`/`guidance_end` fractions
+    of the steps run; `control_mode` and `resize_mode` as the extension's labels (or their indices 0, 1, 2);
+    `processor_res` the preprocessor's resolution (short side, pixels); `threshold_a`/`threshold_b` the module's
+    parameters (None: its defaults; canny: low 100, high 200); `pixel_perfect` picks processor_res from the
+    generation size."""
+
+    model: object
+    image: object = None
+    module: str = "none"
+    weight: float = 1.0
+    guidance_start: float = 0.0
+    guidance_end: float = 1.0
+    control_mode: str = "Balanced"
+    resize_mode: str = "Crop and Resize"
+    processor_res: int = DEFAULT_PROCESSOR_RES
+    threshold_a: float | None = None
+    threshold_b: float | None = None
+    pixel_perfect: bool = False
+    enabled: bool = True
+
+
+def _number(field: str, value, low: float, high: float) -> float:
+    ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+    if not ok or math.isnan(value) or not low <= value <= high:
+        raise InvalidOption(field, value, f"a number from {low:g} to {high:g}")
+    return float(value)
+
+
+def _label(field: str, value, labels: tuple[str, ...], aliases: dict | None = None) -> str:
+    """A label by name (case-insensitive, aliases too) or by index, as the extension's API accepts both."""
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool) and 0 <= value < len(labels):
+        return labels[int(value)]
+    if isinstance(value, str):
+        for label in (*labels, *(aliases or {})):
+            if value.strip().lower() == label.lower():
+                return (aliases or {}).get(label, label)
+    allowed = ", ".join(f"{i} or {label!r}" for i, label in enumerate(labels))
+    raise InvalidOption(field, value, allowed)
+
+
+def module_name(value, field: str = "module") -> str:
+    """The extension's module name for VALUE (aliases accepted), or InvalidOption listing the modules."""
+    if isinstance(value, str):
+        name = MODULE_ALIASES.get(value.strip().lower(), value.strip().lower())
+        if name in PREPROCESSORS:
+            return name
+    raise InvalidOption(
+        field, value, "one of " + ", ".join(PREPROCESSORS) + " (aliases: " + ", ".join(MODULE_ALIASES) + ")"
+    )
+
+
+def check_unit(unit, index: int) -> ControlNetUnit:
+    """UNIT with every field validated (errors name `controlnets[INDEX].field`), labels normalised and the module's
+    threshold defaults filled in."""
+    where = f"controlnets[{index}]"
+    if not isinstance(unit, ControlNetUnit):
+        raise InvalidOption(where, type(unit).__name__, "a ControlNetUnit")
+    module = module_name(unit.module, f"{where}.module")
+    pre = PREPROCESSORS[module]
+    start = _number(f"{where}.guidance_start", unit.guidance_start, 0, 1)
+    end = _number(f"{where}.guidance_end", unit.guidance_end, 0, 1)
+    if end < start:
+        raise InvalidOption(
+            f"{where}.guidance_end", unit.guidance_end, f"a number from guidance_start ({start:g}) to 1"
+        )
+    thresholds = {}
+    for name, spec in (("threshold_a", pre.threshold_a), ("threshold_b", pre.threshold_b)):
+        value = getattr(unit, name)
+        if spec is None or value is None or (isinstance(value, (int, float)) and value == -1):
+            thresholds[name] = None if spec is None else float(spec[0])  # -1: the API's "module default"
+        else:
+            thresholds[name] = _number(f"{where}.{name}", value, spec[1], spec[2])
+    res = unit.processor_res
+    if isinstance(res, (int, float)) and not isinstance(res, bool) and res == -1:
+        res = DEFAULT_PROCESSOR_RES
+    if (
+        isinstance(res, bool)
+        or not isinstance(res, (int, np.integer))
+        or not MIN_PROCESSOR_RES <= res <= MAX_PROCESSOR_RES
+    ):
+        raise InvalidOption(
+            f"{where}.processor_res", res, f"an integer from {MIN_PROCESSOR_RES} to {MAX_PROCESSOR_RES}"
+        )
+    for name in ("pixel_perfect", "enabled"):
+        if not isinstance(getattr(unit, name), bool):
+            raise InvalidOption(f"{where}.{name}", getattr(unit, name), "True or False")
+    if unit.image is None:
+        raise InvalidOption(f"{where}.image", None, "a control image (PIL image, path or (H, W, 3) uint8 array)")
+    return replace(
+        unit,
+        module=module,
+        weight=_number(f"{where}.weight", unit.weight, 0, MAX_WEIGHT),
+        guidance_start=start,
+        guidance_end=end,
+        control_mode=_label(f"{where}.control_mode", unit.control_mode, CONTROL_MODES),
+        resize_mode=_label(f"{where}.resize_mode", unit.resize_mode, RESIZE_MODES, RESIZE_ALIASES),
+        processor_res=int(res),
+        **thresholds,
+    )
+
+
+def load_control_image(image, field: str) -> np.ndarray:
+    """(H, W, 3) uint8 RGB from a PIL image, a path or an array; InvalidOption naming FIELD otherwise."""
+    from sdrt.runtime import masks
+
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (1, 3, 4)):
+            raise InvalidOption(field, f"array {image.dtype} {image.shape}", "an (H, W, 3) uint8 array")
+        image = Image.fromarray(image if image.ndim == 2 or image.shape[2] != 1 else image[..., 0])
+    pil = masks.load_image(image, field)
+    return np.asarray(pil.convert("RGB"))
+
+
+def pixel_perfect_resolution(raw: tuple[int, int], target: tuple[int, int], resize_mode: str) -> int:
+    """The extension's pixel-perfect preprocessor resolution: the image's short side after the resize that maps it
+    onto the target (the larger scale for cropping, the smaller for filling). raw, target: (height, width)."""
+    k0, k1 = target[0] / raw[0], target[1] / raw[1]
+    k = min(k0, k1) if resize_mode == "Resize and Fill" else max(k0, k1)
+    return int(round(k * min(raw)))
+
+
+def resize_short_side(image: np.ndarray, resolution: int) -> np.ndarray:
+    """IMAGE scaled so its short side is RESOLUTION (bicubic up, area down: the extension's resize_image_with_pad)."""
+    h, w = image.shape[:2]
+    k = resolution / min(h, w)
+    size = (max(1, int(round(w * k))), max(1, int(round(h * k))))
+    if size == (w, h):
+        return image
+    resample = Image.Resampling.BICUBIC if k > 1 else Image.Resampling.BOX
+    return np.asarray(Image.fromarray(image).resize(size, resample))
+
+
+def fit_map(control_map: np.ndarray, width: int, height: int, resize_mode: str, binary: bool) -> np.ndarray:
+    """The control map at the generation size: "Just Resize" stretches, "Crop and Resize" scales to cover and crops
+    the centre, "Resize and Fill" scales to fit and fills the border with the map's median edge colour (the
+    extension's). Binary maps stay black and white (re-thresholded at 128)."""
+    h, w = control_map.shape[:2]
+    if (w, h) == (width, height):
+        return control_map
+
+    def resized(img, size):
+        if img.shape[1::-1] == size:
+            return img
+        return np.asarray(Image.fromarray(img).resize(size, Image.Resampling.LANCZOS))
+
+    if resize_mode == "Just Resize":
+        out = resized(control_map, (width, height))
+    elif resize_mode == "Crop and Resize":
+        k = max(width / w, height / h)
+        scaled = resized(control_map, (max(width, int(round(w * k))), max(height, int(round(h * k)))))
+        top, left = (scaled.shape[0] - height) // 2, (scaled.shape[1] - width) // 2
+        out = scaled[top : top + height, left : left + width]
+    else:
+        k = min(width / w, height / h)
+        scaled = resized(control_map, (min(width, max(1, int(round(w * k)))), min(height, max(1, int(round(h * k))))))
+        edges = np.concatenate([control_map[0], control_map[-1], control_map[:, 0], control_map[:, -1]])
+        out = np.empty((height, width, 3), np.uint8)
+        out[:] = np.median(edges, axis=0).astype(np.uint8)
+        top, left = (height - scaled.shape[0]) // 2, (width - scaled.shape[1]) // 2
+        out[top : top + scaled.shape[0], left : left + scaled.shape[1]] = scaled
+    if binary:
+        out = np.where(out >= 128, 255, 0).astype(np.uint8)
+    return np.ascontiguousarray(out)
+
+
+def control_map(unit: ControlNetUnit, width: int, height: int, field: str) -> np.ndarray:
+    """UNIT's (checked) control map at width x height: (height, width, 3) uint8."""
+    image = load_control_image(unit.image, f"{field}.image")
+    pre = PREPROCESSORS[unit.module]
+    if pre.uses_resolution:
+        res = pixel_perfect_resolution(image.shape[:2], (height, width), unit.resize_mode) if unit.pixel_perfect else (
+            unit.processor_res)  # fmt: skip
+        image = resize_short_side(image, max(MIN_PROCESSOR_RES, res))
+    mapped = pre.run(image, unit.threshold_a, unit.threshold_b)
+    return fit_map(np.ascontiguousarray(mapped, dtype=np.uint8), width, height, unit.resize_mode, pre.binary)
+
+
+class ControlNetCache:
+    """A pipeline's ControlNets by folder: their manifests and engines, loaded once; `directory` (optional) is
+    where names are looked up (the server's --controlnet-dir)."""
+
+    def __init__(self, backend: str, directory=None):
+        self.backend = backend
+        self.directory = None if directory is None else Path(directory)
+        self.loaded: dict[str, tuple[ControlNetInfo, object]] = {}
+
+    def available(self) -> list[ControlNetInfo]:
+        """The exported ControlNets in `directory`, sorted by name."""
+        if self.directory is None or not self.directory.is_dir():
+            return []
+        found = []
+        for folder in sorted(p for p in self.directory.iterdir() if (p / CONTROLNET_MANIFEST).is_file()):
+            try:
+                found.append(ControlNetInfo.load(folder))
+            except ModelError:
+                continue
+        return found
+
+    def resolve(self, model, field: str) -> Path:
+        """MODEL (a folder, or a name/title in `directory`) -> the ControlNet folder; InvalidOption if none."""
+        if isinstance(model, (str, Path)) and str(model).strip():
+            path = Path(model)
+            if (path / CONTROLNET_MANIFEST).is_file():
+                return path
+            for info in self.available():
+                if str(model) in (info.name, info.title, info.folder.name):
+                    return info.folder
+        names = [info.title for info in self.available()]
+        allowed = "an exported ControlNet folder" + (f" or one of: {', '.join(names)}" if names else "")
+        raise InvalidOption(f"{field}.model", model, allowed)
+
+    def get(self, model, field: str) -> tuple[ControlNetInfo, object]:
+        from sdrt.engines import create_engine
+
+        folder = self.resolve(model, field)
+        key = str(folder.resolve())
+        if key not in self.loaded:
+            info = ControlNetInfo.load(folder)
+            self.loaded[key] = (info, create_engine(info.model_file, self.backend))
+        return self.loaded[key]
+
+
+@dataclass
+class PreparedUnit:
+    unit: ControlNetUnit
+    info: ControlNetInfo
+    engine: object
+    cond: np.ndarray  # (1, 3, H, W) float32 in [0, 1]
+    scales: np.ndarray  # (n,) float32: each residual's factor
+    cond_only: bool  # residuals on the conditional half only (cfg injection, global pooling)
+
+
+@dataclass
+class ControlSet:
+    """The ControlNets of one generation, ready to run: `hook(sigmas, batch)` gives a denoiser's ControlHook."""
+
+    units: list[PreparedUnit]
+    unet: object  # the model's unet_controlnet engine
+    maps: list[Image.Image] = field(default_factory=list)  # the control maps, in unit order
+
+    def hook(self, sigmas: np.ndarray) -> "ControlHook":
+        return ControlHook(self, np.asarray(sigmas, np.float64))
+
+    def infotext(self) -> dict:
+        """The extension's infotext entries: "ControlNet i": "Module: canny, Model: name [hash], Weight: 1, ..."."""
+        from sdrt.runtime.image import format_number
+
+        entries = {}
+        for i, p in enumerate(self.units):
+            u = p.unit
+            fields = {
+                "Module": u.module,
+                "Model": p.info.title,
+                "Weight": format_number(u.weight),
+                "Resize Mode": u.resize_mode,
+                "Processor Res": u.processor_res,
+                "Threshold A": format_number(u.threshold_a) if u.threshold_a is not None else None,
+                "Threshold B": format_number(u.threshold_b) if u.threshold_b is not None else None,
+                "Guidance Start": format_number(u.guidance_start),
+                "Guidance End": format_number(u.guidance_end),
+                "Pixel Perfect": u.pixel_perfect,
+                "Control Mode": u.control_mode,
+            }
+            entries[f"ControlNet {i}"] = ", ".join(f"{k}: {v}" for k, v in fields.items() if v is not None)
+        return entries
+
+
+def unit_scales(unit: ControlNetUnit, n: int) -> np.ndarray:
+    """(n,) float32 factors of a unit's n residuals (down..., mid): weight, or the soft-injection weights."""
+    if unit.control_mode == "Balanced":
+        return np.full(n, unit.weight, np.float32)
+    return (unit.weight * np.logspace(np.log10(SOFT_INJECTION_RANGE), 0, n)).astype(np.float32)
+
+
+def check_units(units) -> tuple[ControlNetUnit, ...]:
+    """The generation option `controlnets` (None or a list of units), every unit checked (check_unit)."""
+    if units is None:
+        return ()
+    if not isinstance(units, (list, tuple)):
+        raise InvalidOption("controlnets", type(units).__name__, "a list of ControlNetUnit")
+    return tuple(check_unit(u, i) for i, u in enumerate(units))
+
+
+def load_units(pipeline, units) -> list[tuple[int, ControlNetUnit, ControlNetInfo, object]]:
+    """UNITS validated against PIPELINE's model, with their ControlNets (manifest, engine): (index, unit, info,
+    engine) of each enabled unit. Errors name `controlnets[i].field`."""
+    manifest = pipeline.manifest
+    enabled = [(i, u) for i, u in enumerate(check_units(units)) if u.enabled]
+    if enabled and UNET_CONTROLNET not in manifest.models:
+        raise ModelError(
+            f"{manifest.folder} has no {UNET_CONTROLNET} graph (the UNet that takes ControlNet residuals): add it with "
+            f"`sdrt export SOURCE -o {manifest.folder} --controlnet` (SOURCE: the checkpoint it was exported from)"
+        )
+    loaded = []
+    for i, unit in enabled:
+        where = f"controlnets[{i}]"
+        info, engine = pipeline.controlnets.get(unit.model, where)
+        inputs = manifest.models[UNET_CONTROLNET]["inputs"]
+        channels = {t["name"]: t["shape"][1] for t in inputs if len(t["shape"]) == 4}
+        fits = all(channels.get(name) == c for name, c in info.residuals)
+        if info.family != manifest.family or not fits:
+            raise InvalidOption(
+                f"{where}.model", info.title,
+                f"a ControlNet for {manifest.family} models (this one is for {info.family}"
+                + ("" if fits else ": its residuals do not fit this UNet") + ")",
+            )  # fmt: skip
+        loaded.append((i, unit, info, engine))
+    return loaded
+
+
+def prepare_controls(pipeline, units, width: int, height: int) -> ControlSet | None:
+    """Validate UNITS against PIPELINE's model, load their ControlNets and make their control maps; None if no unit
+    is enabled."""
+    loaded = load_units(pipeline, units)
+    if not loaded:
+        return None
+    prepared, maps = [], []
+    for i, unit, info, engine in loaded:
+        mapped = control_map(unit, width, height, f"controlnets[{i}]")
+        maps.append(Image.fromarray(mapped))
+        cond = (mapped.astype(np.float32) / 255).transpose(2, 0, 1)[None]  # (1, 3, H, W) in [0, 1]
+        cond_only = unit.control_mode == "ControlNet is more important" or info.global_pool_conditions
+        prepared.append(PreparedUnit(unit, info, engine, cond, unit_scales(unit, len(info.residuals)), cond_only))
+    return ControlSet(prepared, pipeline.engines[UNET_CONTROLNET], maps)
+
+
+class ControlHook:
+    """The residual feeds of one denoiser call: each active unit's ControlNet run on the call's inputs, scaled and
+    summed (None when no unit is active at this step: the plain UNet runs)."""
+
+    def __init__(self, controls: ControlSet, sigmas: np.ndarray):
+        self.controls = controls
+        self.sigmas = sigmas[:-1]  # (n,) the steps' starting sigmas, decreasing
+
+    @property
+    def unet(self):
+        return self.controls.unet
+
+    def step_index(self, sigma: float) -> int:
+        """The step whose interval holds SIGMA (intermediate sigmas of second-order samplers included)."""
+        i = int(np.sum(self.sigmas >= np.float64(sigma) * (1 - 1e-6))) - 1
+        return min(max(i, 0), len(self.sigmas) - 1)
+
+    def active(self, unit: ControlNetUnit, i: int) -> bool:
+        n = len(self.sigmas)
+        return not (i / n < unit.guidance_start or (i + 1) / n > unit.guidance_end)
+
+    def __call__(self, sample: np.ndarray, timestep: np.ndarray, text: dict, sigma: float, guided: bool):
+        """sample (2B or B, C, h, w) scaled latents (uncond half first), timestep (2B or B,), text: the UNet's text
+        feeds -> {residual name: (2B or B, c, h', w') float32} or None."""
+        i = self.step_index(sigma)
+        total = None
+        for p in self.controls.units:
+            if not self.active(p.unit, i) or p.unit.weight == 0:
+                continue
+            half = guided and p.cond_only
+            rows = slice(len(sample) // 2, None) if half else slice(None)
+            feeds = {"sample": sample[rows], "timestep": timestep[rows]}
+            for name in p.info.inputs:
+                if name in text:
+                    feeds[name] = text[name][rows]
+            feeds["controlnet_cond"] = np.repeat(p.cond, len(feeds["sample"]), axis=0)
+            out = p.engine.run(feeds)
+            for k, (name, _) in enumerate(p.info.residuals):
+                r = out[name] * p.scales[k]  # global_pool_conditions: (rows, c, 1, 1) means, the UNet broadcasts
+                if half:  # the unconditional half gets no control
+                    r = np.concatenate([np.zeros_like(r), r])
+                total = total or {}
+                total[name] = r if name not in total else total[name] + r
+        if total is None:
+            return None
+        return {name: np.ascontiguousarray(r, dtype=np.float32) for name, r in total.items()}
+
+
+# ControlNetUnit's settable fields as text (CLI key=value pairs, infotext entries): name -> converter.
+UNIT_TEXT_FIELDS = {
+    "module": str,
+    "model": str,
+    "weight": float,
+    "guidance_start": float,
+    "guidance_end": float,
+    "control_mode": str,
+    "resize_mode": str,
+    "processor_res": int,
+    "threshold_a": float,
+    "threshold_b": float,
+    "pixel_perfect": lambda v: {"true": True, "false": False}[v.strip().lower()],
+}
+# The extension's infotext keys (its `scripts/infotext.py`, fields in title case) -> unit fields.
+INFOTEXT_KEYS = {
+    "Module": "module",
+    "Model": "model",
+    "Weight": "weight",
+    "Resize Mode": "resize_mode",
+    "Processor Res": "processor_res",
+    "Threshold A": "threshold_a",
+    "Threshold B": "threshold_b",
+    "Guidance Start": "guidance_start",
+    "Guidance End": "guidance_end",
+    "Pixel Perfect": "pixel_perfect",
+    "Control Mode": "control_mode",
+}
+
+
+def unit_fields(text: dict[str, str], where: str) -> dict:
+    """{unit field: typed value} from {unit field: text}; InvalidOption naming `where.field` for an unknown field or a
+    value that does not convert."""
+    out = {}
+    for name, value in text.items():
+        if name not in UNIT_TEXT_FIELDS:
+            raise InvalidOption(f"{where}", name, "a ControlNet unit field: " + ", ".join(UNIT_TEXT_FIELDS))
+        try:
+            out[name] = UNIT_TEXT_FIELDS[name](value)
+        except (ValueError, KeyError):
+            kind = {float: "a number", int: "an integer", str: "text"}.get(UNIT_TEXT_FIELDS[name], "true or false")
+            raise InvalidOption(f"{where}.{name}", value, kind) from None
+    return out
+
+
+def infotext_units(params: dict) -> list[dict]:
+    """The units an infotext records (parse_infotext's dict: "ControlNet 0": "Module: canny, Model: ..., ..."), as
+    ControlNetUnit keyword arguments without the image, in unit order."""
+    units = []
+    keys = sorted((int(k.split()[-1]), k) for k in params if k.startswith("ControlNet ") and k.split()[-1].isdigit())
+    for _, key in keys:
+        text = {}
+        for pair in str(params[key]).split(", "):
+            label, _, value = pair.partition(": ")
+            if label.strip() in INFOTEXT_KEYS:
+                text[INFOTEXT_KEYS[label.strip()]] = value.strip()
+        units.append(unit_fields(text, key))
+    return units
