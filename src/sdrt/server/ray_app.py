@@ -21,6 +21,7 @@ with `import_path: sdrt.server.ray_app:build_app` and these `args`) runs it on a
 """
 
 import asyncio
+import logging
 import math
 import os
 import sys
@@ -34,6 +35,7 @@ from sdrt.runtime.errors import InvalidOption, SdrtError
 INGRESS_MAX_ONGOING = 1000  # the ingress only waits on handles: requests it holds at once
 SECONDS_GUESS = 5.0  # a job's duration before the first one finished (for Retry-After)
 DURATION_SMOOTHING = 0.3  # weight of the newest job in the running mean of job durations
+log = logging.getLogger("ray.serve")  # Ray Serve's replica logger: the replica's log file and the driver's stderr
 
 
 @dataclass(frozen=True)
@@ -273,6 +275,7 @@ class Generator:
 
         counts = [g.kwargs.get("batch_size", 1) for g in generations]
         offsets = [sum(counts[:i]) for i in range(len(counts))]
+        log.info("sdrt batch: %d requests, %d images in one batched Pipeline call", len(generations), sum(counts))
         reporter = Reporter(board, self.pipe, generations, offsets)
         try:
             out = batching.generate_batch(self.pipe, [g.batch_request() for g in generations], callback=reporter)
@@ -382,7 +385,7 @@ def serve_ray(options: RayOptions, host: str, port: int, api_auth: str | None, l
     from sdrt.server.app import LOOPBACK, parse_credentials
 
     credentials = parse_credentials(api_auth) if api_auth else None
-    ray.init(address=address, include_dashboard=False, logging_level="warning")
+    ray.init(address=address or "local", include_dashboard=False, logging_level="warning")
     try:
         serve.start(http_options={"host": host, "port": port})
         serve.run(build(options, limits, credentials), name="sdrt", route_prefix="/")
