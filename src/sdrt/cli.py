@@ -239,6 +239,10 @@ RAY_ONLY = ("address", "replicas", "min_replicas", "max_replicas", "target_ongoi
 
 def serve_ray(args, limits) -> int:
     """`sdrt serve --ray`: the same app over Ray Serve replicas (server/ray_app.py)."""
+    if args.address is None:
+        # A cluster of this machine alone: Ray binds its processes to loopback, not the machine's network
+        # address, when it counts as a one-machine cluster. Read when ray is imported.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     try:
         from sdrt.server.ray_app import RayOptions, serve_ray
     except ImportError as e:
