@@ -93,8 +93,13 @@ class RayOptions:
 
 
 def gpus_in_cluster() -> float:
+    """The cluster's GPUs; 0 where Ray is not started yet (`serve run` builds the app first: set
+    gpus_per_replica there)."""
     import ray
 
+    if not ray.is_initialized():
+        print("sdrt: Ray not started while building the app: gpus_per_replica 0 unless set", file=sys.stderr)
+        return 0.0
     return float(ray.cluster_resources().get("GPU", 0))
 
 
