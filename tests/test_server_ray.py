@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 import requests
-from server_fixture import decode_b64, start_server, stop_server
+from server_fixture import decode_b64, gradient, png_b64, start_server, stop_server
 
 pytest.importorskip("fastapi", reason="the serve extra is not installed")
 pytest.importorskip("ray.serve", reason="the ray extra is not installed: pip install 'sdrt[ray]'")
@@ -110,6 +110,12 @@ def test_ray_answers_as_one_process(ray_server, tiny_pipeline):
         got = decode_b64(b64)
         assert np.array_equal(pixels(got), pixels(image)) and got.info["parameters"] == text
         assert text == image.info["parameters"]
+    init = png_b64(gradient())  # img2img and outpaint carry images to the replica
+    edited = ray_server.post("/sdapi/v1/img2img", {"prompt": "x", **SMALL, "init_images": [init], "seed": 4})
+    assert edited.status_code == 200 and "Denoising strength: 0.75" in json.loads(edited.json()["info"])["infotexts"][0]
+    narrow = png_b64(gradient(56, 64))
+    wider = ray_server.post("/sdrt/v1/outpaint", {"prompt": "x", "steps": 4, "image": narrow, "left": 8, "seed": 4})
+    assert wider.status_code == 200 and decode_b64(wider.json()["images"][0]).size == (64, 64), wider.text
     assert requests.get(ray_server.url + "/sdapi/v1/sd-models", timeout=10).status_code == 401
     assert requests.get(ray_server.url + "/", auth=("sdrt", "wrong"), timeout=10).status_code == 401
     page = ray_server.get("/")
