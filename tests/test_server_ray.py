@@ -18,6 +18,8 @@ import pytest
 import requests
 from server_fixture import decode_b64, gradient, png_b64, start_server, stop_server
 
+from sdrt.runtime.errors import InvalidOption
+
 pytest.importorskip("fastapi", reason="the serve extra is not installed")
 pytest.importorskip("ray.serve", reason="the ray extra is not installed: pip install 'sdrt[ray]'")
 psutil = pytest.importorskip("psutil")
@@ -95,6 +97,27 @@ def txt2img_retrying(server, attempts: int = 10, **fields) -> dict:
 
 def pixels(image) -> np.ndarray:
     return np.asarray(image.convert("RGB"), dtype=np.int16)
+
+
+def test_ray_flags_checked_before_ray_starts(tiny_sd, capsys):
+    """Bad --ray values (and Ray flags without --ray) exit with code 2 naming the flag, before any cluster."""
+    from sdrt.cli import main
+    from sdrt.server.ray_app import RayOptions
+
+    model = str(tiny_sd[1])
+    assert main(["serve", "-m", model, "--replicas", "2"]) == 2
+    assert "--replicas: got '2'; allowed: only with --ray" in capsys.readouterr().err
+    assert main(["serve", "-m", model, "--ray", "--replicas", "zero"]) == 2
+    assert "replicas: got 'zero'" in capsys.readouterr().err
+    assert main(["serve", "-m", model, "--ray", "--min-replicas", "5"]) == 2
+    assert "min_replicas: got 5; allowed: 1 to max_replicas (4)" in capsys.readouterr().err
+    assert main(["serve", "-m", str(tiny_sd[1].parent), "--ray"]) == 2  # not an exported folder
+    options = RayOptions.from_args({"model": model, "replicas": "auto", "max_batch_size": "8", "batch_wait_s": "0"})
+    assert options.max_batch_size == 8 and options.ongoing() == 16 and options.batch_wait_s == 0.0
+    with pytest.raises(InvalidOption, match="max_batch_size: got 'many'"):
+        RayOptions.from_args({"model": model, "max_batch_size": "many"})
+    with pytest.raises(InvalidOption, match="colour"):
+        RayOptions.from_args({"model": model, "colour": "red"})
 
 
 def test_ray_answers_as_one_process(ray_server, tiny_pipeline):

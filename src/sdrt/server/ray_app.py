@@ -206,7 +206,8 @@ class Reporter:
             for generation, offset in zip(self.generations, self.offsets, strict=True):
                 images[generation.task_id] = preview_png(self.pipe, denoised[offset : offset + 1])
         answer = self.board.step.remote(self.task_ids, step, total, images)
-        self.pending = self.pending or answer
+        if self.pending is None:
+            self.pending = answer
 
     def close(self) -> None:
         self.board.end.remote(self.task_ids)
