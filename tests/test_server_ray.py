@@ -120,6 +120,47 @@ def test_ray_flags_checked_before_ray_starts(tiny_sd, capsys):
         RayOptions.from_args({"model": model, "colour": "red"})
 
 
+def test_ray_backend_maps_ray_errors_to_429_and_503():
+    """A full Ray Serve queue is QueueFull (HTTP 429), a lost replica Unavailable (HTTP 503), both with a
+    Retry-After of at least 1 s; the JobBoard forgets the job either way. (The load test below rarely sees a 503:
+    Ray Serve re-sends a dead replica's requests where it can.)"""
+    import asyncio
+
+    from ray.exceptions import ActorDiedError
+    from ray.serve.exceptions import BackPressureError
+
+    from sdrt.server.generation import Generation
+    from sdrt.server.jobs import QueueFull, Unavailable
+    from sdrt.server.ray_app import RayBackend, RayOptions
+
+    class Fake:  # .generate.remote(...) and .end.remote(...) as a DeploymentHandle and an actor handle
+        def __init__(self, error):
+            self.error, self.ended = error, []
+            self.generate = self.end = self
+
+        def remote(self, *args):
+            if args and isinstance(args[0], list):
+                self.ended.extend(args[0])
+                return None
+
+            async def fail():
+                raise self.error
+
+            return fail()
+
+    for error, expected in ((BackPressureError(9, 8), QueueFull), (ActorDiedError(), Unavailable)):
+        fake = Fake(error)
+        backend = RayBackend(fake, None, fake, RayOptions(model="m"))
+        generation = Generation("txt2img", "a cat", {}, 1, task_id="task(x)")
+
+        async def run(backend=backend, generation=generation):
+            return await backend.submit(generation)
+
+        with pytest.raises(expected) as caught:
+            asyncio.run(run())
+        assert caught.value.retry_after >= 1 and fake.ended == ["task(x)"]
+
+
 def test_ray_answers_as_one_process(ray_server, tiny_pipeline):
     """A1111's response; images bit for bit Pipeline.generate's (batch_size 2 x n_iter 2 runs alone); auth."""
     body = txt2img(ray_server, seed=11, batch_size=2, n_iter=2, cfg_scale=5, sampler_name="Euler a")
