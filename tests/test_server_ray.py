@@ -18,7 +18,7 @@ import pytest
 import requests
 from server_fixture import decode_b64, gradient, png_b64, start_server, stop_server
 
-from sdrt.runtime.errors import InvalidOption
+from sdrt.errors import InvalidOption
 
 pytest.importorskip("fastapi", reason="the serve extra is not installed")
 pytest.importorskip("ray.serve", reason="the ray extra is not installed: pip install 'sdrt[ray]'")

@@ -6,25 +6,23 @@ prompt; nothing about image i depends on the other images of its batch. So reque
 alone: the sampler works per image, the VAE decodes one image per call (Pipeline.decode).
 """
 
-import inspect
 from dataclasses import dataclass, replace
 
 import numpy as np
 
+from sdrt.errors import Interrupted, InvalidOption
 from sdrt.runtime.checks import require_finite
 from sdrt.runtime.denoiser import TextConditioning
-from sdrt.runtime.errors import Interrupted, InvalidOption
 from sdrt.runtime.image import to_pil
-from sdrt.runtime.options import SAMPLERS, GenerationOptions, make_options
-from sdrt.runtime.pipeline import Pipeline, Progress
+from sdrt.runtime.infotext import write_infotext
+from sdrt.runtime.options import SAMPLERS, GenerationOptions, build_options, resolve
+from sdrt.runtime.sampling import Progress, sample
 from sdrt.runtime.schedules import build_schedule
-from sdrt.runtime.sdxl import SDXL_OPTIONS
 
-# Pipeline.generate arguments that may differ between the requests of one batch; the options they set are
-# replaced by these neutral values in batch_key. batch_size varies too: each request brings its images.
+# Options that may differ between the requests of one batch; batch_key replaces them by these neutral values.
+# batch_size varies too: each request brings its images.
 PER_REQUEST = {"prompt": "", "negative_prompt": "", "seed": 0, "subseed": 0, "batch_size": 1}
-# Pipeline.generate arguments a batched request may have besides make_options' (anything else runs alone).
-BATCHABLE_EXTRAS = {"progress", "callback"}
+CALL_ARGUMENTS = {"progress", "callback"}  # Pipeline.generate arguments that are not options (ignored here)
 
 
 @dataclass(frozen=True)
@@ -41,30 +39,17 @@ class PerImageConditioning(TextConditioning):
 
 def batch_key(opts: GenerationOptions) -> GenerationOptions | None:
     """What requests must share to run in one UNet batch (hashable), or None for a request that runs alone
-    (several batches, img2img / inpainting, latents out, an SDXL refiner)."""
-    if opts.batch_count != 1 or opts.strength is not None or opts.output_type != "pil":
+    (several batches, img2img / inpainting, given latents, latents out, an SDXL refiner)."""
+    if opts.batch_count != 1 or opts.init_image is not None or opts.latents is not None:
         return None
-    if opts.sdxl is not None and opts.sdxl.refiner is not None:
+    if opts.output_type != "pil" or opts.refiner is not None:
         return None
     return replace(opts, **PER_REQUEST)
 
 
 def options_of(pipe, kwargs: dict) -> GenerationOptions:
-    """make_options for Pipeline.generate keyword arguments KWARGS, with generate's defaults (validated as
-    generate validates them)."""
-    fields = GenerationOptions.__dataclass_fields__
-    extras = set(kwargs) - BATCHABLE_EXTRAS - set(fields) - set(SDXL_OPTIONS)
-    if extras:
-        raise InvalidOption("batch", sorted(extras), "txt2img options only (img2img and latents run alone)")
-    given = {**GENERATE_DEFAULTS, **kwargs, "output_type": "pil", "strength": None, "mask_blur": None}  # txt2img
-    raw = {k: v for k, v in given.items() if k in fields and k != "sdxl"}
-    sdxl_options = {k: v for k, v in given.items() if k in SDXL_OPTIONS}
-    return make_options(pipe.manifest, sdxl=sdxl_options, **raw)
-
-
-GENERATE_DEFAULTS = {
-    name: p.default for name, p in inspect.signature(Pipeline.generate).parameters.items() if p.default is not p.empty
-}
+    """Pipeline.generate keyword arguments KWARGS (prompt included) as validated options, as generate makes them."""
+    return resolve(build_options(**{k: v for k, v in kwargs.items() if k not in CALL_ARGUMENTS}), pipe.manifest)
 
 
 def generate_batch(pipe, requests: list[dict], callback=None, progress: bool = False) -> list[list]:
@@ -77,9 +62,10 @@ def generate_batch(pipe, requests: list[dict], callback=None, progress: bool = F
     batches not finished get no images.
     """
     options = [options_of(pipe, kwargs) for kwargs in requests]
-    keys = {batch_key(opts) for opts in options}
-    if len(keys) != 1 or None in keys:
-        raise InvalidOption("batch", f"{len(keys)} kinds of request", "txt2img requests of one batch_key")
+    keys = [batch_key(opts) for opts in options]
+    if None in keys or any(key != keys[0] for key in keys):
+        kinds = "a request that runs alone" if None in keys else "requests of other options"
+        raise InvalidOption("batch", kinds, "txt2img requests that share batch_key")
     for opts in options:
         pipe.conditioner.check(opts.clip_skip, opts.emphasis)
     first = options[0]
@@ -102,12 +88,13 @@ def generate_batch(pipe, requests: list[dict], callback=None, progress: bool = F
             text = stack([encoded[i][0] for i in members], [options[i].batch_size for i in members])
             seeds = [seed for i in members for seed in options[i].seeds]
             subseeds = [subseed for i in members for subseed in options[i].subseeds]
-            final = pipe.sample(first, schedule, seeds, latent_shape, text, None, bar, subseeds=subseeds)
+            final = sample(pipe, first, schedule, seeds, latent_shape, text, None, bar, subseeds)
             images = to_pil(require_finite(pipe.decode(final), "images", pipe.manifest))
             for i in members:
                 mine, images = images[: options[i].batch_size], images[options[i].batch_size :]
                 for image, seed, subseed in zip(mine, options[i].seeds, options[i].subseeds, strict=True):
-                    image.info["parameters"] = pipe.infotext(options[i], seed, subseed, encoded[i][1])
+                    image.info["parameters"] = write_infotext(options[i], seed, subseed, pipe.model_infotext(),
+                                                              encoded[i][1])
                 results[i] = mine
     except Interrupted:  # as Pipeline.generate: the batches already finished keep their images
         pass

@@ -30,7 +30,7 @@ from dataclasses import dataclass, fields, replace
 
 from ray import serve
 
-from sdrt.runtime.errors import InvalidOption, SdrtError
+from sdrt.errors import InvalidOption, SdrtError
 
 INGRESS_MAX_ONGOING = 1000  # the ingress only waits on handles: requests it holds at once
 SECONDS_GUESS = 5.0  # a job's duration before the first one finished (for Retry-After)
@@ -192,7 +192,7 @@ class Reporter:
     def __call__(self, step: int, total: int, denoised) -> None:
         import ray
 
-        from sdrt.runtime.errors import Interrupted
+        from sdrt.errors import Interrupted
         from sdrt.server.generation import preview_png
 
         if self.pending is not None and ray.wait([self.pending], timeout=0)[0]:
