@@ -9,8 +9,8 @@ Generator replicas, each one loaded Pipeline (one GPU each when it has GPUs, the
   `max_batch_size` images (@serve.batch); each image is the one its request gets alone, bit for bit.
 - Queueing: Ray Serve queues at most `max_queued_requests` requests at the ingress's handle beyond what the
   replicas hold (`max_ongoing_requests` each); past that the request gets HTTP 429 with Retry-After.
-- A replica that dies fails its running requests with HTTP 503 and Retry-After (a retry goes to a live replica);
-  Ray Serve starts a new one.
+- A replica that dies: Ray Serve re-sends the requests it held to a live replica where it can and starts a new
+  replica; a request lost all the same gets HTTP 503 with Retry-After (a retry goes to a live replica).
 - Progress and interrupt: replicas report every running job, by its task id (A1111's force_task_id, or one the
   ingress makes), to one JobBoard actor; /sdapi/v1/progress?id_task= reads it; without id_task it reports the
   oldest running job (in one process: the only one); /sdapi/v1/interrupt stops every running job, or with id_task
