@@ -133,7 +133,7 @@ def main() -> int:
             reference = images
         identical = all(np.array_equal(images[s], reference[s]) for s in reference)
         rows.append({"config": label, "args": extra, "seconds": seconds, "images_per_s": args.requests / seconds,
-                     "identical_to_sdrt_serve": identical})  # fmt: skip
+                     "identical_to_sdrt_serve": identical, "load_average_1min_after": os.getloadavg()[0]})  # fmt: skip
         print(f"{label}: {args.requests / seconds:.3f} images/s, identical {identical}", file=sys.stderr, flush=True)
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                platform.processor())  # fmt: skip
