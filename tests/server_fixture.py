@@ -42,7 +42,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model_dir, log_dir, *args, auth=None) -> RunningServer:
+def start_server(model_dir, log_dir, *args, auth=None, timeout=START_TIMEOUT) -> RunningServer:
     """Run `python -m sdrt.cli serve -m MODEL_DIR --port P ARGS...` and wait until /sdapi/v1/sd-models answers."""
     port = free_port()
     log_path = os.path.join(log_dir, f"server-{port}.log")
@@ -50,7 +50,7 @@ def start_server(model_dir, log_dir, *args, auth=None) -> RunningServer:
     cmd = [sys.executable, "-m", "sdrt.cli", "serve", "-m", str(model_dir), "--port", str(port), *args]
     process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     server = RunningServer(f"http://127.0.0.1:{port}", process, log_path, auth)
-    deadline = time.monotonic() + START_TIMEOUT
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"sdrt serve exited with {process.returncode}:\n{server.log()}")
@@ -60,7 +60,7 @@ def start_server(model_dir, log_dir, *args, auth=None) -> RunningServer:
         except requests.ConnectionError:
             time.sleep(0.2)
     stop_server(server)
-    raise RuntimeError(f"sdrt serve did not answer within {START_TIMEOUT} s:\n{server.log()}")
+    raise RuntimeError(f"sdrt serve did not answer within {timeout} s:\n{server.log()}")
 
 
 def stop_server(server: RunningServer) -> None:

@@ -262,6 +262,23 @@ def test_progress_preview_and_interrupt(sdrt_server):
     assert len(txt2img(sdrt_server)["images"]) == 1  # the next job is not interrupted
 
 
+def test_progress_and_interrupt_by_task_id(sdrt_server):
+    """?id_task= (a request's force_task_id, as `sdrt serve --ray` routes them): progress of another id is idle,
+    interrupt of another id leaves the job running, interrupt of its id stops it."""
+    result = {}
+    request = {"prompt": "a cat", "width": 64, "height": 64, "steps": 150, "seed": 1, "force_task_id": "task(t1)"}
+    thread = threading.Thread(target=lambda: result.update(res=sdrt_server.post("/sdapi/v1/txt2img", request)))
+    thread.start()
+    wait_for(lambda: sdrt_server.get("/sdapi/v1/progress?id_task=task(t1)").json()["state"]["sampling_step"] > 0)
+    assert sdrt_server.get("/sdapi/v1/progress?id_task=task(t2)").json()["state"]["job"] == ""
+    assert sdrt_server.post("/sdapi/v1/interrupt?id_task=task(t2)").status_code == 200
+    time.sleep(0.3)
+    assert thread.is_alive()
+    assert sdrt_server.post("/sdapi/v1/interrupt?id_task=task(t1)").status_code == 200
+    thread.join(30)
+    assert result["res"].status_code == 200 and result["res"].json()["images"] == []
+
+
 def test_client_disconnect_mid_job(sdrt_server):
     request = {"prompt": "a cat", "width": 64, "height": 64, "steps": 100}
     with pytest.raises(requests.exceptions.ReadTimeout):

@@ -261,8 +261,45 @@ def cmd_serve(args) -> int:
         max_body_bytes=int(args.max_body_mb * 2**20),
         max_queue=args.max_queue,
     )
+    if args.ray:
+        return serve_ray(args, limits)
+    for name in RAY_ONLY:
+        if getattr(args, name) not in (None, "1"):
+            raise InvalidOption("--" + name.replace("_", "-"), getattr(args, name), "only with --ray")
     model = resolve_model(args.model)
-    return serve(model, args.host, args.port, args.api_auth, args.backend, limits, args.lora_dir, args.controlnet_dir)
+    return serve(model, args.host, args.port, args.api_auth, args.backend or "cpu", limits, args.lora_dir,
+                 args.controlnet_dir)  # fmt: skip
+
+
+RAY_ONLY = ("address", "replicas", "min_replicas", "max_replicas", "target_ongoing_requests", "gpus_per_replica",
+            "cpus_per_replica", "ray_batch_size", "batch_wait_s", "max_ongoing_requests")  # fmt: skip
+
+
+def serve_ray(args, limits) -> int:
+    """`sdrt serve --ray`: the same app over Ray Serve replicas (server/ray_app.py)."""
+    if args.address is None:
+        # A cluster of this machine alone: Ray binds its processes to loopback, not the machine's network
+        # address, when it counts as a one-machine cluster. Read when ray is imported.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    try:
+        from sdrt.server.ray_app import RayOptions, serve_ray
+    except ImportError as e:
+        raise SdrtError(f"`sdrt serve --ray` needs the ray extra: pip install 'sdrt[ray]' ({e})") from None
+    from sdrt.runtime.manifest import Manifest
+
+    model = resolve_model(args.model)
+    Manifest.load(Path(model))  # a bad folder fails here, not inside a replica
+    if args.controlnet_dir is not None:
+        raise InvalidOption("--controlnet-dir", args.controlnet_dir, "none with --ray (ControlNet: sdrt serve only)")
+    values = {"model": str(model), "backend": args.backend or "auto", "replicas": args.replicas}
+    if args.lora_dir is not None:
+        values["lora_dir"] = str(Path(args.lora_dir).resolve())
+    for name in RAY_ONLY[2:]:
+        if getattr(args, name) is not None:
+            values["max_batch_size" if name == "ray_batch_size" else name] = getattr(args, name)
+    values["max_queued_requests"] = args.max_queue
+    options = RayOptions.from_args(values)
+    return serve_ray(options, args.host, args.port, args.api_auth, limits, args.address)
 
 
 def cmd_info(args) -> int:
@@ -334,7 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=7860)
     s.add_argument("--api-auth", help="user:password[,user2:password2]: HTTP basic auth on every route")
     s.add_argument("--lora-dir", help="folder of LoRA files, used as <lora:NAME:WEIGHT> in prompts (A1111)")
-    s.add_argument("--backend", default="cpu")
+    s.add_argument("--backend", help="cpu (default), or with --ray each replica's: auto (default), cuda, tensorrt")
     s.add_argument("--max-queue", type=int, default=8, help="jobs waiting behind the running one (then HTTP 429)")
     s.add_argument("--max-steps", type=int, default=150)
     s.add_argument("--max-batch-size", type=int, default=8)
@@ -342,6 +379,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-pixels", type=int, default=2048 * 2048, help="width * height per image")
     s.add_argument("--max-body-mb", type=float, default=64, help="request body size limit (HTTP 413)")
     s.add_argument("--controlnet-dir", help="folder of exported ControlNets (`sdrt export-controlnet`) the API offers")
+    r = s.add_argument_group("Ray Serve (pip install 'sdrt[ray]'): replicas on a Ray cluster, README 'Ray Serve'")
+    r.add_argument("--ray", action="store_true", help="serve through Ray Serve: replicas, batching, autoscaling")
+    r.add_argument("--address", help="the Ray cluster (auto, ray://head:10001, ...); default: start a local one")
+    r.add_argument("--replicas", default="1", help="replicas (each one Pipeline), or auto: autoscaling (default 1)")
+    r.add_argument("--min-replicas", type=int, help="with --replicas auto (default 1)")
+    r.add_argument("--max-replicas", type=int, help="with --replicas auto (default 4)")
+    r.add_argument("--target-ongoing-requests", type=float, help="autoscaling's requests per replica (default 2)")
+    r.add_argument("--gpus-per-replica", type=float, help="default: 1 if the cluster has GPUs, else 0")
+    r.add_argument("--cpus-per-replica", type=float, help="default 1")
+    r.add_argument("--ray-batch-size", type=int, help="images per UNet batch of compatible requests (default 4)")
+    r.add_argument("--batch-wait-s", type=float, help="how long a batch waits for more requests (default 0.05)")
+    r.add_argument("--max-ongoing-requests", type=int, help="per replica, batch queue included (default 2x batch)")
     s.set_defaults(func=cmd_serve)
 
     b = sub.add_parser("build", help="TensorRT engines for an exported model (needs sdrt[tensorrt] and a GPU)")

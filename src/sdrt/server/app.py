@@ -17,10 +17,10 @@ from fastapi.staticfiles import StaticFiles
 
 from sdrt.errors import InvalidOption, SdrtError
 from sdrt.runtime import masks
-from sdrt.runtime.image import to_pil
 from sdrt.server import a1111, controlnet_api
 from sdrt.server.codec import ImageTooLarge, UndecodableImage, decode_image, encode_png
-from sdrt.server.jobs import Job, QueueFull, Worker
+from sdrt.server.generation import Generation, LocalBackend
+from sdrt.server.jobs import QueueFull, Unavailable
 from sdrt.server.pnginfo import png_info_response
 from sdrt.version import __version__
 
@@ -29,6 +29,13 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 DISCONNECT_POLL_S = 0.25  # how often a waiting request checks that its client is still there
 CLIENT_CLOSED = 499  # nginx's "client closed request": the status logged for an answer nobody reads
 log = logging.getLogger("sdrt.server")
+# Declared in the OpenAPI schema of the generation routes, besides 200 and FastAPI's 422.
+GENERATION_ERRORS = {
+    400: {"description": "an image field that is not a base64-encoded image"},
+    413: {"description": "request body too large"},
+    429: {"description": "the queue is full; Retry-After says when to retry"},
+    503: {"description": "the job was lost with the replica that ran it (Ray); Retry-After says when to retry"},
+}
 
 
 @dataclass(frozen=True)
@@ -45,15 +52,19 @@ class Limits:
 
 
 class Server:
-    """One loaded Pipeline, its worker thread and the A1111 options."""
+    """The A1111 options and request handling over a generation backend (generation.py: this process or Ray)."""
 
-    def __init__(self, pipe, limits: Limits):
-        self.pipe, self.limits = pipe, limits
-        manifest = pipe.manifest
+    def __init__(self, backend, limits: Limits):
+        self.backend, self.limits = backend, limits
+        self.manifest = manifest = backend.manifest
         self.title = f"{manifest.model_name} [{manifest.model_hash}]" if manifest.model_hash else manifest.model_name
         self.titles = (self.title, manifest.model_name)
         self.options = dict(a1111.DEFAULT_OPTIONS, sd_model_checkpoint=self.title)
-        self.worker = Worker(limits.max_queue, self.preview_every)
+
+    @property
+    def pipe(self):
+        """The Pipeline of this process (sdrt serve), or None when replicas hold it (sdrt serve --ray)."""
+        return getattr(self.backend, "pipe", None)
 
     def preview_every(self) -> int:
         return self.options["show_progress_every_n_steps"] if self.options["live_previews_enable"] else 0
@@ -69,35 +80,29 @@ class Server:
         if req.width is not None and req.height is not None and req.width * req.height > lim.max_pixels:
             raise InvalidOption("width", req.width, f"width * height <= {lim.max_pixels} pixels on this server")
 
-    def prepare(self, kind: str, req) -> Job:
-        """Validate REQ completely and build its job; errors here answer the request before it queues."""
+    def prepare(self, kind: str, req) -> tuple[Generation, dict]:
+        """Validate REQ completely: (its Pipeline call, what the response needs); errors here answer the request
+        before it queues."""
         a1111.apply_infotext(req, self.options)
         controlnet_units = controlnet_api.take_units(req)  # the ControlNet extension's alwayson script
         a1111.check_supported(req)
         self.check_limits(req)
         opts = a1111.settings(req, self.options, self.titles)
         kwargs = a1111.generate_kwargs(req, opts)
-        pipe = self.pipe
+        generation = Generation(kind, kwargs, req.n_iter, self.preview_every())
+        if req.force_task_id:
+            generation.task_id = req.force_task_id
         if kind == "img2img":
             self.add_img2img(req, kwargs)
         if kind == "outpaint":
-            image, amounts = self.add_outpaint(req, kwargs)
+            generation.image, generation.amounts = self.add_outpaint(req, kwargs)
         controlnet_api.add_units(controlnet_units, kwargs, self)
-        if kind == "outpaint":
-
-            def run(callback):
-                return pipe.outpaint(image, **amounts, callback=callback, progress=False, **kwargs)
-
-        else:
-
-            def run(callback):
-                return pipe.generate(callback=callback, progress=False, **kwargs)
-
         # validates (an outpaint as the img2img of its image); pins seeds and names into kwargs
-        resolved = a1111.resolve_request(pipe.manifest, kwargs, {"init_image": image} if kind == "outpaint" else {})
-        inpaint_unet = pipe.manifest.unet_in_channels != pipe.manifest.latent_channels  # A1111: hybrid conditioning
+        inputs = {"init_image": generation.image} if kind == "outpaint" else {}
+        resolved = a1111.resolve_request(self.manifest, kwargs, inputs)
+        inpaint_unet = self.manifest.unet_in_channels != self.manifest.latent_channels  # A1111: hybrid conditioning
         meta = {"opts": resolved, "clip_skip": opts["CLIP_stop_at_last_layers"], "inpainting": inpaint_unet}
-        return Job(kind, run, batches=req.n_iter, preview=self.preview, meta=meta)
+        return generation, meta
 
     def add_img2img(self, req, kwargs: dict) -> None:
         """init_images[0] and the mask, decoded (the other img2img fields come through the options schema)."""
@@ -112,7 +117,7 @@ class Server:
         """(image, amounts) of an outpaint request; the canvas size and editing options into KWARGS."""
         image = self.decode(req.image, "image")
         amounts = masks.check_outpaint_amounts(req.left, req.right, req.up, req.down)
-        step = self.pipe.manifest.latent_downsample
+        step = self.manifest.latent_downsample
         if image.width % step or image.height % step:
             raise InvalidOption("image", f"{image.width}x{image.height}", f"sides that are multiples of {step}")
         kwargs["width"] = req.width or image.width + amounts["left"] + amounts["right"]
@@ -122,11 +127,7 @@ class Server:
     def decode(self, text, field: str):
         return decode_image(text, field, self.limits.max_input_pixels)
 
-    def preview(self, denoised) -> str:
-        """The first image's current x0 estimate through the VAE, as base64 PNG (A1111's "Full" live preview)."""
-        return encode_png(to_pil(self.pipe.decode(denoised[:1]))[0])
-
-    def respond(self, job: Job, req, images) -> dict:
+    def respond(self, meta: dict, req, images) -> dict:
         """A1111's TextToImageResponse / ImageToImageResponse."""
         parameters = req.model_dump()
         for name in ("init_images", "mask", "image"):
@@ -135,19 +136,19 @@ class Server:
         return {
             "images": [encode_png(im) for im in images] if req.send_images else [],
             "parameters": parameters,
-            "info": a1111.info_json(images, self.pipe.manifest, **job.meta),
+            "info": a1111.info_json(images, self.manifest, **meta),
         }
 
     async def run(self, kind: str, req, request: Request):
         """Queue REQ's job and answer when it is done; a client that leaves first frees its place in the queue."""
-        job = await run_in_threadpool(self.prepare, kind, req)
-        future = asyncio.wrap_future(self.worker.submit(job))
+        generation, meta = await run_in_threadpool(self.prepare, kind, req)
+        future = self.backend.submit(generation)
         while not future.done():
             await asyncio.wait([future], timeout=DISCONNECT_POLL_S)
             if not future.done() and await request.is_disconnected():
                 future.cancel()  # a job still waiting is skipped; a running one finishes, unheard
                 return Response(status_code=CLIENT_CLOSED)
-        return await run_in_threadpool(self.respond, job, req, future.result())
+        return await run_in_threadpool(self.respond, meta, req, future.result())
 
 
 def field_error(field: str, message: str, value) -> JSONResponse:
@@ -179,15 +180,23 @@ def install_error_handlers(app: FastAPI) -> None:
     async def queue_full(_, e: QueueFull):
         return JSONResponse({"detail": str(e)}, status_code=429, headers={"Retry-After": str(e.retry_after)})
 
+    @app.exception_handler(Unavailable)
+    async def unavailable(_, e: Unavailable):
+        return JSONResponse({"detail": str(e)}, status_code=503, headers={"Retry-After": str(e.retry_after)})
+
     @app.exception_handler(Exception)
     async def unexpected(_, e: Exception):
         log.exception("request failed")
         return JSONResponse({"detail": f"internal error: {type(e).__name__}: {e}"}, status_code=500)
 
 
-def create_app(pipe, limits: Limits | None = None, credentials: dict[str, str] | None = None) -> FastAPI:
-    """The ASGI app over a loaded Pipeline; CREDENTIALS {user: password} turn on HTTP basic auth for every route."""
-    server = Server(pipe, limits or Limits())
+def create_app(
+    pipe=None, limits: Limits | None = None, credentials: dict[str, str] | None = None, backend=None
+) -> FastAPI:
+    """The ASGI app over a loaded Pipeline, or over a generation BACKEND (generation.py); CREDENTIALS
+    {user: password} turn on HTTP basic auth for every route."""
+    limits = limits or Limits()
+    server = Server(backend or LocalBackend(pipe, limits.max_queue), limits)
     app = FastAPI(title="sdrt", version=__version__, description="A1111-compatible API over sdrt's runtime")
     app.state.server = server
     install_error_handlers(app)
@@ -205,15 +214,15 @@ def add_routes(app: FastAPI, server: Server) -> None:
     def page():
         return FileResponse(STATIC / "index.html")
 
-    @app.post("/sdapi/v1/txt2img", response_model=a1111.ImagesResponse)
+    @app.post("/sdapi/v1/txt2img", response_model=a1111.ImagesResponse, responses=GENERATION_ERRORS)
     async def txt2img(req: a1111.Txt2ImgRequest, request: Request):
         return await server.run("txt2img", req, request)
 
-    @app.post("/sdapi/v1/img2img", response_model=a1111.ImagesResponse)
+    @app.post("/sdapi/v1/img2img", response_model=a1111.ImagesResponse, responses=GENERATION_ERRORS)
     async def img2img(req: a1111.Img2ImgRequest, request: Request):
         return await server.run("img2img", req, request)
 
-    @app.post("/sdrt/v1/outpaint", response_model=a1111.ImagesResponse)
+    @app.post("/sdrt/v1/outpaint", response_model=a1111.ImagesResponse, responses=GENERATION_ERRORS)
     async def outpaint(req: a1111.OutpaintRequest, request: Request):
         return await server.run("outpaint", req, request)
 
@@ -227,7 +236,7 @@ def add_routes(app: FastAPI, server: Server) -> None:
 
     @app.get("/sdapi/v1/sd-models")
     def sd_models():
-        m = server.pipe.manifest
+        m = server.manifest
         sha = m.source.get("sha256") or None
         item = {"title": server.title, "model_name": m.model_name, "hash": m.model_hash or None, "sha256": sha}
         return [{**item, "filename": m.folder.name, "config": None}]  # the folder's name: no server paths
@@ -247,16 +256,14 @@ def add_routes(app: FastAPI, server: Server) -> None:
         return None
 
     @app.get("/sdapi/v1/progress", response_model=a1111.ProgressResponse)
-    def progress(skip_current_image: bool = False):
-        state = server.worker.state
-        with state.lock:
-            done, eta = state.progress()
-            image = None if skip_current_image else state.current_image
-            return {"progress": done, "eta_relative": eta, "state": state.as_dict(), "current_image": image}
+    async def progress(skip_current_image: bool = False, id_task: str | None = None):
+        """The running job's progress; with id_task (a request's force_task_id), that job's (idle if not running)."""
+        return await server.backend.progress(skip_current_image, id_task)
 
     @app.post("/sdapi/v1/interrupt")
-    def interrupt():
-        server.worker.interrupt()
+    async def interrupt(id_task: str | None = None):
+        """Stop the running job after its current step; with id_task, only the job with that force_task_id."""
+        await server.backend.interrupt(id_task)
         return None
 
     @app.post("/sdapi/v1/png-info")
@@ -367,5 +374,5 @@ def serve(
         print(f"sdrt serve: note: {host} without --api-auth: whoever reaches this port can use it", file=sys.stderr)
     print(f"sdrt serve: http://{host}:{port}/ (API docs at /docs)", file=sys.stderr, flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
-    app.state.server.worker.stop()
+    app.state.server.backend.stop()
     return 0

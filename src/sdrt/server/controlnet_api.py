@@ -59,6 +59,9 @@ def add_units(raw, kwargs: dict, server) -> None:
     (errors name the request field) so a bad unit is answered before the job queues."""
     if not raw:
         return
+    if server.pipe is None:
+        raise InvalidOption(f"alwayson_scripts.{SCRIPT}", "ControlNet units",
+                            "none over sdrt serve --ray: ControlNet runs in sdrt serve (one process) only")  # fmt: skip
     units, save_maps = [], False
     for i, item in enumerate(raw):
         unit, save = parse_unit(i, item, server, kwargs.get("init_image"))
@@ -140,7 +143,8 @@ def add_routes(app, server) -> None:
 
     @app.get("/controlnet/model_list")
     def model_list(update: bool = True):
-        return {"model_list": [info.title for info in server.pipe.controlnets.available()]}
+        pipe = server.pipe  # None over Ray: no ControlNet there
+        return {"model_list": [] if pipe is None else [info.title for info in pipe.controlnets.available()]}
 
     @app.get("/controlnet/module_list")
     def module_list(alias_names: bool = False):

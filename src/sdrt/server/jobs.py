@@ -20,11 +20,19 @@ DURATION_SMOOTHING = 0.3  # weight of the newest job in the running mean of job 
 
 
 class QueueFull(Exception):
-    """Every queue slot is taken; retry_after is the server's estimate in whole seconds."""
+    """Every queue slot is taken; retry_after is the server's estimate in whole seconds (HTTP 429)."""
 
     def __init__(self, retry_after: int, size: int):
         self.retry_after = retry_after
         super().__init__(f"the queue is full ({size} jobs waiting); retry in about {retry_after} s")
+
+
+class Unavailable(Exception):
+    """The job was lost with the process that ran it (a Ray replica died); a retry is served (HTTP 503)."""
+
+    def __init__(self, retry_after: int, reason: str):
+        self.retry_after = retry_after
+        super().__init__(f"{reason}; retry in about {retry_after} s")
 
 
 @dataclass
@@ -36,7 +44,8 @@ class Job:
     batches: int  # A1111's job_count: n_iter
     future: Future = field(default_factory=Future)
     preview: Callable | None = None  # preview(denoised) -> base64 PNG of the first image, run on the worker
-    meta: dict = field(default_factory=dict)  # what the response needs besides the result (resolved options, ...)
+    preview_every: int = 0  # steps between live previews (<= 0: none)
+    task_id: str = ""  # A1111's id_task
 
 
 class State:
@@ -51,6 +60,7 @@ class State:
         self.sampling_step, self.sampling_steps = 0, 0
         self.interrupted, self.skipped = False, False
         self.job_timestamp, self.time_start = "0", time.time()
+        self.task_id = ""
         self.current_image = None  # base64 PNG of the latest preview, or None
 
     def as_dict(self) -> dict:
@@ -67,6 +77,19 @@ class State:
             "sampling_steps": self.sampling_steps,
         }
 
+    def begin(self, kind: str, batches: int, task_id: str) -> None:
+        """A job starts: A1111's job, job_count (n_iter) and job_timestamp."""
+        self.reset()
+        self.job, self.job_count, self.task_id = kind, batches, task_id
+        self.job_timestamp = datetime.now().strftime("%Y%m%d%H%M%S")
+
+    def advance(self, step: int, total: int) -> None:
+        """Pipeline.generate's callback counts STEP of TOTAL over all batches: A1111's job_no and sampling_step."""
+        per_batch = max(total // max(self.job_count, 1), 1)
+        self.job_no = (step - 1) // per_batch
+        self.sampling_step = step - self.job_no * per_batch
+        self.sampling_steps = per_batch
+
     def progress(self) -> tuple[float, float]:
         """(progress in [0, 1], eta_relative in seconds), A1111's formula: batches done plus this one's steps."""
         if self.job_count == 0:
@@ -81,10 +104,9 @@ class State:
 class Worker:
     """The thread that runs jobs one at a time, from a queue of at most max_waiting jobs."""
 
-    def __init__(self, max_waiting: int, preview_every: Callable[[], int]):
+    def __init__(self, max_waiting: int):
         self.pending: queue.Queue[Job | None] = queue.Queue(maxsize=max_waiting)
         self.max_waiting = max_waiting
-        self.preview_every = preview_every  # () -> steps between live previews (<= 0: none)
         self.state = State()
         self.busy = False
         self.mean_seconds = 5.0  # running mean of job durations, seeded with a guess
@@ -101,10 +123,11 @@ class Worker:
             raise QueueFull(max(1, math.ceil(self.mean_seconds * waiting)), self.max_waiting) from None
         return job.future
 
-    def interrupt(self) -> None:
-        """A1111's Interrupt: the running job stops after its current sampler step."""
+    def interrupt(self, task_id: str | None = None) -> None:
+        """A1111's Interrupt: the running job (if TASK_ID is given: only if it is that one) stops after its current
+        sampler step."""
         with self.state.lock:
-            if self.state.job:
+            if self.state.job and task_id in (None, self.state.task_id):
                 self.state.interrupted = True
 
     def stop(self) -> None:
@@ -134,22 +157,17 @@ class Worker:
 
     def _begin(self, job: Job) -> None:
         with self.state.lock:
-            self.state.reset()
+            self.state.begin(job.kind, job.batches, job.task_id)
             self.busy = True
-            self.state.job, self.state.job_count = job.kind, job.batches
-            self.state.job_timestamp = datetime.now().strftime("%Y%m%d%H%M%S")
 
     def _step(self, job: Job, step: int, total: int, denoised) -> None:
         """Pipeline.generate's callback: progress, a live preview every n steps, and interruption."""
-        per_batch = max(total // max(job.batches, 1), 1)
         with self.state.lock:
-            self.state.job_no = (step - 1) // per_batch
-            self.state.sampling_step = step - self.state.job_no * per_batch
-            self.state.sampling_steps = per_batch
+            self.state.advance(step, total)
             interrupted = self.state.interrupted
         if interrupted:
             raise Interrupted()
-        every = self.preview_every()
+        every = job.preview_every
         if job.preview is not None and every > 0 and denoised is not None and step % every == 0:
             image = job.preview(denoised)
             with self.state.lock:

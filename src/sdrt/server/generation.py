@@ -1,0 +1,91 @@
+"""What the routes ask of a Pipeline, and the backends that run it: in this process (LocalBackend, `sdrt serve`)
+or on Ray Serve replicas (ray_app.RayBackend). The routes (app.py) see only this seam:
+
+    backend.manifest                          the model's Manifest (the ingress needs no engines)
+    backend.submit(generation) -> Future      an asyncio future of the images; cancel() frees its place
+    await backend.progress(skip_image, id)    A1111's ProgressResponse
+    await backend.interrupt(id)               A1111's Interrupt
+    backend.stop()
+"""
+
+import asyncio
+import uuid
+from dataclasses import dataclass, field
+
+from sdrt.runtime.image import to_pil
+from sdrt.server.codec import encode_png
+from sdrt.server.jobs import Job, State, Worker
+
+
+@dataclass
+class Generation:
+    """One request's Pipeline call, picklable (a Ray replica runs it): generate(**kwargs), or
+    outpaint(image, **amounts, **kwargs). kwargs (prompt included) have been validated and their seeds pinned
+    (a1111.resolve_request)."""
+
+    kind: str  # A1111's job name: "txt2img", "img2img", "outpaint"
+    kwargs: dict
+    batches: int  # n_iter: A1111's job_count
+    preview_every: int = 0  # steps between live previews; 0: none
+    image: object = None  # outpaint: the PIL image to extend
+    amounts: dict = field(default_factory=dict)  # outpaint: left/right/up/down pixels
+    task_id: str = field(default_factory=lambda: f"task({uuid.uuid4().hex[:15]})")  # A1111's id_task
+
+    def run(self, pipe, callback) -> list:
+        """The PIL images (each with its infotext)."""
+        options = {"callback": callback, "progress": False, **self.kwargs}
+        if self.kind == "outpaint":
+            return pipe.outpaint(self.image, **self.amounts, **options)
+        return pipe.generate(**options)
+
+    def batch_request(self) -> dict | None:
+        """Pipeline.generate keyword arguments (prompt included) for runtime.batching, or None: runs alone."""
+        if self.kind != "txt2img" or self.batches != 1:
+            return None
+        return dict(self.kwargs)
+
+
+def preview_png(pipe, denoised) -> str:
+    """The first image's current x0 estimate through the VAE, as base64 PNG (A1111's "Full" live preview)."""
+    return encode_png(to_pil(pipe.decode(denoised[:1]))[0])
+
+
+class LocalBackend:
+    """`sdrt serve`: one loaded Pipeline in this process, behind the one Worker thread and its bounded queue."""
+
+    def __init__(self, pipe, max_queue: int):
+        self.pipe, self.manifest = pipe, pipe.manifest
+        self.worker = Worker(max_queue)
+
+    def submit(self, generation: Generation) -> asyncio.Future:
+        pipe = self.pipe
+        job = Job(
+            generation.kind,
+            lambda callback: generation.run(pipe, callback),
+            batches=generation.batches,
+            preview=lambda denoised: preview_png(pipe, denoised),
+            preview_every=generation.preview_every,
+            task_id=generation.task_id,
+        )
+        return asyncio.wrap_future(self.worker.submit(job))
+
+    async def progress(self, skip_current_image: bool, id_task: str | None = None) -> dict:
+        state = self.worker.state
+        with state.lock:
+            if id_task is not None and state.task_id != id_task:  # not running (waiting, done or unknown)
+                return idle_progress()
+            done, eta = state.progress()
+            image = None if skip_current_image else state.current_image
+            return {"progress": done, "eta_relative": eta, "state": state.as_dict(), "current_image": image}
+
+    async def interrupt(self, id_task: str | None = None) -> None:
+        self.worker.interrupt(id_task)
+
+    def stop(self) -> None:
+        self.worker.stop()
+
+
+
+def idle_progress() -> dict:
+    """A1111's ProgressResponse with no job running."""
+    return {"progress": 0.0, "eta_relative": 0.0, "state": State().as_dict(), "current_image": None}

@@ -1,0 +1,24 @@
+"""Schemathesis fuzz of `sdrt serve` from its OpenAPI schema (the Ray app's: test_server_ray.py)."""
+
+import pytest
+from openapi_fuzz import fuzz
+from server_fixture import running_server
+
+pytest.importorskip("fastapi", reason="the serve extra is not installed")
+pytest.importorskip("schemathesis", reason="the test extra is not installed")
+
+# Small limits: every request the server accepts is a quick one on the tiny model.
+FUZZ_SERVER_ARGS = ("--max-steps", "8", "--max-pixels", str(64 * 64), "--max-batch-size", "2", "--max-images", "2")
+EXAMPLES = 20  # per operation and mode (schema-valid, schema-invalid)
+
+
+def test_fuzz_sdrt_serve(tiny_sd, tmp_path):
+    """A few hundred generated requests: no undeclared 5xx, no hang, and the server still generates after."""
+    with running_server(tiny_sd[1], tmp_path, *FUZZ_SERVER_ARGS) as server:
+        statuses = fuzz(server.url, examples=EXAMPLES)
+        total = sum(statuses.values())
+        print(f"\nfuzz sdrt serve: {total} cases, statuses {dict(sorted(statuses.items()))}")
+        assert total >= 200 and statuses[200] > 0 and statuses[422] > 0
+        res = server.post("/sdapi/v1/txt2img", {"prompt": "after", "width": 64, "height": 64, "steps": 2})
+        assert res.status_code == 200 and len(res.json()["images"]) == 1
+        assert server.process.poll() is None

@@ -1,0 +1,360 @@
+"""`sdrt serve --ray` (server/ray_app.py) as a real process on loopback: a local Ray cluster, 2 Generator replicas of
+the tiny model, one module-scoped server for every test here (Ray starts in about 30 s).
+
+The same A1111 API as `sdrt serve` (images bit for bit those of the Python API, alone or batched), auth, 429 with
+Retry-After, progress and interrupt by task id, a Schemathesis fuzz, and a load test during which one replica
+process is killed: every request gets its own image (a 503/429 is retried), none hangs, the replica comes back.
+"""
+
+import json
+import os
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import requests
+from server_fixture import decode_b64, gradient, png_b64, start_server, stop_server
+
+from sdrt.errors import InvalidOption
+
+pytest.importorskip("fastapi", reason="the serve extra is not installed")
+pytest.importorskip("ray.serve", reason="the ray extra is not installed: pip install 'sdrt[ray]'")
+psutil = pytest.importorskip("psutil")
+
+AUTH = ("sdrt", "secret")
+REPLICAS, BATCH, QUEUE, ONGOING = 2, 4, 4, 4
+RAY_ARGS = (
+    "--ray", "--replicas", str(REPLICAS), "--ray-batch-size", str(BATCH), "--batch-wait-s", "0.2",
+    "--max-queue", str(QUEUE), "--max-ongoing-requests", str(ONGOING), "--cpus-per-replica", "1",
+    "--max-pixels", str(64 * 64), "--max-images", "4", "--api-auth", ":".join(AUTH),
+)  # fmt: skip
+START_TIMEOUT_S = 240  # Ray and Serve start, two replicas load the model (2 busy cores in CI)
+SMALL = {"width": 64, "height": 64, "steps": 4}
+GENERATOR = "ServeReplica:sdrt:Generator"  # the replicas' process title
+
+
+def descendants(pid: int) -> list:
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def generator_processes(server) -> list:
+    found = []
+    for p in descendants(server.process.pid):
+        try:
+            if GENERATOR in " ".join(p.cmdline()):
+                found.append(p)
+        except psutil.Error:
+            pass
+    return found
+
+
+@pytest.fixture(scope="module")
+def ray_server(tiny_sd, tmp_path_factory):
+    server = start_server(tiny_sd[1], tmp_path_factory.mktemp("ray"), *RAY_ARGS, auth=AUTH, timeout=START_TIMEOUT_S)
+    started = []
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S  # the proxy answers before the app is deployed
+        while server.get("/sdapi/v1/sd-models").status_code != 200:
+            assert time.monotonic() < deadline and server.process.poll() is None, server.log()[-3000:]
+            time.sleep(0.5)
+        while len(generator_processes(server)) < REPLICAS:
+            assert time.monotonic() < deadline, server.log()[-3000:]
+            time.sleep(0.5)
+        started = descendants(server.process.pid)
+        yield server
+    finally:
+        started = started or descendants(server.process.pid)
+        stop_server(server)
+        for p in started:  # Ray's own processes (GCS, raylet, workers) end with the cluster; make sure
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+
+
+def txt2img(server, **fields):
+    res = server.post("/sdapi/v1/txt2img", {"prompt": "a cat", **SMALL, **fields})
+    assert res.status_code == 200, res.text
+    return res.json()
+
+
+def txt2img_retrying(server, attempts: int = 10, **fields) -> dict:
+    """txt2img, retried after a 429 (Ray Serve counts requests waiting for a replica's answer as queued)."""
+    for _ in range(attempts):
+        res = server.post("/sdapi/v1/txt2img", {"prompt": "a cat", **SMALL, **fields})
+        if res.status_code != 429:
+            assert res.status_code == 200, res.text
+            return res.json()
+        time.sleep(min(int(res.headers["Retry-After"]), 1))
+    raise AssertionError(f"still 429 after {attempts} attempts")
+
+
+def pixels(image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"), dtype=np.int16)
+
+
+def test_ray_flags_checked_before_ray_starts(tiny_sd, capsys):
+    """Bad --ray values (and Ray flags without --ray) exit with code 2 naming the flag, before any cluster."""
+    from sdrt.cli import main
+    from sdrt.server.ray_app import RayOptions
+
+    model = str(tiny_sd[1])
+    assert main(["serve", "-m", model, "--replicas", "2"]) == 2
+    assert "--replicas: got '2'; allowed: only with --ray" in capsys.readouterr().err
+    assert main(["serve", "-m", model, "--ray", "--replicas", "zero"]) == 2
+    assert "replicas: got 'zero'" in capsys.readouterr().err
+    assert main(["serve", "-m", model, "--ray", "--min-replicas", "5"]) == 2
+    assert "min_replicas: got 5; allowed: 1 to max_replicas (4)" in capsys.readouterr().err
+    assert main(["serve", "-m", str(tiny_sd[1].parent), "--ray"]) == 2  # not an exported folder
+    options = RayOptions.from_args({"model": model, "replicas": "auto", "max_batch_size": "8", "batch_wait_s": "0"})
+    assert options.max_batch_size == 8 and options.ongoing() == 16 and options.batch_wait_s == 0.0
+    with pytest.raises(InvalidOption, match="max_batch_size: got 'many'"):
+        RayOptions.from_args({"model": model, "max_batch_size": "many"})
+    with pytest.raises(InvalidOption, match="colour"):
+        RayOptions.from_args({"model": model, "colour": "red"})
+
+
+def test_ray_backend_maps_ray_errors_to_429_and_503():
+    """A full Ray Serve queue is QueueFull (HTTP 429), a lost replica Unavailable (HTTP 503), both with a
+    Retry-After of at least 1 s; the JobBoard forgets the job either way. (The load test below rarely sees a 503:
+    Ray Serve re-sends a dead replica's requests where it can.)"""
+    import asyncio
+
+    from ray.exceptions import ActorDiedError
+    from ray.serve.exceptions import BackPressureError
+
+    from sdrt.server.generation import Generation
+    from sdrt.server.jobs import QueueFull, Unavailable
+    from sdrt.server.ray_app import RayBackend, RayOptions
+
+    class Fake:  # .generate.remote(...) and .end.remote(...) as a DeploymentHandle and an actor handle
+        def __init__(self, error):
+            self.error, self.ended = error, []
+            self.generate = self.end = self
+
+        def remote(self, *args):
+            if args and isinstance(args[0], list):
+                self.ended.extend(args[0])
+                return None
+
+            async def fail():
+                raise self.error
+
+            return fail()
+
+    for error, expected in ((BackPressureError(9, 8), QueueFull), (ActorDiedError(), Unavailable)):
+        fake = Fake(error)
+        backend = RayBackend(fake, None, fake, RayOptions(model="m"))
+        generation = Generation("txt2img", "a cat", {}, 1, task_id="task(x)")
+
+        async def run(backend=backend, generation=generation):
+            return await backend.submit(generation)
+
+        with pytest.raises(expected) as caught:
+            asyncio.run(run())
+        assert caught.value.retry_after >= 1 and fake.ended == ["task(x)"]
+
+
+def test_ray_answers_as_one_process(ray_server, tiny_pipeline):
+    """A1111's response; images bit for bit Pipeline.generate's (batch_size 2 x n_iter 2 runs alone); auth."""
+    body = txt2img(ray_server, seed=11, batch_size=2, n_iter=2, cfg_scale=5, sampler_name="Euler a")
+    info = json.loads(body["info"])
+    assert info["all_seeds"] == [11, 12, 13, 14] and len(body["images"]) == 4
+    direct = tiny_pipeline.generate(
+        "a cat", **SMALL, seed=11, batch_size=2, batch_count=2, cfg_scale=5, sampler="Euler a", rng="gpu",
+        progress=False,
+    )  # fmt: skip
+    for b64, text, image in zip(body["images"], info["infotexts"], direct, strict=True):
+        got = decode_b64(b64)
+        assert np.array_equal(pixels(got), pixels(image)) and got.info["parameters"] == text
+        assert text == image.info["parameters"]
+    init = png_b64(gradient())  # img2img and outpaint carry images to the replica
+    edited = ray_server.post("/sdapi/v1/img2img", {"prompt": "x", **SMALL, "init_images": [init], "seed": 4})
+    assert edited.status_code == 200 and "Denoising strength: 0.75" in json.loads(edited.json()["info"])["infotexts"][0]
+    narrow = png_b64(gradient(56, 64))
+    wider = ray_server.post("/sdrt/v1/outpaint", {"prompt": "x", "steps": 4, "image": narrow, "left": 8, "seed": 4})
+    assert wider.status_code == 200 and decode_b64(wider.json()["images"][0]).size == (64, 64), wider.text
+    assert requests.get(ray_server.url + "/sdapi/v1/sd-models", timeout=10).status_code == 401
+    assert requests.get(ray_server.url + "/", auth=("sdrt", "wrong"), timeout=10).status_code == 401
+    page = ray_server.get("/")
+    assert page.status_code == 200 and "<html" in page.text.lower()
+    bad = ray_server.post("/sdapi/v1/txt2img", {"prompt": "x", **SMALL, "sampler_name": "Nope"})
+    assert bad.status_code == 422 and "sampler_name" in bad.text
+    big = ray_server.post("/sdapi/v1/txt2img", {"prompt": "x", **SMALL, "width": 128})
+    assert big.status_code == 422 and "width" in big.text
+
+
+def test_ray_batches_compatible_requests_bit_identically(ray_server, tiny_pipeline):
+    """Concurrent requests with other prompts and seeds share UNet batches (the replicas log them); each image
+    equals its request served alone by the Python API, and carries its own prompt and seed."""
+    prompts = [f"a house number {i}" for i in range(8)]
+    start = threading.Barrier(len(prompts))
+
+    def one(i):
+        start.wait()
+        return txt2img_retrying(ray_server, prompt=prompts[i], seed=500 + i, negative_prompt="blur" if i % 2 else "")
+
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        bodies = list(pool.map(one, range(len(prompts))))
+    for i, body in enumerate(bodies):
+        info = json.loads(body["info"])
+        assert info["all_seeds"] == [500 + i] and info["prompt"] == prompts[i]
+        direct = tiny_pipeline.generate(
+            prompts[i], **SMALL, seed=500 + i, negative_prompt="blur" if i % 2 else "", rng="gpu", progress=False
+        )[0]
+        got = decode_b64(body["images"][0])
+        assert np.array_equal(pixels(got), pixels(direct)) and got.info["parameters"] == direct.info["parameters"]
+    deadline = time.monotonic() + 10  # replica logs reach the driver's output within about a second
+    while "sdrt batch:" not in ray_server.log() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    batches = [line for line in ray_server.log().splitlines() if "sdrt batch:" in line]
+    assert batches and any(" 1 requests" not in line for line in batches), batches
+
+
+def test_ray_queue_full_is_429_with_retry_after(ray_server):
+    """More concurrent requests than replicas hold plus the queue: some get 429 + Retry-After, the rest images."""
+    clients = REPLICAS * ONGOING + QUEUE + 12
+
+    def one(i):
+        res = ray_server.post("/sdapi/v1/txt2img", {"prompt": f"q{i}", "width": 64, "height": 64, "steps": 40,
+                                                    "seed": i})  # fmt: skip
+        return res.status_code, res.headers.get("Retry-After")
+
+    with ThreadPoolExecutor(clients) as pool:
+        outcomes = list(pool.map(one, range(clients)))
+    codes = [code for code, _ in outcomes]
+    assert set(codes) <= {200, 429} and codes.count(429) > 0 and codes.count(200) >= REPLICAS * ONGOING
+    assert all(int(after) >= 1 for code, after in outcomes if code == 429)
+
+
+def test_ray_progress_and_interrupt_by_task_id(ray_server):
+    """progress?id_task= follows a job on whichever replica runs it; interrupt with another id leaves it alone;
+    interrupt with its id stops it (no images, as in one process)."""
+    result = {}
+
+    def long_job():
+        result["res"] = ray_server.post("/sdapi/v1/txt2img", {"prompt": "long", **SMALL, "steps": 150, "seed": 1,
+                                                              "force_task_id": "task(long)"})  # fmt: skip
+
+    thread = threading.Thread(target=long_job)
+    thread.start()
+    deadline = time.monotonic() + 60
+    state = {}
+    while time.monotonic() < deadline:
+        progress = ray_server.get("/sdapi/v1/progress", params={"id_task": "task(long)"}).json()
+        state = progress["state"]
+        if state["job"] == "txt2img" and state["sampling_step"] > 0:
+            break
+        time.sleep(0.05)
+    assert state["job"] == "txt2img" and state["sampling_steps"] == 150 and 0 < progress["progress"] < 1, progress
+    assert ray_server.get("/sdapi/v1/progress", params={"id_task": "task(other)"}).json()["state"]["job"] == ""
+    assert ray_server.post("/sdapi/v1/interrupt?id_task=task(other)").status_code == 200
+    time.sleep(0.3)
+    assert thread.is_alive()
+    assert ray_server.post("/sdapi/v1/interrupt?id_task=task(long)").status_code == 200
+    thread.join(60)
+    res = result["res"]
+    assert res.status_code == 200 and res.json()["images"] == []
+    idle = ray_server.get("/sdapi/v1/progress", params={"id_task": "task(long)"}).json()
+    assert idle["state"]["job"] == "" and idle["progress"] == 0
+
+
+def test_ray_fuzz(ray_server):
+    """Schemathesis over the Ray app's schema (the same as sdrt serve's): no undeclared 5xx, no hang, alive after."""
+    from openapi_fuzz import fuzz
+
+    def bounded(case):  # quick generations: the limits paths are fuzzed on sdrt serve (test_server_fuzz.py)
+        if isinstance(case.body, dict) and isinstance(case.body.get("steps"), int) and case.body["steps"] > 8:
+            case.body["steps"] = 8
+
+    statuses = fuzz(ray_server.url, auth=AUTH, examples=12, prepare=bounded, budget_s=90)
+    total = sum(statuses.values())
+    print(f"\nfuzz sdrt serve --ray: {total} cases, statuses {dict(sorted(statuses.items()))}")
+    assert total >= 150 and statuses[200] > 0 and statuses[422] > 0
+    txt2img(ray_server, prompt="after fuzz", seed=2)
+
+
+LOAD_REQUESTS, LOAD_CLIENTS, KILL_AFTER = 40, 6, 10  # the kill comes after KILL_AFTER images
+MAX_ATTEMPTS, TIMEOUT_S, LOAD_BUDGET_S = 8, 60, 180
+
+
+def test_ray_replica_killed_under_load(ray_server):
+    """Concurrent clients; one replica process killed mid-load (SIGKILL). Every request gets its own image (its
+    prompt and seed in the infotext), after retries of clean 503/429 answers; none hangs; Ray Serve starts a new
+    replica, which serves again."""
+    done, lock, retries, statuses = [], threading.Lock(), [], []
+    killed = {}
+    t0 = time.monotonic()
+
+    spans = []  # (start, end) of every attempt
+
+    def one(i):
+        request = {"prompt": f"fault {i}", **SMALL, "seed": 7000 + i}
+        for attempt in range(MAX_ATTEMPTS):
+            sent = time.monotonic()
+            res = requests.post(ray_server.url + "/sdapi/v1/txt2img", json=request, auth=AUTH, timeout=TIMEOUT_S)
+            with lock:
+                statuses.append(res.status_code)
+                spans.append((sent, time.monotonic()))
+            if res.status_code == 200:
+                body = res.json()
+                with lock:
+                    done.append((i, body, time.monotonic()))
+                    if len(done) == KILL_AFTER and not killed:
+                        victim = generator_processes(ray_server)[0]
+                        killed.update(pid=victim.pid, at=time.monotonic())
+                        os.kill(victim.pid, signal.SIGKILL)
+                return attempt
+            assert res.status_code in (429, 503), (i, res.status_code, res.text[:500])
+            assert int(res.headers["Retry-After"]) >= 1
+            with lock:
+                retries.append(res.status_code)
+            time.sleep(min(int(res.headers["Retry-After"]), 2))
+        raise AssertionError(f"request {i} not served in {MAX_ATTEMPTS} attempts")
+
+    with ThreadPoolExecutor(LOAD_CLIENTS) as pool:
+        attempts = list(pool.map(one, range(LOAD_REQUESTS)))
+    elapsed = time.monotonic() - t0
+    assert killed and elapsed < LOAD_BUDGET_S
+    assert len(done) == LOAD_REQUESTS
+    for i, body, _ in done:
+        info = json.loads(body["info"])
+        assert info["all_seeds"] == [7000 + i] and info["prompt"] == f"fault {i}"
+        text = decode_b64(body["images"][0]).info["parameters"]
+        assert text.startswith(f"fault {i}\n") and f"Seed: {7000 + i}," in text
+    # the replacement: a new Generator process, which serves requests
+    deadline = time.monotonic() + 120
+    while True:
+        fresh = [p for p in generator_processes(ray_server) if p.pid != killed["pid"]]
+        if len(fresh) == REPLICAS:
+            break
+        assert time.monotonic() < deadline, "no replacement replica"
+        time.sleep(0.5)
+    new = [p for p in fresh if p.create_time() > time.time() - (time.monotonic() - killed["at"]) - 1]
+    assert len(new) == 1
+    replaced_at = time.monotonic()
+    served_at = None
+    while served_at is None and time.monotonic() < deadline:
+        before = new[0].cpu_times()
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda i: txt2img_retrying(ray_server, prompt=f"again {i}", seed=i), range(8)))
+        after = new[0].cpu_times()
+        if after.user + after.system - before.user - before.system > 0.2:
+            served_at = time.monotonic()
+    assert served_at is not None, "the new replica did not serve"
+    after_kill = [at for _, _, at in done if at > killed["at"]]
+    in_flight = [end - start for start, end in spans if start < killed["at"] < end]
+    print(
+        f"\nray fault test: {LOAD_REQUESTS} requests from {LOAD_CLIENTS} clients, {len(done)} images, "
+        f"{len(retries)} retries ({retries.count(503)} x 503, {retries.count(429)} x 429), max attempts "
+        f"{max(attempts) + 1}, {elapsed:.1f} s; replica killed after {KILL_AFTER} images, "
+        f"{len(after_kill)} images after the kill; {len(in_flight)} requests in flight at the kill (longest "
+        f"{max(in_flight, default=0):.1f} s); replacement process seen "
+        f"{replaced_at - killed['at']:.1f} s after the kill, serving by {served_at - killed['at']:.1f} s"
+    )
