@@ -10,7 +10,7 @@ import warnings
 from pathlib import Path
 
 from sdrt import cli_controlnet
-from sdrt.errors import SdrtError
+from sdrt.errors import InvalidOption, SdrtError
 
 EXIT_BAD_INPUT = 2
 
