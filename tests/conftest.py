@@ -12,6 +12,27 @@ sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
+def pytest_addoption(parser):
+    parser.addoption(
+        "--sdrt-backend",
+        default="cpu",
+        help="backend(s) the parity suites' sdrt pipelines run on, comma-separated (cpu, openvino, openvino-bf16, "
+        "...); with several, each test runs once per backend",
+    )
+
+
+def pytest_generate_tests(metafunc):
+    backends = metafunc.config.getoption("--sdrt-backend").split(",")
+    if "backend" in metafunc.fixturenames and len(backends) > 1:
+        metafunc.parametrize("backend", backends, scope="session")
+
+
+@pytest.fixture(scope="session")
+def backend(request):
+    """The backend the parity suites load sdrt's pipelines on (--sdrt-backend; default cpu, ONNX Runtime)."""
+    return getattr(request, "param", None) or request.config.getoption("--sdrt-backend")
+
+
 def pytest_collection_modifyitems(config, items):
     try:
         import onnxruntime
@@ -44,10 +65,10 @@ def tiny_sd(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def tiny_pipeline(tiny_sd):
+def tiny_pipeline(tiny_sd, backend):
     from sdrt import Pipeline
 
-    return Pipeline.load(tiny_sd[1])
+    return Pipeline.load(tiny_sd[1], backend=backend)
 
 
 @pytest.fixture(scope="session")
@@ -90,7 +111,7 @@ def sdrt_server(tiny_sd, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def tiny_inpaint(tmp_path_factory):
+def tiny_inpaint(tmp_path_factory, backend):
     """(diffusers pipeline, sdrt Pipeline) for a tiny 9-channel inpainting UNet, exported with `sdrt export`."""
     from tiny_sd import build_tiny_sd
 
@@ -100,4 +121,4 @@ def tiny_inpaint(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny_inpaint")
     pipe = build_tiny_sd(root / "diffusers", seed=2, unet_in_channels=9)
     assert main(["export", str(root / "diffusers"), "-o", str(root / "onnx")]) == 0
-    return pipe, Pipeline.load(root / "onnx")
+    return pipe, Pipeline.load(root / "onnx", backend=backend)

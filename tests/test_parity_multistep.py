@@ -86,7 +86,7 @@ ZERO_SNR = {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
 
 
 @pytest.fixture(scope="module")
-def zero_snr(tiny_sd, tmp_path_factory):
+def zero_snr(tiny_sd, tmp_path_factory, backend):
     """(diffusers pipeline, sdrt Pipeline) of the zero-terminal-SNR v-prediction reading of the tiny model."""
     from diffusers import StableDiffusionPipeline
 
@@ -105,7 +105,7 @@ def zero_snr(tiny_sd, tmp_path_factory):
     ref.set_progress_bar_config(disable=True)
     config = json.loads((onnx.parent / "diffusers" / "scheduler" / "scheduler_config.json").read_text())
     ref.base_scheduler_config = {**config, "prediction_type": "v_prediction", **ZERO_SNR}
-    return ref, Pipeline.load(folder)
+    return ref, Pipeline.load(folder, backend=backend)
 
 
 ZERO_SNR_CASES = {

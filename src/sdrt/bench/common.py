@@ -121,18 +121,24 @@ def describe_machine() -> dict:
 # ----------------------------------------------------------------------------------------------- subprocesses
 
 
-def run_child(stage: str, job: dict, job_dir: Path, fatal: bool = True) -> tuple[dict, float, int]:
+def run_child(stage: str, job: dict, job_dir: Path, fatal: bool = True, python=None) -> tuple[dict, float, int]:
     """Run this script as `--worker STAGE` in a subprocess: (its result, wall seconds, its peak RSS in bytes).
 
     The peak RSS comes from wait4's rusage of that one child, so each runtime's figure is its own. A failed child
-    ends the benchmark, or with FATAL False raises RuntimeError.
+    ends the benchmark, or with FATAL False raises RuntimeError. PYTHON: another venv's interpreter (a peer whose
+    pins differ from sdrt's), given sdrt's source on PYTHONPATH.
     """
     job_file = job_dir / f"{stage}.job.json"
     result_file = job_dir / f"{stage}.result.json"
     result_file.unlink(missing_ok=True)
     job_file.write_text(json.dumps(dict(job, result_file=str(result_file)), indent=2))
     start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "sdrt.bench", "--worker", stage, str(job_file)])
+    env = None
+    if python is not None:
+        paths = [str(REPO / "src"), os.environ.get("PYTHONPATH")]
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in paths if p))
+    command = [str(python or sys.executable), "-m", "sdrt.bench", "--worker", stage, str(job_file)]
+    proc = subprocess.Popen(command, env=env)
     try:
         _, status, usage = os.wait4(proc.pid, 0)
     except BaseException:

@@ -14,6 +14,7 @@ from sdrt.runtime.tiling import DEFAULT_OVERLAP, DEFAULT_TILE, tiling_for
 ACTIVATION_PER_CELL = {"text_encoder": 0, "unet": 120_000, "vae_decoder": 600_000, "vae_encoder": 300_000}
 TEXT_ENCODER_ACTIVATIONS = 64 * 2**20
 FP16_WEIGHT_SHARE = 0.5  # GPU engines are fp16: half the bytes of an fp32 export's files
+GPU_BACKENDS = ("cuda", "tensorrt")  # NVIDIA backends: fp16 engines and a CUDA context (OpenVINO's plan is the CPU's)
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,8 @@ class MemoryPlan:
                 options["gpu_mem_limit"] = self.vram_budget
             if backend == "tensorrt" and name == "unet" and self.unet_streaming_budget is not None:
                 options["streaming_budget"] = self.unet_streaming_budget
+            if backend.startswith("openvino") and name.startswith("text_encoder"):
+                options["keep_f32"] = True  # bf16 or not, the text encoders run f32 (README: OpenVINO)
             engines[name] = create_engine(manifest.model_path(name), backend, **options)
         return Stager().wrap(engines) if self.staged else engines
 
@@ -69,12 +72,12 @@ def memory_plan(manifest, backend: str, low_vram: bool = False, vram_budget=None
     stages = {}
     for name in manifest.models:
         files = [manifest.model_path(name), *manifest.model_path(name).parent.glob("*.data")]
-        share = FP16_WEIGHT_SHARE if backend != "cpu" and manifest.precision == "fp32" else 1
+        share = FP16_WEIGHT_SHARE if backend in GPU_BACKENDS and manifest.precision == "fp32" else 1
         weights = int(sum(f.stat().st_size for f in files) * share)
         batch = 2 if name == "unet" else 1  # a guided UNet step runs cond + uncond
         acts = TEXT_ENCODER_ACTIVATIONS if name == "text_encoder" else ACTIVATION_PER_CELL[name] * cells * batch
         stages[name] = StageCost(weights, acts, streamable=weights if name == "unet" and backend == "tensorrt" else 0)
-    overhead = CUDA_CONTEXT_BYTES if backend != "cpu" else 0
+    overhead = CUDA_CONTEXT_BYTES if backend in GPU_BACKENDS else 0
     plan = plan_vram(budget, stages, vae_full_latent=native, overhead=overhead, tile_min=2 * DEFAULT_OVERLAP)
     planned_tile = tile or plan.vae_tile or (DEFAULT_TILE if plan.staged else None)
     return MemoryPlan(plan.staged or low_vram, planned_tile, vram_budget=budget,
