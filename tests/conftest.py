@@ -1,7 +1,10 @@
 """Shared fixtures: a tiny random SD pipeline in diffusers format, exported once with `sdrt export`."""
 
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -10,6 +13,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 # PyTorch's OpenMP threads busy-wait after each op by default; between ONNX Runtime runs on the same 2 cores that
 # made each diffusers reference call ~50x slower (0.2 s -> 10 s measured). Must be set before torch loads.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# OpenVINO's compiled-model cache (sdrt.engines.openvino) goes to a folder of this run, not the user's ~/.cache/sdrt.
+_CACHE = tempfile.mkdtemp(prefix="sdrt-test-cache-")
+os.environ.setdefault("SDRT_CACHE", _CACHE)
+atexit.register(shutil.rmtree, _CACHE, True)
 
 
 def pytest_addoption(parser):

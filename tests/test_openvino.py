@@ -93,8 +93,8 @@ def test_auto_precision_follows_the_cpu_flags(monkeypatch):
 
 
 def test_text_encoders_stay_f32_under_bf16(tiny_sd, monkeypatch):
-    from sdrt.runtime.memory import MemoryPlan
     from sdrt.runtime.manifest import Manifest
+    from sdrt.runtime.memory import MemoryPlan
 
     monkeypatch.setattr(ov_backend, "cpu_flags", lambda: frozenset({"avx512_bf16"}))
     built = MemoryPlan().create_engines(Manifest.load(tiny_sd[1]), "openvino")  # nothing compiles yet

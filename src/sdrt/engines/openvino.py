@@ -111,8 +111,9 @@ def resolve_precision(target: OpenVINOTarget) -> str | None:
                                 "nor AMX, which OpenVINO's bf16 needs (it emulates nothing)")  # fmt: skip
         return target.precision
     if target.precision == "bf16":
-        raise InvalidOption("backend", backend, f"openvino-{target.device.lower()} (the device's default precision, "
-                            f"f16 on Intel GPUs) or openvino-{target.device.lower()}-f32: bf16 is for CPUs")  # fmt: skip
+        device = target.device.lower()
+        allowed = f"openvino-{device} (the device's default precision, f16 on Intel GPUs) or openvino-{device}-f32"
+        raise InvalidOption("backend", backend, allowed + ": bf16 is for CPUs")
     return None if target.precision == "auto" else target.precision
 
 
