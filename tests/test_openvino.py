@@ -160,7 +160,7 @@ def test_one_compiled_model_per_shape_and_the_source_graph_released(tiny_sd, tmp
     rng = np.random.default_rng(0)
     small, wide, tall = (rng.standard_normal((1, 4, h, w), dtype=np.float32) for h, w in ((8, 8), (8, 16), (16, 8)))
     first = engine.run({"latent_sample": small})["sample"]  # (1, 3, 64, 64)
-    assert engine.model is None  # the f32 source graph is not held beside the compiled model
+    assert engine.model is None  # sdrt holds no reference to the source graph once compiled
     assert engine.run({"latent_sample": wide})["sample"].shape == (1, 3, 64, 128)
     assert engine.compiles == 2
     np.testing.assert_array_equal(engine.run({"latent_sample": small})["sample"], first)  # cached, same result
