@@ -221,3 +221,25 @@ def test_bf16_graph_errors_and_image_psnr(tiny_sd, capsys):
     assert value >= BF16_PSNR_FLOOR
     other_seed = np.asarray(bf16_pipe.generate("a photo of a cat", **{**ARGS, "seed": 12})[0])
     assert psnr(other_seed, f32) < BF16_PSNR_FLOOR  # can fail: another seed's image is far below the floor
+
+
+# ----------------------------------------------------------------------------------------------- benchmark
+
+
+def test_bench_runs_sdrt_on_openvino_and_says_what_it_cannot_run(tiny_sd, tmp_path, monkeypatch):
+    from sdrt.bench import cpu_runtimes
+    from sdrt.bench.cpu import worker_sdrt
+
+    job = {"onnx_dir": str(tiny_sd[1]), "out_dir": str(tmp_path), "width": 64, "height": 64, "steps": 2, "runs": 1,
+           "seed": 3, "latent_channels": 4, "context_dim": 32, "text_max_length": 77}  # fmt: skip
+    _, extra, _ = cpu_runtimes.CPU_RUNTIMES["sdrt_openvino_f32"]
+    monkeypatch.setenv("SDRT_NO_OV_CACHE", "")  # the worker sets it from the job; restored after the test
+    result = worker_sdrt({**job, **extra, "label": "sdrt_openvino_f32"})
+    assert result["backend"] == "openvino-f32" and result["inference_precision"]["unet"] == "f32"
+    monkeypatch.setattr(ov_backend, "cpu_flags", lambda: frozenset({"avx2"}))
+    assert cpu_runtimes.why_not("sdrt_openvino_bf16") == ov_backend.NO_BF16_REASON
+    monkeypatch.setenv("SDRT_OVPEER_PYTHON", str(tmp_path / "missing" / "python"))
+    assert "make-ovpeer-venv.sh" in cpu_runtimes.why_not("optimum_intel_f32")
+    measured = {"sdrt_openvino_f32": {**result, "peak_rss_bytes": 2**30}}
+    table = cpu_runtimes.runtimes_table(measured, {}, {"sdrt_openvino_bf16": ov_backend.NO_BF16_REASON})
+    assert "| sdrt, OpenVINO | f32 |" in table and "| sdrt, OpenVINO | bf16 | not run: this CPU has" in table
