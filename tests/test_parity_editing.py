@@ -3,7 +3,8 @@
 Same tiny weights, same seeds (rng="torch": each image's generator draws the init image's VAE sample, the
 initial noise, then the masked image's VAE sample, as diffusers does). Tolerance: 2/255 on images (max abs),
 latent_atol (conftest.py) on final latents. Inpainting is compared inside the mask (diffusers does not paste
-back); outside it sdrt's output is the init image, bit for bit. Each comparison has a "can fail" twin (x10 UNet output gain).
+back); outside it sdrt's output is the init image, bit for bit. Each comparison has a "can fail" twin (x10 UNet
+output gain).
 """
 
 import numpy as np
