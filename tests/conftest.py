@@ -1,7 +1,10 @@
 """Shared fixtures: a tiny random SD pipeline in diffusers format, exported once with `sdrt export`."""
 
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -10,6 +13,42 @@ sys.path.insert(0, str(Path(__file__).parent))
 # PyTorch's OpenMP threads busy-wait after each op by default; between ONNX Runtime runs on the same 2 cores that
 # made each diffusers reference call ~50x slower (0.2 s -> 10 s measured). Must be set before torch loads.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# OpenVINO's compiled-model cache (sdrt.engines.openvino) goes to a folder of this run, not the user's ~/.cache/sdrt.
+_CACHE = tempfile.mkdtemp(prefix="sdrt-test-cache-")
+os.environ.setdefault("SDRT_CACHE", _CACHE)
+atexit.register(shutil.rmtree, _CACHE, True)
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--sdrt-backend",
+        default="cpu",
+        help="backend(s) the parity suites' sdrt pipelines run on, comma-separated (cpu, openvino, openvino-bf16, "
+        "...); with several, each test runs once per backend",
+    )
+
+
+def pytest_generate_tests(metafunc):
+    backends = metafunc.config.getoption("--sdrt-backend").split(",")
+    if "backend" in metafunc.fixturenames and len(backends) > 1:
+        metafunc.parametrize("backend", backends, scope="session")
+
+
+@pytest.fixture(scope="session")
+def backend(request):
+    """The backend the parity suites load sdrt's pipelines on (--sdrt-backend; default cpu, ONNX Runtime)."""
+    return getattr(request, "param", None) or request.config.getoption("--sdrt-backend")
+
+
+# Final latents of the parity suites, max abs difference from diffusers' (values up to ~216): ONNX Runtime measured
+# up to 1.1e-3; OpenVINO f32 (each graph within 4e-6 relative of ONNX Runtime, other kernels) up to 2.9e-3.
+LATENT_ATOL = {"cpu": 2e-3, "openvino": 4e-3}
+
+
+@pytest.fixture(scope="session")
+def latent_atol(backend):
+    """The final-latent tolerance of the parity suites on BACKEND (LATENT_ATOL; images keep 2/255 on every one)."""
+    return LATENT_ATOL.get(backend.split("-")[0], LATENT_ATOL["cpu"])
 
 
 def pytest_collection_modifyitems(config, items):
@@ -44,10 +83,10 @@ def tiny_sd(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def tiny_pipeline(tiny_sd):
+def tiny_pipeline(tiny_sd, backend):
     from sdrt import Pipeline
 
-    return Pipeline.load(tiny_sd[1])
+    return Pipeline.load(tiny_sd[1], backend=backend)
 
 
 @pytest.fixture(scope="session")
@@ -90,7 +129,7 @@ def sdrt_server(tiny_sd, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def tiny_inpaint(tmp_path_factory):
+def tiny_inpaint(tmp_path_factory, backend):
     """(diffusers pipeline, sdrt Pipeline) for a tiny 9-channel inpainting UNet, exported with `sdrt export`."""
     from tiny_sd import build_tiny_sd
 
@@ -100,7 +139,7 @@ def tiny_inpaint(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny_inpaint")
     pipe = build_tiny_sd(root / "diffusers", seed=2, unet_in_channels=9)
     assert main(["export", str(root / "diffusers"), "-o", str(root / "onnx")]) == 0
-    return pipe, Pipeline.load(root / "onnx")
+    return pipe, Pipeline.load(root / "onnx", backend=backend)
 
 
 @pytest.fixture(scope="session")

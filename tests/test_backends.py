@@ -1,4 +1,4 @@
-"""Backend selection ("auto" -> TensorRT > CUDA > CPU), the CUDA engine's I/O-binding path, and clear refusals."""
+"""Backend selection ("auto" -> TensorRT > CUDA > OpenVINO > CPU), the CUDA engine's I/O-binding path, refusals."""
 
 import json
 import shutil
@@ -16,11 +16,14 @@ from sdrt.runtime.errors import InvalidOption, ModelError, SdrtError
 
 
 def test_auto_falls_back_to_cpu_and_says_why(monkeypatch, capsys, tmp_path):
+    import sdrt.engines.openvino as ov_backend
+
     monkeypatch.setattr(engines, "tensorrt_available", lambda: False)
     monkeypatch.setattr(engines, "cuda_available", lambda: False)
+    monkeypatch.setattr(ov_backend, "openvino_available", lambda: False)  # with it, auto picks OpenVINO (its tests)
     assert resolve_backend("auto", tmp_path) == "cpu"
     err = capsys.readouterr().err
-    assert "backend auto -> cpu" in err and "TensorRT" in err and "CUDA" in err
+    assert "backend auto -> cpu" in err and "TensorRT" in err and "CUDA" in err and "OpenVINO" in err
 
 
 def test_auto_picks_cuda_without_tensorrt_engines(monkeypatch, capsys, tmp_path):

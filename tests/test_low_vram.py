@@ -1,4 +1,4 @@
-"""Low-VRAM mode on the CPU backend: engines staged one at a time (text encoder -> UNet -> VAE), same images."""
+"""Low-VRAM mode on the CPU backends (--sdrt-backend): engines staged one at a time (text encoder -> UNet -> VAE)."""
 
 import subprocess
 import sys
@@ -14,13 +14,15 @@ ARGS = dict(width=64, height=64, steps=3, seed=7, cfg_scale=5.0, progress=False)
 
 
 def loaded(pipe) -> list[str]:
-    return sorted(name for name, e in pipe.engines.items() if e.inner.session is not None)
+    """Engines holding a model: an ONNX Runtime session, or OpenVINO's read graph or compiled models."""
+    held = ("session", "model", "compiled")
+    return sorted(name for name, e in pipe.engines.items() if any(getattr(e.inner, a, None) for a in held))
 
 
-def test_staged_pipeline_holds_one_engine_at_a_time_and_gives_the_same_images(tiny_sd, tiny_pipeline):
+def test_staged_pipeline_holds_one_engine_at_a_time_and_gives_the_same_images(tiny_sd, tiny_pipeline, backend):
     from sdrt import Pipeline
 
-    pipe = Pipeline.load(tiny_sd[1], low_vram=True)
+    pipe = Pipeline.load(tiny_sd[1], backend=backend, low_vram=True)
     assert all(isinstance(e, StagedEngine) for e in pipe.engines.values())
     assert loaded(pipe) == []  # nothing is loaded until it runs
     seen = []

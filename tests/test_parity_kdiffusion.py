@@ -13,7 +13,7 @@ import math
 import numpy as np
 import pytest
 from diffusers_reference import diffusers_run
-from test_parity import LATENT_ATOL, NEGATIVE, PIXEL_TOL, PROMPT, max_diff, sdrt_run
+from test_parity import NEGATIVE, PIXEL_TOL, PROMPT, max_diff, sdrt_run
 from tiny_sd import SD15_SCHEDULER_KWARGS
 
 from sdrt.runtime import samplers
@@ -57,14 +57,14 @@ def test_images_match_diffusers_same_seed(tiny_sd, tiny_pipeline, sampler, sched
 
 @pytest.mark.parametrize("scheduler", ["automatic", "karras"])
 @pytest.mark.parametrize("sampler", DIFFUSERS_PARITY)
-def test_latents_match_diffusers_given_latents(tiny_sd, tiny_pipeline, sampler, scheduler):
+def test_latents_match_diffusers_given_latents(tiny_sd, tiny_pipeline, sampler, scheduler, latent_atol):
     latents = np.random.default_rng(5).standard_normal((2, 4, 8, 10)).astype(np.float32)
     kw = dict(negative_prompt=NEGATIVE, width=80, height=64, steps=8, cfg_scale=6.0, sampler=sampler)
     kw.update(scheduler=scheduler, latents=latents)
     want = diffusers_run(tiny_sd[0], PROMPT, seeds=(21, 22), output_type="latent", **kw)
     got = sdrt_run(tiny_pipeline, [21, 22], output_type="latent", **kw)
     assert got.shape == want.shape and got.dtype == np.float32
-    np.testing.assert_allclose(got, want, atol=LATENT_ATOL, rtol=0)
+    np.testing.assert_allclose(got, want, atol=latent_atol, rtol=0)
 
 
 @pytest.mark.parametrize("scheduler", ["automatic", "karras"])

@@ -12,7 +12,7 @@ import shutil
 import numpy as np
 import pytest
 from diffusers_reference import diffusers_run
-from test_parity import LATENT_ATOL, PIXEL_TOL, SAMPLER_CASES, max_diff
+from test_parity import PIXEL_TOL, SAMPLER_CASES, max_diff
 
 from sdrt import Pipeline
 from sdrt.runtime.manifest import Manifest
@@ -23,8 +23,8 @@ NEGATIVE = "blue sky"
 
 
 @pytest.fixture(scope="module")
-def v_pipeline(tiny_sd_v):
-    return Pipeline.load(tiny_sd_v[1])
+def v_pipeline(tiny_sd_v, backend):
+    return Pipeline.load(tiny_sd_v[1], backend=backend)
 
 
 def sdrt_images(pipeline, seeds, **kw):
@@ -63,7 +63,7 @@ def test_v_images_match_diffusers(tiny_sd_v, v_pipeline, sampler, scheduler):
 
 
 @pytest.mark.parametrize(("sampler", "scheduler"), [("Euler", "automatic"), ("DPM++ 2M", "karras")])
-def test_v_latents_match_diffusers(tiny_sd_v, v_pipeline, sampler, scheduler):
+def test_v_latents_match_diffusers(tiny_sd_v, v_pipeline, sampler, scheduler, latent_atol):
     pipe, _ = tiny_sd_v
     latents = np.random.default_rng(8).standard_normal((1, 4, 8, 8)).astype(np.float32)
     kw = dict(negative_prompt=NEGATIVE, width=64, height=64, steps=8, cfg_scale=7.0, sampler=sampler)
@@ -71,7 +71,7 @@ def test_v_latents_match_diffusers(tiny_sd_v, v_pipeline, sampler, scheduler):
     got = v_pipeline.generate(
         PROMPT, seed=1, scheduler=scheduler, latents=latents, output_type="latent", progress=False, **kw
     )
-    np.testing.assert_allclose(got, want, atol=LATENT_ATOL, rtol=0)
+    np.testing.assert_allclose(got, want, atol=latent_atol, rtol=0)
 
 
 def test_default_size_is_native_and_matches_diffusers(tiny_sd_v, v_pipeline):
@@ -83,7 +83,7 @@ def test_default_size_is_native_and_matches_diffusers(tiny_sd_v, v_pipeline):
     assert max_diff(np.asarray(images[0])[None], want) <= PIXEL_TOL
 
 
-def edited_copy(model, tmp_path, edit_manifest=None, edit_tokenizer=None):
+def edited_copy(model, tmp_path, backend, edit_manifest=None, edit_tokenizer=None):
     folder = tmp_path / "edited"
     shutil.copytree(model, folder)
     for name, edit in (("model.json", edit_manifest), ("tokenizer/tokenizer_config.json", edit_tokenizer)):
@@ -91,7 +91,7 @@ def edited_copy(model, tmp_path, edit_manifest=None, edit_tokenizer=None):
             data = json.loads((folder / name).read_text())
             edit(data)
             (folder / name).write_text(json.dumps(data))
-    return Pipeline.load(folder)
+    return Pipeline.load(folder, backend=backend)
 
 
 WRONG = {
@@ -101,13 +101,13 @@ WRONG = {
 
 
 @pytest.mark.parametrize("change", list(WRONG), ids=list(WRONG))
-def test_v_parity_can_fail(tiny_sd_v, tmp_path, change):
+def test_v_parity_can_fail(tiny_sd_v, tmp_path, backend, change):
     """The comparison above catches a v-model read as epsilon (measured: 187-223/255 over the four samplers),
     and SD 1.x's EOS padding on an SD 2 model (54-144/255)."""
     pipe, model = tiny_sd_v
     kw = dict(negative_prompt=NEGATIVE, width=64, height=72, steps=8, cfg_scale=6.0, sampler="Euler")
     want = diffusers_run(pipe, PROMPT, seeds=(5,), **kw)
-    got = sdrt_images(edited_copy(model, tmp_path, **WRONG[change]), [5], **kw)
+    got = sdrt_images(edited_copy(model, tmp_path, backend, **WRONG[change]), [5], **kw)
     assert max_diff(got, want) > 4 * PIXEL_TOL, f"{change} went unnoticed"
 
 

@@ -20,13 +20,13 @@ NEGATIVE = "blue sky"
 
 
 @pytest.fixture(scope="module")
-def base(tiny_sdxl):
-    return tiny_sdxl["base"][0], Pipeline.load(tiny_sdxl["base"][1])
+def base(tiny_sdxl, backend):
+    return tiny_sdxl["base"][0], Pipeline.load(tiny_sdxl["base"][1], backend=backend)
 
 
 @pytest.fixture(scope="module")
-def refiner(tiny_sdxl):
-    return tiny_sdxl["refiner"][0], Pipeline.load(tiny_sdxl["refiner"][1])
+def refiner(tiny_sdxl, backend):
+    return tiny_sdxl["refiner"][0], Pipeline.load(tiny_sdxl["refiner"][1], backend=backend)
 
 
 def sdrt_images(pipeline, seeds, **kw):
@@ -154,7 +154,7 @@ def test_inpainting_matches_diffusers(base, sampler, strength):
 
 
 @pytest.fixture(scope="module")
-def inpainting_model(tmp_path_factory):
+def inpainting_model(tmp_path_factory, backend):
     """A tiny SDXL inpainting model (9-channel UNet: latents, mask, masked-image latents), exported."""
     from tiny_sdxl import build_tiny_sdxl
 
@@ -163,7 +163,7 @@ def inpainting_model(tmp_path_factory):
     root = tmp_path_factory.mktemp("sdxl_inpainting")
     pipe = build_tiny_sdxl(root / "diffusers", seed=3, unet_in_channels=9)
     assert main(["export", str(root / "diffusers"), "-o", str(root / "onnx")]) == 0
-    return pipe, Pipeline.load(root / "onnx")
+    return pipe, Pipeline.load(root / "onnx", backend=backend)
 
 
 @pytest.mark.parametrize(("sampler", "strength"), [("Euler a", 0.6), ("Euler", 1.0)])
@@ -240,7 +240,7 @@ def test_refiner_img2img_matches_diffusers(refiner, wrong):
 
 
 @pytest.fixture(scope="module")
-def turbo(tiny_sdxl, tmp_path_factory):
+def turbo(tiny_sdxl, tmp_path_factory, backend):
     """The tiny base with SDXL-Turbo's scheduler config (Euler ancestral, trailing spacing), in diffusers and in
     sdrt (the exported base, its model.json's scheduler replaced: Turbo is SDXL's architecture)."""
     import json
@@ -260,7 +260,7 @@ def turbo(tiny_sdxl, tmp_path_factory):
     manifest = json.loads((folder / "model.json").read_text())
     manifest["scheduler"] = asdict(scheduler_config(pipe.scheduler.config))
     (folder / "model.json").write_text(json.dumps(manifest))
-    return pipe, Pipeline.load(folder)
+    return pipe, Pipeline.load(folder, backend=backend)
 
 
 @pytest.mark.parametrize("steps", [1, 4])

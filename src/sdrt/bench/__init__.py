@@ -2,6 +2,8 @@
 
     sdrt bench                               # CPU: SD 1.5, 256x256, 10 steps, median of 3 (benchmarks/cpu_e2e.py)
     sdrt bench --low-vram                    # CPU: also sdrt with engines staged one at a time (peak RSS)
+    sdrt bench --runtimes sdrt,sdrt_openvino_f32,diffusers  # CPU: a subset (default: ORT, OpenVINO f32/bf16,
+                                             # diffusers, optimum-intel f32/bf16: those this machine can run)
     sdrt bench --device gpu                  # GPU: ORT CUDA (fp16, fused, static + CUDA graphs), diffusers, 512x512
     sdrt bench --cpu-smoke --model small     # the GPU driver's stages on the CPU (benchmarks/gpu_check.sh --cpu-smoke)
     sdrt bench --model small --workdir /tmp/b  # tiny random models: a smoke test of the benchmark itself
@@ -35,7 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--low-vram", action="store_true", help="CPU: also measure sdrt with staged engines")
     p.add_argument("--batches", default="1,4,8", help="GPU: batch sizes for images/s (default 1,4,8)")
     p.add_argument("--runtimes", help="GPU: subset of sdrt_cuda,sdrt_cuda_fused,sdrt_cuda_static,diffusers,"
-                   "diffusers_fp32,diffusers_compile,sdrt_tensorrt,sdrt_tensorrt_low_vram (default: all but TensorRT)")
+                   "diffusers_fp32,diffusers_compile,sdrt_tensorrt,sdrt_tensorrt_low_vram (default: all but TensorRT); "
+                   "CPU: of sdrt,sdrt_openvino_f32,sdrt_openvino_bf16,diffusers,optimum_intel_f32,optimum_intel_bf16 "
+                   "(default: all this machine can run)")  # fmt: skip
     p.add_argument("--vram-budget", default="2GB", help="GPU: sdrt_tensorrt_low_vram's budget (default 2GB)")
     p.add_argument("--cpu-smoke", action="store_true",
                    help="GPU driver on the CPU (CPU provider, PyTorch on the CPU): a test of the stages, no figures")
@@ -70,7 +74,10 @@ def check_args(parser, args) -> None:
     if not all(b.strip().isdigit() and int(b) > 0 for b in args.batches.split(",")):
         parser.error(f"--batches: got {args.batches!r}; allowed: comma-separated positive integers")
     if args.runtimes:
-        from sdrt.bench.gpu import RUNTIMES
+        if args.device == "gpu":
+            from sdrt.bench.gpu import RUNTIMES
+        else:
+            from sdrt.bench.cpu_runtimes import CPU_RUNTIMES as RUNTIMES
 
         bad = [r for r in args.runtimes.split(",") if r not in RUNTIMES]
         if bad:
@@ -83,6 +90,10 @@ def run_worker(stage: str, job_file: str) -> None:
 
     workers = {"build": common.worker_build, "export": common.worker_export, "sdrt": cpu.sdrt_worker,
                "diffusers": cpu.diffusers_worker}  # fmt: skip
+    if stage.startswith("optimum"):  # runs in the optimum-intel venv (optimum_peer.py)
+        from sdrt.bench import optimum_peer
+
+        workers.update(optimum_export=optimum_peer.worker_export, optimum_intel=optimum_peer.worker_run)
     if stage.endswith("_gpu"):
         from sdrt.bench import gpu
 

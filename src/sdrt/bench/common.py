@@ -141,14 +141,15 @@ def describe_machine() -> dict:
 
 def run_child(
     stage: str, job: dict, job_dir: Path, fatal: bool = True, timeout: float | None = None, label: str | None = None,
-    script=None,
+    script=None, python=None,
 ) -> tuple[dict, float, int]:
     """Run this script (or SCRIPT, a file) as `--worker STAGE` in a subprocess: (its result, wall seconds, its peak
     RSS in bytes).
 
     The peak RSS comes from wait4's rusage of that one child, so each runtime's figure is its own. A failed child
     ends the benchmark, or with FATAL False raises RuntimeError; one still running after TIMEOUT seconds is killed.
-    LABEL names its job files (default STAGE: one child per stage).
+    LABEL names its job files (default STAGE: one child per stage). PYTHON: another venv's interpreter (a peer
+    whose pins differ from sdrt's), given sdrt's source on PYTHONPATH.
     """
     import threading
 
@@ -158,8 +159,12 @@ def run_child(
     result_file.unlink(missing_ok=True)
     job_file.write_text(json.dumps(dict(job, result_file=str(result_file)), indent=2))
     start = time.perf_counter()
-    command = [sys.executable, "-m", "sdrt.bench"] if script is None else [sys.executable, str(script)]
-    proc = subprocess.Popen([*command, "--worker", stage, str(job_file)])
+    env = None
+    if python is not None:
+        paths = [str(REPO / "src"), os.environ.get("PYTHONPATH")]
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in paths if p))
+    command = [str(python or sys.executable)] + (["-m", "sdrt.bench"] if script is None else [str(script)])
+    proc = subprocess.Popen([*command, "--worker", stage, str(job_file)], env=env)
     killer = threading.Timer(timeout, proc.kill) if timeout else None
     if killer is not None:
         killer.start()

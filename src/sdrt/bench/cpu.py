@@ -1,10 +1,12 @@
-"""CPU benchmark: sdrt (ONNX Runtime fp32) against diffusers (PyTorch fp32), side by side, on identical weights.
+"""CPU benchmark: sdrt (ONNX Runtime fp32; OpenVINO f32, and bf16 where the CPU has it) against diffusers (PyTorch
+fp32) and optimum-intel's OpenVINO pipeline, side by side, on identical weights.
 
 Builds the case's architecture with random weights, exports it with `sdrt.export.export`, then measures each
 runtime in its own subprocess: load time, one batch-2 UNet call, txt2img end to end, peak RSS; with --low-vram
 also sdrt with its engines staged one at a time. Writes benchmarks/results/<machine>.json (+ .md, .png).
 """
 
+import os
 import time
 import warnings
 from pathlib import Path
@@ -36,11 +38,13 @@ from sdrt.bench.common import (
     unet_inputs,
     write_results,
 )
+from sdrt.bench.cpu_runtimes import CPU_RUNTIMES, compare_runtimes, run_runtimes, runtimes_table
 
 
 def worker_sdrt(job: dict) -> dict:
     """sdrt's runtime (run in a process where torch cannot be imported); job["low_vram"]: engines staged."""
     label = job.get("label", "sdrt")
+    os.environ.update(job.get("env", {}))  # SDRT_NO_OV_CACHE: OpenVINO compiles cold, as its peer does
     start = time.perf_counter()
     import numpy as np
 
@@ -49,7 +53,7 @@ def worker_sdrt(job: dict) -> dict:
     import_s = time.perf_counter() - start
     log("sdrt: loading the ONNX models")
     start = time.perf_counter()
-    pipe = Pipeline.load(job["onnx_dir"], backend="cpu", low_vram=job.get("low_vram", False))
+    pipe = Pipeline.load(job["onnx_dir"], backend=job.get("backend", "cpu"), low_vram=job.get("low_vram", False))
     load_s = time.perf_counter() - start
     log(f"{label}: loaded in {load_s:.1f} s")
     rss_after_load = rss_now()
@@ -85,7 +89,10 @@ def worker_sdrt(job: dict) -> dict:
     log(f"{label}: txt2img {job['width']}x{job['height']}, {job['steps']} steps")
     e2e_stats = measure(f"{label} txt2img", txt2img, job["runs"])
     np.save(Path(job["out_dir"]) / f"{label}_image.npy", images[-1])
+    precisions = {name: getattr(e, "inference_precision", None) for name, e in pipe.engines.items()}
     return {
+        "backend": pipe.backend,
+        "inference_precision": {name: p for name, p in precisions.items() if p} or "fp32",
         "import_s": import_s,
         "load_s": load_s,
         "rss_after_load_bytes": rss_after_load,
@@ -263,15 +270,13 @@ def run_cpu(args, case) -> int:
         "load_average_1min_at_start": load_start,
     }
     job = base_job(args, configs, model_dir, model_dir / "onnx", out_dir)
-    stages = [("sdrt", {}), ("diffusers", {})]
+    names = args.runtimes.split(",") if args.runtimes else list(CPU_RUNTIMES)
+    names = list(dict.fromkeys(["sdrt", *names, "diffusers"]))  # the sdrt-vs-diffusers table needs both
+    measured, skipped, peer_export = run_runtimes(names, job, model_dir, job_dir)
     if args.low_vram:
-        stages.insert(1, ("sdrt_low_vram", {"low_vram": True, "label": "sdrt_low_vram"}))
-    measured = {}
-    for name, extra in stages:
-        log(f"{name}: starting its own subprocess")
-        result, wall, peak = run_child("diffusers" if name == "diffusers" else "sdrt", {**job, **extra}, job_dir)
-        measured[name] = {**result, "process_wall_s": wall, "peak_rss_bytes": peak}
-        log(f"{name}: done in {wall:.1f} s, peak RSS {gib(peak)}")
+        log("sdrt_low_vram: starting its own subprocess")
+        result, wall, peak = run_child("sdrt", {**job, "low_vram": True, "label": "sdrt_low_vram"}, job_dir)
+        measured["sdrt_low_vram"] = {**result, "process_wall_s": wall, "peak_rss_bytes": peak}
     s, d = measured["sdrt"], measured["diffusers"]
     report = {
         "benchmark": "cpu_e2e",
@@ -302,15 +307,15 @@ def run_cpu(args, case) -> int:
     }
     if "sdrt_low_vram" in measured:
         report["sdrt_low_vram"] = measured["sdrt_low_vram"]
+    compared = compare_runtimes(out_dir, list(measured))
+    report.update(runtimes=measured, runtimes_skipped=skipped, runtimes_comparison=compared)
+    if peer_export:
+        report["optimum_intel_export"] = peer_export
     table = "\n".join([markdown_table(report), *low_vram_rows(report)])
+    table += "\n\n" + runtimes_table(measured, compared, skipped)
     report["table_markdown"] = table
     output = args.output or RESULTS_DIR / f"{'smoke-' if case.smoke else ''}{machine['slug']}.json"
-    bars = [
-        ("sdrt txt2img", s["txt2img"]["median_s"], "s"),
-        ("diffusers txt2img", d["txt2img"]["median_s"], "s"),
-    ]
-    if "sdrt_low_vram" in measured:
-        bars.insert(1, ("sdrt --low-vram txt2img", measured["sdrt_low_vram"]["txt2img"]["median_s"], "s"))
+    bars = [(f"{name} txt2img", m["txt2img"]["median_s"], "s") for name, m in measured.items()]
     title = f"{settings['model']}, {args.size}x{args.size}, {args.steps} steps, {machine['cpu_model']}"
     write_results(report, output, table, title, bars)
     print(f"\n{settings['model']} on {machine['cpu_model']} ({machine['physical_cores']} cores)\n")

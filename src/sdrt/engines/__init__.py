@@ -7,7 +7,7 @@ from typing import Protocol
 
 import numpy as np
 
-BACKENDS = ("auto", "cpu", "cuda", "tensorrt")
+BACKENDS = ("auto", "cpu", "cuda", "tensorrt", "openvino")  # "openvino" also takes -DEVICE / -PRECISION parts
 
 
 class Engine(Protocol):
@@ -44,11 +44,19 @@ def cuda_available() -> bool:
 
 def resolve_backend(backend: str, model_dir: Path | None = None, announce: bool = True) -> str:
     """BACKEND itself, or for "auto" the fastest one present: TensorRT (with engines built for MODEL_DIR),
-    then ONNX Runtime CUDA, then CPU; says which on stderr."""
+    then ONNX Runtime CUDA, then OpenVINO, then ONNX Runtime CPU; says which on stderr (and how OpenVINO runs)."""
+    from sdrt.engines.openvino import BACKEND_FORM, is_openvino_backend, openvino_available, parse_backend
     from sdrt.errors import InvalidOption
 
+    if is_openvino_backend(backend):
+        name = parse_backend(backend).name  # validates; "openvino-cpu-auto" -> "openvino"
+        if announce:
+            from sdrt.engines.openvino import announce as announce_openvino
+
+            announce_openvino(name)  # also refuses bf16 on a CPU without it
+        return name
     if backend not in BACKENDS:
-        raise InvalidOption("backend", backend, ", ".join(BACKENDS))
+        raise InvalidOption("backend", backend, ", ".join(BACKENDS[:-1]) + ", " + BACKEND_FORM)
     if backend != "auto":
         return backend
     reasons = []
@@ -59,11 +67,17 @@ def resolve_backend(backend: str, model_dir: Path | None = None, announce: bool 
     else:
         chosen = "tensorrt"
     if reasons:
-        chosen = "cuda" if cuda_available() else "cpu"
-        if chosen == "cpu":
+        chosen = "cuda" if cuda_available() else "openvino" if openvino_available() else "cpu"
+        if chosen != "cuda":
             reasons.append("CUDA: onnxruntime-gpu's CUDAExecutionProvider missing")
+        if chosen == "cpu":
+            reasons.append("OpenVINO: not installed (pip install 'sdrt[openvino]')")
     if announce:
         print(f"sdrt: backend auto -> {chosen}" + (f" ({'; '.join(reasons)})" if reasons else ""), file=sys.stderr)
+        if chosen == "openvino":
+            from sdrt.engines.openvino import announce as announce_openvino
+
+            announce_openvino(chosen)
     return chosen
 
 
@@ -72,9 +86,15 @@ def create_engine(model_file: Path, backend: str, **options) -> Engine:
 
     OPTIONS: for "cuda", `gpu_mem_limit` (bytes), `device_id`, `static_dims` ({axis: size}, a static profile) and
     `cuda_graph` (capture and replay, with static_dims); for "cpu", `static_dims`; for "tensorrt", `workspace` (a shared
-    tensorrt.Workspace) and `streaming_budget` (bytes of weights kept on the GPU).
+    tensorrt.Workspace) and `streaming_budget` (bytes of weights kept on the GPU); for "openvino...", `keep_f32`.
     """
+    from sdrt.engines.openvino import is_openvino_backend
     from sdrt.errors import InvalidOption
+
+    if is_openvino_backend(backend):
+        from sdrt.engines.openvino import create_openvino_engine
+
+        return create_openvino_engine(model_file, backend, **options)
 
     if backend == "cpu":
         from sdrt.engines.onnxruntime import OnnxRuntimeEngine

@@ -21,6 +21,7 @@ ACTIVATION_PER_CELL = {"text_encoder": 0, "unet": 120_000, "vae_decoder": 600_00
 FUSED_ACTIVATION_PER_CELL = {**ACTIVATION_PER_CELL, "unet": 20_000}
 TEXT_ENCODER_ACTIVATIONS = 64 * 2**20
 FP16_WEIGHT_SHARE = 0.5  # GPU engines are fp16: half the bytes of an fp32 export's files
+GPU_BACKENDS = ("cuda", "tensorrt")  # NVIDIA backends: fp16 engines and a CUDA context (OpenVINO's plan is the CPU's)
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,8 @@ class MemoryPlan:
             if name in dims and backend in ("cpu", "cuda"):
                 options["static_dims"] = dims[name]
                 options["cuda_graph"] = backend == "cuda"
+            if backend.startswith("openvino") and name.startswith("text_encoder"):
+                options["keep_f32"] = True  # bf16 or not, the text encoders run f32 (README: OpenVINO)
             path = manifest.graph_path(name, backend if fused and backend in ("cpu", "cuda") else None)
             engines[name] = create_engine(path, backend, **options)
         return Stager().wrap(engines) if self.staged else engines
@@ -106,7 +109,7 @@ def memory_plan(
         path = manifest.graph_path(name, target)
         variant = manifest.optimized.get(target, {}).get(name) if target else None
         precision = variant["precision"] if variant else manifest.models[name].get("precision", manifest.precision)
-        share = FP16_WEIGHT_SHARE if backend != "cpu" and precision == "fp32" else 1
+        share = FP16_WEIGHT_SHARE if backend in GPU_BACKENDS and precision == "fp32" else 1
         weights[name] = int(sum(f.stat().st_size for f in (path, path.with_name(path.name + ".data")) if f.is_file())
                             * share)  # fmt: skip
         if variant and variant["fused_ops"].get("MultiHeadAttention"):
