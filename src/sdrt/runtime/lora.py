@@ -319,9 +319,16 @@ class Loras:
                 self.buffers = {key: buffer for key, buffer in self.buffers.items() if key[0] != part}
 
     def check_unfused(self, part: str) -> None:
-        """LoRAs merge into the export's own graph: a fused variant (sdrt optimize) packs those weights otherwise."""
+        """LoRAs merge into the export's own graph: a fused variant (sdrt optimize) packs those weights otherwise,
+        and an engine must be able to take new weights (ONNX Runtime, TensorRT refit; not OpenVINO yet)."""
         engine = self.engines[part]
-        model_file = getattr(getattr(engine, "inner", engine), "model_file", None)
+        inner = getattr(engine, "inner", engine)
+        if not hasattr(inner, "set_weights"):
+            raise ModelError(
+                f"LoRAs need an engine that takes new weights (backends cpu, cuda, tensorrt); {type(inner).__name__} "
+                "does not yet: use --backend cpu for LoRAs"
+            )
+        model_file = getattr(inner, "model_file", None)
         if model_file is not None and Path(model_file) != self.manifest.model_path(part):
             raise ModelError(
                 f"LoRAs change {part}'s weights, which the fused graph {Path(model_file).name} holds packed: load the "
