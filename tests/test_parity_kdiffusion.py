@@ -12,7 +12,7 @@ import math
 
 import numpy as np
 import pytest
-from diffusers_reference import diffusers_run
+from diffusers_reference import LATENT_RTOL, diffusers_run
 from test_parity import NEGATIVE, PIXEL_TOL, PROMPT, max_diff, sdrt_run
 from tiny_sd import SD15_SCHEDULER_KWARGS
 
@@ -64,7 +64,7 @@ def test_latents_match_diffusers_given_latents(tiny_sd, tiny_pipeline, sampler, 
     want = diffusers_run(tiny_sd[0], PROMPT, seeds=(21, 22), output_type="latent", **kw)
     got = sdrt_run(tiny_pipeline, [21, 22], output_type="latent", **kw)
     assert got.shape == want.shape and got.dtype == np.float32
-    np.testing.assert_allclose(got, want, atol=latent_atol, rtol=0)
+    np.testing.assert_allclose(got, want, atol=latent_atol, rtol=LATENT_RTOL)
 
 
 @pytest.mark.parametrize("scheduler", ["automatic", "karras"])

@@ -27,7 +27,7 @@ psutil = pytest.importorskip("psutil")
 AUTH = ("sdrt", "secret")
 REPLICAS, BATCH, QUEUE, ONGOING = 2, 4, 4, 4
 RAY_ARGS = (
-    "--ray", "--replicas", str(REPLICAS), "--ray-batch-size", str(BATCH), "--batch-wait-s", "0.2",
+    "--ray", "--backend", "cpu", "--replicas", str(REPLICAS), "--ray-batch-size", str(BATCH), "--batch-wait-s", "0.2",
     "--max-queue", str(QUEUE), "--max-ongoing-requests", str(ONGOING), "--cpus-per-replica", "1",
     "--max-pixels", str(64 * 64), "--max-images", "4", "--api-auth", ":".join(AUTH),
 )  # fmt: skip

@@ -66,6 +66,17 @@ class Server:
         """The Pipeline of this process (sdrt serve), or None when replicas hold it (sdrt serve --ray)."""
         return getattr(self.backend, "pipe", None)
 
+    def lora_listing(self) -> list[dict]:
+        """GET /sdapi/v1/loras: this process's Pipeline's LoRAs, or over Ray the folder the replicas load."""
+        if self.pipe is not None:
+            return self.pipe.loras.listing()
+        folder = getattr(self.backend, "lora_dir", None)
+        if folder is None:
+            return []
+        from sdrt.runtime.lora import Loras
+
+        return Loras(self.manifest, {}).load_dir(folder).listing()
+
     def preview_every(self) -> int:
         return self.options["show_progress_every_n_steps"] if self.options["live_previews_enable"] else 0
 
@@ -243,7 +254,7 @@ def add_routes(app: FastAPI, server: Server) -> None:
 
     @app.get("/sdapi/v1/loras")
     def loras():  # A1111's Lora extension: name, alias, path (relative to the LoRA folder: no server paths), metadata
-        return server.pipe.loras.listing()
+        return server.lora_listing()
 
     @app.get("/sdapi/v1/options")
     def get_options():

@@ -302,6 +302,7 @@ class RayBackend:
 
     def __init__(self, generator, manifest, board, options: RayOptions):
         self.generator, self.manifest, self.board, self.options = generator, manifest, board, options
+        self.lora_dir = options.lora_dir  # what the replicas load (GET /sdapi/v1/loras lists it)
         self.mean_seconds = SECONDS_GUESS
 
     def retry_after(self, waiting: int) -> int:
