@@ -57,7 +57,7 @@ def start_server(model_dir, log_dir, *args, auth=None, timeout=START_TIMEOUT) ->
         try:
             requests.get(server.url + "/sdapi/v1/sd-models", timeout=2)
             return server
-        except requests.ConnectionError:
+        except (requests.ConnectionError, requests.Timeout):  # not listening yet, or (Ray Serve) still deploying
             time.sleep(0.2)
     stop_server(server)
     raise RuntimeError(f"sdrt serve did not answer within {timeout} s:\n{server.log()}")

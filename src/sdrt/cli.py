@@ -291,7 +291,7 @@ def serve_ray(args, limits) -> int:
     Manifest.load(Path(model))  # a bad folder fails here, not inside a replica
     if args.controlnet_dir is not None:
         raise InvalidOption("--controlnet-dir", args.controlnet_dir, "none with --ray (ControlNet: sdrt serve only)")
-    values = {"model": str(model), "backend": args.backend or "auto", "replicas": args.replicas}
+    values = {"model": str(model), "backend": args.backend, "replicas": args.replicas}
     if args.lora_dir is not None:
         values["lora_dir"] = str(Path(args.lora_dir).resolve())
     for name in RAY_ONLY[2:]:

@@ -43,7 +43,7 @@ class RayOptions:
     """The Ray Serve application's settings (`sdrt serve --ray` flags, `serve run ... key=value` args)."""
 
     model: str  # an exported model folder, the same path on every node (shared storage)
-    backend: str = "auto"  # each replica's Pipeline backend: auto = TensorRT, CUDA, then the CPU
+    backend: str | None = None  # each replica's Pipeline backend; None: auto on GPU replicas, else cpu (as sdrt serve)
     replicas: str = "1"  # a number, or "auto": Ray Serve's autoscaling between min and max
     min_replicas: int = 1
     max_replicas: int = 4
@@ -107,8 +107,6 @@ def gpus_in_cluster() -> float:
 def deployment_options(options: RayOptions) -> dict:
     """Ray Serve options of the Generator deployment: replicas or autoscaling, resources, queue limits."""
     gpus = options.gpus_per_replica
-    if gpus is None:
-        gpus = 1.0 if gpus_in_cluster() > 0 else 0.0
     scaling = {"num_replicas": int(options.replicas)}
     if options.replicas == "auto":
         scaling = {
@@ -367,6 +365,10 @@ def build(options: RayOptions, limits=None, credentials: dict | None = None):
     from sdrt.server.app import Limits
 
     options = replace(options, model=os.path.abspath(options.model))
+    if options.gpus_per_replica is None:
+        options = replace(options, gpus_per_replica=1.0 if gpus_in_cluster() > 0 else 0.0)
+    if options.backend is None:  # GPU replicas: the fastest engine there; CPU replicas: sdrt serve's default
+        options = replace(options, backend="auto" if options.gpus_per_replica else "cpu")
     generator = serve.deployment(Generator).options(name="Generator", **deployment_options(options))
     ingress = serve.deployment(serve.ingress()(Ingress)).options(
         name="Ingress", num_replicas=1, max_ongoing_requests=INGRESS_MAX_ONGOING, ray_actor_options={"num_cpus": 0}
