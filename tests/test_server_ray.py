@@ -114,6 +114,12 @@ def test_ray_flags_checked_before_ray_starts(tiny_sd, capsys):
     assert main(["serve", "-m", str(tiny_sd[1].parent), "--ray"]) == 2  # not an exported folder
     options = RayOptions.from_args({"model": model, "replicas": "auto", "max_batch_size": "8", "batch_wait_s": "0"})
     assert options.max_batch_size == 8 and options.ongoing() == 16 and options.batch_wait_s == 0.0
+    from sdrt.server.ray_app import with_defaults
+
+    cpu = with_defaults(RayOptions.from_args({"model": model}))  # Ray not started here: 0 GPUs
+    assert cpu.backend == "cpu" and cpu.gpus_per_replica == 0  # sdrt serve's backend: the same bits
+    gpu = with_defaults(RayOptions.from_args({"model": model, "gpus_per_replica": "1"}))
+    assert gpu.backend == "auto" and with_defaults(RayOptions(model, backend="cuda")).backend == "cuda"
     with pytest.raises(InvalidOption, match="max_batch_size: got 'many'"):
         RayOptions.from_args({"model": model, "max_batch_size": "many"})
     with pytest.raises(InvalidOption, match="colour"):

@@ -360,15 +360,22 @@ class Ingress:
         return create_app(limits=self.limits, credentials=self.credentials, backend=self.backend)
 
 
+def with_defaults(options: RayOptions) -> RayOptions:
+    """OPTIONS with an absolute model path, GPUs per replica (1 if the cluster has GPUs) and the replicas'
+    backend: auto (the fastest engine) on GPU replicas, cpu on CPU replicas (sdrt serve's default: the same bits)."""
+    options = replace(options, model=os.path.abspath(options.model))
+    if options.gpus_per_replica is None:
+        options = replace(options, gpus_per_replica=1.0 if gpus_in_cluster() > 0 else 0.0)
+    if options.backend is None:
+        options = replace(options, backend="auto" if options.gpus_per_replica else "cpu")
+    return options
+
+
 def build(options: RayOptions, limits=None, credentials: dict | None = None):
     """The Ray Serve Application: the Ingress bound to the Generator deployment."""
     from sdrt.server.app import Limits
 
-    options = replace(options, model=os.path.abspath(options.model))
-    if options.gpus_per_replica is None:
-        options = replace(options, gpus_per_replica=1.0 if gpus_in_cluster() > 0 else 0.0)
-    if options.backend is None:  # GPU replicas: the fastest engine there; CPU replicas: sdrt serve's default
-        options = replace(options, backend="auto" if options.gpus_per_replica else "cpu")
+    options = with_defaults(options)
     generator = serve.deployment(Generator).options(name="Generator", **deployment_options(options))
     ingress = serve.deployment(serve.ingress()(Ingress)).options(
         name="Ingress", num_replicas=1, max_ongoing_requests=INGRESS_MAX_ONGOING, ray_actor_options={"num_cpus": 0}
