@@ -51,16 +51,35 @@ def start_server(model_dir, log_dir, *args, auth=None, timeout=START_TIMEOUT) ->
     process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     server = RunningServer(f"http://127.0.0.1:{port}", process, log_path, auth)
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"sdrt serve exited with {process.returncode}:\n{server.log()}")
-        try:
-            requests.get(server.url + "/sdapi/v1/sd-models", timeout=2)
-            return server
-        except (requests.ConnectionError, requests.Timeout):  # not listening yet, or (Ray Serve) still deploying
-            time.sleep(0.2)
+    try:
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise RuntimeError(f"sdrt serve exited with {process.returncode}:\n{server.log()}")
+            try:
+                requests.get(server.url + "/sdapi/v1/sd-models", timeout=2)
+                return server
+            except (requests.ConnectionError, requests.Timeout):  # not listening yet, or (Ray Serve) deploying
+                time.sleep(0.2)
+        raise RuntimeError(f"sdrt serve did not answer within {timeout} s:\n{server.log()}")
+    except BaseException:
+        stop_server_tree(server)
+        raise
+
+
+def stop_server_tree(server: RunningServer) -> None:
+    """stop_server, then kill what it started and left (`--ray`: Ray's own processes), by process id."""
+    try:
+        import psutil
+
+        started = psutil.Process(server.process.pid).children(recursive=True)
+    except Exception:  # no psutil, or the process is gone
+        started = []
     stop_server(server)
-    raise RuntimeError(f"sdrt serve did not answer within {timeout} s:\n{server.log()}")
+    for p in started:
+        try:
+            p.kill()
+        except Exception:
+            pass
 
 
 def stop_server(server: RunningServer) -> None:
