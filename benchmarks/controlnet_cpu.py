@@ -88,7 +88,44 @@ def worker_generate(job: dict) -> dict:
     return results
 
 
+def worker_calls(job: dict) -> dict:
+    """One guided step's engine calls at the job's size, interleaved round by round (so a load that drifts during the
+    run touches every kind alike): the plain UNet, the unet_controlnet graph, and the ControlNet, each at batch 2.
+    Returns each call's times and the per-round ratios to the plain UNet."""
+    import statistics
+
+    import numpy as np
+
+    from sdrt.engines import create_engine
+    from sdrt.runtime.controlnet import ControlNetInfo
+    from sdrt.runtime.manifest import Manifest
+
+    manifest = Manifest.load(job["model_dir"])
+    info = ControlNetInfo.load(job["controlnet_dir"])
+    engines = {name: create_engine(manifest.model_path(name), "cpu") for name in ("unet", "unet_controlnet")}
+    engines["controlnet"] = create_engine(info.model_file, "cpu")
+    for engine in engines.values():
+        engine.load()
+    rng = np.random.default_rng(0)
+    h = w = job["size"] // 8
+    base = {"sample": rng.standard_normal((2, 4, h, w), dtype=np.float32), "timestep": np.full(2, 500.0, np.float32),
+            "encoder_hidden_states": rng.standard_normal((2, 77, 768), dtype=np.float32)}  # fmt: skip
+    control = engines["controlnet"].run({**base, "controlnet_cond": rng.random((2, 3, h * 8, w * 8), np.float32)})
+    feeds = {"unet": base, "unet_controlnet": {**base, **control},
+             "controlnet": {**base, "controlnet_cond": rng.random((2, 3, h * 8, w * 8), np.float32)}}  # fmt: skip
+    for name, engine in engines.items():  # warm-up
+        engine.run(feeds[name])
+    times = {name: [] for name in engines}
+    for r in range(job["rounds"]):
+        for name, engine in engines.items():
+            times[name].append(common.timed(lambda e=engine, n=name: e.run(feeds[n])))
+        common.log(f"  round {r + 1}: " + ", ".join(f"{n} {t[-1]:.2f} s" for n, t in times.items()))
+    ratio = {n: statistics.median(a / b for a, b in zip(times[n], times["unet"], strict=True)) for n in times}
+    return {"times_s": times, "median_s": {n: statistics.median(t) for n, t in times.items()}, "ratio_to_unet": ratio}
+
+
 WORKERS = {
+    "calls": worker_calls,
     "build_controlnet": worker_build_controlnet,
     "export_controlnet": worker_export_controlnet,
     "add_unet": worker_add_unet,
@@ -146,6 +183,8 @@ def main() -> int:
     p.add_argument("--runs", type=int, default=2)
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--output", type=Path, help="JSON path (default benchmarks/results/<machine>-controlnet.json)")
+    p.add_argument("--calls-only", action="store_true", help="only the interleaved per-call timing (models exported)")
+    p.add_argument("--rounds", type=int, default=5, help="rounds of the per-call timing")
     args = p.parse_args()
     if args.worker:
         job = json.loads(Path(args.worker[1]).read_text())
@@ -160,7 +199,6 @@ def main() -> int:
     args.rebuild = False
     common.prepare_model(args, case.configs(), sd_dir, jobs)
     model_dir = args.out / "model"
-    linked_copy(sd_dir / "onnx", model_dir)
     job = {
         "diffusers_dir": str(sd_dir / "diffusers"),
         "controlnet_diffusers": str(args.out / "controlnet-diffusers"),
@@ -171,7 +209,19 @@ def main() -> int:
         "runs": args.runs,
         "seed": args.seed,
     }
+    job["rounds"] = args.rounds
     script = Path(__file__).resolve()
+    output = args.output or common.RESULTS_DIR / f"{machine['slug']}-controlnet.json"
+    if args.calls_only:  # add the per-call timing to an earlier run's report
+        common.log("timing one guided step's engine calls, interleaved")
+        calls, _, _ = common.run_child("calls", job, jobs, script=script)
+        report = json.loads(output.read_text())
+        report["calls"] = {**calls, "rounds": args.rounds, "load_average": common.busy_warning(),
+                           "command": " ".join(sys.argv), "date": common.now_iso()}  # fmt: skip
+        output.write_text(json.dumps(report, indent=2) + "\n")
+        print(json.dumps(report["calls"]["ratio_to_unet"], indent=2))
+        return 0
+    linked_copy(sd_dir / "onnx", model_dir)
     common.log("building the random-weight ControlNet")
     built, _, _ = common.run_child("build_controlnet", job, jobs, script=script)
     export = {}
@@ -202,7 +252,6 @@ def main() -> int:
         "export": export,
         "generate": generate,
     }
-    output = args.output or common.RESULTS_DIR / f"{machine['slug']}-controlnet.json"
     output.write_text(json.dumps(report, indent=2) + "\n")
     output.with_suffix(".md").write_text(markdown(report))
     print(markdown(report))
