@@ -182,7 +182,7 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--runs", type=int, default=2)
     p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--output", type=Path, help="JSON path (default benchmarks/results/<machine>-controlnet.json)")
+    p.add_argument("--output", type=Path, help="JSON path (default benchmarks/results/controlnet-<machine>.json)")
     p.add_argument("--calls-only", action="store_true", help="only the interleaved per-call timing (models exported)")
     p.add_argument("--rounds", type=int, default=5, help="rounds of the per-call timing")
     args = p.parse_args()
@@ -211,7 +211,7 @@ def main() -> int:
     }
     job["rounds"] = args.rounds
     script = Path(__file__).resolve()
-    output = args.output or common.RESULTS_DIR / f"{machine['slug']}-controlnet.json"
+    output = args.output or common.RESULTS_DIR / f"controlnet-{machine['slug']}.json"
     if args.calls_only:  # add the per-call timing to an earlier run's report
         common.log("timing one guided step's engine calls, interleaved")
         calls, _, _ = common.run_child("calls", job, jobs, script=script)

@@ -192,6 +192,29 @@ def run_child(
     return json.loads(result_file.read_text()), wall, peak_rss
 
 
+
+def pipeline_txt2img(pipe, job: dict, images: list):
+    """A diffusers-API pipeline's (diffusers', optimum-intel's) txt2img of the job: the bench's prompt, negative
+    prompt, size, steps, cfg and seed; the returned callable appends its image, (H, W, 3) uint8, to IMAGES."""
+    import numpy as np
+    import torch
+
+    def txt2img():
+        with torch.inference_mode():
+            out = pipe(
+                PROMPT,
+                negative_prompt=NEGATIVE_PROMPT,
+                width=job["width"],
+                height=job["height"],
+                num_inference_steps=job["steps"],
+                guidance_scale=CFG_SCALE,
+                generator=torch.Generator("cpu").manual_seed(job["seed"]),
+                output_type="pil",
+            )
+        images.append(np.asarray(out.images[0]))  # (H, W, 3) uint8
+
+    return txt2img
+
 def rss_now() -> int:
     import psutil
 

@@ -30,6 +30,7 @@ from sdrt.bench.common import (
     measure,
     now_iso,
     physical_cores,
+    pipeline_txt2img,
     prepare_model,
     ratio,
     rss_now,
@@ -145,21 +146,7 @@ def worker_diffusers(job: dict) -> dict:
     np.save(Path(job["out_dir"]) / "diffusers_unet.npy", outputs["unet"].numpy())
 
     images = []
-
-    def txt2img():
-        with torch.inference_mode():
-            out = pipe(
-                PROMPT,
-                negative_prompt=NEGATIVE_PROMPT,
-                width=job["width"],
-                height=job["height"],
-                num_inference_steps=job["steps"],
-                guidance_scale=CFG_SCALE,
-                generator=torch.Generator("cpu").manual_seed(job["seed"]),
-                output_type="pil",
-            )
-        images.append(np.asarray(out.images[0]))  # (H, W, 3) uint8
-
+    txt2img = pipeline_txt2img(pipe, job, images)
     log(f"diffusers: txt2img {job['width']}x{job['height']}, {job['steps']} steps")
     e2e_stats = measure("diffusers txt2img", txt2img, job["runs"])
     np.save(Path(job["out_dir"]) / "diffusers_image.npy", images[-1])

@@ -13,12 +13,10 @@ import warnings
 from pathlib import Path
 
 from sdrt.bench.common import (
-    CFG_SCALE,
-    NEGATIVE_PROMPT,
-    PROMPT,
     UNET_BATCH,
     log,
     measure,
+    pipeline_txt2img,
     rss_now,
     unet_inputs,
 )
@@ -83,20 +81,7 @@ def worker_run(job: dict) -> dict:
     unet_stats = measure(f"{label} UNet", unet_call, job["runs"])
     np.save(Path(job["out_dir"]) / f"{label}_unet.npy", np.asarray(outputs["unet"]))
     images = []
-
-    def txt2img():
-        out = pipe(
-            PROMPT,
-            negative_prompt=NEGATIVE_PROMPT,
-            width=job["width"],
-            height=job["height"],
-            num_inference_steps=job["steps"],
-            guidance_scale=CFG_SCALE,
-            generator=torch.Generator("cpu").manual_seed(job["seed"]),
-            output_type="pil",
-        )
-        images.append(np.asarray(out.images[0]))  # (H, W, 3) uint8
-
+    txt2img = pipeline_txt2img(pipe, job, images)
     log(f"{label}: txt2img {job['width']}x{job['height']}, {job['steps']} steps")
     e2e_stats = measure(f"{label} txt2img", txt2img, job["runs"])
     np.save(Path(job["out_dir"]) / f"{label}_image.npy", images[-1])

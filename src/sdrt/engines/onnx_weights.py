@@ -159,3 +159,12 @@ def _decode(raw: bytes, dtype, shape: tuple) -> np.ndarray:
         halves = np.frombuffer(raw, dtype="<u2").astype(np.uint32) << 16
         return halves.view(np.float32).reshape(shape)
     return np.frombuffer(raw, dtype=np.dtype(dtype).newbyteorder("<")).reshape(shape).astype(dtype)
+
+
+def read_initializers(model_file, names) -> dict[str, np.ndarray]:
+    """Copies of the named initializers of MODEL_FILE (+ its external data), as stored there."""
+    graph = OnnxWeights(model_file)
+    try:
+        return {name: graph.read(name) for name in names}
+    finally:
+        graph.close()

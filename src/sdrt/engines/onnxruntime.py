@@ -217,13 +217,9 @@ class OnnxRuntimeEngine:
 
     def read_weights(self, names) -> dict[str, np.ndarray]:
         """Copies of the named initializers of the model file, as stored there (what set_weights replaces)."""
-        from sdrt.engines.onnx_weights import OnnxWeights
+        from sdrt.engines.onnx_weights import read_initializers
 
-        graph = OnnxWeights(self.model_file)
-        try:
-            return {name: graph.read(name) for name in names}
-        finally:
-            graph.close()
+        return read_initializers(self.model_file, names)
 
     def set_weights(self, weights: dict[str, np.ndarray]) -> None:
         """Run with WEIGHTS (initializer name -> array of its shape, dtype and layout in the model file) in place of

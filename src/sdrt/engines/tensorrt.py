@@ -183,13 +183,9 @@ class TensorRTEngine:
 
     def read_weights(self, names) -> dict[str, np.ndarray]:
         """Copies of the named initializers of the ONNX file the engine was built from."""
-        from sdrt.engines.onnx_weights import OnnxWeights
+        from sdrt.engines.onnx_weights import read_initializers
 
-        graph = OnnxWeights(self.model_file)
-        try:
-            return {name: graph.read(name) for name in names}
-        finally:
-            graph.close()
+        return read_initializers(self.model_file, names)
 
     def set_weights(self, weights: dict[str, np.ndarray]) -> None:
         """Run with WEIGHTS (ONNX initializer name -> array in the ONNX layout) in place of the built ones; names
