@@ -1,11 +1,9 @@
 """Export: checkpoint -> ONNX models + tokenizer + model.json. The only package that imports torch."""
 
-import shutil
-import tempfile
 from pathlib import Path
 
 from sdrt.errors import InvalidOption
-from sdrt.export.driver import scheduler_config
+from sdrt.export.driver import scheduler_config, staged_folder
 from sdrt.runtime.manifest import PRECISIONS, Manifest
 
 __all__ = ["export", "scheduler_config"]
@@ -41,21 +39,8 @@ def export(
         from sdrt.export.vae import check_vae_option
 
         check_vae_option(vae)  # a bad --vae fails now, before the checkpoint loads
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
-    try:
+    with staged_folder(out_dir) as staging:
         _export_into(source, staging, precision, original_config, config, progress, vae, controlnet)
-        staging.chmod(0o755)  # mkdtemp makes it private
-        if out_dir.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-            out_dir.rename(trash / "old")
-            staging.rename(out_dir)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            staging.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return Manifest.load(out_dir)
 
 

@@ -230,7 +230,7 @@ def export_controlnet(
     """Export the ControlNet SOURCE to OUT_DIR (controlnet/model.onnx + controlnet.json), atomically; its manifest."""
     from tqdm import tqdm
 
-    from sdrt.export.driver import run_step
+    from sdrt.export.driver import run_step, staged_folder
     from sdrt.version import __version__
 
     if precision not in PRECISIONS:
@@ -248,9 +248,7 @@ def export_controlnet(
     bar.update()
     family = controlnet_family(dict(controlnet.config))
     tqdm.write(f"ControlNet {name}: {family} ({len(residuals_of(controlnet.config))} residuals)", file=sys.stderr)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
-    try:
+    with staged_folder(out_dir) as staging:
         entry = run_step(controlnet_step(controlnet), staging, precision, bar)
         manifest = {
             "format": CONTROLNET_FORMAT,
@@ -265,13 +263,6 @@ def export_controlnet(
             "model": entry,
         }
         (staging / CONTROLNET_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        staging.chmod(0o755)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        staging.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     bar.close()
     return manifest
 

@@ -2,8 +2,11 @@
 manifest facts feed `export_into`, which exports and verifies each graph, writes the tokenizers and the manifest.
 SD 1.x/2.x (export/sd.py) and SDXL (export/sdxl.py) differ only in the plans they give it."""
 
+import contextlib
 import json
+import shutil
 import sys
+import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,3 +121,24 @@ def write_tokenizer(tokenizer, folder: Path) -> None:
     merges = [m if isinstance(m, str) else " ".join(m) for m in backend["merges"]]
     (folder / "vocab.json").write_text(json.dumps(backend["vocab"], ensure_ascii=False))
     (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(m + "\n" for m in merges))
+
+
+@contextlib.contextmanager
+def staged_folder(out_dir: Path):
+    """A hidden staging folder beside OUT_DIR for the `with` block, renamed into place when the block succeeds (an
+    existing OUT_DIR is moved aside first, then deleted); on any failure it is removed and OUT_DIR is untouched."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    try:
+        yield staging
+        staging.chmod(0o755)  # mkdtemp makes it private
+        if out_dir.exists():
+            trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+            out_dir.rename(trash / "old")
+            staging.rename(out_dir)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            staging.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
