@@ -1,6 +1,6 @@
 """LoRA switching on the full-size SD 1.5 architecture (random weights), CPU backend: how long applying, switching
 and removing a rank-32 LoRA over every attention and conv layer takes, what dominates, and the generation time
-with a LoRA merged against without.
+with a LoRA merged against without (whole generations, and UNet calls on the same inputs).
 
     sdrt bench --model sd15 --workdir /tmp/sdrt-bench   # builds and exports the random model once (or reuse one)
     python benchmarks/lora_switch.py /tmp/sdrt-bench/sd15/onnx [--size 256 --steps 10 --runs 2]
@@ -43,30 +43,72 @@ def random_lora(manifest, path: Path, seed: int) -> int:
     return len(tensors) // 3
 
 
+def unet_call_times(pipe, size: int, rounds: int, calls: int = 2) -> dict[str, list[float]]:
+    """Seconds per UNet call on the same inputs (a generation's first step), with the base weights and with LoRA a
+    merged, alternated: the cost of the merged weights themselves. A whole generation with a LoRA also runs on other
+    data (the LoRA changes the text conditioning, hence every latent), which alone moves a CPU's kernel times."""
+    from sdrt.runtime.lora import parse_prompt
+
+    unet = pipe.engines["unet"]
+    run, captured = unet.run, []
+
+    def capture(feeds):
+        captured.append({name: np.array(value, copy=True) for name, value in feeds.items()})
+        return run(feeds)
+
+    unet.run = capture
+    pipe.generate("a photo", width=size, height=size, steps=1, seed=1, progress=False)
+    unet.run = run
+    times = {"base": [], "LoRA a at 0.8": []}
+    for _ in range(rounds):
+        for state, prompt in (("base", ""), ("LoRA a at 0.8", "<lora:a:0.8>")):
+            pipe.loras.apply(parse_prompt(prompt)[1])
+            run(captured[0])  # warm-up
+            for _ in range(calls):
+                t = time.perf_counter()
+                run(captured[0])
+                times[state].append(time.perf_counter() - t)
+    return times
+
+
+def prepacking_cost(model: Path, size: int, rounds: int = 2) -> dict[str, list[float]]:
+    """Seconds per UNet call at SIZE x SIZE (batch 2), alternated: a plain session (ONNX Runtime prepacks its
+    weights) and one that takes LoRAs (every mapped weight in a buffer rewritten in place, without prepacking)."""
+    from sdrt.engines.onnxruntime import OnnxRuntimeEngine
+    from sdrt.runtime.manifest import Manifest
+
+    manifest = Manifest.load(model)
+    names = sorted({layer["initializer"] for layer in manifest.weight_map("unet").values()})
+    plain = OnnxRuntimeEngine(manifest.model_path("unet"), ["CPUExecutionProvider"])
+    in_place = OnnxRuntimeEngine(manifest.model_path("unet"), ["CPUExecutionProvider"])
+    in_place.merge_weights({name: [] for name in names[:1]})  # makes the LoRA-capable session...
+    in_place.merge_weights({name: [] for name in names})  # ...with every mapped weight in it
+    rng = np.random.default_rng(0)
+    side = size // 8
+    feeds = {"sample": rng.standard_normal((2, 4, side, side)).astype(np.float32),
+             "timestep": np.array([500.0, 500.0], np.float32),
+             "encoder_hidden_states": rng.standard_normal((2, 77, 768)).astype(np.float32)}  # fmt: skip
+    times = {"prepacked": [], "in place, no prepacking": []}
+    engines = {"prepacked": plain, "in place, no prepacking": in_place}
+    for engine in engines.values():
+        engine.run(feeds)  # warm-up
+    for _ in range(rounds):
+        for state, engine in engines.items():
+            t = time.perf_counter()
+            engine.run(feeds)
+            times[state].append(time.perf_counter() - t)
+    return times
+
+
 def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("model", type=Path, help="an exported SD 1.5-architecture folder (fp32)")
-    p.add_argument("--size", type=int, default=256)
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--runs", type=int, default=2, help="generations per state (base / LoRA), alternated")
-    p.add_argument("--workdir", type=Path, default=Path("/tmp/sdrt-lora-bench"))
-    args = p.parse_args()
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+def switching(args, loras: Path) -> dict:
+    """Load with the LoRA folder, then time switches, generations per state and UNet calls on the same inputs."""
     from sdrt import Pipeline
-    from sdrt.bench.common import describe_machine, log
-    from sdrt.runtime.manifest import Manifest
-
-    load_average = [round(os.getloadavg()[0], 2)]  # other processes' share of the CPU: timings are wall-clock
-    manifest = Manifest.load(args.model)
-    loras = args.workdir / "loras"
-    loras.mkdir(parents=True, exist_ok=True)
-    layers = {name: random_lora(manifest, loras / f"{name}.safetensors", seed) for name, seed in (("a", 1), ("b", 2))}
-    log(f"LoRAs a and b: rank {RANK} on {layers['a']} layers each")
+    from sdrt.bench.common import log
+    from sdrt.runtime.lora import parse_prompt
 
     Pipeline.load(args.model)  # fills the per-machine optimised-graph cache, so the load below is the usual one
     start = time.perf_counter()
@@ -74,35 +116,33 @@ def main() -> int:
     load_s = time.perf_counter() - start
     log(f"load (from the optimised-graph cache): {load_s:.2f} s")
 
-    timings = {"merge_s": 0.0, "engine_s": 0.0}
-    for engine in pipe.engines.values():  # time the two halves of a switch: numpy merge, engine session rebuild
-        original = engine.set_weights
+    timings = {"terms_s": 0.0, "merge_s": 0.0}
+    for engine in pipe.engines.values():  # time the two halves of a switch: the LoRA terms, the engines' merge
+        original = engine.merge_weights
 
-        def timed_set(weights, original=original):
+        def timed_merge(updates, original=original):
             t = time.perf_counter()
-            original(weights)
-            timings["engine_s"] += time.perf_counter() - t
+            original(updates)
+            timings["merge_s"] += time.perf_counter() - t
 
-        engine.set_weights = timed_set
-    merged = pipe.loras.merged
+        engine.merge_weights = timed_merge
+    updates = pipe.loras.updates
 
-    def timed_merged(part, signature):
+    def timed_updates(part, signature):
         t = time.perf_counter()
-        out = merged(part, signature)
-        timings["merge_s"] += time.perf_counter() - t
+        out = updates(part, signature)
+        timings["terms_s"] += time.perf_counter() - t
         return out
 
-    pipe.loras.merged = timed_merged
+    pipe.loras.updates = timed_updates
 
     def switch(label, prompt):
-        timings.update(merge_s=0.0, engine_s=0.0)
-        from sdrt.runtime.lora import parse_prompt
-
+        timings.update(terms_s=0.0, merge_s=0.0)
         t = time.perf_counter()
         pipe.loras.apply(parse_prompt(prompt)[1])
         total = time.perf_counter() - t
-        row = {"switch": label, "total_s": round(total, 3), "merge_s": round(timings["merge_s"], 3),
-               "engine_s": round(timings["engine_s"], 3), "peak_rss_gib": round(peak_rss_gib(), 2)}  # fmt: skip
+        row = {"switch": label, "total_s": round(total, 3), "terms_s": round(timings["terms_s"], 3),
+               "merge_s": round(timings["merge_s"], 3), "peak_rss_gib": round(peak_rss_gib(), 2)}  # fmt: skip
         log(f"{label}: {row}")
         return row
 
@@ -128,19 +168,52 @@ def main() -> int:
     timed_runs["LoRA a at 0.8"] = generations("a photo <lora:a:0.8>")
     switches.append(switch("a -> none (base)", ""))
     timed_runs["base, after LoRAs (in-place sessions, no prepacking)"] = generations("a photo")
+    unet_calls = unet_call_times(pipe, args.size, rounds=max(2, args.runs + 1))
+    log(f"UNet call on the same inputs: {unet_calls}")
+    return {"load_s": load_s, "switches": switches, "generations": timed_runs, "unet_calls": unet_calls}
+
+
+def summary(runs: dict[str, list[float]], digits: int) -> dict:
+    """{"runs_s": ..., "median_s": ...} of RUNS {state: seconds}."""
+    return {"runs_s": {state: [round(x, digits) for x in times] for state, times in runs.items()},
+            "median_s": {state: round(statistics.median(times), digits) for state, times in runs.items()}}  # fmt: skip
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("model", type=Path, help="an exported SD 1.5-architecture folder (fp32)")
+    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--runs", type=int, default=2, help="generations per state (base / LoRA), alternated")
+    p.add_argument("--workdir", type=Path, default=Path("/tmp/sdrt-lora-bench"))
+    p.add_argument("--prepacking-size", type=int, default=512,
+                   help="image size of the UNet calls timed with and without prepacking (0: skip)")  # fmt: skip
+    args = p.parse_args()
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+    from sdrt.bench.common import describe_machine, log
+    from sdrt.runtime.manifest import Manifest
+
+    load_average = [round(os.getloadavg()[0], 2)]  # other processes' share of the CPU: timings are wall-clock
+    manifest = Manifest.load(args.model)
+    loras = args.workdir / "loras"
+    loras.mkdir(parents=True, exist_ok=True)
+    layers = {name: random_lora(manifest, loras / f"{name}.safetensors", seed) for name, seed in (("a", 1), ("b", 2))}
+    log(f"LoRAs a and b: rank {RANK} on {layers['a']} layers each")
+
+    measured = switching(args, loras)  # the pipeline's memory is back when it returns
+    prepacking = prepacking_cost(args.model, args.prepacking_size) if args.prepacking_size else {}
+    log(f"UNet call at {args.prepacking_size}x{args.prepacking_size}, with and without prepacking: {prepacking}")
     report = {
         "machine": describe_machine(),
         "model": str(args.model),
         "rank": RANK,
         "layers_per_lora": layers["a"],
-        "load_s": round(load_s, 2),
-        "switches": switches,
-        "generation": {
-            "size": args.size,
-            "steps": args.steps,
-            "runs_s": {state: [round(x, 2) for x in runs] for state, runs in timed_runs.items()},
-            "median_s": {state: round(statistics.median(runs), 2) for state, runs in timed_runs.items()},
-        },
+        "load_s": round(measured["load_s"], 2),
+        "switches": measured["switches"],
+        "generation": {"size": args.size, "steps": args.steps, **summary(measured["generations"], 2)},
+        "unet_call_same_inputs": summary(measured["unet_calls"], 3),
+        "unet_call_prepacking": {"size": args.prepacking_size, **summary(prepacking, 3)},
         "peak_rss_gib": round(peak_rss_gib(), 2),
         "load_average_1min": [*load_average, round(os.getloadavg()[0], 2)],  # at start and end
         "command": " ".join(sys.argv),

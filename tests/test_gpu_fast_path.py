@@ -17,8 +17,9 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from sdrt.engines.onnxruntime import BoundShapes, OnnxRuntimeEngine, count_ops
-from sdrt.errors import InvalidOption
+from sdrt.engines.onnxruntime import OnnxRuntimeEngine
+from sdrt.engines.ort_binding import BoundShapes, count_ops
+from sdrt.errors import InvalidOption, ModelError
 from sdrt.runtime.manifest import Manifest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -365,3 +366,21 @@ def test_gpu_bench_driver_orders_stages_records_failures_and_reports(tmp_path, m
     assert "ran past" in runtimes["diffusers_compile"]["error"]
     assert report["graph_parity"]["relative_error"]["fused cuda/unet"] == 2e-3 and report["device"]["versions"]["sdrt"]
     assert (tmp_path / "out" / "check.md").is_file() and (tmp_path / "out" / "check.png").is_file()
+
+
+def test_loras_use_the_unfused_graphs(fused_model, tmp_path):
+    """With a LoRA folder, Pipeline.load passes over fused variants (their weights are packed otherwise); asked for
+    them explicitly, a LoRA is refused with the way out, and fused variants stay the default without LoRAs."""
+    from tiny_lora import one_layer_lora
+
+    from sdrt import Pipeline
+    from sdrt.runtime.lora import parse_prompt
+
+    one_layer_lora(fused_model, tmp_path / "one.safetensors")
+    assert Pipeline.load(fused_model).engines["unet"].model_file.name == "model.cpu.onnx"
+    with_loras = Pipeline.load(fused_model, loras=tmp_path)
+    assert with_loras.engines["unet"].model_file.name == "model.onnx"
+    with_loras.loras.apply(parse_prompt("<lora:one:1>")[1])
+    forced = Pipeline.load(fused_model, loras=tmp_path, fused=True)
+    with pytest.raises(ModelError, match=r"fused=False"):
+        forced.loras.apply(parse_prompt("<lora:one:1>")[1])

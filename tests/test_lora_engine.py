@@ -109,3 +109,77 @@ def test_refit_plan():
         refit_plan(prototypes, {"w9": base["w1"]}, set(), lambda names: {})
     with pytest.raises(ModelError, match="engine holds"):
         refit_plan(prototypes, {"w2": np.zeros(4)}, set(), lambda names: {})
+
+
+@pytest.mark.parametrize("layout", ["same", "bibo8", "bo8", "bibo16", "bo16"])
+@pytest.mark.parametrize("shape", [(32, 16, 3, 3), (24, 8, 1, 1), (12, 4, 3, 3)], ids=["3x3", "1x1", "padded"])
+def test_merge_into_every_layout(layout, shape):
+    """base + low-rank products (two stacked) + a whole array, merged straight into an NCHWc buffer, equals the merge
+    done in the file's layout and then laid out; a buffer read in another layout does not."""
+    from sdrt.engines import nchwc
+    from sdrt.engines.weight_merge import LowRank, merge_all, merge_into
+
+    rng = np.random.default_rng(len(layout) + shape[0])
+    base = rng.standard_normal(shape).astype(np.float32)
+    cols = int(np.prod(shape[1:]))
+    terms = [LowRank(rng.standard_normal((shape[0], 3), np.float32), rng.standard_normal((3, cols), np.float32)),
+             LowRank(rng.standard_normal((shape[0], 2), np.float32), rng.standard_normal((2, cols), np.float32)),
+             rng.standard_normal(shape).astype(np.float32)]  # fmt: skip
+    want_file = base + (terms[0].left @ terms[0].right + terms[1].left @ terms[1].right).reshape(shape) + terms[2]
+    want = nchwc.to_layout(want_file, layout)
+    laid_base = nchwc.to_layout(base, layout).copy()
+    buffer = np.full_like(laid_base, np.nan)
+    merge_into(buffer, laid_base, layout, shape, terms)
+    np.testing.assert_allclose(buffer, want, rtol=1e-5, atol=1e-5)
+    assert np.array_equal(laid_base, nchwc.to_layout(base, layout)), "the base was written"
+    merge_all([(buffer, laid_base, layout, shape, [])], threads=2)  # no terms: the base back, exactly
+    assert np.array_equal(buffer, laid_base)
+    if layout != "same" and shape[0] % 16 == 0 and shape[1] % 16 == 0:
+        other = "bo8" if layout.startswith("bibo") else "bibo8"
+        merge_into(buffer, laid_base, other, shape, terms)
+        assert not np.allclose(buffer, want, atol=1e-3), "a merge in the wrong layout went unnoticed"
+
+
+@pytest.mark.parametrize("cache", [True, False], ids=["in-place", "whole-arrays"])
+def test_merge_weights_switches_and_restores(tiny_sd, monkeypatch, cache):
+    """merge_weights on the UNet: the output of base + low-rank terms equals that of the same weights given whole
+    (set_weights, another code path); a second merge is written in place (same session) with the cache; merging
+    nothing gives the file's values back, bit for bit in the engine's buffers."""
+    from sdrt.engines.onnxruntime import OnnxRuntimeEngine
+    from sdrt.engines.weight_merge import LowRank, merged_value
+
+    if not cache:
+        monkeypatch.setenv("SDRT_NO_ORT_CACHE", "1")
+    pipe, folder = tiny_sd
+    names = sorted({e["initializer"] for e in Manifest.load(folder).weight_map("unet").values()})
+    model = folder / "unet" / "model.onnx"
+    engine = OnnxRuntimeEngine(model, ["CPUExecutionProvider"])
+    reference = OnnxRuntimeEngine(model, ["CPUExecutionProvider"])
+    rng = np.random.default_rng(1)
+    feeds = {"sample": rng.standard_normal((2, 4, 8, 8)).astype(np.float32),
+             "timestep": np.array([500.0, 20.0], np.float32),
+             "encoder_hidden_states": rng.standard_normal((2, 77, 32)).astype(np.float32)}  # fmt: skip
+    before = engine.run(feeds)[engine.output_names[0]]
+    base = engine.read_weights(names)
+
+    def terms(seed):
+        r = np.random.default_rng(seed)
+        return {n: [LowRank(r.standard_normal((base[n].shape[0], 4), np.float32) * 0.05,
+                            r.standard_normal((4, base[n][0].size), np.float32) * 0.05)] for n in names}  # fmt: skip
+
+    sessions = []
+    for seed in (2, 3):
+        updates = terms(seed)
+        engine.merge_weights(updates)
+        sessions.append(engine.session)
+        reference.set_weights({n: merged_value(base[n], t) for n, t in updates.items()})
+        got, want = engine.run(feeds)[engine.output_names[0]], reference.run(feeds)[reference.output_names[0]]
+        np.testing.assert_allclose(got, want, atol=1e-4 * float(np.abs(want).max()), rtol=0)
+        assert np.abs(got - before).max() > 0.1 * np.abs(before).max()
+    assert (sessions[0] is sessions[1]) == cache
+    engine.merge_weights({})
+    restored = engine.run(feeds)[engine.output_names[0]]
+    np.testing.assert_allclose(restored, before, atol=1e-5 * float(np.abs(before).max()), rtol=0)
+    if cache:
+        assert engine.session is sessions[0]
+        assert all(np.array_equal(engine._live.buffers[n], engine._live.base[n]) for n in names)

@@ -108,6 +108,8 @@ def test_auto_picks_openvino_without_an_nvidia_gpu_and_says_so(monkeypatch, caps
     assert resolve_backend("auto", tmp_path) == "openvino"
     err = capsys.readouterr().err
     assert "backend auto -> openvino" in err and "sdrt: backend openvino: OpenVINO on CPU" in err
+    assert resolve_backend("auto", tmp_path, new_weights=True) == "cpu"  # LoRAs: engines that take new weights
+    assert "OpenVINO: its engines take no new weights (LoRAs)" in capsys.readouterr().err
     monkeypatch.setattr(ov_backend, "openvino_available", lambda: False)
     assert resolve_backend("auto", tmp_path) == "cpu"
     assert "OpenVINO: not installed (pip install 'sdrt[openvino]')" in capsys.readouterr().err
@@ -243,3 +245,16 @@ def test_bench_runs_sdrt_on_openvino_and_says_what_it_cannot_run(tiny_sd, tmp_pa
     measured = {"sdrt_openvino_f32": {**result, "peak_rss_bytes": 2**30}}
     table = cpu_runtimes.runtimes_table(measured, {}, {"sdrt_openvino_bf16": ov_backend.NO_BF16_REASON})
     assert "| sdrt, OpenVINO | f32 |" in table and "| sdrt, OpenVINO | bf16 | not run: this CPU has" in table
+
+
+def test_loras_on_openvino_are_one_clear_error(tiny_sd, tmp_path):
+    """OpenVINO engines take no new weights yet: a LoRA is refused naming the backends that take them."""
+    from tiny_lora import one_layer_lora
+
+    from sdrt import Pipeline
+    from sdrt.runtime.lora import parse_prompt
+
+    one_layer_lora(tiny_sd[1], tmp_path / "one.safetensors")
+    pipe = Pipeline.load(tiny_sd[1], backend="openvino-f32", loras=tmp_path)
+    with pytest.raises(ModelError, match=r"use --backend cpu for LoRAs"):
+        pipe.loras.apply(parse_prompt("<lora:one:1>")[1])

@@ -118,3 +118,16 @@ def file_keys(parts: dict, sdxl: bool = False) -> dict:
         for name, module in layers.items():
             out[prefix + (name if part == "unet" else f"text_model.{name}").replace(".", "_")] = module
     return out
+
+
+def one_layer_lora(model_dir, path) -> None:
+    """A kohya LoRA file at PATH on the first UNet layer of MODEL_DIR's weight map (for refusals and routing)."""
+    from safetensors.numpy import save_file
+
+    from sdrt.runtime.manifest import Manifest
+
+    name, layer = next(iter(Manifest.load(model_dir).weight_map("unet").items()))
+    out_ch, in_ch = layer["shape"][0], int(np.prod(layer["shape"][1:]))
+    key = "lora_unet_" + name.replace(".", "_")
+    save_file({f"{key}.lora_down.weight": np.full((2, in_ch), 0.1, np.float32),
+               f"{key}.lora_up.weight": np.full((out_ch, 2), 0.1, np.float32)}, str(path))  # fmt: skip

@@ -42,9 +42,12 @@ def cuda_available() -> bool:
     return "CUDAExecutionProvider" in onnxruntime.get_available_providers()
 
 
-def resolve_backend(backend: str, model_dir: Path | None = None, announce: bool = True) -> str:
+def resolve_backend(
+    backend: str, model_dir: Path | None = None, announce: bool = True, new_weights: bool = False
+) -> str:
     """BACKEND itself, or for "auto" the fastest one present: TensorRT (with engines built for MODEL_DIR),
-    then ONNX Runtime CUDA, then OpenVINO, then ONNX Runtime CPU; says which on stderr (and how OpenVINO runs)."""
+    then ONNX Runtime CUDA, then OpenVINO (not with NEW_WEIGHTS: engines that must take new weights, for LoRAs),
+    then ONNX Runtime CPU; says which on stderr (and how OpenVINO runs)."""
     from sdrt.engines.openvino import BACKEND_FORM, is_openvino_backend, openvino_available, parse_backend
     from sdrt.errors import InvalidOption
 
@@ -67,11 +70,13 @@ def resolve_backend(backend: str, model_dir: Path | None = None, announce: bool 
     else:
         chosen = "tensorrt"
     if reasons:
-        chosen = "cuda" if cuda_available() else "openvino" if openvino_available() else "cpu"
+        openvino = openvino_available() and not new_weights
+        chosen = "cuda" if cuda_available() else "openvino" if openvino else "cpu"
         if chosen != "cuda":
             reasons.append("CUDA: onnxruntime-gpu's CUDAExecutionProvider missing")
         if chosen == "cpu":
-            reasons.append("OpenVINO: not installed (pip install 'sdrt[openvino]')")
+            reasons.append("OpenVINO: its engines take no new weights (LoRAs)" if new_weights and openvino_available()
+                           else "OpenVINO: not installed (pip install 'sdrt[openvino]')")  # fmt: skip
     if announce:
         print(f"sdrt: backend auto -> {chosen}" + (f" ({'; '.join(reasons)})" if reasons else ""), file=sys.stderr)
         if chosen == "openvino":

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from sdrt.engines.plan import EngineIdentity, aligned, select_engine, source_fingerprint, static_profile
+from sdrt.engines.weight_merge import WholeArrays
 from sdrt.errors import ModelError, SdrtError
 
 ENGINES_DIR = "engines"  # MODEL_DIR/engines/<model name>/<key>.plan + <key>.json
@@ -145,6 +146,7 @@ class TensorRTEngine:
         self.graph = None  # (input shapes, graph exec) of the captured static step
         self._workspace_ptr = 0
         self.weights: dict[str, np.ndarray] = {}  # ONNX initializer name -> replacement (set_weights, refit)
+        self._whole: WholeArrays | None = None  # merge_weights: the base values of the weights merged
         self._refitted: set[str] = set()  # names the engine now holds replaced values of
 
     def load(self, shapes: dict | None = None) -> None:
@@ -194,6 +196,13 @@ class TensorRTEngine:
         self.weights = dict(weights)
         if self.engine is not None:
             self._refit()
+
+    def merge_weights(self, updates: dict[str, list]) -> None:
+        """Run with each initializer named in UPDATES = the ONNX file's value + its terms (weight_merge.py), the
+        others the file's own: the merged arrays refitted (set_weights)."""
+        if self._whole is None:
+            self._whole = WholeArrays(self)
+        self._whole.merge(updates)
 
     def _refit(self) -> None:
         import tensorrt as trt

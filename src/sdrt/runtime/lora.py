@@ -1,10 +1,11 @@
 """LoRAs on a loaded model: A1111's `<lora:name:te:unet>` prompt syntax, a folder of files by name, and the merge
 W' = W + sum_i w_i * delta_i into the engines' weights, switched per request without re-export.
 
-Each engine gets the merged copies of the layers the active LoRAs change (engine.set_weights); the base values of
-those layers are read once from the model files and kept, so every switch, and going back to no LoRA, starts from
-the exact base. Which ONNX initializer holds a layer, and in which layout, comes from the export's weight map
-(model.json's "weight_map" entries, export/weight_map.py).
+Each engine is given every changed layer's terms (engine.merge_weights: a LoRA's are its two low-rank factors, scaled)
+and merges them into its own weights from base values it keeps, so every switch, and going back to no LoRA, starts
+from the exact base without reading the model again (engines/weight_merge.py; on the CPU straight into the
+session's buffers, engines/ort_weights.py). Which ONNX initializer holds a layer, and in which layout, comes from the
+export's weight map (model.json's "weight_map" entries, export/weight_map.py).
 """
 
 import math
@@ -209,10 +210,7 @@ class Loras:
         self.available: dict[str, Path] = {}  # name -> file
         self.files: dict[str, LoraFile] = {}  # parsed and checked against this model, by name
         self.targets: dict[str, dict[str, list[Target]]] = {}  # name -> part -> targets
-        self.base: dict[tuple[str, str], np.ndarray] = {}  # (part, initializer) -> the model file's value
         self.applied: dict[str, tuple] = {part: () for part in self.indexes}  # part -> ((name, weight), ...)
-        self.touched: dict[str, set] = {}  # part -> initializers any LoRA changed so far
-        self.buffers: dict[tuple[str, str], np.ndarray] = {}  # (part, initializer) -> merge buffer, reused
 
     def load_dir(self, folder) -> "Loras":
         """Every LoRA file under FOLDER (subfolders too), by file stem as A1111 names them; read when first used."""
@@ -305,25 +303,25 @@ class Loras:
             )
             if signature == self.applied[part]:
                 continue
-            self.check_unfused(part)
-            merged = self.merged(part, signature)
-            # Layers changed before and not now get their base values back: the engine then keeps one set of names
-            # and overwrites their buffers in place (no new session), and the base is restored exactly.
-            touched = self.touched.setdefault(part, set())
-            weights = {name: self.base[(part, name)] for name in touched - merged.keys()}
-            weights.update(merged)
-            touched |= merged.keys()
-            self.engines[part].set_weights(weights)
+            self.check_engine(part)
+            self.engines[part].merge_weights(self.updates(part, signature))
             self.applied[part] = signature
-            if not signature:  # back to base: the merge buffers' memory goes back too
-                self.buffers = {key: buffer for key, buffer in self.buffers.items() if key[0] != part}
 
-    def check_unfused(self, part: str) -> None:
+    def updates(self, part: str, signature: tuple) -> dict[str, list]:
+        """{initializer: [weight_merge term, ...]} of PART for SIGNATURE ((name, weight), ...)."""
+        updates: dict[str, list] = {}
+        for name, weight in signature:
+            for target in self.targets[name][part]:
+                term = target.update.term(target.shape, weight, transposed=target.layout == "io")
+                updates.setdefault(target.initializer, []).append(term)
+        return updates
+
+    def check_engine(self, part: str) -> None:
         """LoRAs merge into the export's own graph: a fused variant (sdrt optimize) packs those weights otherwise,
         and an engine must be able to take new weights (ONNX Runtime, TensorRT refit; not OpenVINO yet)."""
         engine = self.engines[part]
         inner = getattr(engine, "inner", engine)
-        if not hasattr(inner, "set_weights"):
+        if not hasattr(inner, "merge_weights"):
             raise ModelError(
                 f"LoRAs need an engine that takes new weights (backends cpu, cuda, tensorrt); {type(inner).__name__} "
                 "does not yet: use --backend cpu for LoRAs"
@@ -334,30 +332,6 @@ class Loras:
                 f"LoRAs change {part}'s weights, which the fused graph {Path(model_file).name} holds packed: load the "
                 "model with Pipeline.load(..., fused=False) to use LoRAs"
             )
-
-    def merged(self, part: str, signature: tuple) -> dict[str, np.ndarray]:
-        """{initializer: base + sum w * delta} of PART for SIGNATURE ((name, weight), ...), in the file's dtype."""
-        targets = [(weight, t) for name, weight in signature for t in self.targets[name][part]]
-        needed = sorted({t.initializer for _, t in targets} - {i for p, i in self.base if p == part})
-        if needed:
-            for initializer, value in self.engines[part].read_weights(needed).items():
-                self.base[(part, initializer)] = value
-        sums: dict[str, np.ndarray] = {}
-        for weight, target in targets:
-            # (out, in[, kh, kw]) float32, or (in, out) for a Linear the export stored transposed
-            name, transposed = target.initializer, target.layout == "io"
-            base = self.base[(part, name)]
-            if name in sums:
-                np.add(sums[name], target.update.delta(target.shape, weight, transposed), out=sums[name])
-                continue
-            # The merge buffers stay allocated between switches: fresh multi-GB arrays would cost their page faults
-            # again on every switch (they are freed when the part goes back to its base weights).
-            buffer = self.buffers.get((part, name))
-            if buffer is None:
-                buffer = self.buffers[(part, name)] = np.empty(base.shape, np.float32)
-            target.update.delta(target.shape, weight, transposed, out=buffer)
-            sums[name] = np.add(buffer, base, out=buffer)
-        return {name: value.astype(self.base[(part, name)].dtype, copy=False) for name, value in sums.items()}
 
     def fix_names(self, prompt: str, hashes_text: str | None) -> str:
         """A1111's infotext_pasted: a <lora:name> of PROMPT that is not in the folder but whose recorded hash is

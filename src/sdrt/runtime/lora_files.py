@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sdrt.engines.weight_merge import LowRank
 from sdrt.errors import InvalidOption
 from sdrt.runtime.embeddings import read_safetensors, read_torch_zip
 
@@ -56,21 +57,18 @@ class LayerUpdate:
     tensors: dict = field(hash=False)  # role ("down", "up", "w1a", ...) -> float32 array
     alpha: float | None = None
 
-    def delta(self, shape: tuple, factor: float = 1.0, transposed: bool = False, out=None) -> np.ndarray:
-        """FACTOR x the weight update, scale included, in the layer's weight SHAPE (out, in[, kh, kw]) float32, or
-        with TRANSPOSED its (in, out) transpose for a 2-D SHAPE; written into OUT when given. A LoRA's is one
-        matrix product of its factors (a 3x3 LoCon's too: its 1x1 up-projection is a matrix over the 3x3
-        down-projection's outputs)."""
+    def term(self, shape: tuple, factor: float = 1.0, transposed: bool = False):
+        """FACTOR x the weight update, scale included, as a weight_merge term of a layer of weight SHAPE (out, in[, kh,
+        kw]), or with TRANSPOSED of a Linear the export stored as its (in, out) transpose: a LoRA's is the low-rank
+        product of its factors (a 3x3 LoCon's too: its 1x1 up-projection is a matrix over the 3x3 down-projection's
+        outputs), the others' a whole float32 array."""
         t = self.tensors
         if self.kind == "lora":
             down, up = t["down"], t["up"]  # (r, in[, kh, kw]), (out, r[, 1, 1])
             rank = down.shape[0]
             up = up.reshape(up.shape[0], rank) * np.float32(factor * self._scale(rank))  # (out, r): the cheap side
             down = down.reshape(rank, -1)  # (r, in * kh * kw)
-            a, b = (down.T, up.T) if transposed else (up, down)
-            target = None if out is None else out.reshape(a.shape[0], b.shape[1])
-            product = np.matmul(a, b, out=target)  # BLAS, straight into OUT
-            return out if out is not None else product.reshape((shape[1], shape[0]) if transposed else shape)
+            return LowRank(down.T, up.T) if transposed else LowRank(up, down)
         if self.kind == "loha":  # Hadamard product of two low-rank products
             rank = t["h1b"].shape[0]
             update = (t["h1a"] @ t["h1b"].reshape(rank, -1)) * (t["h2a"] @ t["h2b"].reshape(rank, -1))
@@ -85,11 +83,7 @@ class LayerUpdate:
         if update.size != int(np.prod(shape)):
             raise ValueError(f"update of {update.size} values for a weight of shape {tuple(shape)}")
         update = update.reshape(shape) * np.float32(factor * self._scale(rank))
-        update = update.T if transposed else update
-        if out is not None:
-            np.copyto(out, update)
-            return out
-        return update
+        return np.ascontiguousarray(update.T) if transposed else update
 
     def _scale(self, rank) -> float:
         return self.alpha / rank if self.alpha is not None and rank else 1.0

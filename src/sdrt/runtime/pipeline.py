@@ -32,9 +32,9 @@ class Pipeline:
     """A loaded model: `Pipeline.load(model_dir).generate(prompt, ...)` returns PIL images with infotext."""
 
     def __init__(self, manifest: Manifest, backend: str, low_vram: bool = False, vram_budget=None, vae_tile=None,
-                 static=None, fused: bool = True):  # fmt: skip
+                 static=None, fused: bool = True, new_weights: bool = False):  # fmt: skip
         self.manifest = manifest
-        self.backend = resolve_backend(backend, manifest.folder)
+        self.backend = resolve_backend(backend, manifest.folder, new_weights=new_weights)
         self.memory = memory_plan(manifest, self.backend, low_vram, vram_budget, vae_tile, fused)  # staging, tiling
         self.engines = self.memory.create_engines(manifest, self.backend, fused, static)
         self.embeddings = EmbeddingDB()  # textual inversions, used by name in prompts
@@ -54,7 +54,7 @@ class Pipeline:
     @classmethod
     def load(
         cls, model_dir, backend: str = "cpu", embeddings=None, low_vram: bool = False, vram_budget=None, vae_tile=None,
-        static=None, fused: bool = True, loras=None,
+        static=None, fused: bool | None = None, loras=None,
     ) -> "Pipeline":  # fmt: skip
         """Read MODEL_DIR (made by `sdrt export`), validate it, and load its engines.
 
@@ -66,9 +66,13 @@ class Pipeline:
         `vram_budget` ("2GB") plans staging, TensorRT UNet weight streaming and tiling to fit it; `vae_tile`: VAE
         tile size in pixels (tiling.py).
         `static`: (width, height, batch), one size: the UNet and VAE decoder fixed at it (faster; CUDA graphs on
-        "cuda"); other sizes are refused. `fused`: the fused graphs `sdrt optimize` wrote for this backend, if any.
+        "cuda"); other sizes are refused. `fused`: the fused graphs `sdrt optimize` wrote for this backend, if any;
+        by default yes, but not with `loras` (LoRAs merge into the export's own graphs, whose weights the fused ones
+        hold packed), and with `loras` backend "auto" passes over OpenVINO (its engines take no new weights yet).
         """
-        pipe = cls(Manifest.load(Path(model_dir)), backend, low_vram, vram_budget, vae_tile, static, fused)
+        fused = loras is None if fused is None else fused
+        manifest = Manifest.load(Path(model_dir))
+        pipe = cls(manifest, backend, low_vram, vram_budget, vae_tile, static, fused, new_weights=loras is not None)
         if embeddings is not None:
             pipe.embeddings.load_dir(embeddings)
         if loras is not None:
