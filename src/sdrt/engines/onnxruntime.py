@@ -177,12 +177,14 @@ class OnnxRuntimeEngine:
 
     def _in_place(self, names) -> bool:
         """Whether NAMES can be rewritten in place, making them replaceable (one new session) where they were not."""
-        if self.device != "cpu":
+        if self.device != "cpu" or (self._live is None and self.weights):
             return False
-        self.load()
-        if self.optimized_file is None or (self._live is None and self.weights):
+        cached = self.cache_path()
+        if cached is not None and not cached.is_file() and self.session is None:
+            self.load()  # the first session of a model fills the cache
+        if cached is None or not cached.is_file():
             return False
-        live = self._live or LiveWeights(self.model_file, self.optimized_file, self.threads)
+        live = self._live or LiveWeights(self.model_file, cached, self.threads)
         covered = live.cover(names)
         if covered is None:
             return False
@@ -192,10 +194,13 @@ class OnnxRuntimeEngine:
         return True
 
     def _rebuild(self) -> None:
-        """A new session for the current weights (the old one's memory freed first)."""
+        """The session made again for the current weights (the old one's memory freed first); an unloaded engine
+        stays unloaded (a staged engine loads when it runs)."""
+        loaded = self.session is not None
         self.session = self._placed = None
         self._shape_sets = {}  # bindings of the old session
-        self.load()
+        if loaded:
+            self.load()
 
     def _overrides_for(self, cached: Path) -> dict | None:
         """{cached-graph initializer: OrtValue} for self.weights, or None if some weight has no known place there."""
