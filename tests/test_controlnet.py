@@ -14,13 +14,9 @@ from sdrt import Pipeline
 from sdrt.cli import main
 from sdrt.errors import InvalidOption, ModelError
 from sdrt.runtime import control_preprocess as pre
-from sdrt.runtime.controlnet import (
-    ControlNetUnit,
-    check_unit,
-    fit_map,
-    infotext_units,
-    pixel_perfect_resolution,
-)
+from sdrt.runtime.control_maps import fit_map, pixel_perfect_resolution
+from sdrt.runtime.controlnet import ControlNetUnit, check_unit
+from sdrt.runtime.controlnet_infotext import infotext_units
 from sdrt.runtime.infotext import parse_infotext
 
 SIZE = 64

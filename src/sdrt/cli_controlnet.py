@@ -62,7 +62,8 @@ def controlnet_units(specs, png_units=None) -> list | None:
     """`--controlnet MODEL IMAGE [FIELD=VALUE ...]` occurrences -> ControlNetUnit list (None without any). Unit i
     starts from PNG_UNITS[i] (the settings an image's infotext records, with --from-png), then the given fields."""
     from sdrt.errors import InvalidOption
-    from sdrt.runtime.controlnet import ControlNetUnit, unit_fields
+    from sdrt.runtime.controlnet import ControlNetUnit
+    from sdrt.runtime.controlnet_infotext import unit_fields
 
     if not specs:
         return None
@@ -104,7 +105,7 @@ def controlnet_kwargs(args) -> dict:
 
 def png_units(path: str) -> list[dict]:
     """The ControlNet unit settings an image's infotext records (--from-png)."""
-    from sdrt.runtime.controlnet import infotext_units
+    from sdrt.runtime.controlnet_infotext import infotext_units
     from sdrt.runtime.infotext import parse_infotext, read_parameters
     from sdrt.runtime.masks import open_image
 
