@@ -106,7 +106,8 @@ def create_engine(model_file: Path, backend: str, **options) -> Engine:
 
         return OnnxRuntimeEngine(model_file, providers=["CPUExecutionProvider"], static_dims=options.get("static_dims"))
     if backend == "cuda":
-        from sdrt.engines.onnxruntime import OnnxRuntimeEngine, cuda_providers
+        from sdrt.engines.onnxruntime import OnnxRuntimeEngine
+        from sdrt.engines.ort_binding import cuda_providers
 
         static, graph = options.pop("static_dims", None), options.pop("cuda_graph", False)
         providers = cuda_providers(**options, static=bool(static), cuda_graph=graph)
