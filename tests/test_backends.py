@@ -1,4 +1,4 @@
-"""Backend selection ("auto" -> TensorRT > CUDA > OpenVINO > CPU), the CUDA engine's I/O-binding path, refusals."""
+"""Backend selection ("auto" -> TensorRT > CUDA > engines/auto.py's table), the CUDA engine's I/O binding, refusals."""
 
 import json
 import shutil
@@ -15,12 +15,20 @@ from sdrt.engines.plan import EngineIdentity, ShapeRanges, plan_profile, source_
 from sdrt.runtime.errors import InvalidOption, ModelError, SdrtError
 
 
+@pytest.fixture(autouse=True)
+def fresh_announcements(monkeypatch):
+    """auto's line is said once per process: each test starts with none said."""
+    import sdrt.engines.auto as auto
+
+    monkeypatch.setattr(auto, "_said", set())
+
+
 def test_auto_falls_back_to_cpu_and_says_why(monkeypatch, capsys, tmp_path):
-    import sdrt.engines.openvino as ov_backend
+    import sdrt.engines.auto as auto
 
     monkeypatch.setattr(engines, "tensorrt_available", lambda: False)
     monkeypatch.setattr(engines, "cuda_available", lambda: False)
-    monkeypatch.setattr(ov_backend, "openvino_available", lambda: False)  # with it, auto picks OpenVINO (its tests)
+    monkeypatch.setattr(auto, "openvino_available", lambda: False)  # with it, auto may pick OpenVINO (its tests)
     assert resolve_backend("auto", tmp_path) == "cpu"
     err = capsys.readouterr().err
     assert "backend auto -> cpu" in err and "TensorRT" in err and "CUDA" in err and "OpenVINO" in err

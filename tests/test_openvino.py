@@ -102,15 +102,21 @@ def test_text_encoders_stay_f32_under_bf16(tiny_sd, monkeypatch):
         "text_encoder": "f32", "unet": "bf16", "vae_decoder": "bf16", "vae_encoder": "bf16"}  # fmt: skip
 
 
-def test_auto_picks_openvino_without_an_nvidia_gpu_and_says_so(monkeypatch, capsys, tmp_path):
+def test_auto_picks_openvino_on_a_bf16_cpu_without_an_nvidia_gpu_and_says_so(monkeypatch, capsys, tmp_path):
+    """The rest of auto's table: tests/test_auto_backend.py."""
+    import sdrt.engines.auto as auto
+
+    monkeypatch.setattr(auto, "_said", set())
     monkeypatch.setattr(engines, "tensorrt_available", lambda: False)
     monkeypatch.setattr(engines, "cuda_available", lambda: False)
+    monkeypatch.setattr(auto, "openvino_devices", lambda: ("CPU",))
+    monkeypatch.setattr(ov_backend, "cpu_flags", lambda: frozenset({"avx2", "avx512_bf16"}))
     assert resolve_backend("auto", tmp_path) == "openvino"
     err = capsys.readouterr().err
-    assert "backend auto -> openvino" in err and "sdrt: backend openvino: OpenVINO on CPU" in err
+    assert "backend auto -> openvino" in err and "sdrt: backend openvino: OpenVINO on CPU, bf16" in err
     assert resolve_backend("auto", tmp_path, new_weights=True) == "cpu"  # LoRAs: engines that take new weights
     assert "OpenVINO: its engines take no new weights (LoRAs)" in capsys.readouterr().err
-    monkeypatch.setattr(ov_backend, "openvino_available", lambda: False)
+    monkeypatch.setattr(auto, "openvino_available", lambda: False)
     assert resolve_backend("auto", tmp_path) == "cpu"
     assert "OpenVINO: not installed (pip install 'sdrt[openvino]')" in capsys.readouterr().err
 

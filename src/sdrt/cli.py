@@ -445,7 +445,7 @@ def add_generation_arguments(c, editing: tuple[str, ...] | None) -> None:
     c.add_argument("--embeddings", help="folder of textual inversion embeddings, used by file name in prompts")
     c.add_argument("--lora-dir", help="folder of LoRA files, used as <lora:NAME:WEIGHT> in prompts (A1111)")
     c.add_argument("--backend", default="cpu", help="cpu (default), cuda, tensorrt, openvino[-gpu|-npu][-f32|-bf16], "
-                   "or auto (TensorRT > CUDA > OpenVINO > CPU)")  # fmt: skip
+                   "or auto (TensorRT > CUDA > OpenVINO where faster > CPU)")  # fmt: skip
     c.add_argument("--low-vram", action="store_true", help="one engine loaded at a time, tiled VAE")
     c.add_argument("--vram-budget", help="plan staging, UNet weight streaming and VAE tiling to fit, e.g. 2GB")
     c.add_argument("--vae-tile", type=int, help="decode/encode the VAE in tiles of this many pixels (e.g. 512)")

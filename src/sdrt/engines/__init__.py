@@ -1,7 +1,6 @@
 """Backends behind one small seam: load, run(feeds) -> outputs named as in the ONNX graph, unload."""
 
 import importlib.util
-import sys
 from pathlib import Path
 from typing import Protocol
 
@@ -45,18 +44,20 @@ def cuda_available() -> bool:
 def resolve_backend(
     backend: str, model_dir: Path | None = None, announce: bool = True, new_weights: bool = False
 ) -> str:
-    """BACKEND itself, or for "auto" the fastest one present: TensorRT (with engines built for MODEL_DIR),
-    then ONNX Runtime CUDA, then OpenVINO (not with NEW_WEIGHTS: engines that must take new weights, for LoRAs),
-    then ONNX Runtime CPU; says which on stderr (and how OpenVINO runs)."""
-    from sdrt.engines.openvino import BACKEND_FORM, is_openvino_backend, openvino_available, parse_backend
+    """BACKEND itself (a user's explicit backend always wins), or for "auto" the fastest one present: TensorRT (with
+    engines built for MODEL_DIR), then ONNX Runtime CUDA, then what engines/auto.py picks without an NVIDIA GPU
+    (OpenVINO where it is faster at the same or lower memory, not with NEW_WEIGHTS: LoRAs; else ONNX Runtime CPU);
+    says which and why on stderr, once per process (and how OpenVINO runs)."""
+    from sdrt.engines.auto import announce as say
+    from sdrt.engines.auto import choose_without_nvidia
+    from sdrt.engines.openvino import BACKEND_FORM, describe, is_openvino_backend, parse_backend
     from sdrt.errors import InvalidOption
 
     if is_openvino_backend(backend):
         name = parse_backend(backend).name  # validates; "openvino-cpu-auto" -> "openvino"
+        how = describe(parse_backend(name))  # also refuses bf16 on a CPU without it
         if announce:
-            from sdrt.engines.openvino import announce as announce_openvino
-
-            announce_openvino(name)  # also refuses bf16 on a CPU without it
+            say(f"sdrt: backend {name}: OpenVINO on {how}")
         return name
     if backend not in BACKENDS:
         raise InvalidOption("backend", backend, ", ".join(BACKENDS[:-1]) + ", " + BACKEND_FORM)
@@ -70,19 +71,16 @@ def resolve_backend(
     else:
         chosen = "tensorrt"
     if reasons:
-        openvino = openvino_available() and not new_weights
-        chosen = "cuda" if cuda_available() else "openvino" if openvino else "cpu"
-        if chosen != "cuda":
+        chosen = "cuda" if cuda_available() else None
+        if chosen is None:
             reasons.append("CUDA: onnxruntime-gpu's CUDAExecutionProvider missing")
-        if chosen == "cpu":
-            reasons.append("OpenVINO: its engines take no new weights (LoRAs)" if new_weights and openvino_available()
-                           else "OpenVINO: not installed (pip install 'sdrt[openvino]')")  # fmt: skip
+            choice = choose_without_nvidia(new_weights)
+            chosen = choice.backend
+            reasons.append(choice.reason)
     if announce:
-        print(f"sdrt: backend auto -> {chosen}" + (f" ({'; '.join(reasons)})" if reasons else ""), file=sys.stderr)
-        if chosen == "openvino":
-            from sdrt.engines.openvino import announce as announce_openvino
-
-            announce_openvino(chosen)
+        say(f"sdrt: backend auto -> {chosen}" + (f" ({'; '.join(reasons)})" if reasons else ""))
+        if is_openvino_backend(chosen):
+            say(f"sdrt: backend {chosen}: OpenVINO on {describe(parse_backend(chosen))}")
     return chosen
 
 

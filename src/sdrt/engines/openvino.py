@@ -10,7 +10,6 @@ import hashlib
 import importlib.util
 import os
 import re
-import sys
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -274,6 +273,3 @@ def create_openvino_engine(model_file: Path, backend: str, keep_f32: bool = Fals
         precision = "f32"
     return OpenVINOEngine(model_file, target.device, precision, cache_dir=model_cache_dir(), **options)
 
-
-def announce(backend: str) -> None:
-    print(f"sdrt: backend {backend}: OpenVINO on {describe(parse_backend(backend))}", file=sys.stderr)
