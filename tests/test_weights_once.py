@@ -1,0 +1,135 @@
+"""Weights held once (issue 25): the pages of memory-mapped weight files given back after a compile (mapped.py),
+and OpenVINO reading every graph from a file it maps (openvino_ir.py), so that only the compiled copy stays."""
+
+import mmap
+import sys
+
+import numpy as np
+import pytest
+
+from sdrt.engines import mapped
+
+linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise and /proc/self/smaps are Linux's")
+
+
+def mapped_rss(path) -> int:
+    """Bytes of PATH's mappings resident in this process (/proc/self/smaps)."""
+    import os
+
+    wanted, total, inside = os.path.realpath(path), 0, False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            first = line.split(maxsplit=5)
+            if "-" in first[0] and len(first) >= 5 and not first[0].endswith(":"):
+                inside = len(first) == 6 and first[5].strip() == wanted
+            elif inside and line.startswith("Rss:"):
+                total += int(line.split()[1]) * 1024
+    return total
+
+
+@linux
+def test_released_pages_leave_rss_and_read_back_unchanged(tmp_path):
+    data = np.random.default_rng(0).standard_normal(2**20, dtype=np.float32)  # 4 MiB
+    kept = tmp_path / "kept.bin"
+    data.tofile(tmp_path / "weights.bin")
+    data.tofile(kept)
+    views = []
+    for name in ("weights.bin", "kept.bin"):
+        with open(tmp_path / name, "rb") as f:
+            views.append(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
+    arrays = [np.frombuffer(view, dtype=np.float32) for view in views]
+    assert all(float(a.sum()) == float(data.sum()) for a in arrays)  # every page read: resident
+    assert mapped_rss(tmp_path / "weights.bin") >= 4 * 2**20 and mapped_rss(kept) >= 4 * 2**20
+    assert mapped.release_pages([tmp_path / "weights.bin"]) == 1
+    assert mapped_rss(tmp_path / "weights.bin") == 0
+    assert mapped_rss(kept) >= 4 * 2**20  # can fail: a file not named keeps its pages
+    np.testing.assert_array_equal(arrays[0], data)  # read back from the page cache, unchanged
+    del arrays
+    for view in views:
+        view.close()
+
+
+def test_writable_mappings_are_never_released(tmp_path):
+    (tmp_path / "w.bin").write_bytes(b"\0" * 2**16)
+    with open(tmp_path / "w.bin", "r+b") as f:
+        view = mmap.mmap(f.fileno(), 0)  # read-write, shared: its pages may hold writes
+        view[0] = 7
+        assert mapped.read_only_mappings([tmp_path / "w.bin"]) == []
+        assert mapped.release_pages([tmp_path / "w.bin"]) == 0 and view[0] == 7
+        view.close()
+
+
+# ----------------------------------------------------------------------------------------------- OpenVINO
+
+ov = pytest.importorskip("openvino", reason="the openvino extra is not installed")
+
+
+def unet_feeds() -> dict:
+    rng = np.random.default_rng(1)
+    return {"sample": rng.standard_normal((2, 4, 8, 8), dtype=np.float32),
+            "timestep": np.array([900.0, 20.0], np.float32),
+            "encoder_hidden_states": rng.standard_normal((2, 77, 32), dtype=np.float32)}  # fmt: skip
+
+
+def compile_unet(engine) -> None:
+    """Compile ENGINE for unet_feeds' shapes, without running it (a run reads the weights it uses in place)."""
+    engine.load()
+    engine.compiled_for(tuple((name, value.shape) for name, value in unet_feeds().items()))
+
+
+@linux
+def test_openvino_reads_inline_graphs_from_a_mapped_ir_and_gives_its_pages_back(tiny_sd, tmp_path, monkeypatch):
+    from sdrt.engines import create_engine
+    from sdrt.engines.onnx_weights import OnnxWeights
+
+    monkeypatch.setenv("SDRT_CACHE", str(tmp_path))
+    model_file = tiny_sd[1] / "unet" / "model.onnx"
+    engine = create_engine(model_file, "openvino-f32")
+    compile_unet(engine)
+    (bin_file,) = engine.weight_files
+    assert bin_file.suffix == ".bin" and tmp_path in bin_file.parents  # the tiny graph's weights are inline: IR
+    weights = OnnxWeights(model_file)
+    f32_bytes = sum(info.length for info in weights.initializers.values() if info.dtype == np.float32)
+    weights.close()
+    assert bin_file.stat().st_size >= 0.95 * f32_bytes  # kept f32 (save_model would halve them by default)
+    assert mapped_rss(bin_file) < 64 * 1024  # given back after the compile: the compiled copy is the one held
+    got = engine.run(unet_feeds())["out_sample"]  # weights used in place are read back from the page cache
+    expected = create_engine(model_file, "cpu").run(unet_feeds())["out_sample"]  # ONNX Runtime, the same graph
+    assert np.abs(got - expected).max() <= 2e-5 * np.abs(expected).max()  # the IR is the same graph
+    mtime = bin_file.stat().st_mtime_ns
+    again = create_engine(model_file, "openvino-f32")
+    np.testing.assert_array_equal(again.run(unet_feeds())["out_sample"], got)
+    assert again.weight_files == [bin_file] and bin_file.stat().st_mtime_ns == mtime  # converted once
+
+
+@linux
+def test_without_the_release_the_source_pages_stay(tiny_sd, tmp_path, monkeypatch):
+    """The twin of the test above: with release_pages a no-op, the compile leaves the IR's pages resident."""
+    import sdrt.engines.mapped as mapped_module
+    from sdrt.engines import create_engine
+
+    monkeypatch.setenv("SDRT_CACHE", str(tmp_path))
+    monkeypatch.setattr(mapped_module, "release_pages", lambda files: 0)
+    engine = create_engine(tiny_sd[1] / "unet" / "model.onnx", "openvino-f32")
+    compile_unet(engine)
+    assert mapped_rss(engine.weight_files[0]) > 0.5 * engine.weight_files[0].stat().st_size
+
+
+def test_graphs_with_external_data_are_read_as_they_are(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from sdrt.engines.openvino_ir import external_data_files, graph_source
+
+    weight = numpy_helper.from_array(np.ones((256, 256), np.float32), "w")
+    node = helper.make_node("MatMul", ["x", "w"], ["y"])
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 256])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 256])], [weight])  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save_model(model, tmp_path / "model.onnx", save_as_external_data=True, location="model.onnx.data")
+    assert external_data_files(tmp_path / "model.onnx") == [tmp_path / "model.onnx.data"]
+    from sdrt.engines.openvino import core
+
+    source, files = graph_source(tmp_path / "model.onnx", tmp_path / "cache", core())
+    assert source == tmp_path / "model.onnx" and files == [tmp_path / "model.onnx.data"]
+    assert not (tmp_path / "cache").exists()  # nothing converted
