@@ -133,3 +133,21 @@ def test_graphs_with_external_data_are_read_as_they_are(tmp_path):
     source, files = graph_source(tmp_path / "model.onnx", tmp_path / "cache", core())
     assert source == tmp_path / "model.onnx" and files == [tmp_path / "model.onnx.data"]
     assert not (tmp_path / "cache").exists()  # nothing converted
+
+
+def test_no_lora_folder_no_second_copy_of_the_weights(tiny_sd, tmp_path):
+    """Without LoRAs, ONNX Runtime's engines keep no base values beside the session's weights (ort_weights.py)."""
+    from tiny_lora import one_layer_lora
+
+    from sdrt import Pipeline
+
+    args = dict(width=64, height=64, steps=2, seed=5, progress=False)
+    pipe = Pipeline.load(tiny_sd[1], backend="cpu")
+    pipe.generate("a cat", **args)
+    assert all(e._live is None and e._whole is None and not e.weights for e in pipe.engines.values())
+    one_layer_lora(tiny_sd[1], tmp_path / "one.safetensors")
+    with_loras = Pipeline.load(tiny_sd[1], backend="cpu", loras=tmp_path)
+    with_loras.generate("a cat", **args)  # a folder, no LoRA in the prompt: still none
+    assert all(e._live is None and e._whole is None for e in with_loras.engines.values())
+    with_loras.generate("a cat <lora:one:1>", **args)  # can fail: a LoRA used keeps the base values of its layers
+    assert any(e._live is not None and e._live.base for e in with_loras.engines.values())

@@ -120,7 +120,8 @@ def read_images(args) -> dict:
 
 def memory_kwargs(args) -> dict:
     """Pipeline.load's memory options (runtime/memory.py) as given on the command line."""
-    return {"low_vram": args.low_vram, "vram_budget": args.vram_budget, "vae_tile": args.vae_tile}
+    return {"low_vram": args.low_vram, "vram_budget": args.vram_budget, "vae_tile": args.vae_tile,
+            "ram_budget": args.ram_budget}  # fmt: skip
 
 
 def cmd_optimize(args) -> int:
@@ -448,6 +449,7 @@ def add_generation_arguments(c, editing: tuple[str, ...] | None) -> None:
                    "or auto (TensorRT > CUDA > OpenVINO where faster > CPU)")  # fmt: skip
     c.add_argument("--low-vram", action="store_true", help="one engine loaded at a time, tiled VAE")
     c.add_argument("--vram-budget", help="plan staging, UNet weight streaming and VAE tiling to fit, e.g. 2GB")
+    c.add_argument("--ram-budget", help="CPU backends: plan staging and VAE tiling to fit in RAM, e.g. 6GB")
     c.add_argument("--vae-tile", type=int, help="decode/encode the VAE in tiles of this many pixels (e.g. 512)")
     c.add_argument("-o", "--output", default="outputs", help="folder for the PNGs (default: outputs)")
     cli_controlnet.add_generation_arguments(c)

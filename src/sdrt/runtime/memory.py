@@ -78,14 +78,15 @@ def static_model_dims(manifest, static) -> dict:
 
 
 def memory_plan(
-    manifest, backend: str, low_vram: bool = False, vram_budget=None, vae_tile=None, fused: bool = True
+    manifest, backend: str, low_vram: bool = False, vram_budget=None, vae_tile=None, fused: bool = True, ram_budget=None
 ) -> MemoryPlan:
     """Validate the memory options and plan them. VAE_TILE is in pixels (a multiple of the latent downsample);
     LOW_VRAM alone stages the engines and tiles the VAE at DEFAULT_TILE; VRAM_BUDGET ('2GB') plans with plan_vram.
 
     On "cuda" the budget is ONNX Runtime's arena limit (gpu_mem_limit): weights, activations and workspace; the
     CUDA context and library handles (~0.3-0.5 GiB, the driver's) come on top, as in stable-diffusion.cpp's
-    figures. FUSED: plan with the fused graph variants written for BACKEND where there are some."""
+    figures. FUSED: plan with the fused graph variants written for BACKEND where there are some. RAM_BUDGET: the
+    same plan in host memory on the CPU backends (ram_budget.py)."""
     if not isinstance(low_vram, bool):
         raise InvalidOption("low_vram", low_vram, "True or False")
     step = manifest.latent_downsample
@@ -95,6 +96,10 @@ def memory_plan(
             raise InvalidOption("vae_tile", vae_tile, f"a positive number of pixels, a multiple of {step}")
         tile = int(vae_tile) // step
         tiling_for(tile)  # refuses a tile too small to blend
+    if ram_budget is not None:
+        from sdrt.runtime.ram_budget import ram_memory_plan
+
+        return ram_memory_plan(manifest, backend, ram_budget, tile, low_vram, fused)
     if vram_budget is None:
         if low_vram:
             return MemoryPlan(staged=True, vae_tile=tile or DEFAULT_TILE)

@@ -32,10 +32,10 @@ class Pipeline:
     """A loaded model: `Pipeline.load(model_dir).generate(prompt, ...)` returns PIL images with infotext."""
 
     def __init__(self, manifest: Manifest, backend: str, low_vram: bool = False, vram_budget=None, vae_tile=None,
-                 static=None, fused: bool = True, new_weights: bool = False):  # fmt: skip
+                 static=None, fused: bool = True, new_weights: bool = False, ram_budget=None):  # fmt: skip
         self.manifest = manifest
         self.backend = resolve_backend(backend, manifest.folder, new_weights=new_weights)
-        self.memory = memory_plan(manifest, self.backend, low_vram, vram_budget, vae_tile, fused)  # staging, tiling
+        self.memory = memory_plan(manifest, self.backend, low_vram, vram_budget, vae_tile, fused, ram_budget)
         self.engines = self.memory.create_engines(manifest, self.backend, fused, static)
         self.embeddings = EmbeddingDB()  # textual inversions, used by name in prompts
         self.loras = Loras(manifest, self.engines)  # LoRAs, by name in prompts (<lora:name:w>), merged per run
@@ -54,7 +54,7 @@ class Pipeline:
     @classmethod
     def load(
         cls, model_dir, backend: str = "cpu", embeddings=None, low_vram: bool = False, vram_budget=None, vae_tile=None,
-        static=None, fused: bool | None = None, loras=None,
+        static=None, fused: bool | None = None, loras=None, ram_budget=None,
     ) -> "Pipeline":  # fmt: skip
         """Read MODEL_DIR (made by `sdrt export`), validate it, and load its engines.
 
@@ -64,7 +64,8 @@ class Pipeline:
         `backend`: "auto" (TensorRT, then CUDA, then CPU), "cpu", "cuda" or "tensorrt".
         `low_vram`: load one engine at a time (text encoder -> UNet -> VAE, each freed after use) and tile the VAE;
         `vram_budget` ("2GB") plans staging, TensorRT UNet weight streaming and tiling to fit it; `vae_tile`: VAE
-        tile size in pixels (tiling.py).
+        tile size in pixels (tiling.py). `ram_budget` ("6GB"), on the CPU backends: the same staging and tiling plan
+        in host memory (ram_budget.py), refused when the UNet alone does not fit.
         `static`: (width, height, batch), one size: the UNet and VAE decoder fixed at it (faster; CUDA graphs on
         "cuda"); other sizes are refused. `fused`: the fused graphs `sdrt optimize` wrote for this backend, if any;
         by default yes, but not with `loras` (LoRAs merge into the export's own graphs, whose weights the fused ones
@@ -72,7 +73,8 @@ class Pipeline:
         """
         fused = loras is None if fused is None else fused
         manifest = Manifest.load(Path(model_dir))
-        pipe = cls(manifest, backend, low_vram, vram_budget, vae_tile, static, fused, new_weights=loras is not None)
+        pipe = cls(manifest, backend, low_vram, vram_budget, vae_tile, static, fused, new_weights=loras is not None,
+                   ram_budget=ram_budget)  # fmt: skip
         if embeddings is not None:
             pipe.embeddings.load_dir(embeddings)
         if loras is not None:
