@@ -13,6 +13,7 @@ from sdrt.bench.common import gib, log, ratio, run_child
 # name -> (worker stage, job fields, precision shown in the table)
 CPU_RUNTIMES = {
     "sdrt": ("sdrt", {}, "fp32"),
+    "sdrt_auto": ("sdrt", {"backend": "auto", "env": {"SDRT_NO_OV_CACHE": "1"}}, "auto"),  # what auto picks here
     "sdrt_openvino_f32": ("sdrt", {"backend": "openvino-f32", "env": {"SDRT_NO_OV_CACHE": "1"}}, "f32"),
     "sdrt_openvino_bf16": ("sdrt", {"backend": "openvino-bf16", "env": {"SDRT_NO_OV_CACHE": "1"}}, "bf16"),
     "diffusers": ("diffusers", {}, "fp32"),
@@ -21,6 +22,7 @@ CPU_RUNTIMES = {
 }
 LABELS = {
     "sdrt": "sdrt, ONNX Runtime",
+    "sdrt_auto": "sdrt, backend auto",
     "sdrt_low_vram": "sdrt, ONNX Runtime, --low-vram",
     "sdrt_openvino_f32": "sdrt, OpenVINO",
     "sdrt_openvino_bf16": "sdrt, OpenVINO",
@@ -129,6 +131,9 @@ def runtimes_table(measured: dict, compared: dict, skipped: dict) -> str:
     ]
     for name, m in measured.items():
         precision = CPU_RUNTIMES.get(name, (None, None, "fp32"))[2]
+        if precision == "auto":  # what auto picked: its backend and the UNet's precision
+            unet = m.get("inference_precision", {})
+            precision = f"{m['backend']}, {unet.get('unet', 'fp32') if isinstance(unet, dict) else unet}"
         speed = ratio(d["txt2img"]["median_s"], m["txt2img"]["median_s"]) if d else None
         rss = ratio(m["peak_rss_bytes"], d["peak_rss_bytes"]) if d else None
         c = compared.get(name, {})
