@@ -266,9 +266,28 @@ def cmd_serve(args) -> int:
     for name in RAY_ONLY:
         if getattr(args, name) not in (None, "1"):
             raise InvalidOption("--" + name.replace("_", "-"), getattr(args, name), "only with --ray")
+    if args.models_dir is not None:
+        return serve(None, args.host, args.port, args.api_auth, args.backend or "cpu", limits, args.lora_dir,
+                     folder=models_folder(args))  # fmt: skip
+    if args.model is None:
+        raise InvalidOption("--model", None, "an exported folder, checkpoint or hub id (or --models-dir DIR)")
     model = resolve_model(args.model)
     return serve(model, args.host, args.port, args.api_auth, args.backend or "cpu", limits, args.lora_dir,
                  args.controlnet_dir)  # fmt: skip
+
+
+def models_folder(args):
+    """`sdrt serve --models-dir DIR [-m NAME] [--max-loaded-models N]` (server/models.py)."""
+    from sdrt.errors import InvalidOption
+    from sdrt.server.models import ModelsFolder
+
+    if not Path(args.models_dir).is_dir():
+        raise InvalidOption("--models-dir", args.models_dir, "an existing folder of models")
+    if args.max_loaded_models <= 0:
+        raise InvalidOption("--max-loaded-models", args.max_loaded_models, "a positive number")
+    if args.controlnet_dir is not None:
+        raise InvalidOption("--controlnet-dir", args.controlnet_dir, "none with --models-dir (one model: -m)")
+    return ModelsFolder(Path(args.models_dir), args.max_loaded_models, args.model, resolve_model)
 
 
 RAY_ONLY = ("address", "replicas", "min_replicas", "max_replicas", "target_ongoing_requests", "gpus_per_replica",
@@ -287,6 +306,9 @@ def serve_ray(args, limits) -> int:
         raise SdrtError(f"`sdrt serve --ray` needs the ray extra: pip install 'sdrt[ray]' ({e})") from None
     from sdrt.runtime.manifest import Manifest
 
+    if args.models_dir is not None or args.model is None:
+        raise InvalidOption("--models-dir" if args.model else "--model", args.models_dir or args.model,
+                            "with --ray: one model, -m MODEL (a models folder: sdrt serve without --ray)")  # fmt: skip
     model = resolve_model(args.model)
     Manifest.load(Path(model))  # a bad folder fails here, not inside a replica
     if args.controlnet_dir is not None:
@@ -366,7 +388,10 @@ def build_parser() -> argparse.ArgumentParser:
     o.set_defaults(func=cmd_outpaint)
 
     s = sub.add_parser("serve", help="HTTP server: A1111-compatible API (/sdapi/v1) and a web page at /")
-    s.add_argument("-m", "--model", required=True, help="exported folder, checkpoint file, diffusers folder or hub id")
+    s.add_argument("-m", "--model", help="exported folder, checkpoint file, diffusers folder or hub id (with "
+                   "--models-dir: the name of the model served first)")
+    s.add_argument("--models-dir", help="folder of models (exported, checkpoints, diffusers) clients switch between")
+    s.add_argument("--max-loaded-models", type=int, default=1, help="with --models-dir: models kept loaded (LRU)")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     s.add_argument("--port", type=int, default=7860)
     s.add_argument("--api-auth", help="user:password[,user2:password2]: HTTP basic auth on every route")

@@ -211,23 +211,22 @@ def apply_infotext(req: GenerationRequest, options: dict) -> None:
         req.override_settings = overrides
 
 
-def settings(req: GenerationRequest, options: dict, checkpoint_titles: tuple[str, ...]) -> dict:
+def settings(req: GenerationRequest, options: dict, checkpoint_title) -> dict:
     """The server options with the request's override_settings applied (validated like POST /options)."""
     merged = dict(options)
     for key, value in (req.override_settings or {}).items():
-        merged[key] = check_option(key, value, checkpoint_titles, "override_settings")
+        merged[key] = check_option(key, value, checkpoint_title, "override_settings")
     return merged
 
 
-def check_option(key: str, value, checkpoint_titles: tuple[str, ...], where: str = "options"):
-    """One option's value, validated (InvalidOption naming WHERE.key); unknown options are refused."""
+def check_option(key: str, value, checkpoint_title, where: str = "options"):
+    """One option's value, validated (InvalidOption naming WHERE.key); unknown options are refused.
+    CHECKPOINT_TITLE(value, field) -> the model's title (InvalidOption listing the titles if there is none)."""
     field = f"{where}.{key}"
     if key not in DEFAULT_OPTIONS:
         raise InvalidOption(field, value, "one of " + ", ".join(DEFAULT_OPTIONS))
     if key == "sd_model_checkpoint":
-        if value not in checkpoint_titles:
-            raise InvalidOption(field, value, " or ".join(repr(t) for t in checkpoint_titles) + " (the loaded model)")
-        return checkpoint_titles[0]
+        return checkpoint_title(value, field)
     if key == "randn_source":
         if value not in RANDN_SOURCES:
             raise InvalidOption(field, value, ", ".join(RANDN_SOURCES))

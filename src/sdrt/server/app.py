@@ -17,10 +17,11 @@ from fastapi.staticfiles import StaticFiles
 
 from sdrt.errors import InvalidOption, SdrtError
 from sdrt.runtime import masks
-from sdrt.server import a1111, controlnet_api
+from sdrt.server import a1111, controlnet_api, model_routes
 from sdrt.server.codec import ImageTooLarge, UndecodableImage, decode_image, encode_png
 from sdrt.server.generation import Generation, LocalBackend
 from sdrt.server.jobs import QueueFull, Unavailable
+from sdrt.server.models import ModelRegistry, ModelsFolder
 from sdrt.server.pnginfo import png_info_response
 from sdrt.version import __version__
 
@@ -56,10 +57,18 @@ class Server:
 
     def __init__(self, backend, limits: Limits):
         self.backend, self.limits = backend, limits
-        self.manifest = manifest = backend.manifest
-        self.title = f"{manifest.model_name} [{manifest.model_hash}]" if manifest.model_hash else manifest.model_name
-        self.titles = (self.title, manifest.model_name)
-        self.options = dict(a1111.DEFAULT_OPTIONS, sd_model_checkpoint=self.title)
+        self.models = getattr(backend, "models", None) or ModelRegistry.single(backend.manifest)  # models.py
+        default = self.models.default()
+        self.options = dict(a1111.DEFAULT_OPTIONS, sd_model_checkpoint=default.title if default else "")
+
+    def checkpoint_title(self, value, field: str) -> str:
+        """The title of the model VALUE names (InvalidOption naming FIELD, listing the titles, if none)."""
+        return self.models.find(value, field).title
+
+    @property
+    def manifest(self):
+        """The current model's Manifest (the one sd_model_checkpoint names)."""
+        return self.models.manifest(self.models.find(self.options["sd_model_checkpoint"], "sd_model_checkpoint"))
 
     @property
     def pipe(self):
@@ -98,22 +107,26 @@ class Server:
         controlnet_units = controlnet_api.take_units(req)  # the ControlNet extension's alwayson script
         a1111.check_supported(req)
         self.check_limits(req)
-        opts = a1111.settings(req, self.options, self.titles)
+        opts = a1111.settings(req, self.options, self.checkpoint_title)
+        entry = self.models.find(opts["sd_model_checkpoint"], "override_settings.sd_model_checkpoint")
+        manifest = self.models.manifest(entry)  # exported first if it is a checkpoint (a second request waits)
         kwargs = a1111.generate_kwargs(req, opts)
-        generation = Generation(kind, kwargs, req.n_iter, self.preview_every())
+        generation = Generation(kind, kwargs, req.n_iter, self.preview_every(), model=entry)
         if req.force_task_id:
             generation.task_id = req.force_task_id
         if kind == "img2img":
             self.add_img2img(req, kwargs)
         if kind == "outpaint":
-            generation.image, generation.amounts = self.add_outpaint(req, kwargs)
+            generation.image, generation.amounts = self.add_outpaint(req, kwargs, manifest)
         controlnet_api.add_units(controlnet_units, kwargs, self)
         # validates (an outpaint as the img2img of its image); pins seeds and names into kwargs
         inputs = {"init_image": generation.image} if kind == "outpaint" else {}
-        resolved = a1111.resolve_request(self.manifest, kwargs, inputs)
-        inpaint_unet = self.manifest.unet_in_channels != self.manifest.latent_channels  # A1111: hybrid conditioning
+        resolved = a1111.resolve_request(manifest, kwargs, inputs)
+        inpaint_unet = manifest.unet_in_channels != manifest.latent_channels  # A1111: hybrid conditioning
         meta = {"opts": resolved, "clip_skip": opts["CLIP_stop_at_last_layers"], "inpainting": inpaint_unet}
-        return generation, meta
+        if req.override_settings and not req.override_settings_restore_afterwards:  # A1111: the overrides stay
+            self.options.update({key: opts[key] for key in req.override_settings})
+        return generation, dict(meta, manifest=manifest)
 
     def add_img2img(self, req, kwargs: dict) -> None:
         """init_images[0] and the mask, decoded (the other img2img fields come through the options schema)."""
@@ -124,11 +137,11 @@ class Server:
         if req.mask is not None:
             kwargs["mask"] = self.decode(req.mask, "mask")
 
-    def add_outpaint(self, req, kwargs: dict):
+    def add_outpaint(self, req, kwargs: dict, manifest):
         """(image, amounts) of an outpaint request; the canvas size and editing options into KWARGS."""
         image = self.decode(req.image, "image")
         amounts = masks.check_outpaint_amounts(req.left, req.right, req.up, req.down)
-        step = self.manifest.latent_downsample
+        step = manifest.latent_downsample
         if image.width % step or image.height % step:
             raise InvalidOption("image", f"{image.width}x{image.height}", f"sides that are multiples of {step}")
         kwargs["width"] = req.width or image.width + amounts["left"] + amounts["right"]
@@ -147,7 +160,7 @@ class Server:
         return {
             "images": [encode_png(im) for im in images] if req.send_images else [],
             "parameters": parameters,
-            "info": a1111.info_json(images, self.manifest, **meta),
+            "info": a1111.info_json(images, **meta),
         }
 
     async def run(self, kind: str, req, request: Request):
@@ -213,6 +226,7 @@ def create_app(
     install_error_handlers(app)
     add_routes(app, server)
     controlnet_api.add_routes(app, server)
+    model_routes.add_routes(app, server)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     app.add_middleware(BodyLimit, max_bytes=server.limits.max_body_bytes)
     if credentials:
@@ -245,13 +259,6 @@ def add_routes(app: FastAPI, server: Server) -> None:
     def schedulers():
         return a1111.schedulers_list()
 
-    @app.get("/sdapi/v1/sd-models")
-    def sd_models():
-        m = server.manifest
-        sha = m.source.get("sha256") or None
-        item = {"title": server.title, "model_name": m.model_name, "hash": m.model_hash or None, "sha256": sha}
-        return [{**item, "filename": m.folder.name, "config": None}]  # the folder's name: no server paths
-
     @app.get("/sdapi/v1/loras")
     def loras():  # A1111's Lora extension: name, alias, path (relative to the LoRA folder: no server paths), metadata
         return server.lora_listing()
@@ -261,8 +268,10 @@ def add_routes(app: FastAPI, server: Server) -> None:
         return server.options
 
     @app.post("/sdapi/v1/options")
-    def set_options(values: dict):
-        checked = {k: a1111.check_option(k, v, server.titles) for k, v in values.items()}
+    async def set_options(values: dict):
+        checked = {k: a1111.check_option(k, v, server.checkpoint_title) for k, v in values.items()}
+        if "sd_model_checkpoint" in checked:  # A1111 loads it before answering
+            checked["sd_model_checkpoint"] = await model_routes.switch(server, checked["sd_model_checkpoint"])
         server.options.update(checked)
         return None
 
@@ -368,9 +377,10 @@ def parse_credentials(text: str) -> dict[str, str]:
 
 
 def serve(
-    model_dir, host: str, port: int, api_auth: str | None, backend: str, limits: Limits, loras=None, controlnet_dir=None
-) -> int:
-    """Load the model once and serve until interrupted."""
+    model_dir, host: str, port: int, api_auth: str | None, backend: str, limits: Limits, loras=None,
+    controlnet_dir=None, folder: ModelsFolder | None = None,
+) -> int:  # fmt: skip
+    """Load the model (or serve FOLDER's models, loaded when asked for) and serve until interrupted."""
     try:
         import uvicorn
     except ImportError as e:
@@ -378,9 +388,13 @@ def serve(
     from sdrt.runtime.pipeline import Pipeline
 
     credentials = parse_credentials(api_auth) if api_auth else None
-    pipe = Pipeline.load(model_dir, backend=backend, loras=loras)
-    pipe.controlnets.directory = None if controlnet_dir is None else Path(controlnet_dir)  # /controlnet/model_list
-    app = create_app(pipe, limits, credentials)
+    if folder is None:
+        pipe = Pipeline.load(model_dir, backend=backend, loras=loras)
+        pipe.controlnets.directory = None if controlnet_dir is None else Path(controlnet_dir)  # /controlnet/model_list
+        app = create_app(pipe, limits, credentials)
+    else:
+        app = create_app(None, limits, credentials, backend=folder.backend(backend, loras, limits.max_queue))
+        folder.start(app.state.server)
     if host not in LOOPBACK and not credentials:
         print(f"sdrt serve: note: {host} without --api-auth: whoever reaches this port can use it", file=sys.stderr)
     print(f"sdrt serve: http://{host}:{port}/ (API docs at /docs)", file=sys.stderr, flush=True)

@@ -61,7 +61,7 @@ def add_units(raw, kwargs: dict, server) -> None:
         return
     if server.pipe is None:
         raise InvalidOption(f"alwayson_scripts.{SCRIPT}", "ControlNet units",
-                            "none over sdrt serve --ray: ControlNet runs in sdrt serve (one process) only")  # fmt: skip
+                            "none over --ray or --models-dir: ControlNet runs in sdrt serve -m MODEL only")  # fmt: skip
     units, save_maps = [], False
     for i, item in enumerate(raw):
         unit, save = parse_unit(i, item, server, kwargs.get("init_image"))

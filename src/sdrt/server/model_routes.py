@@ -1,0 +1,45 @@
+"""A1111's model routes over models.py: sd-models, refresh-checkpoints, unload-checkpoint, reload-checkpoint, and
+the switch POST /sdapi/v1/options {"sd_model_checkpoint": title} makes (the model is loaded before it answers)."""
+
+from fastapi.concurrency import run_in_threadpool
+
+# Declared in the OpenAPI schema of the routes that queue behind generations.
+QUEUED_ERRORS = {429: {"description": "the queue is full; Retry-After says when to retry"}}
+
+
+async def switch(server, title: str) -> str:
+    """Make TITLE's model the loaded one (exported first if it is a checkpoint), after the running job: its title
+    (which gains the hash once an export has computed it)."""
+    entry = server.models.find(title, "sd_model_checkpoint")
+    await run_in_threadpool(server.models.manifest, entry)
+    if hasattr(server.backend, "in_worker"):  # over Ray the replicas hold the one model already
+        loaded = server.backend.loaded
+        await server.backend.in_worker("load", lambda: loaded.pipeline(entry))
+    return entry.title
+
+
+def add_routes(app, server) -> None:
+    @app.get("/sdapi/v1/sd-models")
+    def sd_models():
+        """A1111's SDModelItem list; `filename` is the name in the models folder (no server paths), and a file that
+        cannot be used says why in `unusable`."""
+        return server.models.listing()
+
+    @app.post("/sdapi/v1/refresh-checkpoints")
+    def refresh_checkpoints():
+        """Rescan the models folder."""
+        server.models.refresh()
+        return None
+
+    @app.post("/sdapi/v1/unload-checkpoint", responses=QUEUED_ERRORS)
+    async def unload_checkpoint():
+        """Free every loaded model (after the running job); the next request loads its model again."""
+        if hasattr(server.backend, "in_worker"):
+            await server.backend.in_worker("unload", server.backend.loaded.unload_all)
+        return None
+
+    @app.post("/sdapi/v1/reload-checkpoint", responses=QUEUED_ERRORS)
+    async def reload_checkpoint():
+        """Load the current model (sd_model_checkpoint) if it is not loaded."""
+        server.options["sd_model_checkpoint"] = await switch(server, server.options["sd_model_checkpoint"])
+        return None
