@@ -266,14 +266,17 @@ def cmd_serve(args) -> int:
     for name in RAY_ONLY:
         if getattr(args, name) not in (None, "1"):
             raise InvalidOption("--" + name.replace("_", "-"), getattr(args, name), "only with --ray")
+    from sdrt.server.extra_routes import Extras
+
+    extras = Extras.from_args(args)  # --embeddings-dir, --styles-file, /sdapi/v1/cmd-flags
     if args.models_dir is not None:
         return serve(None, args.host, args.port, args.api_auth, args.backend or "cpu", limits, args.lora_dir,
-                     folder=models_folder(args))  # fmt: skip
+                     folder=models_folder(args), extras=extras)  # fmt: skip
     if args.model is None:
         raise InvalidOption("--model", None, "an exported folder, checkpoint or hub id (or --models-dir DIR)")
     model = resolve_model(args.model)
     return serve(model, args.host, args.port, args.api_auth, args.backend or "cpu", limits, args.lora_dir,
-                 args.controlnet_dir)  # fmt: skip
+                 args.controlnet_dir, extras=extras)  # fmt: skip
 
 
 def models_folder(args):
@@ -306,6 +309,9 @@ def serve_ray(args, limits) -> int:
         raise SdrtError(f"`sdrt serve --ray` needs the ray extra: pip install 'sdrt[ray]' ({e})") from None
     from sdrt.runtime.manifest import Manifest
 
+    for name in ("embeddings_dir", "styles_file"):
+        if getattr(args, name) is not None:
+            raise InvalidOption("--" + name.replace("_", "-"), getattr(args, name), "none with --ray (sdrt serve only)")
     if args.models_dir is not None or args.model is None:
         raise InvalidOption("--models-dir" if args.model else "--model", args.models_dir or args.model,
                             "with --ray: one model, -m MODEL (a models folder: sdrt serve without --ray)")  # fmt: skip
@@ -392,6 +398,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "--models-dir: the name of the model served first)")
     s.add_argument("--models-dir", help="folder of models (exported, checkpoints, diffusers) clients switch between")
     s.add_argument("--max-loaded-models", type=int, default=1, help="with --models-dir: models kept loaded (LRU)")
+    s.add_argument("--embeddings-dir", help="folder of textual inversions, used by file name in prompts (A1111)")
+    s.add_argument("--styles-file", help="A1111's styles.csv: /sdapi/v1/prompt-styles and the requests' `styles`")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     s.add_argument("--port", type=int, default=7860)
     s.add_argument("--api-auth", help="user:password[,user2:password2]: HTTP basic auth on every route")

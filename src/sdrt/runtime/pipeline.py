@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from sdrt.engines import resolve_backend
-from sdrt.errors import Interrupted, InvalidOption
+from sdrt.errors import Interrupted, InvalidOption, SkipImage
 from sdrt.runtime import editing, masks, sdxl
 from sdrt.runtime.checks import require_finite
 from sdrt.runtime.conditioning import Conditioner, TextEncoder, encode_prompts
@@ -124,6 +124,11 @@ class Pipeline:
             try:
                 final = sample(self, opts, schedule, opts.seeds[batch], latent_shape, text, start, bar,
                                opts.subseeds[batch], edit=edit, refiner=refiner, control=controls)  # fmt: skip
+            except SkipImage:  # A1111's Skip: this batch ends with its current x0 estimate; the run goes on
+                if bar.denoised is None:
+                    break
+                final = (bar.denoised * np.float32(schedule.final_scale)).astype(np.float32)
+                bar.skip_to((b + 1) * opts.steps_run)
             except Interrupted:  # the callback stopped the run: keep the batches already finished
                 break
             if opts.output_type != "latent":

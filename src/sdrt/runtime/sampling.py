@@ -99,12 +99,19 @@ class Progress:
 
         self.bar = tqdm(total=total, desc="generate", unit="step", disable=not enabled, leave=False)
         self.total, self.done, self.callback = total, 0, callback
+        self.denoised = None  # the latest step's x0 estimate, (B, C, h, w) float32: what a skipped batch returns
 
     def update(self, denoised: np.ndarray | None = None) -> None:
         self.bar.update()
         self.done += 1
+        self.denoised = denoised
         if self.callback is not None:
             self.callback(self.done, self.total, denoised)
+
+    def skip_to(self, done: int) -> None:
+        """A skipped batch's remaining steps count as done (the next batch's steps number on from DONE)."""
+        self.bar.update(done - self.done)
+        self.done = done
 
     def close(self) -> None:
         self.bar.close()

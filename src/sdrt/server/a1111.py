@@ -2,7 +2,7 @@
 
 Field names and defaults are A1111's (steps 50, 512x512, sampler_index "Euler", img2img denoising_strength 0.75,
 inpainting_fill 0 = fill, inpaint_full_res True with padding 0, ...). Fields for features sdrt does not have
-(hires fix, face restoration, tiling, scripts, styles, refiners) are accepted at their defaults and refused
+(hires fix, face restoration, tiling, scripts, refiners) are accepted at their defaults and refused
 (422 naming the field) otherwise; unknown fields are ignored, as A1111's pydantic models ignore them.
 """
 
@@ -28,6 +28,7 @@ from sdrt.runtime.options import (
     resolve,
     spec,
 )
+from sdrt.server.a1111_settings import check_setting
 from sdrt.version import __version__
 
 RANDN_SOURCES = RNG_NAMES  # A1111's randn_source option -> sdrt's rng
@@ -167,7 +168,6 @@ class ImagesResponse(BaseModel):
 
 # field -> (values sdrt accepts, why it refuses others)
 UNSUPPORTED = {
-    "styles": ((None, []), "sdrt has no styles database"),
     "restore_faces": ((None, False), "sdrt has no face restoration"),
     "tiling": ((None, False), "sdrt has no tiling"),
     "s_min_uncond": ((None, 0, 0.0), "sdrt always runs the unconditional pass"),
@@ -223,8 +223,8 @@ def check_option(key: str, value, checkpoint_title, where: str = "options"):
     """One option's value, validated (InvalidOption naming WHERE.key); unknown options are refused.
     CHECKPOINT_TITLE(value, field) -> the model's title (InvalidOption listing the titles if there is none)."""
     field = f"{where}.{key}"
-    if key not in DEFAULT_OPTIONS:
-        raise InvalidOption(field, value, "one of " + ", ".join(DEFAULT_OPTIONS))
+    if key not in DEFAULT_OPTIONS:  # A1111's other settings: recorded, or refused if they would change images
+        return check_setting(key, value, field)
     if key == "sd_model_checkpoint":
         return checkpoint_title(value, field)
     if key == "randn_source":
@@ -273,7 +273,7 @@ def resolve_request(manifest, kwargs: dict, inputs: dict):
     return opts
 
 
-def info_json(images, manifest, opts, clip_skip: int, inpainting: bool) -> str:
+def info_json(images, manifest, opts, clip_skip: int, inpainting: bool, styles=()) -> str:
     """A1111's Processed.js(): the run's parameters, every image's seed and infotext."""
     total = opts.batch_size * opts.batch_count
     infotexts = [im.info.get("parameters", "") for im in images]
@@ -309,7 +309,7 @@ def info_json(images, manifest, opts, clip_skip: int, inpainting: bool) -> str:
             "extra_generation_params": extra,
             "index_of_first_image": 0,
             "infotexts": infotexts,
-            "styles": [],
+            "styles": list(styles or ()),
             "job_timestamp": datetime.now().strftime("%Y%m%d%H%M%S"),
             "clip_skip": clip_skip,
             "is_using_inpainting_conditioning": inpainting,

@@ -1,11 +1,7 @@
 """The FastAPI app: A1111's /sdapi/v1 routes, /sdrt/v1/outpaint, the page at /, request limits and basic auth."""
 
 import asyncio
-import base64
-import binascii
-import json
 import logging
-import secrets
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,10 +13,13 @@ from fastapi.staticfiles import StaticFiles
 
 from sdrt.errors import InvalidOption, SdrtError
 from sdrt.runtime import masks
-from sdrt.server import a1111, controlnet_api, model_routes
+from sdrt.server import a1111, controlnet_api, extra_routes, model_routes
+from sdrt.server.a1111_settings import A1111_DEFAULTS
 from sdrt.server.codec import ImageTooLarge, UndecodableImage, decode_image, encode_png
+from sdrt.server.extra_routes import Extras
 from sdrt.server.generation import Generation, LocalBackend
 from sdrt.server.jobs import QueueFull, Unavailable
+from sdrt.server.middleware import BasicAuth, BodyLimit
 from sdrt.server.models import ModelRegistry, ModelsFolder
 from sdrt.server.pnginfo import png_info_response
 from sdrt.version import __version__
@@ -59,7 +58,8 @@ class Server:
         self.backend, self.limits = backend, limits
         self.models = getattr(backend, "models", None) or ModelRegistry.single(backend.manifest)  # models.py
         default = self.models.default()
-        self.options = dict(a1111.DEFAULT_OPTIONS, sd_model_checkpoint=default.title if default else "")
+        title = default.title if default else ""
+        self.options = {**A1111_DEFAULTS, **a1111.DEFAULT_OPTIONS, "sd_model_checkpoint": title}  # GET /options
 
     def checkpoint_title(self, value, field: str) -> str:
         """The title of the model VALUE names (InvalidOption naming FIELD, listing the titles, if none)."""
@@ -104,6 +104,7 @@ class Server:
         """Validate REQ completely: (its Pipeline call, what the response needs); errors here answer the request
         before it queues."""
         a1111.apply_infotext(req, self.options)
+        req.prompt, req.negative_prompt = self.extras.styles.apply(req.prompt, req.negative_prompt, req.styles)
         controlnet_units = controlnet_api.take_units(req)  # the ControlNet extension's alwayson script
         a1111.check_supported(req)
         self.check_limits(req)
@@ -126,7 +127,7 @@ class Server:
         meta = {"opts": resolved, "clip_skip": opts["CLIP_stop_at_last_layers"], "inpainting": inpaint_unet}
         if req.override_settings and not req.override_settings_restore_afterwards:  # A1111: the overrides stay
             self.options.update({key: opts[key] for key in req.override_settings})
-        return generation, dict(meta, manifest=manifest)
+        return generation, dict(meta, manifest=manifest, styles=req.styles)
 
     def add_img2img(self, req, kwargs: dict) -> None:
         """init_images[0] and the mask, decoded (the other img2img fields come through the options schema)."""
@@ -215,18 +216,21 @@ def install_error_handlers(app: FastAPI) -> None:
 
 
 def create_app(
-    pipe=None, limits: Limits | None = None, credentials: dict[str, str] | None = None, backend=None
-) -> FastAPI:
+    pipe=None, limits: Limits | None = None, credentials: dict[str, str] | None = None, backend=None,
+    extras: Extras | None = None,
+) -> FastAPI:  # fmt: skip
     """The ASGI app over a loaded Pipeline, or over a generation BACKEND (generation.py); CREDENTIALS
-    {user: password} turn on HTTP basic auth for every route."""
+    {user: password} turn on HTTP basic auth for every route; EXTRAS: embeddings, styles, flags (extra_routes.py)."""
     limits = limits or Limits()
     server = Server(backend or LocalBackend(pipe, limits.max_queue), limits)
+    server.extras = extras = extras or Extras()
     app = FastAPI(title="sdrt", version=__version__, description="A1111-compatible API over sdrt's runtime")
     app.state.server = server
     install_error_handlers(app)
     add_routes(app, server)
     controlnet_api.add_routes(app, server)
     model_routes.add_routes(app, server)
+    extra_routes.add_routes(app, server, extras)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     app.add_middleware(BodyLimit, max_bytes=server.limits.max_body_bytes)
     if credentials:
@@ -270,8 +274,7 @@ def add_routes(app: FastAPI, server: Server) -> None:
     @app.post("/sdapi/v1/options")
     async def set_options(values: dict):
         checked = {k: a1111.check_option(k, v, server.checkpoint_title) for k, v in values.items()}
-        if "sd_model_checkpoint" in checked:  # A1111 loads it before answering
-            checked["sd_model_checkpoint"] = await model_routes.switch(server, checked["sd_model_checkpoint"])
+        await model_routes.apply(server, checked)  # a model switch, the LRU's size
         server.options.update(checked)
         return None
 
@@ -291,80 +294,6 @@ def add_routes(app: FastAPI, server: Server) -> None:
         return png_info_response(server.decode(req.image, "image"))
 
 
-class BodyLimit:
-    """ASGI middleware: bodies over max_bytes (by Content-Length, or counted as they stream) get HTTP 413."""
-
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        length = dict(scope["headers"]).get(b"content-length", b"0")
-        if not length.isdigit() or int(length) > self.max_bytes:
-            return await self.refuse(send)
-        received, started = 0, False
-
-        async def counted():
-            nonlocal received
-            message = await receive()
-            received += len(message.get("body", b""))
-            if received > self.max_bytes:
-                raise BodyTooLarge()
-            return message
-
-        async def tracked(message):
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, counted, tracked)
-        except BodyTooLarge:
-            if not started:
-                await self.refuse(send)
-
-    async def refuse(self, send) -> None:
-        body = json.dumps({"detail": f"request body over {self.max_bytes} bytes"}).encode()
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-        await send({"type": "http.response.start", "status": 413, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
-
-
-class BodyTooLarge(Exception):
-    pass
-
-
-class BasicAuth:
-    """ASGI middleware: HTTP basic auth (A1111's --api-auth user:pass[,user2:pass2]) on every route."""
-
-    def __init__(self, app, credentials: dict[str, str]):
-        self.app, self.credentials = app, credentials
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or self.allowed(dict(scope["headers"]).get(b"authorization", b"")):
-            return await self.app(scope, receive, send)
-        body = b'{"detail":"Incorrect username or password"}'
-        headers = [
-            (b"content-type", b"application/json"),
-            (b"www-authenticate", b'Basic realm="sdrt"'),
-            (b"content-length", str(len(body)).encode()),
-        ]
-        await send({"type": "http.response.start", "status": 401, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
-
-    def allowed(self, header: bytes) -> bool:
-        scheme, _, encoded = header.partition(b" ")
-        if scheme.lower() != b"basic":
-            return False
-        try:
-            user, _, password = base64.b64decode(encoded, validate=True).decode().partition(":")
-        except (binascii.Error, UnicodeDecodeError):
-            return False
-        expected = self.credentials.get(user)
-        return expected is not None and secrets.compare_digest(password.encode(), expected.encode())
-
-
 def parse_credentials(text: str) -> dict[str, str]:
     """A1111's --api-auth "user:pass[,user2:pass2]" -> {user: pass}; malformed text raises InvalidOption."""
     pairs = {}
@@ -378,7 +307,7 @@ def parse_credentials(text: str) -> dict[str, str]:
 
 def serve(
     model_dir, host: str, port: int, api_auth: str | None, backend: str, limits: Limits, loras=None,
-    controlnet_dir=None, folder: ModelsFolder | None = None,
+    controlnet_dir=None, folder: ModelsFolder | None = None, extras: Extras | None = None,
 ) -> int:  # fmt: skip
     """Load the model (or serve FOLDER's models, loaded when asked for) and serve until interrupted."""
     try:
@@ -389,11 +318,13 @@ def serve(
 
     credentials = parse_credentials(api_auth) if api_auth else None
     if folder is None:
-        pipe = Pipeline.load(model_dir, backend=backend, loras=loras)
+        pipe = Pipeline.load(model_dir, backend=backend, loras=loras, embeddings=extras and extras.embeddings_dir)
         pipe.controlnets.directory = None if controlnet_dir is None else Path(controlnet_dir)  # /controlnet/model_list
-        app = create_app(pipe, limits, credentials)
+        app = create_app(pipe, limits, credentials, extras=extras)
     else:
-        app = create_app(None, limits, credentials, backend=folder.backend(backend, loras, limits.max_queue))
+        embeddings = extras and extras.embeddings_dir
+        backend = folder.backend(backend, loras, limits.max_queue, embeddings)
+        app = create_app(None, limits, credentials, backend=backend, extras=extras)
         folder.start(app.state.server)
     if host not in LOOPBACK and not credentials:
         print(f"sdrt serve: note: {host} without --api-auth: whoever reaches this port can use it", file=sys.stderr)

@@ -104,6 +104,9 @@ class LocalBackend:
     async def interrupt(self, id_task: str | None = None) -> None:
         self.worker.interrupt(id_task)
 
+    async def skip(self) -> None:
+        self.worker.skip()
+
     def stop(self) -> None:
         self.worker.stop()
 

@@ -3,7 +3,10 @@ the switch POST /sdapi/v1/options {"sd_model_checkpoint": title} makes (the mode
 
 from fastapi.concurrency import run_in_threadpool
 
+from sdrt.errors import check_int
+
 # Declared in the OpenAPI schema of the routes that queue behind generations.
+MAX_LOADED = 10  # A1111's sd_checkpoints_limit slider maximum
 QUEUED_ERRORS = {429: {"description": "the queue is full; Retry-After says when to retry"}}
 
 
@@ -16,6 +19,18 @@ async def switch(server, title: str) -> str:
         loaded = server.backend.loaded
         await server.backend.in_worker("load", lambda: loaded.pipeline(entry))
     return entry.title
+
+
+async def apply(server, settings: dict) -> None:
+    """The model settings of a POST /sdapi/v1/options: sd_model_checkpoint (loaded before the answer, as A1111
+    does) and sd_checkpoints_limit (the LRU's size, from the next load)."""
+    limit = settings.get("sd_checkpoints_limit")
+    if limit is not None:
+        settings["sd_checkpoints_limit"] = check_int("options.sd_checkpoints_limit", limit, 1, MAX_LOADED)
+        if hasattr(server.backend, "loaded"):
+            server.backend.loaded.max_loaded = settings["sd_checkpoints_limit"]
+    if "sd_model_checkpoint" in settings:
+        settings["sd_model_checkpoint"] = await switch(server, settings["sd_model_checkpoint"])
 
 
 def add_routes(app, server) -> None:

@@ -218,6 +218,7 @@ class LoadedModels:
     def __init__(self, registry: ModelRegistry, load: Callable, max_loaded: int = 1):
         self.registry, self.load, self.max_loaded = registry, load, max_loaded
         self.pipes: OrderedDict[Path, object] = OrderedDict()  # entry.path -> Pipeline
+        self.unloaded: set[Path] = set()  # Pipelines whose engines unload-checkpoint freed
         self.lock = threading.RLock()
 
     def add(self, entry: ModelEntry, pipe) -> None:
@@ -230,10 +231,17 @@ class LoadedModels:
         with self.lock:
             if entry.path in self.pipes:
                 self.pipes.move_to_end(entry.path)
+                if entry.path in self.unloaded:
+                    print(f"sdrt serve: loading {entry.title}", file=sys.stderr, flush=True)
+                    load_engines(self.pipes[entry.path])
+                    self.unloaded.discard(entry.path)
                 return self.pipes[entry.path]
             manifest = self.registry.manifest(entry)
             while len(self.pipes) >= self.max_loaded:
-                self.release(*self.pipes.popitem(last=False))
+                path, pipe = self.pipes.popitem(last=False)
+                if path not in self.unloaded:
+                    self.release(path, pipe)
+                self.unloaded.discard(path)
             print(f"sdrt serve: loading {entry.title}", file=sys.stderr, flush=True)
             pipe = self.pipes[entry.path] = self.load(manifest.folder)
             return pipe
@@ -244,10 +252,12 @@ class LoadedModels:
             return next(reversed(self.pipes.values()), None)
 
     def unload_all(self) -> None:
-        """A1111's unload-checkpoint: every loaded model's engines freed."""
+        """A1111's unload-checkpoint: every loaded model's engines freed (loaded again when next used)."""
         with self.lock:
-            while self.pipes:
-                self.release(*self.pipes.popitem(last=False))
+            for path, pipe in self.pipes.items():
+                if path not in self.unloaded:
+                    self.release(path, pipe)
+            self.unloaded |= set(self.pipes)
 
     def loaded(self) -> list[Path]:
         with self.lock:
@@ -263,6 +273,15 @@ class LoadedModels:
                 engine.unload()
 
 
+def load_engines(pipe) -> None:
+    """The engines Pipeline.load loads up front (text encoders, UNet, VAE decoder), unless they are staged."""
+    if getattr(pipe.memory, "staged", False):
+        return
+    for name in ("text_encoder", "text_encoder_2", "unet", "vae_decoder"):
+        if name in pipe.engines:
+            pipe.engines[name].load()
+
+
 @dataclass
 class ModelsFolder:
     """`sdrt serve --models-dir FOLDER`: its models, at most MAX_LOADED loaded at once, DEFAULT (a title or name)
@@ -273,16 +292,19 @@ class ModelsFolder:
     default: str | None = None
     exporter: Callable | None = None
 
-    def backend(self, engine_backend: str, loras, max_queue: int):
-        """The LocalBackend over this folder's registry and LRU (Pipelines on ENGINE_BACKEND, LoRAs from LORAS)."""
+    def backend(self, engine_backend: str, loras, max_queue: int, embeddings=None):
+        """The LocalBackend over this folder's registry and LRU (Pipelines on ENGINE_BACKEND, LoRAs from LORAS,
+        textual inversions from EMBEDDINGS)."""
         from sdrt.runtime.pipeline import Pipeline
         from sdrt.server.generation import LocalBackend
 
         registry = ModelRegistry(folder=self.folder, exporter=self.exporter)
         if self.default is not None:
             registry.find(self.default, "--model")  # an unknown name fails before serving
-        loaded = LoadedModels(registry, lambda path: Pipeline.load(path, backend=engine_backend, loras=loras),
-                              self.max_loaded)  # fmt: skip
+        def load(path):
+            return Pipeline.load(path, backend=engine_backend, loras=loras, embeddings=embeddings)
+
+        loaded = LoadedModels(registry, load, self.max_loaded)
         backend = LocalBackend(max_queue=max_queue, loaded=loaded)
         backend.lora_dir = loras  # /sdapi/v1/loras lists the folder (no one Pipeline holds it)
         return backend
@@ -296,5 +318,6 @@ class ModelsFolder:
             log.warning("no usable model in %s", self.folder)
             return
         server.options["sd_model_checkpoint"] = entry.title
+        server.options["sd_checkpoints_limit"] = self.max_loaded
         if entry.kind == "exported":  # a checkpoint is exported when first asked for, not at start
             server.backend.worker.submit(Job("load", lambda callback: server.backend.loaded.pipeline(entry), 1))
