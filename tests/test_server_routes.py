@@ -59,7 +59,8 @@ def test_options_has_a1111s_keys_and_takes_a_round_trip(server):
     """GET returns A1111's keys; POSTing the whole dict back (Open WebUI) succeeds; a setting sdrt records is
     returned as set."""
     options = server.get("/sdapi/v1/options").json()
-    assert {"samples_save", "sd_vae", "jpeg_quality", "sd_checkpoints_limit", "CLIP_stop_at_last_layers"} <= set(options)
+    expected = {"samples_save", "sd_vae", "jpeg_quality", "sd_checkpoints_limit", "CLIP_stop_at_last_layers"}
+    assert expected <= set(options)
     assert len(options) > 250 and options["sd_vae"] == "Automatic"
     assert server.post("/sdapi/v1/options", options).status_code == 200
     assert server.post("/sdapi/v1/options", {"jpeg_quality": 91, "quicksettings_list": ["sd_vae"]}).status_code == 200

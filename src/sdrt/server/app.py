@@ -13,7 +13,7 @@ from fastapi.staticfiles import StaticFiles
 
 from sdrt.errors import InvalidOption, SdrtError
 from sdrt.runtime import masks
-from sdrt.server import a1111, controlnet_api, extra_routes, model_routes
+from sdrt.server import a1111, controlnet_api, extra_routes, model_routes, openai_api
 from sdrt.server.a1111_settings import A1111_DEFAULTS
 from sdrt.server.codec import ImageTooLarge, UndecodableImage, decode_image, encode_png
 from sdrt.server.extra_routes import Extras
@@ -231,6 +231,7 @@ def create_app(
     controlnet_api.add_routes(app, server)
     model_routes.add_routes(app, server)
     extra_routes.add_routes(app, server, extras)
+    openai_api.add_routes(app, server)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     app.add_middleware(BodyLimit, max_bytes=server.limits.max_body_bytes)
     if credentials:

@@ -51,7 +51,8 @@ class BodyTooLarge(Exception):
 
 
 class BasicAuth:
-    """ASGI middleware: HTTP basic auth (A1111's --api-auth user:pass[,user2:pass2]) on every route."""
+    """ASGI middleware: HTTP basic auth (A1111's --api-auth user:pass[,user2:pass2]) on every route; a bearer token
+    "user:pass" (an OpenAI client's api_key) is accepted as the same credentials."""
 
     def __init__(self, app, credentials: dict[str, str]):
         self.app, self.credentials = app, credentials
@@ -70,7 +71,9 @@ class BasicAuth:
 
     def allowed(self, header: bytes) -> bool:
         scheme, _, encoded = header.partition(b" ")
-        if scheme.lower() != b"basic":
+        if scheme.lower() == b"bearer":  # OpenAI clients send their api_key as a bearer token: "user:password"
+            encoded = base64.b64encode(encoded.strip())
+        elif scheme.lower() != b"basic":
             return False
         try:
             user, _, password = base64.b64decode(encoded, validate=True).decode().partition(":")
