@@ -189,8 +189,10 @@ def test_listing_routes_are_truthful(server, extras_dir):
     assert memory["cuda"] == {"error": "unavailable"} or "system" in memory["cuda"]
     assert server.get("/sdapi/v1/scripts").json() == {"txt2img": ["controlnet"], "img2img": ["controlnet"]}
     info = server.get("/sdapi/v1/script-info").json()
-    assert {(s["name"], s["is_img2img"], s["is_alwayson"]) for s in info} == {("controlnet", False, True),
-                                                                             ("controlnet", True, True)}
+    assert {(s["name"], s["is_img2img"], s["is_alwayson"]) for s in info} == {
+        ("controlnet", False, True),
+        ("controlnet", True, True),
+    }
     for path in ("extensions", "face-restorers", "hypernetworks", "sd-vae", "upscalers", "realesrgan-models"):
         assert server.get(f"/sdapi/v1/{path}").json() == [], path
     flags = server.get("/sdapi/v1/cmd-flags").json()

@@ -20,7 +20,6 @@ class Extras:
     styles: StyleDatabase = field(default_factory=StyleDatabase)
     flags: dict = field(default_factory=dict)
 
-
     @classmethod
     def from_args(cls, args) -> "Extras":
         """From `sdrt serve`'s arguments: a bad --embeddings-dir or --styles-file fails here, before serving."""

@@ -111,7 +111,6 @@ class LocalBackend:
         self.worker.stop()
 
 
-
 def idle_progress() -> dict:
     """A1111's ProgressResponse with no job running."""
     return {"progress": 0.0, "eta_relative": 0.0, "state": State().as_dict(), "current_image": None}

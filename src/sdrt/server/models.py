@@ -301,6 +301,7 @@ class ModelsFolder:
         registry = ModelRegistry(folder=self.folder, exporter=self.exporter)
         if self.default is not None:
             registry.find(self.default, "--model")  # an unknown name fails before serving
+
         def load(path):
             return Pipeline.load(path, backend=engine_backend, loras=loras, embeddings=embeddings)
 
