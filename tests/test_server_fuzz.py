@@ -22,3 +22,21 @@ def test_fuzz_sdrt_serve(tiny_sd, tmp_path):
         res = server.post("/sdapi/v1/txt2img", {"prompt": "after", "width": 64, "height": 64, "steps": 2})
         assert res.status_code == 200 and len(res.json()["images"]) == 1
         assert server.process.poll() is None
+
+
+def test_fuzz_sdrt_serve_models_dir(tiny_sd, tmp_path):
+    """The same over `--models-dir` (a model, a broken checkpoint, a file that is not a model): model switches,
+    refresh/unload/reload and the OpenAI routes among the fuzzed operations; no undeclared 5xx."""
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "alpha").symlink_to(tiny_sd[1], target_is_directory=True)
+    (models / "broken.safetensors").write_bytes(b"\x00" * 64)
+    (models / "notes.txt").write_text("not a model")
+    with running_server(None, tmp_path, "--models-dir", str(models), *FUZZ_SERVER_ARGS) as server:
+        statuses = fuzz(server.url, examples=EXAMPLES // 2)
+        total = sum(statuses.values())
+        print(f"\nfuzz sdrt serve --models-dir: {total} cases, statuses {dict(sorted(statuses.items()))}")
+        assert statuses[200] > 0 and statuses[422] > 0
+        res = server.post("/sdapi/v1/txt2img", {"prompt": "after", "width": 64, "height": 64, "steps": 2})
+        assert res.status_code == 200 and len(res.json()["images"]) == 1
+        assert server.process.poll() is None

@@ -153,7 +153,7 @@ IMAGE_SETTINGS = {
     "sgm_noise_multiplier": "", "uni_pc_variant": "", "uni_pc_skip_type": "", "uni_pc_order": "",
     "uni_pc_lower_order_final": "", "k_sched_type": "use the request's scheduler",
 }  # fmt: skip
-NO_VAE = ("Automatic", "None")  # sd_vae values meaning the model's own VAE
+NO_VAE = ("Automatic", "None", "")  # sd_vae values meaning the model's own VAE ("": clients with no VAE listed)
 # A1111's restricted_opts: server paths and file name patterns, which an API client may not set.
 RESTRICTED = {
     "samples_filename_pattern", "directories_filename_pattern", "outdir_samples", "outdir_txt2img_samples",

@@ -180,7 +180,8 @@ def add_routes(app, server, extras: Extras) -> None:
         return None
 
     empty = {"extensions": "extensions", "face-restorers": "face restorers", "hypernetworks": "hypernetworks",
-             "realesrgan-models": "Real-ESRGAN models", "upscalers": "upscalers"}  # fmt: skip
+             "realesrgan-models": "Real-ESRGAN models", "upscalers": "upscalers",
+             "latent-upscale-modes": "hires fix (latent upscale modes)"}  # fmt: skip
     for path, what in empty.items():
         app.add_api_route(f"/sdapi/v1/{path}", empty_list, methods=["GET"], summary=f"sdrt has no {what}: []")
 
