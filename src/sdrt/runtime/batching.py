@@ -74,7 +74,8 @@ def generate_batch(pipe, requests: list[dict], callback=None, progress: bool = F
     pipe.loras.apply([])  # none of these prompts has LoRAs: the base weights, whatever the last run merged
     first = options[0]
     schedule = build_schedule(
-        pipe.manifest.scheduler, first.steps, SAMPLERS[first.sampler][1], first.scheduler, first.timestep_spacing
+        pipe.manifest.scheduler, first.steps, SAMPLERS[first.sampler][1], first.scheduler, first.timestep_spacing,
+        pipe.manifest.family,
     )
     encoded = [pipe.encode_prompts(opts) for opts in options]  # [(TextConditioning for one image, notes)]
     by_length: dict[int, list[int]] = {}

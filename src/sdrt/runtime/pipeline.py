@@ -104,7 +104,8 @@ class Pipeline:
         step = self.manifest.latent_downsample
         latent_shape = (self.manifest.latent_channels, opts.height // step, opts.width // step)
         schedule = build_schedule(
-            self.manifest.scheduler, opts.steps, SAMPLERS[opts.sampler][1], opts.scheduler, opts.timestep_spacing
+            self.manifest.scheduler, opts.steps, SAMPLERS[opts.sampler][1], opts.scheduler, opts.timestep_spacing,
+            self.manifest.family,
         )
         text, notes = self.encode_prompts(opts)
         notes["Lora hashes"] = infotext_hashes(active_loras, self.loras.files)

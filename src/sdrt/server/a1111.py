@@ -13,6 +13,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from sdrt.errors import InvalidOption, is_int
+from sdrt.runtime.a1111_schedules import POLYEXPONENTIAL_RHO
 from sdrt.runtime.infotext import generate_kwargs as infotext_kwargs
 from sdrt.runtime.infotext import parse_infotext
 from sdrt.runtime.options import (
@@ -337,8 +338,8 @@ def schedulers_list() -> list[dict]:
             "name": name,
             "label": label,
             "aliases": [a for a, target in SCHEDULER_ALIASES.items() if target == name] or None,
-            "default_rho": KARRAS_RHO if name == "karras" else -1,
-            "need_inner_model": name in ("uniform", "sgm_uniform", "simple"),
+            "default_rho": {"karras": KARRAS_RHO, "polyexponential": POLYEXPONENTIAL_RHO}.get(name, -1),
+            "need_inner_model": name in ("uniform", "sgm_uniform", "simple", "normal", "ddim", "beta"),
         }
         for name, label in SCHEDULERS.items()
     ]
