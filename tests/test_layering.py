@@ -79,7 +79,8 @@ def test_sampler_table_states_each_samplers_arguments():
     from sdrt.runtime import samplers
 
     common = {"denoise", "x", "sigmas", "noise", "callback"}
-    for function in samplers.SAMPLER_ARGUMENTS:
-        taken = set(inspect.signature(getattr(samplers, function)).parameters) - common
-        assert taken == set(samplers.SAMPLER_ARGUMENTS[function]), function
+    for name, (function, _) in samplers.SAMPLERS.items():  # samplers.py's and samplers_extra.py's
+        fn, arguments = samplers.sampler_function(name)
+        taken = set(inspect.signature(fn).parameters) - common
+        assert taken == set(arguments) == set(samplers.SAMPLER_ARGUMENTS[function]), function
     assert {f for f, _ in samplers.SAMPLERS.values()} == set(samplers.SAMPLER_ARGUMENTS)

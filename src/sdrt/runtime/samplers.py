@@ -483,6 +483,8 @@ SAMPLERS = {
     "DPM++ SDE": ("sample_dpmpp_sde", "euler"),
     "DPM++ 2M SDE": ("sample_dpmpp_2m_sde", "dpmsolver"),
     "DPM++ 3M SDE": ("sample_dpmpp_3m_sde", "dpmsolver"),
+    "Restart": ("sample_restart", "euler"),  # samplers_extra.py
+    "DPM fast": ("sample_dpm_fast", "euler"),  # samplers_extra.py
 }
 # Each sampler's keyword arguments beyond (denoise, x, sigmas, noise, callback): its whole contract (k-diffusion's
 # meanings). The user's knobs (eta, s_noise, s_churn, s_tmin, s_tmax) reach only the samplers that take them, as in
@@ -505,12 +507,18 @@ SAMPLER_ARGUMENTS = {
     "sample_dpmpp_sde": ("eta", "s_noise", "r"),
     "sample_dpmpp_2m_sde": _ANCESTRAL,
     "sample_dpmpp_3m_sde": _ANCESTRAL,
+    "sample_restart": ("s_noise",),
+    "sample_dpm_fast": _ANCESTRAL,
 }
 
 
 def sampler_function(name: str):
     """(function, the keyword arguments it takes) of an A1111 sampler name (resolved)."""
     function = SAMPLERS[name][0]
+    if function not in globals():  # the samplers A1111 1.10 added live in samplers_extra.py
+        from sdrt.runtime import samplers_extra
+
+        return getattr(samplers_extra, function), SAMPLER_ARGUMENTS[function]
     return globals()[function], SAMPLER_ARGUMENTS[function]
 
 
@@ -530,6 +538,8 @@ SAMPLER_ALIASES = {
     "k_dpmpp_3m_sde": "DPM++ 3M SDE",
     "ddim": "DDIM",
     "k_lcm": "LCM",
+    "restart": "Restart",
+    "k_dpm_fast": "DPM fast",
 }
 LEGACY_SCHEDULE_SUFFIXES = ("karras", "exponential")  # A1111 < 1.9 names such as "DPM++ 2M SDE Exponential"
 
