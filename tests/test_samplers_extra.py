@@ -1,5 +1,6 @@
-"""Restart and DPM fast (A1111 1.10's samplers sdrt lacked) against references written here in torch from A1111's
-restart_sampler (modules/sd_samplers_extra.py) and k-diffusion's DPMSolver.dpm_solver_fast (k-diffusion itself needs
+"""Restart, DPM fast and DPM adaptive (A1111 1.10's samplers sdrt lacked) against references written here in torch
+from A1111's restart_sampler (modules/sd_samplers_extra.py) and k-diffusion's DPMSolver.dpm_solver_fast and
+dpm_solver_adaptive (k-diffusion itself needs
 torchvision, which this environment cannot install beside its CPU torch), on an analytic denoiser and the same
 noise draws: final x within 1e-4 relative (float32 against float64). Each has a twin a plausible mistake fails."""
 
@@ -135,6 +136,48 @@ def dpm_fast_ref(x, sigma_min, sigma_max, nfe, draws, eta=1.0, s_noise=1.0, orde
     return x.numpy()
 
 
+def dpm_adaptive_ref(x, sigma_min, sigma_max, draws, eta=1.0, s_noise=1.0, rtol=0.05, atol=0.0078):
+    """k-diffusion's sample_dpm_adaptive (order 3: DPM-Solver-2 with r1 = 1/3 against -3, PID on the error)."""
+
+    def sigma(t):
+        return math.exp(-t)
+
+    def eps(x, t):
+        return (x - toy_denoise(x, sigma(t))) / sigma(t)
+
+    s, t_end = -math.log(sigma_max), -math.log(sigma_min)
+    h, errs, b1, x_prev, steps = 0.05, [], 1.0 / (1.5 if eta else 3), x, 0
+    while s < t_end - 1e-5:
+        t = min(t_end, s + h)
+        if eta:
+            s_from, s_to = sigma(s), sigma(t)
+            s_up = min(s_to, eta * (s_to**2 * (s_from**2 - s_to**2) / s_from**2) ** 0.5)
+            t_ = min(t_end, -math.log((s_to**2 - s_up**2) ** 0.5))
+            su = (sigma(t) ** 2 - sigma(t_) ** 2) ** 0.5
+        else:
+            t_, su = t, 0.0
+        e = eps(x, s)
+        hh, r1, r2 = t_ - s, 1 / 3, 2 / 3
+        s1, s2 = s + r1 * hh, s + r2 * hh
+        e1 = eps(x - sigma(s1) * math.expm1(r1 * hh) * e, s1)
+        x_low = x - sigma(t_) * math.expm1(hh) * e - sigma(t_) / (2 * r1) * math.expm1(hh) * (e1 - e)
+        phi2 = math.expm1(r2 * hh)
+        e2 = eps(x - sigma(s2) * phi2 * e - sigma(s2) * (r2 / r1) * (phi2 / (r2 * hh) - 1) * (e1 - e), s2)
+        x_high = x - sigma(t_) * math.expm1(hh) * e - sigma(t_) / r2 * (math.expm1(hh) / hh - 1) * (e2 - e)
+        delta = torch.maximum(torch.tensor(atol), rtol * torch.maximum(x_low.abs(), x_prev.abs()))
+        error = torch.linalg.norm((x_low - x_high) / delta) / x.numel() ** 0.5
+        inv = 1 / (float(error) + 1e-8)
+        errs = errs or [inv, inv, inv]
+        errs[0] = inv
+        factor = 1 + math.atan(errs[0] ** b1 - 1)  # pcoeff = dcoeff = 0: only the integral term
+        if factor >= 0.81:
+            errs[2], errs[1] = errs[1], errs[0]
+            x_prev, x, s = x_low, x_high + su * s_noise * draws.torch(), t
+        h *= factor
+        steps += 1
+    return x.numpy(), steps
+
+
 def start():
     return torch.from_numpy(Draws(99).values[0])
 
@@ -167,17 +210,37 @@ def test_dpm_fast_matches_k_diffusion(steps, eta):
     assert np.abs(wrong - ours).max() > 1e-3
 
 
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_dpm_adaptive_matches_k_diffusion(eta):
+    """Same steps tried (the error control's decisions agree) and the same result; a tighter tolerance (rtol 1e-4)
+    takes more steps and ends elsewhere."""
+    sigmas = np.append(np.exp(np.linspace(math.log(14.6), math.log(0.03), 10)), 0.0)
+    tried = []
+    fn, _ = sampler_function("DPM adaptive")
+    x = (Draws(99).values[0] * sigmas[0]).astype(np.float32)
+    ours = fn(lambda x, s, intermediate=False: toy_denoise(x, np.float32(s)), x, np.asarray(sigmas, np.float32),
+              noise=Draws().numpy, eta=eta, callback=lambda i, x, d: tried.append(i))  # fmt: skip
+    sigma_max, sigma_min = float(np.float32(sigmas[0])), float(np.float32(sigmas[-2]))
+    want, steps = dpm_adaptive_ref(start() * sigma_max, sigma_min, sigma_max, Draws(), eta=eta)
+    assert len(tried) == steps
+    np.testing.assert_allclose(ours.astype(np.float64), want, rtol=RTOL, atol=1e-4)
+    tight, tight_steps = dpm_adaptive_ref(start() * sigma_max, sigma_min, sigma_max, Draws(), eta=eta, rtol=1e-4,
+                                          atol=1e-5)  # fmt: skip
+    assert tight_steps > steps and np.abs(tight - ours).max() > 1e-3
+
+
 def test_dpm_fast_orders_spend_the_steps():
     for nfe in range(1, 40):
         assert sum(dpm_fast_orders(nfe)) == nfe
 
 
 def test_names_aliases_and_pipeline(tiny_pipeline):
-    assert {"Restart", "DPM fast"} <= set(SAMPLERS)
+    assert {"Restart", "DPM fast", "DPM adaptive"} <= set(SAMPLERS)
+    assert resolve_sampler("k_dpm_ad", "automatic") == ("DPM adaptive", "automatic")
     assert resolve_sampler("k_dpm_fast", "automatic") == ("DPM fast", "automatic")
     assert resolve_sampler("restart", "automatic") == ("Restart", "automatic")
     images = {}
-    for name in ("Restart", "DPM fast"):
+    for name in ("Restart", "DPM fast", "DPM adaptive"):
         image = tiny_pipeline.generate("a cat", width=64, height=64, steps=20, seed=3, sampler=name, progress=False)[0]
         assert f"Sampler: {name}," in image.info["parameters"]
         images[name] = np.asarray(image, dtype=np.int16)

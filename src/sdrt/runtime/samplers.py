@@ -485,6 +485,7 @@ SAMPLERS = {
     "DPM++ 3M SDE": ("sample_dpmpp_3m_sde", "dpmsolver"),
     "Restart": ("sample_restart", "euler"),  # samplers_extra.py
     "DPM fast": ("sample_dpm_fast", "euler"),  # samplers_extra.py
+    "DPM adaptive": ("sample_dpm_adaptive", "euler"),  # samplers_extra.py
 }
 # Each sampler's keyword arguments beyond (denoise, x, sigmas, noise, callback): its whole contract (k-diffusion's
 # meanings). The user's knobs (eta, s_noise, s_churn, s_tmin, s_tmax) reach only the samplers that take them, as in
@@ -509,6 +510,7 @@ SAMPLER_ARGUMENTS = {
     "sample_dpmpp_3m_sde": _ANCESTRAL,
     "sample_restart": ("s_noise",),
     "sample_dpm_fast": _ANCESTRAL,
+    "sample_dpm_adaptive": _ANCESTRAL,
 }
 
 
@@ -540,6 +542,7 @@ SAMPLER_ALIASES = {
     "k_lcm": "LCM",
     "restart": "Restart",
     "k_dpm_fast": "DPM fast",
+    "k_dpm_ad": "DPM adaptive",
 }
 LEGACY_SCHEDULE_SUFFIXES = ("karras", "exponential")  # A1111 < 1.9 names such as "DPM++ 2M SDE Exponential"
 
