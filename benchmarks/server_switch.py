@@ -1,6 +1,7 @@
 """Model switching in `sdrt serve --models-dir` on the full-size SD 1.5 architecture (random weights), CPU backend:
 how long POST /sdapi/v1/options {"sd_model_checkpoint": ...} takes when the model must be loaded (cold) and when the
-LRU still holds it (warm, --max-loaded-models 2), and the server's resident memory with one and two models loaded.
+LRU still holds it (warm, --max-loaded-models 2), and the server's resident memory with one and two models loaded
+(each after one 1-step 256x256 generation, so that its weights are resident: ONNX Runtime maps them lazily).
 
     sdrt bench --model sd15 --workdir /tmp/sdrt-bench   # builds and exports the random model once (or reuse one)
     python benchmarks/server_switch.py /tmp/sdrt-bench/sd15/onnx [--rounds 3]
@@ -64,6 +65,12 @@ def switch(url: str, name: str) -> float:
     return time.perf_counter() - start_time
 
 
+def touch(url: str) -> None:
+    """One 1-step 256x256 generation: every engine runs once, so its weights are resident before RSS is read."""
+    body = {"prompt": "a cat", "steps": 1, "width": 256, "height": 256, "seed": 1}
+    requests.post(url + "/sdapi/v1/txt2img", json=body, timeout=START_TIMEOUT_S).raise_for_status()
+
+
 def rss_gib(pid: int) -> float:
     import psutil
 
@@ -81,8 +88,10 @@ def run(export: Path, rounds: int) -> dict:
             process, url = start(models, max_loaded, Path(tmp) / f"server-{max_loaded}.log")
             try:
                 first = switch(url, "a")  # waits for the start's own load of "a"
+                touch(url)
                 one_model = rss_gib(process.pid)
                 cold_b = switch(url, "b")
+                touch(url)
                 two_models = rss_gib(process.pid)
                 times = [switch(url, name) for _ in range(rounds) for name in ("a", "b")]
                 results[f"lru{max_loaded}"] = {

@@ -270,27 +270,15 @@ def cmd_serve(args) -> int:
 
     extras = Extras.from_args(args)  # --embeddings-dir, --styles-file, /sdapi/v1/cmd-flags
     if args.models_dir is not None:
+        from sdrt.server.models import ModelsFolder
+
         return serve(None, args.host, args.port, args.api_auth, args.backend or "cpu", limits, args.lora_dir,
-                     folder=models_folder(args), extras=extras)  # fmt: skip
+                     folder=ModelsFolder.from_args(args, resolve_model), extras=extras)  # fmt: skip
     if args.model is None:
         raise InvalidOption("--model", None, "an exported folder, checkpoint or hub id (or --models-dir DIR)")
     model = resolve_model(args.model)
     return serve(model, args.host, args.port, args.api_auth, args.backend or "cpu", limits, args.lora_dir,
                  args.controlnet_dir, extras=extras)  # fmt: skip
-
-
-def models_folder(args):
-    """`sdrt serve --models-dir DIR [-m NAME] [--max-loaded-models N]` (server/models.py)."""
-    from sdrt.errors import InvalidOption
-    from sdrt.server.models import ModelsFolder
-
-    if not Path(args.models_dir).is_dir():
-        raise InvalidOption("--models-dir", args.models_dir, "an existing folder of models")
-    if args.max_loaded_models <= 0:
-        raise InvalidOption("--max-loaded-models", args.max_loaded_models, "a positive number")
-    if args.controlnet_dir is not None:
-        raise InvalidOption("--controlnet-dir", args.controlnet_dir, "none with --models-dir (one model: -m)")
-    return ModelsFolder(Path(args.models_dir), args.max_loaded_models, args.model, resolve_model)
 
 
 RAY_ONLY = ("address", "replicas", "min_replicas", "max_replicas", "target_ongoing_requests", "gpus_per_replica",

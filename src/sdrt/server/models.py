@@ -292,6 +292,17 @@ class ModelsFolder:
     default: str | None = None
     exporter: Callable | None = None
 
+    @classmethod
+    def from_args(cls, args, exporter: Callable) -> "ModelsFolder":
+        """`sdrt serve --models-dir DIR [-m NAME] [--max-loaded-models N]`; bad values fail before serving."""
+        if not Path(args.models_dir).is_dir():
+            raise InvalidOption("--models-dir", args.models_dir, "an existing folder of models")
+        if args.max_loaded_models <= 0:
+            raise InvalidOption("--max-loaded-models", args.max_loaded_models, "a positive number")
+        if args.controlnet_dir is not None:
+            raise InvalidOption("--controlnet-dir", args.controlnet_dir, "none with --models-dir (one model: -m)")
+        return cls(Path(args.models_dir), args.max_loaded_models, args.model, exporter)
+
     def backend(self, engine_backend: str, loras, max_queue: int, embeddings=None):
         """The LocalBackend over this folder's registry and LRU (Pipelines on ENGINE_BACKEND, LoRAs from LORAS,
         textual inversions from EMBEDDINGS)."""
