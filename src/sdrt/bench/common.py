@@ -141,10 +141,10 @@ def describe_machine() -> dict:
 
 def run_child(
     stage: str, job: dict, job_dir: Path, fatal: bool = True, timeout: float | None = None, label: str | None = None,
-    script=None, python=None,
+    module: str = "sdrt.bench", python=None,
 ) -> tuple[dict, float, int]:
-    """Run this script (or SCRIPT, a file) as `--worker STAGE` in a subprocess: (its result, wall seconds, its peak
-    RSS in bytes).
+    """Run `python -m MODULE --worker STAGE JOB` (default `sdrt.bench`) in a subprocess: (its result, wall seconds,
+    its peak RSS in bytes).
 
     The peak RSS comes from wait4's rusage of that one child, so each runtime's figure is its own. A failed child
     ends the benchmark, or with FATAL False raises RuntimeError; one still running after TIMEOUT seconds is killed.
@@ -163,7 +163,7 @@ def run_child(
     if python is not None:
         paths = [str(REPO / "src"), os.environ.get("PYTHONPATH")]
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in paths if p))
-    command = [str(python or sys.executable)] + (["-m", "sdrt.bench"] if script is None else [str(script)])
+    command = [str(python or sys.executable), "-m", module]
     proc = subprocess.Popen([*command, "--worker", stage, str(job_file)], env=env)
     killer = threading.Timer(timeout, proc.kill) if timeout else None
     if killer is not None:

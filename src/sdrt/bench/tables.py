@@ -1,0 +1,113 @@
+"""Benchmark results (benchmarks/results/*.json) as Markdown: one renderer per kind of result, chosen by the report's
+`benchmark` key (or, for files written before every benchmark stored it, by the report's shape). The tables are the
+ones each benchmark prints when it runs; the docs site (tools/docs_hooks.py) renders them from the committed JSON, so
+no figure is typed twice.
+
+    python -m sdrt.bench.tables benchmarks/results/cpu-intel-xeon-2c.json [PART]
+"""
+
+import json
+import sys
+from pathlib import Path
+
+
+def kind_of(report: dict) -> str:
+    """The benchmark that wrote REPORT: cpu_e2e, gpu_e2e, controlnet_cpu, lora_switch or ray_throughput."""
+    if "benchmark" in report:
+        return report["benchmark"]
+    if "switches" in report:  # lora_switch before it stored its name
+        return "lora_switch"
+    if "rows" in report and "clients" in report:  # ray_throughput before it stored its name
+        return "ray_throughput"
+    raise ValueError(f"unknown benchmark result: keys {sorted(report)[:8]}; allowed: {', '.join(PARTS)}")
+
+
+def cpu_e2e(report: dict, part: str) -> str:
+    from sdrt.bench.cpu import low_vram_rows, markdown_table
+    from sdrt.bench.cpu_runtimes import runtimes_table
+
+    if part == "runtimes":
+        if "runtimes" not in report:
+            raise ValueError("this cpu_e2e result has no per-runtime table (it predates `runtimes`)")
+        return runtimes_table(report["runtimes"], report["runtimes_comparison"], report["runtimes_skipped"])
+    return "\n".join([markdown_table(report), *low_vram_rows(report)])
+
+
+def gpu_e2e(report: dict, part: str) -> str:
+    from sdrt.bench.gpu import markdown_table
+
+    return markdown_table(report)
+
+
+def controlnet_cpu(report: dict, part: str) -> str:
+    from sdrt.bench.controlnet_cpu import markdown_table
+
+    return markdown_table(report)
+
+
+def lora_switch(report: dict, part: str) -> str:
+    from sdrt.bench.lora_switch import markdown_table
+
+    return markdown_table(report)
+
+
+def ray_throughput(report: dict, part: str) -> str:
+    from sdrt.bench.ray_throughput import markdown_table
+
+    return markdown_table(report)
+
+
+# kind -> (renderer, its parts; the first is the default)
+PARTS = {
+    "cpu_e2e": (cpu_e2e, ("sdrt-vs-diffusers", "runtimes")),
+    "gpu_e2e": (gpu_e2e, ("all",)),
+    "controlnet_cpu": (controlnet_cpu, ("all",)),
+    "lora_switch": (lora_switch, ("all",)),
+    "ray_throughput": (ray_throughput, ("all",)),
+}
+
+
+def caption(report: dict) -> str:
+    """Where the figures come from: the machine and the date, as far as the report states them."""
+    machine = report.get("machine") or {}
+    cpu = machine.get("cpu_model") or report.get("cpu") or (report.get("device") or {}).get("name")
+    cores = machine.get("physical_cores") or report.get("cores")
+    bits = [f"{cpu}, {cores} cores" if cpu and cores else cpu, (report.get("date") or "")[:10] or None]
+    return "; ".join(b for b in bits if b)
+
+
+def render(report: dict, part: str | None = None) -> str:
+    """REPORT as Markdown (PART: one of its kind's parts; default the first)."""
+    kind = kind_of(report)
+    if kind not in PARTS:
+        raise ValueError(f"unknown benchmark {kind!r}; allowed: {', '.join(PARTS)}")
+    renderer, parts = PARTS[kind]
+    part = part or parts[0]
+    if part not in parts:
+        raise ValueError(f"part {part!r} of a {kind} result; allowed: {', '.join(parts)}")
+    return renderer(report, part)
+
+
+def render_file(path: Path, part: str | None = None) -> str:
+    """The results file PATH rendered, with its source and caption in a line under the table."""
+    path = Path(path)
+    report = json.loads(path.read_text())
+    try:
+        table = render(report, part)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path.name}: cannot render{f' part {part!r}' if part else ''}: {e!r}") from e
+    note = f"`benchmarks/results/{path.name}`" + (f" ({caption(report)})" if caption(report) else "")
+    return f"{table.rstrip()}\n\n<small>From {note}.</small>\n"
+
+
+def main(argv=None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if not 1 <= len(args) <= 2:
+        print(__doc__.strip().splitlines()[-1].strip(), file=sys.stderr)
+        return 2
+    print(render_file(Path(args[0]), *args[1:]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
