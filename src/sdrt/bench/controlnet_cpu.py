@@ -21,6 +21,8 @@ from pathlib import Path
 
 from sdrt.bench import common
 from sdrt.bench.cases import CASES
+from sdrt.bench.machine import describe_machine
+from sdrt.bench.random_model import prepare_model
 
 MODULE = "sdrt.bench.controlnet_cpu"  # its subprocess workers: python -m MODULE --worker STAGE JOB
 
@@ -232,13 +234,13 @@ def main(argv=None) -> int:
         job = json.loads(Path(args.worker[1]).read_text())
         Path(job["result_file"]).write_text(json.dumps(WORKERS[args.worker[0]](job), indent=2))
         return 0
-    machine = common.describe_machine()
+    machine = describe_machine()
     case = CASES[args.model]
     sd_dir = args.workdir / case.name
     jobs = args.out / "jobs"
     jobs.mkdir(parents=True, exist_ok=True)
     args.rebuild = False
-    common.prepare_model(args, case.configs(), sd_dir, jobs)
+    prepare_model(args, case.configs(), sd_dir, jobs)
     model_dir = args.out / "model"
     job = {"diffusers_dir": str(sd_dir / "diffusers"), "controlnet_diffusers": str(args.out / "controlnet-diffusers"),
            "controlnet_dir": str(args.out / "controlnet"), "model_dir": str(model_dir), "size": args.size,

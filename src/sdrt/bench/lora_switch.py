@@ -211,7 +211,8 @@ def main(argv=None) -> int:
                    help="image size of the UNet calls timed with and without prepacking (0: skip)")  # fmt: skip
     args = p.parse_args(argv)
 
-    from sdrt.bench.common import RESULTS_DIR, describe_machine, log
+    from sdrt.bench.common import RESULTS_DIR, log
+    from sdrt.bench.machine import describe_machine
     from sdrt.runtime.manifest import Manifest
 
     load_average = [round(os.getloadavg()[0], 2)]  # other processes' share of the CPU: timings are wall-clock
