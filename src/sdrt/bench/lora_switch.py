@@ -209,9 +209,10 @@ def main(argv=None) -> int:
     p.add_argument("--workdir", type=Path, default=Path("/tmp/sdrt-lora-bench"))
     p.add_argument("--prepacking-size", type=int, default=512,
                    help="image size of the UNet calls timed with and without prepacking (0: skip)")  # fmt: skip
+    p.add_argument("--output", type=Path, help="JSON path (default benchmarks/results/lora-<machine>.json)")
     args = p.parse_args(argv)
 
-    from sdrt.bench.common import RESULTS_DIR, log
+    from sdrt.bench.common import RESULTS_DIR, log, now_iso
     from sdrt.bench.machine import describe_machine
     from sdrt.runtime.manifest import Manifest
 
@@ -228,6 +229,7 @@ def main(argv=None) -> int:
     log(f"UNet call at {args.prepacking_size}x{args.prepacking_size}, with and without prepacking: {prepacking}")
     report = {
         "benchmark": "lora_switch",
+        "date": now_iso(),
         "machine": describe_machine(),
         "model": str(args.model),
         "rank": RANK,
@@ -241,7 +243,7 @@ def main(argv=None) -> int:
         "load_average_1min": [*load_average, round(os.getloadavg()[0], 2)],  # at start and end
         "command": " ".join(["python -m sdrt.bench.lora_switch", *(argv if argv is not None else sys.argv[1:])]),
     }
-    out = RESULTS_DIR / f"lora-{report['machine'].get('slug', 'machine')}.json"
+    out = args.output or RESULTS_DIR / f"lora-{report['machine'].get('slug', 'machine')}.json"
     out.write_text(json.dumps(report, indent=2) + "\n")
     log(f"wrote {out}")
     print(markdown_table(report))

@@ -23,7 +23,7 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from sdrt.bench.common import RESULTS_DIR
+from sdrt.bench.common import RESULTS_DIR, now_iso
 
 START_TIMEOUT_S = 600
 
@@ -166,8 +166,9 @@ def main(argv=None) -> int:
         print(f"{label}: {args.requests / seconds:.3f} images/s, identical {identical}", file=sys.stderr, flush=True)
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                platform.processor())  # fmt: skip
-    result = {"benchmark": "ray_throughput", "model": args.model, "options": options, "requests": args.requests,
-              "clients": args.clients, "cpu": cpu, "cores": os.cpu_count(), "rows": rows}  # fmt: skip
+    result = {"benchmark": "ray_throughput", "date": now_iso(), "model": args.model, "options": options,
+              "requests": args.requests, "clients": args.clients, "cpu": cpu, "cores": os.cpu_count(),
+              "rows": rows}  # fmt: skip
     out = RESULTS_DIR / f"ray-throughput-{args.name}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(markdown_table(result))

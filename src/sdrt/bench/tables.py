@@ -6,6 +6,7 @@ no figure is typed twice.
     python -m sdrt.bench.tables benchmarks/results/cpu-intel-xeon-2c.json [PART]
 """
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -101,11 +102,14 @@ def render_file(path: Path, part: str | None = None) -> str:
 
 
 def main(argv=None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if not 1 <= len(args) <= 2:
-        print(__doc__.strip().splitlines()[-1].strip(), file=sys.stderr)
-        return 2
-    print(render_file(Path(args[0]), *args[1:]))
+    parser = argparse.ArgumentParser(prog="python -m sdrt.bench.tables", description=__doc__.splitlines()[0])
+    parser.add_argument("results", type=Path, help="a benchmarks/results/*.json file")
+    parser.add_argument("part", nargs="?", help="one part of it (default: its kind's first)")
+    args = parser.parse_args(argv)
+    try:
+        print(render_file(args.results, args.part))
+    except (OSError, ValueError) as e:
+        parser.error(str(e))
     return 0
 
 
