@@ -13,14 +13,44 @@ from pathlib import Path
 
 
 def kind_of(report: dict) -> str:
-    """The benchmark that wrote REPORT: cpu_e2e, gpu_e2e, controlnet_cpu, lora_switch or ray_throughput."""
-    if "benchmark" in report:
+    """The benchmark that wrote REPORT (a key of PARTS); "generic" for a result no renderer knows yet."""
+    if report.get("benchmark") in PARTS:
         return report["benchmark"]
     if "switches" in report:  # lora_switch before it stored its name
         return "lora_switch"
     if "rows" in report and "clients" in report:  # ray_throughput before it stored its name
         return "ray_throughput"
-    raise ValueError(f"unknown benchmark result: keys {sorted(report)[:8]}; allowed: {', '.join(PARTS)}")
+    return "generic"
+
+
+def leaves(value, prefix: str = ""):
+    """(dotted key, scalar) pairs of a JSON value; lists of scalars joined, lists of objects indexed."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            yield from leaves(item, f"{prefix}.{key}" if prefix else str(key))
+    elif isinstance(value, list) and any(isinstance(v, dict | list) for v in value):
+        for i, item in enumerate(value):
+            yield from leaves(item, f"{prefix}[{i}]")
+    else:
+        yield prefix, value
+
+
+def cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, list):
+        return ", ".join(cell(v) for v in value)
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def generic(report: dict, part: str) -> str:
+    """Any result without a renderer of its own: every figure it holds, one row each (machine details and stored
+    tables left out). A benchmark earns a real table by a `benchmark` key and a renderer in PARTS."""
+    rows = [(k, v) for k, v in leaves({k: v for k, v in report.items() if k not in ("machine", "table_markdown")})]
+    lines = ["| field | value |", "|---|---|"] + [f"| {key} | {cell(value)} |" for key, value in rows[:MAX_ROWS]]
+    if len(rows) > MAX_ROWS:
+        lines.append(f"| ... | {len(rows) - MAX_ROWS} more fields in the JSON |")
+    return "\n".join(lines)
 
 
 def cpu_e2e(report: dict, part: str) -> str:
@@ -58,8 +88,11 @@ def ray_throughput(report: dict, part: str) -> str:
     return markdown_table(report)
 
 
+MAX_ROWS = 80  # of the generic table
+
 # kind -> (renderer, its parts; the first is the default)
 PARTS = {
+    "generic": (generic, ("all",)),
     "cpu_e2e": (cpu_e2e, ("sdrt-vs-diffusers", "runtimes")),
     "gpu_e2e": (gpu_e2e, ("all",)),
     "controlnet_cpu": (controlnet_cpu, ("all",)),
@@ -80,8 +113,6 @@ def caption(report: dict) -> str:
 def render(report: dict, part: str | None = None) -> str:
     """REPORT as Markdown (PART: one of its kind's parts; default the first)."""
     kind = kind_of(report)
-    if kind not in PARTS:
-        raise ValueError(f"unknown benchmark {kind!r}; allowed: {', '.join(PARTS)}")
     renderer, parts = PARTS[kind]
     part = part or parts[0]
     if part not in parts:
