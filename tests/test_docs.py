@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from sdrt.bench.tables import PARTS, kind_of, render, render_file
+from sdrt.bench.tables import PARTS, expand_markers, kind_of, render, render_file
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = sorted((REPO / "benchmarks" / "results").glob("*.json"))
@@ -57,6 +57,15 @@ def test_a_result_without_a_renderer_still_shows_every_figure():
     assert "| rows[1].a | 2 |" in table and "cpu_model" not in table
 
 
+def test_markers_become_tables_outside_code_blocks_only():
+    results = REPO / "benchmarks" / "results"
+    page = "a\n<!-- results: cpu-intel-xeon-2c.json -->\n```\n<!-- results: cpu-intel-xeon-2c.json -->\n```\nb"
+    out = expand_markers(page, results)
+    assert out.count("| 17.39 s | 24.60 s |") == 1 and out.count("<!-- results: cpu-intel-xeon-2c.json -->") == 1
+    with pytest.raises(ValueError, match="no such file"):
+        expand_markers("<!-- results: gone.json -->", results)
+
+
 def test_readme_links_lead_to_files():
     readme = (REPO / "README.md").read_text()
     targets = re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", readme)
@@ -91,6 +100,8 @@ def test_site_builds_strict_with_generated_tables_and_fails_on_a_broken_link(tmp
     assert built.returncode == 0, built.stderr[-3000:]
     page = (root / "site" / "benchmarks" / "cpu" / "index.html").read_text()
     assert "17.39 s" in page and "<!-- results:" not in page  # the marker became the JSON's table
+    howto = (root / "site" / "benchmarks" / "index.html").read_text()
+    assert "results: cpu-intel-xeon-2c.json" in howto and "17.39 s" not in howto  # a marker shown as code stays
     assert "class=\"doc doc-object" in (root / "site" / "reference" / "pipeline" / "index.html").read_text()
     # the twin: one broken link, and the strict build fails naming it
     roadmap = root / "docs" / "roadmap.md"

@@ -8,6 +8,7 @@ no figure is typed twice.
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -130,6 +131,31 @@ def render_file(path: Path, part: str | None = None) -> str:
         raise ValueError(f"{path.name}: cannot render{f' part {part!r}' if part else ''}: {e!r}") from e
     note = f"`benchmarks/results/{path.name}`" + (f" ({caption(report)})" if caption(report) else "")
     return f"{table.rstrip()}\n\n<small>From {note}.</small>\n"
+
+
+MARKER = re.compile(r"^<!-- results: (?P<file>[\w.-]+\.json)(?: (?P<part>[\w-]+))? -->$")
+FENCE = re.compile(r"^\s*(```|~~~)")
+
+
+def expand_markers(markdown: str, results_dir: Path) -> str:
+    """MARKDOWN with each `<!-- results: FILE.json [PART] -->` line (outside code blocks) replaced by the table of
+    RESULTS_DIR/FILE; a missing file, or one that does not render, is a ValueError naming it."""
+    out, fence = [], None
+    for line in markdown.split("\n"):
+        opened = FENCE.match(line)
+        if opened and fence is None:
+            fence = opened[1]
+        elif opened and line.strip().startswith(fence):
+            fence = None
+        match = MARKER.match(line) if fence is None else None
+        if match is None:
+            out.append(line)
+            continue
+        path = Path(results_dir) / match["file"]
+        if not path.is_file():
+            raise ValueError(f"{line}: no such file {path}")
+        out.append(render_file(path, match["part"]))
+    return "\n".join(out)
 
 
 def main(argv=None) -> int:
