@@ -143,3 +143,22 @@ def test_sdxl_case_feeds_the_unet_its_added_inputs():
     added = unet_added_inputs(job)
     assert added["text_embeds"].shape == (2, 1280) and added["time_ids"][0].tolist() == [384, 512, 0, 0, 384, 512]
     assert unet_added_inputs({**job, "pipeline": "sd"}) == {}
+
+
+def test_bench_modules_stay_small():
+    """No module of sdrt.bench over 400 lines, no function over 80 (the project's limits), and no sys.path edits:
+    benchmarks run as modules (`python -m sdrt.bench.NAME`)."""
+    import ast
+
+    package = Path(__file__).resolve().parents[1] / "src" / "sdrt" / "bench"
+    too_long = []
+    for path in sorted(package.glob("*.py")):
+        source = path.read_text()
+        if source.count("\n") > 400:
+            too_long.append(f"{path.name}: {source.count(chr(10))} lines")
+        assert "sys.path.insert" not in source and "sys.path.append" not in source, path.name
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.end_lineno - node.lineno >= 80:
+                too_long.append(f"{path.name}: {node.name} {node.end_lineno - node.lineno + 1} lines")
+    assert too_long == []
+    assert not list((package.parents[2] / "benchmarks").glob("*.py"))  # one home for benchmark code
