@@ -134,15 +134,17 @@ def test_gpu_table_from_a_report():
 
 def test_sdxl_case_feeds_the_unet_its_added_inputs():
     from sdrt.bench.cases import CASES
-    from sdrt.bench.common import unet_added_inputs
+    from sdrt.bench.common import added_text_width, unet_added_inputs
 
     case = CASES["sdxl"]
     assert case.pipeline == "sdxl" and case.unet_config["addition_embed_type"] == "text_time"
     assert case.unet_config["projection_class_embeddings_input_dim"] == 6 * 256 + 1280
-    job = {"pipeline": "sdxl", "seed": 1, "width": 512, "height": 384}
+    width = added_text_width(case.unet_config)
+    job = {"added_text_width": width, "seed": 1, "width": 512, "height": 384}
     added = unet_added_inputs(job)
     assert added["text_embeds"].shape == (2, 1280) and added["time_ids"][0].tolist() == [384, 512, 0, 0, 384, 512]
-    assert unet_added_inputs({**job, "pipeline": "sd"}) == {}
+    assert added_text_width(CASES["sd15"].unet_config) is None
+    assert unet_added_inputs({**job, "added_text_width": None}) == {}
 
 
 def test_bench_modules_stay_small():

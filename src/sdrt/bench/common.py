@@ -142,16 +142,25 @@ def unet_inputs(job: dict):
     return sample, timestep, context
 
 
+def added_text_width(unet_config: dict) -> int | None:
+    """The pooled text width of a UNet with added text/time conditioning (SDXL's: its class-embedding input less
+    6 time ids of addition_time_embed_dim Fourier features each), or None for one without."""
+    if unet_config.get("addition_embed_type") != "text_time":
+        return None
+    return unet_config["projection_class_embeddings_input_dim"] - 6 * unet_config.get("addition_time_embed_dim", 256)
+
+
 def unet_added_inputs(job: dict) -> dict:
-    """SDXL's extra UNet feeds, the same for both runtimes: pooled text (B, 1280) and micro-conditioning (B, 6)."""
+    """A UNet's added conditioning feeds (SDXL's), the same for both runtimes: pooled text (B, P) and
+    micro-conditioning (B, 6); none for UNets without it (job["added_text_width"] None)."""
     import numpy as np
 
-    if job.get("pipeline", "sd") != "sdxl":
+    if not job.get("added_text_width"):
         return {}
     rng = np.random.default_rng(job["seed"] + 1)
     size = [job["height"], job["width"], 0, 0, job["height"], job["width"]]  # original, crop, target
     return {
-        "text_embeds": rng.standard_normal((UNET_BATCH, 1280), dtype=np.float32),
+        "text_embeds": rng.standard_normal((UNET_BATCH, job["added_text_width"]), dtype=np.float32),
         "time_ids": np.tile(np.array(size, dtype=np.float32), (UNET_BATCH, 1)),
     }
 
@@ -185,6 +194,8 @@ def base_job(args, configs: dict, model_dir: Path, onnx_dir: Path, out_dir: Path
         "context_dim": configs["unet_config"]["cross_attention_dim"],
         "text_max_length": configs["text_config"]["max_position_embeddings"],
         "pipeline": configs.get("pipeline", "sd"),
+        # a UNet with added text/time conditioning (SDXL's): its pooled width, else None
+        "added_text_width": added_text_width(configs["unet_config"]),
     }
 
 

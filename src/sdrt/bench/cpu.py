@@ -104,11 +104,12 @@ def worker_sdrt(job: dict) -> dict:
 
 
 def worker_diffusers(job: dict) -> dict:
-    """diffusers' StableDiffusionPipeline, fp32 on the CPU, torch threads = physical cores."""
+    """diffusers' pipeline of the case (DiffusionPipeline picks it from model_index.json), fp32 on the CPU, torch
+    threads = physical cores."""
     start = time.perf_counter()
     import numpy as np
     import torch
-    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers import DiffusionPipeline, EulerDiscreteScheduler
 
     import_s = time.perf_counter() - start
     import diffusers.utils.logging
@@ -121,12 +122,7 @@ def worker_diffusers(job: dict) -> dict:
     torch.set_num_threads(threads)
     log("diffusers: loading the pipeline")
     start = time.perf_counter()
-    if job.get("pipeline", "sd") == "sdxl":
-        pipe = StableDiffusionXLPipeline.from_pretrained(job["diffusers_dir"], torch_dtype=torch.float32)
-    else:
-        pipe = StableDiffusionPipeline.from_pretrained(
-            job["diffusers_dir"], torch_dtype=torch.float32, safety_checker=None, requires_safety_checker=False
-        )
+    pipe = DiffusionPipeline.from_pretrained(job["diffusers_dir"], torch_dtype=torch.float32)
     pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     load_s = time.perf_counter() - start
