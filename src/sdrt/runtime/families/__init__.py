@@ -30,12 +30,14 @@ def family_names() -> tuple[str, ...]:
 
 
 def family_of(manifest) -> Family:
-    """The Family of a loaded manifest (its "family" entry was validated against family_names())."""
-    try:
-        return registry()[manifest.family]
-    except KeyError:
+    """The Family of a loaded manifest, which lists the graphs the family needs (ModelError otherwise, and for a
+    family this sdrt does not know)."""
+    family = registry().get(manifest.family)
+    if family is None:
         where = repr(str(manifest.folder / "model.json"))
-        raise ModelError(f"{where}: family is {manifest.family!r}; expected one of {', '.join(registry())}") from None
+        raise ModelError(f"{where}: family is {manifest.family!r}; expected one of {', '.join(registry())}")
+    family.check(manifest)
+    return family
 
 
 def family_option_names() -> dict[str, Family]:

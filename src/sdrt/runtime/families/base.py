@@ -3,7 +3,7 @@ a UNet predicting eps or v over the discrete DDPM schedule, 4-channel latents at
 
 import numpy as np
 
-from sdrt.errors import InvalidOption
+from sdrt.errors import InvalidOption, ModelError
 
 
 class Family:
@@ -16,6 +16,15 @@ class Family:
     option_names: tuple[str, ...] = ()  # those options' names
     lora_bases: tuple[str, ...] = ("sd_v1", "sd_v2")  # kohya's ss_base_model_version prefixes of LoRAs that fit
     fp32_models: tuple[str, ...] = ()  # graphs an fp16 variant keeps in fp32 (they overflow in fp16)
+
+    def check(self, manifest) -> None:
+        """ModelError naming model.json when MANIFEST lists no graph of one this family needs."""
+        where = repr(str(manifest.folder / "model.json"))
+        for name in (self.denoiser_model, "vae_decoder"):
+            if name not in manifest.models:
+                raise ModelError(f"{where} lists no {name!r} model")
+        if not self.text_models(manifest):
+            raise ModelError(f"{where} lists no text encoder (text_encoder or text_encoder_2)")
 
     def text_models(self, manifest) -> list[str]:
         """The model's text encoder graphs, in the order they are loaded."""
