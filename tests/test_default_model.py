@@ -9,9 +9,13 @@ from sdrt.cli import EXIT_BAD_INPUT, main
 def test_offline_without_a_model_is_one_clear_error(monkeypatch, tmp_path, capsys):
     monkeypatch.setenv("SDRT_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # as on a machine without network: the hub cannot be reached
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read when huggingface_hub was imported
     assert main(["generate", "a cat", "-o", str(tmp_path / "out")]) == EXIT_BAD_INPUT
-    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("sdrt generate: error:")]
-    assert len(errors) == 1, errors
+    err = capsys.readouterr().err
+    errors = [line[line.index("sdrt generate: error:"):] for line in err.splitlines() if "sdrt generate: error:" in line]
+    assert len(errors) == 1, err
     assert "default model stable-diffusion-v1-5/stable-diffusion-v1-5" in errors[0] and "with -m" in errors[0]
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
