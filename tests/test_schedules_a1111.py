@@ -90,8 +90,11 @@ def test_quirks_kept_and_twins_fail():
     kl = build_schedule(CFG, 10, "euler", "kl_optimal").sigmas
     assert kl[-1] == pytest.approx(train_sigmas(CFG)[0], rel=1e-6) and kl[-1] > 0
     assert len(build_schedule(CFG, 30, "euler", "ddim").sigmas) == 32
-    sd15 = build_schedule(CFG, 10, "euler", "align_your_steps", family="sd1").sigmas
-    sdxl = build_schedule(CFG, 10, "euler", "align_your_steps", family="sdxl").sigmas
+    from sdrt.runtime.families import registry
+
+    families = registry()
+    sd15 = build_schedule(CFG, 10, "euler", "align_your_steps", ays_table=families["sd1"].align_your_steps).sigmas
+    sdxl = build_schedule(CFG, 10, "euler", "align_your_steps", ays_table=families["sdxl"].align_your_steps).sigmas
     np.testing.assert_allclose(sdxl, reference("align_your_steps", 10, sdxl=True), rtol=RTOL, atol=1e-7)
     assert np.abs(sd15 - sdxl).max() > 0.1
     poly = build_schedule(CFG, 12, "euler", "polyexponential").sigmas

@@ -198,4 +198,4 @@ def test_models_dir_cli_errors(tmp_path):
 
     assert main(["serve", "--models-dir", str(tmp_path / "missing")]) == 2
     assert main(["serve", "--models-dir", str(tmp_path), "--max-loaded-models", "0"]) == 2
-    assert main(["serve"]) == 2  # neither -m nor --models-dir
+    assert main(["serve", "--models-dir", str(tmp_path), "--ray"]) == 2  # one model over Ray

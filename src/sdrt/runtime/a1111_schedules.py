@@ -13,10 +13,9 @@ import numpy as np
 A1111_SCHEDULES = ("polyexponential", "kl_optimal", "align_your_steps", "normal", "ddim")
 POLYEXPONENTIAL_RHO = 1.0  # A1111's default_rho for it (k-diffusion's get_sigmas_polyexponential default too)
 # Sabour et al. 2024, "Align Your Steps": the optimised 10-step sigmas NVIDIA published for SD 1.5 and SDXL
-AYS_SIGMAS = {
-    "sd1": (14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152, 0.029),
-    "sdxl": (14.615, 6.315, 3.771, 2.181, 1.342, 0.862, 0.555, 0.380, 0.234, 0.113, 0.029),
-}
+# (the families pick theirs: Family.align_your_steps)
+AYS_SIGMAS_SD15 = (14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152, 0.029)
+AYS_SIGMAS_SDXL = (14.615, 6.315, 3.771, 2.181, 1.342, 0.862, 0.555, 0.380, 0.234, 0.113, 0.029)
 
 
 def polyexponential_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = POLYEXPONENTIAL_RHO):
@@ -41,9 +40,9 @@ def loglinear_interp(table, n: int) -> np.ndarray:
     return np.exp(resampled)[::-1]
 
 
-def align_your_steps_sigmas(family: str | None, n: int) -> np.ndarray:
-    """(n,) the family's published table (SDXL's for SDXL, SD 1.5's otherwise), log-linearly resampled to n."""
-    table = AYS_SIGMAS["sdxl" if family == "sdxl" else "sd1"]
+def align_your_steps_sigmas(table, n: int) -> np.ndarray:
+    """(n,) a published table (the family's: SD 1.5's unless it has its own), log-linearly resampled to n."""
+    table = AYS_SIGMAS_SD15 if table is None else table
     return np.array(table, dtype=np.float64) if n == len(table) else loglinear_interp(table, n)
 
 
@@ -54,8 +53,9 @@ def ddim_grid(n_train: int, steps: int) -> np.ndarray:
     return np.arange(1, n_train, stride, dtype=np.float64)[::-1]
 
 
-def a1111_schedule(scheduler: str, steps: int, sigmas_train: np.ndarray, log_sigmas: np.ndarray, family=None):
-    """(timesteps, sigmas, final) of SCHEDULER (A1111_SCHEDULES) for a model of training sigmas SIGMAS_TRAIN."""
+def a1111_schedule(scheduler: str, steps: int, sigmas_train: np.ndarray, log_sigmas: np.ndarray, ays_table=None):
+    """(timesteps, sigmas, final) of SCHEDULER (A1111_SCHEDULES) for a model of training sigmas SIGMAS_TRAIN;
+    AYS_TABLE: the family's Align Your Steps sigmas."""
     from sdrt.runtime.schedules import sigma_to_t, t_to_sigma
 
     sigma_min, sigma_max = float(sigmas_train[0]), float(sigmas_train[-1])
@@ -72,7 +72,7 @@ def a1111_schedule(scheduler: str, steps: int, sigmas_train: np.ndarray, log_sig
     elif scheduler == "kl_optimal":
         sigmas, final = kl_optimal_sigmas(sigma_min, sigma_max, steps)[:-1], sigma_min
     elif scheduler == "align_your_steps":
-        sigmas = align_your_steps_sigmas(family, steps)
+        sigmas = align_your_steps_sigmas(ays_table, steps)
     else:
         raise ValueError(f"unsupported A1111 schedule {scheduler!r}")
     return sigma_to_t(sigmas, log_sigmas), sigmas, final

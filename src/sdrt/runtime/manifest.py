@@ -9,10 +9,8 @@ from sdrt.errors import ModelError
 MANIFEST_NAME = "model.json"
 MANIFEST_FORMAT = "sdrt-model"
 MANIFEST_VERSION = 2  # 2: text encoders take token embeddings and return every layer
-FAMILIES = ("sd1", "sd2", "sdxl")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 PRECISIONS = ("fp32", "fp16")
-MODEL_NAMES = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
 TEXT_ENCODER_NAMES = ("text_encoder", "text_encoder_2")  # SDXL's refiner has only the second
 # A model's optional "weight_map" entry: a JSON beside its model.onnx from diffusers module names to the ONNX
 # initializers holding their weights (export/weight_map.py). Models exported before it have none: no LoRA.
@@ -151,8 +149,7 @@ class Manifest:
         return manifest
 
     def _validate(self, path: Path) -> None:
-        checks = [
-            ("family", self.family, FAMILIES),
+        checks = [  # the family: families.family_of (the registry) refuses one this sdrt does not know
             ("prediction_type", self.prediction_type, PREDICTION_TYPES),
             ("precision", self.precision, PRECISIONS),
         ]
@@ -165,11 +162,7 @@ class Manifest:
                 f"{str(path)!r}: rescale_betas_zero_snr needs prediction_type 'v_prediction', "
                 f"not {self.prediction_type!r} (Lin et al. 2023)"
             )
-        for name in ("unet", "vae_decoder"):
-            if name not in self.models:
-                raise ModelError(f"{str(path)!r} lists no {name!r} model")
-        if not set(TEXT_ENCODER_NAMES) & set(self.models):
-            raise ModelError(f"{str(path)!r} lists no text encoder ({' or '.join(TEXT_ENCODER_NAMES)})")
+        # the graphs a model needs depend on its family: families.family_of checks them (Family.check)
         for name in self.models:
             if not self.model_path(name).is_file():
                 raise ModelError(f"model file {str(self.model_path(name))!r} is missing")

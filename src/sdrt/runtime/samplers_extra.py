@@ -9,7 +9,8 @@ import math
 import numpy as np
 
 from sdrt.errors import InvalidOption
-from sdrt.runtime.samplers import Denoise, Noise, _noop, ancestral_step
+from sdrt.runtime.sampler_kit import Denoise, Noise, ancestral_step
+from sdrt.runtime.sampler_kit import no_callback as _noop
 from sdrt.runtime.schedules import karras_sigmas
 
 RESTART_SIGMA_MIN = 0.1  # Xu et al. 2023's restart interval [0.1, 2] for Stable Diffusion, as A1111 runs it

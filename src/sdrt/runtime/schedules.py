@@ -244,12 +244,12 @@ def spaced_timesteps(cfg: SchedulerConfig, steps: int, rule: str) -> np.ndarray:
 
 
 def build_schedule(
-    cfg: SchedulerConfig, steps: int, rule: str, scheduler: str, timestep_spacing: str | None = None, family=None
+    cfg: SchedulerConfig, steps: int, rule: str, scheduler: str, timestep_spacing: str | None = None, ays_table=None
 ) -> Schedule:
     """Sigmas and timesteps for STEPS steps under diffusers' RULE with the schedule type SCHEDULER (SCHEDULES).
 
-    TIMESTEP_SPACING, when given, replaces the config's (and so the class default's) timestep_spacing; FAMILY (the
-    manifest's) picks Align Your Steps' table.
+    TIMESTEP_SPACING, when given, replaces the config's (and so the class default's) timestep_spacing; AYS_TABLE
+    (the family's) is Align Your Steps' table.
     """
     if timestep_spacing is not None:
         cfg = replace(cfg, timestep_spacing=timestep_spacing)
@@ -259,7 +259,7 @@ def build_schedule(
     log_sigmas = np.log(sigmas_train.astype(np.float32)).astype(np.float64)
     final = None
     if scheduler in A1111_SCHEDULES:  # a1111_schedules.py: the model's whole range, no spacing
-        timesteps, sigmas, final = a1111_schedule(scheduler, steps, sigmas_train, log_sigmas, family)
+        timesteps, sigmas, final = a1111_schedule(scheduler, steps, sigmas_train, log_sigmas, ays_table)
     elif scheduler in TRAINING_GRID_SCHEDULES:
         timesteps = training_grid_timesteps(scheduler, steps, len(sigmas_train))
         sigmas = t_to_sigma(timesteps, log_sigmas)

@@ -49,11 +49,14 @@ def cmd_flags(args) -> dict:
 
 
 def encoder_widths(manifest) -> set[int]:
-    """The widths of the text encoders an embedding must have vectors for: SDXL's CLIP-L and OpenCLIP-G (a
-    refiner: G only), else the one encoder's."""
-    if manifest.family == "sdxl":
-        return {1280} | ({768} if "text_encoder" in manifest.models else set())
-    return {manifest.text_hidden_size}
+    """The widths of the text encoders an embedding must have vectors for: each text model's token embeddings
+    (SDXL: CLIP-L's 768 and OpenCLIP-G's 1280; its refiner: 1280 only)."""
+    from sdrt.runtime.families import family_of
+
+    widths = set()
+    for name in family_of(manifest).text_models(manifest):
+        widths |= {int(t["shape"][-1]) for t in manifest.models[name]["inputs"] if t["name"] == "inputs_embeds"}
+    return widths or {manifest.text_hidden_size}
 
 
 def embeddings_listing(folder: Path | None, manifest) -> dict:

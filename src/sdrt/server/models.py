@@ -72,8 +72,9 @@ class ModelEntry:
 
     @classmethod
     def of_manifest(cls, manifest: Manifest, name: str | None = None) -> "ModelEntry":
-        sha = manifest.source.get("sha256") or None
-        return cls(name or manifest.model_name, manifest.folder, "exported", sha, exported=manifest.folder)
+        sha = (getattr(manifest, "source", None) or {}).get("sha256") or None
+        folder = getattr(manifest, "folder", None) or Path(manifest.model_name)
+        return cls(name or manifest.model_name, folder, "exported", sha, exported=folder)
 
 
 def scan_folder(folder: Path) -> list[ModelEntry]:
@@ -134,15 +135,16 @@ class ModelRegistry:
         self.export_locks: dict[Path, threading.Lock] = {}
         self.manifests: dict[Path, Manifest] = {}
         self.entries: list[ModelEntry] = list(entries)
-        for entry in self.entries:
-            if entry.exported is not None:
-                self.manifests[entry.path] = Manifest.load(entry.exported)
         if self.folder is not None:
             self.refresh()
 
     @classmethod
     def single(cls, manifest: Manifest) -> "ModelRegistry":
-        return cls([ModelEntry.of_manifest(manifest)])
+        """The one model of `sdrt serve -m` (or of Ray's replicas), its manifest loaded already."""
+        entry = ModelEntry.of_manifest(manifest)
+        registry = cls([entry])
+        registry.manifests[entry.path] = manifest
+        return registry
 
     def refresh(self) -> None:
         """Rescan the folder (A1111's refresh-checkpoints); what was learned of a model still there is kept."""

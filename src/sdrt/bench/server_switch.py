@@ -4,7 +4,7 @@ LRU still holds it (warm, --max-loaded-models 2), and the server's resident memo
 (each after one 1-step 256x256 generation, so that its weights are resident: ONNX Runtime maps them lazily).
 
     sdrt bench --model sd15 --workdir /tmp/sdrt-bench   # builds and exports the random model once (or reuse one)
-    python benchmarks/server_switch.py /tmp/sdrt-bench/sd15/onnx [--rounds 3]
+    python -m sdrt.bench.server_switch /tmp/sdrt-bench/sd15/onnx [--rounds 3]
 
 The models folder holds the one export under two names (two Pipelines, as two checkpoints would be). Writes
 benchmarks/results/server-switch-<machine>.json. Every figure is a wall-clock time: run it on a quiet machine.
@@ -13,7 +13,6 @@ benchmarks/results/server-switch-<machine>.json. Every figure is a wall-clock ti
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -23,16 +22,7 @@ from pathlib import Path
 
 import requests
 
-HERE = Path(__file__).resolve().parent
 START_TIMEOUT_S = 600
-
-
-def machine_name() -> str:
-    try:
-        text = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        return next(line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("Model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown"
 
 
 def start(models: Path, max_loaded: int, log: Path):
@@ -110,25 +100,30 @@ def run(export: Path, rounds: int) -> dict:
     return results
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sdrt.bench.server_switch", description=__doc__.splitlines()[0])
     parser.add_argument("export", type=Path, help="an exported full-size model folder")
     parser.add_argument("--rounds", type=int, default=3, help="switches a->b->a per round")
-    parser.add_argument("--out", type=Path, help="default: benchmarks/results/server-switch-<machine>.json")
-    args = parser.parse_args()
+    parser.add_argument("--output", type=Path, help="default: benchmarks/results/server-switch-<machine>.json")
+    args = parser.parse_args(argv)
+
+    from sdrt.bench.common import RESULTS_DIR, now_iso
+    from sdrt.bench.machine import describe_machine
+
+    load_average = [round(os.getloadavg()[0], 2)]  # other processes' share of the CPU: timings are wall-clock
     figures = run(args.export, args.rounds)
-    machine = machine_name()
     record = {
+        "benchmark": "server_switch",
+        "date": now_iso(),
         "what": "POST /sdapi/v1/options sd_model_checkpoint between two full-size SD 1.5 exports (random weights), "
         "CPU backend; --max-loaded-models 1 (every switch loads) and 2 (the LRU keeps both)",
-        "machine": machine,
-        "cores": os.cpu_count(),
-        "command": f"python benchmarks/server_switch.py {args.export} --rounds {args.rounds}",
+        "machine": describe_machine(),
+        "command": " ".join(["python -m sdrt.bench.server_switch", *(argv if argv is not None else sys.argv[1:])]),
         "note": "shared machine (other agents running): compare figures within this run only",
+        "load_average_1min": [*load_average, round(os.getloadavg()[0], 2)],
         **figures,
     }
-    slug = "amd-epyc-2c" if "AMD" in machine else "intel-xeon-2c" if "Intel" in machine else "cpu"
-    out = args.out or HERE / "results" / f"server-switch-{slug}.json"
+    out = args.output or RESULTS_DIR / f"server-switch-{record['machine'].get('slug', 'machine')}.json"
     out.write_text(json.dumps(record, indent=2) + "\n")
     print(out)
     return 0
