@@ -2,7 +2,7 @@
 
 Field names and defaults are A1111's (steps 50, 512x512, sampler_index "Euler", img2img denoising_strength 0.75,
 inpainting_fill 0 = fill, inpaint_full_res True with padding 0, ...). Fields for features sdrt does not have
-(hires fix, face restoration, tiling, scripts, refiners) are accepted at their defaults and refused
+(hires fix, face restoration, tiling, scripts) are accepted at their defaults and refused
 (422 naming the field) otherwise; unknown fields are ignored, as A1111's pydantic models ignore them.
 """
 
@@ -172,7 +172,6 @@ UNSUPPORTED = {
     "restore_faces": ((None, False), "sdrt has no face restoration"),
     "tiling": ((None, False), "sdrt has no tiling"),
     "s_min_uncond": ((None, 0, 0.0), "sdrt always runs the unconditional pass"),
-    "refiner_checkpoint": ((None, "", "None"), "sdrt has no refiner"),
     "script_name": ((None, ""), "sdrt has no scripts"),
     "script_args": (([],), "sdrt has no scripts"),
     "alwayson_scripts": (({},), "sdrt has no scripts"),

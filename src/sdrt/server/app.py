@@ -120,6 +120,7 @@ class Server:
         if kind == "outpaint":
             generation.image, generation.amounts = self.add_outpaint(req, kwargs, manifest)
         controlnet_api.add_units(controlnet_units, kwargs, self)
+        model_routes.add_refiner(self, req, kwargs)  # SDXL's refiner_checkpoint: a model of the same registry
         # validates (an outpaint as the img2img of its image); pins seeds and names into kwargs
         inputs = {"init_image": generation.image} if kind == "outpaint" else {}
         resolved = a1111.resolve_request(manifest, kwargs, inputs)

@@ -3,11 +3,27 @@ the switch POST /sdapi/v1/options {"sd_model_checkpoint": title} makes (the mode
 
 from fastapi.concurrency import run_in_threadpool
 
-from sdrt.errors import check_int
+from sdrt.errors import InvalidOption, check_int
 
 # Declared in the OpenAPI schema of the routes that queue behind generations.
 MAX_LOADED = 10  # A1111's sd_checkpoints_limit slider maximum
 QUEUED_ERRORS = {429: {"description": "the queue is full; Retry-After says when to retry"}}
+
+
+NO_REFINER = (None, "", "None", "none")  # A1111's values of refiner_checkpoint meaning none
+
+
+def add_refiner(server, req, kwargs: dict) -> None:
+    """A1111's refiner_checkpoint (a title of the same model list, exported on first use) and refiner_switch_at as
+    Pipeline.generate's SDXL refiner options; the family validates the pair (an SDXL base, a compatible refiner)."""
+    if req.refiner_checkpoint in NO_REFINER:
+        return
+    entry = server.models.find(req.refiner_checkpoint, "refiner_checkpoint")
+    if req.refiner_switch_at is None:
+        raise InvalidOption("refiner_switch_at", None, "a number between 0 and 1 with refiner_checkpoint (the "
+                            "fraction of the steps after which the refiner takes over)")  # fmt: skip
+    kwargs["refiner"] = str(server.models.manifest(entry).folder)
+    kwargs["refiner_switch_at"] = req.refiner_switch_at
 
 
 async def switch(server, title: str) -> str:
