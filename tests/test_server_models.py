@@ -153,6 +153,26 @@ def test_lru_of_one_reloads_on_each_switch(models_dir, tmp_path):
         assert server.log().count("sdrt serve: loading") - before == 4
 
 
+def test_memory_budget_bounds_the_lru(models_dir, tiny_sd, tiny_sd_v, tmp_path):
+    """--models-memory one byte short of both models' weights: with room for two by count, each switch still
+    loads (the budget evicts), where --max-loaded-models 2 alone loads each once (test_lru_keeps_two_models_loaded)."""
+    from sdrt.runtime.manifest import Manifest
+    from sdrt.server.models import weights_bytes
+
+    both = weights_bytes(Manifest.load(tiny_sd[1])) + weights_bytes(Manifest.load(tiny_sd_v[1]))
+    budget = ("--max-loaded-models", "2", "--models-memory", str(both - 1))
+    args = ("--models-dir", str(models_dir), "-m", "alpha", *budget)
+    with running_server(None, tmp_path, *args) as server:
+        generate(server)
+        before = server.log().count("sdrt serve: loading")
+        for name in ("beta", "alpha", "beta", "alpha"):
+            select(server, name)
+        assert server.log().count("sdrt serve: loading") - before == 4
+    from sdrt.cli import main
+
+    assert main(["serve", "--models-dir", str(models_dir), "--models-memory", "lots"]) == 2
+
+
 def test_a_switch_waits_for_the_running_request(models_server, tiny_sd):
     """A switch posted while a request generates waits for it: that request's image is all the old model's."""
     select(models_server, "alpha")

@@ -100,6 +100,7 @@ def add_serve_parser(sub) -> None:
     s.add_argument("--models-dir", help="folder of models (exported, checkpoints, diffusers) clients switch between; "
                    "-m then names the one served first")  # fmt: skip
     s.add_argument("--max-loaded-models", type=int, default=1, help="with --models-dir: models kept loaded (LRU)")
+    s.add_argument("--models-memory", help="with --models-dir: at most this much weights loaded (e.g. 12GB; LRU)")
     s.add_argument("--embeddings-dir", help="folder of textual inversions, used by file name in prompts (A1111)")
     s.add_argument("--styles-file", help="A1111's styles.csv: /sdapi/v1/prompt-styles and the requests' `styles`")
     add_ray_arguments(s)

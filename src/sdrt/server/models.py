@@ -213,12 +213,24 @@ class ModelRegistry:
         return manifest
 
 
-class LoadedModels:
-    """Loaded Pipelines, least recently used first, at most MAX_LOADED (A1111's sd_checkpoints_limit); LOAD(folder)
-    -> Pipeline. Called by the worker thread only (the lock also keeps any other caller safe)."""
+def weights_bytes(manifest: Manifest) -> int:
+    """The bytes of a model's graphs and their external weights on disk: what loading it adds to memory, about."""
+    total = 0
+    for name in manifest.models:
+        path = manifest.model_path(name)
+        for file in (path, path.with_name(path.name + ".data")):
+            total += file.stat().st_size if file.is_file() else 0
+    return total
 
-    def __init__(self, registry: ModelRegistry, load: Callable, max_loaded: int = 1):
-        self.registry, self.load, self.max_loaded = registry, load, max_loaded
+
+class LoadedModels:
+    """Loaded Pipelines, least recently used first, at most MAX_LOADED (A1111's sd_checkpoints_limit) and, with a
+    BUDGET in bytes, only as many as fit it by their weights (weights_bytes; the model asked for always loads);
+    LOAD(folder) -> Pipeline. Called by the worker thread only (the lock also keeps any other caller safe)."""
+
+    def __init__(self, registry: ModelRegistry, load: Callable, max_loaded: int = 1, budget: int | None = None):
+        self.registry, self.load, self.max_loaded, self.budget = registry, load, max_loaded, budget
+        self.sizes: dict[Path, int] = {}  # entry.path -> weights_bytes of each loaded model
         self.pipes: OrderedDict[Path, object] = OrderedDict()  # entry.path -> Pipeline
         self.unloaded: set[Path] = set()  # Pipelines whose engines unload-checkpoint freed
         self.lock = threading.RLock()
@@ -237,16 +249,24 @@ class LoadedModels:
                     print(f"sdrt serve: loading {entry.title}", file=sys.stderr, flush=True)
                     load_engines(self.pipes[entry.path])
                     self.unloaded.discard(entry.path)
+                    self.sizes[entry.path] = weights_bytes(self.registry.manifest(entry))
                 return self.pipes[entry.path]
             manifest = self.registry.manifest(entry)
-            while len(self.pipes) >= self.max_loaded:
+            size = weights_bytes(manifest)
+            while self.pipes and (len(self.pipes) >= self.max_loaded or not self.fits(size)):
                 path, pipe = self.pipes.popitem(last=False)
+                self.sizes.pop(path, None)
                 if path not in self.unloaded:
                     self.release(path, pipe)
                 self.unloaded.discard(path)
             print(f"sdrt serve: loading {entry.title}", file=sys.stderr, flush=True)
             pipe = self.pipes[entry.path] = self.load(manifest.folder)
+            self.sizes[entry.path] = size
             return pipe
+
+    def fits(self, size: int) -> bool:
+        """Whether a model of SIZE bytes fits the budget beside the loaded ones."""
+        return self.budget is None or sum(self.sizes.values()) + size <= self.budget
 
     def latest(self):
         """The most recently used Pipeline, or None."""
@@ -259,6 +279,7 @@ class LoadedModels:
             for path, pipe in self.pipes.items():
                 if path not in self.unloaded:
                     self.release(path, pipe)
+                self.sizes[path] = 0  # nothing held until it is used again
             self.unloaded |= set(self.pipes)
 
     def loaded(self) -> list[Path]:
@@ -293,6 +314,7 @@ class ModelsFolder:
     max_loaded: int = 1
     default: str | None = None
     exporter: Callable | None = None
+    budget: int | None = None  # bytes of weights the loaded models may hold (--models-memory)
 
     @classmethod
     def from_args(cls, args, exporter: Callable) -> "ModelsFolder":
@@ -303,7 +325,12 @@ class ModelsFolder:
             raise InvalidOption("--max-loaded-models", args.max_loaded_models, "a positive number")
         if args.controlnet_dir is not None:
             raise InvalidOption("--controlnet-dir", args.controlnet_dir, "none with --models-dir (one model: -m)")
-        return cls(Path(args.models_dir), args.max_loaded_models, args.model, exporter)
+        budget = None
+        if args.models_memory is not None:
+            from sdrt.engines.plan import parse_size
+
+            budget = parse_size(args.models_memory, "--models-memory")
+        return cls(Path(args.models_dir), args.max_loaded_models, args.model, exporter, budget)
 
     def backend(self, engine_backend: str, loras, max_queue: int, embeddings=None):
         """The LocalBackend over this folder's registry and LRU (Pipelines on ENGINE_BACKEND, LoRAs from LORAS,
@@ -318,7 +345,7 @@ class ModelsFolder:
         def load(path):
             return Pipeline.load(path, backend=engine_backend, loras=loras, embeddings=embeddings)
 
-        loaded = LoadedModels(registry, load, self.max_loaded)
+        loaded = LoadedModels(registry, load, self.max_loaded, self.budget)
         backend = LocalBackend(max_queue=max_queue, loaded=loaded)
         backend.lora_dir = loras  # /sdapi/v1/loras lists the folder (no one Pipeline holds it)
         return backend
