@@ -178,6 +178,30 @@ def dpm_adaptive_ref(x, sigma_min, sigma_max, draws, eta=1.0, s_noise=1.0, rtol=
     return x.numpy(), steps
 
 
+def dpmpp_2m_sde_ref(x, sigmas, draws, eta=1.0, s_noise=1.0, solver_type="heun"):
+    """k-diffusion's sample_dpmpp_2m_sde (noise from DRAWS in place of its Brownian tree)."""
+    old_denoised, h_last, h = None, None, None
+    for i in range(len(sigmas) - 1):
+        denoised = toy_denoise(x, sigmas[i])
+        if sigmas[i + 1] == 0:
+            x = denoised
+        else:
+            t, s = -math.log(sigmas[i]), -math.log(sigmas[i + 1])
+            h = s - t
+            eta_h = eta * h
+            x = sigmas[i + 1] / sigmas[i] * math.exp(-eta_h) * x + (-math.expm1(-h - eta_h)) * denoised
+            if old_denoised is not None:
+                r = h_last / h
+                if solver_type == "heun":
+                    x = x + ((-math.expm1(-h - eta_h)) / (-h - eta_h) + 1) * (1 / r) * (denoised - old_denoised)
+                else:
+                    x = x + 0.5 * (-math.expm1(-h - eta_h)) * (1 / r) * (denoised - old_denoised)
+            if eta:
+                x = x + draws.torch() * sigmas[i + 1] * (-math.expm1(-2 * eta_h)) ** 0.5 * s_noise
+        old_denoised, h_last = denoised, h
+    return x.numpy()
+
+
 def start():
     return torch.from_numpy(Draws(99).values[0])
 
@@ -229,6 +253,21 @@ def test_dpm_adaptive_matches_k_diffusion(eta):
     assert tight_steps > steps and np.abs(tight - ours).max() > 1e-3
 
 
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_dpmpp_2m_sde_heun_matches_k_diffusion(eta):
+    """A1111's DPM++ 2M SDE Heun is k-diffusion's 2M SDE with solver_type "heun"; the midpoint form (sdrt's DPM++ 2M
+    SDE) is another result."""
+    sigmas = np.append(np.exp(np.linspace(math.log(14.6), math.log(0.03), 8)), 0.0)
+    ours, _ = sdrt_run("DPM++ 2M SDE Heun", sigmas, eta=eta)
+    as_f32 = [float(v) for v in np.asarray(sigmas, np.float32)]
+    want = dpmpp_2m_sde_ref(start() * as_f32[0], as_f32, Draws(), eta=eta)
+    np.testing.assert_allclose(ours, want, rtol=RTOL, atol=1e-5)
+    midpoint, _ = sdrt_run("DPM++ 2M SDE", sigmas, eta=eta)
+    np.testing.assert_allclose(midpoint, dpmpp_2m_sde_ref(start() * as_f32[0], as_f32, Draws(), eta=eta,
+                                                          solver_type="midpoint"), rtol=RTOL, atol=1e-5)  # fmt: skip
+    assert np.abs(midpoint - ours).max() > 1e-3
+
+
 def test_dpm_fast_orders_spend_the_steps():
     for nfe in range(1, 40):
         assert sum(dpm_fast_orders(nfe)) == nfe
@@ -237,10 +276,11 @@ def test_dpm_fast_orders_spend_the_steps():
 def test_names_aliases_and_pipeline(tiny_pipeline):
     assert {"Restart", "DPM fast", "DPM adaptive"} <= set(SAMPLERS)
     assert resolve_sampler("k_dpm_ad", "automatic") == ("DPM adaptive", "automatic")
+    assert resolve_sampler("k_dpmpp_2m_sde_heun", "karras") == ("DPM++ 2M SDE Heun", "karras")
     assert resolve_sampler("k_dpm_fast", "automatic") == ("DPM fast", "automatic")
     assert resolve_sampler("restart", "automatic") == ("Restart", "automatic")
     images = {}
-    for name in ("Restart", "DPM fast", "DPM adaptive"):
+    for name in ("Restart", "DPM fast", "DPM adaptive", "DPM++ 2M SDE Heun"):
         image = tiny_pipeline.generate("a cat", width=64, height=64, steps=20, seed=3, sampler=name, progress=False)[0]
         assert f"Sampler: {name}," in image.info["parameters"]
         images[name] = np.asarray(image, dtype=np.int16)

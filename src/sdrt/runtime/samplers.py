@@ -14,7 +14,12 @@ import numpy as np
 from sdrt.errors import InvalidOption
 from sdrt.runtime.sampler_kit import Denoise, Noise, ancestral_step, log_midpoint
 from sdrt.runtime.sampler_kit import no_callback as _noop
-from sdrt.runtime.samplers_extra import sample_dpm_adaptive, sample_dpm_fast, sample_restart  # noqa: F401
+from sdrt.runtime.samplers_extra import (  # noqa: F401 (the table's names)
+    sample_dpm_adaptive,
+    sample_dpm_fast,
+    sample_dpmpp_2m_sde_heun,
+    sample_restart,
+)
 from sdrt.runtime.samplers_multistep import (  # noqa: F401 (the table's and the tests' names)
     ADAMS_BASHFORTH,
     LMS_ORDER,
@@ -246,6 +251,7 @@ SAMPLERS = {
     "Restart": ("sample_restart", "euler"),  # samplers_extra.py
     "DPM fast": ("sample_dpm_fast", "euler"),
     "DPM adaptive": ("sample_dpm_adaptive", "euler"),
+    "DPM++ 2M SDE Heun": ("sample_dpmpp_2m_sde_heun", "dpmsolver"),
 }
 # Each sampler's keyword arguments beyond (denoise, x, sigmas, noise, callback): its whole contract (k-diffusion's
 # meanings). The user's knobs (eta, s_noise, s_churn, s_tmin, s_tmax) reach only the samplers that take them, as in
@@ -266,11 +272,12 @@ SAMPLER_ARGUMENTS = {
     "sample_lms": ("order",),
     "sample_dpmpp_2s_ancestral": _ANCESTRAL,
     "sample_dpmpp_sde": ("eta", "s_noise", "r"),
-    "sample_dpmpp_2m_sde": _ANCESTRAL,
+    "sample_dpmpp_2m_sde": (*_ANCESTRAL, "solver_type"),  # solver_type: set by DPM++ 2M SDE Heun only
     "sample_dpmpp_3m_sde": _ANCESTRAL,
     "sample_restart": ("s_noise",),
     "sample_dpm_fast": _ANCESTRAL,
     "sample_dpm_adaptive": _ANCESTRAL,
+    "sample_dpmpp_2m_sde_heun": _ANCESTRAL,
 }
 
 
@@ -299,6 +306,7 @@ SAMPLER_ALIASES = {
     "restart": "Restart",
     "k_dpm_fast": "DPM fast",
     "k_dpm_ad": "DPM adaptive",
+    "k_dpmpp_2m_sde_heun": "DPM++ 2M SDE Heun",
 }
 LEGACY_SCHEDULE_SUFFIXES = ("karras", "exponential")  # A1111 < 1.9 names such as "DPM++ 2M SDE Exponential"
 

@@ -11,6 +11,7 @@ import numpy as np
 from sdrt.errors import InvalidOption
 from sdrt.runtime.sampler_kit import Denoise, Noise, ancestral_step
 from sdrt.runtime.sampler_kit import no_callback as _noop
+from sdrt.runtime.samplers_sde import sample_dpmpp_2m_sde
 from sdrt.runtime.schedules import karras_sigmas
 
 RESTART_SIGMA_MIN = 0.1  # Xu et al. 2023's restart interval [0.1, 2] for Stable Diffusion, as A1111 runs it
@@ -201,3 +202,8 @@ def sample_dpm_adaptive(denoise: Denoise, x, sigmas, noise: Noise, eta=1.0, s_no
         callback(attempt, x, denoised)
     raise InvalidOption("sampler", "DPM adaptive", f"a sampler that converges here: its step size controller gave up "
                         f"after {ADAPTIVE_MAX_ATTEMPTS} steps")  # fmt: skip
+
+
+def sample_dpmpp_2m_sde_heun(denoise: Denoise, x, sigmas, noise: Noise, eta=1.0, s_noise=1.0, callback=_noop):
+    """A1111's DPM++ 2M SDE Heun: DPM-Solver++(2M) SDE with k-diffusion's solver_type "heun"."""
+    return sample_dpmpp_2m_sde(denoise, x, sigmas, noise, eta, s_noise, solver_type="heun", callback=callback)

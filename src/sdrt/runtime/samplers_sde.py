@@ -63,8 +63,11 @@ def sample_dpmpp_sde(denoise: Denoise, x, sigmas, noise: Noise, eta=1.0, s_noise
     return x
 
 
-def sample_dpmpp_2m_sde(denoise: Denoise, x, sigmas, noise: Noise, eta=1.0, s_noise=1.0, callback=_noop):
-    """DPM-Solver++(2M) SDE, midpoint form (Lu et al. 2022; k-diffusion sample_dpmpp_2m_sde); x = D(x) at the end."""
+def sample_dpmpp_2m_sde(
+    denoise: Denoise, x, sigmas, noise: Noise, eta=1.0, s_noise=1.0, solver_type="midpoint", callback=_noop
+):
+    """DPM-Solver++(2M) SDE (Lu et al. 2022; k-diffusion sample_dpmpp_2m_sde), its second-order correction in the
+    midpoint form or, SOLVER_TYPE "heun", the Heun form (A1111's DPM++ 2M SDE Heun); x = D(x) at the end."""
     old_denoised, h_last = None, None
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
@@ -77,7 +80,9 @@ def sample_dpmpp_2m_sde(denoise: Denoise, x, sigmas, noise: Noise, eta=1.0, s_no
             eta_h = eta * h
             data_weight = -math.expm1(-h - eta_h)
             x = np.float32(sigma_next / sigma * math.exp(-eta_h)) * x + np.float32(data_weight) * denoised
-            if old_denoised is not None:
+            if old_denoised is not None and solver_type == "heun":
+                x = x + np.float32((1 - data_weight / (h + eta_h)) * h / h_last) * (denoised - old_denoised)
+            elif old_denoised is not None:
                 x = x + np.float32(0.5 * data_weight * h / h_last) * (denoised - old_denoised)
             if eta:
                 x = x + noise() * np.float32(sigma_next * (-math.expm1(-2 * eta_h)) ** 0.5 * s_noise)
