@@ -23,7 +23,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from sdrt.bench.common import describe_machine, log, now_iso
+from sdrt.bench.common import log, now_iso
+from sdrt.bench.machine import describe_machine
 
 SIZE = 64  # pixels: the tiny model's native size
 REQUEST_TIMEOUT_S = 120.0
@@ -50,7 +51,8 @@ BAD_BODIES = [  # (route, raw JSON text): each must be a 4xx
 def tiny_model(workdir: Path) -> Path:
     """The benchmark's tiny random SD model, built and exported into WORKDIR once."""
     from sdrt.bench.cases import CASES
-    from sdrt.bench.common import WEIGHTS_SEED, build_sd, onnx_is_current
+    from sdrt.bench.common import WEIGHTS_SEED
+    from sdrt.bench.random_model import build_sd, onnx_is_current
 
     onnx_dir = workdir / "small" / "onnx"
     if not onnx_is_current(onnx_dir):
