@@ -152,6 +152,7 @@ def write_atomic(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; the files it replaces were readable by all
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

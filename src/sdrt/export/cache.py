@@ -16,6 +16,7 @@ from pathlib import Path
 
 from sdrt import cache_files
 from sdrt.errors import SdrtError
+from sdrt.export import faults
 from sdrt.runtime.manifest import MANIFEST_NAME, MANIFEST_VERSION
 
 # What `sdrt generate "a cat"` runs when no -m is given: SD 1.5 from the hub, exported into the cache on first use
@@ -69,7 +70,8 @@ def resolve_model(model: str | None) -> Path:
     if is_current(entry):
         cache_files.tidy(entry)
         return entry
-    with cache_files.entry_lock(entry, f"exporting {model}"):
+    with faults.machine_faults(entry, None, "the export into the model cache"), \
+            cache_files.entry_lock(entry, f"exporting {model}"):  # fmt: skip
         if is_current(entry):  # exported by another process while this one waited
             return entry
         cache_files.remove_leftovers(entry)
