@@ -17,11 +17,12 @@ from fastapi.staticfiles import StaticFiles
 
 from sdrt.errors import InvalidOption, SdrtError
 from sdrt.runtime import masks
-from sdrt.server import a1111, controlnet_api
+from sdrt.server import a1111, controlnet_api, safe_json
 from sdrt.server.codec import ImageTooLarge, UndecodableImage, decode_image, encode_png
 from sdrt.server.generation import Generation, LocalBackend
 from sdrt.server.jobs import QueueFull, Unavailable
 from sdrt.server.pnginfo import png_info_response
+from sdrt.server.safe_json import field_error
 from sdrt.version import __version__
 
 STATIC = Path(__file__).parent / "static"
@@ -162,13 +163,6 @@ class Server:
         return await run_in_threadpool(self.respond, meta, req, future.result())
 
 
-def field_error(field: str, message: str, value) -> JSONResponse:
-    """HTTP 422 in FastAPI's validation-error shape, naming the request field."""
-    text = value if isinstance(value, (str, int, float, bool, type(None))) else repr(value)
-    detail = [{"loc": ["body", *field.split(".")], "msg": message, "type": "value_error", "input": text}]
-    return JSONResponse({"detail": detail}, status_code=422)
-
-
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(InvalidOption)
     async def invalid_option(_, e: InvalidOption):
@@ -211,6 +205,7 @@ def create_app(
     app = FastAPI(title="sdrt", version=__version__, description="A1111-compatible API over sdrt's runtime")
     app.state.server = server
     install_error_handlers(app)
+    safe_json.install(app)  # before the routes: their bodies are checked for NaN/Infinity
     add_routes(app, server)
     controlnet_api.add_routes(app, server)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
