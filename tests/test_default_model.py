@@ -14,7 +14,8 @@ def test_offline_without_a_model_is_one_clear_error(monkeypatch, tmp_path, capsy
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read when huggingface_hub was imported
     assert main(["generate", "a cat", "-o", str(tmp_path / "out")]) == EXIT_BAD_INPUT
     err = capsys.readouterr().err
-    errors = [line[line.index("sdrt generate: error:"):] for line in err.splitlines() if "sdrt generate: error:" in line]
+    marker = "sdrt generate: error:"
+    errors = [line[line.index(marker) :] for line in err.splitlines() if marker in line]
     assert len(errors) == 1, err
     assert "default model stable-diffusion-v1-5/stable-diffusion-v1-5" in errors[0] and "with -m" in errors[0]
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
