@@ -1,7 +1,7 @@
 """Schemathesis fuzz of `sdrt serve` from its OpenAPI schema (the Ray app's: test_server_ray.py)."""
 
 import pytest
-from openapi_fuzz import fuzz
+from openapi_fuzz import fuzz, fuzz_values
 from server_fixture import running_server
 
 pytest.importorskip("fastapi", reason="the serve extra is not installed")
@@ -39,4 +39,15 @@ def test_fuzz_sdrt_serve_models_dir(tiny_sd, tmp_path):
         assert statuses[200] > 0 and statuses[422] > 0
         res = server.post("/sdapi/v1/txt2img", {"prompt": "after", "width": 64, "height": 64, "steps": 2})
         assert res.status_code == 200 and len(res.json()["images"]) == 1
+        assert server.process.poll() is None
+
+
+def test_fuzz_sdrt_serve_with_non_finite_and_oversized_values(tiny_sd, tmp_path):
+    """NaN, Infinity, 1e999, huge numbers, long strings and lists, deep nesting in any field of valid bodies: a 422
+    naming the field for the non-finite ones, never a 5xx."""
+    with running_server(tiny_sd[1], tmp_path, *FUZZ_SERVER_ARGS) as server:
+        statuses = fuzz_values(server.url, examples=EXAMPLES)
+        total = sum(statuses.values())
+        print(f"\nfuzz sdrt serve, bad values: {total} cases, statuses {dict(sorted(statuses.items()))}")
+        assert total >= 60 and statuses[422] > 0
         assert server.process.poll() is None

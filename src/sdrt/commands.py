@@ -6,7 +6,7 @@ import os
 import re
 from pathlib import Path
 
-from sdrt import cli_controlnet
+from sdrt import cli_controlnet, cli_outputs
 from sdrt.errors import InvalidOption, SdrtError
 from sdrt.export.cache import resolve_model
 
@@ -115,6 +115,7 @@ def cmd_build(args) -> int:
 def cmd_generate(args) -> int:
     from sdrt.runtime.pipeline import Pipeline
 
+    cli_outputs.check_output_folder(args.output)  # before any work: a bad folder costs nothing
     images = read_images(args)
     kwargs = generate_kwargs(args)
     if args.from_png is not None:
@@ -128,7 +129,9 @@ def cmd_generate(args) -> int:
     )  # fmt: skip
     if args.from_png is not None and "prompt" in kwargs:  # A1111: a LoRA renamed since is found by its hash
         kwargs["prompt"] = pipe.loras.fix_names(kwargs["prompt"], png_lora_hashes(args.from_png))
-    return cli_controlnet.write_outputs(pipe.generate(**images, **kwargs), args.output, write_images, next_index)
+    generated = pipe.generate(**images, **kwargs)
+    return cli_outputs.write_or_rescue(lambda out: cli_controlnet.write_outputs(generated, out, write_images,
+                                                                                next_index), args.output)  # fmt: skip
 
 
 def png_lora_hashes(path: str) -> str | None:
@@ -162,6 +165,7 @@ def cmd_outpaint(args) -> int:
     from sdrt.runtime.masks import check_outpaint_amounts, load_image
     from sdrt.runtime.pipeline import Pipeline
 
+    cli_outputs.check_output_folder(args.output)
     amounts = check_outpaint_amounts(args.left, args.right, args.up, args.down)
     image = load_image(args.image, "image")
     pipe = Pipeline.load(
@@ -169,8 +173,9 @@ def cmd_outpaint(args) -> int:
         **memory_kwargs(args),
     )  # fmt: skip
     kwargs = generate_kwargs(args) | cli_controlnet.controlnet_kwargs(args)
-    return cli_controlnet.write_outputs(pipe.outpaint(image, **amounts, **kwargs), args.output, write_images,
-                                        next_index)  # fmt: skip
+    generated = pipe.outpaint(image, **amounts, **kwargs)
+    return cli_outputs.write_or_rescue(lambda out: cli_controlnet.write_outputs(generated, out, write_images,
+                                                                                next_index), args.output)  # fmt: skip
 
 
 def write_images(images, output) -> int:

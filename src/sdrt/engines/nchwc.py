@@ -10,12 +10,11 @@ initializers), once per optimised graph, and kept in a JSON beside it.
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from sdrt import cache_files
 from sdrt.engines.onnx_weights import OnnxWeights
 
 SLOTS_FILE = "weight_slots.json"
@@ -106,9 +105,6 @@ def find_slots(model_file: Path, optimised_file: Path, names: list[str]) -> dict
 
 def _write_json(path: Path, data: dict) -> None:
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f)
-        os.replace(tmp, path)
+        cache_files.write_atomic(path, json.dumps(data).encode())
     except OSError:  # a read-only cache: found again next time
         pass

@@ -8,8 +8,10 @@ Backend names (`backend=`, `--backend`): "openvino" plus optional "-DEVICE" and 
 import functools
 import hashlib
 import importlib.util
+import logging
 import os
 import re
+import shutil
 import sys
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -17,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sdrt import cache_files
 from sdrt.engines.onnxruntime import physical_cores
 from sdrt.errors import InvalidOption, ModelError
 
@@ -28,6 +31,7 @@ BACKEND_FORM = "openvino[-cpu|-gpu|-gpu.N|-npu][-auto|-f32|-bf16]"
 # plugin's layout (measured: two UNet shapes, two copies), so a few: the sizes a session alternates between.
 MAX_CACHED_SHAPES = 2
 INSTALL_HINT = "pip install 'sdrt[openvino]'"
+log = logging.getLogger("sdrt.engines")
 NO_BF16_REASON = "this CPU has neither AVX512_BF16 nor AMX: OpenVINO runs no bf16 here (it emulates nothing)"
 
 
@@ -219,7 +223,7 @@ class OpenVINOEngine:
         model = self.read()
         model.reshape({name: openvino.PartialShape(list(shape)) for name, shape in shapes})
         try:
-            compiled = core().compile_model(model, self.device, self.config())
+            compiled = compile_model(model, self.device, self.config(), self.model_file.name)
         except Exception as e:
             message = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
             raise ModelError(f"OpenVINO could not compile {self.model_file} for {self.device}: {message}") from None
@@ -250,6 +254,36 @@ class OpenVINOEngine:
             return None
         compiled, _ = next(reversed(self.compiled.values()))
         return compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
+
+
+def compile_model(model, device: str, config: dict, name: str):
+    """core().compile_model, with OpenVINO's disk cache (CONFIG's CACHE_DIR) shared safely by processes.
+
+    OpenVINO writes a blob straight to its final name, and other processes may read it half written. So it compiles
+    under the cache folder's lock (a second process waits, then imports the blob the first wrote) in a private
+    folder holding hard links to the shared blobs; a blob it writes there is renamed into the shared folder whole.
+    A process killed meanwhile leaves only its private folder, which the next holder of the lock removes.
+    """
+    shared = Path(config["CACHE_DIR"]) if config.get("CACHE_DIR") else None
+    if shared is None:
+        return core().compile_model(model, device, config)
+    try:
+        shared.mkdir(parents=True, exist_ok=True)
+        with cache_files.entry_lock(shared, f"compiling {name} with OpenVINO"):
+            cache_files.remove_leftovers(shared)
+            with cache_files.staging_for(shared) as private:
+                for blob in shared.iterdir():
+                    if blob.is_file():
+                        os.link(blob, private / blob.name)
+                compiled = core().compile_model(model, device, {**config, "CACHE_DIR": str(private)})
+                for blob in private.iterdir():
+                    if blob.stat().st_nlink == 1:  # written by this compile
+                        os.replace(blob, shared / blob.name)
+                shutil.rmtree(private, ignore_errors=True)
+        return compiled
+    except OSError as e:  # a read-only or full cache folder: compile without the cache
+        log.warning("OpenVINO model cache %s not used (%s)", shared, e)
+        return core().compile_model(model, device, {k: v for k, v in config.items() if k != "CACHE_DIR"})
 
 
 def model_cache_dir() -> Path | None:

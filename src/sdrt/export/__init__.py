@@ -3,6 +3,7 @@
 from pathlib import Path
 
 from sdrt.errors import InvalidOption
+from sdrt.export import faults
 from sdrt.export.driver import scheduler_config, staged_folder
 from sdrt.runtime.manifest import PRECISIONS, Manifest
 
@@ -70,7 +71,9 @@ def export(
         from sdrt.export.vae import check_vae_option
 
         check_vae_option(vae)  # a bad --vae fails now, before the checkpoint loads
-    with staged_folder(out_dir) as staging:
+    needed = faults.needed_bytes(source, precision, unet_variant=controlnet)
+    faults.check_free_space(out_dir, needed)  # a plainly hopeless export refused before the checkpoint loads
+    with faults.machine_faults(out_dir, needed), staged_folder(out_dir) as staging:
         _export_into(source, staging, precision, original_config, config, progress, vae, controlnet)
     return Manifest.load(out_dir)
 
@@ -82,10 +85,13 @@ def _export_into(source, folder: Path, precision, original_config, config, progr
     from sdrt.export.driver import export_into
 
     bar = tqdm(total=6, desc="export", unit="step", disable=not progress)
-    bar.set_postfix_str(f"loading {source}")
-    plan = plan_for(source)(source, precision, original_config, config, vae)
-    if controlnet:  # graph variants: ControlNet's UNet with residual inputs
-        from sdrt.export.controlnet import with_unet_controlnet
+    try:
+        bar.set_postfix_str(f"loading {source}")
+        plan = plan_for(source)(source, precision, original_config, config, vae)
+        if controlnet:  # graph variants: ControlNet's UNet with residual inputs
+            from sdrt.export.controlnet import with_unet_controlnet
 
-        plan = with_unet_controlnet(plan)
-    return export_into(plan, folder, precision, bar)
+            plan = with_unet_controlnet(plan)
+        return export_into(plan, folder, precision, bar)
+    finally:
+        bar.close()  # its line ended, so an error prints on a line of its own

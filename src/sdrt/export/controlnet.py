@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 
 from sdrt.errors import InvalidOption, ModelError
+from sdrt.export import faults
 from sdrt.runtime.controlnet_models import CONTROLNET_FORMAT, CONTROLNET_MANIFEST, CONTROLNET_VERSION, controlnet_family
 from sdrt.runtime.manifest import PRECISIONS, Manifest
 from sdrt.runtime.modelspec import (
@@ -227,12 +228,8 @@ def export_controlnet(
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict:
-    """Export the ControlNet SOURCE to OUT_DIR (controlnet/model.onnx + controlnet.json), atomically; its manifest."""
-    from tqdm import tqdm
-
-    from sdrt.export.driver import run_step, staged_folder
-    from sdrt.version import __version__
-
+    """Export the ControlNet SOURCE to OUT_DIR (controlnet/model.onnx + controlnet.json), atomically; its manifest
+    (a full disk, a refused permission or exhausted memory: one SdrtError, export/faults.py)."""
     if precision not in PRECISIONS:
         raise InvalidOption("--precision", precision, " or ".join(PRECISIONS))
     out_dir = Path(out_dir)
@@ -242,6 +239,19 @@ def export_controlnet(
         raise InvalidOption("--config", config, "a diffusers ControlNet folder (with config.json) or a hub id")
     if original_config and not Path(original_config).is_file():
         raise InvalidOption("--original-config", original_config, "an existing YAML file")
+    needed = faults.needed_bytes(source, precision)
+    faults.check_free_space(out_dir, needed)
+    with faults.machine_faults(out_dir, needed, "the ControlNet export"):
+        return _export_controlnet(source, out_dir, precision, config, original_config, progress)
+
+
+def _export_controlnet(source: str, out_dir: Path, precision: str, config, original_config, progress: bool) -> dict:
+    """export_controlnet once its arguments are checked."""
+    from tqdm import tqdm
+
+    from sdrt.export.driver import run_step, staged_folder
+    from sdrt.version import __version__
+
     bar = tqdm(total=2, desc="export-controlnet", unit="step", disable=not progress)
     bar.set_postfix_str(f"loading {source}")
     controlnet, kind, name, sha256 = load_controlnet(source, config, original_config)

@@ -4,6 +4,7 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from sdrt import cache_files
 from sdrt.errors import ModelError
 
 MANIFEST_NAME = "model.json"
@@ -116,7 +117,8 @@ class Manifest:
         return {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, **d}
 
     def save(self, folder: Path) -> None:
-        (Path(folder) / MANIFEST_NAME).write_text(json.dumps(self.to_json(), indent=2) + "\n")
+        text = json.dumps(self.to_json(), indent=2) + "\n"
+        cache_files.write_atomic(Path(folder) / MANIFEST_NAME, text.encode())  # readers never see half of it
 
     @classmethod
     def load(cls, folder) -> "Manifest":

@@ -332,7 +332,9 @@ def resolve(options: GenerationOptions, manifest: Manifest) -> GenerationOptions
         raise InvalidOption(name, o[name], "a size too: seed_resize_from_w and _h are set together")
     for name in ("ensd", "output_type", "eta", "s_noise", "s_churn", "s_tmin", "s_tmax"):
         o[name] = _in_range(name, o[name])
-    o["strength"] = _in_range("strength", o["strength"]) if editing else None
+    if editing or o["strength"] is not None:  # checked even where unused: NaN is no strength for txt2img either
+        o["strength"] = _in_range("strength", o["strength"])
+    o["strength"] = o["strength"] if editing else None
     o["mask_blur"] = _in_range("mask_blur", o["mask_blur"]) if o["mask"] is not None else None
     o["clip_skip"] = check_int("clip_skip", o["clip_skip"], 1, MAX_CLIP_SKIP)
     o["emphasis"] = _in_range("emphasis", o["emphasis"])

@@ -13,7 +13,7 @@ from fastapi.staticfiles import StaticFiles
 
 from sdrt.errors import InvalidOption, SdrtError
 from sdrt.runtime import masks
-from sdrt.server import a1111, controlnet_api, extra_routes, model_routes, openai_api
+from sdrt.server import a1111, controlnet_api, extra_routes, model_routes, openai_api, safe_json
 from sdrt.server.a1111_settings import A1111_DEFAULTS
 from sdrt.server.codec import ImageTooLarge, UndecodableImage, decode_image, encode_png
 from sdrt.server.extra_routes import Extras
@@ -22,6 +22,7 @@ from sdrt.server.jobs import QueueFull, Unavailable
 from sdrt.server.middleware import BasicAuth, BodyLimit
 from sdrt.server.models import ModelRegistry, ModelsFolder
 from sdrt.server.pnginfo import png_info_response
+from sdrt.server.safe_json import field_error
 from sdrt.version import __version__
 
 STATIC = Path(__file__).parent / "static"
@@ -177,13 +178,6 @@ class Server:
         return await run_in_threadpool(self.respond, meta, req, future.result())
 
 
-def field_error(field: str, message: str, value) -> JSONResponse:
-    """HTTP 422 in FastAPI's validation-error shape, naming the request field."""
-    text = value if isinstance(value, (str, int, float, bool, type(None))) else repr(value)
-    detail = [{"loc": ["body", *field.split(".")], "msg": message, "type": "value_error", "input": text}]
-    return JSONResponse({"detail": detail}, status_code=422)
-
-
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(InvalidOption)
     async def invalid_option(_, e: InvalidOption):
@@ -228,6 +222,7 @@ def create_app(
     app = FastAPI(title="sdrt", version=__version__, description="A1111-compatible API over sdrt's runtime")
     app.state.server = server
     install_error_handlers(app)
+    safe_json.install(app)  # before the routes: their bodies are checked for NaN/Infinity
     add_routes(app, server)
     controlnet_api.add_routes(app, server)
     model_routes.add_routes(app, server)
