@@ -193,6 +193,17 @@ def test_a_kill_inside_the_real_export_then_a_fresh_generate(source, cache, tmp_
     assert len(entries(cache)) == 1
 
 
+def test_an_older_sdrts_killed_staging_is_removed(source, cache, fake_export):
+    """Before the lock, export staged beside the entry (`.NAME.partial-*`): a killed run's folder goes with the next
+    export."""
+    entry = model_cache.entry_for(str(source))
+    stale = entry.parent / f".{entry.name}.partial-abc123"
+    (stale / "unet").mkdir(parents=True)
+    (stale / "unet" / "model.onnx").write_bytes(b"half")
+    assert model_cache.resolve_model(str(source)) == entry
+    assert entries(cache) == [entry]
+
+
 @pytest.mark.parametrize("damage", ["truncated_unet", "deleted_vae", "no_marker", "garbled_marker"])
 def test_a_damaged_entry_is_found_and_made_again(damage, source, cache, fake_export, capsys):
     entry = model_cache.resolve_model(str(source))
