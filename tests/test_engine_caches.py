@@ -125,7 +125,7 @@ def test_ort_cache_on_a_full_disk_runs_without_it(vae, monkeypatch, caplog):
 
 
 OV_CHILD = """
-    import pathlib, sys
+    import pathlib, sys, time
     import numpy as np
     from sdrt.engines import openvino as ov
     real = ov.core()
@@ -138,8 +138,12 @@ OV_CHILD = """
             {on_compile}
             return compiled
     ov.core = lambda: Core()
+    while not pathlib.Path({go!r}).exists():
+        time.sleep(0.01)
     engine = ov.OpenVINOEngine(pathlib.Path({vae!r}), cache_dir=pathlib.Path({cache!r}))
     engine.run({{"latent_sample": np.zeros((1, 4, 8, 8), np.float32)}})
+    compiled, _ = next(iter(engine.compiled.values()))
+    print("from cache:", compiled.get_property("LOADED_FROM_CACHE"), file=sys.stderr)
 """
 
 
@@ -149,8 +153,9 @@ def test_openvino_killed_after_compiling_leaves_no_blob_then_a_fresh_run_imports
 
     cache = tmp_path / "ov-cache"
     kill = "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"
-    returncode, _, err = run_child(OV_CHILD.format(on_compile=kill, vae=str(vae), cache=str(cache)), tmp_path,
-                                   tmp_path / "cache" / "models")  # fmt: skip
+    (tmp_path / "go").touch()
+    code = OV_CHILD.format(on_compile=kill, vae=str(vae), cache=str(cache), go=str(tmp_path / "go"))
+    returncode, _, err = run_child(code, tmp_path, tmp_path / "cache" / "models")
     assert returncode == -signal.SIGKILL and "compiled into" in err, err[-1500:]
     assert not any(cache.iterdir())  # the blob was written in the private folder only
     assert any(".tmp-" in p.name for p in cache.parent.iterdir())
@@ -162,3 +167,19 @@ def test_openvino_killed_after_compiling_leaves_no_blob_then_a_fresh_run_imports
     again.run({"latent_sample": np.zeros((1, 4, 8, 8), np.float32)})
     compiled, _ = next(iter(again.compiled.values()))
     assert compiled.get_property("LOADED_FROM_CACHE")
+
+
+def test_openvino_processes_started_together_compile_once(vae, tmp_path):
+    """Two processes on one cache folder: one compiles (slowed by 2 s), the other waits and imports its blob."""
+    pytest.importorskip("openvino")
+    cache, go = tmp_path / "ov-cache", tmp_path / "go"
+    code = OV_CHILD.format(on_compile="time.sleep(2)", vae=str(vae), cache=str(cache), go=str(go))
+    children = [run_child(code, tmp_path, tmp_path / "cache" / "models", wait=False) for _ in range(2)]
+    time.sleep(3)  # imports done
+    go.touch()
+    results = [(c.wait(timeout=120), c.communicate()[1]) for c in children]
+    assert [code for code, _ in results] == [0, 0], [err[-1500:] for _, err in results]
+    waited = [err for _, err in results if "waiting for another sdrt process compiling" in err]
+    assert len(waited) == 1 and "from cache: True" in waited[0]
+    assert sum("from cache: False" in err for _, err in results) == 1  # the other one compiled
+    assert [p.suffix for p in cache.iterdir()] == [".blob"]

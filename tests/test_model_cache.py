@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from sdrt import cache_files
 from sdrt.export import cache as model_cache
@@ -52,13 +53,13 @@ def entries(cache: Path) -> list[Path]:
     return sorted(p for p in cache.iterdir() if not p.name.endswith(".lock"))
 
 
-def run_child(code: str, tmp_path: Path, cache: Path, wait: bool = True):
-    """A python process running CODE (dedented) with sdrt and the tests importable and SDRT_CACHE set."""
+def run_child(code: str, tmp_path: Path, cache: Path, wait: bool = True, args=()):
+    """A python process running CODE (dedented) with ARGS, sdrt and the tests importable and SDRT_CACHE set."""
     env = {**os.environ, "SDRT_CACHE": str(cache.parent), "PYTHONPATH": f"{SRC}{os.pathsep}{TESTS}"}
     script = tmp_path / f"child-{time.monotonic_ns()}.py"
     script.write_text(textwrap.dedent(code))
-    child = subprocess.Popen([sys.executable, str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True)  # fmt: skip
+    child = subprocess.Popen([sys.executable, str(script), *args], env=env, text=True, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE)  # fmt: skip
     if wait:
         out, err = child.communicate(timeout=300)
         return child.returncode, out, err
@@ -66,30 +67,29 @@ def run_child(code: str, tmp_path: Path, cache: Path, wait: bool = True):
 
 
 def test_processes_started_together_export_once_and_all_use_it(source, cache, tmp_path):
+    """The issue's report: three `sdrt generate -m SOURCE` at once on a checkpoint not exported yet."""
     go = tmp_path / "go"
     code = f"""
-        import pathlib, time
+        import pathlib, sys, time
         import sdrt.export.sources, torch  # the slow imports before the start line
-        from sdrt.export.cache import resolve_model
+        from sdrt.cli import main
         while not pathlib.Path({str(go)!r}).exists():
             time.sleep(0.01)
-        print(resolve_model({str(source)!r}))
+        sys.exit(main(["generate", "a cat", "-m", {str(source)!r}, "--steps", "2", "--seed", "7",
+                       "-o", sys.argv[1]]))
     """
-    children = [run_child(code, tmp_path, cache, wait=False) for _ in range(3)]
+    children = [run_child(code, tmp_path, cache, wait=False, args=[str(tmp_path / f"out{i}")]) for i in range(3)]
     time.sleep(1)
     go.touch()
     results = [(c.wait(timeout=300), *c.communicate()) for c in children]
     assert [code for code, _, _ in results] == [0, 0, 0], [err[-2000:] for _, _, err in results]
-    assert len({out.strip() for _, out, _ in results}) == 1
     exported = [err for _, _, err in results if "exporting" in err and "waiting" not in err]
     waited = [err for _, _, err in results if "waiting for another sdrt process exporting" in err]
     assert len(exported) == 1 and len(waited) == 2
     (entry,) = entries(cache)
     assert model_cache.is_current(entry)
-    from sdrt import Pipeline
-
-    image = Pipeline.load(entry).generate("a cat", steps=2, seed=1, width=64, height=64)[0]
-    assert image.size == (64, 64)
+    images = [Image.open(next((tmp_path / f"out{i}").glob("*.png"))) for i in range(3)]
+    assert all(im.tobytes() == images[0].tobytes() for im in images)  # the same model, the same seed
 
 
 # Where a child kills itself (SIGKILL) during an export into the cache, as patches applied in the child.
@@ -191,6 +191,17 @@ def test_a_kill_inside_the_real_export_then_a_fresh_generate(source, cache, tmp_
     assert "exporting" in capsys.readouterr().err
     assert len(list((tmp_path / "out").glob("*.png"))) == 1
     assert len(entries(cache)) == 1
+
+
+def test_an_older_sdrts_killed_staging_is_removed(source, cache, fake_export):
+    """Before the lock, export staged beside the entry (`.NAME.partial-*`): a killed run's folder goes with the next
+    export."""
+    entry = model_cache.entry_for(str(source))
+    stale = entry.parent / f".{entry.name}.partial-abc123"
+    (stale / "unet").mkdir(parents=True)
+    (stale / "unet" / "model.onnx").write_bytes(b"half")
+    assert model_cache.resolve_model(str(source)) == entry
+    assert entries(cache) == [entry]
 
 
 @pytest.mark.parametrize("damage", ["truncated_unet", "deleted_vae", "no_marker", "garbled_marker"])

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -75,6 +76,8 @@ def resolve_model(model: str | None) -> Path:
         if is_current(entry):  # exported by another process while this one waited
             return entry
         cache_files.remove_leftovers(entry)
+        for stale in entry.parent.glob(f".{entry.name}.partial-*"):  # what an sdrt before the lock left when killed
+            shutil.rmtree(stale, ignore_errors=True)
         cache_files.discard(entry)  # incomplete, damaged or from an older sdrt
         try:
             from sdrt.export import export

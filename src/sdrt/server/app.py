@@ -207,7 +207,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def unexpected(_, e: Exception):
         log.exception("request failed")
-        return JSONResponse({"detail": f"internal error: {type(e).__name__}: {e}"}, status_code=500)
+        return JSONResponse({"detail": f"internal error: {safe_json.describe(e)}"}, status_code=500)
 
 
 def create_app(

@@ -84,6 +84,14 @@ def printable(value):
         return repr(value)[:1000]
 
 
+def describe(e: BaseException) -> str:
+    """ "Type: message" of E, even when its message cannot be made (its __str__ raises)."""
+    try:
+        return f"{type(e).__name__}: {e}"[:2000]
+    except Exception:
+        return type(e).__name__
+
+
 def safe_response(content, status_code: int, headers: dict | None = None) -> JSONResponse:
     """A JSONResponse that serialises whatever CONTENT quotes."""
     return JSONResponse(printable(content), status_code=status_code, headers=headers)
