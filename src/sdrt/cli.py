@@ -48,6 +48,8 @@ def add_export_parser(sub) -> None:
     p.add_argument("--optimize", default="none", choices=("none", "cuda", "cpu"),
                    help="also write fused graphs for ONNX Runtime's CUDA (fp16) or CPU provider (`sdrt optimize`)")
     p.add_argument("--controlnet", action="store_true", help="also the UNet graph that takes ControlNet residuals")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
+                   help="merge a LoRA into the exported weights (several allowed; FILE:TE_WEIGHT:UNET_WEIGHT too)")
     p.set_defaults(func=commands.cmd_export)
 
 

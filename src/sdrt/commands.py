@@ -27,6 +27,7 @@ def cmd_export(args) -> int:
         overwrite=args.overwrite,
         vae=args.vae,
         controlnet=args.controlnet,
+        loras=args.lora,
     )
     print(f"exported {manifest.family} model ({manifest.precision}) to {args.output}")
     if args.optimize != "none":

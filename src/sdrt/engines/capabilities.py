@@ -19,7 +19,7 @@ class Capabilities:
     static_shapes: bool = False  # takes a static profile (static_dims): one size, faster
     graph_replay: bool = False  # replays a static profile as a captured graph (CUDA graphs)
     f32_text_encoders: bool = False  # text encoders must be asked to keep f32 (keep_f32: OpenVINO bf16)
-    replaceable_weights: bool = False  # merge_weights/set_weights: LoRAs without re-export (ORT, TensorRT refit)
+    replaceable_weights: bool = False  # merge_weights: LoRAs without re-export (ORT, OpenVINO, TensorRT refit)
     device_outputs: bool = False  # run_device keeps outputs on the device between calls (I/O binding)
     latent_tolerance: float = 2e-3  # parity: final latents' max abs difference from diffusers fp32, tiny models
 
@@ -32,7 +32,7 @@ CAPABILITIES = {
                          graph_replay=True, replaceable_weights=True, device_outputs=True),  # fmt: skip
     "tensorrt": Capabilities(device_memory=True, context_bytes=CUDA_CONTEXT_BYTES, weight_streaming=True,
                              replaceable_weights=True, device_outputs=True),  # fmt: skip
-    "openvino": Capabilities(f32_text_encoders=True, latent_tolerance=4e-3),
+    "openvino": Capabilities(f32_text_encoders=True, replaceable_weights=True, latent_tolerance=4e-3),
 }
 
 

@@ -78,6 +78,9 @@ class OnnxRuntimeEngine:
         self._placed = None  # the OrtValues the session runs on in place of initializers: kept alive with it
         self._live: LiveWeights | None = None  # initializers rewritten in place (CPU, optimised-graph cache)
         self._whole: WholeArrays | None = None  # merge_weights where weights cannot be rewritten in place
+        # A fused variant's engine: the export's graph, whose initializer names merge_weights takes (fused_weights.py)
+        self.export_file: Path | None = None
+        self._places = None
 
     def load(self) -> None:
         """Create the session, from the optimised-graph cache when it holds this model for this machine."""
@@ -192,12 +195,33 @@ class OnnxRuntimeEngine:
         On the CPU, with the optimised-graph cache, the merge is written straight into the session's buffers from the
         base values kept beside them (no file read, no new session: measured 1.2 s for every layer of SD 1.5's UNet
         on 2 cores); elsewhere the merged arrays go to set_weights."""
+        updates = self._fused_names(updates)
         if (updates or self._live is not None) and self._in_place(updates.keys()):
             self._live.merge(updates)
             return
         if self._whole is None:
             self._whole = WholeArrays(self)
         self._whole.merge(updates)
+
+    def prepare_weights(self, names) -> None:
+        """Make NAMES replaceable now (the in-place session, its buffers holding the file's values), so that the first
+        merge costs what later ones do; called before load, the engine's one session is that one. CPU only: on CUDA
+        every merge makes a session anyway."""
+        if self.device != "cpu" or self.weights:
+            return
+        names = list(self._fused_names({name: [] for name in names}))
+        if self._in_place(names):
+            self._live.merge({})  # the buffers just made get the base values
+
+    def _fused_names(self, updates: dict[str, list]) -> dict[str, list]:
+        """UPDATES with the fused graph's initializers for the export's (a fused variant; as they are otherwise)."""
+        if self.export_file is None or Path(self.export_file) == self.model_file:
+            return updates
+        if self._places is None:
+            from sdrt.engines.fused_weights import FusedPlaces
+
+            self._places = FusedPlaces(self.export_file, self.model_file)
+        return self._places.translate(updates)
 
     def _in_place(self, names) -> bool:
         """Whether NAMES can be rewritten in place, making them replaceable (one new session) where they were not."""

@@ -306,7 +306,9 @@ def create_openvino_engine(model_file: Path, backend: str, keep_f32: bool = Fals
     precision = resolve_precision(target)
     if keep_f32 and target.device == "CPU":
         precision = "f32"
-    return OpenVINOEngine(model_file, target.device, precision, cache_dir=model_cache_dir(), **options)
+    from sdrt.engines.openvino_weights import OpenVINOWeightsEngine  # takes LoRAs (weights as inputs)
+
+    return OpenVINOWeightsEngine(model_file, target.device, precision, cache_dir=model_cache_dir(), **options)
 
 
 def announce(backend: str) -> None:

@@ -51,9 +51,11 @@ def export(
     progress: bool = True,
     vae: str | None = None,
     controlnet: bool = False,
+    loras=(),
 ) -> Manifest:
     """Export SOURCE to OUT_DIR atomically: the folder appears complete, or not at all. CONTROLNET: also the UNet
-    variant that takes ControlNet residuals (export/controlnet.py)."""
+    variant that takes ControlNet residuals (export/controlnet.py). LORAS: "FILE[:WEIGHT[:UNET_WEIGHT]]" strings,
+    LoRAs merged into the graphs' weights (export/bake.py)."""
     if precision not in PRECISIONS:
         raise InvalidOption("--precision", precision, " or ".join(PRECISIONS))
     out_dir = Path(out_dir)
@@ -71,11 +73,29 @@ def export(
         from sdrt.export.vae import check_vae_option
 
         check_vae_option(vae)  # a bad --vae fails now, before the checkpoint loads
+    baked = _check_loras(loras)
     needed = faults.needed_bytes(source, precision, unet_variant=controlnet)
     faults.check_free_space(out_dir, needed)  # a plainly hopeless export refused before the checkpoint loads
     with faults.machine_faults(out_dir, needed), staged_folder(out_dir) as staging:
         _export_into(source, staging, precision, original_config, config, progress, vae, controlnet)
+        if baked:
+            from sdrt.export.bake import bake_loras
+
+            bake_loras(staging, baked)
     return Manifest.load(out_dir)
+
+
+def _check_loras(loras) -> list:
+    """LORAS parsed and each file read once, so a bad --lora fails before the checkpoint loads."""
+    if not loras:
+        return []
+    from sdrt.export.bake import parse_lora_option
+    from sdrt.runtime.lora_files import read_lora
+
+    parsed = [parse_lora_option(text) for text in loras]
+    for path, _, _ in parsed:
+        read_lora(path)
+    return parsed
 
 
 def _export_into(source, folder: Path, precision, original_config, config, progress, vae=None, controlnet=False):

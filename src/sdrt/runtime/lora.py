@@ -228,6 +228,15 @@ class Loras:
                 self.available[path.stem] = path
         return self
 
+    def prepare_engines(self) -> None:
+        """Let each engine that can get ready for new weights of its mapped layers now (the CPU engine makes its
+        in-place session, OpenVINO compiles them as inputs), so that the first LoRA costs what a switch does."""
+        for part, index in self.indexes.items():
+            engine = self.engines.get(part)
+            prepare = getattr(getattr(engine, "inner", engine), "prepare_weights", None)
+            if prepare is not None:
+                prepare(sorted({layer["initializer"] for layer in index.layers.values()}))
+
     def listing(self) -> list[dict]:
         """A1111's GET /sdapi/v1/loras entries: name, alias, path (relative to the LoRA folder), metadata."""
         out = []
@@ -318,14 +327,16 @@ class Loras:
 
     def check_engine(self, part: str) -> None:
         """LoRAs merge into the export's own graph: a fused variant (sdrt optimize) packs those weights otherwise,
-        and an engine must be able to take new weights (ONNX Runtime, TensorRT refit; not OpenVINO yet)."""
+        or one whose engine places them (engines/fused_weights.py), and an engine must be able to take new weights
+        (ONNX Runtime, OpenVINO, TensorRT refit)."""
         engine = self.engines[part]
         if not engine.capabilities.replaceable_weights:
             raise ModelError(
-                f"LoRAs need an engine that takes new weights (backends cpu, cuda, tensorrt); "
+                "LoRAs need an engine that takes new weights (backends cpu, cuda, openvino, tensorrt); "
                 f"{type(getattr(engine, 'inner', engine)).__name__} does not yet: use --backend cpu for LoRAs"
             )
-        model_file = engine.model_file
+        inner = getattr(engine, "inner", engine)
+        model_file = getattr(inner, "export_file", None) or engine.model_file
         if Path(model_file) != self.manifest.model_path(part):
             raise ModelError(
                 f"LoRAs change {part}'s weights, which the fused graph {Path(model_file).name} holds packed: load the "

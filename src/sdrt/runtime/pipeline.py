@@ -19,6 +19,7 @@ from sdrt.runtime.embeddings import EmbeddingDB
 from sdrt.runtime.families import family_of
 from sdrt.runtime.generation import Batch, Model, SecondStage, prepare_run, run_batches
 from sdrt.runtime.lora import Loras, infotext_hashes, parse_prompt
+from sdrt.runtime.lora_baked import baked_infotext
 from sdrt.runtime.manifest import Manifest
 from sdrt.runtime.memory import memory_plan
 from sdrt.runtime.options import GenerationOptions, build_options, resolve
@@ -63,7 +64,8 @@ class Pipeline:
         `static`: (width, height, batch), one size: the UNet and VAE decoder fixed at it (faster; CUDA graphs on
         "cuda"); other sizes are refused. `fused`: the fused graphs `sdrt optimize` wrote for this backend, if any;
         by default yes, but not with `loras` (LoRAs merge into the export's own graphs, whose weights the fused ones
-        hold packed), and with `loras` backend "auto" passes over OpenVINO (its engines take no new weights yet).
+        hold packed; fused=True takes LoRAs on the CPU variant), and with `loras` backend "auto" passes over OpenVINO
+        (its LoRA steps are slower: docs/guide/lora-engines.md).
         """
         fused = loras is None if fused is None else fused
         manifest = Manifest.load(Path(model_dir))
@@ -72,6 +74,7 @@ class Pipeline:
             pipe.embeddings.load_dir(embeddings)
         if loras is not None:
             pipe.loras.load_dir(loras)
+            pipe.loras.prepare_engines()  # engines that can ready their LoRA layers now (the first LoRA: a switch)
         resident = (*pipe.family.text_models(pipe.manifest), pipe.family.denoiser_model, "vae_decoder")
         for name in () if pipe.memory.staged else resident:
             pipe.engines[name].load()
@@ -98,6 +101,7 @@ class Pipeline:
         edit = editing.prepare_edit(self.manifest, opts) if opts.init_image is not None else None
         text, notes = self.encode_prompts(opts)
         notes["Lora hashes"] = infotext_hashes(active_loras, self.loras.files)
+        notes["Baked LoRAs"] = baked_infotext(self.manifest)  # merged in at export (sdrt export --lora)
         controls = prepare_controls(self.manifest, self.engines, self.controlnets, opts.controlnets, opts.width,
                                     opts.height)  # fmt: skip
         if controls is not None:
