@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sdrt.engines.capabilities import Capabilities
 from sdrt.engines.onnx_weights import OnnxWeights
 from sdrt.engines.weight_merge import merged_value
 from sdrt.errors import InvalidOption
@@ -48,6 +49,8 @@ def parse_lora_option(text: str) -> tuple[Path, float, float]:
 
 class FileWeights:
     """An engine stand-in whose merge_weights writes base + terms into MODEL_FILE's initializers in place."""
+
+    capabilities = Capabilities(replaceable_weights=True)
 
     def __init__(self, model_file: Path):
         self.model_file = Path(model_file)

@@ -2,9 +2,9 @@
 the switch times of each engine (the same LoRAs and sequence), OpenVINO's compile count, and what weights-as-inputs
 cost per UNet call against OpenVINO with the weights as constants (alternated, the same inputs).
 
-    python benchmarks/lora_engines.py MODEL_DIR [--loras /tmp/sdrt-lora-bench/loras --size 256 --rounds 3]
+    python -m sdrt.bench.lora_engines MODEL_DIR [--loras /tmp/sdrt-lora-bench/loras --size 256 --rounds 3]
 
-The LoRA files a and b are benchmarks/lora_switch.py's (rank 32 on every layer), made in --loras when absent.
+The LoRA files a and b are sdrt.bench.lora_switch's (rank 32 on every layer), made in --loras when absent.
 
 Writes benchmarks/results/lora-engines-<machine>.json. Every figure is a wall-clock time: run it on a quiet machine.
 """
@@ -102,27 +102,28 @@ def per_call(manifest, feeds: dict, rounds: int) -> dict:
     return times
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m sdrt.bench.lora_engines", description=__doc__.split("\n")[0])
     p.add_argument("model", type=Path, help="an exported SD 1.5-architecture folder (fp32)")
     p.add_argument("--loras", type=Path, default=Path("/tmp/sdrt-lora-bench/loras"), help="folder with a and b")
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--rounds", type=int, default=3)
-    args = p.parse_args()
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-    from sdrt.bench.common import describe_machine, log
+    args = p.parse_args(argv)
+    from sdrt.bench.common import RESULTS_DIR, log, now_iso
+    from sdrt.bench.lora_switch import random_lora
+    from sdrt.bench.machine import describe_machine
     from sdrt.runtime.manifest import Manifest
 
     load_average = [round(os.getloadavg()[0], 2)]
     manifest = Manifest.load(args.model)
     feeds = unet_feeds(manifest, args.size)
-    from lora_switch import random_lora
 
     args.loras.mkdir(parents=True, exist_ok=True)
     for name, seed in (("a", 1), ("b", 2)):
         if not (args.loras / f"{name}.safetensors").is_file():
             random_lora(manifest, args.loras / f"{name}.safetensors", seed)
-    report = {"machine": describe_machine(), "model": str(args.model), "size": args.size}
+    report = {"benchmark": "lora_engines", "date": now_iso(), "machine": describe_machine(), "model": str(args.model),
+              "size": args.size}  # fmt: skip
     report["openvino_unet_call_s"] = per_call(manifest, feeds, args.rounds)
     log(f"OpenVINO UNet call: {report['openvino_unet_call_s']}")
     gc.collect()
@@ -133,7 +134,7 @@ def main() -> int:
         gc.collect()
     report["load_average_1min"] = [*load_average, round(os.getloadavg()[0], 2)]
     report["command"] = " ".join(sys.argv)
-    out = Path(__file__).parent / "results" / f"lora-engines-{report['machine'].get('slug', 'machine')}.json"
+    out = RESULTS_DIR / f"lora-engines-{report['machine'].get('slug', 'machine')}.json"
     out.write_text(json.dumps(report, indent=2) + "\n")
     log(f"wrote {out}")
     return 0
