@@ -156,9 +156,9 @@ def switching(args, loras: Path) -> dict:
         generate(prompt)  # warm-up
         return [generate(prompt) for _ in range(args.runs)]
 
-    timed_runs = {"base, before any LoRA (sessions with prepacked weights)": generations("a photo")}
+    timed_runs = {"base, before any LoRA": generations("a photo")}
     switches = [
-        switch("none -> a (first: reads the base layers, finds their places, builds the sessions)", "<lora:a:0.8>"),
+        switch("none -> a (first use)", "<lora:a:0.8>"),
         switch("a -> b", "<lora:b:0.8>"),
         switch("b -> a", "<lora:a:0.8>"),
         switch("a -> a + b", "<lora:a:0.8><lora:b:0.5>"),
@@ -168,7 +168,7 @@ def switching(args, loras: Path) -> dict:
     ]
     timed_runs["LoRA a at 0.8"] = generations("a photo <lora:a:0.8>")
     switches.append(switch("a -> none (base)", ""))
-    timed_runs["base, after LoRAs (in-place sessions, no prepacking)"] = generations("a photo")
+    timed_runs["base, after LoRAs"] = generations("a photo")
     unet_calls = unet_call_times(pipe, args.size, rounds=max(2, args.runs + 1))
     log(f"UNet call on the same inputs: {unet_calls}")
     return {"load_s": load_s, "switches": switches, "generations": timed_runs, "unet_calls": unet_calls,
