@@ -27,6 +27,12 @@ class Engine(Protocol):
 
     def unload(self) -> None: ...
 
+    # capabilities.fused_weight_places: the export graph whose weights a fused variant packs (None: model_file's own)
+    export_file: Path | None
+
+    # capabilities.prepared_weights: made ready for new weights of these initializers at load
+    def prepare_weights(self, names) -> None: ...
+
     # capabilities.replaceable_weights: weights read and replaced in place (LoRAs), by initializer name
     def read_weights(self, names) -> dict[str, np.ndarray]: ...
 

@@ -20,6 +20,8 @@ class Capabilities:
     graph_replay: bool = False  # replays a static profile as a captured graph (CUDA graphs)
     f32_text_encoders: bool = False  # text encoders must be asked to keep f32 (keep_f32: OpenVINO bf16)
     replaceable_weights: bool = False  # merge_weights: LoRAs without re-export (ORT, OpenVINO, TensorRT refit)
+    prepared_weights: bool = False  # prepare_weights(names): ready for new weights at load (a LoRA folder given)
+    fused_weight_places: bool = False  # export_file set: LoRA weights found by value in a fused variant's graph
     device_outputs: bool = False  # run_device keeps outputs on the device between calls (I/O binding)
     latent_tolerance: float = 2e-3  # parity: final latents' max abs difference from diffusers fp32, tiny models
 
@@ -27,12 +29,15 @@ class Capabilities:
 # Final-latent tolerances (tests' parity suites; values up to ~216): ONNX Runtime measured up to 1.1e-3; OpenVINO f32
 # (each graph within 4e-6 relative of ONNX Runtime, other kernels) up to 2.9e-3.
 CAPABILITIES = {
-    "cpu": Capabilities(fused_target="cpu", static_shapes=True, replaceable_weights=True),
+    "cpu": Capabilities(fused_target="cpu", static_shapes=True, replaceable_weights=True, prepared_weights=True,
+                        fused_weight_places=True),  # fmt: skip
     "cuda": Capabilities(fused_target="cuda", device_memory=True, arena_limit=True, static_shapes=True,
-                         graph_replay=True, replaceable_weights=True, device_outputs=True),  # fmt: skip
+                         graph_replay=True, replaceable_weights=True, device_outputs=True, prepared_weights=True,
+                         fused_weight_places=True),  # fmt: skip
     "tensorrt": Capabilities(device_memory=True, context_bytes=CUDA_CONTEXT_BYTES, weight_streaming=True,
                              replaceable_weights=True, device_outputs=True),  # fmt: skip
-    "openvino": Capabilities(f32_text_encoders=True, replaceable_weights=True, latent_tolerance=4e-3),
+    "openvino": Capabilities(f32_text_encoders=True, replaceable_weights=True, prepared_weights=True,
+                             latent_tolerance=4e-3),  # fmt: skip
 }
 
 

@@ -233,9 +233,8 @@ class Loras:
         in-place session, OpenVINO compiles them as inputs), so that the first LoRA costs what a switch does."""
         for part, index in self.indexes.items():
             engine = self.engines.get(part)
-            prepare = getattr(getattr(engine, "inner", engine), "prepare_weights", None)
-            if prepare is not None:
-                prepare(sorted({layer["initializer"] for layer in index.layers.values()}))
+            if engine is not None and engine.capabilities.prepared_weights:
+                engine.prepare_weights(sorted({layer["initializer"] for layer in index.layers.values()}))
 
     def listing(self) -> list[dict]:
         """A1111's GET /sdapi/v1/loras entries: name, alias, path (relative to the LoRA folder), metadata."""
@@ -335,8 +334,8 @@ class Loras:
                 "LoRAs need an engine that takes new weights (backends cpu, cuda, openvino, tensorrt); "
                 f"{type(getattr(engine, 'inner', engine)).__name__} does not yet: use --backend cpu for LoRAs"
             )
-        inner = getattr(engine, "inner", engine)
-        model_file = getattr(inner, "export_file", None) or engine.model_file
+        placed = engine.capabilities.fused_weight_places and engine.export_file is not None
+        model_file = engine.export_file if placed else engine.model_file
         if Path(model_file) != self.manifest.model_path(part):
             raise ModelError(
                 f"LoRAs change {part}'s weights, which the fused graph {Path(model_file).name} holds packed: load the "

@@ -64,7 +64,7 @@ class MemoryPlan:
                 options["keep_f32"] = True  # bf16 or not, the text encoders run f32 (docs: OpenVINO)
             path = manifest.graph_path(name, caps.fused_target if fused else None)
             engines[name] = create_engine(path, backend, **options)
-            if path != manifest.model_path(name) and hasattr(engines[name], "export_file"):
+            if path != manifest.model_path(name) and caps.fused_weight_places:
                 engines[name].export_file = manifest.model_path(name)  # LoRAs name the export's weights
         return Stager().wrap(engines) if self.staged else engines
 
