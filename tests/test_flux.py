@@ -94,8 +94,8 @@ def test_img2img_matches_diffusers(dev):
     img2img = FluxImg2ImgPipeline(**pipe.components)
     img2img.set_progress_bar_config(disable=True)
     image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8))
-    reference = img2img(PROMPTS, image=image, strength=0.7, num_inference_steps=5, guidance_scale=3.5, height=64, width=64,
-                        generator=torch.Generator().manual_seed(8), output_type="np").images  # fmt: skip
+    reference = img2img(PROMPTS, image=image, strength=0.7, num_inference_steps=5, guidance_scale=3.5, height=64,
+                        width=64, generator=torch.Generator().manual_seed(8), output_type="np").images  # fmt: skip
     generator = TorchCPUGenerator(8)  # the posterior sample first, then the noise, as diffusers draws them
     init = encode_image(run, image, generator)
     noise = generator.randn(init.shape)
