@@ -62,3 +62,16 @@ def diffusers_images(pipe, prompts, seed=0, steps=STEPS, size=SIZE, guidance=7.0
 
 def max_diff_255(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).max() * 255)
+
+
+def inpaint_inputs(seed: int = 0):
+    """(init image, mask image, (1, 1, h, w) latent mask) for a 64 px inpainting test: the mask repaints a
+    rectangle; diffusers binarises it at 0.5 and takes every 8th pixel (nearest) for the latents."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    image = Image.fromarray(rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8))
+    pixels = np.zeros((SIZE, SIZE), np.uint8)
+    pixels[8:40, 16:56] = 255
+    latent_mask = (pixels[::8, ::8] >= 128).astype(np.float32)[None, None]
+    return image, Image.fromarray(pixels), latent_mask

@@ -3,7 +3,7 @@ run of them against diffusers on the same weights and noise (2/255), each with a
 
 import numpy as np
 import pytest
-from flow_helpers import FlowRun, diffusers_images, encode_image, max_diff_255
+from flow_helpers import FlowRun, diffusers_images, encode_image, inpaint_inputs, max_diff_255
 
 from sdrt.cli import main
 from sdrt.errors import InvalidOption
@@ -111,3 +111,22 @@ def test_sizes_and_samplers_refused_clearly(dev):
         run.latents(PROMPTS, noise=np.zeros((1, 16, 5, 8), np.float32))
     with pytest.raises(InvalidOption, match="sampler"):
         run.latents(PROMPTS, sampler="Euler a")
+
+
+def test_inpaint_matches_diffusers(dev):
+    import torch
+    from diffusers import FluxInpaintPipeline
+
+    pipe, run = dev
+    inpaint = FluxInpaintPipeline(**pipe.components)
+    inpaint.set_progress_bar_config(disable=True)
+    image, mask_image, latent_mask = inpaint_inputs(3)
+    reference = inpaint(PROMPTS, image=image, mask_image=mask_image, strength=0.8, num_inference_steps=5,
+                        guidance_scale=3.5, height=64, width=64, generator=torch.Generator().manual_seed(10),
+                        output_type="np").images  # fmt: skip
+    generator = TorchCPUGenerator(10)
+    init = encode_image(run, image, generator)
+    noise = generator.randn(init.shape)
+    kwargs = dict(steps=5, guidance=3.5, init=init, noise=noise, strength=0.8)
+    assert max_diff_255(run.images(PROMPTS, mask=latent_mask, **kwargs), reference) <= 2.0
+    assert max_diff_255(run.images(PROMPTS, **kwargs), reference) > 8.0

@@ -89,12 +89,14 @@ def flow_family(manifest) -> FlowFamily:
 
 def flow_latents(manifest, engines: dict, prompts: list[str], noise: np.ndarray, steps: int, guidance: float,
                  negative: list[str] | None = None, sampler: str = "Euler", init: np.ndarray | None = None,
-                 strength: float = 1.0, callback=None) -> np.ndarray:  # fmt: skip
+                 strength: float = 1.0, mask: np.ndarray | None = None, callback=None) -> np.ndarray:  # fmt: skip
     """One batch: (B, C, h, w) float32 NOISE -> the final (B, C, h, w) latents for the VAE (scaled, shifted).
 
     GUIDANCE: SD 3.5's CFG scale (uncond = NEGATIVE, "" by default; off at <= 1, as diffusers) or FLUX dev's
     distilled guidance. INIT: (B, C, h, w) scaled latents of an init image (img2img): sampling starts at the
     schedule's step int(steps - steps * STRENGTH), from (1 - sigma) INIT + sigma NOISE (diffusers' scale_noise).
+    MASK: (1 or B, 1, h, w) float32, 1 = repaint: inpainting with a regular transformer, the kept area reset after
+    each step to INIT noised to the next sigma (clean after the last), as diffusers' SD 3 / FLUX inpaint pipelines.
     """
     family = flow_family(manifest)
     _, _, h, w = noise.shape
@@ -118,5 +120,25 @@ def flow_latents(manifest, engines: dict, prompts: list[str], noise: np.ndarray,
     if sampler not in FLOW_SAMPLERS:
         raise InvalidOption("sampler", sampler, f"one of {', '.join(FLOW_SAMPLERS)} for flow models (for now)")
     fn, _ = samplers.sampler_function(sampler)
-    kwargs = {"callback": callback} if callback is not None else {}
+    hook = callback
+    if mask is not None:
+        if init is None:
+            raise InvalidOption("mask", "given", "a mask with an init image (inpainting)")
+        hook = inpaint_blend(init, noise, mask, sigmas, callback)
+    kwargs = {"callback": hook} if hook is not None else {}
     return fn(denoiser, x, sigmas, **kwargs).astype(np.float32)
+
+
+def inpaint_blend(init: np.ndarray, noise: np.ndarray, mask: np.ndarray, sigmas: np.ndarray, then=None):
+    """The samplers' callback(i, x, denoised) that keeps the unmasked area on INIT's path: after step i, x there is
+    INIT noised to sigmas[i + 1] (INIT itself after the last step); THEN(i, x, denoised) runs after it."""
+    last = len(sigmas) - 2
+    keep = (np.float32(1.0) - mask).astype(np.float32)
+
+    def hook(i, x, denoised):
+        known = init if i >= last else noised(init, noise, sigmas[i + 1])
+        x[...] = keep * known + mask * x
+        if then is not None:
+            then(i, x, denoised)
+
+    return hook
