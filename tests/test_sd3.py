@@ -13,12 +13,17 @@ PROMPTS = ["a photo of a grey squirrel in the sky"]
 
 @pytest.fixture(scope="module")
 def sd3(tmp_path_factory):
-    """(diffusers pipeline, FlowRun) of a tiny SD 3.5 with T5, exported with `sdrt export`."""
+    """(diffusers pipeline, FlowRun) of a tiny SD 3.5 with T5, exported with `sdrt export`; its T5 in one part per
+    block, as the full-size one is exported (export/t5.py)."""
     from tiny_sd3 import build_tiny_sd3
+
+    from sdrt.export import t5
 
     root = tmp_path_factory.mktemp("tiny_sd3")
     pipe = build_tiny_sd3(root / "diffusers")
-    assert main(["export", str(root / "diffusers"), "-o", str(root / "onnx")]) == 0
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(t5, "PART_BYTES", 1)
+        assert main(["export", str(root / "diffusers"), "-o", str(root / "onnx")]) == 0
     return pipe, FlowRun(root / "onnx")
 
 
@@ -40,6 +45,7 @@ def test_manifest_facts(sd3):
     assert (m.vae_scaling_factor, m.vae_shift_factor) == (1.5305, 0.0609)
     assert m.family_config["flow"] == {"num_train_timesteps": 1000, "shift": 3.0}
     assert m.family_config["t5"] == "text_encoder_3" and m.family_config["t5_max_length"] == 256
+    assert [m.models[name]["part"] for name in ("text_encoder_3", "text_encoder_3_part1")] == [0, 1]
 
 
 def test_txt2img_matches_diffusers(sd3):

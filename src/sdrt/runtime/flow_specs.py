@@ -54,14 +54,14 @@ def t5_part_spec(name: str, index: int, count: int, width: int, heads: int) -> M
     """Part INDEX of COUNT of a T5 encoder (Raffel et al. 2020), split by blocks so each exports within memory.
 
     Part 0 takes token ids and also returns the relative position bias (1, heads, T, T) that its first block
-    computes; later parts take the hidden states and that bias; the last part ends with the final RMS norm. With
-    one part: input_ids -> last_hidden_state.
+    computes; later parts take the hidden states (the previous part's block_output) and that bias; the last part
+    ends with the final RMS norm and returns last_hidden_state. With one part: input_ids -> last_hidden_state.
     """
     hidden = ("batch", "tokens", width)
     bias = TensorSpec("position_bias", "float32", (1, heads, "tokens", "tokens"))
     first, last = index == 0, index == count - 1
     inputs = (TensorSpec("input_ids", "int64", ("batch", "tokens")),) if first else (
         TensorSpec("hidden_states", "float32", hidden), bias)  # fmt: skip
-    out_name = "last_hidden_state" if last else "hidden_states"
+    out_name = "last_hidden_state" if last else "block_output"  # (an output cannot share its input's name)
     outputs = (TensorSpec(out_name, "float32", hidden),) + (() if last or not first else (bias,))
     return ModelSpec(t5_part_name(name, index), inputs=inputs, outputs=outputs)

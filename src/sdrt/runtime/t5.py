@@ -60,8 +60,8 @@ class T5Encoder:
         out = self.engines[0].run({"input_ids": ids.astype(np.int64)})
         if len(self.engines) == 1:
             return out["last_hidden_state"]
-        hidden, bias = out["hidden_states"], out["position_bias"]
+        hidden, bias = out["block_output"], out["position_bias"]
         for engine in self.engines[1:]:
             out = engine.run({"hidden_states": hidden, "position_bias": bias})
-            hidden = out.get("hidden_states", out.get("last_hidden_state"))
+            hidden = out["last_hidden_state"] if "last_hidden_state" in out else out["block_output"]
         return hidden  # (B, T, D) float32
