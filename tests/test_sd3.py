@@ -4,6 +4,7 @@ same weights and noise (2/255), each with a can-fail twin that moves the image p
 import numpy as np
 import pytest
 from flow_helpers import FlowRun, diffusers_images, encode_image, inpaint_inputs, max_diff_255
+from tiny_sd3 import SD3_SCHEDULER
 
 from sdrt.cli import main
 from sdrt.runtime.rng import TorchCPUGenerator
@@ -133,3 +134,15 @@ def test_inpaint_matches_diffusers(sd3, latent_atol):
         assert np.abs(ours - reference).max() <= latent_atol
         # can-fail twin: without the mask the kept area is repainted too
         assert np.abs(run.latents(PROMPTS, **kwargs) - reference).max() > 0.1
+
+
+def test_heun_matches_flow_match_heun(sd3):
+    """Heun through the sigma form = diffusers' FlowMatchHeunDiscreteScheduler on the same sigmas."""
+    from diffusers import FlowMatchHeunDiscreteScheduler
+
+    pipe, run = sd3
+    heun = type(pipe)(**{**pipe.components, "scheduler": FlowMatchHeunDiscreteScheduler.from_config(SD3_SCHEDULER)})
+    heun.set_progress_bar_config(disable=True)
+    reference = diffusers_images(heun, PROMPTS, seed=4, steps=4, guidance=7.0)
+    assert max_diff_255(run.images(PROMPTS, seed=4, steps=4, guidance=7.0, sampler="Heun"), reference) <= 2.0
+    assert max_diff_255(run.images(PROMPTS, seed=4, steps=4, guidance=7.0), reference) > 8.0  # Euler differs
