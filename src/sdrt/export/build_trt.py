@@ -150,8 +150,7 @@ def build(
     except ImportError as e:
         raise SdrtError(f"`sdrt build` needs TensorRT: pip install 'sdrt[tensorrt]' ({e})") from None
     return {
-        name: build_engine(
-            manifest, name, ranges, builder_workspace, weight_streaming and name == "unet", refit, progress
-        )  # fmt: skip
+        name: build_engine(manifest, name, ranges, builder_workspace, weight_streaming and name == "unet", refit,
+                           progress)  # fmt: skip
         for name in names
     }
