@@ -8,7 +8,8 @@ T5's states (512 tokens) and CLIP-L's pooled state. Prompts are plain text here 
 
 import numpy as np
 
-from sdrt.runtime.conditioning import Chunk, TextEncoder
+from sdrt.errors import InvalidOption
+from sdrt.runtime.conditioning import EMPHASES, Chunk, Encoded, TextEncoder
 from sdrt.runtime.t5 import T5Encoder, T5Tokenizer
 from sdrt.runtime.tokenizer import ClipTokenizer
 
@@ -40,14 +41,32 @@ class T5Text:
         return self.encoder(self.tokenizer(list(texts), self.max_length))
 
 
-class Sd3Conditioner:
-    """SD 3.5's prompt -> {"encoder_hidden_states": (B, 77 + L, D), "pooled_projections": (B, P_l + P_g)}."""
+class FlowConditioner:
+    """The Conditioner protocol (conditioning.Conditioner: check, encode, empty, encoders) for texts read plain."""
+
+    encoders: list[TextEncoder]
+
+    def check(self, clip_skip: int, emphasis: str) -> None:
+        if emphasis not in EMPHASES:
+            raise InvalidOption("emphasis", emphasis, ", ".join(EMPHASES))
+
+    def encode(self, texts: list[str], clip_skip: int = 1, emphasis: str = "Original", texts_2=None) -> Encoded:
+        raise NotImplementedError
+
+    def empty(self, clip_skip: int = 1) -> np.ndarray:
+        return self.encode([""], clip_skip).context
+
+
+class Sd3Conditioner(FlowConditioner):
+    """SD 3.5's texts -> Encoded: context (B, 77 + L, D) (CLIP padded to T5's width, then T5), pooled
+    (B, P_l + P_g); the denoiser takes them as encoder_hidden_states and pooled_projections."""
 
     def __init__(self, clip_l: TextEncoder, clip_g: TextEncoder, t5: T5Text | None, t5_length: int, width: int):
         self.clip_l, self.clip_g, self.t5 = clip_l, clip_g, t5
+        self.encoders = [clip_l, clip_g]
         self.t5_length, self.width = t5_length, width  # width: T5's (the transformer's joint_attention_dim)
 
-    def __call__(self, texts: list[str]) -> dict[str, np.ndarray]:
+    def encode(self, texts: list[str], clip_skip: int = 1, emphasis: str = "Original", texts_2=None) -> Encoded:
         states_l, pooled_l = clip_states(self.clip_l, texts)
         states_g, pooled_g = clip_states(self.clip_g, texts)
         clip = np.concatenate([states_l, states_g], axis=-1)  # (B, 77, C_l + C_g)
@@ -57,18 +76,17 @@ class Sd3Conditioner:
             t5 = np.zeros((len(texts), self.t5_length, self.width), dtype=np.float32)
         else:
             t5 = self.t5(texts)  # (B, L, D)
-        return {
-            "encoder_hidden_states": np.concatenate([clip, t5], axis=1).astype(np.float32),
-            "pooled_projections": np.concatenate([pooled_l, pooled_g], axis=-1).astype(np.float32),
-        }
+        context = np.concatenate([clip, t5], axis=1).astype(np.float32)
+        return Encoded(context, np.concatenate([pooled_l, pooled_g], axis=-1).astype(np.float32))
 
 
-class FluxConditioner:
-    """FLUX.1's prompt -> {"encoder_hidden_states": (B, 512, D) T5 states, "pooled_projections": (B, P) CLIP-L}."""
+class FluxConditioner(FlowConditioner):
+    """FLUX.1's texts -> Encoded: context (B, 512, D) T5 states, pooled (B, P) CLIP-L's."""
 
     def __init__(self, clip_l: TextEncoder, t5: T5Text):
         self.clip_l, self.t5 = clip_l, t5
+        self.encoders = [clip_l]
 
-    def __call__(self, texts: list[str]) -> dict[str, np.ndarray]:
+    def encode(self, texts: list[str], clip_skip: int = 1, emphasis: str = "Original", texts_2=None) -> Encoded:
         _, pooled = clip_states(self.clip_l, texts)
-        return {"encoder_hidden_states": self.t5(texts), "pooled_projections": pooled.astype(np.float32)}
+        return Encoded(self.t5(texts).astype(np.float32), pooled.astype(np.float32))
