@@ -108,3 +108,34 @@ def torch_tensor(array):
     import torch
 
     return torch.from_numpy(np.asarray(array))
+
+
+def test_infotext_read_back_regenerates_the_image(dev):
+    from sdrt.runtime.infotext import generate_kwargs, parse_infotext
+
+    _, pipeline = dev
+    image = pipeline.generate(PROMPT, steps=3, cfg_scale=2.5, seed=11, width=64, height=80, progress=False)[0]
+    kwargs = generate_kwargs(parse_infotext(image.info["parameters"]))
+    again = pipeline.generate(progress=False, **kwargs)[0]
+    assert np.array_equal(np.asarray(again), np.asarray(image))
+    assert (kwargs["cfg_scale"], kwargs["width"], kwargs["height"]) == (2.5, 64, 80)
+
+
+def test_http_api_and_cli(dev, tmp_path):
+    """The A1111 API and `sdrt generate` run FLUX through the same Pipeline; a sampler it cannot run is a 422 / exit 2
+    naming the field."""
+    from fastapi.testclient import TestClient
+
+    from sdrt.cli import main
+    from sdrt.server.app import create_app
+
+    pipe, pipeline = dev
+    request = {"prompt": PROMPT, "steps": 3, "cfg_scale": 3.5, "width": 64, "height": 64, "seed": 2}
+    with TestClient(create_app(pipeline)) as client:
+        assert client.post("/sdapi/v1/txt2img", json=request).status_code == 200
+        bad = client.post("/sdapi/v1/txt2img", json={**request, "sampler_name": "Euler a"})
+        assert bad.status_code == 422 and "sampler" in bad.text
+    folder = str(pipeline.manifest.folder)
+    args = ["generate", PROMPT, "-m", folder, "--steps", "2", "--width", "64", "--height", "64", "-o", str(tmp_path)]
+    assert main(args) == 0 and len(list(tmp_path.glob("*.png"))) == 1
+    assert main([*args, "--sampler", "DPM++ 2M SDE"]) == 2
