@@ -115,8 +115,11 @@ def test_heun_matches_flow_match_heun(sd3):
 @pytest.mark.parametrize(
     "field,value",
     [("sampler", "Euler a"), ("scheduler", "karras"), ("width", 72), ("width", 512), ("clip_skip", 2),
-     ("guidance_rescale", 0.5)],
+     ("guidance_rescale", 0.5), ("lora", "<lora:style:0.8>")],
 )  # fmt: skip
 def test_options_the_family_cannot_honour_are_refused(sd3, field, value):
     with pytest.raises(InvalidOption, match=field):
-        sd3[1].generate(PROMPT, steps=2, progress=False, **{"width": 64, "height": 64, field: value})
+        if field == "lora":  # a LoRA tag in the prompt
+            sd3[1].generate(f"{PROMPT} {value}", steps=2, width=64, height=64, progress=False)
+        else:
+            sd3[1].generate(PROMPT, steps=2, progress=False, **{"width": 64, "height": 64, field: value})

@@ -51,8 +51,8 @@ class FlowFamily(Family):
         raise NotImplementedError
 
     def check_options(self, manifest, opts) -> None:
-        """Options this family cannot honour, refused by name: other samplers and schedules, sizes the transformer
-        cannot patch, guidance rescale, CLIP skip."""
+        """Options this family cannot honour, refused by name: other samplers and schedules, ControlNet, LoRA, sizes
+        the transformer cannot patch, guidance rescale, CLIP skip."""
         if opts.sampler not in FLOW_SAMPLERS:
             raise InvalidOption("sampler", opts.sampler, f"one of {', '.join(FLOW_SAMPLERS)} for {self.title} models")
         if opts.scheduler != "automatic":
@@ -61,6 +61,14 @@ class FlowFamily(Family):
             raise InvalidOption("timestep_spacing", opts.timestep_spacing, f"None for {self.title} models")
         if opts.guidance_rescale:
             raise InvalidOption("guidance_rescale", opts.guidance_rescale, f"0 for {self.title} models")
+        if opts.controlnets:
+            raise InvalidOption("controlnets", f"{len(opts.controlnets)} unit(s)", f"none: ControlNet for {self.title} "
+                                "models is not supported yet")  # fmt: skip
+        from sdrt.runtime.lora import parse_prompt
+
+        loras = parse_prompt(opts.prompt)[1]
+        if loras:
+            raise InvalidOption("lora", loras[0].name, f"none: LoRA for {self.title} models is not supported yet")
         if opts.clip_skip != 1:
             raise InvalidOption("clip_skip", opts.clip_skip, f"1 for {self.title} models (as diffusers)")
         step = self.patch * manifest.latent_downsample
