@@ -142,4 +142,4 @@ denoiser_step = no_controlnet("FLUX.1")
 
 def claims(source: str, checkpoint) -> bool:
     """The export registry's question: a FLUX.1 diffusers folder or hub id (model_index.json's pipeline class)."""
-    return flow_family(source) == "flux"
+    return flow_family(source) in FAMILIES

@@ -122,4 +122,4 @@ denoiser_step = no_controlnet("SD 3.5")
 
 def claims(source: str, checkpoint) -> bool:
     """The export registry's question: a SD 3.5 diffusers folder or hub id (model_index.json's pipeline class)."""
-    return flow_family(source) == "sd3"
+    return flow_family(source) in FAMILIES
