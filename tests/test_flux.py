@@ -139,3 +139,11 @@ def test_http_api_and_cli(dev, tmp_path):
     args = ["generate", PROMPT, "-m", folder, "--steps", "2", "--width", "64", "--height", "64", "-o", str(tmp_path)]
     assert main(args) == 0 and len(list(tmp_path.glob("*.png"))) == 1
     assert main([*args, "--sampler", "DPM++ 2M SDE"]) == 2
+
+
+def test_export_controlnet_variant_refused(dev, tmp_path):
+    from sdrt.cli import main
+
+    source = dev[1].manifest.folder.parent / "diffusers"
+    assert main(["export", str(source), "-o", str(tmp_path / "out"), "--controlnet"]) == 2
+    assert not (tmp_path / "out").exists()

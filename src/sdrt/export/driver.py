@@ -28,12 +28,14 @@ class Tokenizer:
 class ExportPlan:
     """A family's export: DESCRIPTION (what was detected, printed), PARTS (ModelSteps and Tokenizers, made lazily in
     order so each module can leave memory after its graph), STEPS (the progress bar's count) and FACTS() (the
-    Manifest's fields other than models, precision and version; called once every part is written)."""
+    Manifest's fields other than models, precision and version; called once every part is written). CONTROLNET:
+    the family has a UNet that a ControlNet variant can be made of (export/controlnet.py)."""
 
     description: str
     parts: Iterable
     steps: int
     facts: Callable[[], dict]
+    controlnet: bool = True
 
 
 def export_into(plan: ExportPlan, folder: Path, precision: str, bar) -> Manifest:

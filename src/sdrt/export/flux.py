@@ -132,7 +132,7 @@ def flux_plan(source, precision: str, original_config, config, vae_option) -> dr
 
     variant = "dev: guidance input" if guided else "schnell: no guidance input"
     description = f"detected family: flux ({parts.index['_class_name']}, {variant})"
-    return driver.ExportPlan(description, steps(), 6, facts)
+    return driver.ExportPlan(description, steps(), 6, facts, controlnet=False)
 
 
 FAMILIES = ("flux",)  # the manifest families this plan writes

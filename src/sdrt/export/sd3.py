@@ -112,7 +112,7 @@ def sd3_plan(source, precision: str, original_config, config, vae_option) -> dri
 
     t5_note = "with T5" if has_t5 else "without T5 (text_encoder_3 absent: zeros in its place, as diffusers)"
     description = f"detected family: sd3 ({parts.index['_class_name']}, {t5_note})"
-    return driver.ExportPlan(description, steps(), 5 + has_t5, facts)
+    return driver.ExportPlan(description, steps(), 5 + has_t5, facts, controlnet=False)
 
 
 FAMILIES = ("sd3",)  # the manifest families this plan writes
