@@ -147,3 +147,17 @@ def test_export_controlnet_variant_refused(dev, tmp_path):
     source = dev[1].manifest.folder.parent / "diffusers"
     assert main(["export", str(source), "-o", str(tmp_path / "out"), "--controlnet"]) == 2
     assert not (tmp_path / "out").exists()
+
+
+def test_low_vram_staging_gives_the_same_image(dev):
+    """low_vram: one engine resident at a time (T5's parts, CLIP, the transformer, the VAE each loaded in turn)."""
+    from sdrt import Pipeline
+
+    _, pipeline = dev
+    staged = Pipeline.load(pipeline.manifest.folder, low_vram=True)
+    assert staged.memory.staged
+    kwargs = dict(steps=2, cfg_scale=3.5, seed=13, width=64, height=64, output_type="latent", progress=False)
+    np.testing.assert_array_equal(staged.generate(PROMPT, **kwargs), pipeline.generate(PROMPT, **kwargs))
+    loaded = [name for name, engine in staged.engines.items() if engine.inner.session is not None]
+    assert loaded == ["transformer"], loaded  # the last one run (latents: no VAE), alone
+    assert staged.engines["transformer"].stager.loads == 3  # CLIP-L, T5, the transformer: each loaded in turn
