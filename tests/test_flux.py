@@ -161,3 +161,20 @@ def test_low_vram_staging_gives_the_same_image(dev):
     loaded = [name for name, engine in staged.engines.items() if engine.inner.session is not None]
     assert loaded == ["transformer"], loaded  # the last one run (latents: no VAE), alone
     assert staged.engines["transformer"].stager.loads == 3  # CLIP-L, T5, the transformer: each loaded in turn
+
+
+def test_fp16_export_runs_close_to_fp32(dev, tmp_path):
+    """--precision fp16: the transformer and VAE in fp16, CLIP and T5 kept fp32 (T5 overflows in fp16)."""
+    from sdrt import Pipeline
+    from sdrt.cli import main
+
+    _, pipeline = dev
+    source = pipeline.manifest.folder.parent / "diffusers"
+    assert main(["export", str(source), "-o", str(tmp_path / "fp16"), "--precision", "fp16"]) == 0
+    half = Pipeline.load(tmp_path / "fp16")
+    precisions = {name: entry["precision"] for name, entry in half.manifest.models.items()}
+    assert precisions == {"text_encoder": "fp32", "text_encoder_2": "fp32", "transformer": "fp16",
+                          "vae_decoder": "fp16", "vae_encoder": "fp16"}  # fmt: skip
+    kwargs = dict(steps=3, cfg_scale=3.5)
+    diff = max_diff_255(sdrt_run(half, PROMPT, [14], **kwargs), sdrt_run(pipeline, PROMPT, [14], **kwargs))
+    assert diff <= 4.0  # measured 1/255
