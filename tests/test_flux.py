@@ -133,7 +133,7 @@ def test_http_api_and_cli(dev, tmp_path):
     request = {"prompt": PROMPT, "steps": 3, "cfg_scale": 3.5, "width": 64, "height": 64, "seed": 2}
     with TestClient(create_app(pipeline)) as client:
         assert client.post("/sdapi/v1/txt2img", json=request).status_code == 200
-        bad = client.post("/sdapi/v1/txt2img", json={**request, "sampler_name": "Euler a"})
+        bad = client.post("/sdapi/v1/txt2img", json={**request, "sampler_name": "DPM++ SDE"})
         assert bad.status_code == 422 and "sampler" in bad.text
     folder = str(pipeline.manifest.folder)
     args = ["generate", PROMPT, "-m", folder, "--steps", "2", "--width", "64", "--height", "64", "-o", str(tmp_path)]
@@ -178,3 +178,13 @@ def test_fp16_export_runs_close_to_fp32(dev, tmp_path):
     kwargs = dict(steps=3, cfg_scale=3.5)
     diff = max_diff_255(sdrt_run(half, PROMPT, [14], **kwargs), sdrt_run(pipeline, PROMPT, [14], **kwargs))
     assert diff <= 4.0  # measured 1/255
+
+
+def test_euler_ancestral_runs_in_its_flow_form(dev):
+    """Euler a on FLUX: the rectified-flow step (flow_samplers.py; its distribution is checked in
+    test_flow_pieces.py), reproducible per seed, another image than Euler's."""
+    _, pipeline = dev
+    kwargs = dict(steps=4, cfg_scale=3.5, sampler="Euler a")
+    first = sdrt_run(pipeline, PROMPT, [15], **kwargs)
+    assert np.array_equal(first, sdrt_run(pipeline, PROMPT, [15], **kwargs))
+    assert max_diff_255(first, sdrt_run(pipeline, PROMPT, [15], steps=4, cfg_scale=3.5)) > 8.0

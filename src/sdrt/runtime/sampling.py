@@ -4,7 +4,7 @@ and the per-step hook."""
 
 import numpy as np
 
-from sdrt.runtime import editing, samplers
+from sdrt.runtime import editing
 from sdrt.runtime.checks import require_finite
 from sdrt.runtime.rng import ImageNoise
 from sdrt.runtime.schedules import Schedule, resolve_config
@@ -46,7 +46,7 @@ def sample(model, run, batch, bar) -> np.ndarray:
         parts = model.family.split_schedule(schedule, second.switch_at, manifest)
         refined = denoiser(second.model, opts, timesteps, second.text.repeat(size))
         stages = [(parts[0], stages[0][1]), (parts[1], refined)]
-    fn, takes = samplers.sampler_function(opts.sampler)
+    fn, takes = model.family.sampler_function(opts.sampler)
     kwargs = {k: v for k, v in opts.sampler_kwargs().items() if k in takes}
     ddim = resolve_config(manifest.scheduler, "ddim")
     if "clip_denoised" in takes and ddim.clip_sample:

@@ -71,6 +71,12 @@ class Family:
                         opts.cfg_scale, guidance_rescale=opts.guidance_rescale, conditioning=conditioning,
                         control=control)  # fmt: skip
 
+    def sampler_function(self, name: str):
+        """(function, the keyword arguments it takes) of the A1111 sampler NAME on this family (samplers.py)."""
+        from sdrt.runtime.samplers import sampler_function
+
+        return sampler_function(name)
+
     def add_noise(self, x0: np.ndarray, eps: np.ndarray, sigma) -> np.ndarray:
         """x at SIGMA from the clean latents X0 and unit noise EPS (img2img's start, inpainting's kept area): x0 +
         sigma eps, every discrete scheduler's add_noise in sigma units."""

@@ -15,11 +15,12 @@ from sdrt.runtime.families.base import Family
 from sdrt.runtime.flow import FlowConfig, FlowDenoiser, flow_schedule, noised
 from sdrt.runtime.flow_conditioning import FluxConditioner, Sd3Conditioner, T5Text, clip_encoder
 from sdrt.runtime.flow_models import PACK, FluxModel, Sd3Model
+from sdrt.runtime.flow_samplers import FLOW_VARIANTS
 from sdrt.runtime.flow_specs import TRANSFORMER
 
-# The samplers that run on flow sigmas as they are: the deterministic ones. The ancestral and SDE samplers add noise
-# in the variance-exploding form (x0 + sigma noise); flow models need their rectified-flow variants (not yet).
-FLOW_SAMPLERS = ("Euler", "Heun", "DPM++ 2M", "UniPC", "LMS", "DPM2")
+# The samplers of these families: the deterministic ones run on flow sigmas as they are; Euler a in its rectified-flow
+# form (flow_samplers.py). The other ancestral and SDE samplers add noise in the variance-exploding form (not yet).
+FLOW_SAMPLERS = ("Euler", "Euler a", "Heun", "DPM++ 2M", "UniPC", "LMS", "DPM2")
 
 
 class FlowFamily(Family):
@@ -41,6 +42,9 @@ class FlowFamily(Family):
 
     def add_noise(self, x0: np.ndarray, eps: np.ndarray, sigma) -> np.ndarray:
         return noised(x0, eps, sigma)
+
+    def sampler_function(self, name: str):
+        return FLOW_VARIANTS.get(name) or super().sampler_function(name)
 
     def denoiser(self, model, opts, timesteps: dict, text, conditioning=None, control=None):
         if conditioning is not None or control is not None:
