@@ -144,3 +144,19 @@ def test_other_samplers_solve_the_same_flow_ode(sd3, ode_solution, sampler):
     # can-fail twin: another guidance scale is another ODE (the schedule only changes how it is discretised)
     moved = np.abs(sdrt_run(pipeline, PROMPT, [12], steps=48, **{**kwargs, "cfg_scale": 4.0}) - ode_solution).max()
     assert moved > 2.0
+
+
+def test_ray_batching_gives_each_request_its_own_images(sd3):
+    """`sdrt serve --ray`'s batching (runtime/batching.py) runs SD 3.5 requests together: each request's images equal
+    what it gets alone (the pooled inputs are stacked as the per-token ones)."""
+    from sdrt.runtime import batching
+
+    pipeline = sd3[1]
+    common = dict(steps=3, cfg_scale=5.0, width=64, height=64)
+    requests = [dict(prompt="a red cat", seed=1, **common), dict(prompt="a blue dog", negative_prompt="sky", seed=2,
+                                                                 batch_size=2, **common)]  # fmt: skip
+    batched = batching.generate_batch(pipeline, requests)
+    for request, images in zip(requests, batched, strict=True):
+        alone = pipeline.generate(**request, progress=False)
+        assert [np.asarray(a).tolist() for a in images] == [np.asarray(b).tolist() for b in alone]
+    assert np.asarray(batched[0][0]).tolist() != np.asarray(batched[1][0]).tolist()
