@@ -37,23 +37,14 @@ def _factors(weight: torch.Tensor, rank: int, scale: float, gen: torch.Generator
     kernel = tuple(weight.shape[2:])
     std = float(weight.float().std()) * scale / rank**0.5
     down = torch.randn(rank, in_ch, *kernel, generator=gen) * (std**0.5)
-    up = (
-        torch.randn(out_ch, rank, *((1, 1) if kernel else ()), generator=gen)
-        * (std**0.5)
-        / (np.prod(kernel) ** 0.5 if kernel else 1)
+    up = torch.randn(out_ch, rank, *((1, 1) if kernel else ()), generator=gen) * (std**0.5) / (
+        np.prod(kernel) ** 0.5 if kernel else 1
     )
     return down, up
 
 
-def make_lora(
-    parts: dict,
-    kind: str = "kohya",
-    rank: int = 4,
-    alpha: float = 2.0,
-    scale: float = 0.5,
-    seed: int = 0,
-    dtype=torch.float32,
-) -> dict:
+def make_lora(parts: dict, kind: str = "kohya", rank: int = 4, alpha: float = 2.0, scale: float = 0.5, seed: int = 0,
+              dtype=torch.float32) -> dict:
     """A state dict for PARTS {part: {diffusers name: module}} ("unet", "text_encoder", "text_encoder_2").
 
     KIND: "kohya" (lora_unet_/lora_te_ keys), "peft" (unet./text_encoder. with lora_A/lora_B), "loha", "lokr"."""
@@ -79,16 +70,16 @@ def make_lora(
                 down, up = _factors(weight, rank, scale, gen)
                 sd[f"{key}.lora_down.weight"], sd[f"{key}.lora_up.weight"] = down, up
             elif kind == "loha":
-                s = std**0.5 / rank**0.25
+                s = std ** 0.5 / rank**0.25
                 sd[f"{key}.hada_w1_a"] = torch.randn(out_ch, rank, generator=gen) * s
                 sd[f"{key}.hada_w1_b"] = torch.randn(rank, flat_in, generator=gen) * s
                 sd[f"{key}.hada_w2_a"] = torch.randn(out_ch, rank, generator=gen) * s
                 sd[f"{key}.hada_w2_b"] = torch.randn(rank, flat_in, generator=gen) * s
             elif kind == "lokr":  # factor 2 on the first side: w1 full (2, 2), w2 decomposed
                 s = std / rank**0.25
-                sd[f"{key}.lokr_w1"] = torch.randn(2, 2, generator=gen) * std**0.5
-                sd[f"{key}.lokr_w2_a"] = torch.randn(out_ch // 2, rank, generator=gen) * s**0.5
-                sd[f"{key}.lokr_w2_b"] = torch.randn(rank, flat_in // 2, generator=gen) * s**0.5
+                sd[f"{key}.lokr_w1"] = torch.randn(2, 2, generator=gen) * std ** 0.5
+                sd[f"{key}.lokr_w2_a"] = torch.randn(out_ch // 2, rank, generator=gen) * s ** 0.5
+                sd[f"{key}.lokr_w2_b"] = torch.randn(rank, flat_in // 2, generator=gen) * s ** 0.5
             else:
                 raise ValueError(kind)
     return {k: v.to(dtype).contiguous() for k, v in sd.items()}
