@@ -13,7 +13,7 @@ __all__ = ["export", "scheduler_config"]
 # claims(source, checkpoint_info) -> bool, plan(source, precision, original_config, config, vae) -> ExportPlan,
 # FAMILIES (the manifest families it writes) and denoiser_step(source, manifest, ...) (export/controlnet.py).
 # A new family's export is one module here and one entry in this list.
-EXPORT_PLANS = ("sdrt.export.sdxl", "sdrt.export.sd")
+EXPORT_PLANS = ("sdrt.export.sd3", "sdrt.export.flux", "sdrt.export.sdxl", "sdrt.export.sd")
 
 
 def plan_module(family: str):

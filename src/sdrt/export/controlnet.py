@@ -210,6 +210,9 @@ def with_unet_controlnet(plan):
 
     from sdrt.export.steps import ModelStep
 
+    if not plan.controlnet:
+        raise InvalidOption("--controlnet", True, "not given: this model family has no ControlNet variant yet")
+
     def parts():
         for part in plan.parts:
             if isinstance(part, ModelStep) and part.spec.name == "unet":

@@ -229,7 +229,8 @@ def encode_prompts(conditioner: Conditioner, family, manifest, opts) -> tuple:
     from sdrt.runtime.prompt import prompt_schedules
 
     prompt = strip_tags(opts.prompt)  # A1111 takes <lora:...> (extra network) tags out before encoding
-    prompts = [prompt, opts.negative_prompt] if opts.guided else [prompt]
+    guided = family.guided(opts)
+    prompts = [prompt, opts.negative_prompt] if guided else [prompt]
     schedules = prompt_schedules(prompts, opts.steps)  # per prompt: [(last step, text)]
     encoded = []  # per prompt: [(last step, Encoded)]
     for index, schedule in enumerate(schedules):
@@ -249,14 +250,14 @@ def encode_prompts(conditioner: Conditioner, family, manifest, opts) -> tuple:
     feeds = []
     for end in ends:
         at = [next((e for last, e in entries if end <= last), entries[-1][1]) for entries in encoded]
-        feeds.append(text_feeds(family, manifest, at[0], at[1] if opts.guided else None, opts))
+        feeds.append(text_feeds(family, manifest, at[0], at[1] if guided else None, opts))
     used = {e.name: e for entries in encoded for _, enc in entries for e in enc.used}
     notes = {
         "Emphasis": opts.emphasis if opts.emphasis != "Original" and _has_emphasis(prompts) else None,
         "TI hashes": ", ".join(f"{_clean(n)}: {e.shorthash}" for n, e in used.items()) or None,
         "Pad conds": True if padded else None,
     }
-    return TextConditioning(tuple(ends), tuple(feeds), opts.guided), notes
+    return TextConditioning(tuple(ends), tuple(feeds), guided), notes
 
 
 def _row(encoded: Encoded, i: int) -> Encoded:

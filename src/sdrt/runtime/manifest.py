@@ -10,7 +10,7 @@ from sdrt.errors import ModelError
 MANIFEST_NAME = "model.json"
 MANIFEST_FORMAT = "sdrt-model"
 MANIFEST_VERSION = 2  # 2: text encoders take token embeddings and return every layer
-PREDICTION_TYPES = ("epsilon", "v_prediction")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "flow")  # flow: the model predicts noise - x0
 PRECISIONS = ("fp32", "fp16")
 TEXT_ENCODER_NAMES = ("text_encoder", "text_encoder_2")  # SDXL's refiner has only the second
 # A model's optional "weight_map" entry: a JSON beside its model.onnx from diffusers module names to the ONNX
@@ -76,6 +76,9 @@ class Manifest:
     # Fused graph variants (sdrt.export.optimize): {target ("cuda", "cpu"): {model: {"file", "precision",
     # "fused_ops": {op: count}, "max_error", "verified_on"}}}. Absent in older manifests: the plain graphs run.
     optimized: dict = field(default_factory=dict)
+    # The transformer families' own facts (SD 3.5, FLUX.1: flow schedule, T5, packing, guidance input), as export
+    # wrote them; the family's runtime module reads them.
+    family_config: dict = field(default_factory=dict)
     folder: Path = field(default=Path("."), compare=False)
 
     @property

@@ -12,7 +12,8 @@ from sdrt.runtime.tiling import DEFAULT_OVERLAP, DEFAULT_TILE, tiling_for
 # Activation bytes per latent cell per image of each engine in fp16 (TensorRT, fused attention), used to plan a
 # VRAM budget before any engine runs. Estimates from published SD 1.5 figures (UNet ~1 GB at 512x512, batch 2;
 # VAE decoder ~2.5 GB at 512x512 untiled), not measured by sdrt: the budget test on a GPU checks the plan.
-ACTIVATION_PER_CELL = {"text_encoder": 0, "unet": 120_000, "vae_decoder": 600_000, "vae_encoder": 300_000}
+ACTIVATION_PER_CELL = {"text_encoder": 0, "unet": 120_000, "vae_decoder": 600_000, "vae_encoder": 300_000,
+                       "transformer": 120_000}  # the flow transformers: not measured yet, taken as the UNet
 # A UNet with fused attention (sdrt optimize --target cuda: flash / memory-efficient MultiHeadAttention) holds no
 # (heads, N, N) score matrix, 8 x 4096^2 x 2 bytes per sample at 512x512, which was ~100 KB of the 120 KB per cell
 # above. What stays live at the 64x64 level, per latent cell per sample in fp16: the GEGLU projection (2560 channels,

@@ -356,6 +356,7 @@ def resolve(options: GenerationOptions, manifest: Manifest) -> GenerationOptions
     owned = {name: o[name] for name in family_option_names() if o[name] is not None}
     family.refuse_options(manifest, owned)
     object.__setattr__(resolved, "family_options", family.resolve_options(manifest, owned))
+    family.check_options(manifest, resolved)
     return resolved
 
 

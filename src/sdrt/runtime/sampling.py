@@ -4,9 +4,8 @@ and the per-step hook."""
 
 import numpy as np
 
-from sdrt.runtime import editing, samplers
+from sdrt.runtime import editing
 from sdrt.runtime.checks import require_finite
-from sdrt.runtime.denoiser import Denoiser
 from sdrt.runtime.rng import ImageNoise
 from sdrt.runtime.schedules import Schedule, resolve_config
 
@@ -33,7 +32,7 @@ def sample(model, run, batch, bar) -> np.ndarray:
     conditioning, blend = None, None
     if run.edit is not None:
         schedule, x, conditioning, blend = editing.start_edit(manifest, model.vae, opts, schedule, run.edit, noise,
-                                                              size)  # fmt: skip
+                                                              size, model.family.add_noise)  # fmt: skip
     elif batch.start is None:
         x = (noise.initial() * np.float32(schedule.initial_noise_scale)).astype(np.float32)  # (B, C, h, w)
     else:
@@ -47,7 +46,7 @@ def sample(model, run, batch, bar) -> np.ndarray:
         parts = model.family.split_schedule(schedule, second.switch_at, manifest)
         refined = denoiser(second.model, opts, timesteps, second.text.repeat(size))
         stages = [(parts[0], stages[0][1]), (parts[1], refined)]
-    fn, takes = samplers.sampler_function(opts.sampler)
+    fn, takes = model.family.sampler_function(opts.sampler)
     kwargs = {k: v for k, v in opts.sampler_kwargs().items() if k in takes}
     ddim = resolve_config(manifest.scheduler, "ddim")
     if "clip_denoised" in takes and ddim.clip_sample:
@@ -63,20 +62,9 @@ def sample(model, run, batch, bar) -> np.ndarray:
     return require_finite((x * np.float32(schedule.final_scale)).astype(np.float32), "latents", manifest)
 
 
-def denoiser(model, opts, timesteps: dict, text, conditioning=None, control=None) -> Denoiser:
-    """D(x, sigma) around MODEL's denoiser graph with guidance; CONDITIONING: an inpainting UNet's extra channels;
-    CONTROL: a controlnet.ControlHook adding ControlNet residuals."""
-    return Denoiser(
-        model.denoiser_engine,
-        model.manifest.prediction_type,
-        model.train_sigmas,
-        timesteps,
-        text,
-        opts.cfg_scale,
-        guidance_rescale=opts.guidance_rescale,
-        conditioning=conditioning,
-        control=control,
-    )
+def denoiser(model, opts, timesteps: dict, text, conditioning=None, control=None):
+    """D(x, sigma) around MODEL's denoiser graph, as its family makes it (Family.denoiser)."""
+    return model.family.denoiser(model, opts, timesteps, text, conditioning, control)
 
 
 def step_hook(schedule: Schedule, blend, bar, final: bool = True):

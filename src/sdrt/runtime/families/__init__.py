@@ -12,7 +12,7 @@ from sdrt.errors import ModelError
 from sdrt.runtime.families.base import Family
 
 # The family modules, each defining FAMILIES (its Family objects); the manifest's "family" picks one.
-FAMILY_MODULES = ("sdrt.runtime.families.sd", "sdrt.runtime.families.sdxl")
+FAMILY_MODULES = ("sdrt.runtime.families.sd", "sdrt.runtime.families.sdxl", "sdrt.runtime.families.flow")
 _REGISTRY: dict[str, Family] = {}
 
 

@@ -57,6 +57,33 @@ class Family:
                 raise InvalidOption(field, value, f"None: {field} is an {owner.title} option, and this model is "
                                                   f"{manifest.family}")  # fmt: skip
 
+    def guided(self, opts) -> bool:
+        """Whether classifier-free guidance runs (the negative prompt encoded, two halves a call): cfg_scale > 1."""
+        return opts.guided
+
+    def check_options(self, manifest, opts) -> None:
+        """InvalidOption for a resolved option this family cannot honour (the UNet families take them all)."""
+
+    def denoiser(self, model, opts, timesteps: dict, text, conditioning=None, control=None):
+        """D(x, sigma) around MODEL's denoiser graph with guidance (denoiser.Denoiser: eps / v). CONDITIONING: an
+        inpainting UNet's extra channels; CONTROL: a controlnet.ControlHook adding ControlNet residuals."""
+        from sdrt.runtime.denoiser import Denoiser
+
+        return Denoiser(model.denoiser_engine, model.manifest.prediction_type, model.train_sigmas, timesteps, text,
+                        opts.cfg_scale, guidance_rescale=opts.guidance_rescale, conditioning=conditioning,
+                        control=control)  # fmt: skip
+
+    def sampler_function(self, name: str):
+        """(function, the keyword arguments it takes) of the A1111 sampler NAME on this family (samplers.py)."""
+        from sdrt.runtime.samplers import sampler_function
+
+        return sampler_function(name)
+
+    def add_noise(self, x0: np.ndarray, eps: np.ndarray, sigma) -> np.ndarray:
+        """x at SIGMA from the clean latents X0 and unit noise EPS (img2img's start, inpainting's kept area): x0 +
+        sigma eps, every discrete scheduler's add_noise in sigma units."""
+        return (x0 + np.float32(sigma) * eps).astype(np.float32)
+
     def second_texts(self, opts, index: int, count: int) -> list[str] | None:
         """The second text encoder's own texts for prompt INDEX (0: prompt, 1: negative), or None: the same texts."""
         return None
