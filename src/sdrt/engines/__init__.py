@@ -127,7 +127,7 @@ def create_engine(model_file: Path, backend: str, **options) -> Engine:
 
 
 def _openvino(model_file: Path, backend: str, options: dict) -> Engine:
-    from sdrt.engines.openvino import create_openvino_engine
+    from sdrt.engines.openvino_weights import create_openvino_engine
 
     return create_openvino_engine(model_file, backend, **options)
 

@@ -296,20 +296,5 @@ def model_cache_dir() -> Path | None:
     return cache_root() / "openvino" / f"{openvino.get_version().split('-')[0]}-{flags}"
 
 
-def create_openvino_engine(model_file: Path, backend: str, keep_f32: bool = False, **options) -> OpenVINOEngine:
-    """An unloaded OpenVINOEngine for MODEL_FILE on BACKEND ("openvino..."); KEEP_F32: this graph runs f32 on the
-    CPU whatever the backend's precision (the text encoders: one call per prompt, and their output steers every step).
-    """
-    if not openvino_available():
-        raise ModelError(f"the {backend} backend needs OpenVINO: {INSTALL_HINT}")
-    target = parse_backend(backend)
-    precision = resolve_precision(target)
-    if keep_f32 and target.device == "CPU":
-        precision = "f32"
-    from sdrt.engines.openvino_weights import OpenVINOWeightsEngine  # takes LoRAs (weights as inputs)
-
-    return OpenVINOWeightsEngine(model_file, target.device, precision, cache_dir=model_cache_dir(), **options)
-
-
 def announce(backend: str) -> None:
     print(f"sdrt: backend {backend}: OpenVINO on {describe(parse_backend(backend))}", file=sys.stderr)

@@ -18,7 +18,14 @@ price is that the plugin cannot pre-pack inputs as it does constants (per-step c
 import numpy as np
 
 from sdrt.engines.onnx_weights import OnnxWeights
-from sdrt.engines.openvino import OpenVINOEngine, output_name
+from sdrt.engines.openvino import (
+    INSTALL_HINT,
+    OpenVINOEngine,
+    model_cache_dir,
+    output_name,
+    parse_backend,
+    resolve_precision,
+)
 from sdrt.engines.weight_merge import merge_all, merged_value
 from sdrt.errors import ModelError
 
@@ -175,3 +182,18 @@ class OpenVINOWeightsEngine(OpenVINOEngine):
         weights = self.replaceable.feeds(self.replaceable.variant())
         outputs = request.infer({**inputs, **weights}, share_inputs=True, share_outputs=False)
         return {name: outputs[i] for i, name in enumerate(self.output_names)}
+
+
+def create_openvino_engine(model_file, backend: str, keep_f32: bool = False, **options) -> OpenVINOWeightsEngine:
+    """An unloaded OpenVINOEngine for MODEL_FILE on BACKEND ("openvino..."); KEEP_F32: this graph runs f32 on the
+    CPU whatever the backend's precision (the text encoders: one call per prompt, and their output steers every step).
+    """
+    from sdrt.engines import openvino
+
+    if not openvino.openvino_available():  # looked up when called (tests replace it)
+        raise ModelError(f"the {backend} backend needs OpenVINO: {INSTALL_HINT}")
+    target = parse_backend(backend)
+    precision = resolve_precision(target)
+    if keep_f32 and target.device == "CPU":
+        precision = "f32"
+    return OpenVINOWeightsEngine(model_file, target.device, precision, cache_dir=model_cache_dir(), **options)

@@ -10,6 +10,8 @@ import math
 
 import numpy as np
 
+from sdrt.runtime.sigma_time import sigma_to_t, t_to_sigma
+
 A1111_SCHEDULES = ("polyexponential", "kl_optimal", "align_your_steps", "normal", "ddim")
 POLYEXPONENTIAL_RHO = 1.0  # A1111's default_rho for it (k-diffusion's get_sigmas_polyexponential default too)
 # Sabour et al. 2024, "Align Your Steps": the optimised 10-step sigmas NVIDIA published for SD 1.5 and SDXL
@@ -56,8 +58,6 @@ def ddim_grid(n_train: int, steps: int) -> np.ndarray:
 def a1111_schedule(scheduler: str, steps: int, sigmas_train: np.ndarray, log_sigmas: np.ndarray, ays_table=None):
     """(timesteps, sigmas, final) of SCHEDULER (A1111_SCHEDULES) for a model of training sigmas SIGMAS_TRAIN;
     AYS_TABLE: the family's Align Your Steps sigmas."""
-    from sdrt.runtime.schedules import sigma_to_t, t_to_sigma
-
     sigma_min, sigma_max = float(sigmas_train[0]), float(sigmas_train[-1])
     final = 0.0
     if scheduler == "normal":  # even in timestep from t(sigma_max) to t(sigma_min)

@@ -14,6 +14,7 @@ import numpy as np
 from sdrt.errors import InvalidOption
 from sdrt.runtime.a1111_schedules import A1111_SCHEDULES, a1111_schedule
 from sdrt.runtime.manifest import SchedulerConfig
+from sdrt.runtime.sigma_time import sigma_to_t, t_to_sigma  # noqa: F401 (also this module's names)
 
 KARRAS_RHO = 7.0  # Karras et al. 2022, eq. 5
 # Lee et al. 2024 ("Beta Sampling is All You Need"): Beta(0.6, 0.6), A1111's and diffusers' default.
@@ -105,16 +106,6 @@ def train_sigmas(cfg: SchedulerConfig) -> np.ndarray:
     return np.sqrt((1.0 - acp) / acp).astype(np.float32)
 
 
-def sigma_to_t(sigma, log_sigmas: np.ndarray) -> np.ndarray:
-    """Fractional timestep of SIGMA by linear interpolation in log-sigma (k-diffusion, diffusers)."""
-    sigma = np.atleast_1d(np.asarray(sigma, dtype=np.float64))
-    log_sigma = np.log(np.maximum(sigma, 1e-10))
-    dists = log_sigma[None, :] - log_sigmas[:, None]
-    low = np.cumsum(dists >= 0, axis=0).argmax(axis=0).clip(max=len(log_sigmas) - 2)
-    w = np.clip((log_sigmas[low] - log_sigma) / (log_sigmas[low] - log_sigmas[low + 1]), 0, 1)
-    return (1 - w) * low + w * (low + 1)
-
-
 def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = KARRAS_RHO) -> np.ndarray:
     """Karras et al. 2022, eq. 5: n sigmas from sigma_max to sigma_min, evenly spaced in sigma^(1/rho)."""
     ramp = np.linspace(0, 1, n)
@@ -179,15 +170,6 @@ def beta_ppf(quantiles, a: float, b: float) -> np.ndarray:
         below = betainc(a, b, mid) < quantiles
         low, high = np.where(below, mid, low), np.where(below, high, mid)
     return np.where(quantiles <= 0, 0.0, np.where(quantiles >= 1, 1.0, (low + high) / 2))
-
-
-def t_to_sigma(t, log_sigmas: np.ndarray) -> np.ndarray:
-    """Sigma at fractional timestep T by linear interpolation in log-sigma (k-diffusion's t_to_sigma)."""
-    t = np.asarray(t, dtype=np.float64)
-    low = np.floor(t).astype(np.int64)
-    high = np.minimum(low + 1, len(log_sigmas) - 1)
-    w = t - low
-    return np.exp((1 - w) * log_sigmas[low] + w * log_sigmas[high])
 
 
 def training_grid_timesteps(scheduler: str, steps: int, n: int) -> np.ndarray:

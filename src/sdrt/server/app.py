@@ -320,7 +320,8 @@ def serve(
         app = create_app(pipe, limits, credentials, extras=extras)
     else:
         embeddings = extras and extras.embeddings_dir
-        backend = folder.backend(backend, loras, limits.max_queue, embeddings)
+        backend = LocalBackend(max_queue=limits.max_queue, loaded=folder.loaded_models(backend, loras, embeddings))
+        backend.lora_dir = loras  # /sdapi/v1/loras lists the folder (no one Pipeline holds it)
         app = create_app(None, limits, credentials, backend=backend, extras=extras)
         folder.start(app.state.server)
     if host not in LOOPBACK and not credentials:

@@ -332,11 +332,10 @@ class ModelsFolder:
             budget = parse_size(args.models_memory, "--models-memory")
         return cls(Path(args.models_dir), args.max_loaded_models, args.model, exporter, budget)
 
-    def backend(self, engine_backend: str, loras, max_queue: int, embeddings=None):
-        """The LocalBackend over this folder's registry and LRU (Pipelines on ENGINE_BACKEND, LoRAs from LORAS,
-        textual inversions from EMBEDDINGS)."""
+    def loaded_models(self, engine_backend: str, loras, embeddings=None) -> "LoadedModels":
+        """The LRU over this folder's registry (Pipelines on ENGINE_BACKEND, LoRAs from LORAS, textual inversions
+        from EMBEDDINGS), for generation.LocalBackend."""
         from sdrt.runtime.pipeline import Pipeline
-        from sdrt.server.generation import LocalBackend
 
         registry = ModelRegistry(folder=self.folder, exporter=self.exporter)
         if self.default is not None:
@@ -345,10 +344,7 @@ class ModelsFolder:
         def load(path):
             return Pipeline.load(path, backend=engine_backend, loras=loras, embeddings=embeddings)
 
-        loaded = LoadedModels(registry, load, self.max_loaded, self.budget)
-        backend = LocalBackend(max_queue=max_queue, loaded=loaded)
-        backend.lora_dir = loras  # /sdapi/v1/loras lists the folder (no one Pipeline holds it)
-        return backend
+        return LoadedModels(registry, load, self.max_loaded, self.budget)
 
     def start(self, server) -> None:
         """Select the default model and load it on the worker (requests queue behind it)."""
