@@ -63,7 +63,7 @@ if [ "$smoke" = 1 ]; then
 else
   bench_args=(--device gpu --model sd15 --size 512 --steps 50 --runs 2 --batches 1,4
               --runtimes diffusers_fp32,diffusers,sdrt_cuda_static,sdrt_cuda_fused,sdrt_cuda,diffusers_compile)
-  pytest_args=(-m gpu tests/test_gpu.py tests/test_gpu_fast_path.py tests/test_seeds.py)
+  pytest_args=(-m gpu tests/test_gpu.py tests/test_gpu_fast_path.py tests/test_seeds.py tests/test_lora_fused.py)
 fi
 bench_args+=(--workdir "$work" --output "$out/gpu_check.json")
 
@@ -85,7 +85,7 @@ try:
     providers = onnxruntime.get_available_providers()
 except Exception as e:  # a broken onnxruntime install is a finding too
     providers = [f"onnxruntime failed to import: {e}"]
-from sdrt.bench.common import sdrt_version
+from sdrt.bench.machine import sdrt_version
 env = {"python": sys.executable, "python_version": platform.python_version(), "sdrt": sdrt_version(),
        "cpu_smoke": sys.argv[2] == "1", "onnxruntime_providers": providers,
        "versions": {n: version(n) for n in ("onnxruntime", "onnxruntime-gpu", "torch", "diffusers", "transformers",

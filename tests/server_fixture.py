@@ -43,11 +43,12 @@ def free_port() -> int:
 
 
 def start_server(model_dir, log_dir, *args, auth=None, timeout=START_TIMEOUT) -> RunningServer:
-    """Run `python -m sdrt.cli serve -m MODEL_DIR --port P ARGS...` and wait until /sdapi/v1/sd-models answers."""
+    """Run `python -m sdrt.cli serve [-m MODEL_DIR] --port P ARGS...` and wait until /sdapi/v1/sd-models answers."""
     port = free_port()
     log_path = os.path.join(log_dir, f"server-{port}.log")
     log = open(log_path, "w")  # noqa: SIM115 - closed with the process
-    cmd = [sys.executable, "-m", "sdrt.cli", "serve", "-m", str(model_dir), "--port", str(port), *args]
+    model = () if model_dir is None else ("-m", str(model_dir))  # None: ARGS name the models (--models-dir)
+    cmd = [sys.executable, "-m", "sdrt.cli", "serve", *model, "--port", str(port), *args]
     process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     server = RunningServer(f"http://127.0.0.1:{port}", process, log_path, auth)
     deadline = time.monotonic() + timeout

@@ -142,6 +142,7 @@ def test_generate_from_a_diffusers_folder_exports_once_into_the_cache(tiny_sd, t
     code, out, err = run_cli(capsys, *args)
     assert code == 0 and "exporting" in err
     exported = list((tmp_path / "cache" / "models").iterdir())
+    exported = [p for p in exported if not p.name.startswith(".")]  # lock files beside the entries
     assert len(exported) == 1 and (exported[0] / "model.json").is_file()
     code, out2, err = run_cli(capsys, *args)
     assert code == 0 and "exporting" not in err  # reused

@@ -19,7 +19,7 @@ from onnx import numpy_helper
 
 from sdrt.engines.onnxruntime import OnnxRuntimeEngine
 from sdrt.engines.ort_binding import BoundShapes, count_ops
-from sdrt.errors import InvalidOption, ModelError
+from sdrt.errors import InvalidOption
 from sdrt.runtime.manifest import Manifest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -369,8 +369,9 @@ def test_gpu_bench_driver_orders_stages_records_failures_and_reports(tmp_path, m
 
 
 def test_loras_use_the_unfused_graphs(fused_model, tmp_path):
-    """With a LoRA folder, Pipeline.load passes over fused variants (their weights are packed otherwise); asked for
-    them explicitly, a LoRA is refused with the way out, and fused variants stay the default without LoRAs."""
+    """With a LoRA folder, Pipeline.load passes over fused variants by default (the CUDA one packs weights in forms
+    not placed yet); asked for them explicitly, the CPU variant takes the LoRA (engines/fused_weights.py, parity in
+    tests/test_lora_fused.py), and fused variants stay the default without LoRAs."""
     from tiny_lora import one_layer_lora
 
     from sdrt import Pipeline
@@ -382,5 +383,5 @@ def test_loras_use_the_unfused_graphs(fused_model, tmp_path):
     assert with_loras.engines["unet"].model_file.name == "model.onnx"
     with_loras.loras.apply(parse_prompt("<lora:one:1>")[1])
     forced = Pipeline.load(fused_model, loras=tmp_path, fused=True)
-    with pytest.raises(ModelError, match=r"fused=False"):
-        forced.loras.apply(parse_prompt("<lora:one:1>")[1])
+    forced.loras.apply(parse_prompt("<lora:one:1>")[1])
+    assert forced.engines["unet"].model_file.name == "model.cpu.onnx"

@@ -11,12 +11,16 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "sdrt"
 ALLOWED = {
     "errors": set(),
     "version": set(),
-    "engines": {"errors", "version"},
-    "runtime": {"engines", "errors", "version"},
-    "export": {"runtime", "engines", "errors", "version"},
-    "server": {"runtime", "engines", "errors", "version"},
-    "bench": {"runtime", "engines", "export", "errors", "version"},
-    "cli": {"runtime", "engines", "export", "server", "bench", "errors", "version", "cli_controlnet"},
+    "cache_files": set(),  # cache entries shared by processes: the model cache and the engines' caches
+    "engines": {"errors", "version", "cache_files"},
+    "runtime": {"engines", "errors", "version", "cache_files"},
+    "export": {"runtime", "engines", "errors", "version", "cache_files"},
+    "server": {"runtime", "engines", "errors", "version", "cache_files"},
+    "bench": {"runtime", "engines", "export", "errors", "version", "cache_files"},
+    "cli": {"runtime", "export", "bench", "errors", "version", "cli_controlnet", "commands"},
+    "commands": {"runtime", "engines", "export", "server", "bench", "errors", "version", "cli_controlnet",
+                 "cli_outputs", "cache_files"},
+    "cli_outputs": {"errors", "version"},
     "cli_controlnet": {"runtime", "export", "errors", "version"},
     "__init__": {"runtime", "version"},
     "__main__": {"cli"},
@@ -79,7 +83,8 @@ def test_sampler_table_states_each_samplers_arguments():
     from sdrt.runtime import samplers
 
     common = {"denoise", "x", "sigmas", "noise", "callback"}
-    for function in samplers.SAMPLER_ARGUMENTS:
-        taken = set(inspect.signature(getattr(samplers, function)).parameters) - common
-        assert taken == set(samplers.SAMPLER_ARGUMENTS[function]), function
+    for name, (function, _) in samplers.SAMPLERS.items():  # samplers.py's and samplers_extra.py's
+        fn, arguments = samplers.sampler_function(name)
+        taken = set(inspect.signature(fn).parameters) - common
+        assert taken == set(arguments) == set(samplers.SAMPLER_ARGUMENTS[function]), function
     assert {f for f, _ in samplers.SAMPLERS.values()} == set(samplers.SAMPLER_ARGUMENTS)

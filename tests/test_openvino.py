@@ -114,8 +114,8 @@ def test_auto_picks_openvino_on_a_bf16_cpu_without_an_nvidia_gpu_and_says_so(mon
     assert resolve_backend("auto", tmp_path) == "openvino"
     err = capsys.readouterr().err
     assert "backend auto -> openvino" in err and "sdrt: backend openvino: OpenVINO on CPU, bf16" in err
-    assert resolve_backend("auto", tmp_path, new_weights=True) == "cpu"  # LoRAs: engines that take new weights
-    assert "OpenVINO: its engines take no new weights (LoRAs)" in capsys.readouterr().err
+    assert resolve_backend("auto", tmp_path, new_weights=True) == "cpu"  # LoRAs: the engine that runs them fastest
+    assert "OpenVINO: its LoRA steps run the merged weights as inputs" in capsys.readouterr().err
     monkeypatch.setattr(auto, "openvino_available", lambda: False)
     assert resolve_backend("auto", tmp_path) == "cpu"
     assert "OpenVINO: not installed (pip install 'sdrt[openvino]')" in capsys.readouterr().err
@@ -253,8 +253,9 @@ def test_bench_runs_sdrt_on_openvino_and_says_what_it_cannot_run(tiny_sd, tmp_pa
     assert "| sdrt, OpenVINO | f32 |" in table and "| sdrt, OpenVINO | bf16 | not run: this CPU has" in table
 
 
-def test_loras_on_openvino_are_one_clear_error(tiny_sd, tmp_path):
-    """OpenVINO engines take no new weights yet: a LoRA is refused naming the backends that take them."""
+def test_loras_on_openvino_are_merged(tiny_sd, tmp_path):
+    """OpenVINO engines take LoRAs (engines/openvino_weights.py; parity in tests/test_lora_openvino.py): the weight
+    a LoRA changes is an input of the compiled UNet, fed base + the LoRA's terms."""
     from tiny_lora import one_layer_lora
 
     from sdrt import Pipeline
@@ -262,5 +263,7 @@ def test_loras_on_openvino_are_one_clear_error(tiny_sd, tmp_path):
 
     one_layer_lora(tiny_sd[1], tmp_path / "one.safetensors")
     pipe = Pipeline.load(tiny_sd[1], backend="openvino-f32", loras=tmp_path)
-    with pytest.raises(ModelError, match=r"use --backend cpu for LoRAs"):
-        pipe.loras.apply(parse_prompt("<lora:one:1>")[1])
+    pipe.loras.apply(parse_prompt("<lora:one:1>")[1])
+    unet = pipe.engines["unet"].replaceable
+    changed = [name for name, value in unet.current.items() if value is not unet.base[name]]
+    assert len(changed) == 1

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 import sdrt.engines.openvino as ov_backend
+from sdrt.engines import host_memory
 from sdrt.errors import InvalidOption
 from sdrt.runtime import ram_budget
 from sdrt.runtime.ram_budget import plan_ram
@@ -70,7 +71,7 @@ def test_pipeline_under_a_ram_budget_stages_and_gives_the_same_image(tiny_sd, mo
     np.testing.assert_array_equal(np.asarray(roomy.generate("a cat", **args)[0]), want)
     # The tiny model's engines are a few MB: price its weights up 100x, and give it a budget between the staged
     # plan's peak (the largest engine alone) and everything resident.
-    monkeypatch.setattr(ram_budget, "weight_share", lambda backend, name: 100.0)
+    monkeypatch.setattr(host_memory, "weight_share", lambda backend, name: 100.0)
     from sdrt.runtime.manifest import Manifest
 
     manifest = Manifest.load(tiny_sd[1])

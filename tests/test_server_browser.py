@@ -130,3 +130,34 @@ def test_page_txt2img_inpaint_and_png_info(page, sdrt_server, tmp_path):
     assert page.input_value("#prompt") == "a red fox in the snow" and page.input_value("#steps") == "12"
     assert page.locator("button[data-tab='txt2img']").get_attribute("class") == "active"
     assert errors == []
+
+
+def test_page_model_and_style_pickers(page, tiny_sd, tiny_sd_v, tmp_path):
+    """--models-dir: the header's picker lists the folder (an unusable file disabled) and switches the server's
+    model; the styles picker applies a style from --styles-file to the prompt."""
+    from server_fixture import running_server
+
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "alpha").symlink_to(tiny_sd[1], target_is_directory=True)
+    (models / "beta").symlink_to(tiny_sd_v[1], target_is_directory=True)
+    (models / "notes.txt").write_text("not a model")
+    (tmp_path / "styles.csv").write_text('name,prompt,negative_prompt\nink,"{prompt}, ink drawing",\n')
+    args = ("--models-dir", str(models), "-m", "alpha", "--styles-file", str(tmp_path / "styles.csv"))
+    with running_server(None, tmp_path, *args) as server:
+        page.goto(server.url + "/")
+        page.wait_for_selector("body[data-ready='1']")
+        titles = {m["filename"]: m["title"] for m in server.get("/sdapi/v1/sd-models").json()}
+        assert page.input_value("#model") == titles["alpha"]
+        assert page.locator("#model option[disabled]").all_inner_texts() == [f"{titles['notes.txt']} (unusable)"]
+        page.select_option("#model", titles["beta"])
+        page.wait_for_function("document.getElementById('status').textContent.startsWith('model:')")
+        assert server.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == titles["beta"]
+        page.fill("#prompt", "a boat")
+        for field, value in (("#width", "64"), ("#height", "64"), ("#steps", "3")):
+            page.fill(field, value)
+        page.select_option("#styles", ["ink"])
+        page.click("#generate")
+        page.wait_for_function("document.querySelectorAll('.item img').length >= 1")
+        text = page.locator(".item pre").first.inner_text()
+        assert text.startswith("a boat, ink drawing\n") and f"Model hash: {titles['beta'][-11:-1]}" in text

@@ -21,6 +21,11 @@ class Interrupted(Exception):
     """Raised by a generate() callback to stop the run after the current sampler step (A1111's Interrupt)."""
 
 
+class SkipImage(Interrupted):
+    """Raised by a generate() callback to end the current batch's sampling after this step: it is decoded from the
+    sampler's current x0 estimate and the run goes on with the next batch (A1111's Skip)."""
+
+
 def is_int(value) -> bool:
     """An integer (Python or numpy), and not a bool (True is an int to Python, never a count to a user)."""
     import numpy as np

@@ -36,19 +36,27 @@ _MADVISE = _madvise()
 
 
 def read_only_mappings(files) -> list[tuple[int, int]]:
-    """(start, length) of this process's read-only mappings of FILES (paths), from /proc/self/maps."""
-    wanted = {os.path.realpath(f) for f in files}
+    """(start, length) of this process's read-only mappings of FILES (paths), from /proc/self/maps. Matched by device
+    and inode, so a mapping made through another name of the same file (a hard link, since removed) counts too."""
+    wanted = set()
+    for f in files:
+        try:
+            st = os.stat(f)
+        except OSError:
+            continue
+        wanted.add((os.major(st.st_dev), os.minor(st.st_dev), st.st_ino))
     regions = []
     try:
         with open("/proc/self/maps") as maps:
             for line in maps:
-                parts = line.rstrip("\n").split(maxsplit=5)
-                if len(parts) < 6 or "w" in parts[1]:
+                parts = line.split(maxsplit=5)
+                if len(parts) < 6 or "w" in parts[1] or parts[4] == "0":
                     continue
-                if parts[5] in wanted:
+                major, minor = (int(x, 16) for x in parts[3].split(":"))
+                if (major, minor, int(parts[4])) in wanted:
                     start, end = (int(x, 16) for x in parts[0].split("-"))
                     regions.append((start, end - start))
-    except OSError:
+    except (OSError, ValueError):
         return []
     return regions
 

@@ -10,12 +10,11 @@ initializers), once per optimised graph, and kept in a JSON beside it.
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from sdrt import cache_files
 from sdrt.engines.onnx_weights import OnnxWeights
 
 SLOTS_FILE = "weight_slots.json"
@@ -87,15 +86,22 @@ def find_slots(model_file: Path, optimised_file: Path, names: list[str]) -> dict
                 if optimised.raw(name) == weight.astype(weight.dtype.newbyteorder("<")).tobytes():
                     slots[name] = [name, "same"]
                     continue
-            for layout in LAYOUTS[1:] if weight.ndim == 4 else ():
-                laid = to_layout(weight, layout)
-                if laid.nbytes not in by_bytes:
-                    continue
-                if laid.nbytes not in digests:
-                    digests[laid.nbytes] = {_digest(optimised.raw(n)): n for n in by_bytes[laid.nbytes]}
-                match = digests[laid.nbytes].get(_digest(laid.astype(laid.dtype.newbyteorder("<")).tobytes()))
-                if match is not None and optimised.initializers[match].shape == laid.shape:
-                    slots[name] = [match, layout]
+            # fp16 weights: ONNX Runtime's CPU provider runs most ops in float32, and the optimiser folds the Cast it
+            # puts after each weight into a float32 initializer (exact: every fp16 value is a float32 one)
+            forms = [weight] + ([weight.astype(np.float32)] if weight.dtype == np.float16 else [])
+            for form in forms:
+                layouts = ("same", *LAYOUTS[1:]) if form is not weight else LAYOUTS[1:]
+                for layout in layouts if form.ndim == 4 else (("same",) if form is not weight else ()):
+                    laid = to_layout(form, layout)
+                    if laid.nbytes not in by_bytes:
+                        continue
+                    if laid.nbytes not in digests:
+                        digests[laid.nbytes] = {_digest(optimised.raw(n)): n for n in by_bytes[laid.nbytes]}
+                    match = digests[laid.nbytes].get(_digest(laid.astype(laid.dtype.newbyteorder("<")).tobytes()))
+                    if match is not None and optimised.initializers[match].shape == laid.shape:
+                        slots[name] = [match, layout]
+                        break
+                if slots[name] is not None:
                     break
     finally:
         source.close()
@@ -106,9 +112,6 @@ def find_slots(model_file: Path, optimised_file: Path, names: list[str]) -> dict
 
 def _write_json(path: Path, data: dict) -> None:
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f)
-        os.replace(tmp, path)
+        cache_files.write_atomic(path, json.dumps(data).encode())
     except OSError:  # a read-only cache: found again next time
         pass

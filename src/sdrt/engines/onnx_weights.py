@@ -150,6 +150,20 @@ class OnnxWeights:
         info = self.initializers[name]
         return _decode(self.raw(name), info.dtype, info.shape)
 
+    def view(self, name: str) -> np.ndarray:
+        """The initializer as a read-only memory map of its bytes in the file (nothing is read until used): for
+        values kept for long and read rarely, which then live in the page cache rather than the process's memory."""
+        info = self.initializers[name]
+        if info.dtype == "bf16" or np.dtype(info.dtype).byteorder == ">":
+            return self.read(name)
+        path = self.model_file if info.location is None else self.model_file.parent / info.location
+        if path.parent.resolve() != self.model_file.parent.resolve():
+            raise ValueError(f"{self.model_file}: external data {info.location!r} lies outside the model's folder")
+        count = int(np.prod(info.shape, dtype=np.int64))
+        if count == 0:
+            return np.zeros(info.shape, info.dtype)
+        return np.memmap(path, dtype=info.dtype, mode="r", offset=info.offset, shape=info.shape)
+
     def close(self) -> None:
         self._map.close()
 

@@ -4,12 +4,11 @@ import hashlib
 import logging
 import os
 import platform
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from sdrt import cache_files
 from sdrt.engines.ort_binding import MAX_SHAPE_SETS, BoundShapes, count_ops
 from sdrt.engines.ort_weights import LiveWeights
 from sdrt.engines.weight_merge import WholeArrays
@@ -27,6 +26,11 @@ def cpu_signature() -> str:
     except OSError:
         pass
     return platform.machine() + ":" + hashlib.sha256(flags.encode()).hexdigest()[:12]
+
+
+def _complete(cached: Path | None) -> bool:
+    """CACHED (an optimised graph's path) is in a complete cache entry (its marker, its files at their sizes)."""
+    return cached is not None and cache_files.is_complete(cached.parent)
 
 
 def _writable(folder: Path) -> bool:
@@ -74,6 +78,9 @@ class OnnxRuntimeEngine:
         self._placed = None  # the OrtValues the session runs on in place of initializers: kept alive with it
         self._live: LiveWeights | None = None  # initializers rewritten in place (CPU, optimised-graph cache)
         self._whole: WholeArrays | None = None  # merge_weights where weights cannot be rewritten in place
+        # A fused variant's engine: the export's graph, whose initializer names merge_weights takes (fused_weights.py)
+        self.export_file: Path | None = None
+        self._places = None
 
     def load(self) -> None:
         """Create the session, from the optimised-graph cache when it holds this model for this machine."""
@@ -92,7 +99,7 @@ class OnnxRuntimeEngine:
             cached = self._open()
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
-        if cached is not None and cached.is_file():
+        if _complete(cached):
             self.optimized_file = cached
             if self.device != "cpu":
                 self.memcpy_nodes = count_ops(cached)
@@ -103,26 +110,47 @@ class OnnxRuntimeEngine:
     def _open(self) -> Path | None:
         """The session, from the optimised-graph cache when it holds this model; the cache file (None: no cache)."""
         cached = self.cache_path()
-        if cached is not None and not cached.is_file() and self.weights:
-            self._session(self.model_file, optimize=True, save_to=cached)  # fill the cache with the file's own weights
+        made = self._fill_cache(cached) if cached is not None and not _complete(cached) else None
         if self._live is not None:  # its buffers hold the values set: they must be what the session runs on
-            if cached != self._live.optimised_file or not cached.is_file():
+            if cached != self._live.optimised_file or not _complete(cached):
                 raise ModelError(f"{self.model_file}: the optimised graph {self._live.optimised_file} its replaced "
                                  "weights are laid out for is gone: load the model again")  # fmt: skip
             self.session = self._session(cached, optimize=False, overrides=self._live.overrides(), live=True)
             return cached
-        if cached is not None and cached.is_file():
+        if made is not None and not self.weights:  # the session that filled the cache runs the file's weights
+            self.session = made
+            return cached
+        if _complete(cached):
             try:
                 overrides = self._overrides_for(cached)
                 if overrides is not None:
                     self.session = self._session(cached, optimize=False, overrides=overrides)
-            except ModelError:
-                self.session = None  # a damaged cache entry: fall back to the model itself
+            except ModelError as e:  # a damaged entry (its files at their sizes): removed, made again next load
+                log.warning("%s: removing a damaged optimised graph (%s)", cached.parent, e)
+                with cache_files.entry_lock(cached.parent, f"optimising {self.model_file}"):
+                    cache_files.discard(cached.parent)
+                self.session = None
         if self.session is None:
             overrides = {name: _ortvalue(array) for name, array in self.weights.items()}
-            self.session = self._session(self.model_file, optimize=True, save_to=None if overrides else cached,
-                                         overrides=overrides)  # fmt: skip
+            self.session = self._session(self.model_file, optimize=True, overrides=overrides)
         return cached
+
+    def _fill_cache(self, cached: Path):
+        """Optimise the model file into the cache entry of CACHED once, whatever the number of processes asking (the
+        others wait, then read it: sdrt/cache_files.py); the session that wrote it, or None (another process did, the
+        folder is read-only, or writing failed: no cache this time)."""
+        if not _writable(cached.parent.parent):
+            return None
+        made = []
+
+        def make(staging: Path) -> None:
+            made.append(self._session(self.model_file, optimize=True, save_to=staging / cached.name))
+
+        try:
+            cache_files.ensure(cached.parent, f"optimising {self.model_file}", make)
+        except (OSError, ModelError) as e:  # a full disk, say: run from the model file itself
+            log.warning("%s: no optimised-graph cache (%s)", self.model_file, e)
+        return made[0] if made else None
 
     def cache_path(self) -> Path | None:
         """Where this model's optimised graph lives: keyed by ONNX Runtime version, providers, CPU, static shapes and
@@ -167,6 +195,7 @@ class OnnxRuntimeEngine:
         On the CPU, with the optimised-graph cache, the merge is written straight into the session's buffers from the
         base values kept beside them (no file read, no new session: measured 1.2 s for every layer of SD 1.5's UNet
         on 2 cores); elsewhere the merged arrays go to set_weights."""
+        updates = self._fused_names(updates)
         if (updates or self._live is not None) and self._in_place(updates.keys()):
             self._live.merge(updates)
             return
@@ -174,14 +203,34 @@ class OnnxRuntimeEngine:
             self._whole = WholeArrays(self)
         self._whole.merge(updates)
 
+    def prepare_weights(self, names) -> None:
+        """Make NAMES replaceable now (the in-place session, its buffers holding the file's values), so that the first
+        merge costs what later ones do; called before load, the engine's one session is that one. CPU only: on CUDA
+        every merge makes a session anyway."""
+        if self.device != "cpu" or self.weights:
+            return
+        names = list(self._fused_names({name: [] for name in names}))
+        if self._in_place(names):
+            self._live.merge({})  # the buffers just made get the base values
+
+    def _fused_names(self, updates: dict[str, list]) -> dict[str, list]:
+        """UPDATES with the fused graph's initializers for the export's (a fused variant; as they are otherwise)."""
+        if self.export_file is None or Path(self.export_file) == self.model_file:
+            return updates
+        if self._places is None:
+            from sdrt.engines.fused_weights import FusedPlaces
+
+            self._places = FusedPlaces(self.export_file, self.model_file)
+        return self._places.translate(updates)
+
     def _in_place(self, names) -> bool:
         """Whether NAMES can be rewritten in place, making them replaceable (one new session) where they were not."""
         if self.device != "cpu" or (self._live is None and self.weights):
             return False
         cached = self.cache_path()
-        if cached is not None and not cached.is_file() and self.session is None:
+        if cached is not None and not _complete(cached) and self.session is None:
             self.load()  # the first session of a model fills the cache
-        if cached is None or not cached.is_file():
+        if not _complete(cached):
             return False
         live = self._live or LiveWeights(self.model_file, cached, self.threads)
         covered = live.cover(names)
@@ -234,14 +283,12 @@ class OnnxRuntimeEngine:
         options.log_severity_level = 3  # errors only
         for axis, size in self.static_dims.items():
             options.add_free_dimension_override_by_name(axis, int(size))
-        staging = None
-        if save_to is not None and _writable(save_to.parent.parent):
+        if save_to is not None:
             # Optimising a 3.4 GB UNet takes ~20 s; the saved graph then loads in ~1 s (same machine only:
             # ONNX Runtime lays convolutions out for this CPU's vector width).
-            staging = Path(tempfile.mkdtemp(prefix=".partial-", dir=save_to.parent.parent))
-            options.optimized_model_filepath = str(staging / "model.onnx")
+            options.optimized_model_filepath = str(save_to)
             options.add_session_config_entry(
-                "session.optimized_model_external_initializers_file_name", "model.onnx.data"
+                "session.optimized_model_external_initializers_file_name", save_to.name + ".data"
             )
             options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
         try:
@@ -252,14 +299,6 @@ class OnnxRuntimeEngine:
         except Exception as e:  # onnxruntime raises its own exception types for corrupt files
             message = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
             raise ModelError(f"cannot load {str(path)!r} (truncated or corrupt ONNX file?): {message}") from None
-        finally:
-            if staging is not None and not (staging / "model.onnx").is_file():
-                shutil.rmtree(staging, ignore_errors=True)
-        if staging is not None:
-            try:
-                staging.rename(save_to.parent)
-            except OSError:  # another process filled the cache first
-                shutil.rmtree(staging, ignore_errors=True)
         self._placed = overrides  # ONNX Runtime reads these buffers for as long as the session runs
         return session
 

@@ -8,14 +8,17 @@ Backend names (`backend=`, `--backend`): "openvino" plus optional "-DEVICE" and 
 import functools
 import hashlib
 import importlib.util
+import logging
 import os
 import re
+import shutil
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from sdrt import cache_files
 from sdrt.engines.mapped import ReleasingPages
 from sdrt.engines.onnxruntime import physical_cores
 from sdrt.engines.openvino_ir import graph_source
@@ -29,6 +32,7 @@ BACKEND_FORM = "openvino[-cpu|-gpu|-gpu.N|-npu][-auto|-f32|-bf16]"
 # plugin's layout (measured: two UNet shapes, two copies), so a few: the sizes a session alternates between.
 MAX_CACHED_SHAPES = 2
 INSTALL_HINT = "pip install 'sdrt[openvino]'"
+log = logging.getLogger("sdrt.engines")
 NO_BF16_REASON = "this CPU has neither AVX512_BF16 nor AMX: OpenVINO runs no bf16 here (it emulates nothing)"
 
 
@@ -231,7 +235,7 @@ class OpenVINOEngine:
         model.reshape({name: openvino.PartialShape(list(shape)) for name, shape in shapes})
         try:
             with ReleasingPages(self.mapped_files):  # the source's pages given back as the compile reads them
-                compiled = core().compile_model(model, self.device, self.config())
+                compiled = compile_model(model, self.device, self.config(), self.model_file.name)
         except Exception as e:
             message = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
             raise ModelError(f"OpenVINO could not compile {self.model_file} for {self.device}: {message}") from None
@@ -265,6 +269,36 @@ class OpenVINOEngine:
         return compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
 
 
+def compile_model(model, device: str, config: dict, name: str):
+    """core().compile_model, with OpenVINO's disk cache (CONFIG's CACHE_DIR) shared safely by processes.
+
+    OpenVINO writes a blob straight to its final name, and other processes may read it half written. So it compiles
+    under the cache folder's lock (a second process waits, then imports the blob the first wrote) in a private
+    folder holding hard links to the shared blobs; a blob it writes there is renamed into the shared folder whole.
+    A process killed meanwhile leaves only its private folder, which the next holder of the lock removes.
+    """
+    shared = Path(config["CACHE_DIR"]) if config.get("CACHE_DIR") else None
+    if shared is None:
+        return core().compile_model(model, device, config)
+    try:
+        shared.mkdir(parents=True, exist_ok=True)
+        with cache_files.entry_lock(shared, f"compiling {name} with OpenVINO"):
+            cache_files.remove_leftovers(shared)
+            with cache_files.staging_for(shared) as private:
+                for blob in shared.iterdir():
+                    if blob.is_file():
+                        os.link(blob, private / blob.name)
+                compiled = core().compile_model(model, device, {**config, "CACHE_DIR": str(private)})
+                for blob in private.iterdir():
+                    if blob.stat().st_nlink == 1:  # written by this compile
+                        os.replace(blob, shared / blob.name)
+                shutil.rmtree(private, ignore_errors=True)
+        return compiled
+    except OSError as e:  # a read-only or full cache folder: compile without the cache
+        log.warning("OpenVINO model cache %s not used (%s)", shared, e)
+        return core().compile_model(model, device, {k: v for k, v in config.items() if k != "CACHE_DIR"})
+
+
 def model_cache_dir() -> Path | None:
     """OpenVINO's CACHE_DIR under sdrt's cache folder, keyed by OpenVINO version and CPU (None: SDRT_NO_OV_CACHE)."""
     if os.environ.get("SDRT_NO_OV_CACHE"):
@@ -273,16 +307,3 @@ def model_cache_dir() -> Path | None:
 
     flags = hashlib.sha256(" ".join(sorted(cpu_flags())).encode()).hexdigest()[:8]
     return cache_root() / "openvino" / f"{openvino.get_version().split('-')[0]}-{flags}"
-
-
-def create_openvino_engine(model_file: Path, backend: str, keep_f32: bool = False, **options) -> OpenVINOEngine:
-    """An unloaded OpenVINOEngine for MODEL_FILE on BACKEND ("openvino..."); KEEP_F32: this graph runs f32 on the
-    CPU whatever the backend's precision (the text encoders: one call per prompt, and their output steers every step).
-    """
-    if not openvino_available():
-        raise ModelError(f"the {backend} backend needs OpenVINO: {INSTALL_HINT}")
-    target = parse_backend(backend)
-    precision = resolve_precision(target)
-    if keep_f32 and target.device == "CPU":
-        precision = "f32"
-    return OpenVINOEngine(model_file, target.device, precision, cache_dir=model_cache_dir(), **options)

@@ -4,8 +4,11 @@ The session is made from ONNX Runtime's optimised graph (the per-machine cache) 
 SessionOptions.add_initializer values over the engine's buffers, and without prepacking, so every kernel reads
 them at run time: new values are then copies, or merges (weight_merge.py), into the buffers, and no session is
 built. The buffers are in the optimised graph's layout (nchwc.py: ONNX Runtime re-lays convolution filters out
-for its NCHWc kernels); each one's base value, read from the optimised graph, is kept beside it, so the file's
-values come back exactly without reading the model again.
+for its NCHWc kernels); each one's base value is a read-only memory map of the optimised graph's bytes (kept by
+the page cache, not copied into the process), so the file's values come back exactly without parsing the model
+again. A new buffer is not filled when it is made: the merge that follows writes base + terms into it in one pass
+(or the base alone, for a buffer the merge leaves out), so a first LoRA costs what a switch costs plus one session
+(the kernels read the buffers at run time only, and no run happens between the two).
 """
 
 from pathlib import Path
@@ -23,10 +26,11 @@ class LiveWeights:
     def __init__(self, model_file: Path, optimised_file: Path, threads: int):
         self.model_file, self.optimised_file, self.threads = Path(model_file), Path(optimised_file), threads
         self.buffers: dict[str, np.ndarray] = {}  # file initializer -> the buffer the session reads
-        self.base: dict[str, np.ndarray] = {}  # file initializer -> its value in the optimised graph (never written)
+        self.base: dict[str, np.ndarray] = {}  # file initializer -> its value in the optimised graph (a read-only map)
         self.slots: dict[str, tuple[str, str]] = {}  # file initializer -> (optimised-graph initializer, layout)
         self.shapes: dict[str, tuple] = {}  # file initializer -> its shape in the model file
         self.changed: set[str] = set()  # buffers that differ from their base
+        self.unfilled: set[str] = set()  # buffers made but not written yet (the next write or merge fills them)
 
     def cover(self, names) -> bool | None:
         """Make NAMES replaceable. True: new buffers were made (the session is to be made again, with overrides());
@@ -41,13 +45,14 @@ class LiveWeights:
         try:
             for name in new:
                 slot, layout = slots[name]
-                self.base[name] = graph.read(slot)
-                self.buffers[name] = self.base[name].copy()
+                self.base[name] = graph.view(slot)
+                self.buffers[name] = np.empty(self.base[name].shape, self.base[name].dtype)
                 self.slots[name] = (slot, layout)
                 self.shapes[name] = source.initializers[name].shape
         finally:
             source.close()
             graph.close()
+        self.unfilled.update(new)
         return True
 
     def overrides(self) -> dict:
@@ -58,17 +63,17 @@ class LiveWeights:
 
     def write(self, weights: dict[str, np.ndarray]) -> None:
         """Buffers = WEIGHTS (the model file's layout); other buffers changed before get their base back."""
-        for name in self.changed - weights.keys():
+        for name in (self.changed | self.unfilled) - weights.keys():
             np.copyto(self.buffers[name], self.base[name])
         for name, array in weights.items():
             nchwc.write_layout(self.buffers[name], array, self.slots[name][1])
-        self.changed = set(weights)
+        self.changed, self.unfilled = set(weights), set()
 
     def merge(self, updates: dict[str, list]) -> None:
         """Buffers = base + UPDATES' terms (weight_merge); other buffers changed before get their base back."""
         jobs = [(self.buffers[name], self.base[name], self.slots[name][1], self.shapes[name], terms)
                 for name, terms in updates.items()]  # fmt: skip
         jobs += [(self.buffers[name], self.base[name], "same", self.shapes[name], ())
-                 for name in self.changed - updates.keys()]  # fmt: skip
+                 for name in (self.changed | self.unfilled) - updates.keys()]  # fmt: skip
         merge_all(jobs, self.threads)
-        self.changed = {name for name, terms in updates.items() if terms}
+        self.changed, self.unfilled = {name for name, terms in updates.items() if terms}, set()

@@ -3,10 +3,42 @@
 from pathlib import Path
 
 from sdrt.errors import InvalidOption
+from sdrt.export import faults
 from sdrt.export.driver import scheduler_config, staged_folder
 from sdrt.runtime.manifest import PRECISIONS, Manifest
 
 __all__ = ["export", "scheduler_config"]
+
+# The families' export plans, asked in this order (the most specific first): each module has
+# claims(source, checkpoint_info) -> bool, plan(source, precision, original_config, config, vae) -> ExportPlan,
+# FAMILIES (the manifest families it writes) and denoiser_step(source, manifest, ...) (export/controlnet.py).
+# A new family's export is one module here and one entry in this list.
+EXPORT_PLANS = ("sdrt.export.sd3", "sdrt.export.flux", "sdrt.export.sdxl", "sdrt.export.sd")
+
+
+def plan_module(family: str):
+    """The export plan module that writes models of FAMILY (a manifest's family)."""
+    import importlib
+
+    for name in EXPORT_PLANS:
+        module = importlib.import_module(name)
+        if family in module.FAMILIES:
+            return module
+    raise InvalidOption("family", family, "a family sdrt exports")
+
+
+def plan_for(source: str):
+    """The export plan function of the first family in EXPORT_PLANS that claims SOURCE."""
+    import importlib
+
+    from sdrt.export.sources import checkpoint_info
+
+    info = checkpoint_info(source)
+    for name in EXPORT_PLANS:
+        module = importlib.import_module(name)
+        if module.claims(source, info):
+            return module.plan
+    raise InvalidOption("source", source, "a checkpoint of a family sdrt exports")
 
 
 def export(
@@ -19,9 +51,11 @@ def export(
     progress: bool = True,
     vae: str | None = None,
     controlnet: bool = False,
+    loras=(),
 ) -> Manifest:
     """Export SOURCE to OUT_DIR atomically: the folder appears complete, or not at all. CONTROLNET: also the UNet
-    variant that takes ControlNet residuals (export/controlnet.py)."""
+    variant that takes ControlNet residuals (export/controlnet.py). LORAS: "FILE[:WEIGHT[:UNET_WEIGHT]]" strings,
+    LoRAs merged into the graphs' weights (export/bake.py)."""
     if precision not in PRECISIONS:
         raise InvalidOption("--precision", precision, " or ".join(PRECISIONS))
     out_dir = Path(out_dir)
@@ -39,25 +73,45 @@ def export(
         from sdrt.export.vae import check_vae_option
 
         check_vae_option(vae)  # a bad --vae fails now, before the checkpoint loads
-    with staged_folder(out_dir) as staging:
+    baked = _check_loras(loras)
+    needed = faults.needed_bytes(source, precision, unet_variant=controlnet)
+    faults.check_free_space(out_dir, needed)  # a plainly hopeless export refused before the checkpoint loads
+    with faults.machine_faults(out_dir, needed), staged_folder(out_dir) as staging:
         _export_into(source, staging, precision, original_config, config, progress, vae, controlnet)
+        if baked:
+            from sdrt.export.bake import bake_loras
+
+            bake_loras(staging, baked)
     return Manifest.load(out_dir)
 
 
+def _check_loras(loras) -> list:
+    """LORAS parsed and each file read once, so a bad --lora fails before the checkpoint loads."""
+    if not loras:
+        return []
+    from sdrt.export.bake import parse_lora_option
+    from sdrt.runtime.lora_files import read_lora
+
+    parsed = [parse_lora_option(text) for text in loras]
+    for path, _, _ in parsed:
+        read_lora(path)
+    return parsed
+
+
 def _export_into(source, folder: Path, precision, original_config, config, progress, vae=None, controlnet=False):
-    """The family's plan (SD 1.x/2.x or SDXL) run by the one driver."""
+    """The family's plan (EXPORT_PLANS) run by the one driver."""
     from tqdm import tqdm
 
-    from sdrt.export import sdxl
     from sdrt.export.driver import export_into
-    from sdrt.export.sd import sd_plan
 
     bar = tqdm(total=6, desc="export", unit="step", disable=not progress)
-    bar.set_postfix_str(f"loading {source}")
-    make_plan = sdxl.sdxl_plan if sdxl.is_sdxl(source, sdxl.checkpoint_info(source)) else sd_plan
-    plan = make_plan(source, precision, original_config, config, vae)
-    if controlnet:  # graph variants: ControlNet's UNet with residual inputs
-        from sdrt.export.controlnet import with_unet_controlnet
+    try:
+        bar.set_postfix_str(f"loading {source}")
+        plan = plan_for(source)(source, precision, original_config, config, vae)
+        if controlnet:  # graph variants: ControlNet's UNet with residual inputs
+            from sdrt.export.controlnet import with_unet_controlnet
 
-        plan = with_unet_controlnet(plan)
-    return export_into(plan, folder, precision, bar)
+            plan = with_unet_controlnet(plan)
+        return export_into(plan, folder, precision, bar)
+    finally:
+        bar.close()  # its line ended, so an error prints on a line of its own

@@ -7,13 +7,13 @@ Plans (profiles, cache keys) come from sdrt.engines.plan, tested in CI.
 """
 
 import json
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from sdrt.engines.plan import EngineIdentity, ShapeRanges, check_ranges, plan_profile, source_fingerprint
+from sdrt import cache_files
+from sdrt.engines.engine_files import EngineIdentity, source_fingerprint
+from sdrt.engines.plan import ShapeRanges, check_ranges, plan_profile
 from sdrt.engines.tensorrt import ENGINES_DIR, compute_capability, device_name
 from sdrt.errors import InvalidOption, ModelError, SdrtError
 from sdrt.runtime.manifest import Manifest
@@ -70,6 +70,19 @@ def build_engine(
         print(f"{name}: engine {identity.key()} already built", file=sys.stderr)
         return plan_path
     folder.mkdir(parents=True, exist_ok=True)
+    # One process builds it, others wait and use it; its .json, written last, marks it complete (cache_files.py).
+    with cache_files.entry_lock(plan_path, f"building the TensorRT engine {name} {identity.key()}"):
+        if not (plan_path.is_file() and plan_path.with_suffix(".json").is_file()):
+            cache_files.remove_leftovers(plan_path)
+            _build_plan(trt, manifest, name, profile, ranges, identity, plan_path, builder_workspace,
+                        weight_streaming, refit, progress)  # fmt: skip
+    return plan_path
+
+
+def _build_plan(trt, manifest: Manifest, name: str, profile: dict, ranges: ShapeRanges, identity, plan_path: Path,
+                builder_workspace: int, weight_streaming: bool, refit: bool, progress: bool) -> None:  # fmt: skip
+    """Build the engine of model NAME and write it to PLAN_PATH, then its .json."""
+    onnx_file = manifest.model_path(name)
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     # An fp16 export carries its precision in the graph: build it strongly typed (TensorRT keeps the ONNX types,
@@ -113,20 +126,12 @@ def build_engine(
         raise ModelError(f"TensorRT failed to build {name} (see its messages above); a smaller --builder-workspace "
                          "or a static profile needs less memory")  # fmt: skip
     seconds = time.perf_counter() - start
-    _write_atomic(cache_file, bytes(config.get_timing_cache().serialize()))
-    _write_atomic(plan_path, bytes(serialized))
+    cache_files.write_atomic(cache_file, bytes(config.get_timing_cache().serialize()))
+    cache_files.write_atomic(plan_path, bytes(serialized))
     meta = {"identity": identity.to_json(), "build_s": seconds, "ranges": ranges.to_json(), "gpu": device_name(),
             "bytes": plan_path.stat().st_size}  # fmt: skip
-    _write_atomic(plan_path.with_suffix(".json"), json.dumps(meta, indent=2).encode())
+    cache_files.write_atomic(plan_path.with_suffix(".json"), json.dumps(meta, indent=2).encode())
     print(f"{name}: built in {seconds:.1f} s ({plan_path.stat().st_size / 2**20:.0f} MiB)", file=sys.stderr)
-    return plan_path
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
 
 
 def build(

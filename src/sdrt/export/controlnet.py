@@ -13,7 +13,8 @@ import tempfile
 from pathlib import Path
 
 from sdrt.errors import InvalidOption, ModelError
-from sdrt.runtime.controlnet import CONTROLNET_FORMAT, CONTROLNET_MANIFEST, CONTROLNET_VERSION, controlnet_family
+from sdrt.export import faults
+from sdrt.runtime.controlnet_models import CONTROLNET_FORMAT, CONTROLNET_MANIFEST, CONTROLNET_VERSION, controlnet_family
 from sdrt.runtime.manifest import PRECISIONS, Manifest
 from sdrt.runtime.modelspec import (
     TensorSpec,
@@ -209,6 +210,9 @@ def with_unet_controlnet(plan):
 
     from sdrt.export.steps import ModelStep
 
+    if not plan.controlnet:
+        raise InvalidOption("--controlnet", True, "not given: this model family has no ControlNet variant yet")
+
     def parts():
         for part in plan.parts:
             if isinstance(part, ModelStep) and part.spec.name == "unet":
@@ -227,12 +231,8 @@ def export_controlnet(
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict:
-    """Export the ControlNet SOURCE to OUT_DIR (controlnet/model.onnx + controlnet.json), atomically; its manifest."""
-    from tqdm import tqdm
-
-    from sdrt.export.driver import run_step, staged_folder
-    from sdrt.version import __version__
-
+    """Export the ControlNet SOURCE to OUT_DIR (controlnet/model.onnx + controlnet.json), atomically; its manifest
+    (a full disk, a refused permission or exhausted memory: one SdrtError, export/faults.py)."""
     if precision not in PRECISIONS:
         raise InvalidOption("--precision", precision, " or ".join(PRECISIONS))
     out_dir = Path(out_dir)
@@ -242,6 +242,19 @@ def export_controlnet(
         raise InvalidOption("--config", config, "a diffusers ControlNet folder (with config.json) or a hub id")
     if original_config and not Path(original_config).is_file():
         raise InvalidOption("--original-config", original_config, "an existing YAML file")
+    needed = faults.needed_bytes(source, precision)
+    faults.check_free_space(out_dir, needed)
+    with faults.machine_faults(out_dir, needed, "the ControlNet export"):
+        return _export_controlnet(source, out_dir, precision, config, original_config, progress)
+
+
+def _export_controlnet(source: str, out_dir: Path, precision: str, config, original_config, progress: bool) -> dict:
+    """export_controlnet once its arguments are checked."""
+    from tqdm import tqdm
+
+    from sdrt.export.driver import run_step, staged_folder
+    from sdrt.version import __version__
+
     bar = tqdm(total=2, desc="export-controlnet", unit="step", disable=not progress)
     bar.set_postfix_str(f"loading {source}")
     controlnet, kind, name, sha256 = load_controlnet(source, config, original_config)
@@ -274,25 +287,15 @@ def add_unet_controlnet(source: str, model_dir, progress: bool = True, original_
 
     from tqdm import tqdm
 
-    from sdrt.export import sdxl as sdxl_export
     from sdrt.export.driver import run_step
 
     manifest = Manifest.load(model_dir)
     if UNET_CONTROLNET in manifest.models:
         return manifest
     bar = tqdm(total=1, desc="unet_controlnet", unit="step", disable=not progress)
-    if manifest.family == "sdxl":
-        parts = sdxl_export.load_sdxl(source, manifest.precision, original_config, config)
-        sha256, unet = parts.sha256, parts.get("unet")
-        inputs = {t["name"]: t["shape"] for t in manifest.models["unet"]["inputs"]}
-        base = sdxl_export.unet_step(unet, inputs["text_embeds"][1], inputs["time_ids"][1], manifest.text_max_length)
-    else:
-        from sdrt.export.sources import load_source
-        from sdrt.export.steps import model_steps
+    from sdrt.export import plan_module
 
-        loaded = load_source(source, original_config, config)
-        sha256 = loaded.sha256
-        base = next(step for step in model_steps(loaded.pipe) if step.spec.name == "unet")
+    sha256, base = plan_module(manifest.family).denoiser_step(source, manifest, original_config, config)
     if sha256 and manifest.source.get("sha256") and sha256 != manifest.source["sha256"]:
         raise InvalidOption(
             "SOURCE",

@@ -28,12 +28,14 @@ class Tokenizer:
 class ExportPlan:
     """A family's export: DESCRIPTION (what was detected, printed), PARTS (ModelSteps and Tokenizers, made lazily in
     order so each module can leave memory after its graph), STEPS (the progress bar's count) and FACTS() (the
-    Manifest's fields other than models, precision and version; called once every part is written)."""
+    Manifest's fields other than models, precision and version; called once every part is written). CONTROLNET:
+    the family has a UNet that a ControlNet variant can be made of (export/controlnet.py)."""
 
     description: str
     parts: Iterable
     steps: int
     facts: Callable[[], dict]
+    controlnet: bool = True
 
 
 def export_into(plan: ExportPlan, folder: Path, precision: str, bar) -> Manifest:
@@ -114,10 +116,12 @@ def source_facts(kind: str, name: str, sha256, vae_option) -> dict:
 
 
 def write_tokenizer(tokenizer, folder: Path) -> None:
-    """The source tokenizer's own files (special-token flags included), plus vocab.json and merges.txt."""
+    """The source tokenizer's own files (special-token flags included), plus vocab.json and merges.txt (BPE)."""
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(folder)
     backend = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
+    if backend.get("type") != "BPE":  # T5's Unigram: its tokenizer.json is what the runtime reads
+        return
     merges = [m if isinstance(m, str) else " ".join(m) for m in backend["merges"]]
     (folder / "vocab.json").write_text(json.dumps(backend["vocab"], ensure_ascii=False))
     (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(m + "\n" for m in merges))

@@ -79,8 +79,9 @@ def prepare_edit(manifest, opts) -> Edit:
     )
 
 
-def start_edit(manifest, vae, opts, schedule: Schedule, edit: Edit, noise: ImageNoise, batch: int):
+def start_edit(manifest, vae, opts, schedule: Schedule, edit: Edit, noise: ImageNoise, batch: int, add_noise):
     """(schedule cut to the steps run, starting x, UNet conditioning, blend state) of img2img / inpainting.
+    ADD_NOISE(x0, eps, sigma): the family's forward process (Family.add_noise).
 
     Each image's generator draws in diffusers' order (StableDiffusionImg2ImgPipeline / InpaintPipeline
     prepare_latents, then prepare_mask_latents): init image latents, initial noise, masked-image latents.
@@ -98,26 +99,26 @@ def start_edit(manifest, vae, opts, schedule: Schedule, edit: Edit, noise: Image
         x = eps * np.float32(cut.initial_noise_scale)
     elif opts.steps_run == 0:  # strength 0 (or steps * strength < 1): the init image through the VAE
         x = x0 / np.float32(cut.final_scale)
-    else:  # x0 + sigma eps: every scheduler's add_noise in x0 + sigma * eps units
-        x = x0 + np.float32(cut.sigmas[0]) * eps
+    else:  # the family's forward process at the first sigma run (x0 + sigma eps for the UNet families)
+        x = add_noise(x0, eps, cut.sigmas[0])
     conditioning = None
     if inpaint_unet:
         masked = vae.encode(edit.masked_image, noise)  # (B, C, h, w)
         conditioning = np.concatenate([np.repeat(edit.conditioning_mask, batch, axis=0), masked], axis=1)
     elif inpainting:  # diffusers samples the masked image's latents with regular UNets too, unused: skip a draw
         noise()
-    blend = (x0, eps, edit.latent_mask) if inpainting and not inpaint_unet else None
+    blend = (x0, eps, edit.latent_mask, add_noise) if inpainting and not inpaint_unet else None
     return cut, x.astype(np.float32), conditioning, blend
 
 
 def blend_known(x: np.ndarray, blend, schedule: Schedule, i: int, last: int) -> None:
     """StableDiffusionInpaintPipeline's blend for regular UNets: after step i, x outside the mask is replaced in
     place by the init latents noised to sigmas[i + 1] with the initial noise (clean after the LAST step)."""
-    x0, eps, mask = blend  # (B, C, h, w), (B, C, h, w), (1, 1, h, w)
+    x0, eps, mask, add_noise = blend  # (B, C, h, w), (B, C, h, w), (1, 1, h, w), Family.add_noise
     if i == last:
         known = x0 / np.float32(schedule.final_scale)
     else:
-        known = x0 + np.float32(schedule.sigmas[i + 1]) * eps
+        known = add_noise(x0, eps, schedule.sigmas[i + 1])
     np.copyto(x, (1 - mask) * known + mask * x)
 
 

@@ -4,15 +4,14 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from sdrt import cache_files
 from sdrt.errors import ModelError
 
 MANIFEST_NAME = "model.json"
 MANIFEST_FORMAT = "sdrt-model"
 MANIFEST_VERSION = 2  # 2: text encoders take token embeddings and return every layer
-FAMILIES = ("sd1", "sd2", "sdxl")
-PREDICTION_TYPES = ("epsilon", "v_prediction")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "flow")  # flow: the model predicts noise - x0
 PRECISIONS = ("fp32", "fp16")
-MODEL_NAMES = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
 TEXT_ENCODER_NAMES = ("text_encoder", "text_encoder_2")  # SDXL's refiner has only the second
 # A model's optional "weight_map" entry: a JSON beside its model.onnx from diffusers module names to the ONNX
 # initializers holding their weights (export/weight_map.py). Models exported before it have none: no LoRA.
@@ -77,6 +76,9 @@ class Manifest:
     # Fused graph variants (sdrt.export.optimize): {target ("cuda", "cpu"): {model: {"file", "precision",
     # "fused_ops": {op: count}, "max_error", "verified_on"}}}. Absent in older manifests: the plain graphs run.
     optimized: dict = field(default_factory=dict)
+    # The transformer families' own facts (SD 3.5, FLUX.1: flow schedule, T5, packing, guidance input), as export
+    # wrote them; the family's runtime module reads them.
+    family_config: dict = field(default_factory=dict)
     folder: Path = field(default=Path("."), compare=False)
 
     @property
@@ -118,7 +120,8 @@ class Manifest:
         return {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, **d}
 
     def save(self, folder: Path) -> None:
-        (Path(folder) / MANIFEST_NAME).write_text(json.dumps(self.to_json(), indent=2) + "\n")
+        text = json.dumps(self.to_json(), indent=2) + "\n"
+        cache_files.write_atomic(Path(folder) / MANIFEST_NAME, text.encode())  # readers never see half of it
 
     @classmethod
     def load(cls, folder) -> "Manifest":
@@ -151,8 +154,7 @@ class Manifest:
         return manifest
 
     def _validate(self, path: Path) -> None:
-        checks = [
-            ("family", self.family, FAMILIES),
+        checks = [  # the family: families.family_of (the registry) refuses one this sdrt does not know
             ("prediction_type", self.prediction_type, PREDICTION_TYPES),
             ("precision", self.precision, PRECISIONS),
         ]
@@ -165,11 +167,7 @@ class Manifest:
                 f"{str(path)!r}: rescale_betas_zero_snr needs prediction_type 'v_prediction', "
                 f"not {self.prediction_type!r} (Lin et al. 2023)"
             )
-        for name in ("unet", "vae_decoder"):
-            if name not in self.models:
-                raise ModelError(f"{str(path)!r} lists no {name!r} model")
-        if not set(TEXT_ENCODER_NAMES) & set(self.models):
-            raise ModelError(f"{str(path)!r} lists no text encoder ({' or '.join(TEXT_ENCODER_NAMES)})")
+        # the graphs a model needs depend on its family: families.family_of checks them (Family.check)
         for name in self.models:
             if not self.model_path(name).is_file():
                 raise ModelError(f"model file {str(self.model_path(name))!r} is missing")

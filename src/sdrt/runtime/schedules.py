@@ -12,7 +12,9 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from sdrt.errors import InvalidOption
+from sdrt.runtime.a1111_schedules import A1111_SCHEDULES, a1111_schedule
 from sdrt.runtime.manifest import SchedulerConfig
+from sdrt.runtime.sigma_time import sigma_to_t, t_to_sigma  # noqa: F401 (also this module's names)
 
 KARRAS_RHO = 7.0  # Karras et al. 2022, eq. 5
 # Lee et al. 2024 ("Beta Sampling is All You Need"): Beta(0.6, 0.6), A1111's and diffusers' default.
@@ -32,7 +34,7 @@ RULE_DEFAULTS = {
     "lcm": {"timestep_spacing": "leading", "set_alpha_to_one": True, "clip_sample": False},
 }
 # Schedule types (A1111's names). "automatic" is the sampler's diffusers class as configured.
-SCHEDULES = ("automatic", "uniform", "karras", "exponential", "sgm_uniform", "simple", "beta")
+SCHEDULES = ("automatic", "uniform", "karras", "exponential", "sgm_uniform", "simple", "beta", *A1111_SCHEDULES)
 # A1111's schedules laid on the training timesteps themselves: the spacing rule plays no part.
 TRAINING_GRID_SCHEDULES = ("uniform", "sgm_uniform", "simple")
 # A formula between sigma_min and sigma_max. diffusers' DPMSolver*/UniPC take the whole training range; the other
@@ -104,16 +106,6 @@ def train_sigmas(cfg: SchedulerConfig) -> np.ndarray:
     return np.sqrt((1.0 - acp) / acp).astype(np.float32)
 
 
-def sigma_to_t(sigma, log_sigmas: np.ndarray) -> np.ndarray:
-    """Fractional timestep of SIGMA by linear interpolation in log-sigma (k-diffusion, diffusers)."""
-    sigma = np.atleast_1d(np.asarray(sigma, dtype=np.float64))
-    log_sigma = np.log(np.maximum(sigma, 1e-10))
-    dists = log_sigma[None, :] - log_sigmas[:, None]
-    low = np.cumsum(dists >= 0, axis=0).argmax(axis=0).clip(max=len(log_sigmas) - 2)
-    w = np.clip((log_sigmas[low] - log_sigma) / (log_sigmas[low] - log_sigmas[low + 1]), 0, 1)
-    return (1 - w) * low + w * (low + 1)
-
-
 def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = KARRAS_RHO) -> np.ndarray:
     """Karras et al. 2022, eq. 5: n sigmas from sigma_max to sigma_min, evenly spaced in sigma^(1/rho)."""
     ramp = np.linspace(0, 1, n)
@@ -180,15 +172,6 @@ def beta_ppf(quantiles, a: float, b: float) -> np.ndarray:
     return np.where(quantiles <= 0, 0.0, np.where(quantiles >= 1, 1.0, (low + high) / 2))
 
 
-def t_to_sigma(t, log_sigmas: np.ndarray) -> np.ndarray:
-    """Sigma at fractional timestep T by linear interpolation in log-sigma (k-diffusion's t_to_sigma)."""
-    t = np.asarray(t, dtype=np.float64)
-    low = np.floor(t).astype(np.int64)
-    high = np.minimum(low + 1, len(log_sigmas) - 1)
-    w = t - low
-    return np.exp((1 - w) * log_sigmas[low] + w * log_sigmas[high])
-
-
 def training_grid_timesteps(scheduler: str, steps: int, n: int) -> np.ndarray:
     """(steps,) decreasing fractional timesteps of A1111's uniform, sgm_uniform and simple schedules."""
     if scheduler == "uniform":  # k-diffusion DiscreteSchedule.get_sigmas: steps points from t_max to 0
@@ -216,7 +199,7 @@ def lcm_timesteps(cfg: SchedulerConfig, steps: int) -> np.ndarray:
 
 def uses_spacing(rule: str, scheduler: str) -> bool:
     """Whether timestep_spacing changes the schedule of RULE under SCHEDULER."""
-    if rule == "lcm" or scheduler in TRAINING_GRID_SCHEDULES:
+    if rule == "lcm" or scheduler in TRAINING_GRID_SCHEDULES or scheduler in A1111_SCHEDULES:
         return False
     return not (rule in FULL_RANGE_RULES and scheduler in SIGMA_RANGE_SCHEDULES)
 
@@ -243,11 +226,12 @@ def spaced_timesteps(cfg: SchedulerConfig, steps: int, rule: str) -> np.ndarray:
 
 
 def build_schedule(
-    cfg: SchedulerConfig, steps: int, rule: str, scheduler: str, timestep_spacing: str | None = None
+    cfg: SchedulerConfig, steps: int, rule: str, scheduler: str, timestep_spacing: str | None = None, ays_table=None
 ) -> Schedule:
     """Sigmas and timesteps for STEPS steps under diffusers' RULE with the schedule type SCHEDULER (SCHEDULES).
 
-    TIMESTEP_SPACING, when given, replaces the config's (and so the class default's) timestep_spacing.
+    TIMESTEP_SPACING, when given, replaces the config's (and so the class default's) timestep_spacing; AYS_TABLE
+    (the family's) is Align Your Steps' table.
     """
     if timestep_spacing is not None:
         cfg = replace(cfg, timestep_spacing=timestep_spacing)
@@ -255,7 +239,10 @@ def build_schedule(
     sigmas_train = train_sigmas(cfg).astype(np.float64)
     # log in float32 as diffusers takes it: truncated UNet timesteps (999 vs 998) depend on the last bit
     log_sigmas = np.log(sigmas_train.astype(np.float32)).astype(np.float64)
-    if scheduler in TRAINING_GRID_SCHEDULES:
+    final = None
+    if scheduler in A1111_SCHEDULES:  # a1111_schedules.py: the model's whole range, no spacing
+        timesteps, sigmas, final = a1111_schedule(scheduler, steps, sigmas_train, log_sigmas, ays_table)
+    elif scheduler in TRAINING_GRID_SCHEDULES:
         timesteps = training_grid_timesteps(scheduler, steps, len(sigmas_train))
         sigmas = t_to_sigma(timesteps, log_sigmas)
     else:
@@ -272,10 +259,10 @@ def build_schedule(
                 timesteps = timesteps.round()
         elif scheduler != "automatic":
             raise ValueError(f"unsupported scheduler {scheduler!r}")
-    if rule in ("ddim", "pndm") and scheduler == "automatic":  # they end at alpha_bar[0] (1 with set_alpha_to_one)
-        acp0 = 1.0 if cfg.set_alpha_to_one else 1.0 / (1.0 + sigmas_train[0] ** 2)
+    if final is None and rule in ("ddim", "pndm") and scheduler == "automatic":  # they end at alpha_bar[0]
+        acp0 = 1.0 if cfg.set_alpha_to_one else 1.0 / (1.0 + sigmas_train[0] ** 2)  # (1 with set_alpha_to_one)
         final = np.sqrt((1.0 - acp0) / acp0)
-    else:
+    elif final is None:
         final = 0.0
     sigmas = np.append(sigmas, final).astype(np.float32)
     sigma_max = float(sigmas[0])
@@ -295,6 +282,11 @@ SCHEDULERS = {
     "sgm_uniform": "SGM Uniform",
     "simple": "Simple",
     "beta": "Beta",
+    "polyexponential": "Polyexponential",
+    "kl_optimal": "KL Optimal",
+    "align_your_steps": "Align Your Steps",
+    "normal": "Normal",
+    "ddim": "DDIM",
 }
 SCHEDULER_ALIASES = {"sgmuniform": "sgm_uniform"}  # A1111's; its labels ("SGM Uniform") are accepted too
 

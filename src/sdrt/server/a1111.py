@@ -2,7 +2,7 @@
 
 Field names and defaults are A1111's (steps 50, 512x512, sampler_index "Euler", img2img denoising_strength 0.75,
 inpainting_fill 0 = fill, inpaint_full_res True with padding 0, ...). Fields for features sdrt does not have
-(hires fix, face restoration, tiling, scripts, styles, refiners) are accepted at their defaults and refused
+(hires fix, face restoration, tiling, scripts) are accepted at their defaults and refused
 (422 naming the field) otherwise; unknown fields are ignored, as A1111's pydantic models ignore them.
 """
 
@@ -13,6 +13,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from sdrt.errors import InvalidOption, is_int
+from sdrt.runtime.a1111_schedules import POLYEXPONENTIAL_RHO
 from sdrt.runtime.infotext import generate_kwargs as infotext_kwargs
 from sdrt.runtime.infotext import parse_infotext
 from sdrt.runtime.options import (
@@ -28,6 +29,7 @@ from sdrt.runtime.options import (
     resolve,
     spec,
 )
+from sdrt.server.a1111_settings import check_setting
 from sdrt.version import __version__
 
 RANDN_SOURCES = RNG_NAMES  # A1111's randn_source option -> sdrt's rng
@@ -167,11 +169,9 @@ class ImagesResponse(BaseModel):
 
 # field -> (values sdrt accepts, why it refuses others)
 UNSUPPORTED = {
-    "styles": ((None, []), "sdrt has no styles database"),
     "restore_faces": ((None, False), "sdrt has no face restoration"),
     "tiling": ((None, False), "sdrt has no tiling"),
     "s_min_uncond": ((None, 0, 0.0), "sdrt always runs the unconditional pass"),
-    "refiner_checkpoint": ((None, "", "None"), "sdrt has no refiner"),
     "script_name": ((None, ""), "sdrt has no scripts"),
     "script_args": (([],), "sdrt has no scripts"),
     "alwayson_scripts": (({},), "sdrt has no scripts"),
@@ -211,23 +211,22 @@ def apply_infotext(req: GenerationRequest, options: dict) -> None:
         req.override_settings = overrides
 
 
-def settings(req: GenerationRequest, options: dict, checkpoint_titles: tuple[str, ...]) -> dict:
+def settings(req: GenerationRequest, options: dict, checkpoint_title) -> dict:
     """The server options with the request's override_settings applied (validated like POST /options)."""
     merged = dict(options)
     for key, value in (req.override_settings or {}).items():
-        merged[key] = check_option(key, value, checkpoint_titles, "override_settings")
+        merged[key] = check_option(key, value, checkpoint_title, "override_settings")
     return merged
 
 
-def check_option(key: str, value, checkpoint_titles: tuple[str, ...], where: str = "options"):
-    """One option's value, validated (InvalidOption naming WHERE.key); unknown options are refused."""
+def check_option(key: str, value, checkpoint_title, where: str = "options"):
+    """One option's value, validated (InvalidOption naming WHERE.key); unknown options are refused.
+    CHECKPOINT_TITLE(value, field) -> the model's title (InvalidOption listing the titles if there is none)."""
     field = f"{where}.{key}"
-    if key not in DEFAULT_OPTIONS:
-        raise InvalidOption(field, value, "one of " + ", ".join(DEFAULT_OPTIONS))
+    if key not in DEFAULT_OPTIONS:  # A1111's other settings: recorded, or refused if they would change images
+        return check_setting(key, value, field)
     if key == "sd_model_checkpoint":
-        if value not in checkpoint_titles:
-            raise InvalidOption(field, value, " or ".join(repr(t) for t in checkpoint_titles) + " (the loaded model)")
-        return checkpoint_titles[0]
+        return checkpoint_title(value, field)
     if key == "randn_source":
         if value not in RANDN_SOURCES:
             raise InvalidOption(field, value, ", ".join(RANDN_SOURCES))
@@ -274,7 +273,7 @@ def resolve_request(manifest, kwargs: dict, inputs: dict):
     return opts
 
 
-def info_json(images, manifest, opts, clip_skip: int, inpainting: bool) -> str:
+def info_json(images, manifest, opts, clip_skip: int, inpainting: bool, styles=()) -> str:
     """A1111's Processed.js(): the run's parameters, every image's seed and infotext."""
     total = opts.batch_size * opts.batch_count
     infotexts = [im.info.get("parameters", "") for im in images]
@@ -310,7 +309,7 @@ def info_json(images, manifest, opts, clip_skip: int, inpainting: bool) -> str:
             "extra_generation_params": extra,
             "index_of_first_image": 0,
             "infotexts": infotexts,
-            "styles": [],
+            "styles": list(styles or ()),
             "job_timestamp": datetime.now().strftime("%Y%m%d%H%M%S"),
             "clip_skip": clip_skip,
             "is_using_inpainting_conditioning": inpainting,
@@ -338,8 +337,8 @@ def schedulers_list() -> list[dict]:
             "name": name,
             "label": label,
             "aliases": [a for a, target in SCHEDULER_ALIASES.items() if target == name] or None,
-            "default_rho": KARRAS_RHO if name == "karras" else -1,
-            "need_inner_model": name in ("uniform", "sgm_uniform", "simple"),
+            "default_rho": {"karras": KARRAS_RHO, "polyexponential": POLYEXPONENTIAL_RHO}.get(name, -1),
+            "need_inner_model": name in ("uniform", "sgm_uniform", "simple", "normal", "ddim", "beta"),
         }
         for name, label in SCHEDULERS.items()
     ]

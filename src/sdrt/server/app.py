@@ -1,11 +1,7 @@
 """The FastAPI app: A1111's /sdapi/v1 routes, /sdrt/v1/outpaint, the page at /, request limits and basic auth."""
 
 import asyncio
-import base64
-import binascii
-import json
 import logging
-import secrets
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,11 +13,16 @@ from fastapi.staticfiles import StaticFiles
 
 from sdrt.errors import InvalidOption, SdrtError
 from sdrt.runtime import masks
-from sdrt.server import a1111, controlnet_api
+from sdrt.server import a1111, controlnet_api, extra_routes, model_routes, openai_api, safe_json
+from sdrt.server.a1111_settings import A1111_DEFAULTS
 from sdrt.server.codec import ImageTooLarge, UndecodableImage, decode_image, encode_png
+from sdrt.server.extra_routes import Extras
 from sdrt.server.generation import Generation, LocalBackend
 from sdrt.server.jobs import QueueFull, Unavailable
+from sdrt.server.middleware import BasicAuth, BodyLimit
+from sdrt.server.models import ModelRegistry, ModelsFolder
 from sdrt.server.pnginfo import png_info_response
+from sdrt.server.safe_json import field_error
 from sdrt.version import __version__
 
 STATIC = Path(__file__).parent / "static"
@@ -56,10 +57,19 @@ class Server:
 
     def __init__(self, backend, limits: Limits):
         self.backend, self.limits = backend, limits
-        self.manifest = manifest = backend.manifest
-        self.title = f"{manifest.model_name} [{manifest.model_hash}]" if manifest.model_hash else manifest.model_name
-        self.titles = (self.title, manifest.model_name)
-        self.options = dict(a1111.DEFAULT_OPTIONS, sd_model_checkpoint=self.title)
+        self.models = getattr(backend, "models", None) or ModelRegistry.single(backend.manifest)  # models.py
+        default = self.models.default()
+        title = default.title if default else ""
+        self.options = {**A1111_DEFAULTS, **a1111.DEFAULT_OPTIONS, "sd_model_checkpoint": title}  # GET /options
+
+    def checkpoint_title(self, value, field: str) -> str:
+        """The title of the model VALUE names (InvalidOption naming FIELD, listing the titles, if none)."""
+        return self.models.find(value, field).title
+
+    @property
+    def manifest(self):
+        """The current model's Manifest (the one sd_model_checkpoint names)."""
+        return self.models.manifest(self.models.find(self.options["sd_model_checkpoint"], "sd_model_checkpoint"))
 
     @property
     def pipe(self):
@@ -95,25 +105,31 @@ class Server:
         """Validate REQ completely: (its Pipeline call, what the response needs); errors here answer the request
         before it queues."""
         a1111.apply_infotext(req, self.options)
+        req.prompt, req.negative_prompt = self.extras.styles.apply(req.prompt, req.negative_prompt, req.styles)
         controlnet_units = controlnet_api.take_units(req)  # the ControlNet extension's alwayson script
         a1111.check_supported(req)
         self.check_limits(req)
-        opts = a1111.settings(req, self.options, self.titles)
+        opts = a1111.settings(req, self.options, self.checkpoint_title)
+        entry = self.models.find(opts["sd_model_checkpoint"], "override_settings.sd_model_checkpoint")
+        manifest = self.models.manifest(entry)  # exported first if it is a checkpoint (a second request waits)
         kwargs = a1111.generate_kwargs(req, opts)
-        generation = Generation(kind, kwargs, req.n_iter, self.preview_every())
+        generation = Generation(kind, kwargs, req.n_iter, self.preview_every(), model=entry)
         if req.force_task_id:
             generation.task_id = req.force_task_id
         if kind == "img2img":
             self.add_img2img(req, kwargs)
         if kind == "outpaint":
-            generation.image, generation.amounts = self.add_outpaint(req, kwargs)
+            generation.image, generation.amounts = self.add_outpaint(req, kwargs, manifest)
         controlnet_api.add_units(controlnet_units, kwargs, self)
+        model_routes.add_refiner(self, req, kwargs)  # SDXL's refiner_checkpoint: a model of the same registry
         # validates (an outpaint as the img2img of its image); pins seeds and names into kwargs
         inputs = {"init_image": generation.image} if kind == "outpaint" else {}
-        resolved = a1111.resolve_request(self.manifest, kwargs, inputs)
-        inpaint_unet = self.manifest.unet_in_channels != self.manifest.latent_channels  # A1111: hybrid conditioning
+        resolved = a1111.resolve_request(manifest, kwargs, inputs)
+        inpaint_unet = manifest.unet_in_channels != manifest.latent_channels  # A1111: hybrid conditioning
         meta = {"opts": resolved, "clip_skip": opts["CLIP_stop_at_last_layers"], "inpainting": inpaint_unet}
-        return generation, meta
+        if req.override_settings and not req.override_settings_restore_afterwards:  # A1111: the overrides stay
+            self.options.update({key: opts[key] for key in req.override_settings})
+        return generation, dict(meta, manifest=manifest, styles=req.styles)
 
     def add_img2img(self, req, kwargs: dict) -> None:
         """init_images[0] and the mask, decoded (the other img2img fields come through the options schema)."""
@@ -124,11 +140,11 @@ class Server:
         if req.mask is not None:
             kwargs["mask"] = self.decode(req.mask, "mask")
 
-    def add_outpaint(self, req, kwargs: dict):
+    def add_outpaint(self, req, kwargs: dict, manifest):
         """(image, amounts) of an outpaint request; the canvas size and editing options into KWARGS."""
         image = self.decode(req.image, "image")
         amounts = masks.check_outpaint_amounts(req.left, req.right, req.up, req.down)
-        step = self.manifest.latent_downsample
+        step = manifest.latent_downsample
         if image.width % step or image.height % step:
             raise InvalidOption("image", f"{image.width}x{image.height}", f"sides that are multiples of {step}")
         kwargs["width"] = req.width or image.width + amounts["left"] + amounts["right"]
@@ -147,7 +163,7 @@ class Server:
         return {
             "images": [encode_png(im) for im in images] if req.send_images else [],
             "parameters": parameters,
-            "info": a1111.info_json(images, self.manifest, **meta),
+            "info": a1111.info_json(images, **meta),
         }
 
     async def run(self, kind: str, req, request: Request):
@@ -160,13 +176,6 @@ class Server:
                 future.cancel()  # a job still waiting is skipped; a running one finishes, unheard
                 return Response(status_code=CLIENT_CLOSED)
         return await run_in_threadpool(self.respond, meta, req, future.result())
-
-
-def field_error(field: str, message: str, value) -> JSONResponse:
-    """HTTP 422 in FastAPI's validation-error shape, naming the request field."""
-    text = value if isinstance(value, (str, int, float, bool, type(None))) else repr(value)
-    detail = [{"loc": ["body", *field.split(".")], "msg": message, "type": "value_error", "input": text}]
-    return JSONResponse({"detail": detail}, status_code=422)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -198,21 +207,27 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def unexpected(_, e: Exception):
         log.exception("request failed")
-        return JSONResponse({"detail": f"internal error: {type(e).__name__}: {e}"}, status_code=500)
+        return JSONResponse({"detail": f"internal error: {safe_json.describe(e)}"}, status_code=500)
 
 
 def create_app(
-    pipe=None, limits: Limits | None = None, credentials: dict[str, str] | None = None, backend=None
-) -> FastAPI:
+    pipe=None, limits: Limits | None = None, credentials: dict[str, str] | None = None, backend=None,
+    extras: Extras | None = None,
+) -> FastAPI:  # fmt: skip
     """The ASGI app over a loaded Pipeline, or over a generation BACKEND (generation.py); CREDENTIALS
-    {user: password} turn on HTTP basic auth for every route."""
+    {user: password} turn on HTTP basic auth for every route; EXTRAS: embeddings, styles, flags (extra_routes.py)."""
     limits = limits or Limits()
     server = Server(backend or LocalBackend(pipe, limits.max_queue), limits)
+    server.extras = extras = extras or Extras()
     app = FastAPI(title="sdrt", version=__version__, description="A1111-compatible API over sdrt's runtime")
     app.state.server = server
     install_error_handlers(app)
+    safe_json.install(app)  # before the routes: their bodies are checked for NaN/Infinity
     add_routes(app, server)
     controlnet_api.add_routes(app, server)
+    model_routes.add_routes(app, server)
+    extra_routes.add_routes(app, server, extras)
+    openai_api.add_routes(app, server)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     app.add_middleware(BodyLimit, max_bytes=server.limits.max_body_bytes)
     if credentials:
@@ -245,13 +260,6 @@ def add_routes(app: FastAPI, server: Server) -> None:
     def schedulers():
         return a1111.schedulers_list()
 
-    @app.get("/sdapi/v1/sd-models")
-    def sd_models():
-        m = server.manifest
-        sha = m.source.get("sha256") or None
-        item = {"title": server.title, "model_name": m.model_name, "hash": m.model_hash or None, "sha256": sha}
-        return [{**item, "filename": m.folder.name, "config": None}]  # the folder's name: no server paths
-
     @app.get("/sdapi/v1/loras")
     def loras():  # A1111's Lora extension: name, alias, path (relative to the LoRA folder: no server paths), metadata
         return server.lora_listing()
@@ -261,8 +269,9 @@ def add_routes(app: FastAPI, server: Server) -> None:
         return server.options
 
     @app.post("/sdapi/v1/options")
-    def set_options(values: dict):
-        checked = {k: a1111.check_option(k, v, server.titles) for k, v in values.items()}
+    async def set_options(values: dict):
+        checked = {k: a1111.check_option(k, v, server.checkpoint_title) for k, v in values.items()}
+        await model_routes.apply(server, checked)  # a model switch, the LRU's size
         server.options.update(checked)
         return None
 
@@ -282,80 +291,6 @@ def add_routes(app: FastAPI, server: Server) -> None:
         return png_info_response(server.decode(req.image, "image"))
 
 
-class BodyLimit:
-    """ASGI middleware: bodies over max_bytes (by Content-Length, or counted as they stream) get HTTP 413."""
-
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        length = dict(scope["headers"]).get(b"content-length", b"0")
-        if not length.isdigit() or int(length) > self.max_bytes:
-            return await self.refuse(send)
-        received, started = 0, False
-
-        async def counted():
-            nonlocal received
-            message = await receive()
-            received += len(message.get("body", b""))
-            if received > self.max_bytes:
-                raise BodyTooLarge()
-            return message
-
-        async def tracked(message):
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, counted, tracked)
-        except BodyTooLarge:
-            if not started:
-                await self.refuse(send)
-
-    async def refuse(self, send) -> None:
-        body = json.dumps({"detail": f"request body over {self.max_bytes} bytes"}).encode()
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-        await send({"type": "http.response.start", "status": 413, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
-
-
-class BodyTooLarge(Exception):
-    pass
-
-
-class BasicAuth:
-    """ASGI middleware: HTTP basic auth (A1111's --api-auth user:pass[,user2:pass2]) on every route."""
-
-    def __init__(self, app, credentials: dict[str, str]):
-        self.app, self.credentials = app, credentials
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or self.allowed(dict(scope["headers"]).get(b"authorization", b"")):
-            return await self.app(scope, receive, send)
-        body = b'{"detail":"Incorrect username or password"}'
-        headers = [
-            (b"content-type", b"application/json"),
-            (b"www-authenticate", b'Basic realm="sdrt"'),
-            (b"content-length", str(len(body)).encode()),
-        ]
-        await send({"type": "http.response.start", "status": 401, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
-
-    def allowed(self, header: bytes) -> bool:
-        scheme, _, encoded = header.partition(b" ")
-        if scheme.lower() != b"basic":
-            return False
-        try:
-            user, _, password = base64.b64decode(encoded, validate=True).decode().partition(":")
-        except (binascii.Error, UnicodeDecodeError):
-            return False
-        expected = self.credentials.get(user)
-        return expected is not None and secrets.compare_digest(password.encode(), expected.encode())
-
-
 def parse_credentials(text: str) -> dict[str, str]:
     """A1111's --api-auth "user:pass[,user2:pass2]" -> {user: pass}; malformed text raises InvalidOption."""
     pairs = {}
@@ -368,9 +303,10 @@ def parse_credentials(text: str) -> dict[str, str]:
 
 
 def serve(
-    model_dir, host: str, port: int, api_auth: str | None, backend: str, limits: Limits, loras=None, controlnet_dir=None
-) -> int:
-    """Load the model once and serve until interrupted."""
+    model_dir, host: str, port: int, api_auth: str | None, backend: str, limits: Limits, loras=None,
+    controlnet_dir=None, folder: ModelsFolder | None = None, extras: Extras | None = None,
+) -> int:  # fmt: skip
+    """Load the model (or serve FOLDER's models, loaded when asked for) and serve until interrupted."""
     try:
         import uvicorn
     except ImportError as e:
@@ -378,9 +314,16 @@ def serve(
     from sdrt.runtime.pipeline import Pipeline
 
     credentials = parse_credentials(api_auth) if api_auth else None
-    pipe = Pipeline.load(model_dir, backend=backend, loras=loras)
-    pipe.controlnets.directory = None if controlnet_dir is None else Path(controlnet_dir)  # /controlnet/model_list
-    app = create_app(pipe, limits, credentials)
+    if folder is None:
+        pipe = Pipeline.load(model_dir, backend=backend, loras=loras, embeddings=extras and extras.embeddings_dir)
+        pipe.controlnets.directory = None if controlnet_dir is None else Path(controlnet_dir)  # /controlnet/model_list
+        app = create_app(pipe, limits, credentials, extras=extras)
+    else:
+        embeddings = extras and extras.embeddings_dir
+        backend = LocalBackend(max_queue=limits.max_queue, loaded=folder.loaded_models(backend, loras, embeddings))
+        backend.lora_dir = loras  # /sdapi/v1/loras lists the folder (no one Pipeline holds it)
+        app = create_app(None, limits, credentials, backend=backend, extras=extras)
+        folder.start(app.state.server)
     if host not in LOOPBACK and not credentials:
         print(f"sdrt serve: note: {host} without --api-auth: whoever reaches this port can use it", file=sys.stderr)
     print(f"sdrt serve: http://{host}:{port}/ (API docs at /docs)", file=sys.stderr, flush=True)

@@ -61,14 +61,14 @@ def add_units(raw, kwargs: dict, server) -> None:
         return
     if server.pipe is None:
         raise InvalidOption(f"alwayson_scripts.{SCRIPT}", "ControlNet units",
-                            "none over sdrt serve --ray: ControlNet runs in sdrt serve (one process) only")  # fmt: skip
+                            "none over --ray or --models-dir: ControlNet runs in sdrt serve -m MODEL only")  # fmt: skip
     units, save_maps = [], False
     for i, item in enumerate(raw):
         unit, save = parse_unit(i, item, server, kwargs.get("init_image"))
         units.append(unit)
         save_maps |= save and unit.enabled
     try:
-        load_units(server.pipe, units)
+        load_units(server.pipe.manifest, server.pipe.controlnets, units)
     except InvalidOption as e:
         raise InvalidOption(e.field.replace("controlnets[", f"alwayson_scripts.{SCRIPT}.args[", 1), e.value,
                             e.allowed) from None  # fmt: skip

@@ -1,7 +1,9 @@
 """What the routes ask of a Pipeline, and the backends that run it: in this process (LocalBackend, `sdrt serve`)
 or on Ray Serve replicas (ray_app.RayBackend). The routes (app.py) see only this seam:
 
-    backend.manifest                          the model's Manifest (the ingress needs no engines)
+    backend.manifest                          the model's Manifest (the ingress needs no engines), or
+    backend.models                            a models.ModelRegistry (several models; generation.model picks one)
+    backend.in_worker(kind, fn) -> Future     (optional) FN run between jobs: model switches
     backend.submit(generation) -> Future      an asyncio future of the images; cancel() frees its place
     await backend.progress(skip_image, id)    A1111's ProgressResponse
     await backend.interrupt(id)               A1111's Interrupt
@@ -15,6 +17,7 @@ from dataclasses import dataclass, field
 from sdrt.runtime.image import to_pil
 from sdrt.server.codec import encode_png
 from sdrt.server.jobs import Job, State, Worker
+from sdrt.server.models import LoadedModels, ModelRegistry
 
 
 @dataclass
@@ -30,6 +33,7 @@ class Generation:
     image: object = None  # outpaint: the PIL image to extend
     amounts: dict = field(default_factory=dict)  # outpaint: left/right/up/down pixels
     task_id: str = field(default_factory=lambda: f"task({uuid.uuid4().hex[:15]})")  # A1111's id_task
+    model: object = None  # the models.ModelEntry to run on (None: the backend's only model)
 
     def run(self, pipe, callback) -> list:
         """The PIL images (each with its infotext)."""
@@ -51,23 +55,42 @@ def preview_png(pipe, denoised) -> str:
 
 
 class LocalBackend:
-    """`sdrt serve`: one loaded Pipeline in this process, behind the one Worker thread and its bounded queue."""
+    """`sdrt serve`: Pipelines in this process (one, or an LRU of a models folder's: models.py), behind the one
+    Worker thread and its bounded queue."""
 
-    def __init__(self, pipe, max_queue: int):
-        self.pipe, self.manifest = pipe, pipe.manifest
+    def __init__(self, pipe=None, max_queue: int = 8, loaded: LoadedModels | None = None):
+        if loaded is None:  # one model, loaded already
+            loaded = LoadedModels(ModelRegistry.single(pipe.manifest), load=None)
+            loaded.add(loaded.registry.entries[0], pipe)
+        self.loaded, self.models, self.single = loaded, loaded.registry, pipe
         self.worker = Worker(max_queue)
 
+    @property
+    def pipe(self):
+        """The one Pipeline of `sdrt serve -m` (None with a models folder: it depends on the request)."""
+        return self.single
+
     def submit(self, generation: Generation) -> asyncio.Future:
-        pipe = self.pipe
+        entry = generation.model or self.models.entries[0]
+        used = []  # the Pipeline the job runs on, for its previews
+
+        def run(callback):
+            used.append(self.loaded.pipeline(entry))
+            return generation.run(used[0], callback)
+
         job = Job(
             generation.kind,
-            lambda callback: generation.run(pipe, callback),
+            run,
             batches=generation.batches,
-            preview=lambda denoised: preview_png(pipe, denoised),
+            preview=lambda denoised: preview_png(used[0], denoised),
             preview_every=generation.preview_every,
             task_id=generation.task_id,
         )
         return asyncio.wrap_future(self.worker.submit(job))
+
+    def in_worker(self, kind: str, fn) -> asyncio.Future:
+        """Run FN() on the worker thread between jobs (a model switch, unload, reload): an asyncio future."""
+        return asyncio.wrap_future(self.worker.submit(Job(kind, lambda callback: fn(), batches=1)))
 
     async def progress(self, skip_current_image: bool, id_task: str | None = None) -> dict:
         state = self.worker.state
@@ -81,9 +104,11 @@ class LocalBackend:
     async def interrupt(self, id_task: str | None = None) -> None:
         self.worker.interrupt(id_task)
 
+    async def skip(self) -> None:
+        self.worker.skip()
+
     def stop(self) -> None:
         self.worker.stop()
-
 
 
 def idle_progress() -> dict:

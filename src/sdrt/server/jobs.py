@@ -14,7 +14,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from sdrt.errors import Interrupted
+from sdrt.errors import Interrupted, SkipImage
 
 DURATION_SMOOTHING = 0.3  # weight of the newest job in the running mean of job durations (for Retry-After)
 
@@ -130,6 +130,13 @@ class Worker:
             if self.state.job and task_id in (None, self.state.task_id):
                 self.state.interrupted = True
 
+    def skip(self) -> None:
+        """A1111's Skip: the running job's current batch ends after its current sampler step and is decoded from
+        its x0 estimate so far; the job goes on with its next batch."""
+        with self.state.lock:
+            if self.state.job:
+                self.state.skipped = True
+
     def stop(self) -> None:
         self.pending.put(None)
 
@@ -164,9 +171,12 @@ class Worker:
         """Pipeline.generate's callback: progress, a live preview every n steps, and interruption."""
         with self.state.lock:
             self.state.advance(step, total)
-            interrupted = self.state.interrupted
+            interrupted, skipped = self.state.interrupted, self.state.skipped
+            self.state.skipped = False
         if interrupted:
             raise Interrupted()
+        if skipped:
+            raise SkipImage()
         every = job.preview_every
         if job.preview is not None and every > 0 and denoised is not None and step % every == 0:
             image = job.preview(denoised)

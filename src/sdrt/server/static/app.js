@@ -62,7 +62,40 @@ function common() {
     seed: num("seed"),
     n_iter: num("n_iter"),
     batch_size: num("batch_size"),
+    styles: [...$("styles").selectedOptions].map((o) => o.value),
   };
+}
+
+async function setupModels() {
+  const [models, options, styles] = await Promise.all([api("/sdapi/v1/sd-models"), api("/sdapi/v1/options"), api("/sdapi/v1/prompt-styles")]);
+  for (const m of models) {
+    const option = new Option(m.unusable ? `${m.title} (unusable)` : m.title, m.title);
+    option.disabled = Boolean(m.unusable);
+    if (m.unusable) option.title = m.unusable;
+    $("model").add(option);
+  }
+  $("model").value = options.sd_model_checkpoint;
+  $("model").onchange = async () => {
+    const title = $("model").value;
+    setStatus(`loading ${title}...`);
+    $("model").disabled = true;
+    try {
+      await api("/sdapi/v1/options", { sd_model_checkpoint: title });
+      const now = await api("/sdapi/v1/options");
+      if (![...$("model").options].some((o) => o.value === now.sd_model_checkpoint)) {
+        $("model").add(new Option(now.sd_model_checkpoint, now.sd_model_checkpoint));  // the title gained its hash
+      }
+      $("model").value = now.sd_model_checkpoint;
+      setStatus(`model: ${now.sd_model_checkpoint}`);
+    } catch (e) {
+      setStatus(e.message, true);
+      $("model").value = options.sd_model_checkpoint;
+    } finally {
+      $("model").disabled = false;
+    }
+  };
+  for (const s of styles) $("styles").add(new Option(s.name, s.name));
+  $("styles-label").hidden = styles.length === 0;
 }
 
 function maskDataURL() {
@@ -281,11 +314,11 @@ async function init() {
   setupInpaint();
   setupPngInfo();
   try {
-    const [samplers, schedulers, models] = await Promise.all([api("/sdapi/v1/samplers"), api("/sdapi/v1/schedulers"), api("/sdapi/v1/sd-models")]);
+    const [samplers, schedulers] = await Promise.all([api("/sdapi/v1/samplers"), api("/sdapi/v1/schedulers")]);
     for (const s of samplers) $("sampler").add(new Option(s.name, s.name));
     $("sampler").value = "Euler a";
     for (const s of schedulers) $("scheduler").add(new Option(s.label, s.name));
-    $("model").textContent = models.length ? models[0].title : "";
+    await setupModels();
     document.body.dataset.ready = "1";
   } catch (e) {
     setStatus(e.message, true);

@@ -2,7 +2,7 @@
 bench's shapes, and its memory read back (peak RSS from wait4, RSS after the run split into anonymous memory and
 mapped files). What issue 25's "weights held once" is measured with.
 
-    python benchmarks/graph_memory.py MODEL_DIR [--backends cpu,openvino-f32,openvino-bf16] [--size 256]
+    python -m sdrt.bench.graph_memory MODEL_DIR [--backends cpu,openvino-f32,openvino-bf16] [--size 256]
         [--graphs text_encoder,unet,vae_decoder,vae_encoder] [--output benchmarks/results/graph-memory.json]
 
 Each child process starts with an empty OpenVINO model cache (SDRT_CACHE in a fresh folder) unless --warm-cache,
@@ -74,7 +74,7 @@ def child(model_dir: str, graph: str, backend: str, size: int) -> None:
 
 
 def measure(model_dir: Path, graph: str, backend: str, size: int, cache: str) -> dict:
-    command = [sys.executable, __file__, "--child", str(model_dir), graph, backend, str(size)]
+    command = [sys.executable, "-m", "sdrt.bench.graph_memory", "--child", str(model_dir), graph, backend, str(size)]
     env = dict(os.environ, SDRT_CACHE=cache)
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, env=env, text=True)
     out = proc.stdout.read()

@@ -1,0 +1,144 @@
+"""LoRA switching on OpenVINO beside ONNX Runtime's CPU engine, on the full-size SD 1.5 architecture (random weights):
+the switch times of each engine (the same LoRAs and sequence), OpenVINO's compile count, and what weights-as-inputs
+cost per UNet call against OpenVINO with the weights as constants (alternated, the same inputs).
+
+    python -m sdrt.bench.lora_engines MODEL_DIR [--loras /tmp/sdrt-lora-bench/loras --size 256 --rounds 3]
+
+The LoRA files a and b are sdrt.bench.lora_switch's (rank 32 on every layer), made in --loras when absent.
+
+Writes benchmarks/results/lora-engines-<machine>.json. Every figure is a wall-clock time: run it on a quiet machine.
+"""
+
+import argparse
+import gc
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+SEQUENCE = [("none -> a (first use)", "<lora:a:0.8>"), ("a -> b", "<lora:b:0.8>"), ("b -> a", "<lora:a:0.8>"),
+            ("a -> a + b", "<lora:a:0.8><lora:b:0.5>"), ("a + b -> none", "")]  # fmt: skip
+
+
+def engines_for(manifest, backend: str) -> dict:
+    """The text encoder and UNet engines of MANIFEST on BACKEND (what LoRAs change), loaded."""
+    from sdrt.engines import create_engine
+
+    engines = {name: create_engine(manifest.model_path(name), backend) for name in ("text_encoder", "unet")}
+    for engine in engines.values():
+        engine.load()
+    return engines
+
+
+def unet_feeds(manifest, size: int) -> dict:
+    rng = np.random.default_rng(0)
+    side = size // manifest.latent_downsample
+    hidden = (2, manifest.text_max_length, manifest.text_hidden_size)
+    return {"sample": rng.standard_normal((2, manifest.latent_channels, side, side)).astype(np.float32),
+            "timestep": np.array([500.0, 500.0], np.float32),
+            "encoder_hidden_states": rng.standard_normal(hidden).astype(np.float32)}  # fmt: skip
+
+
+def switches(manifest, engines: dict, loras: Path, feeds: dict) -> list[dict]:
+    """Seconds per switch of SEQUENCE (the LoRA files parsed before: their reading is not the engine's)."""
+    from sdrt.bench.common import log
+    from sdrt.runtime.lora import Loras, parse_prompt
+
+    index = Loras(manifest, engines).load_dir(loras)
+    index.prepare_engines()
+    index.file("a"), index.file("b")
+    engines["unet"].run(feeds)  # the base model compiled (OpenVINO) before the first switch
+    rows = []
+    for label, prompt in SEQUENCE:
+        t = time.perf_counter()
+        index.apply(parse_prompt(prompt)[1])
+        row = {"switch": label, "s": round(time.perf_counter() - t, 3)}
+        t = time.perf_counter()
+        engines["unet"].run(feeds)  # the first call after the switch (a compile would show here)
+        row["next_unet_call_s"] = round(time.perf_counter() - t, 3)
+        row["compiles"] = getattr(engines["unet"], "compiles", None)
+        log(f"{engines['unet'].__class__.__name__} {row}")
+        rows.append(row)
+    return rows
+
+
+def zero_terms(model_file: Path, names) -> dict:
+    """{initializer: [a rank-1 LowRank of zeros]}: a merge that makes NAMES inputs of OpenVINO's LoRA model."""
+    from sdrt.engines.onnx_weights import OnnxWeights
+    from sdrt.engines.weight_merge import LowRank
+
+    graph = OnnxWeights(model_file)
+    shapes = {name: graph.initializers[name].shape for name in names}
+    graph.close()
+    return {name: [LowRank(np.zeros((s[0], 1), np.float32), np.zeros((1, int(np.prod(s[1:]))), np.float32))]
+            for name, s in shapes.items()}  # fmt: skip
+
+
+def per_call(manifest, feeds: dict, rounds: int) -> dict:
+    """UNet call seconds on OpenVINO f32, alternated: weights as constants, the Linear layers' weights as inputs (what
+    a kohya LoRA of attention layers touches) and every mapped weight as an input (a LoCon on every layer)."""
+    from sdrt.engines import create_engine
+
+    layers = manifest.weight_map("unet").values()
+    linear = sorted({layer["initializer"] for layer in layers if len(layer["shape"]) == 2})
+    every = sorted({layer["initializer"] for layer in layers})
+    path = manifest.model_path("unet")
+    engines = {"weights as constants": create_engine(path, "openvino-f32"),
+               f"{len(linear)} Linear weights as inputs": create_engine(path, "openvino-f32"),
+               f"all {len(every)} weights as inputs": create_engine(path, "openvino-f32")}  # fmt: skip
+    engines[f"{len(linear)} Linear weights as inputs"].merge_weights(zero_terms(path, linear))
+    engines[f"all {len(every)} weights as inputs"].merge_weights(zero_terms(path, every))
+    times = {state: [] for state in engines}
+    for engine in engines.values():
+        engine.run(feeds)  # compile + warm-up
+    for _ in range(rounds):
+        for state, engine in engines.items():
+            t = time.perf_counter()
+            engine.run(feeds)
+            times[state].append(round(time.perf_counter() - t, 3))
+    return times
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m sdrt.bench.lora_engines", description=__doc__.split("\n")[0])
+    p.add_argument("model", type=Path, help="an exported SD 1.5-architecture folder (fp32)")
+    p.add_argument("--loras", type=Path, default=Path("/tmp/sdrt-lora-bench/loras"), help="folder with a and b")
+    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--rounds", type=int, default=3)
+    args = p.parse_args(argv)
+    from sdrt.bench.common import RESULTS_DIR, log, now_iso
+    from sdrt.bench.lora_switch import random_lora
+    from sdrt.bench.machine import describe_machine
+    from sdrt.runtime.manifest import Manifest
+
+    load_average = [round(os.getloadavg()[0], 2)]
+    manifest = Manifest.load(args.model)
+    feeds = unet_feeds(manifest, args.size)
+
+    args.loras.mkdir(parents=True, exist_ok=True)
+    for name, seed in (("a", 1), ("b", 2)):
+        if not (args.loras / f"{name}.safetensors").is_file():
+            random_lora(manifest, args.loras / f"{name}.safetensors", seed)
+    report = {"benchmark": "lora_engines", "date": now_iso(), "machine": describe_machine(), "model": str(args.model),
+              "size": args.size}  # fmt: skip
+    report["openvino_unet_call_s"] = per_call(manifest, feeds, args.rounds)
+    log(f"OpenVINO UNet call: {report['openvino_unet_call_s']}")
+    gc.collect()
+    for backend in ("openvino-f32", "cpu"):
+        engines = engines_for(manifest, backend)
+        report[f"switches_{backend}"] = switches(manifest, engines, args.loras, feeds)
+        del engines
+        gc.collect()
+    report["load_average_1min"] = [*load_average, round(os.getloadavg()[0], 2)]
+    report["command"] = " ".join(sys.argv)
+    out = RESULTS_DIR / f"lora-engines-{report['machine'].get('slug', 'machine')}.json"
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    log(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""T5 export memory, whole against part by part (export/t5.py): a T5-XXL-wide encoder (d_model 4096, d_ff 10240,
+64 heads, T5's 32128-token vocabulary: SD 3.5's and FLUX's text_encoder_3 / text_encoder_2) with fewer blocks than
+its 24, random weights stored in bf16 as the published files are, exported once as one graph and once one part per
+block; each run in its own process, its peak RSS read from the kernel.
+
+    python -m sdrt.bench.t5_parts [--blocks 4] [--output benchmarks/results/t5-parts-<machine>.json]
+
+Every block of T5-XXL is the same size, so the peak of a part-by-part export is the stored model plus about one
+part; the whole export holds the whole model in fp32 beside the exporter's copy and the verification's session.
+Run under `flock /tmp/sdrt-heavy.lock` on a shared machine.
+"""
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+XXL = {"d_model": 4096, "d_ff": 10240, "num_heads": 64, "d_kv": 64, "vocab_size": 32128, "blocks": 24}
+
+
+def build(blocks: int):
+    """A T5-XXL-wide T5EncoderModel of BLOCKS blocks, created in bf16 (never a full fp32 copy)."""
+    import torch
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(vocab_size=XXL["vocab_size"], d_model=XXL["d_model"], d_kv=XXL["d_kv"], d_ff=XXL["d_ff"],
+                      num_layers=blocks, num_heads=XXL["num_heads"], feed_forward_proj="gated-gelu",
+                      is_encoder_decoder=False, use_cache=False)  # fmt: skip
+    torch.manual_seed(0)
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        return T5EncoderModel(config).eval()
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
+def run_one(blocks: int, part_bytes: int) -> dict:
+    """Export in this process; its figures."""
+    from sdrt.export import t5
+
+    encoder = build(blocks)
+    built_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    params = sum(p.numel() for p in encoder.parameters())
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as folder:
+        steps = t5.t5_steps(encoder, "text_encoder_3", part_bytes=part_bytes)
+        errors = [step.run(Path(folder), "fp32") for step in steps]
+        del steps
+    return {
+        "blocks": blocks,
+        "parameters": params,
+        "parts": len(errors),
+        "max_relative_error": max(errors),
+        "peak_rss_after_build_bytes": built_rss,
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "export_seconds": round(time.perf_counter() - start, 1),
+    }
+
+
+def main(argv=None) -> int:
+    from sdrt.bench.machine import describe_machine
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--blocks", type=int, default=4)
+    parser.add_argument("--output", type=Path)
+    parser.add_argument("--one", nargs=2, type=int, metavar=("BLOCKS", "PART_BYTES"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.one:  # the child: one export
+        print(json.dumps(run_one(*args.one)))
+        return 0
+    per_block = 4 * (4 * XXL["d_model"] * XXL["d_kv"] * XXL["num_heads"] + 3 * XXL["d_model"] * XXL["d_ff"])
+    runs = {}
+    for label, part_bytes in (("whole", 1 << 62), ("one block a part", per_block)):
+        child = [sys.executable, "-m", "sdrt.bench.t5_parts", "--one", str(args.blocks), str(part_bytes)]
+        done = subprocess.run(child, capture_output=True, text=True, check=True)
+        runs[label] = json.loads(done.stdout.strip().splitlines()[-1])
+        print(label, runs[label], file=sys.stderr)
+    machine = describe_machine()
+    result = {
+        "benchmark": "t5_parts",
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": machine,
+        "command": f"python -m sdrt.bench.t5_parts --blocks {args.blocks}",
+        "model": {**XXL, "blocks_built": args.blocks, "stored_dtype": "bfloat16"},
+        "runs": runs,
+        "note": "shared machine (other agents' jobs running); peak RSS per process",
+    }
+    output = args.output or Path("benchmarks/results") / f"t5-parts-{machine['slug'].removeprefix('cpu-')}.json"
+    output.write_text(json.dumps(result, indent=2) + "\n")
+    print(output)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,86 @@
+"""LoRAs on the fused CPU graph variant (`sdrt optimize --target cpu`; engines/fused_weights.py), on the tiny SD 1.x
+model: the fused UNet packs its self-attention's q, k, v into one Attention weight, into which the LoRA's terms are
+merged as column blocks. Images within PIXEL_TOL /255 of the unfused graphs with the same LoRA; back to the base
+gives the fused graph's own image bit for bit; the twin (another weight) differs.
+"""
+
+import shutil
+
+import numpy as np
+import pytest
+from test_lora import loras  # noqa: F401  (the test LoRA files: a module fixture)
+
+from sdrt.cli import main
+
+PIXEL_TOL = 2
+PROMPT = "a photo of a grey squirrel"
+RUN = dict(negative_prompt="blue sky", width=64, height=64, steps=6, cfg_scale=7.0, sampler="Euler", seed=11,
+           progress=False)  # fmt: skip
+
+
+def max_diff(a, b) -> int:
+    return int(np.abs(np.asarray(a).astype(np.int16) - np.asarray(b).astype(np.int16)).max())
+
+
+@pytest.fixture(scope="module")
+def fused_model(tiny_sd, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("fused") / "onnx"
+    shutil.copytree(tiny_sd[1], folder, ignore=shutil.ignore_patterns(".ort-cache"))
+    assert main(["optimize", str(folder), "--target", "cpu"]) == 0
+    return folder
+
+
+def image(pipeline, tags=""):
+    return np.asarray(pipeline.generate(f"{PROMPT} {tags}", **RUN)[0])
+
+
+@pytest.fixture(scope="module")
+def pipelines(fused_model, loras):  # noqa: F811
+    from sdrt import Pipeline
+
+    fused = Pipeline.load(fused_model, loras=loras[0], fused=True, backend="cpu")
+    assert fused.engines["unet"].model_file.name == "model.cpu.onnx"
+    return fused, Pipeline.load(fused_model, loras=loras[0], backend="cpu")
+
+
+@pytest.mark.parametrize("name", ["style", "locon", "loha"])
+def test_fused_matches_unfused(pipelines, name):
+    fused, plain = pipelines
+    want = image(plain, f"<lora:{name}:0.8>")
+    assert max_diff(image(fused, f"<lora:{name}:0.8>"), want) <= PIXEL_TOL
+    assert max_diff(image(fused, f"<lora:{name}:0.6>"), want) > 4 * PIXEL_TOL, "weight 0.6 vs 0.8 went unnoticed"
+
+
+def test_packed_attention_weights_are_merged(fused_model, pipelines):
+    """The self-attention's q, k, v are column blocks of the fused Attention weight, and back to the base the fused
+    pipeline gives the plain fused pipeline's image exactly."""
+    from sdrt import Pipeline
+
+    fused, _ = pipelines
+    image(fused, "<lora:style:1>")
+    places = fused.engines["unet"]._places.places
+    assert sum(1 for p in places.values() if p and p[1] == "cols") >= 3
+    assert max_diff(image(fused), image(Pipeline.load(fused_model, fused=True, backend="cpu"))) == 0
+
+
+@pytest.mark.gpu
+def test_fused_cuda_takes_loras(tiny_sd, loras, tmp_path):  # noqa: F811
+    """The fused fp16 CUDA variant with a LoRA against the unfused CUDA graphs with the same LoRA (fp16: within
+    3 * PIXEL_TOL), or one clear refusal naming the packed layer (CUDA packs q, k, v per head; NhwcConv re-lays
+    filters out): which of the two is what this test records on the first GPU."""
+    from sdrt import Pipeline
+    from sdrt.errors import ModelError
+
+    folder = tmp_path / "onnx"
+    shutil.copytree(tiny_sd[1], folder, ignore=shutil.ignore_patterns(".ort-cache"))
+    assert main(["optimize", str(folder), "--target", "cuda"]) == 0
+    fused = Pipeline.load(folder, loras=loras[0], fused=True, backend="cuda")
+    plain = Pipeline.load(folder, loras=loras[0], backend="cuda")
+    want = image(plain, "<lora:locon:0.8>")
+    try:
+        got = image(fused, "<lora:locon:0.8>")
+    except ModelError as e:
+        assert "fused=False" in str(e)
+        pytest.xfail(f"the fused CUDA graph refuses LoRAs: {e}")
+    assert max_diff(got, want) <= 3 * PIXEL_TOL
+    assert max_diff(image(fused, "<lora:locon:0.5>"), want) > 4 * PIXEL_TOL
