@@ -106,8 +106,6 @@ def memory_plan(
         tile = int(vae_tile) // step
         tiling_for(tile)  # refuses a tile too small to blend
     if ram_budget is not None:
-        from sdrt.runtime.ram_budget import ram_memory_plan
-
         return ram_memory_plan(manifest, backend, ram_budget, tile, low_vram, fused)
     if vram_budget is None:
         if low_vram:
@@ -204,3 +202,16 @@ class StagedEngine:
 
     def __getattr__(self, name):  # the wrapped engine's other attributes (model_file, session, ...)
         return getattr(self.inner, name)
+
+
+def ram_memory_plan(manifest, backend: str, ram_budget, vae_tile: int | None, low_vram: bool, fused: bool):
+    """memory.MemoryPlan for RAM_BUDGET: staged when the plan says (or LOW_VRAM), the VAE tiled at VAE_TILE (latent
+    cells, the user's) or at the plan's tile (or the default one when staged)."""
+    from sdrt.runtime.families import family_of
+    from sdrt.runtime.ram_budget import plan_ram
+
+    target = capabilities(backend).fused_target if fused else None
+    paths = {name: manifest.graph_path(name, target) for name in manifest.models if name != "unet_controlnet"}
+    plan = plan_ram(manifest, backend, ram_budget, paths, family_of(manifest).denoiser_model)
+    staged = plan.staged or low_vram
+    return MemoryPlan(staged, vae_tile or plan.vae_tile or (DEFAULT_TILE if staged else None))

@@ -49,18 +49,3 @@ def plan_ram(manifest, backend: str, ram_budget, paths: dict, denoiser: str = "u
         return plan_vram(budget, stages, vae_full_latent=native, overhead=PROCESS_OVERHEAD, tile_min=VAE_TILE_MIN)
     except InvalidOption as e:  # plan_vram names the VRAM budget: the same plan, here for RAM
         raise InvalidOption("ram_budget", ram_budget, f"{e.allowed} on {backend}") from None
-
-
-def ram_memory_plan(manifest, backend: str, ram_budget, vae_tile: int | None, low_vram: bool, fused: bool):
-    """memory.MemoryPlan for RAM_BUDGET: staged when the plan says (or LOW_VRAM), the VAE tiled at VAE_TILE (latent
-    cells, the user's) or at the plan's tile (or the default one when staged)."""
-    from sdrt.engines.capabilities import capabilities
-    from sdrt.runtime.families import family_of
-    from sdrt.runtime.memory import MemoryPlan
-    from sdrt.runtime.tiling import DEFAULT_TILE
-
-    target = capabilities(backend).fused_target if fused else None
-    paths = {name: manifest.graph_path(name, target) for name in manifest.models if name != "unet_controlnet"}
-    plan = plan_ram(manifest, backend, ram_budget, paths, family_of(manifest).denoiser_model)
-    staged = plan.staged or low_vram
-    return MemoryPlan(staged, vae_tile or plan.vae_tile or (DEFAULT_TILE if staged else None))
