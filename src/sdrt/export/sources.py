@@ -82,6 +82,9 @@ def _load_pickled(path: Path) -> tuple[dict, int | None]:
     return checkpoint, global_step
 
 
+load_pickled = _load_pickled  # for other exports' single files (upscalers)
+
+
 def load_weights(path: Path) -> dict:
     """A single file's tensors by name: .safetensors directly, anything else through _load_pickled."""
     import torch
