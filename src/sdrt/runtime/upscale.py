@@ -44,7 +44,8 @@ class UpscalerModel:
         try:
             manifest = json.loads((self.folder / UPSCALER_MANIFEST).read_text())
         except (OSError, ValueError) as e:
-            raise ModelError(f"{str(folder)!r} is not an exported upscaler (no readable {UPSCALER_MANIFEST}: {e})") from None
+            problem = f"no readable {UPSCALER_MANIFEST}: {e}"
+            raise ModelError(f"{str(folder)!r} is not an exported upscaler ({problem})") from None
         if manifest.get("format") != UPSCALER_FORMAT or manifest.get("version") != UPSCALER_VERSION:
             raise ModelError(f"{str(folder)!r}: {UPSCALER_MANIFEST} is not a version {UPSCALER_VERSION} upscaler")
         self.manifest = manifest
