@@ -418,6 +418,7 @@ GROUP_TITLES = {
     "generation": "generation options",
     "editing": "img2img and inpainting (A1111's names)",
     "sdxl": "SDXL (diffusers' names; refused on SD 1.x/2.x models)",
+    "hires": "hires fix (A1111's enable_hr, hr_*; --strength is its denoising strength)",
 }
 
 

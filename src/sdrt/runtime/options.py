@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from sdrt.errors import InvalidOption, ModelError, check_int, check_number, is_int
+from sdrt.runtime import hires as hires_fix
 from sdrt.runtime import masks
 from sdrt.runtime.conditioning import EMPHASES, MAX_CLIP_SKIP
 from sdrt.runtime.controlnet import check_units
@@ -176,6 +177,38 @@ class GenerationOptions:
     mask_blur: int | None = option(4, "int", low=0, high=MAX_MASK_BLUR, group="editing", a1111="mask_blur",
                                    from_a1111=_mask_blur, infotext="Mask blur", write=lambda o, im: o.mask_blur,
                                    help="Gaussian sigma in pixels (default 4)")  # fmt: skip
+    # Hires fix (hires.py; A1111's enable_hr and hr_* fields): its denoising strength is `strength`.
+    hires: bool = option(False, "bool", group="hires", a1111="enable_hr", infotext="Hires upscale",
+                         aliases=("Hires resize-1",), write=lambda o, im: None, read=lambda text: True,
+                         help="txt2img, then upscale and img2img at the hires size (A1111's enable_hr)")  # fmt: skip
+    hires_scale: float = option(2.0, "float", low=1, high=8, group="hires", a1111="hr_scale", infotext="Hires upscale",
+                                write=hires_fix.write_upscale, help="upscale by (default 2)")  # fmt: skip
+    hires_resize_x: int = option(0, "int", group="hires", a1111="hr_resize_x", infotext="Hires resize", part=1,
+                                 write=hires_fix.write_resize, help="resize width to (0: by scale)")  # fmt: skip
+    hires_resize_y: int = option(0, "int", group="hires", a1111="hr_resize_y", infotext="Hires resize", part=2,
+                                 help="resize height to (0: by scale)")  # fmt: skip
+    hires_upscaler: str | None = option(None, "str", group="hires", a1111="hr_upscaler", infotext="Hires upscaler",
+                                        write=hires_fix.entry("hires_upscaler"),
+                                        help="Latent (default), Latent (bicubic), ..., Lanczos, a model")  # fmt: skip
+    hires_steps: int = option(0, "int", low=0, high=MAX_STEPS, group="hires", a1111="hr_second_pass_steps",
+                              infotext="Hires steps", write=hires_fix.entry("hires_steps"),
+                              help="second-pass steps (0: --steps)")  # fmt: skip
+    hires_sampler: str | None = option(None, "str", group="hires", a1111="hr_sampler_name",
+                                       from_a1111=hires_fix.same("hr_sampler_name", "Use same sampler"),
+                                       infotext="Hires sampler", write=hires_fix.entry("hires_sampler", "sampler"),
+                                       help="second-pass sampler (default: --sampler)")  # fmt: skip
+    hires_scheduler: str | None = option(None, "str", group="hires", a1111="hr_scheduler",
+                                         from_a1111=hires_fix.same("hr_scheduler", "Use same scheduler"),
+                                         infotext="Hires schedule type", write=hires_fix.write_scheduler,
+                                         help="second-pass schedule type (default: --scheduler)")  # fmt: skip
+    hires_prompt: str = option("", "str", group="hires", a1111="hr_prompt", infotext="Hires prompt",
+                               write=hires_fix.entry("hires_prompt", "prompt"), help="second-pass prompt")  # fmt: skip
+    hires_negative_prompt: str = option("", "str", group="hires", a1111="hr_negative_prompt",
+                                        infotext="Hires negative prompt", help="second-pass negative prompt",
+                                        write=hires_fix.entry("hires_negative_prompt", "negative_prompt"))  # fmt: skip
+    hires_cfg: float | None = option(None, "float", low=0, high=100, group="hires", a1111="hr_cfg",
+                                     infotext="Hires CFG Scale", write=hires_fix.entry("hires_cfg", "cfg_scale"),
+                                     help="second-pass CFG scale (default: --cfg-scale)")  # fmt: skip
     timestep_spacing: str | None = option(None, "str", choices=SPACINGS, infotext="Timestep spacing",
                                           write=lambda o, im: o.timestep_spacing,
                                           help="leading, linspace or trailing (default: the model's)")  # fmt: skip
@@ -236,13 +269,17 @@ class GenerationOptions:
                                 help="ControlNet units (controlnet.ControlNetUnit), any number")  # fmt: skip
     control_maps: bool = option(False, "bool", group="output", cli=False,
                                 help="append each ControlNet unit's control map to the images")  # fmt: skip
+    init_latents: np.ndarray | None = option(None, "array", group="output", cli=False,
+                                             help="img2img from (N, C, h, w) latents (hires 2nd pass)")  # fmt: skip
     # Set by resolve: SDXL's options validated against the model (None for SD 1.x/2.x).
     sdxl: SdxlOptions | None = field(default=None, init=False, compare=False)
 
     @property
     def steps_run(self) -> int:
         """Steps actually sampled: int(steps * strength) with an init image (diffusers' get_timesteps), else steps."""
-        return self.steps if self.strength is None else min(int(self.steps * self.strength), self.steps)
+        if self.strength is None or self.hires:  # hires fix: txt2img first (hires.run runs each pass)
+            return self.steps
+        return min(int(self.steps * self.strength), self.steps)
 
     @property
     def guided(self) -> bool:
@@ -303,7 +340,7 @@ def resolve(options: GenerationOptions, manifest: Manifest) -> GenerationOptions
     """Validate every option against the model's manifest, fill in what depends on it (size, random seeds, the
     init image's size) and pin the sampler's name; the first bad option raises InvalidOption."""
     o = {name: getattr(options, name) for name in OPTION_FIELDS}
-    editing = o["init_image"] is not None
+    editing = o["init_image"] is not None or o["init_latents"] is not None
     if not editing:
         if o["mask"] is not None:
             raise InvalidOption("mask", "a mask", "None without init_image (the image to inpaint)")
@@ -313,6 +350,8 @@ def resolve(options: GenerationOptions, manifest: Manifest) -> GenerationOptions
                 "channels: latents, mask and masked-image latents); sdrt runs it for img2img and inpainting "
                 "(pass init_image, and a mask), not txt2img"
             )
+    elif o["init_latents"] is not None:
+        hires_fix.check_init_latents(manifest, o)
     else:
         if o["latents"] is not None:
             raise InvalidOption("latents", "an array", "None with init_image (the init image gives the start)")
@@ -353,7 +392,8 @@ def resolve(options: GenerationOptions, manifest: Manifest) -> GenerationOptions
         raise InvalidOption(name, o[name], "a size too: seed_resize_from_w and _h are set together")
     for name in ("ensd", "output_type", "eta", "s_noise", "s_churn", "s_tmin", "s_tmax"):
         o[name] = _in_range(name, o[name])
-    o["strength"] = _in_range("strength", o["strength"]) if editing else None
+    o["strength"] = _in_range("strength", o["strength"]) if editing or o["hires"] is True else None
+    hires_fix.check(o, manifest)
     o["mask_blur"] = _in_range("mask_blur", o["mask_blur"]) if o["mask"] is not None else None
     o["clip_skip"] = check_int("clip_skip", o["clip_skip"], 1, MAX_CLIP_SKIP)
     o["emphasis"] = _in_range("emphasis", o["emphasis"])
@@ -400,3 +440,4 @@ def _check_latents(manifest: Manifest, o: dict) -> None:
         allowed = f"shape {want} (batch_size * batch_count, C, height/8, width/8)"
         raise InvalidOption("latents", f"array of shape {latents.shape}", allowed)
     o["latents"] = latents
+

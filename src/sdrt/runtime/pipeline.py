@@ -10,7 +10,7 @@ import numpy as np
 
 from sdrt.engines import resolve_backend
 from sdrt.errors import Interrupted, InvalidOption
-from sdrt.runtime import editing, masks, sdxl
+from sdrt.runtime import editing, hires, masks, sdxl
 from sdrt.runtime.checks import require_finite
 from sdrt.runtime.conditioning import Conditioner, TextEncoder, encode_prompts
 from sdrt.runtime.controlnet import ControlNetCache, prepare_controls
@@ -25,6 +25,7 @@ from sdrt.runtime.options import SAMPLERS, GenerationOptions, build_options, res
 from sdrt.runtime.sampling import Progress, sample
 from sdrt.runtime.schedules import build_schedule, train_sigmas
 from sdrt.runtime.tokenizer import ClipTokenizer
+from sdrt.runtime.upscale import UpscalerSet
 from sdrt.runtime.vae import Vae
 
 
@@ -50,11 +51,12 @@ class Pipeline:
         self.refiners = {}  # SDXL refiner folder -> its Pipeline, loaded once (sdxl.load_refiner)
         self.vae = Vae(manifest, self.engines, self.memory)
         self.controlnets = ControlNetCache(self.backend)  # ControlNets by folder, loaded once (controlnet.py)
+        self.upscalers = UpscalerSet(self.backend)  # hires fix's image upscalers: None, Lanczos, Nearest, models
 
     @classmethod
     def load(
         cls, model_dir, backend: str = "cpu", embeddings=None, low_vram: bool = False, vram_budget=None, vae_tile=None,
-        static=None, fused: bool | None = None, loras=None,
+        static=None, fused: bool | None = None, loras=None, upscalers=None,
     ) -> "Pipeline":  # fmt: skip
         """Read MODEL_DIR (made by `sdrt export`), validate it, and load its engines.
 
@@ -77,6 +79,8 @@ class Pipeline:
             pipe.embeddings.load_dir(embeddings)
         if loras is not None:
             pipe.loras.load_dir(loras)
+        if upscalers is not None:  # a folder of exported upscalers (`sdrt export-upscaler`), for hires fix
+            pipe.upscalers.load_dir(upscalers)
         text_encoders = [name for name in TEXT_ENCODER_NAMES if name in pipe.manifest.models]
         for name in () if pipe.memory.staged else (*text_encoders, "unet", "vae_decoder"):
             pipe.engines[name].load()
@@ -97,10 +101,13 @@ class Pipeline:
         if prompt is not None:
             overrides["prompt"] = prompt
         opts = resolve(build_options(options, **overrides), self.manifest)
+        if opts.hires:  # txt2img, upscale, img2img: two runs of this method (hires.py)
+            return hires.run(self, opts, progress, callback)
         self.conditioner.check(opts.clip_skip, opts.emphasis)
         active_loras = parse_prompt(opts.prompt)[1]
         self.loras.apply(active_loras)  # merged into the text encoders and UNet before they run
-        edit = editing.prepare_edit(self.manifest, opts) if opts.init_image is not None else None
+        editing_run = opts.init_image is not None or opts.init_latents is not None
+        edit = editing.prepare_edit(self.manifest, opts) if editing_run else None
         step = self.manifest.latent_downsample
         latent_shape = (self.manifest.latent_channels, opts.height // step, opts.width // step)
         schedule = build_schedule(
@@ -120,7 +127,8 @@ class Pipeline:
         bar = Progress(opts.batch_count * opts.steps_run, progress, callback)
         for b in range(opts.batch_count):
             batch = slice(b * opts.batch_size, (b + 1) * opts.batch_size)
-            start = None if opts.latents is None else opts.latents[batch]
+            given = opts.latents if opts.init_latents is None else opts.init_latents  # noise, or init_latents
+            start = None if given is None else given[batch]
             try:
                 final = sample(self, opts, schedule, opts.seeds[batch], latent_shape, text, start, bar,
                                opts.subseeds[batch], edit=edit, refiner=refiner, control=controls)  # fmt: skip

@@ -31,7 +31,8 @@ def sample(pipe, opts, schedule: Schedule, seeds, latent_shape, text, start, bar
     batch = len(seeds)
     conditioning, blend = None, None
     if edit is not None:
-        schedule, x, conditioning, blend = editing.start_edit(manifest, pipe.vae, opts, schedule, edit, noise, batch)
+        schedule, x, conditioning, blend = editing.start_edit(manifest, pipe.vae, opts, schedule, edit, noise, batch,
+                                                              start)  # fmt: skip
     elif start is None:
         x = (noise.initial() * np.float32(schedule.initial_noise_scale)).astype(np.float32)  # (B, C, h, w)
     else:
