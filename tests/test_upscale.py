@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tiny_upscalers import TINY_ARCHS, tiny_module, write_tiny_upscalers
+from tiny_upscalers import TINY_ARCHS, tiny_module
 
 from sdrt.errors import InvalidOption, ModelError
 from sdrt.export.upscaler import export_upscaler, load_upscaler
@@ -16,18 +16,6 @@ from sdrt.export.upscaler_arch import Arch, build
 from sdrt.runtime.upscale import UpscalerModel, UpscalerSet, grid_origins, upscale_tiled
 
 ONE_LEVEL = 1 / 255
-
-
-@pytest.fixture(scope="session")
-def tiny_upscaler_files(tmp_path_factory):
-    return write_tiny_upscalers(tmp_path_factory.mktemp("upscaler-files"))
-
-
-@pytest.fixture(scope="session")
-def tiny_upscalers(tiny_upscaler_files, tmp_path_factory):
-    """{name: exported folder} of every tiny upscaler file."""
-    root = tmp_path_factory.mktemp("upscalers")
-    return {name: (export_upscaler(path, root / name), root / name)[1] for name, path in tiny_upscaler_files.items()}
 
 
 def _image(size=(37, 29), seed=0) -> Image.Image:

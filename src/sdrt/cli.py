@@ -9,7 +9,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from sdrt import cli_controlnet
+from sdrt import cli_controlnet, cli_upscale
 from sdrt.errors import InvalidOption, SdrtError
 
 EXIT_BAD_INPUT = 2
@@ -110,6 +110,8 @@ def read_images(args) -> dict:
             raise InvalidOption("mask", args.mask, "a mask together with --init-image (the image to inpaint)")
         images["mask"] = open_image(args.mask, "mask")
     given = [name for name in OPTION_FIELDS if spec(name).group == "editing" and hasattr(args, name)]
+    if getattr(args, "hires", False) and "strength" in given:  # --strength is also hires fix's denoising strength
+        given.remove("strength")
     if "init_image" not in images and given:
         raise InvalidOption(given[0], getattr(args, given[0]), "only with --init-image")
     masked = [name for name in given if name not in ("init_image", "strength", "resize_mode", "mask")]
@@ -171,7 +173,7 @@ def cmd_generate(args) -> int:
     kwargs |= cli_controlnet.controlnet_kwargs(args)
     pipe = Pipeline.load(
         resolve_model(args.model), backend=args.backend, embeddings=args.embeddings, loras=args.lora_dir,
-        **memory_kwargs(args),
+        upscalers=args.upscaler_dir, **memory_kwargs(args),
     )  # fmt: skip
     if args.from_png is not None and "prompt" in kwargs:  # A1111: a LoRA renamed since is found by its hash
         kwargs["prompt"] = pipe.loras.fix_names(kwargs["prompt"], png_lora_hashes(args.from_png))
@@ -198,7 +200,7 @@ def png_kwargs(path: str, has_init_image: bool) -> dict:
     if text is None:
         raise InvalidOption("--from-png", path, f"an image carrying generation parameters (found {where})")
     kwargs = infotext_kwargs(parse_infotext(text))
-    if "strength" in kwargs and not has_init_image:
+    if "strength" in kwargs and not has_init_image and not kwargs.get("hires"):  # hires fix: txt2img's strength
         raise InvalidOption("--from-png", path, "a txt2img image, or give --init-image to redo an img2img one")
     if not has_init_image:
         kwargs.pop("mask_blur", None)
@@ -268,7 +270,7 @@ def cmd_serve(args) -> int:
             raise InvalidOption("--" + name.replace("_", "-"), getattr(args, name), "only with --ray")
     model = resolve_model(args.model)
     return serve(model, args.host, args.port, args.api_auth, args.backend or "cpu", limits, args.lora_dir,
-                 args.controlnet_dir)  # fmt: skip
+                 args.controlnet_dir, args.upscaler_dir)  # fmt: skip
 
 
 RAY_ONLY = ("address", "replicas", "min_replicas", "max_replicas", "target_ongoing_requests", "gpus_per_replica",
@@ -277,6 +279,9 @@ RAY_ONLY = ("address", "replicas", "min_replicas", "max_replicas", "target_ongoi
 
 def serve_ray(args, limits) -> int:
     """`sdrt serve --ray`: the same app over Ray Serve replicas (server/ray_app.py)."""
+    if args.upscaler_dir is not None:
+        raise InvalidOption("--upscaler-dir", args.upscaler_dir, "not with --ray (the replicas have only Latent modes, "
+                            "None, Lanczos and Nearest)")  # fmt: skip
     if args.address is None:
         # A cluster of this machine alone: Ray binds its processes to loopback, not the machine's network
         # address, when it counts as a one-machine cluster. Read when ray is imported.
@@ -343,6 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--controlnet", action="store_true", help="also the UNet graph that takes ControlNet residuals")
     p.set_defaults(func=cmd_export)
     cli_controlnet.add_export_controlnet_parser(sub)
+    cli_upscale.add_parsers(sub)
 
     z = sub.add_parser("optimize", help="fused graphs (attention, GroupNorm, NHWC conv; fp16 for CUDA) of an export")
     z.add_argument("model_dir")
@@ -379,6 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-pixels", type=int, default=2048 * 2048, help="width * height per image")
     s.add_argument("--max-body-mb", type=float, default=64, help="request body size limit (HTTP 413)")
     s.add_argument("--controlnet-dir", help="folder of exported ControlNets (`sdrt export-controlnet`) the API offers")
+    s.add_argument("--upscaler-dir", help="folder of exported upscalers (`sdrt export-upscaler`): hires fix, extras")
     r = s.add_argument_group("Ray Serve (pip install 'sdrt[ray]'): replicas on a Ray cluster, README 'Ray Serve'")
     r.add_argument("--ray", action="store_true", help="serve through Ray Serve: replicas, batching, autoscaling")
     r.add_argument("--address", help="the Ray cluster (auto, ray://head:10001, ...); default: start a local one")
@@ -452,6 +459,7 @@ def add_generation_arguments(c, editing: tuple[str, ...] | None) -> None:
     c.add_argument("--vae-tile", type=int, help="decode/encode the VAE in tiles of this many pixels (e.g. 512)")
     c.add_argument("-o", "--output", default="outputs", help="folder for the PNGs (default: outputs)")
     cli_controlnet.add_generation_arguments(c)
+    cli_upscale.add_generation_arguments(c)
 
 
 def main(argv=None) -> int:

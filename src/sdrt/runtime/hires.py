@@ -27,6 +27,7 @@ LATENT_MODES = {  # A1111's shared.latent_upscale_modes: name -> (torch interpol
     "Latent (nearest-exact)": ("nearest-exact", False),
 }
 DEFAULT_UPSCALER = "Latent"  # A1111's latent_upscale_default_mode, used when hr_upscaler is not given
+HIRES_STRENGTH = 0.75  # A1111's StableDiffusionProcessingTxt2Img.denoising_strength default
 MAX_STRENGTH_FOR_STEPS = 0.999  # A1111's setup_img2img_steps: steps / min(strength, 0.999)
 
 
@@ -75,6 +76,7 @@ def check(o: dict, manifest) -> None:
     for name in ("init_image", "init_latents", "refiner"):
         if o[name] is not None:
             raise InvalidOption(name, "given", "None with hires fix (hires fix is txt2img's second pass)")
+    o["strength"] = HIRES_STRENGTH if o["strength"] is None else o["strength"]
     for name in ("hires_scale", "hires_steps", "hires_cfg", "strength"):
         o[name] = in_range(name, o[name])
     for name in ("hires_resize_x", "hires_resize_y"):

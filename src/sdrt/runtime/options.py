@@ -392,8 +392,8 @@ def resolve(options: GenerationOptions, manifest: Manifest) -> GenerationOptions
         raise InvalidOption(name, o[name], "a size too: seed_resize_from_w and _h are set together")
     for name in ("ensd", "output_type", "eta", "s_noise", "s_churn", "s_tmin", "s_tmax"):
         o[name] = _in_range(name, o[name])
-    o["strength"] = _in_range("strength", o["strength"]) if editing or o["hires"] is True else None
-    hires_fix.check(o, manifest)
+    hires_fix.check(o, manifest)  # hires fix keeps strength: its denoising strength
+    o["strength"] = _in_range("strength", o["strength"]) if editing or o["hires"] else None
     o["mask_blur"] = _in_range("mask_blur", o["mask_blur"]) if o["mask"] is not None else None
     o["clip_skip"] = check_int("clip_skip", o["clip_skip"], 1, MAX_CLIP_SKIP)
     o["emphasis"] = _in_range("emphasis", o["emphasis"])

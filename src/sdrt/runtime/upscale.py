@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from sdrt.errors import InvalidOption, ModelError
+from sdrt.errors import InvalidOption, ModelError, check_int, check_number
 
 UPSCALER_FORMAT = "sdrt-upscaler"
 UPSCALER_VERSION = 1
@@ -211,3 +211,57 @@ class UpscalerSet:
         if image.size != (width, height):
             image = image.resize((width, height), resample=Image.LANCZOS)
         return image
+
+
+def check_scale(field: str, value) -> float:
+    """An upscale factor: a number above 0 and at most MAX_SCALE."""
+    value = check_number(field, value, 0, MAX_SCALE)
+    if value <= 0:
+        raise InvalidOption(field, value, f"above 0, at most {MAX_SCALE}")
+    return float(value)
+
+
+def postprocess_upscale(upscalers: UpscalerSet, image: Image.Image, upscaler_1: str, resize_mode: int = 0,
+                        upscale_by: float = 2.0, width: int = 512, height: int = 512, crop: bool = True,
+                        upscaler_2: str = "None", visibility_2: float = 0.0, max_pixels=None):  # fmt: skip
+    """A1111's extras upscale (scripts/postprocessing_upscale.py): by a factor (RESIZE_MODE 0) or to WIDTH x HEIGHT
+    (1: the factor that covers both, then a centred crop when CROP), with UPSCALER_1, blended with UPSCALER_2's
+    result at VISIBILITY_2. (image, infotext entries); MAX_PIXELS bounds the output."""
+    upscalers.check("upscaler_1", upscaler_1)
+    upscalers.check("upscaler_2", upscaler_2)
+    if resize_mode not in (0, 1):
+        raise InvalidOption("resize_mode", resize_mode, "0 (scale by upscaling_resize) or 1 (to a width and height)")
+    info = {}
+    if resize_mode == 1:
+        for field, size in (("upscaling_resize_w", width), ("upscaling_resize_h", height)):
+            check_int(field, size, 1, 1 << 15)
+        scale = max(width / image.width, height / image.height)
+        info["Postprocess upscale to"] = f"{width}x{height}"
+    else:
+        scale = check_scale("upscaling_resize", upscale_by)
+        info["Postprocess upscale by"] = format_scale(scale)
+    out_w, out_h = (int(image.width * scale), int(image.height * scale))
+    if resize_mode == 1 and crop:
+        out_w, out_h = width, height
+    if max_pixels is not None and out_w * out_h > max_pixels:
+        field = "upscaling_resize" if resize_mode == 0 else "upscaling_resize_w"
+        raise InvalidOption(field, f"an output of {out_w}x{out_h}", f"at most {max_pixels} pixels on this server")
+    if upscaler_1 == "None":
+        return image, {}
+    image = image.convert("RGB")
+    result = upscalers.upscale(image, upscaler_1, scale)
+    info["Postprocess upscaler"] = upscaler_1
+    if upscaler_2 != "None" and visibility_2 > 0:
+        second = upscalers.upscale(image, upscaler_2, scale)
+        result = Image.blend(result, second.resize(result.size), float(min(visibility_2, 1.0)))
+        info["Postprocess upscaler 2"] = upscaler_2
+    if resize_mode == 1 and crop:
+        canvas = Image.new("RGB", (width, height))
+        canvas.paste(result, (width // 2 - result.width // 2, height // 2 - result.height // 2))
+        result = canvas
+        info["Postprocess crop to"] = f"{width}x{height}"
+    return result, info
+
+
+def format_scale(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else str(value)

@@ -17,7 +17,7 @@ from fastapi.staticfiles import StaticFiles
 
 from sdrt.errors import InvalidOption, SdrtError
 from sdrt.runtime import masks
-from sdrt.server import a1111, controlnet_api
+from sdrt.server import a1111, controlnet_api, extras_api
 from sdrt.server.codec import ImageTooLarge, UndecodableImage, decode_image, encode_png
 from sdrt.server.generation import Generation, LocalBackend
 from sdrt.server.jobs import QueueFull, Unavailable
@@ -90,6 +90,7 @@ class Server:
             raise InvalidOption("n_iter", req.n_iter, f"batch_size * n_iter <= {lim.max_images} on this server")
         if req.width is not None and req.height is not None and req.width * req.height > lim.max_pixels:
             raise InvalidOption("width", req.width, f"width * height <= {lim.max_pixels} pixels on this server")
+        extras_api.check_hires(self, req)  # hires fix: its upscaler installed, its size within max_pixels
 
     def prepare(self, kind: str, req) -> tuple[Generation, dict]:
         """Validate REQ completely: (its Pipeline call, what the response needs); errors here answer the request
@@ -213,6 +214,7 @@ def create_app(
     install_error_handlers(app)
     add_routes(app, server)
     controlnet_api.add_routes(app, server)
+    extras_api.add_routes(app, server)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     app.add_middleware(BodyLimit, max_bytes=server.limits.max_body_bytes)
     if credentials:
@@ -368,7 +370,8 @@ def parse_credentials(text: str) -> dict[str, str]:
 
 
 def serve(
-    model_dir, host: str, port: int, api_auth: str | None, backend: str, limits: Limits, loras=None, controlnet_dir=None
+    model_dir, host: str, port: int, api_auth: str | None, backend: str, limits: Limits, loras=None,
+    controlnet_dir=None, upscaler_dir=None,
 ) -> int:
     """Load the model once and serve until interrupted."""
     try:
@@ -378,7 +381,7 @@ def serve(
     from sdrt.runtime.pipeline import Pipeline
 
     credentials = parse_credentials(api_auth) if api_auth else None
-    pipe = Pipeline.load(model_dir, backend=backend, loras=loras)
+    pipe = Pipeline.load(model_dir, backend=backend, loras=loras, upscalers=upscaler_dir)
     pipe.controlnets.directory = None if controlnet_dir is None else Path(controlnet_dir)  # /controlnet/model_list
     app = create_app(pipe, limits, credentials)
     if host not in LOOPBACK and not credentials:
