@@ -47,7 +47,8 @@ def worker_sdrt(job: dict) -> dict:
     image = pipe.generate(common.PROMPT, negative_prompt=common.NEGATIVE_PROMPT, width=size, height=size,
                           steps=job["steps"], cfg_scale=common.CFG_SCALE, sampler="Euler", seed=job["seed"],
                           rng="torch", hires=True, hires_scale=2, hires_upscaler="Latent",
-                          hires_steps=job["hires_steps"], strength=job["strength"], callback=callback, progress=False)[0]  # fmt: skip
+                          hires_steps=job["hires_steps"], strength=job["strength"], callback=callback,
+                          progress=False)[0]  # fmt: skip
     total = time.perf_counter() - start
     np.save(job["out"], np.asarray(image))
     return {"first_pass_s": marks["first"], "second_pass_s": total - marks["first"], "total_s": total}
