@@ -7,6 +7,7 @@ bad input."""
 import numpy as np
 import pytest
 from diffusers_reference import DIFFUSERS_SAMPLERS
+from PIL import Image
 
 from sdrt.errors import InvalidOption
 from sdrt.runtime.hires import plan
@@ -96,7 +97,9 @@ def test_image_upscaler_hires_runs(tiny_pipeline):
 
 
 def test_a1111_target_sizes(tiny_sd):
-    manifest = __import__("sdrt.runtime.manifest", fromlist=["Manifest"]).Manifest.load(tiny_sd[1])
+    from sdrt.runtime.manifest import Manifest
+
+    manifest = Manifest.load(tiny_sd[1])
 
     def size(**kw):
         return plan(make_options(manifest, hires=True, width=64, height=96, **kw)).size
@@ -129,3 +132,33 @@ def test_infotext_round_trip(tiny_pipeline):
 def test_bad_hires_options(tiny_pipeline, kw, field):
     with pytest.raises(InvalidOption, match=field):
         sdrt_hires(tiny_pipeline, 1, **kw)
+
+
+def test_sdxl_hires(tiny_sdxl):
+    from sdrt import Pipeline
+
+    pipe = Pipeline.load(tiny_sdxl["base"][1])
+    out = pipe.generate(PROMPT, width=64, height=64, steps=3, seed=2, hires=True, hires_scale=1.5, strength=0.5,
+                        progress=False)  # fmt: skip
+    assert out[0].size == (96, 96) and "Hires upscale: 1.5" in out[0].info["parameters"]
+    with pytest.raises(InvalidOption, match="refiner"):
+        pipe.generate(PROMPT, steps=3, hires=True, refiner=str(tiny_sdxl["refiner"][1]), progress=False)
+
+
+def test_controlnet_units_apply_to_both_passes(tiny_controlnets):
+    """The unit's control map is made at each pass's size (the extension's hires behaviour): the maps returned with
+    the images are the second pass's."""
+    from sdrt import Pipeline
+    from sdrt.runtime.controlnet import ControlNetUnit
+
+    _, model, nets = tiny_controlnets
+    pipe = Pipeline.load(model)
+    image = np.zeros((64, 64, 3), np.uint8)
+    image[20:40, 10:50] = 255
+    unit = ControlNetUnit(nets[0][1], Image.fromarray(image))
+    plain = pipe.generate(PROMPT, width=SIZE, height=SIZE, steps=3, seed=1, hires=True, strength=0.5, progress=False)
+    out = pipe.generate(PROMPT, width=SIZE, height=SIZE, steps=3, seed=1, hires=True, strength=0.5, progress=False,
+                        controlnets=[unit], control_maps=True)  # fmt: skip
+    assert [im.size for im in out] == [(128, 128), (128, 128)]  # the image and the second pass's control map
+    assert max_diff(out[0], plain[0]) > 0  # the unit changed the image
+    assert "ControlNet 0" in out[0].info["parameters"]
