@@ -85,7 +85,7 @@ try:
     providers = onnxruntime.get_available_providers()
 except Exception as e:  # a broken onnxruntime install is a finding too
     providers = [f"onnxruntime failed to import: {e}"]
-from sdrt.bench.common import sdrt_version
+from sdrt.bench.machine import sdrt_version
 env = {"python": sys.executable, "python_version": platform.python_version(), "sdrt": sdrt_version(),
        "cpu_smoke": sys.argv[2] == "1", "onnxruntime_providers": providers,
        "versions": {n: version(n) for n in ("onnxruntime", "onnxruntime-gpu", "torch", "diffusers", "transformers",

@@ -10,8 +10,9 @@ import pytest
 
 import sdrt.engines as engines
 from sdrt.engines import create_engine, resolve_backend
+from sdrt.engines.engine_files import EngineIdentity, source_fingerprint
 from sdrt.engines.onnxruntime import OnnxRuntimeEngine
-from sdrt.engines.plan import EngineIdentity, ShapeRanges, plan_profile, source_fingerprint
+from sdrt.engines.plan import ShapeRanges, plan_profile
 from sdrt.runtime.errors import InvalidOption, ModelError, SdrtError
 
 

@@ -134,12 +134,33 @@ def test_gpu_table_from_a_report():
 
 def test_sdxl_case_feeds_the_unet_its_added_inputs():
     from sdrt.bench.cases import CASES
-    from sdrt.bench.common import unet_added_inputs
+    from sdrt.bench.common import added_text_width, unet_added_inputs
 
     case = CASES["sdxl"]
     assert case.pipeline == "sdxl" and case.unet_config["addition_embed_type"] == "text_time"
     assert case.unet_config["projection_class_embeddings_input_dim"] == 6 * 256 + 1280
-    job = {"pipeline": "sdxl", "seed": 1, "width": 512, "height": 384}
+    width = added_text_width(case.unet_config)
+    job = {"added_text_width": width, "seed": 1, "width": 512, "height": 384}
     added = unet_added_inputs(job)
     assert added["text_embeds"].shape == (2, 1280) and added["time_ids"][0].tolist() == [384, 512, 0, 0, 384, 512]
-    assert unet_added_inputs({**job, "pipeline": "sd"}) == {}
+    assert added_text_width(CASES["sd15"].unet_config) is None
+    assert unet_added_inputs({**job, "added_text_width": None}) == {}
+
+
+def test_bench_modules_stay_small():
+    """No module of sdrt.bench over 400 lines, no function over 80 (the project's limits), and no sys.path edits:
+    benchmarks run as modules (`python -m sdrt.bench.NAME`)."""
+    import ast
+
+    package = Path(__file__).resolve().parents[1] / "src" / "sdrt" / "bench"
+    too_long = []
+    for path in sorted(package.glob("*.py")):
+        source = path.read_text()
+        if source.count("\n") > 400:
+            too_long.append(f"{path.name}: {source.count(chr(10))} lines")
+        assert "sys.path.insert" not in source and "sys.path.append" not in source, path.name
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.end_lineno - node.lineno >= 80:
+                too_long.append(f"{path.name}: {node.name} {node.end_lineno - node.lineno + 1} lines")
+    assert too_long == []
+    assert not list((package.parents[2] / "benchmarks").glob("*.py"))  # one home for benchmark code

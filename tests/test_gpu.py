@@ -39,7 +39,7 @@ def test_cuda_backend_matches_the_cpu(tiny_sd, cpu_images, size):
 @pytest.mark.gpu
 def test_cuda_budget_is_kept(tiny_sd):
     from sdrt import Pipeline
-    from sdrt.bench.gpu import VramMonitor
+    from sdrt.bench.gpu_workers import VramMonitor
 
     monitor = VramMonitor()
     pipe = Pipeline.load(tiny_sd[1], backend="cuda", vram_budget="512MB")

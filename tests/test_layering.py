@@ -16,8 +16,10 @@ ALLOWED = {
     "export": {"runtime", "engines", "errors", "version"},
     "server": {"runtime", "engines", "errors", "version"},
     "bench": {"runtime", "engines", "export", "errors", "version"},
-    "cli": {"runtime", "engines", "export", "server", "bench", "errors", "version", "cli_controlnet"},
+    "cli": {"runtime", "export", "bench", "errors", "version", "cli_controlnet", "cli_upscale", "commands"},
+    "commands": {"runtime", "engines", "export", "server", "bench", "errors", "version", "cli_controlnet"},
     "cli_controlnet": {"runtime", "export", "errors", "version"},
+    "cli_upscale": {"runtime", "export", "errors", "version"},
     "__init__": {"runtime", "version"},
     "__main__": {"cli"},
 }

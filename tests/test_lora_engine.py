@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
+from sdrt.engines.engine_files import refit_plan
 from sdrt.engines.onnx_weights import OnnxWeights
-from sdrt.engines.plan import refit_plan
 from sdrt.runtime.errors import ModelError
 from sdrt.runtime.manifest import Manifest
 

@@ -14,8 +14,8 @@ from safetensors.torch import save_file
 from sdrt import Pipeline
 from sdrt.cli import main
 from sdrt.runtime.errors import InvalidOption, ModelError
+from sdrt.runtime.families.sdxl import SdxlOptions, make_sdxl_options, switch_index
 from sdrt.runtime.manifest import Manifest
-from sdrt.runtime.sdxl import SdxlOptions, make_sdxl_options, switch_index
 
 PROMPT = "a photo of a grey squirrel"
 KW = dict(width=64, height=64, steps=4, seed=3, progress=False)
@@ -201,9 +201,14 @@ def test_vae_fp16_rule():
     def vae(config):
         return SimpleNamespace(config=config)
 
-    assert not vae_fp16_capable(vae({"force_upcast": True}), "sdxl")
-    assert vae_fp16_capable(vae({"force_upcast": False}), "sdxl")  # e.g. madebyollin/sdxl-vae-fp16-fix
-    assert vae_fp16_capable(vae({"force_upcast": True}), "sd1")  # SD 1.x/2.x keep their fp16 VAE
+    assert not vae_fp16_capable(vae({"force_upcast": True}))
+    assert vae_fp16_capable(vae({"force_upcast": False}))  # e.g. madebyollin/sdxl-vae-fp16-fix
+    # SD 1.x/2.x keep their fp16 VAE: their export plan never asks (only export/sdxl.py calls vae_fp16_capable)
+    import inspect
+
+    import sdrt.export.sd
+
+    assert "vae_fp16_capable" not in inspect.getsource(sdrt.export.sd)
 
 
 @pytest.fixture(scope="module")

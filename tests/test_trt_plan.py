@@ -1,11 +1,11 @@
-"""GPU engine planning (sdrt.engines.plan): profiles, cache keys, refusal of mismatched engines, buffers, budgets."""
+"""GPU engine planning (engines/plan.py, engine_files.py): profiles, cache keys, refused engines, buffers, budgets."""
 
 import pytest
 
+from sdrt.engines.engine_files import EngineIdentity, select_engine, source_fingerprint
 from sdrt.engines.plan import (
     ALIGNMENT,
     TEXT_WINDOW,
-    EngineIdentity,
     ShapeRanges,
     StageCost,
     buffer_plan,
@@ -16,9 +16,7 @@ from sdrt.engines.plan import (
     plan_profile,
     plan_vram,
     profile_covers,
-    select_engine,
     shared_workspace,
-    source_fingerprint,
 )
 from sdrt.runtime.errors import InvalidOption, ModelError
 from sdrt.runtime.modelspec import text_encoder_spec, unet_spec, vae_decoder_spec

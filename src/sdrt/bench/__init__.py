@@ -1,6 +1,6 @@
 """`sdrt bench`: sdrt against diffusers, side by side, in one run, on identical random full-size weights.
 
-    sdrt bench                               # CPU: SD 1.5, 256x256, 10 steps, median of 3 (benchmarks/cpu_e2e.py)
+    sdrt bench                               # CPU: SD 1.5, 256x256, 10 steps, median of 3
     sdrt bench --low-vram                    # CPU: also sdrt with engines staged one at a time (peak RSS)
     sdrt bench --runtimes sdrt,sdrt_openvino_f32,diffusers  # CPU: a subset (default: ORT, OpenVINO f32/bf16,
                                              # diffusers, optimum-intel f32/bf16: those this machine can run)
@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sdrt bench", description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cpu", choices=("cpu", "gpu"), help="cpu (default) or gpu")
     p.add_argument("--model", default="sd15", help=f"model case: {', '.join(CASES)}")
-    p.add_argument("--small", action="store_true", help="same as --model small (benchmarks/cpu_e2e.py's flag)")
+    p.add_argument("--small", action="store_true", help="same as --model small")
     p.add_argument("--size", type=int, help="image width = height (default: the case's, per device)")
     p.add_argument("--steps", type=int, help="sampling steps (default: the case's, per device)")
     p.add_argument("--runs", type=int, default=3, help="timed runs after one warm-up; the median is reported")
@@ -86,23 +86,23 @@ def check_args(parser, args) -> None:
 
 def run_worker(stage: str, job_file: str) -> None:
     """One measurement stage in this (sub)process: reads the job, writes the result file."""
-    from sdrt.bench import common, cpu
+    from sdrt.bench import cpu, random_model
 
-    workers = {"build": common.worker_build, "export": common.worker_export, "sdrt": cpu.sdrt_worker,
+    workers = {"build": random_model.worker_build, "export": random_model.worker_export, "sdrt": cpu.sdrt_worker,
                "diffusers": cpu.diffusers_worker}  # fmt: skip
     if stage.startswith("optimum"):  # runs in the optimum-intel venv (optimum_peer.py)
         from sdrt.bench import optimum_peer
 
         workers.update(optimum_export=optimum_peer.worker_export, optimum_intel=optimum_peer.worker_run)
     if stage.endswith("_gpu"):
-        from sdrt.bench import gpu
+        from sdrt.bench import gpu_workers
 
-        workers.update(sdrt_gpu=gpu.worker_sdrt_gpu, diffusers_gpu=gpu.worker_diffusers_gpu,
-                       graph_parity_gpu=gpu.worker_graph_parity)  # fmt: skip
+        workers.update(sdrt_gpu=gpu_workers.worker_sdrt_gpu, diffusers_gpu=gpu_workers.worker_diffusers_gpu,
+                       graph_parity_gpu=gpu_workers.worker_graph_parity)  # fmt: skip
     if stage == "optimize":
-        from sdrt.bench import gpu
+        from sdrt.bench import gpu_workers
 
-        workers["optimize"] = gpu.worker_optimize
+        workers["optimize"] = gpu_workers.worker_optimize
     job = json.loads(Path(job_file).read_text())
     result = workers[stage](job)
     Path(job["result_file"]).write_text(json.dumps(result, indent=2))

@@ -115,7 +115,7 @@ class ModelCase:
     gpu: dict = field(default_factory=dict)  # defaults on a GPU (the published peers' settings)
     unet_tflop_per_sample_step: float | None = None  # at 512x512: for the FLOP-rate utilisation figure
     smoke: bool = False  # a smoke test of the benchmark, not a result
-    pipeline: str = "sd"  # the builder in common.BUILDERS that assembles it ("sd": SD 1.x/2.x; add "sdxl")
+    pipeline: str = "sd"  # the builder in random_model.BUILDERS that assembles it ("sd": SD 1.x/2.x; add "sdxl")
 
     def configs(self) -> dict:
         """The build stamp: the same keys as before pipeline kinds existed for "sd" (earlier builds stay reusable)."""

@@ -4,19 +4,12 @@ so each one's peak memory is its own."""
 
 import datetime
 import json
-import math
 import os
-import platform
-import re
-import shutil
 import statistics
 import subprocess
 import sys
 import time
-from importlib import metadata
 from pathlib import Path
-
-from sdrt.bench.fixtures import SD15_SCHEDULER, assemble_pipeline, write_tiny_clip_tokenizer
 
 REPO = Path(__file__).resolve().parents[3]  # a source checkout (benchmarks/results)
 RESULTS_DIR = REPO / "benchmarks" / "results"
@@ -46,105 +39,15 @@ def gib(n_bytes) -> str:
     return "n/a" if n_bytes is None else f"{n_bytes / 2**30:.2f} GiB"
 
 
-# ----------------------------------------------------------------------------------------------- machine
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
-
-
-def cpu_flags() -> list[str]:
-    """The SIMD extensions that decide fp32 conv/matmul speed, as /proc/cpuinfo lists them."""
-    wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_fp16")
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                return [f for f in wanted if f in flags]
-    except OSError:
-        pass
-    return []
-
-
-def physical_cores() -> int:
-    """The thread count sdrt's ONNX Runtime engine uses; PyTorch gets the same."""
-    from sdrt.engines.onnxruntime import physical_cores as sdrt_physical_cores
-
-    return sdrt_physical_cores()
-
-
-def machine_slug(model: str, cores: int) -> str:
-    """'Intel(R) Xeon(R) Platinum 8375C CPU @ 2.90GHz', 2 -> 'cpu-intel-xeon-platinum-8375c-2c'."""
-    name = model.lower()
-    name = re.sub(r"\((r|tm)\)", " ", name)
-    name = re.sub(r"@.*$", " ", name)
-    name = re.sub(r"\b\d+-core\b|\bprocessor\b|\bcpu\b|\bwith\b.*$", " ", name)
-    name = re.sub(r"[^a-z0-9]+", "-", name).strip("-") or "unknown"
-    return f"cpu-{name}-{cores}c"
-
-
-def package_version(name: str) -> str | None:
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        return None
-
-
-def sdrt_version() -> str:
-    """sdrt's version, from `git describe` in a source checkout (commit, and "-dirty" with local changes); a copy
-    without .git (a GPU machine's) names its commit in SDRT_COMMIT."""
-    from sdrt.version import __version__
-
-    if os.environ.get("SDRT_COMMIT"):
-        return f"{__version__}+g{os.environ['SDRT_COMMIT']}"
-    try:
-        described = subprocess.run(
-            ["git", "-C", str(REPO), "describe", "--always", "--dirty", "--tags"],
-            capture_output=True, text=True, timeout=10, check=True,
-        ).stdout.strip()  # fmt: skip
-    except (OSError, subprocess.SubprocessError):
-        return __version__
-    return f"{__version__}+g{described}" if described else __version__
-
-
-def describe_machine() -> dict:
-    import psutil
-
-    model = cpu_model()
-    cores = physical_cores()
-    return {
-        "slug": machine_slug(model, cores),
-        "cpu_model": model,
-        "cpu_flags": cpu_flags(),
-        "physical_cores": cores,
-        "logical_cpus": os.cpu_count(),
-        "cpus_available": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "ram_bytes": psutil.virtual_memory().total,
-        "os": platform.platform(),
-        "python": platform.python_version(),
-        "versions": {
-            **{name: package_version(name) for name in ("numpy", "onnxruntime", "torch", "diffusers", "transformers",
-                                                         "onnx")},  # fmt: skip
-            "sdrt": sdrt_version(),
-        },
-    }
-
-
 # ----------------------------------------------------------------------------------------------- subprocesses
 
 
 def run_child(
     stage: str, job: dict, job_dir: Path, fatal: bool = True, timeout: float | None = None, label: str | None = None,
-    script=None, python=None,
+    module: str = "sdrt.bench", python=None,
 ) -> tuple[dict, float, int]:
-    """Run this script (or SCRIPT, a file) as `--worker STAGE` in a subprocess: (its result, wall seconds, its peak
-    RSS in bytes).
+    """Run `python -m MODULE --worker STAGE JOB` (default `sdrt.bench`) in a subprocess: (its result, wall seconds,
+    its peak RSS in bytes).
 
     The peak RSS comes from wait4's rusage of that one child, so each runtime's figure is its own. A failed child
     ends the benchmark, or with FATAL False raises RuntimeError; one still running after TIMEOUT seconds is killed.
@@ -163,7 +66,7 @@ def run_child(
     if python is not None:
         paths = [str(REPO / "src"), os.environ.get("PYTHONPATH")]
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in paths if p))
-    command = [str(python or sys.executable)] + (["-m", "sdrt.bench"] if script is None else [str(script)])
+    command = [str(python or sys.executable), "-m", module]
     proc = subprocess.Popen([*command, "--worker", stage, str(job_file)], env=env)
     killer = threading.Timer(timeout, proc.kill) if timeout else None
     if killer is not None:
@@ -190,7 +93,6 @@ def run_child(
     if proc.returncode != 0 or not result_file.is_file():
         sys.exit(f"sdrt bench: the {label} subprocess failed (exit status {proc.returncode}); see its errors above")
     return json.loads(result_file.read_text()), wall, peak_rss
-
 
 
 def pipeline_txt2img(pipe, job: dict, images: list):
@@ -240,16 +142,25 @@ def unet_inputs(job: dict):
     return sample, timestep, context
 
 
+def added_text_width(unet_config: dict) -> int | None:
+    """The pooled text width of a UNet with added text/time conditioning (SDXL's: its class-embedding input less
+    6 time ids of addition_time_embed_dim Fourier features each), or None for one without."""
+    if unet_config.get("addition_embed_type") != "text_time":
+        return None
+    return unet_config["projection_class_embeddings_input_dim"] - 6 * unet_config.get("addition_time_embed_dim", 256)
+
+
 def unet_added_inputs(job: dict) -> dict:
-    """SDXL's extra UNet feeds, the same for both runtimes: pooled text (B, 1280) and micro-conditioning (B, 6)."""
+    """A UNet's added conditioning feeds (SDXL's), the same for both runtimes: pooled text (B, P) and
+    micro-conditioning (B, 6); none for UNets without it (job["added_text_width"] None)."""
     import numpy as np
 
-    if job.get("pipeline", "sd") != "sdxl":
+    if not job.get("added_text_width"):
         return {}
     rng = np.random.default_rng(job["seed"] + 1)
     size = [job["height"], job["width"], 0, 0, job["height"], job["width"]]  # original, crop, target
     return {
-        "text_embeds": rng.standard_normal((UNET_BATCH, 1280), dtype=np.float32),
+        "text_embeds": rng.standard_normal((UNET_BATCH, job["added_text_width"]), dtype=np.float32),
         "time_ids": np.tile(np.array(size, dtype=np.float32), (UNET_BATCH, 1)),
     }
 
@@ -265,149 +176,7 @@ def measure(label: str, fn, runs: int) -> dict:
     return {"warmup_s": warmup, "runs_s": times, "median_s": statistics.median(times), "min_s": min(times)}
 
 
-# ----------------------------------------------------------------------------------------------- workers
-
-
-def worker_build(job: dict) -> dict:
-    """The job's case, built by its pipeline kind (BUILDERS) with random weights, saved as a diffusers folder."""
-    kind = job.get("pipeline", "sd")
-    if kind not in BUILDERS:
-        sys.exit(f"sdrt bench: no builder for pipeline kind {kind!r} (known: {', '.join(BUILDERS)})")
-    return BUILDERS[kind](job)
-
-
-def build_sd(job: dict) -> dict:
-    """Random-weight SD 1.x/2.x pipeline of the job's configs -> a diffusers folder (written whole, then renamed)."""
-    import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    out = Path(job["diffusers_dir"])
-    staging = out.with_name(out.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    write_tiny_clip_tokenizer(staging / "tokenizer_src")
-    tokenizer = CLIPTokenizer.from_pretrained(staging / "tokenizer_src")
-    torch.manual_seed(job["weights_seed"])
-    log("build: UNet")
-    unet = UNet2DConditionModel(**job["unet_config"])
-    log("build: VAE")
-    vae = AutoencoderKL(**job["vae_config"])
-    log("build: text encoder")
-    text_config = dict(job["text_config"])
-    text_config["vocab_size"] = text_config["vocab_size"] or len(tokenizer)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            **text_config,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
-    params = {
-        name: sum(p.numel() for p in module.parameters())
-        for name, module in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder))
-    }
-    for name, count in params.items():
-        log(f"build: {name} has {count / 1e6:.1f} M parameters")
-    pipe = assemble_pipeline(unet, vae, text_encoder, tokenizer, SD15_SCHEDULER)
-    log(f"build: saving to {out}")
-    pipe.save_pretrained(staging)
-    # The scheduler config exactly as SD 1.5 publishes it: keys it leaves out (timestep_spacing) take each
-    # diffusers scheduler class's own default when the pipeline swaps in Euler, as with the real model.
-    (staging / "scheduler" / "scheduler_config.json").write_text(json.dumps(SD15_SCHEDULER, indent=2))
-    shutil.rmtree(staging / "tokenizer_src")
-    shutil.rmtree(out, ignore_errors=True)
-    staging.rename(out)
-    return {"parameters": params}
-
-
-def build_sdxl(job: dict) -> dict:
-    """Random-weight SDXL base (sdrt.bench.sdxl_arch, one part at a time, fp16 weights that both runtimes
-    load as float32) -> a diffusers folder (written whole, then renamed)."""
-    from sdrt.bench.sdxl_arch import build_sdxl_folder
-
-    out = Path(job["diffusers_dir"])
-    staging = out.with_name(out.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    from safetensors import safe_open
-
-    build_sdxl_folder(staging, dtype="fp16", seed=job["weights_seed"])
-    params = {}
-    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
-        with safe_open(next((staging / name).glob("*.safetensors")), "np") as f:
-            params[name] = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
-    shutil.rmtree(out, ignore_errors=True)
-    staging.rename(out)
-    return {"parameters": params}
-
-
-BUILDERS = {"sd": build_sd, "sdxl": build_sdxl}  # pipeline kind -> builder
-
-
-def worker_export(job: dict) -> dict:
-    from sdrt.export import export
-
-    start = time.perf_counter()
-    export(job["diffusers_dir"], job["onnx_dir"], precision=job.get("precision", "fp32"), overwrite=True, progress=True)
-    return {"export_call_s": time.perf_counter() - start}
-
-
 # ----------------------------------------------------------------------------------------------- stages
-
-
-def onnx_is_current(onnx_dir: Path) -> bool:
-    """True if ONNX_DIR holds an export this sdrt can load (its manifest reads and validates)."""
-    from sdrt.errors import ModelError
-    from sdrt.runtime.manifest import Manifest
-
-    try:
-        Manifest.load(onnx_dir)
-    except ModelError:
-        return False
-    return True
-
-
-def prepare_model(args, configs: dict, model_dir: Path, job_dir: Path, precision: str = "fp32") -> tuple[dict, dict]:
-    """Build and export (at PRECISION) unless already done (or --rebuild): (build info, export measurements)."""
-    suffix = "" if precision == "fp32" else f"-{precision}"
-    diffusers_dir, onnx_dir = model_dir / "diffusers", model_dir / f"onnx{suffix}"
-    build_file, export_file = model_dir / "build.json", model_dir / f"export{suffix}.json"
-    stamp = {"build_version": BUILD_VERSION, "weights_seed": WEIGHTS_SEED, **configs}
-    built = None
-    if not args.rebuild and (diffusers_dir / "model_index.json").is_file() and build_file.is_file():
-        built = json.loads(build_file.read_text())
-        if {k: built.get(k) for k in stamp} != json.loads(json.dumps(stamp)):
-            built = None
-    rebuilt = built is None
-    if rebuilt:
-        log(f"building the random-weight model in {diffusers_dir}")
-        job = {"diffusers_dir": str(diffusers_dir), "weights_seed": WEIGHTS_SEED, **configs}
-        result, wall, peak = run_child("build", job, job_dir)
-        built = {**stamp, **result, "build_wall_s": wall, "build_peak_rss_bytes": peak}
-        build_file.write_text(json.dumps(built, indent=2))
-        log(f"built in {wall:.1f} s, peak RSS {gib(peak)}")
-    else:
-        log(f"reusing {diffusers_dir} (--rebuild to make it again)")
-    unet_params = built["parameters"]["unet"]
-    log(f"UNet parameters: {unet_params / 1e6:.1f} M")
-
-    if rebuilt or args.rebuild or not export_file.is_file() or not onnx_is_current(onnx_dir):
-        log(f"exporting with sdrt to {onnx_dir}")
-        job = {"diffusers_dir": str(diffusers_dir), "onnx_dir": str(onnx_dir), "precision": precision}
-        result, wall, peak = run_child("export", job, job_dir)
-        exported = {
-            "wall_s": wall,
-            **result,
-            "peak_rss_bytes": peak,
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        }
-        export_file.write_text(json.dumps(exported, indent=2))
-        log(f"exported in {wall:.1f} s, peak RSS {gib(peak)}")
-        exported["measured_in_this_run"] = True
-    else:
-        exported = dict(json.loads(export_file.read_text()), measured_in_this_run=False)
-        log(f"reusing {onnx_dir}; its export was measured on {exported['date']} (--rebuild to export again)")
-    return built, exported
 
 
 def base_job(args, configs: dict, model_dir: Path, onnx_dir: Path, out_dir: Path) -> dict:
@@ -425,6 +194,8 @@ def base_job(args, configs: dict, model_dir: Path, onnx_dir: Path, out_dir: Path
         "context_dim": configs["unet_config"]["cross_attention_dim"],
         "text_max_length": configs["text_config"]["max_position_embeddings"],
         "pipeline": configs.get("pipeline", "sd"),
+        # a UNet with added text/time conditioning (SDXL's): its pooled width, else None
+        "added_text_width": added_text_width(configs["unet_config"]),
     }
 
 

@@ -24,14 +24,11 @@ from sdrt.bench.common import (
     base_job,
     busy_warning,
     compare_outputs,
-    describe_machine,
     gib,
     log,
     measure,
     now_iso,
-    physical_cores,
     pipeline_txt2img,
-    prepare_model,
     ratio,
     rss_now,
     run_child,
@@ -40,6 +37,8 @@ from sdrt.bench.common import (
     write_results,
 )
 from sdrt.bench.cpu_runtimes import CPU_RUNTIMES, compare_runtimes, run_runtimes, runtimes_table
+from sdrt.bench.machine import describe_machine, physical_cores
+from sdrt.bench.random_model import prepare_model
 
 
 def worker_sdrt(job: dict) -> dict:
@@ -105,11 +104,12 @@ def worker_sdrt(job: dict) -> dict:
 
 
 def worker_diffusers(job: dict) -> dict:
-    """diffusers' StableDiffusionPipeline, fp32 on the CPU, torch threads = physical cores."""
+    """diffusers' pipeline of the case (DiffusionPipeline picks it from model_index.json), fp32 on the CPU, torch
+    threads = physical cores."""
     start = time.perf_counter()
     import numpy as np
     import torch
-    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers import DiffusionPipeline, EulerDiscreteScheduler
 
     import_s = time.perf_counter() - start
     import diffusers.utils.logging
@@ -122,12 +122,7 @@ def worker_diffusers(job: dict) -> dict:
     torch.set_num_threads(threads)
     log("diffusers: loading the pipeline")
     start = time.perf_counter()
-    if job.get("pipeline", "sd") == "sdxl":
-        pipe = StableDiffusionXLPipeline.from_pretrained(job["diffusers_dir"], torch_dtype=torch.float32)
-    else:
-        pipe = StableDiffusionPipeline.from_pretrained(
-            job["diffusers_dir"], torch_dtype=torch.float32, safety_checker=None, requires_safety_checker=False
-        )
+    pipe = DiffusionPipeline.from_pretrained(job["diffusers_dir"], torch_dtype=torch.float32)
     pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     load_s = time.perf_counter() - start
@@ -226,18 +221,9 @@ def low_vram_rows(report: dict) -> list[str]:
     ]
 
 
-def run_cpu(args, case) -> int:
-    """The CPU benchmark of CASE (cases.ModelCase) with ARGS (see sdrt.bench.parser)."""
-    machine = describe_machine()
-    log(f"machine: {machine['cpu_model']}, {machine['physical_cores']} cores, {gib(machine['ram_bytes'])} RAM")
-    load_start = busy_warning()
-    configs = case.configs()
-    model_dir = args.workdir.resolve() / case.name
-    job_dir, out_dir = model_dir / "jobs", model_dir / "outputs"
-    for folder in (job_dir, out_dir):
-        folder.mkdir(parents=True, exist_ok=True)
-    built, exported = prepare_model(args, configs, model_dir, job_dir)
-    settings = {
+def cpu_settings(args, case, model_dir: Path, load_start: float) -> dict:
+    """The run's settings, as its report records them."""
+    return {
         "model": case.description,
         "width": args.size,
         "height": args.size,
@@ -256,6 +242,20 @@ def run_cpu(args, case) -> int:
         "workdir": str(model_dir),
         "load_average_1min_at_start": load_start,
     }
+
+
+def run_cpu(args, case) -> int:
+    """The CPU benchmark of CASE (cases.ModelCase) with ARGS (see sdrt.bench.parser)."""
+    machine = describe_machine()
+    log(f"machine: {machine['cpu_model']}, {machine['physical_cores']} cores, {gib(machine['ram_bytes'])} RAM")
+    load_start = busy_warning()
+    configs = case.configs()
+    model_dir = args.workdir.resolve() / case.name
+    job_dir, out_dir = model_dir / "jobs", model_dir / "outputs"
+    for folder in (job_dir, out_dir):
+        folder.mkdir(parents=True, exist_ok=True)
+    built, exported = prepare_model(args, configs, model_dir, job_dir)
+    settings = cpu_settings(args, case, model_dir, load_start)
     job = base_job(args, configs, model_dir, model_dir / "onnx", out_dir)
     names = args.runtimes.split(",") if args.runtimes else list(CPU_RUNTIMES)
     names = list(dict.fromkeys(["sdrt", *names, "diffusers"]))  # the sdrt-vs-diffusers table needs both

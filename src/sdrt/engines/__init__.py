@@ -1,4 +1,5 @@
-"""Backends behind one small seam: load, run(feeds) -> outputs named as in the ONNX graph, unload."""
+"""Backends behind one small seam: load, run(feeds) -> outputs named as in the ONNX graph, unload; what else an
+engine can do is declared by its Capabilities (capabilities.py), which the runtime asks instead of its name."""
 
 import importlib.util
 import sys
@@ -7,18 +8,36 @@ from typing import Protocol
 
 import numpy as np
 
+from sdrt.engines.capabilities import Capabilities, capabilities
+
 BACKENDS = ("auto", "cpu", "cuda", "tensorrt", "openvino")  # "openvino" also takes -DEVICE / -PRECISION parts
 
 
 class Engine(Protocol):
+    """One graph on one backend. Every engine has the first group; the second exists where its Capabilities say."""
+
     input_names: list[str]
     output_names: list[str]
+    capabilities: Capabilities  # what the engine can do (set by create_engine from its backend)
+    model_file: Path  # the graph it runs: the export's model.onnx or a fused variant of it
 
     def load(self) -> None: ...
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
 
     def unload(self) -> None: ...
+
+    # capabilities.replaceable_weights: weights read and replaced in place (LoRAs), by initializer name
+    def read_weights(self, names) -> dict[str, np.ndarray]: ...
+
+    def set_weights(self, weights: dict[str, np.ndarray]) -> None: ...
+
+    def merge_weights(self, updates: dict[str, list]) -> None: ...
+
+    # capabilities.device_outputs: outputs that stay on the device between calls (I/O binding)
+    def prepare(self, input_shapes: dict): ...
+
+    def run_device(self, feeds: dict) -> dict: ...
 
 
 def tensorrt_available() -> bool:
@@ -93,27 +112,38 @@ def create_engine(model_file: Path, backend: str, **options) -> Engine:
     `cuda_graph` (capture and replay, with static_dims); for "cpu", `static_dims`; for "tensorrt", `workspace` (a shared
     tensorrt.Workspace) and `streaming_budget` (bytes of weights kept on the GPU); for "openvino...", `keep_f32`.
     """
-    from sdrt.engines.openvino import is_openvino_backend
-    from sdrt.errors import InvalidOption
+    caps = capabilities(backend)  # InvalidOption for an unknown (or unresolved "auto") backend
+    engine = _ENGINE_FACTORIES[backend.split("-")[0]](model_file, backend, options)
+    engine.capabilities = caps
+    return engine
 
-    if is_openvino_backend(backend):
-        from sdrt.engines.openvino import create_openvino_engine
 
-        return create_openvino_engine(model_file, backend, **options)
+def _openvino(model_file: Path, backend: str, options: dict) -> Engine:
+    from sdrt.engines.openvino import create_openvino_engine
 
-    if backend == "cpu":
-        from sdrt.engines.onnxruntime import OnnxRuntimeEngine
+    return create_openvino_engine(model_file, backend, **options)
 
-        return OnnxRuntimeEngine(model_file, providers=["CPUExecutionProvider"], static_dims=options.get("static_dims"))
-    if backend == "cuda":
-        from sdrt.engines.onnxruntime import OnnxRuntimeEngine
-        from sdrt.engines.ort_binding import cuda_providers
 
-        static, graph = options.pop("static_dims", None), options.pop("cuda_graph", False)
-        providers = cuda_providers(**options, static=bool(static), cuda_graph=graph)
-        return OnnxRuntimeEngine(model_file, providers=providers, device="cuda", static_dims=static, cuda_graph=graph)
-    if backend == "tensorrt":
-        from sdrt.engines.tensorrt import TensorRTEngine
+def _ort_cpu(model_file: Path, backend: str, options: dict) -> Engine:
+    from sdrt.engines.onnxruntime import OnnxRuntimeEngine
 
-        return TensorRTEngine(model_file, **options)
-    raise InvalidOption("backend", backend, ", ".join(b for b in BACKENDS if b != "auto") + " (auto: resolve first)")
+    return OnnxRuntimeEngine(model_file, providers=["CPUExecutionProvider"], static_dims=options.get("static_dims"))
+
+
+def _ort_cuda(model_file: Path, backend: str, options: dict) -> Engine:
+    from sdrt.engines.onnxruntime import OnnxRuntimeEngine
+    from sdrt.engines.ort_binding import cuda_providers
+
+    static, graph = options.pop("static_dims", None), options.pop("cuda_graph", False)
+    providers = cuda_providers(**options, static=bool(static), cuda_graph=graph)
+    return OnnxRuntimeEngine(model_file, providers=providers, device="cuda", static_dims=static, cuda_graph=graph)
+
+
+def _tensorrt(model_file: Path, backend: str, options: dict) -> Engine:
+    from sdrt.engines.tensorrt import TensorRTEngine
+
+    return TensorRTEngine(model_file, **options)
+
+
+# Each backend's engine factory (model file, backend string, options) -> Engine; its Capabilities: capabilities.py.
+_ENGINE_FACTORIES = {"cpu": _ort_cpu, "cuda": _ort_cuda, "tensorrt": _tensorrt, "openvino": _openvino}

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from sdrt.engines.plan import EngineIdentity, aligned, select_engine, source_fingerprint, static_profile
+from sdrt.engines.engine_files import EngineIdentity, select_engine, source_fingerprint
+from sdrt.engines.plan import aligned, static_profile
 from sdrt.engines.weight_merge import WholeArrays
 from sdrt.errors import ModelError, SdrtError
 
@@ -207,7 +208,7 @@ class TensorRTEngine:
     def _refit(self) -> None:
         import tensorrt as trt
 
-        from sdrt.engines.plan import refit_plan
+        from sdrt.engines.engine_files import refit_plan
 
         refitter = trt.Refitter(self.engine, trt.Logger(trt.Logger.WARNING))
         prototypes = {}

@@ -8,6 +8,37 @@ from sdrt.runtime.manifest import PRECISIONS, Manifest
 
 __all__ = ["export", "scheduler_config"]
 
+# The families' export plans, asked in this order (the most specific first): each module has
+# claims(source, checkpoint_info) -> bool, plan(source, precision, original_config, config, vae) -> ExportPlan,
+# FAMILIES (the manifest families it writes) and denoiser_step(source, manifest, ...) (export/controlnet.py).
+# A new family's export is one module here and one entry in this list.
+EXPORT_PLANS = ("sdrt.export.sdxl", "sdrt.export.sd")
+
+
+def plan_module(family: str):
+    """The export plan module that writes models of FAMILY (a manifest's family)."""
+    import importlib
+
+    for name in EXPORT_PLANS:
+        module = importlib.import_module(name)
+        if family in module.FAMILIES:
+            return module
+    raise InvalidOption("family", family, "a family sdrt exports")
+
+
+def plan_for(source: str):
+    """The export plan function of the first family in EXPORT_PLANS that claims SOURCE."""
+    import importlib
+
+    from sdrt.export.sources import checkpoint_info
+
+    info = checkpoint_info(source)
+    for name in EXPORT_PLANS:
+        module = importlib.import_module(name)
+        if module.claims(source, info):
+            return module.plan
+    raise InvalidOption("source", source, "a checkpoint of a family sdrt exports")
+
 
 def export(
     source: str,
@@ -45,17 +76,14 @@ def export(
 
 
 def _export_into(source, folder: Path, precision, original_config, config, progress, vae=None, controlnet=False):
-    """The family's plan (SD 1.x/2.x or SDXL) run by the one driver."""
+    """The family's plan (EXPORT_PLANS) run by the one driver."""
     from tqdm import tqdm
 
-    from sdrt.export import sdxl
     from sdrt.export.driver import export_into
-    from sdrt.export.sd import sd_plan
 
     bar = tqdm(total=6, desc="export", unit="step", disable=not progress)
     bar.set_postfix_str(f"loading {source}")
-    make_plan = sdxl.sdxl_plan if sdxl.is_sdxl(source, sdxl.checkpoint_info(source)) else sd_plan
-    plan = make_plan(source, precision, original_config, config, vae)
+    plan = plan_for(source)(source, precision, original_config, config, vae)
     if controlnet:  # graph variants: ControlNet's UNet with residual inputs
         from sdrt.export.controlnet import with_unet_controlnet
 

@@ -13,7 +13,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from sdrt.engines.plan import EngineIdentity, ShapeRanges, check_ranges, plan_profile, source_fingerprint
+from sdrt.engines.engine_files import EngineIdentity, source_fingerprint
+from sdrt.engines.plan import ShapeRanges, check_ranges, plan_profile
 from sdrt.engines.tensorrt import ENGINES_DIR, compute_capability, device_name
 from sdrt.errors import InvalidOption, ModelError, SdrtError
 from sdrt.runtime.manifest import Manifest

@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 
 from sdrt.errors import InvalidOption, ModelError
-from sdrt.runtime.controlnet import CONTROLNET_FORMAT, CONTROLNET_MANIFEST, CONTROLNET_VERSION, controlnet_family
+from sdrt.runtime.controlnet_models import CONTROLNET_FORMAT, CONTROLNET_MANIFEST, CONTROLNET_VERSION, controlnet_family
 from sdrt.runtime.manifest import PRECISIONS, Manifest
 from sdrt.runtime.modelspec import (
     TensorSpec,
@@ -274,25 +274,15 @@ def add_unet_controlnet(source: str, model_dir, progress: bool = True, original_
 
     from tqdm import tqdm
 
-    from sdrt.export import sdxl as sdxl_export
     from sdrt.export.driver import run_step
 
     manifest = Manifest.load(model_dir)
     if UNET_CONTROLNET in manifest.models:
         return manifest
     bar = tqdm(total=1, desc="unet_controlnet", unit="step", disable=not progress)
-    if manifest.family == "sdxl":
-        parts = sdxl_export.load_sdxl(source, manifest.precision, original_config, config)
-        sha256, unet = parts.sha256, parts.get("unet")
-        inputs = {t["name"]: t["shape"] for t in manifest.models["unet"]["inputs"]}
-        base = sdxl_export.unet_step(unet, inputs["text_embeds"][1], inputs["time_ids"][1], manifest.text_max_length)
-    else:
-        from sdrt.export.sources import load_source
-        from sdrt.export.steps import model_steps
+    from sdrt.export import plan_module
 
-        loaded = load_source(source, original_config, config)
-        sha256 = loaded.sha256
-        base = next(step for step in model_steps(loaded.pipe) if step.spec.name == "unet")
+    sha256, base = plan_module(manifest.family).denoiser_step(source, manifest, original_config, config)
     if sha256 and manifest.source.get("sha256") and sha256 != manifest.source["sha256"]:
         raise InvalidOption(
             "SOURCE",

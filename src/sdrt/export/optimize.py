@@ -24,6 +24,7 @@ import numpy as np
 import onnx
 
 from sdrt.errors import InvalidOption, ModelError
+from sdrt.runtime.families import family_of
 from sdrt.runtime.manifest import Manifest
 
 TARGETS = ("cuda", "cpu")
@@ -40,7 +41,6 @@ UNFUSED_ATTENTION_OPS = ("Softmax",)  # what is left of attention the fusion did
 # reorders float arithmetic (6.9e-7 measured on the tiny UNet).
 TOLERANCE = {"cuda": 1e-2, "cpu": 1e-4}
 PROTOBUF_LIMIT = 2**31 - 2**20  # bytes: above this a graph's weights go to one external data file
-SDXL_FP32_MODELS = ("vae_decoder", "vae_encoder")  # the SDXL VAE overflows in fp16 (NaNs): kept fp32 there
 
 
 def variant_file(name: str, target: str) -> str:
@@ -198,7 +198,7 @@ def optimize(model_dir, target: str, models=None, verify: bool = True, progress:
     entry = dict(manifest.optimized.get(target, {}))
     for name in names:
         start = time.perf_counter()
-        fp16 = target == "cuda" and not (manifest.family == "sdxl" and name in SDXL_FP32_MODELS)
+        fp16 = target == "cuda" and name not in family_of(manifest).fp32_models  # e.g. SDXL's VAE overflows in fp16
         dst = manifest.folder / variant_file(name, target)
         counts = fuse(manifest.model_path(name), dst, name, target, fp16)
         error = None

@@ -297,12 +297,21 @@ def unet_step(unet, pooled_size: int, time_ids: int, max_len: int):
     )
 
 
-def checkpoint_info(source: str) -> CheckpointInfo | None:
-    """A single file's tensor shapes (to tell SDXL's layout); None for folders and hub ids."""
-    from sdrt.export.sources import SINGLE_FILE_SUFFIXES, read_checkpoint_info
+FAMILIES = ("sdxl",)  # the manifest families this plan writes
 
-    path = Path(source)
-    return read_checkpoint_info(path) if path.is_file() and path.suffix.lower() in SINGLE_FILE_SUFFIXES else None
+
+def denoiser_step(source, manifest, original_config=None, config=None):
+    """(source sha256, the UNet's ModelStep) of SOURCE, the checkpoint MANIFEST's model was exported from
+    (export/controlnet.py rebuilds the UNet with residual inputs from it)."""
+    parts = load_sdxl(source, manifest.precision, original_config, config)
+    inputs = {t["name"]: t["shape"] for t in manifest.models["unet"]["inputs"]}
+    step = unet_step(parts.get("unet"), inputs["text_embeds"][1], inputs["time_ids"][1], manifest.text_max_length)
+    return parts.sha256, step
+
+
+def claims(source: str, checkpoint: CheckpointInfo | None) -> bool:
+    """The export registry's question (export/__init__.py): is SOURCE an SDXL model? (is_sdxl)"""
+    return is_sdxl(source, checkpoint)
 
 
 def sdxl_plan(source, precision: str, original_config, config, vae_option):
@@ -344,7 +353,7 @@ def sdxl_plan(source, precision: str, original_config, config, vae_option):
         vae = load_vae(vae_option) if vae_option else parts.get("vae")
         if vae_option:
             check_vae(vae, unet_config["out_channels"], vae_option)
-        fp16_vae = vae_fp16_capable(vae, "sdxl")
+        fp16_vae = vae_fp16_capable(vae)
         if precision == "fp16" and not fp16_vae:
             tqdm.write(
                 "vae: kept fp32: SDXL's VAE overflows in fp16 (its config sets force_upcast); "
@@ -370,3 +379,6 @@ def sdxl_plan(source, precision: str, original_config, config, vae_option):
         }
 
     return driver.ExportPlan(detected.describe(), steps(), len(encoders) + 3, facts)
+
+
+plan = sdxl_plan  # the export registry's entry point

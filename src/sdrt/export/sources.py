@@ -85,6 +85,13 @@ def _load_pickled(path: Path) -> tuple[dict, int | None]:
 load_pickled = _load_pickled  # for other exports' single files (upscalers)
 
 
+def checkpoint_info(source: str) -> CheckpointInfo | None:
+    """A single file's tensor shapes (the export registry tells families apart by them); None for folders and hub
+    ids."""
+    path = Path(source)
+    return read_checkpoint_info(path) if path.is_file() and path.suffix.lower() in SINGLE_FILE_SUFFIXES else None
+
+
 def load_weights(path: Path) -> dict:
     """A single file's tensors by name: .safetensors directly, anything else through _load_pickled."""
     import torch

@@ -39,6 +39,7 @@ def check_vae(vae, unet_out_channels: int, vae_option: str) -> None:
         )
 
 
-def vae_fp16_capable(vae, family: str) -> bool:
-    """SDXL's VAE overflows in fp16 (its config says force_upcast): it stays fp32 unless a fixed VAE says otherwise."""
-    return family != "sdxl" or not bool(vae.config.get("force_upcast", True))
+def vae_fp16_capable(vae) -> bool:
+    """A VAE whose config says force_upcast (SDXL's) overflows in fp16: it stays fp32 unless a fixed VAE says
+    otherwise (the families whose VAEs run fp16 do not ask)."""
+    return not bool(vae.config.get("force_upcast", True))

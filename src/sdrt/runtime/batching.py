@@ -10,15 +10,12 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from sdrt.errors import Interrupted, InvalidOption
-from sdrt.runtime.checks import require_finite
+from sdrt.errors import InvalidOption
 from sdrt.runtime.denoiser import TextConditioning
-from sdrt.runtime.image import to_pil
-from sdrt.runtime.infotext import write_infotext
+from sdrt.runtime.generation import Batch, prepare_run, run_batches
 from sdrt.runtime.lora import parse_prompt
-from sdrt.runtime.options import SAMPLERS, GenerationOptions, build_options, resolve
-from sdrt.runtime.sampling import Progress, sample
-from sdrt.runtime.schedules import build_schedule
+from sdrt.runtime.options import GenerationOptions, build_options, resolve
+from sdrt.runtime.sampling import Progress
 
 # Options that may differ between the requests of one batch; batch_key replaces them by these neutral values.
 # batch_size varies too: each request brings its images.
@@ -74,38 +71,29 @@ def generate_batch(pipe, requests: list[dict], callback=None, progress: bool = F
     for opts in options:
         pipe.conditioner.check(opts.clip_skip, opts.emphasis)
     pipe.loras.apply([])  # none of these prompts has LoRAs: the base weights, whatever the last run merged
-    first = options[0]
-    schedule = build_schedule(
-        pipe.manifest.scheduler, first.steps, SAMPLERS[first.sampler][1], first.scheduler, first.timestep_spacing
-    )
     encoded = [pipe.encode_prompts(opts) for opts in options]  # [(TextConditioning for one image, notes)]
     by_length: dict[int, list[int]] = {}
     for index, (text, _) in enumerate(encoded):
         by_length.setdefault(text.feeds[0]["encoder_hidden_states"].shape[1], []).append(index)
-    latent_shape = (
-        pipe.manifest.latent_channels,
-        first.height // pipe.manifest.latent_downsample,
-        first.width // pipe.manifest.latent_downsample,
-    )
-    results: list[list] = [[] for _ in requests]
-    bar = Progress(len(by_length) * first.steps_run, progress, callback)
+    batches = []
+    for members in by_length.values():
+        text = stack([encoded[i][0] for i in members], [options[i].batch_size for i in members])
+        batches.append(Batch(
+            [seed for i in members for seed in options[i].seeds],
+            [subseed for i in members for subseed in options[i].subseeds],
+            text,
+            labels=[(options[i], encoded[i][1]) for i in members for _ in range(options[i].batch_size)],
+        ))  # fmt: skip
+    run = prepare_run(pipe.model, options[0])  # the options all requests share (batch_key)
+    bar = Progress(len(batches) * options[0].steps_run, progress, callback)
     try:
-        for members in by_length.values():
-            text = stack([encoded[i][0] for i in members], [options[i].batch_size for i in members])
-            seeds = [seed for i in members for seed in options[i].seeds]
-            subseeds = [subseed for i in members for subseed in options[i].subseeds]
-            final = sample(pipe, first, schedule, seeds, latent_shape, text, None, bar, subseeds)
-            images = to_pil(require_finite(pipe.decode(final), "images", pipe.manifest))
-            for i in members:
-                mine, images = images[: options[i].batch_size], images[options[i].batch_size :]
-                for image, seed, subseed in zip(mine, options[i].seeds, options[i].subseeds, strict=True):
-                    image.info["parameters"] = write_infotext(options[i], seed, subseed, pipe.model_infotext(),
-                                                              encoded[i][1])
-                results[i] = mine
-    except Interrupted:  # as Pipeline.generate: the batches already finished keep their images
-        pass
+        finished = run_batches(pipe.model, run, batches, bar)  # the batches of finished lengths keep their images
     finally:
         bar.close()
+    results: list[list] = [[] for _ in requests]
+    for members, images in zip(by_length.values(), finished, strict=False):  # interrupted: fewer finished
+        for i in members:
+            results[i], images = images[: options[i].batch_size], images[options[i].batch_size :]
     return results
 
 

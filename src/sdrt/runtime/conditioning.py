@@ -220,11 +220,10 @@ def pad_to(context: np.ndarray, length: int, empty: np.ndarray) -> np.ndarray:
     return np.concatenate([context, np.repeat(np.tile(empty, (1, repeats, 1)), len(context), axis=0)], axis=1)
 
 
-def encode_prompts(conditioner: Conditioner, manifest, opts) -> tuple:
+def encode_prompts(conditioner: Conditioner, family, manifest, opts) -> tuple:
     """The prompt's (and with guidance the negative prompt's) conditioning for each denoiser call, for one image,
     and the infotext fields it adds. Prompt editing gives one entry per switch (A1111's schedules over opts.steps);
     cond and uncond are padded to the same length with the empty prompt's chunk (A1111's "Pad conds")."""
-    from sdrt.runtime import sdxl
     from sdrt.runtime.denoiser import TextConditioning
     from sdrt.runtime.lora import strip_tags
     from sdrt.runtime.prompt import prompt_schedules
@@ -235,10 +234,10 @@ def encode_prompts(conditioner: Conditioner, manifest, opts) -> tuple:
     encoded = []  # per prompt: [(last step, Encoded)]
     for index, schedule in enumerate(schedules):
         texts = [text for _, text in schedule]
-        second = sdxl.second_texts(opts, index, len(texts))  # SDXL's prompt_2 / negative_prompt_2
+        second = family.second_texts(opts, index, len(texts))  # e.g. SDXL's prompt_2 / negative_prompt_2
         result = conditioner.encode(texts, opts.clip_skip, opts.emphasis, texts_2=second)
-        if index == 1 and sdxl.zeroes_negative(manifest, opts):
-            result = sdxl.zeroed(result)
+        if index == 1 and family.zeroes_negative(manifest, opts):
+            result = zeroed(result)
         encoded.append([(end, _row(result, i)) for i, (end, _) in enumerate(schedule)])
     length = max(e.context.shape[1] for entries in encoded for _, e in entries)
     padded = any(e.context.shape[1] != length for entries in encoded for _, e in entries)
@@ -250,7 +249,7 @@ def encode_prompts(conditioner: Conditioner, manifest, opts) -> tuple:
     feeds = []
     for end in ends:
         at = [next((e for last, e in entries if end <= last), entries[-1][1]) for entries in encoded]
-        feeds.append(text_feeds(manifest, at[0], at[1] if opts.guided else None, opts))
+        feeds.append(text_feeds(family, manifest, at[0], at[1] if opts.guided else None, opts))
     used = {e.name: e for entries in encoded for _, enc in entries for e in enc.used}
     notes = {
         "Emphasis": opts.emphasis if opts.emphasis != "Original" and _has_emphasis(prompts) else None,
@@ -265,16 +264,20 @@ def _row(encoded: Encoded, i: int) -> Encoded:
     return Encoded(encoded.context[i : i + 1], pooled, encoded.used)
 
 
-def text_feeds(manifest, cond: Encoded, uncond: Encoded | None, opts) -> dict:
-    """UNet text inputs for one image, uncond first: {"encoder_hidden_states": (2 or 1, L, C) float32}, and
-    for SDXL the pooled text_embeds (2 or 1, P) and micro-conditioning time_ids (2 or 1, 6 or 5)."""
-    from sdrt.runtime import sdxl
-
+def text_feeds(family, manifest, cond: Encoded, uncond: Encoded | None, opts) -> dict:
+    """Denoiser text inputs for one image, uncond first: {"encoder_hidden_states": (2 or 1, L, C) float32}, and
+    the family's added inputs (SDXL: the pooled text_embeds (2 or 1, P) and micro-conditioning time_ids)."""
     halves = [cond] if uncond is None else [uncond, cond]
     feeds = {"encoder_hidden_states": np.concatenate([h.context for h in halves]).astype(np.float32)}
-    if manifest.family == "sdxl":
-        feeds |= sdxl.added_feeds(manifest, opts, cond.pooled, None if uncond is None else uncond.pooled)
-    return feeds
+    return feeds | family.added_feeds(manifest, opts, cond.pooled, None if uncond is None else
+                                                   uncond.pooled)  # fmt: skip
+
+
+def zeroed(encoded: Encoded) -> Encoded:
+    """ENCODED with zero context and pooled vectors (a family's zeroed negative prompt)."""
+    from dataclasses import replace
+
+    return replace(encoded, context=np.zeros_like(encoded.context), pooled=np.zeros_like(encoded.pooled))
 
 
 def _has_emphasis(texts) -> bool:

@@ -17,10 +17,8 @@ pipelines:
   (diffusers' controlnet_keep). The extension's rule (i / n within [start, end]) runs one step more at the end.
 """
 
-import json
 import math
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -28,10 +26,8 @@ from PIL import Image
 from sdrt.errors import InvalidOption, ModelError
 from sdrt.runtime.control_maps import MAX_PROCESSOR_RES, MIN_PROCESSOR_RES, control_map
 from sdrt.runtime.control_preprocess import MODULE_ALIASES, PREPROCESSORS
+from sdrt.runtime.controlnet_models import ControlNetCache, ControlNetInfo
 
-CONTROLNET_MANIFEST = "controlnet.json"
-CONTROLNET_FORMAT = "sdrt-controlnet"
-CONTROLNET_VERSION = 1
 UNET_CONTROLNET = "unet_controlnet"
 CONTROL_MODES = ("Balanced", "My prompt is more important", "ControlNet is more important")
 RESIZE_MODES = ("Just Resize", "Crop and Resize", "Resize and Fill")  # the extension's labels, its order
@@ -40,76 +36,6 @@ RESIZE_ALIASES = {"Inner Fit (Scale to Fit)": "Crop and Resize", "Envelope (Oute
 SOFT_INJECTION_RANGE = 0.1  # soft injection scales residuals from 0.1 (the first) to 1 (the mid block's)
 MAX_WEIGHT = 2.0  # the extension's "Control Weight" slider: 0 to 2
 DEFAULT_PROCESSOR_RES = 512  # the extension's "Preprocessor Resolution"
-
-
-def controlnet_family(config: dict) -> str:
-    """sdxl (added text/time conditioning), sd2 (1024-wide cross-attention or linear projections) or sd1."""
-    if config.get("addition_embed_type") == "text_time":
-        return "sdxl"
-    return "sd2" if config.get("cross_attention_dim") == 1024 or config.get("use_linear_projection") else "sd1"
-
-
-def short_hash(sha256: str) -> str:
-    """The extension's model hash in names: the first 8 hex digits of the file's sha256."""
-    return sha256[:8]
-
-
-@dataclass(frozen=True)
-class ControlNetInfo:
-    """An exported ControlNet folder's controlnet.json, validated."""
-
-    folder: Path
-    family: str
-    name: str
-    sha256: str
-    precision: str
-    global_pool_conditions: bool
-    inputs: tuple[str, ...]
-    residuals: tuple[tuple[str, int], ...]  # (output name, channels) in order: down residuals, then mid
-
-    @property
-    def title(self) -> str:
-        """The extension's model_list entry: "name [hash]"."""
-        return f"{self.name} [{short_hash(self.sha256)}]" if self.sha256 else self.name
-
-    @property
-    def model_file(self) -> Path:
-        return self.folder / self.file
-
-    file: str = "controlnet/model.onnx"
-
-    @classmethod
-    def load(cls, folder) -> "ControlNetInfo":
-        folder = Path(folder)
-        path = folder / CONTROLNET_MANIFEST
-        if not path.is_file():
-            raise ModelError(
-                f"{str(folder)!r} is not a ControlNet exported by `sdrt export-controlnet` (no {CONTROLNET_MANIFEST})"
-            )
-        try:
-            data = json.loads(path.read_text())
-            if data.get("format") != CONTROLNET_FORMAT or data.get("version") != CONTROLNET_VERSION:
-                raise ModelError(
-                    f"{str(path)!r} is not an sdrt ControlNet manifest of version {CONTROLNET_VERSION}: "
-                    "re-export it with this sdrt"
-                )
-            model = data["model"]
-            info = cls(
-                folder=folder,
-                family=data["family"],
-                name=data["name"],
-                sha256=data["source"].get("sha256", ""),
-                precision=data["precision"],
-                global_pool_conditions=bool(data.get("global_pool_conditions", False)),
-                inputs=tuple(t["name"] for t in model["inputs"]),
-                residuals=tuple((t["name"], int(t["shape"][1])) for t in model["outputs"]),
-                file=model["file"],
-            )
-        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as e:
-            raise ModelError(f"{str(path)!r} is incomplete or malformed ({e})") from None
-        if not info.model_file.is_file():
-            raise ModelError(f"model file {str(info.model_file)!r} is missing")
-        return info
 
 
 @dataclass(frozen=True)
@@ -219,51 +145,6 @@ def check_unit(unit, index: int) -> ControlNetUnit:
     )
 
 
-class ControlNetCache:
-    """A pipeline's ControlNets by folder: their manifests and engines, loaded once; `directory` (optional) is
-    where names are looked up (the server's --controlnet-dir)."""
-
-    def __init__(self, backend: str, directory=None):
-        self.backend = backend
-        self.directory = None if directory is None else Path(directory)
-        self.loaded: dict[str, tuple[ControlNetInfo, object]] = {}
-
-    def available(self) -> list[ControlNetInfo]:
-        """The exported ControlNets in `directory`, sorted by name."""
-        if self.directory is None or not self.directory.is_dir():
-            return []
-        found = []
-        for folder in sorted(p for p in self.directory.iterdir() if (p / CONTROLNET_MANIFEST).is_file()):
-            try:
-                found.append(ControlNetInfo.load(folder))
-            except ModelError:
-                continue
-        return found
-
-    def resolve(self, model, field: str) -> Path:
-        """MODEL (a folder, or a name/title in `directory`) -> the ControlNet folder; InvalidOption if none."""
-        if isinstance(model, (str, Path)) and str(model).strip():
-            path = Path(model)
-            if (path / CONTROLNET_MANIFEST).is_file():
-                return path
-            for info in self.available():
-                if str(model) in (info.name, info.title, info.folder.name):
-                    return info.folder
-        names = [info.title for info in self.available()]
-        allowed = "an exported ControlNet folder" + (f" or one of: {', '.join(names)}" if names else "")
-        raise InvalidOption(f"{field}.model", model, allowed)
-
-    def get(self, model, field: str) -> tuple[ControlNetInfo, object]:
-        from sdrt.engines import create_engine
-
-        folder = self.resolve(model, field)
-        key = str(folder.resolve())
-        if key not in self.loaded:
-            info = ControlNetInfo.load(folder)
-            self.loaded[key] = (info, create_engine(info.model_file, self.backend))
-        return self.loaded[key]
-
-
 @dataclass
 class PreparedUnit:
     unit: ControlNetUnit
@@ -325,10 +206,9 @@ def check_units(units) -> tuple[ControlNetUnit, ...]:
     return tuple(check_unit(u, i) for i, u in enumerate(units))
 
 
-def load_units(pipeline, units) -> list[tuple[int, ControlNetUnit, ControlNetInfo, object]]:
-    """UNITS validated against PIPELINE's model, with their ControlNets (manifest, engine): (index, unit, info,
-    engine) of each enabled unit. Errors name `controlnets[i].field`."""
-    manifest = pipeline.manifest
+def load_units(manifest, cache: ControlNetCache, units) -> list[tuple[int, ControlNetUnit, ControlNetInfo, object]]:
+    """UNITS validated against MANIFEST's model, with their ControlNets from CACHE (manifest, engine): (index, unit,
+    info, engine) of each enabled unit. Errors name `controlnets[i].field`."""
     enabled = [(i, u) for i, u in enumerate(check_units(units)) if u.enabled]
     if enabled and UNET_CONTROLNET not in manifest.models:
         raise ModelError(
@@ -338,7 +218,7 @@ def load_units(pipeline, units) -> list[tuple[int, ControlNetUnit, ControlNetInf
     loaded = []
     for i, unit in enabled:
         where = f"controlnets[{i}]"
-        info, engine = pipeline.controlnets.get(unit.model, where)
+        info, engine = cache.get(unit.model, where)
         inputs = manifest.models[UNET_CONTROLNET]["inputs"]
         channels = {t["name"]: t["shape"][1] for t in inputs if len(t["shape"]) == 4}
         fits = all(channels.get(name) == c for name, c in info.residuals)
@@ -352,10 +232,10 @@ def load_units(pipeline, units) -> list[tuple[int, ControlNetUnit, ControlNetInf
     return loaded
 
 
-def prepare_controls(pipeline, units, width: int, height: int) -> ControlSet | None:
-    """Validate UNITS against PIPELINE's model, load their ControlNets and make their control maps; None if no unit
-    is enabled."""
-    loaded = load_units(pipeline, units)
+def prepare_controls(manifest, engines: dict, cache: ControlNetCache, units, width: int, height: int):
+    """Validate UNITS against MANIFEST's model, load their ControlNets (CACHE) and make their control maps: a
+    ControlSet over the model's ENGINES, or None if no unit is enabled."""
+    loaded = load_units(manifest, cache, units)
     if not loaded:
         return None
     prepared, maps = [], []
@@ -365,7 +245,7 @@ def prepare_controls(pipeline, units, width: int, height: int) -> ControlSet | N
         cond = (mapped.astype(np.float32) / 255).transpose(2, 0, 1)[None]  # (1, 3, H, W) in [0, 1]
         cond_only = unit.control_mode == "ControlNet is more important" or info.global_pool_conditions
         prepared.append(PreparedUnit(unit, info, engine, cond, unit_scales(unit, len(info.residuals)), cond_only))
-    return ControlSet(prepared, pipeline.engines[UNET_CONTROLNET], maps)
+    return ControlSet(prepared, engines[UNET_CONTROLNET], maps)
 
 
 class ControlHook:

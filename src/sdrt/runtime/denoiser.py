@@ -103,9 +103,21 @@ class Denoiser:
             out = uncond + self.cfg_scale * (cond - uncond)
             if self.guidance_rescale:
                 out = rescale_guidance(out, cond, self.guidance_rescale)
-        if self.prediction_type == "v_prediction":  # Salimans & Ho 2022: x0 = c_skip x + c_out v
-            return x / (sigma * sigma + 1) - out * (sigma * c_in)
-        return x - out * sigma
+        return DENOISED[self.prediction_type](x, out, sigma, c_in)
+
+
+def eps_denoised(x: np.ndarray, eps: np.ndarray, sigma, c_in) -> np.ndarray:
+    """x0 = x - sigma eps (Karras et al. 2022, the VP/DDPM parameterisation in sigma form)."""
+    return x - eps * sigma
+
+
+def v_denoised(x: np.ndarray, v: np.ndarray, sigma, c_in) -> np.ndarray:
+    """x0 = c_skip x + c_out v (Salimans & Ho 2022): c_skip = 1 / (sigma^2 + 1), c_out = -sigma c_in."""
+    return x / (sigma * sigma + 1) - v * (sigma * c_in)
+
+
+# The manifest's prediction_type -> the model output's x0 estimate: (x, output, sigma, c_in) -> (B, C, h, w).
+DENOISED = {"epsilon": eps_denoised, "v_prediction": v_denoised}
 
 
 def rescale_guidance(guided: np.ndarray, cond: np.ndarray, phi: float) -> np.ndarray:

@@ -31,6 +31,79 @@ HIRES_STRENGTH = 0.75  # A1111's StableDiffusionProcessingTxt2Img.denoising_stre
 MAX_STRENGTH_FOR_STEPS = 0.999  # A1111's setup_img2img_steps: steps / min(strength, 0.999)
 
 
+def entry(name: str, unless_equal: str | None = None):
+    """An infotext writer for option NAME: its value with hires fix, when set (and not equal to option UNLESS_EQUAL)."""
+
+    def write(opts, seeds=None):
+        value = getattr(opts, name)
+        if not opts.hires or value in (None, "", 0) or (unless_equal and value == getattr(opts, unless_equal)):
+            return None
+        return format_number(value) if isinstance(value, float) else value
+
+    return write
+
+
+def same(field: str, label: str):
+    """An A1111 request reader for hires FIELD: None for "the first pass's" (None, "", or A1111's LABEL)."""
+    return lambda request: None if getattr(request, field) in (None, "", label) else getattr(request, field)
+
+
+def write_upscale(opts, seeds=None) -> str | None:
+    """The infotext's "Hires upscale" (hr_scale, when no resize is given)."""
+    if not opts.hires or opts.hires_resize_x or opts.hires_resize_y:
+        return None
+    return format_number(opts.hires_scale)
+
+
+def write_resize(opts, seeds=None) -> str | None:
+    """The infotext's "Hires resize" (WxH, when either is given)."""
+    if not opts.hires or not (opts.hires_resize_x or opts.hires_resize_y):
+        return None
+    return f"{opts.hires_resize_x}x{opts.hires_resize_y}"
+
+
+def write_scheduler(opts, seeds=None) -> str | None:
+    """The infotext's "Hires schedule type": the hires schedule's label, when it is given and not the first pass's."""
+    from sdrt.runtime.schedules import SCHEDULERS
+
+    if not opts.hires or opts.hires_scheduler in (None, opts.scheduler):
+        return None
+    return SCHEDULERS[opts.hires_scheduler]
+
+
+# The options schema's hires fields (options.py declares each with its default and kind): option() keywords.
+SPECS = {
+    "hires": dict(group="hires", a1111="enable_hr", infotext="Hires upscale", aliases=("Hires resize-1",),
+                  write=lambda o, im: None, read=lambda text: True,
+                  help="txt2img, then upscale and img2img at the hires size (A1111's enable_hr)"),
+    "hires_scale": dict(low=1, high=8, group="hires", a1111="hr_scale", infotext="Hires upscale",
+                        write=write_upscale, help="upscale by (default 2)"),
+    "hires_resize_x": dict(group="hires", a1111="hr_resize_x", infotext="Hires resize", part=1, write=write_resize,
+                           help="resize width to (0: by scale)"),
+    "hires_resize_y": dict(group="hires", a1111="hr_resize_y", infotext="Hires resize", part=2,
+                           help="resize height to (0: by scale)"),
+    "hires_upscaler": dict(group="hires", a1111="hr_upscaler", infotext="Hires upscaler", write=entry("hires_upscaler"),
+                           help="Latent (default), Latent (bicubic), ..., Lanczos, a model"),
+    "hires_steps": dict(low=0, group="hires", a1111="hr_second_pass_steps", infotext="Hires steps",
+                        write=entry("hires_steps"), help="second-pass steps (0: --steps)"),
+    "hires_sampler": dict(group="hires", a1111="hr_sampler_name", infotext="Hires sampler",
+                          from_a1111=same("hr_sampler_name", "Use same sampler"),
+                          write=entry("hires_sampler", "sampler"),
+                          help="second-pass sampler (default: --sampler)"),
+    "hires_scheduler": dict(group="hires", a1111="hr_scheduler", from_a1111=same("hr_scheduler", "Use same scheduler"),
+                            infotext="Hires schedule type", write=write_scheduler,
+                            help="second-pass schedule type (default: --scheduler)"),
+    "hires_prompt": dict(group="hires", a1111="hr_prompt", infotext="Hires prompt",
+                         write=entry("hires_prompt", "prompt"), help="second-pass prompt"),
+    "hires_negative_prompt": dict(group="hires", a1111="hr_negative_prompt", infotext="Hires negative prompt",
+                                  write=entry("hires_negative_prompt", "negative_prompt"),
+                                  help="second-pass negative prompt"),
+    "hires_cfg": dict(low=0, high=100, group="hires", a1111="hr_cfg", infotext="Hires CFG Scale",
+                      write=entry("hires_cfg", "cfg_scale"), help="second-pass CFG scale (default: --cfg-scale)"),
+    "init_latents": dict(group="output", cli=False, help="img2img from (N, C, h, w) latents (hires fix's 2nd pass)"),
+}  # fmt: skip
+
+
 @dataclass(frozen=True)
 class HiresPlan:
     """What the second pass does, from the resolved options (plan)."""
@@ -188,46 +261,6 @@ def _infotext(pipe, opts, second, text: str, i: int) -> str:
     for key in [k for k in notes if k.endswith("-1") and k[:-2] + "-2" in notes]:  # "AxB" values parse in two
         notes[key[:-2]] = f"{notes.pop(key)}x{notes.pop(key[:-2] + '-2')}"
     return write_infotext(opts, seed, subseed, model, notes)
-
-
-def write_upscale(opts, seeds=None) -> str | None:
-    """The infotext's "Hires upscale" (hr_scale, when no resize is given)."""
-    if not opts.hires or opts.hires_resize_x or opts.hires_resize_y:
-        return None
-    return format_number(opts.hires_scale)
-
-
-def write_resize(opts, seeds=None) -> str | None:
-    """The infotext's "Hires resize" (WxH, when either is given)."""
-    if not opts.hires or not (opts.hires_resize_x or opts.hires_resize_y):
-        return None
-    return f"{opts.hires_resize_x}x{opts.hires_resize_y}"
-
-
-def write_scheduler(opts, seeds=None) -> str | None:
-    """The infotext's "Hires schedule type": the hires schedule's label, when it is given and not the first pass's."""
-    from sdrt.runtime.schedules import SCHEDULERS
-
-    if not opts.hires or opts.hires_scheduler in (None, opts.scheduler):
-        return None
-    return SCHEDULERS[opts.hires_scheduler]
-
-
-def entry(name: str, unless_equal: str | None = None):
-    """An infotext writer for option NAME: its value with hires fix, when set (and not equal to option UNLESS_EQUAL)."""
-
-    def write(opts, seeds=None):
-        value = getattr(opts, name)
-        if not opts.hires or value in (None, "", 0) or (unless_equal and value == getattr(opts, unless_equal)):
-            return None
-        return format_number(value) if isinstance(value, float) else value
-
-    return write
-
-
-def same(field: str, label: str):
-    """An A1111 request reader for hires FIELD: None for "the first pass's" (None, "", or A1111's LABEL)."""
-    return lambda request: None if getattr(request, field) in (None, "", label) else getattr(request, field)
 
 
 def check_init_latents(manifest, o: dict) -> None:

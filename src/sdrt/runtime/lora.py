@@ -22,7 +22,7 @@ from sdrt.runtime.lora_files import LORA_SUFFIXES, PARTS, LoraFile, read_lora, r
 # A1111's extra_networks.re_extra_net: every <type:args> is taken out of the prompt before it is encoded.
 EXTRA_NETWORK = regex.compile(r"<(\w+):([^>]+)>")
 LORA_TYPES = ("lora", "lyco")  # A1111 reads LyCORIS's old <lyco:...> tags as LoRAs
-FAMILY_OF_BASE = {"sd_v1": "sd1", "sd_v2": "sd2", "sdxl": "sdxl"}  # kohya's ss_base_model_version prefixes
+KOHYA_BASES = ("sd_v1", "sd_v2", "sdxl")  # kohya's ss_base_model_version prefixes (Family.lora_bases)
 
 
 @dataclass(frozen=True)
@@ -198,9 +198,10 @@ class Target:
 class Loras:
     """The LoRAs a Pipeline can use (a folder's files by name) and the set merged into its engines now."""
 
-    def __init__(self, manifest, engines: dict):
+    def __init__(self, manifest, engines: dict, fitting_bases: tuple[str, ...] = KOHYA_BASES):
         self.manifest = manifest
         self.engines = engines
+        self.fitting_bases = fitting_bases  # the family's lora_bases: a LoRA recorded for another base is refused
         self.indexes = {}
         for part in PARTS:
             weight_map = manifest.weight_map(part) if part in manifest.models else None
@@ -258,9 +259,8 @@ class Loras:
         family = self.manifest.family
         where = f"{lora.path.name} targets {lora.targets()}"
         base = str(lora.metadata.get("ss_base_model_version", "")).lower()
-        for prefix, base_family in FAMILY_OF_BASE.items():
-            if base.startswith(prefix) and (base_family == "sdxl") != (family == "sdxl"):
-                raise InvalidOption("lora", lora.name, f"a LoRA for this {family} model ({where})")
+        if base.startswith(KOHYA_BASES) and not base.startswith(self.fitting_bases):
+            raise InvalidOption("lora", lora.name, f"a LoRA for this {family} model ({where})")
         placed: dict[str, list[Target]] = {}
         skipped = []
         for (part, key), update in lora.layers.items():
@@ -320,14 +320,13 @@ class Loras:
         """LoRAs merge into the export's own graph: a fused variant (sdrt optimize) packs those weights otherwise,
         and an engine must be able to take new weights (ONNX Runtime, TensorRT refit; not OpenVINO yet)."""
         engine = self.engines[part]
-        inner = getattr(engine, "inner", engine)
-        if not hasattr(inner, "merge_weights"):
+        if not engine.capabilities.replaceable_weights:
             raise ModelError(
-                f"LoRAs need an engine that takes new weights (backends cpu, cuda, tensorrt); {type(inner).__name__} "
-                "does not yet: use --backend cpu for LoRAs"
+                f"LoRAs need an engine that takes new weights (backends cpu, cuda, tensorrt); "
+                f"{type(getattr(engine, 'inner', engine)).__name__} does not yet: use --backend cpu for LoRAs"
             )
-        model_file = getattr(inner, "model_file", None)
-        if model_file is not None and Path(model_file) != self.manifest.model_path(part):
+        model_file = engine.model_file
+        if Path(model_file) != self.manifest.model_path(part):
             raise ModelError(
                 f"LoRAs change {part}'s weights, which the fused graph {Path(model_file).name} holds packed: load the "
                 "model with Pipeline.load(..., fused=False) to use LoRAs"

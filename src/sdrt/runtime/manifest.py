@@ -9,7 +9,6 @@ from sdrt.errors import ModelError
 MANIFEST_NAME = "model.json"
 MANIFEST_FORMAT = "sdrt-model"
 MANIFEST_VERSION = 2  # 2: text encoders take token embeddings and return every layer
-FAMILIES = ("sd1", "sd2", "sdxl")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 PRECISIONS = ("fp32", "fp16")
 MODEL_NAMES = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
@@ -151,8 +150,7 @@ class Manifest:
         return manifest
 
     def _validate(self, path: Path) -> None:
-        checks = [
-            ("family", self.family, FAMILIES),
+        checks = [  # the family: families.family_of (the registry) refuses one this sdrt does not know
             ("prediction_type", self.prediction_type, PREDICTION_TYPES),
             ("precision", self.precision, PRECISIONS),
         ]

@@ -4,7 +4,8 @@ streaming under a VRAM budget (TensorRT), and tiled VAE decode/encode."""
 from dataclasses import dataclass
 
 from sdrt.engines import create_engine
-from sdrt.engines.plan import CUDA_CONTEXT_BYTES, StageCost, parse_size, plan_vram
+from sdrt.engines.capabilities import capabilities
+from sdrt.engines.plan import StageCost, parse_size, plan_vram
 from sdrt.errors import InvalidOption, is_int
 from sdrt.runtime.tiling import DEFAULT_OVERLAP, DEFAULT_TILE, tiling_for
 
@@ -21,7 +22,6 @@ ACTIVATION_PER_CELL = {"text_encoder": 0, "unet": 120_000, "vae_decoder": 600_00
 FUSED_ACTIVATION_PER_CELL = {**ACTIVATION_PER_CELL, "unet": 20_000}
 TEXT_ENCODER_ACTIVATIONS = 64 * 2**20
 FP16_WEIGHT_SHARE = 0.5  # GPU engines are fp16: half the bytes of an fp32 export's files
-GPU_BACKENDS = ("cuda", "tensorrt")  # NVIDIA backends: fp16 engines and a CUDA context (OpenVINO's plan is the CPU's)
 
 
 @dataclass(frozen=True)
@@ -46,20 +46,23 @@ class MemoryPlan:
         """The manifest's engines on BACKEND; under a Stager when staged. FUSED: the fused graph variants written for
         BACKEND (sdrt optimize) where there are some. STATIC: (width, height, batch), a static profile: the UNet and
         VAE decoder fixed at those shapes (engines.plan.static_dims), replayed as CUDA graphs on "cuda"."""
+        from sdrt.runtime.families import family_of
+
+        caps, denoiser = capabilities(backend), family_of(manifest).denoiser_model
         engines = {}
         dims = static_model_dims(manifest, static) if static is not None else {}
         for name in manifest.models:
             options = {}
-            if backend == "cuda" and self.vram_budget:
+            if caps.arena_limit and self.vram_budget:
                 options["gpu_mem_limit"] = self.vram_budget
-            if backend == "tensorrt" and name == "unet" and self.unet_streaming_budget is not None:
+            if caps.weight_streaming and name == denoiser and self.unet_streaming_budget is not None:
                 options["streaming_budget"] = self.unet_streaming_budget
-            if name in dims and backend in ("cpu", "cuda"):
+            if name in dims and caps.static_shapes:
                 options["static_dims"] = dims[name]
-                options["cuda_graph"] = backend == "cuda"
-            if backend.startswith("openvino") and name.startswith("text_encoder"):
-                options["keep_f32"] = True  # bf16 or not, the text encoders run f32 (README: OpenVINO)
-            path = manifest.graph_path(name, backend if fused and backend in ("cpu", "cuda") else None)
+                options["cuda_graph"] = caps.graph_replay
+            if caps.f32_text_encoders and name.startswith("text_encoder"):
+                options["keep_f32"] = True  # bf16 or not, the text encoders run f32 (docs: OpenVINO)
+            path = manifest.graph_path(name, caps.fused_target if fused else None)
             engines[name] = create_engine(path, backend, **options)
         return Stager().wrap(engines) if self.staged else engines
 
@@ -73,8 +76,11 @@ def static_model_dims(manifest, static) -> dict:
     if not ok or static[0] % step or static[1] % step:
         raise InvalidOption("static", static, f"(width, height, batch): positive integers, sizes multiples of {step}")
     width, height, batch = (int(v) for v in static)
+    from sdrt.runtime.families import family_of
+
+    fixed = (family_of(manifest).denoiser_model, "vae_decoder")
     return {name: static_dims(name, width, height, batch, step, manifest.text_max_length)
-            for name in ("unet", "vae_decoder") if name in manifest.models}  # fmt: skip
+            for name in fixed if name in manifest.models}  # fmt: skip
 
 
 def memory_plan(
@@ -101,7 +107,8 @@ def memory_plan(
         return MemoryPlan(vae_tile=tile)
     budget = parse_size(vram_budget)
     native = manifest.native_size // step
-    target = backend if fused and backend in ("cpu", "cuda") else None
+    caps = capabilities(backend)
+    target = caps.fused_target if fused else None
     weights, fused_models = {}, set()
     for name in manifest.models:
         if name == "unet_controlnet":  # runs instead of the UNet, only with ControlNets: not planned yet
@@ -109,13 +116,14 @@ def memory_plan(
         path = manifest.graph_path(name, target)
         variant = manifest.optimized.get(target, {}).get(name) if target else None
         precision = variant["precision"] if variant else manifest.models[name].get("precision", manifest.precision)
-        share = FP16_WEIGHT_SHARE if backend in GPU_BACKENDS and precision == "fp32" else 1
+        share = FP16_WEIGHT_SHARE if caps.device_memory and precision == "fp32" else 1
         weights[name] = int(sum(f.stat().st_size for f in (path, path.with_name(path.name + ".data")) if f.is_file())
                             * share)  # fmt: skip
         if variant and variant["fused_ops"].get("MultiHeadAttention"):
             fused_models.add(name)
     stages = stage_costs(weights, native * native, backend, fused_models)
-    overhead = CUDA_CONTEXT_BYTES if backend == "tensorrt" else 0  # "cuda": the arena limit, context outside
+    # the CUDA context outside the engines (ONNX Runtime CUDA: the budget is its arena limit, the context outside)
+    overhead = caps.context_bytes
     plan = plan_vram(budget, stages, vae_full_latent=native, overhead=overhead, tile_min=2 * DEFAULT_OVERLAP)
     planned_tile = tile or plan.vae_tile or (DEFAULT_TILE if plan.staged else None)
     return MemoryPlan(plan.staged or low_vram, planned_tile, vram_budget=budget,
@@ -125,12 +133,13 @@ def memory_plan(
 def stage_costs(weights: dict, cells: int, backend: str, fused_attention=frozenset()) -> dict:
     """{model: StageCost} from WEIGHTS ({model: bytes on the device}) at CELLS latent cells per image; models in
     FUSED_ATTENTION run fused attention (FUSED_ACTIVATION_PER_CELL). Pure: the budget tests plan SD 1.5 with it."""
+    streams = capabilities(backend).weight_streaming
     stages = {}
     for name, size in weights.items():
         batch = 2 if name == "unet" else 1  # a guided UNet step runs cond + uncond
         table = FUSED_ACTIVATION_PER_CELL if name in fused_attention else ACTIVATION_PER_CELL
         acts = TEXT_ENCODER_ACTIVATIONS if name.startswith("text_encoder") else table[name] * cells * batch
-        stages[name] = StageCost(size, acts, streamable=size if name == "unet" and backend == "tensorrt" else 0)
+        stages[name] = StageCost(size, acts, streamable=size if name == "unet" and streams else 0)
     return stages
 
 

@@ -20,9 +20,19 @@ from sdrt.runtime import hires as hires_fix
 from sdrt.runtime import masks
 from sdrt.runtime.conditioning import EMPHASES, MAX_CLIP_SKIP
 from sdrt.runtime.controlnet import check_units
+from sdrt.runtime.families import family_of, family_option_names
 from sdrt.runtime.image import format_number
 from sdrt.runtime.lora import requested
 from sdrt.runtime.manifest import Manifest
+from sdrt.runtime.option_mappings import (  # noqa: F401 (RNG_NAMES, UNSET: re-exported for the server's mapping)
+    RNG_NAMES,
+    UNSET,
+    a1111_mask_blur,
+    a1111_mask_invert,
+    if_masked,
+    infotext_number,
+    read_rng,
+)
 from sdrt.runtime.rng import A1111_RNG_LABELS, GENERATORS
 from sdrt.runtime.samplers import SAMPLER_ALIASES, SAMPLERS, resolve_sampler  # noqa: F401 (re-exported)
 from sdrt.runtime.schedules import (  # noqa: F401 (re-exported)
@@ -32,10 +42,8 @@ from sdrt.runtime.schedules import (  # noqa: F401 (re-exported)
     check_schedule,
     resolve_scheduler,
 )
-from sdrt.runtime.sdxl import SDXL_OPTIONS, SdxlOptions, make_sdxl_options
 
 RNGS = tuple(GENERATORS)  # "torch" (= "cpu"), "gpu", "nv": see rng.py
-RNG_NAMES = {"CPU": "torch", "GPU": "gpu", "NV": "nv"}  # A1111's labels (infotext "RNG", option randn_source)
 # A1111's samplers with the "uses_ensd" option: the only ones whose infotext records ENSD (and only with eta != 0).
 ENSD_SAMPLERS = ("Euler a", "DPM2 a", "DPM++ 2S a", "DPM fast", "DPM adaptive")
 OUTPUT_TYPES = ("pil", "latent")
@@ -45,7 +53,6 @@ MAX_BATCH_COUNT = 10_000
 SEED_MAX = 2**32 - 1
 MAX_MASK_BLUR = 64  # A1111's mask blur slider maximum
 MAX_PROMPT_CHARS = 20_000  # about 70 chunks of 75 tokens: far past any real prompt, short of a memory hazard
-UNSET = object()  # an A1111 mapping's answer when the request does not carry the option
 
 
 @dataclass(frozen=True)
@@ -83,35 +90,6 @@ def option(default, kind: str, **spec):
     return field(default=default, metadata={"spec": Spec(kind, **spec)})
 
 
-def _if_masked(request, value):
-    """An inpainting option of an A1111 request: only with a mask (outpaint requests always have one)."""
-    return value if getattr(request, "mask", True) is not None else UNSET
-
-
-def _mask_blur(request):
-    if getattr(request, "mask", True) is None:
-        return UNSET
-    if getattr(request, "mask_blur", None) is None and request.mask_blur_x != request.mask_blur_y:
-        raise InvalidOption("mask_blur_y", request.mask_blur_y, f"{request.mask_blur_x}, equal to mask_blur_x")
-    return request.mask_blur_x if request.mask_blur is None else request.mask_blur
-
-
-def _mask_invert(request):
-    if request.inpainting_mask_invert not in (0, 1):
-        raise InvalidOption("inpainting_mask_invert", request.inpainting_mask_invert, "0 or 1")
-    return _if_masked(request, bool(request.inpainting_mask_invert))
-
-
-def _read_rng(label: str) -> str:
-    if label not in RNG_NAMES:
-        raise InvalidOption("RNG", label, ", ".join(RNG_NAMES))
-    return RNG_NAMES[label]
-
-
-def _number_text(value):
-    return None if value is None else format_number(value)
-
-
 @dataclass(frozen=True)
 class GenerationOptions:
     """Every generation option once. The fields that the infotext writes come first, in A1111's order."""
@@ -145,7 +123,7 @@ class GenerationOptions:
                           help="A1111's variation seed (-1: random)")  # fmt: skip
     subseed_strength: float = option(0.0, "float", low=0, high=1, a1111="subseed_strength",
                                      infotext="Variation seed strength",
-                                     write=lambda o, im: _number_text(o.subseed_strength or None),
+                                     write=lambda o, im: infotext_number(o.subseed_strength or None),
                                      help="0 to 1: how far to move towards the variation seed's noise")  # fmt: skip
     seed_resize_from_w: int = option(
         0, "int", a1111="seed_resize_from_w", from_a1111=lambda r: max(r.seed_resize_from_w, 0),
@@ -158,7 +136,7 @@ class GenerationOptions:
         infotext="Seed resize from", part=2, help="the height a seed was first used at (0: off)",
     )  # fmt: skip
     strength: float | None = option(0.75, "float", low=0, high=1, group="editing", a1111="denoising_strength",
-                                    infotext="Denoising strength", write=lambda o, im: _number_text(o.strength),
+                                    infotext="Denoising strength", write=lambda o, im: infotext_number(o.strength),
                                     help="img2img/inpainting denoising strength (default 0.75)")  # fmt: skip
     clip_skip: int = option(1, "int", setting="CLIP_stop_at_last_layers", infotext="Clip skip",
                             write=lambda o, im: o.clip_skip if o.clip_skip > 1 else None,
@@ -168,52 +146,31 @@ class GenerationOptions:
                        help="A1111's eta noise seed delta (31337 in many shared infotexts)")  # fmt: skip
     rng: str = option(
         "torch", "str", choices=RNGS, setting="randn_source", from_setting=lambda label: RNG_NAMES[label],
-        infotext="RNG", write=lambda o, im: A1111_RNG_LABELS[o.rng], read=_read_rng,
+        infotext="RNG", write=lambda o, im: A1111_RNG_LABELS[o.rng], read=read_rng,
         help="noise source: torch (= cpu, A1111 'CPU'), gpu (A1111's default), nv",
     )  # fmt: skip
     eta: float | None = option(None, "float", low=0, high=1, a1111="eta", infotext="Eta", aliases=("Eta DDIM",),
-                               write=lambda o, im: _number_text(o.eta),
+                               write=lambda o, im: infotext_number(o.eta),
                                help="DDIM's and the ancestral samplers' eta (default: the sampler's)")  # fmt: skip
     mask_blur: int | None = option(4, "int", low=0, high=MAX_MASK_BLUR, group="editing", a1111="mask_blur",
-                                   from_a1111=_mask_blur, infotext="Mask blur", write=lambda o, im: o.mask_blur,
+                                   from_a1111=a1111_mask_blur, infotext="Mask blur", write=lambda o, im: o.mask_blur,
                                    help="Gaussian sigma in pixels (default 4)")  # fmt: skip
-    # Hires fix (hires.py; A1111's enable_hr and hr_* fields): its denoising strength is `strength`.
-    hires: bool = option(False, "bool", group="hires", a1111="enable_hr", infotext="Hires upscale",
-                         aliases=("Hires resize-1",), write=lambda o, im: None, read=lambda text: True,
-                         help="txt2img, then upscale and img2img at the hires size (A1111's enable_hr)")  # fmt: skip
-    hires_scale: float = option(2.0, "float", low=1, high=8, group="hires", a1111="hr_scale", infotext="Hires upscale",
-                                write=hires_fix.write_upscale, help="upscale by (default 2)")  # fmt: skip
-    hires_resize_x: int = option(0, "int", group="hires", a1111="hr_resize_x", infotext="Hires resize", part=1,
-                                 write=hires_fix.write_resize, help="resize width to (0: by scale)")  # fmt: skip
-    hires_resize_y: int = option(0, "int", group="hires", a1111="hr_resize_y", infotext="Hires resize", part=2,
-                                 help="resize height to (0: by scale)")  # fmt: skip
-    hires_upscaler: str | None = option(None, "str", group="hires", a1111="hr_upscaler", infotext="Hires upscaler",
-                                        write=hires_fix.entry("hires_upscaler"),
-                                        help="Latent (default), Latent (bicubic), ..., Lanczos, a model")  # fmt: skip
-    hires_steps: int = option(0, "int", low=0, high=MAX_STEPS, group="hires", a1111="hr_second_pass_steps",
-                              infotext="Hires steps", write=hires_fix.entry("hires_steps"),
-                              help="second-pass steps (0: --steps)")  # fmt: skip
-    hires_sampler: str | None = option(None, "str", group="hires", a1111="hr_sampler_name",
-                                       from_a1111=hires_fix.same("hr_sampler_name", "Use same sampler"),
-                                       infotext="Hires sampler", write=hires_fix.entry("hires_sampler", "sampler"),
-                                       help="second-pass sampler (default: --sampler)")  # fmt: skip
-    hires_scheduler: str | None = option(None, "str", group="hires", a1111="hr_scheduler",
-                                         from_a1111=hires_fix.same("hr_scheduler", "Use same scheduler"),
-                                         infotext="Hires schedule type", write=hires_fix.write_scheduler,
-                                         help="second-pass schedule type (default: --scheduler)")  # fmt: skip
-    hires_prompt: str = option("", "str", group="hires", a1111="hr_prompt", infotext="Hires prompt",
-                               write=hires_fix.entry("hires_prompt", "prompt"), help="second-pass prompt")  # fmt: skip
-    hires_negative_prompt: str = option("", "str", group="hires", a1111="hr_negative_prompt",
-                                        infotext="Hires negative prompt", help="second-pass negative prompt",
-                                        write=hires_fix.entry("hires_negative_prompt", "negative_prompt"))  # fmt: skip
-    hires_cfg: float | None = option(None, "float", low=0, high=100, group="hires", a1111="hr_cfg",
-                                     infotext="Hires CFG Scale", write=hires_fix.entry("hires_cfg", "cfg_scale"),
-                                     help="second-pass CFG scale (default: --cfg-scale)")  # fmt: skip
+    hires: bool = option(False, "bool", **hires_fix.SPECS["hires"])  # hires fix (hires.py); strength: its denoising
+    hires_scale: float = option(2.0, "float", **hires_fix.SPECS["hires_scale"])
+    hires_resize_x: int = option(0, "int", **hires_fix.SPECS["hires_resize_x"])
+    hires_resize_y: int = option(0, "int", **hires_fix.SPECS["hires_resize_y"])
+    hires_upscaler: str | None = option(None, "str", **hires_fix.SPECS["hires_upscaler"])
+    hires_steps: int = option(0, "int", high=MAX_STEPS, **hires_fix.SPECS["hires_steps"])
+    hires_sampler: str | None = option(None, "str", **hires_fix.SPECS["hires_sampler"])
+    hires_scheduler: str | None = option(None, "str", **hires_fix.SPECS["hires_scheduler"])
+    hires_prompt: str = option("", "str", **hires_fix.SPECS["hires_prompt"])
+    hires_negative_prompt: str = option("", "str", **hires_fix.SPECS["hires_negative_prompt"])
+    hires_cfg: float | None = option(None, "float", **hires_fix.SPECS["hires_cfg"])
     timestep_spacing: str | None = option(None, "str", choices=SPACINGS, infotext="Timestep spacing",
                                           write=lambda o, im: o.timestep_spacing,
                                           help="leading, linspace or trailing (default: the model's)")  # fmt: skip
     guidance_rescale: float = option(0.0, "float", low=0, high=1, infotext="Guidance rescale",
-                                     write=lambda o, im: _number_text(o.guidance_rescale or None),
+                                     write=lambda o, im: infotext_number(o.guidance_rescale or None),
                                      help="0 to 1: Lin et al. 2023's phi (with cfg > 1)")  # fmt: skip
     emphasis: str = option("Original", "str", choices=EMPHASES, setting="emphasis", infotext="Emphasis",
                            help="prompt weights: Original, 'No norm', None")  # fmt: skip
@@ -238,17 +195,17 @@ class GenerationOptions:
     mask: Any = option(None, "image", group="editing", a1111="mask", help="inpainting: white = repaint")
     inpainting_fill: str = option(
         "original", "str", group="editing", a1111="inpainting_fill",
-        from_a1111=lambda r: _if_masked(r, r.inpainting_fill),
+        from_a1111=lambda r: if_masked(r, r.inpainting_fill),
         help="masked content: fill, original (default), latent noise, latent nothing",
     )  # fmt: skip
     inpaint_full_res: bool = option(False, "bool", group="editing", a1111="inpaint_full_res",
-                                    from_a1111=lambda r: _if_masked(r, r.inpaint_full_res),
+                                    from_a1111=lambda r: if_masked(r, r.inpaint_full_res),
                                     help="only masked: crop, generate, paste back")  # fmt: skip
     inpaint_full_res_padding: int = option(32, "int", group="editing", a1111="inpaint_full_res_padding",
-                                           from_a1111=lambda r: _if_masked(r, r.inpaint_full_res_padding),
+                                           from_a1111=lambda r: if_masked(r, r.inpaint_full_res_padding),
                                            help="pixels around the mask's box (default 32)")  # fmt: skip
     inpainting_mask_invert: bool = option(False, "bool", group="editing", a1111="inpainting_mask_invert",
-                                          from_a1111=_mask_invert, help="repaint the black part")  # fmt: skip
+                                          from_a1111=a1111_mask_invert, help="repaint the black part")  # fmt: skip
     prompt_2: str | None = option(None, "str", group="sdxl", help="the second text encoder's prompt")
     negative_prompt_2: str | None = option(None, "str", group="sdxl", help="its negative prompt")
     original_size: tuple[int, int] | None = option(None, "pair", group="sdxl", help="H W micro-conditioning")
@@ -269,17 +226,15 @@ class GenerationOptions:
                                 help="ControlNet units (controlnet.ControlNetUnit), any number")  # fmt: skip
     control_maps: bool = option(False, "bool", group="output", cli=False,
                                 help="append each ControlNet unit's control map to the images")  # fmt: skip
-    init_latents: np.ndarray | None = option(None, "array", group="output", cli=False,
-                                             help="img2img from (N, C, h, w) latents (hires 2nd pass)")  # fmt: skip
-    # Set by resolve: SDXL's options validated against the model (None for SD 1.x/2.x).
-    sdxl: SdxlOptions | None = field(default=None, init=False, compare=False)
+    init_latents: np.ndarray | None = option(None, "array", **hires_fix.SPECS["init_latents"])  # (N, C, h, w)
+    # Set by resolve: the options only the model's family takes (its option group), validated by the family
+    # (families/: SDXL's SdxlOptions; None for families without own options).
+    family_options: Any = field(default=None, init=False, compare=False)
 
     @property
     def steps_run(self) -> int:
         """Steps actually sampled: int(steps * strength) with an init image (diffusers' get_timesteps), else steps."""
-        if self.strength is None or self.hires:  # hires fix: txt2img first (hires.run runs each pass)
-            return self.steps
-        return min(int(self.steps * self.strength), self.steps)
+        return self.steps if self.strength is None or self.hires else min(int(self.steps * self.strength), self.steps)
 
     @property
     def guided(self) -> bool:
@@ -411,7 +366,10 @@ def resolve(options: GenerationOptions, manifest: Manifest) -> GenerationOptions
     if not isinstance(o["control_maps"], bool):
         raise InvalidOption("control_maps", o["control_maps"], "True or False")
     resolved = GenerationOptions(**o)
-    object.__setattr__(resolved, "sdxl", make_sdxl_options(manifest, {k: o[k] for k in SDXL_OPTIONS}))
+    family = family_of(manifest)
+    owned = {name: o[name] for name in family_option_names() if o[name] is not None}
+    family.refuse_options(manifest, owned)
+    object.__setattr__(resolved, "family_options", family.resolve_options(manifest, owned))
     return resolved
 
 
@@ -433,8 +391,7 @@ def _check_latents(manifest: Manifest, o: dict) -> None:
     """LATENTS, when given: float32 (batch_size * batch_count, C, height/8, width/8)."""
     if o["latents"] is None:
         return
-    step = manifest.latent_downsample
-    want = (o["batch_size"] * o["batch_count"], manifest.latent_channels, o["height"] // step, o["width"] // step)
+    want = (o["batch_size"] * o["batch_count"], *family_of(manifest).latent_shape(manifest, o["width"], o["height"]))
     latents = np.asarray(o["latents"], dtype=np.float32)
     if latents.shape != want:
         allowed = f"shape {want} (batch_size * batch_count, C, height/8, width/8)"

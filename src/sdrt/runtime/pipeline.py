@@ -9,22 +9,20 @@ from pathlib import Path
 import numpy as np
 
 from sdrt.engines import resolve_backend
-from sdrt.errors import Interrupted, InvalidOption
-from sdrt.runtime import editing, hires, masks, sdxl
-from sdrt.runtime.checks import require_finite
-from sdrt.runtime.conditioning import Conditioner, TextEncoder, encode_prompts
-from sdrt.runtime.controlnet import ControlNetCache, prepare_controls
+from sdrt.errors import InvalidOption
+from sdrt.runtime import editing, hires, masks
+from sdrt.runtime.conditioning import encode_prompts
+from sdrt.runtime.controlnet import prepare_controls
+from sdrt.runtime.controlnet_models import ControlNetCache
 from sdrt.runtime.denoiser import TextConditioning
 from sdrt.runtime.embeddings import EmbeddingDB
-from sdrt.runtime.image import to_pil
-from sdrt.runtime.infotext import write_infotext
+from sdrt.runtime.families import family_of
+from sdrt.runtime.generation import Batch, Model, SecondStage, prepare_run, run_batches
 from sdrt.runtime.lora import Loras, infotext_hashes, parse_prompt
-from sdrt.runtime.manifest import TEXT_ENCODER_NAMES, Manifest
+from sdrt.runtime.manifest import Manifest
 from sdrt.runtime.memory import memory_plan
-from sdrt.runtime.options import SAMPLERS, GenerationOptions, build_options, resolve
-from sdrt.runtime.sampling import Progress, sample
-from sdrt.runtime.schedules import build_schedule, train_sigmas
-from sdrt.runtime.tokenizer import ClipTokenizer
+from sdrt.runtime.options import GenerationOptions, build_options, resolve
+from sdrt.runtime.sampling import Progress
 from sdrt.runtime.upscale import UpscalerSet
 from sdrt.runtime.vae import Vae
 
@@ -35,21 +33,18 @@ class Pipeline:
     def __init__(self, manifest: Manifest, backend: str, low_vram: bool = False, vram_budget=None, vae_tile=None,
                  static=None, fused: bool = True, new_weights: bool = False):  # fmt: skip
         self.manifest = manifest
+        self.family = family_of(manifest)  # what differs between model families (families/)
         self.backend = resolve_backend(backend, manifest.folder, new_weights=new_weights)
         self.memory = memory_plan(manifest, self.backend, low_vram, vram_budget, vae_tile, fused)  # staging, tiling
         self.engines = self.memory.create_engines(manifest, self.backend, fused, static)
         self.embeddings = EmbeddingDB()  # textual inversions, used by name in prompts
-        self.loras = Loras(manifest, self.engines)  # LoRAs, by name in prompts (<lora:name:w>), merged per run
-        if manifest.family == "sdxl":  # two text encoders (a refiner: the second only), sdxl.py
-            self.conditioner = sdxl.sdxl_conditioner(manifest, self.engines, self.embeddings)
-            self.tokenizer = self.conditioner.encoders[0].tokenizer
-        else:
-            self.tokenizer = ClipTokenizer.from_dir(manifest.folder / "tokenizer")
-            encoder = TextEncoder(self.engines["text_encoder"], manifest, "text_encoder", self.tokenizer)
-            self.conditioner = Conditioner([encoder], self.embeddings)
-        self.train_sigmas = train_sigmas(manifest.scheduler)  # (N,) float32
-        self.refiners = {}  # SDXL refiner folder -> its Pipeline, loaded once (sdxl.load_refiner)
+        self.loras = Loras(manifest, self.engines, self.family.lora_bases)  # by name in prompts, merged per run
+        self.conditioner = self.family.conditioner(manifest, self.engines, self.embeddings)
+        self.tokenizer = self.conditioner.encoders[0].tokenizer
         self.vae = Vae(manifest, self.engines, self.memory)
+        self.model = Model(manifest, self.family, self.engines, self.vae, self.conditioner,
+                           self.family.train_sigmas(manifest))  # fmt: skip
+        self.second_stages = {}  # second-stage model folder (SDXL's refiner) -> its Pipeline, loaded once
         self.controlnets = ControlNetCache(self.backend)  # ControlNets by folder, loaded once (controlnet.py)
         self.upscalers = UpscalerSet(self.backend)  # hires fix's image upscalers: None, Lanczos, Nearest, models
 
@@ -81,8 +76,8 @@ class Pipeline:
             pipe.loras.load_dir(loras)
         if upscalers is not None:  # a folder of exported upscalers (`sdrt export-upscaler`), for hires fix
             pipe.upscalers.load_dir(upscalers)
-        text_encoders = [name for name in TEXT_ENCODER_NAMES if name in pipe.manifest.models]
-        for name in () if pipe.memory.staged else (*text_encoders, "unet", "vae_decoder"):
+        resident = (*pipe.family.text_models(pipe.manifest), pipe.family.denoiser_model, "vae_decoder")
+        for name in () if pipe.memory.staged else resident:
             pipe.engines[name].load()
         return pipe
 
@@ -108,42 +103,51 @@ class Pipeline:
         self.loras.apply(active_loras)  # merged into the text encoders and UNet before they run
         editing_run = opts.init_image is not None or opts.init_latents is not None
         edit = editing.prepare_edit(self.manifest, opts) if editing_run else None
-        step = self.manifest.latent_downsample
-        latent_shape = (self.manifest.latent_channels, opts.height // step, opts.width // step)
-        schedule = build_schedule(
-            self.manifest.scheduler, opts.steps, SAMPLERS[opts.sampler][1], opts.scheduler, opts.timestep_spacing
-        )
         text, notes = self.encode_prompts(opts)
         notes["Lora hashes"] = infotext_hashes(active_loras, self.loras.files)
-        controls = prepare_controls(self, opts.controlnets, opts.width, opts.height)  # None without ControlNets
+        controls = prepare_controls(self.manifest, self.engines, self.controlnets, opts.controlnets, opts.width,
+                                    opts.height)  # fmt: skip
         if controls is not None:
             notes = {**notes, **controls.infotext()}
-        refiner, decoder = None, self
-        if opts.sdxl is not None and opts.sdxl.refiner is not None:  # SDXL's second stage, and its VAE decodes
-            decoder = sdxl.load_refiner(self, opts.sdxl.refiner)
-            refiner = (decoder, decoder.encode_prompts(opts)[0])
-            notes = {**notes, **sdxl.refiner_infotext(decoder.manifest, opts.sdxl.refiner_switch_at)}
-        results = []
-        bar = Progress(opts.batch_count * opts.steps_run, progress, callback)
+        second = self.second_stage(opts)
+        if second is not None:
+            notes = {**notes, **self.family.second_stage_infotext(second.model.manifest, second.switch_at)}
+        run = prepare_run(self.model, opts, edit, controls, second)
+        batches = []
         for b in range(opts.batch_count):
-            batch = slice(b * opts.batch_size, (b + 1) * opts.batch_size)
+            rows = slice(b * opts.batch_size, (b + 1) * opts.batch_size)
             given = opts.latents if opts.init_latents is None else opts.init_latents  # noise, or init_latents
-            start = None if given is None else given[batch]
-            try:
-                final = sample(self, opts, schedule, opts.seeds[batch], latent_shape, text, start, bar,
-                               opts.subseeds[batch], edit=edit, refiner=refiner, control=controls)  # fmt: skip
-            except Interrupted:  # the callback stopped the run: keep the batches already finished
-                break
-            if opts.output_type != "latent":
-                final = require_finite(decoder.decode(final), "images", decoder.manifest)
-            results.append(final)
+            start = None if given is None else given[rows]
+            batches.append(Batch(opts.seeds[rows], opts.subseeds[rows], text, start, [(opts, notes)] * opts.batch_size))
+        bar = Progress(opts.batch_count * opts.steps_run, progress, callback)
+        latent = opts.output_type == "latent"
+        finished = run_batches(self.model, run, batches, bar, decode=not latent)
         bar.close()
-        if opts.output_type == "latent":
-            return np.concatenate(results) if results else np.zeros((0, *latent_shape), np.float32)
-        images = editing.paste_back([im for batch in results for im in to_pil(batch)], edit)
-        for im, seed, subseed in zip(images, opts.seeds[: len(images)], opts.subseeds[: len(images)], strict=True):
-            im.info["parameters"] = write_infotext(opts, seed, subseed, self.model_infotext(), notes)
+        if latent:
+            return np.concatenate(finished) if finished else np.zeros((0, *run.latent_shape), np.float32)
+        images = [image for batch in finished for image in batch]
+        pasted = editing.paste_back(images, edit)  # new images: they keep the infotext
+        for image, original in zip(pasted, images, strict=True):
+            image.info["parameters"] = original.info["parameters"]
+        images = pasted
         return images + (controls.maps if opts.control_maps and controls is not None else [])
+
+    def second_stage(self, opts) -> SecondStage | None:
+        """The family's second stage for OPTS (SDXL's refiner): its model, loaded once per folder and checked to
+        continue this model's latents, with its conditioning of OPTS' prompts."""
+        wanted = self.family.second_stage(opts)
+        if wanted is None:
+            return None
+        source, switch_at = wanted
+        if isinstance(source, Pipeline):
+            loaded = source
+        else:
+            key = str(Path(source).resolve())
+            if key not in self.second_stages:
+                self.second_stages[key] = Pipeline.load(source, backend=self.backend)
+            loaded = self.second_stages[key]
+        self.family.check_second_stage(self.manifest, loaded.manifest)
+        return SecondStage(loaded.model, loaded.encode_prompts(opts)[0], switch_at)
 
     def outpaint(self, image, prompt: str | None = None, left: int = 0, right: int = 0, up: int = 0, down: int = 0,
                  options: GenerationOptions | None = None, **kwargs):
@@ -174,12 +178,12 @@ class Pipeline:
 
     def encode_prompts(self, opts: GenerationOptions) -> tuple[TextConditioning, dict]:
         """The conditioning of each denoiser call for one image, and its infotext notes (conditioning.py)."""
-        return encode_prompts(self.conditioner, self.manifest, opts)
+        return encode_prompts(self.conditioner, self.family, self.manifest, opts)
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
         """(B, C, h, w) latents -> (B, 3, H, W) float32 images in [-1, 1] (vae.py)."""
-        return self.vae.decode(latents)
+        return self.model.decode(latents)
 
     def model_infotext(self) -> dict:
         """The infotext's model entries (A1111's "Model hash" and "Model")."""
-        return {"Model hash": self.manifest.model_hash or None, "Model": self.manifest.model_name}
+        return self.model.model_infotext()

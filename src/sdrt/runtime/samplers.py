@@ -8,27 +8,30 @@ the sigmas, and returns x at sigmas[-1]. x is float32 (B, C, H/8, W/8) in x0 + s
 """
 
 import math
-from collections.abc import Callable
 
 import numpy as np
 
 from sdrt.errors import InvalidOption
-
-Denoise = Callable[..., np.ndarray]  # (x, sigma, intermediate=False) -> x0 estimate
-Noise = Callable[[], np.ndarray]
-
-
-def _noop(i, x, denoised):
-    return None
-
-
-def ancestral_step(sigma_from: float, sigma_to: float, eta: float = 1.0) -> tuple[float, float]:
-    """(sigma_down, sigma_up) of an ancestral step: deterministic move to sigma_down, then add sigma_up noise."""
-    if not eta or sigma_to == 0:
-        return sigma_to, 0.0
-    sigma_up = min(sigma_to, eta * (sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2) ** 0.5)
-    return (sigma_to**2 - sigma_up**2) ** 0.5, sigma_up
-
+from sdrt.runtime.sampler_kit import Denoise, Noise, ancestral_step, log_midpoint
+from sdrt.runtime.sampler_kit import no_callback as _noop
+from sdrt.runtime.samplers_multistep import (  # noqa: F401 (the table's and the tests' names)
+    ADAMS_BASHFORTH,
+    LMS_ORDER,
+    UNIPC_ORDER,
+    UNIPC_VARIANTS,
+    lms_coefficients,
+    sample_lms,
+    sample_plms,
+    sample_unipc,
+    unipc_step,
+)
+from sdrt.runtime.samplers_sde import (  # noqa: F401 (the table's and the tests' names)
+    brownian_noise,
+    sample_dpmpp_2m_sde,
+    sample_dpmpp_2s_ancestral,
+    sample_dpmpp_3m_sde,
+    sample_dpmpp_sde,
+)
 
 CHURN_GAMMA_MAX = 2**0.5 - 1  # Karras 2022, Alg. 2: gamma_i <= sqrt(2) - 1 (never more than double the variance)
 
@@ -118,105 +121,6 @@ def sample_dpmpp_2m(denoise: Denoise, x, sigmas, noise: Noise | None = None, cal
     return x
 
 
-# Adams-Bashforth weights of orders 1 to 4 on equal steps, newest derivative first (PNDM's PLMS, Liu et al. 2022 eq. 12)
-ADAMS_BASHFORTH = ((1.0,), (3 / 2, -1 / 2), (23 / 12, -16 / 12, 5 / 12), (55 / 24, -59 / 24, 37 / 24, -9 / 24))
-
-
-def sample_plms(denoise: Denoise, x, sigmas, noise: Noise | None = None, callback=_noop):
-    """PLMS (Liu et al. 2022, eq. 12): Adams-Bashforth on eps, started by a pseudo improved Euler step.
-
-    In x0 + sigma * eps units PNDM's transfer step (eq. 11) is the Euler (DDIM) step. As CompVis' and diffusers'
-    PLMS (skip_prk_steps) do, the first of several steps is re-run with the mean of the eps at both of its ends, and
-    the eps history of orders 2 to 4 keeps the first step's start: steps + 1 UNet calls in all.
-    """
-    steps = len(sigmas) - 1
-    history = []  # (B, C, h, w) float32 eps of the previous steps, oldest first, at most 3
-    for i in range(steps):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = denoise(x, sigma)
-        eps = (x - denoised) / np.float32(sigma)
-        if i == 0 and steps > 1:  # pseudo improved Euler: one more UNet call at the end of the Euler step
-            x_end = x + eps * np.float32(sigma_next - sigma)
-            eps_end = (x_end - denoise(x_end, sigma_next)) / np.float32(sigma_next)
-            slope = (eps + eps_end) * np.float32(0.5)
-        else:
-            weights = ADAMS_BASHFORTH[len(history)]
-            slope = sum(np.float32(w) * e for w, e in zip(weights, [eps, *history[::-1]], strict=True))
-        history = [*history, eps][-(len(ADAMS_BASHFORTH) - 1) :]
-        x = x + slope * np.float32(sigma_next - sigma)
-        callback(i, x, denoised)
-    return x
-
-
-UNIPC_VARIANTS = ("bh1", "bh2")  # B(h) = h or e^h - 1 (Zhao et al. 2023, section 3.3); diffusers' default bh2
-UNIPC_ORDER = 2  # diffusers' UniPCMultistepScheduler default solver_order
-
-
-def unipc_step(x, sigmas_done, denoised_done, sigma_next: float, order: int, variant: str, denoised_next=None):
-    """One UniP-p step (Zhao et al. 2023, Alg. 2, data prediction) from x at sigmas_done[-1] to sigma_next.
-
-    With DENOISED_NEXT (D at the predicted point), the UniC-p corrector instead: it re-does the step from x using
-    that evaluation too (Alg. 1). sigmas_done / denoised_done: the last evaluations, newest last (order of them).
-    lambda = -log(sigma) is the half log-SNR; all in x0 + sigma * eps units.
-    """
-    sigma, m0 = float(sigmas_done[-1]), denoised_done[-1]
-    h = (-math.log(sigma_next) if sigma_next > 0 else math.inf) + math.log(sigma)
-    hh = -h  # data prediction integrates over -h
-    h_phi_1 = math.expm1(hh)  # h phi_1(h) = e^h - 1
-    b_h = hh if variant == "bh1" else math.expm1(hh)
-    rks, diffs = [], []  # r_k = (lambda_k - lambda_0) / h and D_k = (m_k - m_0) / r_k for the older evaluations
-    for k in range(1, order):
-        rk = (math.log(sigma) - math.log(float(sigmas_done[-1 - k]))) / h
-        rks.append(rk)
-        diffs.append((denoised_done[-1 - k] - m0) / np.float32(rk))
-    rks.append(1.0)
-    # b_i = i! h phi_{i+1}(h) / B(h), phi_{k+1}(h) = (phi_k(h) - 1/k!) / h (Alg. 2 lines 3-6)
-    b, phi_k, factorial = [], h_phi_1 / hh - 1, 1
-    for i in range(1, order + 1):
-        b.append(phi_k * factorial / b_h)
-        factorial *= i + 1
-        phi_k = phi_k / hh - 1 / factorial
-    vander = np.array([[r ** (i - 1) for r in rks] for i in range(1, order + 1)])  # R_p(h)
-    x_next = np.float32(sigma_next / sigma) * x - np.float32(h_phi_1) * m0
-    # The one-unknown systems (UniC-1, UniP-2) take rho = 1/2, the second-order choice of the paper and diffusers.
-    if denoised_next is not None:  # UniC
-        rhos = [0.5] if order == 1 else np.linalg.solve(vander, np.array(b)).tolist()
-        diffs.append(denoised_next - m0)
-    elif order == 1:
-        rhos = []
-    else:  # UniP
-        rhos = [0.5] if order == 2 else np.linalg.solve(vander[:-1, :-1], np.array(b[:-1])).tolist()
-    if not rhos:  # first order: the DPM-Solver++(1) step (also the B(h) = -inf limit of bh1 at sigma_next = 0)
-        return x_next
-    correction = sum(np.float32(rho) * d for rho, d in zip(rhos, diffs, strict=True))
-    return x_next - np.float32(b_h) * correction
-
-
-def sample_unipc(
-    denoise: Denoise, x, sigmas, noise: Noise | None = None, order=UNIPC_ORDER, variant="bh2", callback=_noop
-):
-    """UniPC (Zhao et al. 2023): UniP-p predictor and UniC corrector, multistep on the data prediction.
-
-    As diffusers' UniPCMultistepScheduler: order 1 on the first step, rising to ORDER (warm-up), and falling again
-    on the last steps (lower_order_final); every evaluation after the first corrects the step that led to it.
-    """
-    if variant not in UNIPC_VARIANTS:
-        raise ValueError(f"UniPC variant {variant!r}: expected one of {', '.join(UNIPC_VARIANTS)}")
-    steps = len(sigmas) - 1
-    sigmas_done, denoised_done = [], []  # the last ORDER evaluations, newest last
-    x_start, last_order = x, 0
-    for i in range(steps):
-        denoised = denoise(x, sigmas[i])
-        if i > 0:
-            x = unipc_step(x_start, sigmas_done, denoised_done, float(sigmas[i]), last_order, variant, denoised)
-        sigmas_done, denoised_done = [*sigmas_done, sigmas[i]][-order:], [*denoised_done, denoised][-order:]
-        last_order = min(order, steps - i, len(denoised_done))
-        x_start = x
-        x = unipc_step(x, sigmas_done, denoised_done, float(sigmas[i + 1]), last_order, variant)
-        callback(i, x, denoised)
-    return x
-
-
 LCM_SIGMA_DATA = 0.5  # sigma_data of the consistency boundary condition (Song et al. 2023), as LCM uses it
 LCM_TIMESTEP_SCALING = 10.0  # diffusers' LCMScheduler default
 
@@ -273,11 +177,6 @@ def sample_heun(
     return x
 
 
-def log_midpoint(sigma_from: float, sigma_to: float) -> float:
-    """The sigma halfway between two sigmas in log sigma (their geometric mean): DPM-Solver-2's intermediate point."""
-    return float(sigma_from * sigma_to) ** 0.5
-
-
 def sample_dpm_2(
     denoise: Denoise,
     x,
@@ -322,146 +221,6 @@ def sample_dpm_2_ancestral(denoise: Denoise, x, sigmas, noise: Noise, eta=1.0, s
             derivative_2 = (x_2 - denoise(x_2, sigma_mid, intermediate=True)) / np.float32(sigma_mid)
             x = x + derivative_2 * np.float32(sigma_down - sigma)
             x = x + noise() * np.float32(sigma_up * s_noise)
-        callback(i, x, denoised)
-    return x
-
-
-LMS_ORDER = 4  # k-diffusion's and diffusers' default order of the linear multistep method
-
-
-def lms_coefficients(sigmas: np.ndarray, i: int, order: int) -> np.ndarray:
-    """(order,) weights of the slopes at sigmas[i], sigmas[i-1], ...: their Lagrange basis polynomials' integrals."""
-    # over the step sigmas[i] -> sigmas[i+1], in tau = sigma - sigmas[i] to keep the arithmetic well conditioned
-    nodes = np.asarray(sigmas[i - order + 1 : i + 1][::-1], dtype=np.float64) - float(sigmas[i])  # node j: step i-j
-    end = float(sigmas[i + 1]) - float(sigmas[i])
-    weights = np.empty(order)
-    for j in range(order):
-        others = np.delete(nodes, j)
-        basis = np.polynomial.Polynomial.fromroots(others) if others.size else np.polynomial.Polynomial(1.0)
-        antiderivative = basis.integ()  # vanishes at 0, that is at sigmas[i]
-        weights[j] = antiderivative(end) / np.prod(nodes[j] - others)
-    return weights
-
-
-def sample_lms(denoise: Denoise, x, sigmas, noise: Noise | None = None, order=LMS_ORDER, callback=_noop):
-    """Linear multistep method on the probability-flow ODE with the last `order` slopes (k-diffusion sample_lms)."""
-    derivatives = []  # newest last
-    for i in range(len(sigmas) - 1):
-        sigma = sigmas[i]
-        denoised = denoise(x, sigma)
-        derivatives.append((x - denoised) / sigma)
-        del derivatives[:-order]
-        weights = lms_coefficients(sigmas, i, min(i + 1, order))
-        for weight, derivative in zip(weights, reversed(derivatives), strict=True):
-            x = x + derivative * np.float32(weight)
-        callback(i, x, denoised)
-    return x
-
-
-def brownian_noise(z_first, z_rest, sigma: float, sigma_mid: float, sigma_next: float):
-    """Unit noise of a Brownian increment over (sigma, sigma_next) continuing z_first's over (sigma, sigma_mid).
-
-    z_first and z_rest are unit normals, z_rest fresh for (sigma_mid, sigma_next): both increments then come from one
-    path, as with k-diffusion's BrownianTreeNoiseSampler (Brownian motion in sigma).
-    """
-    first, rest = sigma - sigma_mid, sigma_mid - sigma_next
-    return (z_first * np.float32(first**0.5) + z_rest * np.float32(rest**0.5)) * np.float32((first + rest) ** -0.5)
-
-
-def sample_dpmpp_2s_ancestral(denoise: Denoise, x, sigmas, noise: Noise, eta=1.0, s_noise=1.0, callback=_noop):
-    """DPM-Solver++(2S) (Lu et al. 2022, Alg. 1, r = 1/2) to sigma_down, then noise (k-diffusion's 2S ancestral)."""
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
-        denoised = denoise(x, sigmas[i])
-        sigma_down, sigma_up = ancestral_step(sigma, sigma_next, eta)
-        if sigma_down == 0:
-            x = x + (x - denoised) / np.float32(sigma) * np.float32(sigma_down - sigma)
-        else:  # lambda = -log sigma; h = lambda(sigma_down) - lambda(sigma); midpoint at lambda + h / 2
-            h = math.log(sigma / sigma_down)
-            sigma_mid = log_midpoint(sigma, sigma_down)
-            x_2 = np.float32(sigma_mid / sigma) * x - np.float32(math.expm1(-h / 2)) * denoised
-            denoised_2 = denoise(x_2, sigma_mid, intermediate=True)
-            x = np.float32(sigma_down / sigma) * x - np.float32(math.expm1(-h)) * denoised_2
-        if sigma_next > 0:
-            x = x + noise() * np.float32(sigma_up * s_noise)
-        callback(i, x, denoised)
-    return x
-
-
-def sample_dpmpp_sde(denoise: Denoise, x, sigmas, noise: Noise, eta=1.0, s_noise=1.0, r=0.5, callback=_noop):
-    """DPM-Solver++ SDE (k-diffusion sample_dpmpp_sde): ancestral DPM-Solver++ stages to lambda + r h, then + h."""
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
-        denoised = denoise(x, sigmas[i])
-        if sigma_next == 0:
-            x = x + (x - denoised) / np.float32(sigma) * np.float32(sigma_next - sigma)
-        else:
-            sigma_s = sigma * (sigma_next / sigma) ** r  # lambda + r h, with lambda = -log sigma
-            sigma_down, sigma_up = ancestral_step(sigma, sigma_s, eta)
-            x_2 = np.float32(sigma_down / sigma) * x - np.float32(sigma_down / sigma - 1) * denoised
-            z_first = noise()
-            x_2 = x_2 + z_first * np.float32(sigma_up * s_noise)
-            denoised_2 = denoise(x_2, sigma_s, intermediate=True)
-            sigma_down, sigma_up = ancestral_step(sigma, sigma_next, eta)
-            fac = 1 / (2 * r)
-            denoised_d = np.float32(1 - fac) * denoised + np.float32(fac) * denoised_2
-            x = np.float32(sigma_down / sigma) * x - np.float32(sigma_down / sigma - 1) * denoised_d
-            z = brownian_noise(z_first, noise(), sigma, sigma_s, sigma_next)
-            x = x + z * np.float32(sigma_up * s_noise)
-        callback(i, x, denoised)
-    return x
-
-
-def sample_dpmpp_2m_sde(denoise: Denoise, x, sigmas, noise: Noise, eta=1.0, s_noise=1.0, callback=_noop):
-    """DPM-Solver++(2M) SDE, midpoint form (Lu et al. 2022; k-diffusion sample_dpmpp_2m_sde); x = D(x) at the end."""
-    old_denoised, h_last = None, None
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
-        denoised = denoise(x, sigmas[i])
-        h = None
-        if sigma_next == 0:
-            x = denoised
-        else:
-            h = math.log(sigma / sigma_next)  # lambda(sigma_next) - lambda(sigma), lambda = -log sigma
-            eta_h = eta * h
-            data_weight = -math.expm1(-h - eta_h)
-            x = np.float32(sigma_next / sigma * math.exp(-eta_h)) * x + np.float32(data_weight) * denoised
-            if old_denoised is not None:
-                x = x + np.float32(0.5 * data_weight * h / h_last) * (denoised - old_denoised)
-            if eta:
-                x = x + noise() * np.float32(sigma_next * (-math.expm1(-2 * eta_h)) ** 0.5 * s_noise)
-        old_denoised, h_last = denoised, h
-        callback(i, x, denoised)
-    return x
-
-
-def sample_dpmpp_3m_sde(denoise: Denoise, x, sigmas, noise: Noise, eta=1.0, s_noise=1.0, callback=_noop):
-    """DPM-Solver++(3M) SDE (k-diffusion sample_dpmpp_3m_sde): orders 1, 2, then 3 from step 3; x = D(x) at the end."""
-    denoised_1, denoised_2, h_1, h_2 = None, None, None, None
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
-        denoised = denoise(x, sigmas[i])
-        h = None
-        if sigma_next == 0:
-            x = denoised
-        else:
-            h = math.log(sigma / sigma_next)
-            h_eta = h * (eta + 1)
-            x = np.float32(math.exp(-h_eta)) * x + np.float32(-math.expm1(-h_eta)) * denoised
-            phi_2 = math.expm1(-h_eta) / h_eta + 1
-            if h_2 is not None:
-                r0, r1 = h_1 / h, h_2 / h
-                d1_0 = (denoised - denoised_1) / np.float32(r0)
-                d1_1 = (denoised_1 - denoised_2) / np.float32(r1)
-                d1 = d1_0 + (d1_0 - d1_1) * np.float32(r0 / (r0 + r1))
-                d2 = (d1_0 - d1_1) / np.float32(r0 + r1)
-                phi_3 = phi_2 / h_eta - 0.5
-                x = x + np.float32(phi_2) * d1 - np.float32(phi_3) * d2
-            elif h_1 is not None:
-                x = x + np.float32(phi_2 * h / h_1) * (denoised - denoised_1)
-            if eta:
-                x = x + noise() * np.float32(sigma_next * (-math.expm1(-2 * h * eta)) ** 0.5 * s_noise)
-        denoised_1, denoised_2, h_1, h_2 = denoised, denoised_1, h, h_1
         callback(i, x, denoised)
     return x
 
@@ -511,7 +270,7 @@ SAMPLER_ARGUMENTS = {
 def sampler_function(name: str):
     """(function, the keyword arguments it takes) of an A1111 sampler name (resolved)."""
     function = SAMPLERS[name][0]
-    return globals()[function], SAMPLER_ARGUMENTS[function]
+    return globals()[function], SAMPLER_ARGUMENTS[function]  # this module's, or from samplers_multistep/_sde
 
 
 # A1111's aliases (sd_samplers_kdiffusion.py) and its pre-1.9 names that carried the schedule.

@@ -1,50 +1,51 @@
 """The sampling loop of one batch: initial noise per image seed (or the img2img start), the denoiser around the
-UNet, the sampler (samplers.py) over the schedule, SDXL's refiner handoff, and the per-step hook."""
+family's denoiser graph, the sampler (samplers.py) over the schedule, a second stage's handoff (SDXL's refiner),
+and the per-step hook."""
 
 import numpy as np
 
-from sdrt.runtime import editing, samplers, sdxl
+from sdrt.runtime import editing, samplers
 from sdrt.runtime.checks import require_finite
 from sdrt.runtime.denoiser import Denoiser
 from sdrt.runtime.rng import ImageNoise
 from sdrt.runtime.schedules import Schedule, resolve_config
 
 
-def sample(pipe, opts, schedule: Schedule, seeds, latent_shape, text, start, bar, subseeds, edit=None, refiner=None,
-           control=None):  # fmt: skip
-    """One batch -> (B, C, h, w) float32 latents for the VAE. PIPE: the Pipeline (engines, manifest, VAE).
+def sample(model, run, batch, bar) -> np.ndarray:
+    """One batch (generation.Batch) of a generation.Run on MODEL (generation.Model) -> (B, C, h, w) float32 latents
+    for the VAE.
 
-    START: (B, C, h, w) latents replacing the drawn noise, or None. REFINER: (refiner Pipeline, its
-    TextConditioning), SDXL's second stage. CONTROL: the generation's ControlNets (controlnet.ControlSet), on the
-    base model's steps (the schedule after the img2img cut: guidance start/end are fractions of the steps run)."""
-    manifest = pipe.manifest
+    batch.start: (B, C, h, w) latents replacing the drawn noise, or None. run.second: the model that takes over
+    (SDXL's refiner). run.control: the ControlNets (controlnet.ControlSet), on the first model's steps (the schedule
+    after the img2img cut: guidance start/end are fractions of the steps run)."""
+    manifest, opts, schedule = model.manifest, run.opts, run.schedule
     resize = opts.seed_resize_from
     noise = ImageNoise(  # noise() -> (B, C, h, w) float32, each image's own generator
         opts.rng,
-        latent_shape,
-        seeds,
-        subseeds,
+        run.latent_shape,
+        batch.seeds,
+        batch.subseeds,
         opts.subseed_strength,
         None if resize is None else tuple(size // manifest.latent_downsample for size in resize),
         opts.ensd,
     )
-    batch = len(seeds)
+    size = len(batch.seeds)
     conditioning, blend = None, None
-    if edit is not None:
-        schedule, x, conditioning, blend = editing.start_edit(manifest, pipe.vae, opts, schedule, edit, noise, batch,
-                                                              start)  # fmt: skip
-    elif start is None:
+    if run.edit is not None:
+        schedule, x, conditioning, blend = editing.start_edit(manifest, model.vae, opts, schedule, run.edit, noise,
+                                                              size, batch.start)  # fmt: skip
+    elif batch.start is None:
         x = (noise.initial() * np.float32(schedule.initial_noise_scale)).astype(np.float32)  # (B, C, h, w)
     else:
         noise.skip_initial()
-        x = (start * np.float32(schedule.initial_noise_scale)).astype(np.float32)
+        x = (batch.start * np.float32(schedule.initial_noise_scale)).astype(np.float32)
     timesteps = dict(zip(schedule.sigmas[:-1].tolist(), schedule.timesteps.tolist(), strict=True))
-    control_hook = None if control is None else control.hook(schedule.sigmas)
-    stages = [(schedule, denoiser(pipe, opts, timesteps, text.repeat(batch), conditioning, control_hook))]
-    if refiner is not None:  # SDXL: the refiner's UNet takes over at refiner_switch_at (diffusers' handoff)
-        refiner_pipe, refiner_text = refiner
-        parts = sdxl.split_schedule(schedule, opts.sdxl.refiner_switch_at, manifest.scheduler.num_train_timesteps)
-        refined = denoiser(refiner_pipe, opts, timesteps, refiner_text.repeat(batch))
+    control_hook = None if run.control is None else run.control.hook(schedule.sigmas)
+    stages = [(schedule, denoiser(model, opts, timesteps, batch.text.repeat(size), conditioning, control_hook))]
+    if run.second is not None:  # the second model takes over at switch_at (diffusers' denoising_end/_start)
+        second = run.second
+        parts = model.family.split_schedule(schedule, second.switch_at, manifest)
+        refined = denoiser(second.model, opts, timesteps, second.text.repeat(size))
         stages = [(parts[0], stages[0][1]), (parts[1], refined)]
     fn, takes = samplers.sampler_function(opts.sampler)
     kwargs = {k: v for k, v in opts.sampler_kwargs().items() if k in takes}
@@ -62,13 +63,13 @@ def sample(pipe, opts, schedule: Schedule, seeds, latent_shape, text, start, bar
     return require_finite((x * np.float32(schedule.final_scale)).astype(np.float32), "latents", manifest)
 
 
-def denoiser(pipe, opts, timesteps: dict, text, conditioning=None, control=None) -> Denoiser:
-    """D(x, sigma) around PIPE's UNet with guidance; CONDITIONING: an inpainting UNet's extra channels; CONTROL: a
-    controlnet.ControlHook adding ControlNet residuals."""
+def denoiser(model, opts, timesteps: dict, text, conditioning=None, control=None) -> Denoiser:
+    """D(x, sigma) around MODEL's denoiser graph with guidance; CONDITIONING: an inpainting UNet's extra channels;
+    CONTROL: a controlnet.ControlHook adding ControlNet residuals."""
     return Denoiser(
-        pipe.engines["unet"],
-        pipe.manifest.prediction_type,
-        pipe.train_sigmas,
+        model.denoiser_engine,
+        model.manifest.prediction_type,
+        model.train_sigmas,
         timesteps,
         text,
         opts.cfg_scale,

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from sdrt.engines.capabilities import capabilities
 from sdrt.errors import InvalidOption, ModelError, check_int, check_number
 
 UPSCALER_FORMAT = "sdrt-upscaler"
@@ -53,7 +54,7 @@ class UpscalerModel:
         self.scale = int(manifest["scale"])
         self.multiple = int(manifest.get("size_multiple", 1))
         self.bgr = manifest.get("channel_order", "BGR") == "BGR"
-        self.backend = "cuda" if backend in ("cuda", "tensorrt") else "cpu"
+        self.backend = capabilities(backend).fused_target or "cpu"  # ONNX Runtime on the backend's device, or the CPU
         self.engine = None
 
     def run(self, pixels: np.ndarray) -> np.ndarray:

@@ -68,7 +68,7 @@ def add_units(raw, kwargs: dict, server) -> None:
         units.append(unit)
         save_maps |= save and unit.enabled
     try:
-        load_units(server.pipe, units)
+        load_units(server.pipe.manifest, server.pipe.controlnets, units)
     except InvalidOption as e:
         raise InvalidOption(e.field.replace("controlnets[", f"alwayson_scripts.{SCRIPT}.args[", 1), e.value,
                             e.allowed) from None  # fmt: skip

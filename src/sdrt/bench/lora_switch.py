@@ -3,7 +3,7 @@ and removing a rank-32 LoRA over every attention and conv layer takes, what domi
 with a LoRA merged against without (whole generations, and UNet calls on the same inputs).
 
     sdrt bench --model sd15 --workdir /tmp/sdrt-bench   # builds and exports the random model once (or reuse one)
-    python benchmarks/lora_switch.py /tmp/sdrt-bench/sd15/onnx [--size 256 --steps 10 --runs 2]
+    python -m sdrt.bench.lora_switch /tmp/sdrt-bench/sd15/onnx [--size 256 --steps 10 --runs 2]
 
 Writes benchmarks/results/lora-<machine>.json. Run it on a quiet machine: every figure is a wall-clock time.
 """
@@ -107,9 +107,9 @@ def peak_rss_gib() -> float:
 
 def switching(args, loras: Path) -> dict:
     """Load with the LoRA folder, then time switches, generations per state and UNet calls on the same inputs."""
-    from sdrt import Pipeline
     from sdrt.bench.common import log
     from sdrt.runtime.lora import parse_prompt
+    from sdrt.runtime.pipeline import Pipeline
 
     Pipeline.load(args.model)  # fills the per-machine optimised-graph cache, so the load below is the usual one
     start = time.perf_counter()
@@ -181,8 +181,27 @@ def summary(runs: dict[str, list[float]], digits: int) -> dict:
             "median_s": {state: round(statistics.median(times), digits) for state, times in runs.items()}}  # fmt: skip
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def markdown_table(report: dict) -> str:
+    """The run's tables: each switch (total and the engines' merge), then generation and UNet call times per state."""
+    lines = [f"LoRAs of rank {report['rank']} on {report['layers_per_lora']} layers each; "
+             f"load from the optimised-graph cache {report['load_s']:.2f} s; peak RSS {report['peak_rss_gib']:.2f} GiB",
+             "", "| switch | total (s) | of which the engines' merge (s) |", "|---|---|---|"]  # fmt: skip
+    lines += [f"| {row['switch']} | {row['total_s']:.2f} | {row['merge_s']:.2f} |" for row in report["switches"]]
+    gen = report["generation"]
+    sections = [(f"whole generation, {gen['size']}x{gen['size']}, {gen['steps']} steps", gen)]
+    sections.append(("one UNet call on the same inputs", report["unet_call_same_inputs"]))
+    prepack = report.get("unet_call_prepacking") or {}
+    if prepack.get("median_s"):
+        sections.append((f"one UNet call, {prepack['size']}x{prepack['size']}, batch 2", prepack))
+    for title, timed in sections:
+        lines += ["", f"| {title} | runs (s) | median (s) |", "|---|---|---|"]
+        lines += [f"| {state} | {', '.join(f'{t:.2f}' for t in runs)} | {timed['median_s'][state]:.2f} |"
+                  for state, runs in timed["runs_s"].items()]  # fmt: skip
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m sdrt.bench.lora_switch", description=__doc__.split("\n")[0])
     p.add_argument("model", type=Path, help="an exported SD 1.5-architecture folder (fp32)")
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--steps", type=int, default=10)
@@ -190,10 +209,11 @@ def main() -> int:
     p.add_argument("--workdir", type=Path, default=Path("/tmp/sdrt-lora-bench"))
     p.add_argument("--prepacking-size", type=int, default=512,
                    help="image size of the UNet calls timed with and without prepacking (0: skip)")  # fmt: skip
-    args = p.parse_args()
+    p.add_argument("--output", type=Path, help="JSON path (default benchmarks/results/lora-<machine>.json)")
+    args = p.parse_args(argv)
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-    from sdrt.bench.common import describe_machine, log
+    from sdrt.bench.common import RESULTS_DIR, log, now_iso
+    from sdrt.bench.machine import describe_machine
     from sdrt.runtime.manifest import Manifest
 
     load_average = [round(os.getloadavg()[0], 2)]  # other processes' share of the CPU: timings are wall-clock
@@ -208,6 +228,8 @@ def main() -> int:
     prepacking = prepacking_cost(args.model, args.prepacking_size) if args.prepacking_size else {}
     log(f"UNet call at {args.prepacking_size}x{args.prepacking_size}, with and without prepacking: {prepacking}")
     report = {
+        "benchmark": "lora_switch",
+        "date": now_iso(),
         "machine": describe_machine(),
         "model": str(args.model),
         "rank": RANK,
@@ -219,12 +241,12 @@ def main() -> int:
         "unet_call_prepacking": {"size": args.prepacking_size, **summary(prepacking, 3)},
         "peak_rss_gib": round(measured["peak_rss_gib"], 2),  # the LoRA pipeline's, before the prepacking check
         "load_average_1min": [*load_average, round(os.getloadavg()[0], 2)],  # at start and end
-        "command": " ".join(sys.argv),
+        "command": " ".join(["python -m sdrt.bench.lora_switch", *(argv if argv is not None else sys.argv[1:])]),
     }
-    out = Path(__file__).parent / "results" / f"lora-{report['machine'].get('slug', 'machine')}.json"
+    out = args.output or RESULTS_DIR / f"lora-{report['machine'].get('slug', 'machine')}.json"
     out.write_text(json.dumps(report, indent=2) + "\n")
     log(f"wrote {out}")
-    print(json.dumps(report["generation"], indent=2))
+    print(markdown_table(report))
     return 0
 
 

@@ -7,7 +7,7 @@
 2. A Real-ESRGAN x4plus-sized RRDBNet (16.7 M parameters, random weights): the exported graph (ONNX Runtime)
    against the torch module on --tile px inputs: output megapixels per second.
 
-    flock /tmp/sdrt-heavy.lock python benchmarks/hires_cpu.py [--size 256] [--steps 2] [--hires-steps 2]
+    flock /tmp/sdrt-heavy.lock python -m sdrt.bench.hires_cpu [--size 256] [--steps 2] [--hires-steps 2]
 """
 
 import argparse
@@ -17,10 +17,11 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "src"))
+from sdrt.bench import common
+from sdrt.bench.machine import describe_machine
 
-from sdrt.bench import common  # noqa: E402
+REPO = Path(__file__).resolve().parents[3]
+MODULE = "sdrt.bench.hires_cpu"  # its subprocess workers: python -m MODULE --worker KIND JOB
 
 
 def peak_rss() -> int:
@@ -123,9 +124,8 @@ WORKERS = {"sdrt": worker_sdrt, "diffusers": worker_diffusers, "upscaler": worke
 def child(kind: str, job: dict) -> dict:
     """Run WORKERS[KIND](JOB) in a fresh interpreter; its result plus wall time and peak RSS."""
     start = time.perf_counter()
-    code = f"import json,sys; sys.path.insert(0, {str(REPO / 'benchmarks')!r}); import hires_cpu as h; " \
-           f"print('RESULT' + json.dumps(h.run_worker({kind!r}, json.loads(sys.argv[1]))))"  # fmt: skip
-    proc = subprocess.run([sys.executable, "-c", code, json.dumps(job)], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", MODULE, "--worker", kind, json.dumps(job)], capture_output=True,
+                          text=True)  # fmt: skip
     if proc.returncode != 0:
         sys.exit(f"{kind} failed:\n{proc.stderr[-3000:]}")
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")][-1]
@@ -142,6 +142,9 @@ def run_worker(kind: str, job: dict) -> dict:
 def main() -> int:
     import numpy as np
 
+    if sys.argv[1:2] == ["--worker"]:
+        print("RESULT" + json.dumps(run_worker(sys.argv[2], json.loads(sys.argv[3]))))
+        return 0
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", type=Path, default=Path("/tmp/sdrt-bench"), help="sdrt bench's model folders")
     p.add_argument("--size", type=int, default=256, help="first-pass size (the second pass is twice it)")
@@ -157,7 +160,7 @@ def main() -> int:
         sys.exit(f"no SD 1.5 export in {sd}: run `sdrt bench` (or benchmarks/controlnet_cpu.py) once first")
     job = {"onnx_dir": str(sd / "onnx"), "diffusers_dir": str(sd / "diffusers"), "size": args.size,
            "steps": args.steps, "hires_steps": args.hires_steps, "strength": args.strength, "seed": 7}  # fmt: skip
-    report = {"machine": common.describe_machine(), "date": common.now_iso(), "job": job, "command": sys.argv}
+    report = {"machine": describe_machine(), "date": common.now_iso(), "job": job, "command": sys.argv}
     for kind in ("sdrt", "diffusers"):
         common.log(f"hires fix: {kind}")
         report[kind] = child(kind, {**job, "out": str(args.workdir / f"hires-{kind}.npy")})

@@ -1,4 +1,4 @@
-"""SDXL at run time: its options, micro-conditioning (time ids), pooled embeddings and the refiner handoff.
+"""The SDXL family at run time: its options, micro-conditioning (time ids), pooled embeddings and the refiner handoff.
 
 Podell et al. 2023 ("SDXL"), sec. 2.2: the UNet also takes the pooled text embedding of the second text encoder
 and, through Fourier features, the image's original size, its crop's top-left corner and the target size (the
@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from sdrt.errors import InvalidOption, ModelError, is_int, is_number
+from sdrt.runtime.families.base import Family
 
 SIZE_OPTIONS = ("original_size", "target_size", "negative_original_size", "negative_target_size")
 CROP_OPTIONS = ("crops_coords_top_left", "negative_crops_coords_top_left")
@@ -70,14 +71,9 @@ def _pair(field: str, value, low: int, high: int) -> tuple[int, int]:
 
 
 def make_sdxl_options(manifest, raw: dict) -> SdxlOptions | None:
-    """Validate SDXL's options against the model: InvalidOption for SDXL options on an SD 1.x/2.x model, refiner
-    options on a refiner, base-only options on a refiner; None for SD 1.x/2.x models."""
+    """Validate SDXL's options against an SDXL model: InvalidOption for refiner options on a refiner and base-only
+    options on a refiner. (Options of SDXL on another family's model: Family.refuse_options.)"""
     given = {k: v for k, v in raw.items() if v is not None}
-    if manifest.family != "sdxl":
-        if given:
-            field, value = next(iter(given.items()))
-            raise InvalidOption(field, value, f"None: {field} is an SDXL option, and this model is {manifest.family}")
-        return None
     is_refiner = manifest.requires_aesthetics_score
     staged = given.get("refiner") is not None
     for field in PROMPT_OPTIONS:
@@ -139,11 +135,10 @@ def switch_index(timesteps: np.ndarray, switch_at: float, num_train_timesteps: i
 def check_refiner(base, refiner) -> None:
     """A refiner must denoise the base's latents: same latent space (channels, VAE scaling, downsampling) and the
     same training noise schedule; ModelError naming the first field that differs."""
-    if refiner.family != "sdxl" or not refiner.requires_aesthetics_score:
-        kind = "an SDXL base" if refiner.family == "sdxl" else f"an {refiner.family} model"
+    same = refiner.family == SDXL.name
+    if not same or not refiner.requires_aesthetics_score:
+        kind = "an SDXL base" if same else f"an {refiner.family} model"
         raise ModelError(f"refiner {str(refiner.folder)!r} is {kind}, not an SDXL refiner (aesthetic-score UNet)")
-    if base.family != "sdxl":
-        raise ModelError(f"refiner: the base model is {base.family}; a refiner continues SDXL base models only")
     fields = ("latent_channels", "vae_scaling_factor", "vae_shift_factor", "latent_downsample", "prediction_type")
     for field in fields:
         if getattr(base, field) != getattr(refiner, field):
@@ -167,22 +162,6 @@ def split_schedule(schedule, switch_at: float, num_train_timesteps: int):
     base = Schedule(schedule.sigmas[: k + 1], schedule.timesteps[:k], schedule.initial_noise_scale)
     rest = Schedule(schedule.sigmas[k:], schedule.timesteps[k:], schedule.initial_noise_scale)
     return base, rest
-
-
-def load_refiner(pipeline, refiner):
-    """The refiner Pipeline for PIPELINE's base (a model folder, loaded once per base, or a loaded Pipeline),
-    checked to continue the base's latents (check_refiner)."""
-    from pathlib import Path
-
-    if isinstance(refiner, type(pipeline)):
-        loaded = refiner
-    else:
-        key = str(Path(refiner).resolve())
-        if key not in pipeline.refiners:
-            pipeline.refiners[key] = type(pipeline).load(refiner, backend=pipeline.backend)
-        loaded = pipeline.refiners[key]
-    check_refiner(pipeline.manifest, loaded.manifest)
-    return loaded
 
 
 def refiner_infotext(refiner, switch_at: float) -> dict:
@@ -219,33 +198,62 @@ def sdxl_conditioner(manifest, engines, embeddings):
 def second_texts(opts, index: int, count: int) -> list[str] | None:
     """The second encoder's texts for prompt INDEX (0: the prompt, 1: the negative prompt), COUNT of them: prompt_2
     or negative_prompt_2 when given (the same text at every step of a prompt-editing schedule), else None."""
-    if opts.sdxl is None:
-        return None
-    text = opts.sdxl.prompt_2 if index == 0 else opts.sdxl.negative_prompt_2
+    sdxl = opts.family_options
+    text = sdxl.prompt_2 if index == 0 else sdxl.negative_prompt_2
     return None if text is None else [text] * count
 
 
 def zeroes_negative(manifest, opts) -> bool:
     """SDXL base models give an empty negative prompt zero embeddings, pooled too (diffusers'
     force_zeros_for_empty_prompt, A1111's force_zero_negative_prompt)."""
-    return (
-        opts.sdxl is not None
-        and manifest.force_zeros_for_empty_prompt
-        and opts.negative_prompt == ""
-        and not opts.sdxl.negative_prompt_2
-    )
+    negative_2 = opts.family_options.negative_prompt_2
+    return bool(manifest.force_zeros_for_empty_prompt and opts.negative_prompt == "" and not negative_2)
 
 
 def added_feeds(manifest, opts, pooled_cond: np.ndarray, pooled_uncond: np.ndarray | None) -> dict[str, np.ndarray]:
     """SDXL's added UNet inputs for one image, uncond first: text_embeds (2 or 1, P) and time_ids (2 or 1, N)."""
-    ids_cond, ids_uncond = opts.sdxl.time_ids(opts.width, opts.height, manifest.requires_aesthetics_score)
+    ids_cond, ids_uncond = opts.family_options.time_ids(opts.width, opts.height, manifest.requires_aesthetics_score)
     if pooled_uncond is None:
         return pooled_feeds([pooled_cond], [ids_cond])
     return pooled_feeds([pooled_uncond, pooled_cond], [ids_uncond, ids_cond])
 
 
-def zeroed(encoded):
-    """ENCODED (conditioning.Encoded) with zero context and pooled vectors: zeroes_negative's embeddings."""
-    from dataclasses import replace
+class SDXL(Family):
+    """SDXL base and refiner (Podell et al. 2023): two text encoders (the refiner: the second only), pooled text and
+    micro-conditioning added to the UNet, 1024 px, and the refiner as a second stage."""
 
-    return replace(encoded, context=np.zeros_like(encoded.context), pooled=np.zeros_like(encoded.pooled))
+    name, title = "sdxl", "SDXL"
+    option_group, option_names = "sdxl", SDXL_OPTIONS
+    lora_bases = ("sdxl",)
+    fp32_models = ("vae_decoder", "vae_encoder")  # the SDXL VAE overflows in fp16 (NaNs, black images)
+
+    def conditioner(self, manifest, engines, embeddings):
+        return sdxl_conditioner(manifest, engines, embeddings)
+
+    def resolve_options(self, manifest, given: dict) -> SdxlOptions:
+        return make_sdxl_options(manifest, given)
+
+    def second_texts(self, opts, index: int, count: int) -> list[str] | None:
+        return second_texts(opts, index, count)
+
+    def zeroes_negative(self, manifest, opts) -> bool:
+        return zeroes_negative(manifest, opts)
+
+    def added_feeds(self, manifest, opts, pooled_cond, pooled_uncond) -> dict[str, np.ndarray]:
+        return added_feeds(manifest, opts, pooled_cond, pooled_uncond)
+
+    def second_stage(self, opts):
+        sdxl = opts.family_options
+        return None if sdxl is None or sdxl.refiner is None else (sdxl.refiner, sdxl.refiner_switch_at)
+
+    def check_second_stage(self, base, second) -> None:
+        check_refiner(base, second)
+
+    def split_schedule(self, schedule, switch_at: float, manifest):
+        return split_schedule(schedule, switch_at, manifest.scheduler.num_train_timesteps)
+
+    def second_stage_infotext(self, second_manifest, switch_at: float) -> dict:
+        return refiner_infotext(second_manifest, switch_at)
+
+
+FAMILIES = (SDXL(),)

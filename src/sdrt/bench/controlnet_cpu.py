@@ -4,7 +4,8 @@ Measures, in one run on one machine: the export of the two extra graphs (`sdrt e
 `unet_controlnet`: wall time, peak RSS, size on disk) and txt2img time with 0, 1 and 2 ControlNets (the median of
 --runs after a warm-up), each stage in its own subprocess. Speed does not depend on the weights' values.
 
-    flock /tmp/sdrt-heavy.lock python benchmarks/controlnet_cpu.py [--size 256] [--steps 10] [--runs 2]
+    flock /tmp/sdrt-heavy.lock python -m sdrt.bench.controlnet_cpu [--size 256] [--steps 10] [--runs 2]
+    python -m sdrt.bench.controlnet_cpu --calls-only --rounds 3   # one guided step's engine calls, interleaved
 
 Reuses `sdrt bench`'s random SD 1.5 build and export in --workdir (built and exported there if missing); the model
 copy that gets the unet_controlnet graph is a hard-linked copy in --out (the shared export stays as it is).
@@ -18,11 +19,12 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "src"))
+from sdrt.bench import common
+from sdrt.bench.cases import CASES
+from sdrt.bench.machine import describe_machine
+from sdrt.bench.random_model import prepare_model
 
-from sdrt.bench import common  # noqa: E402
-from sdrt.bench.cases import CASES  # noqa: E402
+MODULE = "sdrt.bench.controlnet_cpu"  # its subprocess workers: python -m MODULE --worker STAGE JOB
 
 
 def folder_bytes(folder: Path) -> int:
@@ -68,8 +70,8 @@ def worker_generate(job: dict) -> dict:
     """txt2img with 0, 1 and 2 ControlNets (the second: the same ControlNet again, the same work as another)."""
     import numpy as np
 
-    from sdrt import Pipeline
     from sdrt.runtime.controlnet import ControlNetUnit
+    from sdrt.runtime.pipeline import Pipeline
 
     pipe = Pipeline.load(job["model_dir"])
     rng = np.random.default_rng(0)
@@ -141,7 +143,9 @@ def linked_copy(src: Path, dst: Path) -> None:
     shutil.copy2(src / "model.json", dst / "model.json")
 
 
-def markdown(report: dict) -> str:
+def markdown_table(report: dict) -> str:
+    """The run's tables: txt2img with 0, 1, 2 ControlNets, the extra graphs' export, and (when measured) one guided
+    step's engine calls relative to the plain UNet."""
     gen = report["generate"]
     base = gen["0"]["median_s"]
     steps = report["settings"]["steps"]
@@ -169,11 +173,17 @@ def markdown(report: dict) -> str:
         "",
         f"Generation peak RSS (one process, all three runs): {common.gib(gen['peak_rss_bytes'])}.",
     ]  # fmt: skip
+    calls = report.get("calls")
+    if calls:
+        title = f"engine call, batch 2 ({calls['rounds']} interleaved rounds)"
+        lines += ["", f"| {title} | median (s) | vs the plain UNet |", "|---|---|---|"]
+        lines += [f"| {name} | {calls['median_s'][name]:.2f} | {calls['ratio_to_unet'][name]:.2f}x |"
+                  for name in calls["median_s"]]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m sdrt.bench.controlnet_cpu", description=__doc__.splitlines()[0])
     p.add_argument("--worker", nargs=2, metavar=("STAGE", "JOB"), help=argparse.SUPPRESS)
     p.add_argument("--workdir", type=Path, default=Path("/tmp/sdrt-bench"), help="sdrt bench's model folders")
     p.add_argument("--out", type=Path, default=Path("/tmp/sdrt-controlnet-bench"), help="this benchmark's folders")
@@ -185,76 +195,76 @@ def main() -> int:
     p.add_argument("--output", type=Path, help="JSON path (default benchmarks/results/controlnet-<machine>.json)")
     p.add_argument("--calls-only", action="store_true", help="only the interleaved per-call timing (models exported)")
     p.add_argument("--rounds", type=int, default=5, help="rounds of the per-call timing")
-    args = p.parse_args()
-    if args.worker:
-        job = json.loads(Path(args.worker[1]).read_text())
-        Path(job["result_file"]).write_text(json.dumps(WORKERS[args.worker[0]](job), indent=2))
-        return 0
-    machine = common.describe_machine()
-    case = CASES[args.model]
-    sd_dir = args.workdir / case.name
-    args.out.mkdir(parents=True, exist_ok=True)
-    jobs = args.out / "jobs"
-    jobs.mkdir(exist_ok=True)
-    args.rebuild = False
-    common.prepare_model(args, case.configs(), sd_dir, jobs)
-    model_dir = args.out / "model"
-    job = {
-        "diffusers_dir": str(sd_dir / "diffusers"),
-        "controlnet_diffusers": str(args.out / "controlnet-diffusers"),
-        "controlnet_dir": str(args.out / "controlnet"),
-        "model_dir": str(model_dir),
-        "size": args.size,
-        "steps": args.steps,
-        "runs": args.runs,
-        "seed": args.seed,
-    }
-    job["rounds"] = args.rounds
-    script = Path(__file__).resolve()
-    output = args.output or common.RESULTS_DIR / f"controlnet-{machine['slug']}.json"
-    if args.calls_only:  # add the per-call timing to an earlier run's report
-        common.log("timing one guided step's engine calls, interleaved")
-        calls, _, _ = common.run_child("calls", job, jobs, script=script)
-        report = json.loads(output.read_text())
-        report["calls"] = {**calls, "rounds": args.rounds, "load_average": common.busy_warning(),
-                           "command": " ".join(sys.argv), "date": common.now_iso()}  # fmt: skip
-        output.write_text(json.dumps(report, indent=2) + "\n")
-        print(json.dumps(report["calls"]["ratio_to_unet"], indent=2))
-        return 0
+    return p
+
+
+def add_calls(job: dict, jobs: Path, output: Path, rounds: int, command: str) -> None:
+    """The per-call timing, added to an earlier run's report in OUTPUT."""
+    common.log("timing one guided step's engine calls, interleaved")
+    calls, _, _ = common.run_child("calls", job, jobs, module=MODULE)
+    report = json.loads(output.read_text())
+    report["calls"] = {**calls, "rounds": rounds, "load_average": common.busy_warning(), "command": command,
+                       "date": common.now_iso()}  # fmt: skip
+    output.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report["calls"]["ratio_to_unet"], indent=2))
+
+
+def export_and_generate(args, job: dict, jobs: Path, sd_dir: Path, model_dir: Path) -> tuple[dict, dict, dict, float]:
+    """The ControlNet built and exported, unet_controlnet added to a linked copy of the model, then txt2img with 0,
+    1, 2 ControlNets: (the build's result, the exports, the generations, the load average before them)."""
     linked_copy(sd_dir / "onnx", model_dir)
     common.log("building the random-weight ControlNet")
-    built, _, _ = common.run_child("build_controlnet", job, jobs, script=script)
+    built, _, _ = common.run_child("build_controlnet", job, jobs, module=MODULE)
     export = {}
     for stage, name, folder in (("export_controlnet", "controlnet", args.out / "controlnet"),
                                 ("add_unet", "unet_controlnet", model_dir / "unet_controlnet")):  # fmt: skip
         common.log(f"exporting {name}")
-        result, wall, peak = common.run_child(stage, job, jobs, script=script)
+        result, wall, peak = common.run_child(stage, job, jobs, module=MODULE)
         export[name] = {"wall_s": wall, **result, "peak_rss_bytes": peak, "bytes": folder_bytes(folder)}
         common.log(f"{name}: {wall:.0f} s, peak RSS {common.gib(peak)}, {common.gib(export[name]['bytes'])}")
     busy = common.busy_warning()
     common.log("generating with 0, 1 and 2 ControlNets")
-    generate, _, _ = common.run_child("generate", job, jobs, script=script)
+    generate, _, _ = common.run_child("generate", job, jobs, module=MODULE)
+    return built, export, generate, busy
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.worker:
+        job = json.loads(Path(args.worker[1]).read_text())
+        Path(job["result_file"]).write_text(json.dumps(WORKERS[args.worker[0]](job), indent=2))
+        return 0
+    machine = describe_machine()
+    case = CASES[args.model]
+    sd_dir = args.workdir / case.name
+    jobs = args.out / "jobs"
+    jobs.mkdir(parents=True, exist_ok=True)
+    args.rebuild = False
+    prepare_model(args, case.configs(), sd_dir, jobs)
+    model_dir = args.out / "model"
+    job = {"diffusers_dir": str(sd_dir / "diffusers"), "controlnet_diffusers": str(args.out / "controlnet-diffusers"),
+           "controlnet_dir": str(args.out / "controlnet"), "model_dir": str(model_dir), "size": args.size,
+           "steps": args.steps, "runs": args.runs, "seed": args.seed, "rounds": args.rounds}  # fmt: skip
+    output = args.output or common.RESULTS_DIR / f"controlnet-{machine['slug']}.json"
+    command = " ".join(["python -m sdrt.bench.controlnet_cpu", *(argv if argv is not None else sys.argv[1:])])
+    if args.calls_only:
+        add_calls(job, jobs, output, args.rounds, command)
+        return 0
+    built, export, generate, busy = export_and_generate(args, job, jobs, sd_dir, model_dir)
     report = {
         "benchmark": "controlnet_cpu",
         "date": common.now_iso(),
         "machine": machine,
         "load_average_before_generation": busy,
-        "settings": {
-            "size": args.size,
-            "steps": args.steps,
-            "runs": args.runs,
-            "cfg_scale": common.CFG_SCALE,
-            "sampler": common.SAMPLER,
-            "module": "canny",
-            "command": " ".join(sys.argv),
-        },  # fmt: skip
+        "settings": {"size": args.size, "steps": args.steps, "runs": args.runs, "cfg_scale": common.CFG_SCALE,
+                     "sampler": common.SAMPLER, "module": "canny", "command": command},  # fmt: skip
         "controlnet_parameters": built["parameters"],
         "export": export,
         "generate": generate,
     }
     output.write_text(json.dumps(report, indent=2) + "\n")
-    output.with_suffix(".md").write_text(markdown(report))
-    print(markdown(report))
+    output.with_suffix(".md").write_text(markdown_table(report))
+    print(markdown_table(report))
     return 0
 
 
