@@ -37,6 +37,7 @@ def test_graph_matches_torch_module(tiny_upscalers, name):
     model = UpscalerModel(tiny_upscalers[name])
     assert model.scale == TINY_ARCHS[key].scale
     assert model.manifest["architecture"] == TINY_ARCHS[key].name
+    assert model.multiple == getattr(TINY_ARCHS[key], "window", getattr(TINY_ARCHS[key], "unshuffle", 1))
     pixels = np.asarray(_image(), dtype=np.float32) / 255  # odd sides: the x2 net pads to its multiple of 2
     got = model.run(pixels)
     m = model.multiple
@@ -135,3 +136,36 @@ def test_manifest_facts(tiny_upscalers):
     manifest = json.loads((tiny_upscalers["rrdb_x2"] / "upscaler.json").read_text())
     assert (manifest["scale"], manifest["size_multiple"], manifest["in_channels"]) == (2, 2, 3)
     assert (manifest["tile"], manifest["tile_overlap"], manifest["channel_order"]) == (192, 8, "BGR")
+
+
+def _a1111_swinir(model, image: Image.Image, tile: int, overlap: int, window: int, scale: int) -> np.ndarray:
+    """A1111's SwinIR upscale in torch (extensions-builtin/SwinIR: mirror padding past the next window multiple,
+    tiles averaged where they overlap, BGR, rounded), as the reference of the runtime's "average" tiling."""
+    x = torch.from_numpy(np.asarray(image, dtype=np.float32)[..., ::-1].transpose(2, 0, 1).copy() / 255)[None]
+    h, w = x.shape[2:]
+    x = torch.cat([x, torch.flip(x, [2])], 2)[:, :, : (h // window + 1) * window]
+    x = torch.cat([x, torch.flip(x, [3])], 3)[:, :, :, : (w // window + 1) * window]
+    ph, pw = x.shape[2:]
+    tile = min(tile, ph, pw)
+    total, count = torch.zeros(1, 3, ph * scale, pw * scale), torch.zeros(1, 3, ph * scale, pw * scale)
+    with torch.no_grad():
+        for y in [*range(0, ph - tile, tile - overlap), ph - tile]:
+            for x0 in [*range(0, pw - tile, tile - overlap), pw - tile]:
+                out = model(x[..., y : y + tile, x0 : x0 + tile])
+                total[..., y * scale : (y + tile) * scale, x0 * scale : (x0 + tile) * scale] += out
+                count[..., y * scale : (y + tile) * scale, x0 * scale : (x0 + tile) * scale] += 1
+    out = (total / count)[0, :, : h * scale, : w * scale].clamp(0, 1).numpy()[[2, 1, 0]].transpose(1, 2, 0)
+    return (out * 255).round().astype(np.uint8)
+
+
+def test_swinir_tiling_matches_a1111(tiny_upscalers):
+    """The "average" tiling of SwinIR against A1111's torch code on the same module: within one 8-bit level."""
+    model = UpscalerModel(tiny_upscalers["swinir_x2"])
+    assert model.averaged
+    image = _image((30, 21))
+    got = np.asarray(model.upscale_once(image, 12, 4), dtype=np.int16)
+    want = _a1111_swinir(tiny_module("swinir_x2"), image, 12, 4, 4, 2).astype(np.int16)
+    assert got.shape == want.shape == (42, 60, 3)
+    assert np.abs(got - want).max() <= 1
+    other = _a1111_swinir(tiny_module("swinir_x2"), image, 12, 0, 4, 2).astype(np.int16)  # can-fail: no overlap
+    assert np.abs(got - other).max() > 4

@@ -5,12 +5,18 @@ from pathlib import Path
 import torch
 
 from sdrt.export.upscaler_arch import Arch, build
+from sdrt.export.upscaler_swinir import SwinArch
 
 TINY_ARCHS = {
     "rrdb_x4": Arch("ESRGAN", 4, 3, 3, features=8, blocks=2, growth=4),
     "rrdb_x2": Arch("ESRGAN", 2, 3, 3, features=8, blocks=1, growth=4, unshuffle=2),
     "compact_prelu": Arch("RealESRGAN Compact", 4, 3, 3, features=8, blocks=2, activation="prelu"),
     "compact_lrelu": Arch("RealESRGAN Compact", 2, 3, 3, features=8, blocks=3, activation="lrelu"),
+    # A1111's SwinIR 4x layout (nearest+conv, 3conv) and the classical x2 one (pixelshuffle, 1conv), tiny
+    "swinir_x4": SwinArch(4, 3, 3, embed_dim=16, depths=(2, 2), heads=(2, 2), window=4, mlp_hidden=32,
+                          upsampler="nearest+conv", resi_connection="3conv", num_feat=8, blocks=4, features=16),
+    "swinir_x2": SwinArch(2, 3, 3, embed_dim=16, depths=(2,), heads=(4,), window=4, mlp_hidden=16,
+                          upsampler="pixelshuffle", resi_connection="1conv", num_feat=8, blocks=2, features=16),
 }
 
 
@@ -53,7 +59,11 @@ def write_tiny_upscalers(folder: Path) -> dict:
     files = {}
     for key in TINY_ARCHS:
         files[key] = folder / f"{key}.pth"
-        torch.save({"params_ema": tiny_module(key).state_dict()}, files[key])
+        state = tiny_module(key).state_dict()
+        if key.startswith("swinir"):  # the official files also hold size-dependent buffers, which sdrt rebuilds
+            state["layers.0.residual_group.blocks.1.attn_mask"] = torch.zeros(16, 16, 16)  # 16 px training size
+            state["layers.0.residual_group.blocks.0.attn.relative_position_index"] = torch.zeros(16, 16).long()
+        torch.save({"params_ema": state}, files[key])
     state = tiny_module("rrdb_x4").state_dict()
     files["rrdb_x4_old"] = folder / "rrdb_x4_old.pth"
     torch.save(to_old_layout(state), files["rrdb_x4_old"])

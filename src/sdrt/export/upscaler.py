@@ -27,7 +27,7 @@ from sdrt.runtime.upscale import (
 
 OPSET = 17
 SUFFIXES = (".pth", ".pt", ".ckpt", ".bin", ".safetensors")
-SUPPORTED = "ESRGAN/RRDBNet (old and Real-ESRGAN layouts) or Real-ESRGAN's SRVGGNetCompact"
+SUPPORTED = "ESRGAN/RRDBNet (old and Real-ESRGAN layouts), Real-ESRGAN's SRVGGNetCompact or SwinIR"
 VERIFY_SIZE = 20  # pixels: the side of the random image the graph is checked on against the torch module
 VERIFY_TOLERANCE = 1e-3  # max |graph - torch| on [0, 1] outputs (1/255 is 3.9e-3)
 NESTED_KEYS = ("params_ema", "params", "state_dict", "model")  # BasicSR and trainer checkpoints nest the weights
@@ -88,15 +88,20 @@ def export_upscaler(source, out_dir, overwrite: bool = False, name: str | None =
     model, arch = load_upscaler(path)
     print(f"{path.name}: {arch.name} x{arch.scale}, {arch.blocks} blocks of {arch.features} features", file=sys.stderr)
     with staged_folder(out_dir) as staging:
-        x = torch.rand(1, arch.in_channels, VERIFY_SIZE, VERIFY_SIZE, generator=torch.Generator().manual_seed(0))
+        multiple = getattr(arch, "window", getattr(arch, "unshuffle", 1))
+        side = -(-VERIFY_SIZE // multiple) * multiple  # the check's image: sides a multiple of what the net needs
+        seeded = torch.Generator().manual_seed(0)
+        x = torch.rand(1, arch.in_channels, side, side, generator=seeded)
+        other = torch.rand(1, arch.in_channels, side + multiple, side + 2 * multiple, generator=seeded)
         with torch.no_grad():
             axes = {UPSCALER_INPUT: {0: "batch", 2: "height", 3: "width"},
                     UPSCALER_OUTPUT: {0: "batch", 2: "out_height", 3: "out_width"}}  # fmt: skip
             torch.onnx.export(model, (x,), str(staging / UPSCALER_MODEL), input_names=[UPSCALER_INPUT],
                               output_names=[UPSCALER_OUTPUT], opset_version=OPSET, dynamo=False,
                               dynamic_axes=axes)  # fmt: skip
-            expected = model(x).numpy()
+            expected, expected_other = model(x).numpy(), model(other).numpy()
         error = _verify(staging / UPSCALER_MODEL, x.numpy(), expected)
+        error = max(error, _verify(staging / UPSCALER_MODEL, other.numpy(), expected_other))  # another size
         manifest = {
             "format": UPSCALER_FORMAT,
             "version": UPSCALER_VERSION,
@@ -105,8 +110,9 @@ def export_upscaler(source, out_dir, overwrite: bool = False, name: str | None =
             "scale": arch.scale,
             "in_channels": arch.in_channels,
             "out_channels": arch.out_channels,
-            "size_multiple": arch.unshuffle,  # input sides are padded to a multiple of this
-            "channel_order": "BGR",  # A1111's upscale_with_model feeds ESRGAN-family models BGR
+            "size_multiple": multiple,  # input sides are padded to a multiple of this
+            "channel_order": "BGR",  # A1111 feeds ESRGAN-family and SwinIR models BGR
+            "tiling": "average" if hasattr(arch, "window") else "grid",  # A1111: SwinIR's tiled_upscale_2
             "tile": DEFAULT_TILE,
             "tile_overlap": DEFAULT_TILE_OVERLAP,
             "features": arch.features,

@@ -111,7 +111,11 @@ def _activation(kind: str, nf: int) -> nn.Module:
     return nn.PReLU(num_parameters=nf) if kind == "prelu" else nn.LeakyReLU(COMPACT_LRELU_SLOPE)
 
 
-def build(arch: Arch) -> nn.Module:
+def build(arch) -> nn.Module:
+    from sdrt.export import upscaler_swinir
+
+    if isinstance(arch, upscaler_swinir.SwinArch):
+        return upscaler_swinir.SwinIR(arch)
     return RRDBNet(arch) if arch.name == "ESRGAN" else SRVGGNetCompact(arch)
 
 
@@ -144,7 +148,11 @@ def old_esrgan_keys(state: dict) -> dict:
 
 
 def detect(state: dict) -> tuple[Arch, dict] | None:
-    """(the architecture, the state dict in its module's names) of an ESRGAN-family state dict, or None."""
+    """(the architecture, the state dict in its module's names) of an ESRGAN-family or SwinIR state dict, or None."""
+    from sdrt.export import upscaler_swinir
+
+    if (swinir := upscaler_swinir.detect(state)) is not None:
+        return swinir
     if "model.0.weight" in state and any(k.startswith("model.1.sub.") for k in state):
         try:
             state = old_esrgan_keys(state)

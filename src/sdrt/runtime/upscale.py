@@ -54,11 +54,12 @@ class UpscalerModel:
         self.scale = int(manifest["scale"])
         self.multiple = int(manifest.get("size_multiple", 1))
         self.bgr = manifest.get("channel_order", "BGR") == "BGR"
+        self.averaged = manifest.get("tiling", "grid") == "average"  # SwinIR: A1111's tiled_upscale_2
         self.backend = capabilities(backend).fused_target or "cpu"  # ONNX Runtime on the backend's device, or the CPU
         self.engine = None
 
-    def run(self, pixels: np.ndarray) -> np.ndarray:
-        """(H, W, 3) float32 RGB in [0, 1] -> (sH, sW, 3) float32 RGB in [0, 1] in one call (no tiling)."""
+    def run(self, pixels: np.ndarray, clip: bool = True) -> np.ndarray:
+        """(H, W, 3) float32 RGB in [0, 1] -> (sH, sW, 3) float32 RGB (in [0, 1] with CLIP) in one call."""
         if self.engine is None:
             from sdrt.engines import create_engine
 
@@ -71,12 +72,16 @@ class UpscalerModel:
         x = np.ascontiguousarray(x.transpose(2, 0, 1)[None], dtype=np.float32)  # (1, 3, H, W)
         y = np.asarray(self.engine.run({UPSCALER_INPUT: x})[UPSCALER_OUTPUT])[0].transpose(1, 2, 0)
         y = y[..., ::-1] if self.bgr else y
-        return np.clip(y[: h * self.scale, : w * self.scale], 0, 1).astype(np.float32)
+        y = y[: h * self.scale, : w * self.scale]
+        return (np.clip(y, 0, 1) if clip else y).astype(np.float32)
 
     def upscale_once(self, image: Image.Image, tile: int, overlap: int, progress=None) -> Image.Image:
         """One pass of the model over IMAGE, in tiles of TILE pixels overlapping by OVERLAP (A1111's
         upscale_with_model; TILE 0: the whole image at once). Output as A1111's: 255 * value, truncated."""
         pixels = np.asarray(image.convert("RGB"), dtype=np.float32) / 255  # (H, W, 3)
+        if self.averaged:  # A1111's SwinIR upscale: its padding, averaged tiles, rounded output
+            out = upscale_averaged(self.run, pixels, self.scale, tile, overlap, self.multiple, progress)
+            return Image.fromarray((out * 255).round().astype(np.uint8), "RGB")
         out = upscale_tiled(self.run, pixels, self.scale, tile, overlap, progress)
         return Image.fromarray((out * 255).astype(np.uint8), "RGB")
 
@@ -113,6 +118,30 @@ def upscale_tiled(run, pixels: np.ndarray, scale: int, tile: int, overlap: int, 
             out = np.zeros((h * scale, w * scale, row.shape[2]), np.float32)
         _paste(out, row, y * scale, fade, axis=0)
     return out
+
+
+def upscale_averaged(run, pixels: np.ndarray, scale: int, tile: int, overlap: int, window: int, progress=None):
+    """A1111's SwinIR upscale: the image mirrored past its bottom and right edges to the next multiple of WINDOW
+    beyond its size, tiles of min(TILE, side) every TILE - OVERLAP pixels (the last flush with the edge), their
+    outputs averaged where they overlap (tiled_upscale_2), cropped to scale x the size and clipped to [0, 1]."""
+    h, w = pixels.shape[:2]
+    padded = np.pad(pixels, ((0, (h // window + 1) * window - h), (0, (w // window + 1) * window - w), (0, 0)),
+                    mode="symmetric")  # fmt: skip
+    ph, pw = padded.shape[:2]
+    tile = min(tile, ph, pw)
+    if tile <= 0:
+        return np.clip(run(padded, clip=False)[: h * scale, : w * scale], 0, 1)
+    stride = max(tile - overlap, 1)
+    total = np.zeros((ph * scale, pw * scale, pixels.shape[2]), np.float32)
+    count = np.zeros((ph * scale, pw * scale, 1), np.float32)
+    for y in [*range(0, ph - tile, stride), ph - tile]:
+        for x in [*range(0, pw - tile, stride), pw - tile]:
+            out = run(padded[y : y + tile, x : x + tile], clip=False)
+            total[y * scale : (y + tile) * scale, x * scale : (x + tile) * scale] += out
+            count[y * scale : (y + tile) * scale, x * scale : (x + tile) * scale] += 1
+            if progress is not None:
+                progress()
+    return np.clip((total / count)[: h * scale, : w * scale], 0, 1)
 
 
 def _ramp(overlap: int) -> np.ndarray:
