@@ -139,9 +139,26 @@ def run_worker(kind: str, job: dict) -> dict:
     return {**WORKERS[kind](job), "peak_rss_bytes": peak_rss()}
 
 
-def main() -> int:
+def hires_part(args) -> dict:
+    """sdrt's hires fix and diffusers' two passes, each in its own process, and their images' max difference."""
     import numpy as np
 
+    sd = args.workdir / "sd15"
+    if not (sd / "onnx" / "model.json").is_file():
+        sys.exit(f"no SD 1.5 export in {sd}: run `sdrt bench` (or python -m sdrt.bench.controlnet_cpu) once first")
+    job = {"onnx_dir": str(sd / "onnx"), "diffusers_dir": str(sd / "diffusers"), "size": args.size,
+           "steps": args.steps, "hires_steps": args.hires_steps, "strength": args.strength, "seed": 7}  # fmt: skip
+    report = {"job": job}
+    for kind in ("sdrt", "diffusers"):
+        common.log(f"hires fix: {kind}")
+        report[kind] = child(kind, {**job, "out": str(args.workdir / f"hires-{kind}.npy")})
+        common.log(f"  {report[kind]}")
+    a, b = (np.load(args.workdir / f"hires-{k}.npy").astype(np.int16) for k in ("sdrt", "diffusers"))
+    report["images_max_difference_255"] = int(np.abs(a - b).max())
+    return report
+
+
+def main() -> int:
     if sys.argv[1:2] == ["--worker"]:
         print("RESULT" + json.dumps(run_worker(sys.argv[2], json.loads(sys.argv[3]))))
         return 0
@@ -153,22 +170,16 @@ def main() -> int:
     p.add_argument("--strength", type=float, default=0.5)
     p.add_argument("--tile", type=int, default=64, help="upscaler input side in pixels")
     p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--parts", default="hires,upscaler", help="hires, upscaler or both (default)")
     p.add_argument("--output", type=Path, default=REPO / "benchmarks" / "results" / "hires-cpu.json")
     args = p.parse_args()
-    sd = args.workdir / "sd15"
-    if not (sd / "onnx" / "model.json").is_file():
-        sys.exit(f"no SD 1.5 export in {sd}: run `sdrt bench` (or benchmarks/controlnet_cpu.py) once first")
-    job = {"onnx_dir": str(sd / "onnx"), "diffusers_dir": str(sd / "diffusers"), "size": args.size,
-           "steps": args.steps, "hires_steps": args.hires_steps, "strength": args.strength, "seed": 7}  # fmt: skip
-    report = {"machine": describe_machine(), "date": common.now_iso(), "job": job, "command": sys.argv}
-    for kind in ("sdrt", "diffusers"):
-        common.log(f"hires fix: {kind}")
-        report[kind] = child(kind, {**job, "out": str(args.workdir / f"hires-{kind}.npy")})
-        common.log(f"  {report[kind]}")
-    a, b = (np.load(args.workdir / f"hires-{k}.npy").astype(np.int16) for k in ("sdrt", "diffusers"))
-    report["images_max_difference_255"] = int(np.abs(a - b).max())
-    common.log("upscaler: x4plus-sized RRDBNet")
-    report["upscaler"] = child("upscaler", {"workdir": str(args.workdir), "tile": args.tile, "runs": args.runs})
+    parts = set(args.parts.split(","))
+    report = {"machine": describe_machine(), "date": common.now_iso(), "command": sys.argv}
+    if "hires" in parts:
+        report |= hires_part(args)
+    if "upscaler" in parts:
+        common.log("upscaler: x4plus-sized RRDBNet")
+        report["upscaler"] = child("upscaler", {"workdir": str(args.workdir), "tile": args.tile, "runs": args.runs})
     args.output.write_text(json.dumps(report, indent=2) + "\n")
     common.log(f"wrote {args.output}")
     return 0
