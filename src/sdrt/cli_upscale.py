@@ -70,8 +70,11 @@ def cmd_upscale(args) -> int:
     images = [(Path(path), load_image(path, "images")) for path in args.images]  # all read before any work
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
+    from tqdm import tqdm
+
     for path, image in images:
-        result = upscalers.upscale(image.convert("RGB"), name, scale)
+        with tqdm(desc=f"upscale {path.name}", unit="tile", leave=False) as bar:
+            result = upscalers.upscale(image.convert("RGB"), name, scale, progress=bar.update)
         result.info["parameters"] = f"Postprocess upscale by: {format_scale(scale)}, Postprocess upscaler: {name}"
         print(save_png(result, out / f"{path.stem}-x{format_scale(scale)}.png"))
     return 0
