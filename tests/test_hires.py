@@ -162,3 +162,23 @@ def test_controlnet_units_apply_to_both_passes(tiny_controlnets):
     assert [im.size for im in out] == [(128, 128), (128, 128)]  # the image and the second pass's control map
     assert max_diff(out[0], plain[0]) > 0  # the unit changed the image
     assert "ControlNet 0" in out[0].info["parameters"]
+
+
+def test_progress_counts_both_passes_and_interrupt_keeps_finished_batches(tiny_pipeline):
+    from sdrt.errors import Interrupted
+
+    seen = []
+
+    def record(step, total, denoised):
+        seen.append((step, total))
+
+    out = sdrt_hires(tiny_pipeline, 2, hires_steps=3, batch_count=2, callback=record)
+    assert len(out) == 2 and seen[-1] == (2 * (STEPS + 3), 2 * (STEPS + 3))
+    assert [s for s, _ in seen] == list(range(1, 2 * (STEPS + 3) + 1))
+
+    def stop_in_second_batch(step, total, denoised):
+        if step == STEPS + 1:  # the first step of the second batch's first pass
+            raise Interrupted()
+
+    out = sdrt_hires(tiny_pipeline, 2, hires_steps=3, batch_count=2, callback=stop_in_second_batch)
+    assert [im.size for im in out] == [(2 * SIZE, 2 * SIZE)]  # the finished batch, with its second pass
