@@ -169,3 +169,10 @@ def test_swinir_tiling_matches_a1111(tiny_upscalers):
     assert np.abs(got - want).max() <= 1
     other = _a1111_swinir(tiny_module("swinir_x2"), image, 12, 0, 4, 2).astype(np.int16)  # can-fail: no overlap
     assert np.abs(got - other).max() > 4
+
+
+def test_openvino_runs_the_graph(tiny_upscalers):
+    pytest.importorskip("openvino")
+    pixels = np.asarray(_image(), dtype=np.float32) / 255
+    cpu = UpscalerModel(tiny_upscalers["rrdb_x4"]).run(pixels)
+    assert np.abs(UpscalerModel(tiny_upscalers["rrdb_x4"], "openvino-f32").run(pixels) - cpu).max() <= ONE_LEVEL

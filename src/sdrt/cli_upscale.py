@@ -22,7 +22,7 @@ def add_parsers(sub) -> None:
     u.add_argument("--upscaler-dir", help="folder of exported upscalers to find --upscaler in")
     u.add_argument("--tile", type=int, default=None, help="tile size in pixels, 0: none (A1111's ESRGAN_tile: 192)")
     u.add_argument("--tile-overlap", type=int, default=None, help="tile overlap in pixels (ESRGAN_tile_overlap: 8)")
-    u.add_argument("--backend", default="cpu", help="cpu (default) or cuda")
+    u.add_argument("--backend", default="cpu", help="cpu (default), cuda, or openvino[-f32|-bf16]")
     u.add_argument("-o", "--output", default="outputs", help="folder for the PNGs (default: outputs)")
     u.set_defaults(func=cmd_upscale)
 
