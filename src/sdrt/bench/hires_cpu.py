@@ -37,6 +37,15 @@ def worker_sdrt(job: dict) -> dict:
     from sdrt.runtime.pipeline import Pipeline
 
     pipe = Pipeline.load(job["onnx_dir"])
+    rounds = [_sdrt_round(pipe, job) for _ in range(job.get("rounds", 1))]  # the first: each size's first run
+    images = [r.pop("image") for r in rounds]
+    np.save(job["out"], images[-1])
+    return {**rounds[-1], "earlier_rounds": rounds[:-1]}
+
+
+def _sdrt_round(pipe, job: dict) -> dict:
+    import numpy as np
+
     marks = {}
     start = time.perf_counter()
 
@@ -51,8 +60,8 @@ def worker_sdrt(job: dict) -> dict:
                           hires_steps=job["hires_steps"], strength=job["strength"], callback=callback,
                           progress=False)[0]  # fmt: skip
     total = time.perf_counter() - start
-    np.save(job["out"], np.asarray(image))
-    return {"first_pass_s": marks["first"], "second_pass_s": total - marks["first"], "total_s": total}
+    return {"first_pass_s": marks["first"], "second_pass_s": total - marks["first"], "total_s": total,
+            "image": np.asarray(image)}  # fmt: skip
 
 
 def worker_diffusers(job: dict) -> dict:
@@ -64,6 +73,16 @@ def worker_diffusers(job: dict) -> dict:
                                                              safety_checker=None)  # fmt: skip
     pipe.scheduler = diffusers.EulerDiscreteScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
+    rounds = [_diffusers_round(diffusers, pipe, job) for _ in range(job.get("rounds", 1))]
+    images = [r.pop("image") for r in rounds]
+    np.save(job["out"], images[-1])
+    return {**rounds[-1], "earlier_rounds": rounds[:-1]}
+
+
+def _diffusers_round(diffusers, pipe, job: dict) -> dict:
+    import numpy as np
+    import torch
+
     kw = dict(negative_prompt=common.NEGATIVE_PROMPT, guidance_scale=common.CFG_SCALE)
     start = time.perf_counter()
     with torch.no_grad():
@@ -79,8 +98,8 @@ def worker_diffusers(job: dict) -> dict:
         out = img2img(common.PROMPT, image=up, strength=(hr + 0.5) / total, num_inference_steps=total,
                       generator=torch.Generator().manual_seed(job["seed"]), output_type="np", **kw).images  # fmt: skip
     elapsed = time.perf_counter() - start
-    np.save(job["out"], (out[0] * 255).round().astype(np.uint8))
-    return {"first_pass_s": first, "second_pass_s": elapsed - first, "total_s": elapsed}
+    return {"first_pass_s": first, "second_pass_s": elapsed - first, "total_s": elapsed,
+            "image": (out[0] * 255).round().astype(np.uint8)}  # fmt: skip
 
 
 def worker_upscaler(job: dict) -> dict:
@@ -147,7 +166,8 @@ def hires_part(args) -> dict:
     if not (sd / "onnx" / "model.json").is_file():
         sys.exit(f"no SD 1.5 export in {sd}: run `sdrt bench` (or python -m sdrt.bench.controlnet_cpu) once first")
     job = {"onnx_dir": str(sd / "onnx"), "diffusers_dir": str(sd / "diffusers"), "size": args.size,
-           "steps": args.steps, "hires_steps": args.hires_steps, "strength": args.strength, "seed": 7}  # fmt: skip
+           "steps": args.steps, "hires_steps": args.hires_steps, "strength": args.strength, "seed": 7,
+           "rounds": args.rounds}  # fmt: skip
     report = {"job": job}
     for kind in ("sdrt", "diffusers"):
         common.log(f"hires fix: {kind}")
@@ -171,6 +191,7 @@ def main() -> int:
     p.add_argument("--tile", type=int, default=64, help="upscaler input side in pixels")
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--parts", default="hires,upscaler", help="hires, upscaler or both (default)")
+    p.add_argument("--rounds", type=int, default=2, help="hires calls per process; the last is reported (default 2)")
     p.add_argument("--output", type=Path, default=REPO / "benchmarks" / "results" / "hires-cpu.json")
     args = p.parse_args()
     parts = set(args.parts.split(","))
