@@ -397,4 +397,3 @@ def _check_latents(manifest: Manifest, o: dict) -> None:
         allowed = f"shape {want} (batch_size * batch_count, C, height/8, width/8)"
         raise InvalidOption("latents", f"array of shape {latents.shape}", allowed)
     o["latents"] = latents
-

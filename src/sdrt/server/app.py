@@ -370,8 +370,15 @@ def parse_credentials(text: str) -> dict[str, str]:
 
 
 def serve(
-    model_dir, host: str, port: int, api_auth: str | None, backend: str, limits: Limits, loras=None,
-    controlnet_dir=None, upscaler_dir=None,
+    model_dir,
+    host: str,
+    port: int,
+    api_auth: str | None,
+    backend: str,
+    limits: Limits,
+    loras=None,
+    controlnet_dir=None,
+    upscaler_dir=None,
 ) -> int:
     """Load the model once and serve until interrupted."""
     try:
