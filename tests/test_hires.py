@@ -182,3 +182,40 @@ def test_progress_counts_both_passes_and_interrupt_keeps_finished_batches(tiny_p
 
     out = sdrt_hires(tiny_pipeline, 2, hires_steps=3, batch_count=2, callback=stop_in_second_batch)
     assert [im.size for im in out] == [(2 * SIZE, 2 * SIZE)]  # the finished batch, with its second pass
+
+
+def diffusers_hires_lanczos(pipe, seed, strength=0.6, hr_steps=4, truncate=True):
+    """uint8 (H, W, 3): diffusers txt2img latents, decoded to 8 bits as A1111 (truncated), Lanczos x2 (PIL), the
+    VAE posterior's mean, then img2img from those latents."""
+    import diffusers
+    import torch
+    from PIL import Image
+
+    txt2img = diffusers.StableDiffusionPipeline(**pipe.components)
+    txt2img.scheduler = _scheduler(pipe, "Euler")
+    txt2img.set_progress_bar_config(disable=True)
+    kw = dict(negative_prompt=NEGATIVE, guidance_scale=7.0)
+    latents = txt2img(PROMPT, num_inference_steps=STEPS, height=SIZE, width=SIZE, output_type="latent",
+                      generator=torch.Generator("cpu").manual_seed(seed), **kw).images  # fmt: skip
+    vae, scaling = pipe.vae, pipe.vae.config.scaling_factor
+    with torch.no_grad():
+        unit = ((vae.decode(latents / scaling).sample[0] + 1) / 2).clamp(0, 1).permute(1, 2, 0).numpy() * 255
+        low = Image.fromarray(unit.astype(np.uint8) if truncate else unit.round().astype(np.uint8))
+        big = np.asarray(low.resize((2 * SIZE, 2 * SIZE), Image.LANCZOS), dtype=np.float32) / 127.5 - 1
+        up = vae.encode(torch.from_numpy(big).permute(2, 0, 1)[None]).latent_dist.mean * scaling
+    img2img = diffusers.StableDiffusionImg2ImgPipeline(**pipe.components)
+    img2img.scheduler = _scheduler(pipe, "Euler")
+    img2img.set_progress_bar_config(disable=True)
+    total = int(hr_steps / min(strength, 0.999))
+    out = img2img(PROMPT, image=up, strength=(hr_steps + 0.5) / total, num_inference_steps=total,
+                  generator=torch.Generator("cpu").manual_seed(seed), output_type="np", **kw).images  # fmt: skip
+    return (out[0] * 255).round().astype(np.uint8)
+
+
+def test_image_upscaler_hires_matches_diffusers(tiny_sd, tiny_pipeline):
+    """The image path (decode, Lanczos, VAE encode to the posterior mean, img2img) within 2/255; can-fail twin:
+    strength 0.8 in the reference."""
+    pipe, _ = tiny_sd
+    got = sdrt_hires(tiny_pipeline, 9, hires_upscaler="Lanczos")[0]
+    assert max_diff(got, diffusers_hires_lanczos(pipe, 9)) <= PIXEL_TOL
+    assert max_diff(got, diffusers_hires_lanczos(pipe, 9, strength=0.8)) > 4 * PIXEL_TOL

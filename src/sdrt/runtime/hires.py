@@ -13,9 +13,10 @@ of an image upscaler's output are the VAE posterior's mean (A1111 samples it fro
 from dataclasses import dataclass, replace
 
 import numpy as np
+from PIL import Image
 
 from sdrt.errors import Interrupted, InvalidOption, check_int
-from sdrt.runtime.image import format_number, to_pil
+from sdrt.runtime.image import format_number
 from sdrt.runtime.resample import interpolate
 
 LATENT_MODES = {  # A1111's shared.latent_upscale_modes: name -> (torch interpolate mode, antialias)
@@ -205,8 +206,10 @@ def upscale_latents(pipe, latents: np.ndarray, p: HiresPlan) -> np.ndarray:
 
 
 def _upscaled_image(pipe, z: np.ndarray, p: HiresPlan):
-    """One latent (C, h, w) decoded to an 8-bit image as A1111 makes it, then resized to upscale_to by the upscaler."""
-    image = to_pil(pipe.decode(z[None]))[0]
+    """One latent (C, h, w) decoded to an 8-bit image as A1111's sample_hr_pass makes it (255 * value, truncated),
+    then resized to upscale_to by the upscaler (images.resize_image)."""
+    unit = np.clip((pipe.decode(z[None])[0] + 1) / 2, 0, 1).transpose(1, 2, 0)  # (H, W, 3) in [0, 1]
+    image = Image.fromarray((unit * 255).astype(np.uint8), "RGB")
     return pipe.upscalers.resize(image, *p.upscale_to, p.upscaler)
 
 
