@@ -159,3 +159,22 @@ def tiny_controlnets(tiny_sd, tmp_path_factory):
         assert main(["export-controlnet", str(root / f"cn{seed}"), "-o", str(root / "controlnets" / f"cn{seed}")]) == 0
         nets.append((net, root / "controlnets" / f"cn{seed}"))
     return pipe, root / "model", nets
+
+
+@pytest.fixture(scope="session")
+def tiny_upscaler_files(tmp_path_factory):
+    """{name: file} of tiny random ESRGAN-family upscalers (tiny_upscalers.py)."""
+    from tiny_upscalers import write_tiny_upscalers
+
+    return write_tiny_upscalers(tmp_path_factory.mktemp("upscaler-files"))
+
+
+@pytest.fixture(scope="session")
+def tiny_upscalers(tiny_upscaler_files, tmp_path_factory):
+    """{name: exported folder} of every tiny upscaler file, all in one folder (an --upscaler-dir)."""
+    from sdrt.export.upscaler import export_upscaler
+
+    root = tmp_path_factory.mktemp("upscalers")
+    for name, path in tiny_upscaler_files.items():
+        export_upscaler(path, root / name)
+    return {name: root / name for name in tiny_upscaler_files}

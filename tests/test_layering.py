@@ -17,11 +17,12 @@ ALLOWED = {
     "export": {"runtime", "engines", "errors", "version", "cache_files"},
     "server": {"runtime", "engines", "errors", "version", "cache_files"},
     "bench": {"runtime", "engines", "export", "errors", "version", "cache_files"},
-    "cli": {"runtime", "export", "bench", "errors", "version", "cli_controlnet", "commands"},
+    "cli": {"runtime", "export", "bench", "errors", "version", "cli_controlnet", "cli_upscale", "commands"},
     "commands": {"runtime", "engines", "export", "server", "bench", "errors", "version", "cli_controlnet",
                  "cli_outputs", "cache_files"},
     "cli_outputs": {"errors", "version"},
     "cli_controlnet": {"runtime", "export", "errors", "version"},
+    "cli_upscale": {"runtime", "export", "errors", "version"},
     "__init__": {"runtime", "version"},
     "__main__": {"cli"},
 }

@@ -179,7 +179,7 @@ def test_outpaint_endpoint(sdrt_server):
         ({"cfg_scale": -1}, "cfg_scale"),
         ({"seed": -2}, "seed"),
         ({"width": 2048, "height": 4096}, "width"),
-        ({"enable_hr": True}, "enable_hr"),
+        ({"enable_hr": True, "hr_upscaler": "nope"}, "hr_upscaler"),
         ({"restore_faces": True}, "restore_faces"),
         ({"script_name": "x/y/z plot"}, "script_name"),
         ({"scheduler": "nope"}, "scheduler"),

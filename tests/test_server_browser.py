@@ -161,3 +161,20 @@ def test_page_model_and_style_pickers(page, tiny_sd, tiny_sd_v, tmp_path):
         page.wait_for_function("document.querySelectorAll('.item img').length >= 1")
         text = page.locator(".item pre").first.inner_text()
         assert text.startswith("a boat, ink drawing\n") and f"Model hash: {titles['beta'][-11:-1]}" in text
+
+
+def test_page_hires_fix(page, sdrt_server):
+    """The txt2img tab's hires fix: the upscaler list (latent modes, then the server's upscalers), a 64 -> 128 image."""
+    page.goto(sdrt_server.url + "/")
+    page.wait_for_selector("body[data-ready='1']")
+    options = page.locator("#hr_upscaler option").all_inner_texts()
+    assert options[0] == "Latent" and "Lanczos" in options
+    for field, value in (("#width", "64"), ("#height", "64"), ("#steps", "3"), ("#batch_size", "1"),
+                         ("#hr_second_pass_steps", "2")):  # fmt: skip
+        page.fill(field, value)
+    page.check("#enable_hr")
+    page.select_option("#hr_upscaler", "Lanczos")
+    page.click("#generate")
+    page.wait_for_function("document.querySelectorAll('.item img').length >= 1")
+    assert gallery_image(page).size == (128, 128)
+    assert "Hires upscaler: Lanczos" in page.locator(".item pre").first.inner_text()

@@ -52,7 +52,8 @@ def test_webuiapi_helpers(clients_server):
     assert api.get_memory()["ram"]["used"] > 0
     assert api.skip() is None  # nothing running: nothing to skip
     assert api.get_prompt_styles()[0]["name"] == "sketch"
-    assert api.get_sd_vae() == [] and api.get_face_restorers() == [] and api.get_upscalers() == []
+    assert api.get_sd_vae() == [] and api.get_face_restorers() == []
+    assert [u["name"] for u in api.get_upscalers()] == ["None", "Lanczos", "Nearest"]  # no --upscaler-dir
     assert "Euler a" in api.util_get_sampler_names() and "karras" in api.util_get_scheduler_names()
     result = api.txt2img(prompt="a cat", width=64, height=64, seed=3, styles=["sketch"])  # webuiapi's full body
     assert result.image.size == (64, 64) and result.info["prompt"] == "a cat, pencil sketch"
@@ -76,7 +77,7 @@ def test_sillytavern_sequence(clients_server):
     assert s.get("/sdapi/v1/options").status_code == 200  # ping
     upscalers = [x["name"] for x in s.get("/sdapi/v1/upscalers").json()]
     latent = [x["name"] for x in s.get("/sdapi/v1/latent-upscale-modes").json()]
-    assert upscalers == [] and latent == []
+    assert upscalers == ["None", "Lanczos", "Nearest"] and latent[0] == "Latent" and len(latent) == 6
     assert isinstance(s.get("/sdapi/v1/sd-vae").json(), list)  # sd-modules (Forge's) may 404: allSettled
     samplers = [x["name"] for x in s.get("/sdapi/v1/samplers").json()]
     schedulers = [x["name"] for x in s.get("/sdapi/v1/schedulers").json()]

@@ -193,7 +193,7 @@ def test_listing_routes_are_truthful(server, extras_dir):
         ("controlnet", False, True),
         ("controlnet", True, True),
     }
-    for path in ("extensions", "face-restorers", "hypernetworks", "sd-vae", "upscalers", "realesrgan-models"):
+    for path in ("extensions", "face-restorers", "hypernetworks", "sd-vae", "realesrgan-models"):
         assert server.get(f"/sdapi/v1/{path}").json() == [], path
     flags = server.get("/sdapi/v1/cmd-flags").json()
     assert flags["embeddings_dir"] == "embeddings" and flags["api_auth"] is None and flags["listen"] is False

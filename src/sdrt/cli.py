@@ -4,7 +4,7 @@ import argparse
 import sys
 import warnings
 
-from sdrt import cli_controlnet, commands
+from sdrt import cli_controlnet, cli_upscale, commands
 from sdrt.errors import SdrtError
 from sdrt.export.cache import DEFAULT_MODEL
 
@@ -24,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     add_export_parser(sub)
     cli_controlnet.add_export_controlnet_parser(sub)
+    cli_upscale.add_parsers(sub)
     add_optimize_parser(sub)
     add_generate_parser(sub)
     add_outpaint_parser(sub)
@@ -105,6 +106,7 @@ def add_serve_parser(sub) -> None:
     s.add_argument("--models-memory", help="with --models-dir: at most this much weights loaded (e.g. 12GB; LRU)")
     s.add_argument("--embeddings-dir", help="folder of textual inversions, used by file name in prompts (A1111)")
     s.add_argument("--styles-file", help="A1111's styles.csv: /sdapi/v1/prompt-styles and the requests' `styles`")
+    s.add_argument("--upscaler-dir", help="folder of exported upscalers (`sdrt export-upscaler`): hires fix, extras")
     add_ray_arguments(s)
     s.set_defaults(func=commands.cmd_serve)
 
@@ -152,6 +154,7 @@ GROUP_TITLES = {
     "generation": "generation options",
     "editing": "img2img and inpainting (A1111's names)",
     "sdxl": "SDXL (diffusers' names; refused on SD 1.x/2.x models)",
+    "hires": "hires fix (A1111's enable_hr, hr_*; --strength is its denoising strength)",
 }
 
 
@@ -186,6 +189,7 @@ def add_generation_arguments(c, editing: tuple[str, ...] | None) -> None:
     c.add_argument("--vae-tile", type=int, help="decode/encode the VAE in tiles of this many pixels (e.g. 512)")
     c.add_argument("-o", "--output", default="outputs", help="folder for the PNGs (default: outputs)")
     cli_controlnet.add_generation_arguments(c)
+    cli_upscale.add_generation_arguments(c)
 
 
 def main(argv=None) -> int:

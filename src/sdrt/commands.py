@@ -64,6 +64,8 @@ def read_images(args) -> dict:
             raise InvalidOption("mask", args.mask, "a mask together with --init-image (the image to inpaint)")
         images["mask"] = open_image(args.mask, "mask")
     given = [name for name in OPTION_FIELDS if spec(name).group == "editing" and hasattr(args, name)]
+    if getattr(args, "hires", False) and "strength" in given:  # --strength is also hires fix's denoising strength
+        given.remove("strength")
     if "init_image" not in images and given:
         raise InvalidOption(given[0], getattr(args, given[0]), "only with --init-image")
     masked = [name for name in given if name not in ("init_image", "strength", "resize_mode", "mask")]
@@ -127,7 +129,7 @@ def cmd_generate(args) -> int:
     kwargs |= cli_controlnet.controlnet_kwargs(args)
     pipe = Pipeline.load(
         resolve_model(args.model), backend=args.backend, embeddings=args.embeddings, loras=args.lora_dir,
-        **memory_kwargs(args),
+        upscalers=args.upscaler_dir, **memory_kwargs(args),
     )  # fmt: skip
     if args.from_png is not None and "prompt" in kwargs:  # A1111: a LoRA renamed since is found by its hash
         kwargs["prompt"] = pipe.loras.fix_names(kwargs["prompt"], png_lora_hashes(args.from_png))
@@ -156,7 +158,7 @@ def png_kwargs(path: str, has_init_image: bool) -> dict:
     if text is None:
         raise InvalidOption("--from-png", path, f"an image carrying generation parameters (found {where})")
     kwargs = infotext_kwargs(parse_infotext(text))
-    if "strength" in kwargs and not has_init_image:
+    if "strength" in kwargs and not has_init_image and not kwargs.get("hires"):  # hires fix: txt2img's strength
         raise InvalidOption("--from-png", path, "a txt2img image, or give --init-image to redo an img2img one")
     if not has_init_image:
         kwargs.pop("mask_blur", None)
@@ -232,10 +234,11 @@ def cmd_serve(args) -> int:
     extras = Extras.from_args(args)  # --embeddings-dir, --styles-file, /sdapi/v1/cmd-flags
     if args.models_dir is not None:
         return serve(None, args.host, args.port, args.api_auth, args.backend or "cpu", limits, args.lora_dir,
-                     folder=ModelsFolder.from_args(args, resolve_model), extras=extras)  # fmt: skip
+                     folder=ModelsFolder.from_args(args, resolve_model), extras=extras,
+                     upscaler_dir=args.upscaler_dir)  # fmt: skip
     model = resolve_model(args.model)
     return serve(model, args.host, args.port, args.api_auth, args.backend or "cpu", limits, args.lora_dir,
-                 args.controlnet_dir, extras=extras)  # fmt: skip
+                 args.controlnet_dir, extras=extras, upscaler_dir=args.upscaler_dir)  # fmt: skip
 
 
 RAY_ONLY = ("address", "replicas", "min_replicas", "max_replicas", "target_ongoing_requests", "gpus_per_replica",
@@ -261,6 +264,9 @@ def serve_ray(args, limits) -> int:
     Manifest.load(Path(model))  # a bad folder fails here, not inside a replica
     if args.controlnet_dir is not None:
         raise InvalidOption("--controlnet-dir", args.controlnet_dir, "none with --ray (ControlNet: sdrt serve only)")
+    if args.upscaler_dir is not None:
+        allowed = "none with --ray (the replicas offer the latent modes, None, Lanczos and Nearest)"
+        raise InvalidOption("--upscaler-dir", args.upscaler_dir, allowed)
     values = {"model": str(model), "backend": args.backend, "replicas": args.replicas}
     if args.lora_dir is not None:
         values["lora_dir"] = str(Path(args.lora_dir).resolve())

@@ -82,6 +82,9 @@ def _load_pickled(path: Path) -> tuple[dict, int | None]:
     return checkpoint, global_step
 
 
+load_pickled = _load_pickled  # for other exports' single files (upscalers)
+
+
 def checkpoint_info(source: str) -> CheckpointInfo | None:
     """A single file's tensor shapes (the export registry tells families apart by them); None for folders and hub
     ids."""

@@ -38,7 +38,9 @@ class PerImageConditioning(TextConditioning):
 def batch_key(opts: GenerationOptions) -> GenerationOptions | None:
     """What requests must share to run in one UNet batch (hashable), or None for a request that runs alone
     (several batches, img2img / inpainting, given latents, latents out, an SDXL refiner)."""
-    if opts.batch_count != 1 or opts.init_image is not None or opts.latents is not None:
+    if opts.batch_count != 1 or opts.init_image is not None or opts.latents is not None or opts.hires:
+        return None
+    if opts.init_latents is not None:
         return None
     if opts.output_type != "pil" or opts.refiner is not None or opts.controlnets:
         return None

@@ -18,7 +18,7 @@ from sdrt.runtime.schedules import Schedule
 class Edit:
     """img2img / inpainting inputs at the generated size."""
 
-    image: np.ndarray  # (1, 3, H, W) float32 in [-1, 1]: the (filled) init image the VAE encodes
+    image: np.ndarray | None  # (1, 3, H, W) float32 in [-1, 1]: the (filled) init image the VAE encodes (None: latents)
     latent_mask: np.ndarray | None = None  # (1, 1, h, w) float32 0/1: where the sampler's result is kept
     conditioning_mask: np.ndarray | None = None  # (1, 1, h, w) float32 0/1: inpainting UNets' mask channel
     masked_image: np.ndarray | None = None  # (1, 3, H, W) float32: init image with the repainted area at 0
@@ -37,6 +37,8 @@ def prepare_edit(manifest, opts) -> Edit:
     """The init image and mask as the sampler needs them (A1111's StableDiffusionProcessingImg2Img.init order:
     invert, blur, crop for "only masked" or resize, fill), and what the paste-back needs."""
     image, mask, resize_mode, full_res = opts.init_image, opts.mask, opts.resize_mode, opts.inpaint_full_res
+    if image is None:  # img2img from init_latents (hires fix's second pass): sample() gets them as its start
+        return Edit(image=None)
     size = (opts.width, opts.height)
     if mask is None and not inpainting_unet(manifest):
         return Edit(image=from_pil(masks.resize_image(image, *size, resize_mode)))
@@ -79,9 +81,11 @@ def prepare_edit(manifest, opts) -> Edit:
     )
 
 
-def start_edit(manifest, vae, opts, schedule: Schedule, edit: Edit, noise: ImageNoise, batch: int, add_noise):
+def start_edit(manifest, vae, opts, schedule: Schedule, edit: Edit, noise: ImageNoise, batch: int, add_noise,
+               latents=None):  # fmt: skip
     """(schedule cut to the steps run, starting x, UNet conditioning, blend state) of img2img / inpainting.
-    ADD_NOISE(x0, eps, sigma): the family's forward process (Family.add_noise).
+    ADD_NOISE(x0, eps, sigma): the family's forward process (Family.add_noise). LATENTS (B, C, h, w): the clean
+    latents to start from instead of the init image's (init_latents, no draw for them).
 
     Each image's generator draws in diffusers' order (StableDiffusionImg2ImgPipeline / InpaintPipeline
     prepare_latents, then prepare_mask_latents): init image latents, initial noise, masked-image latents.
@@ -91,7 +95,7 @@ def start_edit(manifest, vae, opts, schedule: Schedule, edit: Edit, noise: Image
     first = len(schedule.timesteps) - opts.steps_run
     cut = Schedule(schedule.sigmas[first:], schedule.timesteps[first:], schedule.initial_noise_scale)
     pure_noise = inpainting and opts.strength == 1.0  # diffusers' inpaint starts from noise alone at strength 1
-    x0 = None if inpaint_unet and pure_noise else vae.encode(edit.image, noise)  # (B, C, h, w)
+    x0 = None if inpaint_unet and pure_noise else vae.encode(edit.image, noise) if latents is None else latents
     eps = noise.initial()  # (B, C, h, w) float32
     if x0 is not None and inpainting and edit.fill in ("latent noise", "latent nothing"):
         x0 = masks.fill_init_latents(x0, edit.latent_mask, edit.fill, eps)

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from sdrt.errors import InvalidOption, ModelError, check_int, check_number, is_int
+from sdrt.runtime import hires_options as hires_fix
 from sdrt.runtime import masks
 from sdrt.runtime.conditioning import EMPHASES, MAX_CLIP_SKIP
 from sdrt.runtime.controlnet import check_units
@@ -23,9 +24,8 @@ from sdrt.runtime.families import family_of, family_option_names
 from sdrt.runtime.image import format_number
 from sdrt.runtime.lora import requested
 from sdrt.runtime.manifest import Manifest
-from sdrt.runtime.option_mappings import (  # noqa: F401 (RNG_NAMES, UNSET: re-exported for the server's mapping)
+from sdrt.runtime.option_mappings import (
     RNG_NAMES,
-    UNSET,
     a1111_mask_blur,
     a1111_mask_invert,
     if_masked,
@@ -154,6 +154,17 @@ class GenerationOptions:
     mask_blur: int | None = option(4, "int", low=0, high=MAX_MASK_BLUR, group="editing", a1111="mask_blur",
                                    from_a1111=a1111_mask_blur, infotext="Mask blur", write=lambda o, im: o.mask_blur,
                                    help="Gaussian sigma in pixels (default 4)")  # fmt: skip
+    hires: bool = option(False, "bool", **hires_fix.SPECS["hires"])  # hires fix (hires.py); strength: its denoising
+    hires_scale: float = option(2.0, "float", **hires_fix.SPECS["hires_scale"])
+    hires_resize_x: int = option(0, "int", **hires_fix.SPECS["hires_resize_x"])
+    hires_resize_y: int = option(0, "int", **hires_fix.SPECS["hires_resize_y"])
+    hires_upscaler: str | None = option(None, "str", **hires_fix.SPECS["hires_upscaler"])
+    hires_steps: int = option(0, "int", high=MAX_STEPS, **hires_fix.SPECS["hires_steps"])
+    hires_sampler: str | None = option(None, "str", **hires_fix.SPECS["hires_sampler"])
+    hires_scheduler: str | None = option(None, "str", **hires_fix.SPECS["hires_scheduler"])
+    hires_prompt: str = option("", "str", **hires_fix.SPECS["hires_prompt"])
+    hires_negative_prompt: str = option("", "str", **hires_fix.SPECS["hires_negative_prompt"])
+    hires_cfg: float | None = option(None, "float", **hires_fix.SPECS["hires_cfg"])
     timestep_spacing: str | None = option(None, "str", choices=SPACINGS, infotext="Timestep spacing",
                                           write=lambda o, im: o.timestep_spacing,
                                           help="leading, linspace or trailing (default: the model's)")  # fmt: skip
@@ -214,6 +225,7 @@ class GenerationOptions:
                                 help="ControlNet units (controlnet.ControlNetUnit), any number")  # fmt: skip
     control_maps: bool = option(False, "bool", group="output", cli=False,
                                 help="append each ControlNet unit's control map to the images")  # fmt: skip
+    init_latents: np.ndarray | None = option(None, "array", **hires_fix.SPECS["init_latents"])  # (N, C, h, w)
     # Set by resolve: the options only the model's family takes (its option group), validated by the family
     # (families/: SDXL's SdxlOptions; None for families without own options).
     family_options: Any = field(default=None, init=False, compare=False)
@@ -221,7 +233,7 @@ class GenerationOptions:
     @property
     def steps_run(self) -> int:
         """Steps actually sampled: int(steps * strength) with an init image (diffusers' get_timesteps), else steps."""
-        return self.steps if self.strength is None else min(int(self.steps * self.strength), self.steps)
+        return self.steps if self.strength is None or self.hires else min(int(self.steps * self.strength), self.steps)
 
     @property
     def guided(self) -> bool:
@@ -282,7 +294,7 @@ def resolve(options: GenerationOptions, manifest: Manifest) -> GenerationOptions
     """Validate every option against the model's manifest, fill in what depends on it (size, random seeds, the
     init image's size) and pin the sampler's name; the first bad option raises InvalidOption."""
     o = {name: getattr(options, name) for name in OPTION_FIELDS}
-    editing = o["init_image"] is not None
+    editing = o["init_image"] is not None or o["init_latents"] is not None
     if not editing:
         if o["mask"] is not None:
             raise InvalidOption("mask", "a mask", "None without init_image (the image to inpaint)")
@@ -292,6 +304,8 @@ def resolve(options: GenerationOptions, manifest: Manifest) -> GenerationOptions
                 "channels: latents, mask and masked-image latents); sdrt runs it for img2img and inpainting "
                 "(pass init_image, and a mask), not txt2img"
             )
+    elif o["init_latents"] is not None:
+        hires_fix.check_init_latents(manifest, o)
     else:
         if o["latents"] is not None:
             raise InvalidOption("latents", "an array", "None with init_image (the init image gives the start)")
@@ -332,9 +346,9 @@ def resolve(options: GenerationOptions, manifest: Manifest) -> GenerationOptions
         raise InvalidOption(name, o[name], "a size too: seed_resize_from_w and _h are set together")
     for name in ("ensd", "output_type", "eta", "s_noise", "s_churn", "s_tmin", "s_tmax"):
         o[name] = _in_range(name, o[name])
-    if editing or o["strength"] is not None:  # checked even where unused: NaN is no strength for txt2img either
-        o["strength"] = _in_range("strength", o["strength"])
-    o["strength"] = o["strength"] if editing else None
+    hires_fix.check(o, manifest, _in_range, MAX_STEPS)  # hires fix keeps strength: its denoising strength
+    strength = None if o["strength"] is None else _in_range("strength", o["strength"])  # NaN refused, used or not
+    o["strength"] = strength if editing or o["hires"] else None
     o["mask_blur"] = _in_range("mask_blur", o["mask_blur"]) if o["mask"] is not None else None
     o["clip_skip"] = check_int("clip_skip", o["clip_skip"], 1, MAX_CLIP_SKIP)
     o["emphasis"] = _in_range("emphasis", o["emphasis"])

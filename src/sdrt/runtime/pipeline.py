@@ -10,7 +10,7 @@ import numpy as np
 
 from sdrt.engines import resolve_backend
 from sdrt.errors import InvalidOption
-from sdrt.runtime import editing, masks
+from sdrt.runtime import editing, hires, masks
 from sdrt.runtime.conditioning import encode_prompts
 from sdrt.runtime.controlnet import prepare_controls
 from sdrt.runtime.controlnet_models import ControlNetCache
@@ -24,6 +24,7 @@ from sdrt.runtime.manifest import Manifest
 from sdrt.runtime.memory import memory_plan
 from sdrt.runtime.options import GenerationOptions, build_options, resolve
 from sdrt.runtime.sampling import Progress
+from sdrt.runtime.upscale import UpscalerSet
 from sdrt.runtime.vae import Vae
 
 
@@ -46,11 +47,12 @@ class Pipeline:
                            self.family.train_sigmas(manifest))  # fmt: skip
         self.second_stages = {}  # second-stage model folder (SDXL's refiner) -> its Pipeline, loaded once
         self.controlnets = ControlNetCache(self.backend)  # ControlNets by folder, loaded once (controlnet.py)
+        self.upscalers = UpscalerSet(self.backend)  # hires fix's image upscalers: None, Lanczos, Nearest, models
 
     @classmethod
     def load(
         cls, model_dir, backend: str = "cpu", embeddings=None, low_vram: bool = False, vram_budget=None, vae_tile=None,
-        static=None, fused: bool | None = None, loras=None, ram_budget=None,
+        static=None, fused: bool | None = None, loras=None, ram_budget=None, upscalers=None,
     ) -> "Pipeline":  # fmt: skip
         """Read MODEL_DIR (made by `sdrt export`), validate it, and load its engines.
 
@@ -77,6 +79,8 @@ class Pipeline:
         if loras is not None:
             pipe.loras.load_dir(loras)
             pipe.loras.prepare_engines()  # engines that can ready their LoRA layers now (the first LoRA: a switch)
+        if upscalers is not None:  # a folder of exported upscalers (`sdrt export-upscaler`), for hires fix
+            pipe.upscalers.load_dir(upscalers)
         resident = (*pipe.family.text_models(pipe.manifest), pipe.family.denoiser_model, "vae_decoder")
         for name in () if pipe.memory.staged else resident:
             pipe.engines[name].load()
@@ -97,10 +101,13 @@ class Pipeline:
         if prompt is not None:
             overrides["prompt"] = prompt
         opts = resolve(build_options(options, **overrides), self.manifest)
+        if opts.hires:  # txt2img, upscale, img2img: two runs of this method (hires.py)
+            return hires.run(self, opts, progress, callback)
         self.conditioner.check(opts.clip_skip, opts.emphasis)
         active_loras = parse_prompt(opts.prompt)[1]
         self.loras.apply(active_loras)  # merged into the text encoders and UNet before they run
-        edit = editing.prepare_edit(self.manifest, opts) if opts.init_image is not None else None
+        editing_run = opts.init_image is not None or opts.init_latents is not None
+        edit = editing.prepare_edit(self.manifest, opts) if editing_run else None
         text, notes = self.encode_prompts(opts)
         notes["Lora hashes"] = infotext_hashes(active_loras, self.loras.files)
         notes["Baked LoRAs"] = baked_infotext(self.manifest)  # merged in at export (sdrt export --lora)
@@ -115,7 +122,8 @@ class Pipeline:
         batches = []
         for b in range(opts.batch_count):
             rows = slice(b * opts.batch_size, (b + 1) * opts.batch_size)
-            start = None if opts.latents is None else opts.latents[rows]
+            given = opts.latents if opts.init_latents is None else opts.init_latents  # noise, or init_latents
+            start = None if given is None else given[rows]
             batches.append(Batch(opts.seeds[rows], opts.subseeds[rows], text, start, [(opts, notes)] * opts.batch_size))
         bar = Progress(opts.batch_count * opts.steps_run, progress, callback)
         latent = opts.output_type == "latent"

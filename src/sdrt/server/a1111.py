@@ -16,6 +16,7 @@ from sdrt.errors import InvalidOption, is_int
 from sdrt.runtime.a1111_schedules import POLYEXPONENTIAL_RHO
 from sdrt.runtime.infotext import generate_kwargs as infotext_kwargs
 from sdrt.runtime.infotext import parse_infotext
+from sdrt.runtime.option_mappings import UNSET
 from sdrt.runtime.options import (
     ENSD_SAMPLERS,
     OPTION_FIELDS,
@@ -24,7 +25,6 @@ from sdrt.runtime.options import (
     SAMPLERS,
     SCHEDULER_ALIASES,
     SCHEDULERS,
-    UNSET,
     build_options,
     resolve,
     spec,
@@ -110,6 +110,7 @@ class Txt2ImgRequest(GenerationRequest):
     hr_scheduler: str | None = None
     hr_prompt: str = ""
     hr_negative_prompt: str = ""
+    hr_cfg: float | None = None
     firstpass_image: str | None = None
 
 
@@ -175,8 +176,10 @@ UNSUPPORTED = {
     "script_name": ((None, ""), "sdrt has no scripts"),
     "script_args": (([],), "sdrt has no scripts"),
     "alwayson_scripts": (({},), "sdrt has no scripts"),
-    "enable_hr": ((False,), "sdrt has no hires fix"),
-    "firstpass_image": ((None, ""), "sdrt has no hires fix"),
+    "firstpass_image": ((None, ""), "sdrt's hires fix makes its own first pass"),
+    "firstphase_width": ((0,), "A1111's old hires fix sizes: give width/height and hr_scale or hr_resize_x/y"),
+    "firstphase_height": ((0,), "A1111's old hires fix sizes: give width/height and hr_scale or hr_resize_x/y"),
+    "hr_checkpoint_name": ((None, "", "Use same checkpoint"), "sdrt's hires fix uses the loaded model"),
     "initial_noise_multiplier": ((None, 1, 1.0), "sdrt uses A1111's default multiplier 1"),
     "latent_mask": ((None, ""), "sdrt derives the latent mask from `mask`"),
     "mask_round": ((True,), "sdrt always rounds the mask (A1111's default)"),

@@ -13,7 +13,7 @@ from fastapi.staticfiles import StaticFiles
 
 from sdrt.errors import InvalidOption, SdrtError
 from sdrt.runtime import masks
-from sdrt.server import a1111, controlnet_api, extra_routes, model_routes, openai_api, safe_json
+from sdrt.server import a1111, controlnet_api, extra_routes, extras_api, model_routes, openai_api, safe_json
 from sdrt.server.a1111_settings import A1111_DEFAULTS
 from sdrt.server.codec import ImageTooLarge, UndecodableImage, decode_image, encode_png
 from sdrt.server.extra_routes import Extras
@@ -100,6 +100,7 @@ class Server:
             raise InvalidOption("n_iter", req.n_iter, f"batch_size * n_iter <= {lim.max_images} on this server")
         if req.width is not None and req.height is not None and req.width * req.height > lim.max_pixels:
             raise InvalidOption("width", req.width, f"width * height <= {lim.max_pixels} pixels on this server")
+        extras_api.check_hires(self, req)  # hires fix: its upscaler installed, its size within max_pixels
 
     def prepare(self, kind: str, req) -> tuple[Generation, dict]:
         """Validate REQ completely: (its Pipeline call, what the response needs); errors here answer the request
@@ -228,6 +229,7 @@ def create_app(
     model_routes.add_routes(app, server)
     extra_routes.add_routes(app, server, extras)
     openai_api.add_routes(app, server)
+    extras_api.add_routes(app, server)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     app.add_middleware(BodyLimit, max_bytes=server.limits.max_body_bytes)
     if credentials:
@@ -304,9 +306,10 @@ def parse_credentials(text: str) -> dict[str, str]:
 
 def serve(
     model_dir, host: str, port: int, api_auth: str | None, backend: str, limits: Limits, loras=None,
-    controlnet_dir=None, folder: ModelsFolder | None = None, extras: Extras | None = None,
+    controlnet_dir=None, folder: ModelsFolder | None = None, extras: Extras | None = None, upscaler_dir=None,
 ) -> int:  # fmt: skip
-    """Load the model (or serve FOLDER's models, loaded when asked for) and serve until interrupted."""
+    """Load the model (or serve FOLDER's models, loaded when asked for) and serve until interrupted; UPSCALER_DIR:
+    the exported upscalers hires fix and the extras routes offer."""
     try:
         import uvicorn
     except ImportError as e:
@@ -315,12 +318,14 @@ def serve(
 
     credentials = parse_credentials(api_auth) if api_auth else None
     if folder is None:
-        pipe = Pipeline.load(model_dir, backend=backend, loras=loras, embeddings=extras and extras.embeddings_dir)
+        pipe = Pipeline.load(model_dir, backend=backend, loras=loras, embeddings=extras and extras.embeddings_dir,
+                             upscalers=upscaler_dir)  # fmt: skip
         pipe.controlnets.directory = None if controlnet_dir is None else Path(controlnet_dir)  # /controlnet/model_list
         app = create_app(pipe, limits, credentials, extras=extras)
     else:
         embeddings = extras and extras.embeddings_dir
-        backend = LocalBackend(max_queue=limits.max_queue, loaded=folder.loaded_models(backend, loras, embeddings))
+        loaded = folder.loaded_models(backend, loras, embeddings, upscaler_dir)
+        backend = LocalBackend(max_queue=limits.max_queue, loaded=loaded)
         backend.lora_dir = loras  # /sdapi/v1/loras lists the folder (no one Pipeline holds it)
         app = create_app(None, limits, credentials, backend=backend, extras=extras)
         folder.start(app.state.server)

@@ -1,6 +1,6 @@
 """The A1111 routes clients call besides generation (modules/api/api.py): embeddings, refresh-embeddings,
 refresh-loras, skip, memory, prompt-styles, scripts, script-info, extensions, face-restorers, cmd-flags, sd-vae,
-refresh-vae, upscalers, hypernetworks. Each answers truthfully for sdrt: what exists, an empty list where nothing
+refresh-vae, hypernetworks. Each answers truthfully for sdrt: what exists, an empty list where nothing
 does (sdrt has no face restorers, hypernetworks, extensions or selectable scripts)."""
 
 import os
@@ -182,9 +182,8 @@ def add_routes(app, server, extras: Extras) -> None:
     def refresh_vae():
         return None
 
-    empty = {"extensions": "extensions", "face-restorers": "face restorers", "hypernetworks": "hypernetworks",
-             "realesrgan-models": "Real-ESRGAN models", "upscalers": "upscalers",
-             "latent-upscale-modes": "hires fix (latent upscale modes)"}  # fmt: skip
+    # upscalers, latent-upscale-modes, realesrgan-models: extras_api.py (hires fix and the extras routes)
+    empty = {"extensions": "extensions", "face-restorers": "face restorers", "hypernetworks": "hypernetworks"}
     for path, what in empty.items():
         app.add_api_route(f"/sdapi/v1/{path}", empty_list, methods=["GET"], summary=f"sdrt has no {what}: []")
 

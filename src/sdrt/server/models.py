@@ -332,9 +332,9 @@ class ModelsFolder:
             budget = parse_size(args.models_memory, "--models-memory")
         return cls(Path(args.models_dir), args.max_loaded_models, args.model, exporter, budget)
 
-    def loaded_models(self, engine_backend: str, loras, embeddings=None) -> "LoadedModels":
+    def loaded_models(self, engine_backend: str, loras, embeddings=None, upscalers=None) -> "LoadedModels":
         """The LRU over this folder's registry (Pipelines on ENGINE_BACKEND, LoRAs from LORAS, textual inversions
-        from EMBEDDINGS), for generation.LocalBackend."""
+        from EMBEDDINGS, upscalers from UPSCALERS), for generation.LocalBackend."""
         from sdrt.runtime.pipeline import Pipeline
 
         registry = ModelRegistry(folder=self.folder, exporter=self.exporter)
@@ -342,7 +342,7 @@ class ModelsFolder:
             registry.find(self.default, "--model")  # an unknown name fails before serving
 
         def load(path):
-            return Pipeline.load(path, backend=engine_backend, loras=loras, embeddings=embeddings)
+            return Pipeline.load(path, backend=engine_backend, loras=loras, embeddings=embeddings, upscalers=upscalers)
 
         return LoadedModels(registry, load, self.max_loaded, self.budget)
 

@@ -98,6 +98,17 @@ async function setupModels() {
   $("styles-label").hidden = styles.length === 0;
 }
 
+function hires() {
+  if (!$("enable_hr").checked) return {};
+  return {
+    enable_hr: true,
+    hr_upscaler: $("hr_upscaler").value,
+    hr_scale: Number($("hr_scale").value),
+    hr_second_pass_steps: Number($("hr_second_pass_steps").value),
+    denoising_strength: Number($("hr-strength").value),
+  };
+}
+
 function maskDataURL() {
   const mask = $("inpaint-mask");
   const out = document.createElement("canvas");
@@ -113,7 +124,7 @@ function maskDataURL() {
 function request() {
   const body = common();
   const size = { width: Number($("width").value), height: Number($("height").value) };
-  if (state.tab === "txt2img") return ["/sdapi/v1/txt2img", { ...body, ...size }];
+  if (state.tab === "txt2img") return ["/sdapi/v1/txt2img", { ...body, ...size, ...hires() }];
   if (state.tab === "img2img") {
     if (!state.images.img2img) throw new Error("choose an image first");
     return ["/sdapi/v1/img2img", { ...body, ...size, init_images: [state.images.img2img], denoising_strength: Number($("img2img-strength").value) }];
@@ -287,6 +298,11 @@ function sendParameters() {
   if (p.Sampler && [...$("sampler").options].some((o) => o.value === p.Sampler)) $("sampler").value = p.Sampler;
   const schedule = [...$("scheduler").options].find((o) => o.textContent === p["Schedule type"]);
   if (schedule) $("scheduler").value = schedule.value;
+  $("enable_hr").checked = p["Hires upscale"] !== undefined || p["Hires resize-1"] !== undefined;
+  set("hr_scale", "Hires upscale");
+  set("hr_second_pass_steps", "Hires steps");
+  set("hr-strength", "Denoising strength");
+  if ([...$("hr_upscaler").options].some((o) => o.value === p["Hires upscaler"])) $("hr_upscaler").value = p["Hires upscaler"];
   showTab("txt2img");
 }
 
@@ -319,6 +335,8 @@ async function init() {
     $("sampler").value = "Euler a";
     for (const s of schedulers) $("scheduler").add(new Option(s.label, s.name));
     await setupModels();
+    const [modes, upscalers] = await Promise.all([api("/sdapi/v1/latent-upscale-modes"), api("/sdapi/v1/upscalers")]);
+    for (const u of [...modes, ...upscalers]) $("hr_upscaler").add(new Option(u.name, u.name));
     document.body.dataset.ready = "1";
   } catch (e) {
     setStatus(e.message, true);

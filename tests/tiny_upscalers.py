@@ -1,0 +1,98 @@
+"""Tiny random ESRGAN-family upscaler files (each architecture and key layout), written once per test session."""
+
+from pathlib import Path
+
+import torch
+
+from sdrt.export.upscaler_arch import Arch, build
+from sdrt.export.upscaler_swinir import SwinArch
+
+TINY_ARCHS = {
+    "rrdb_x4": Arch("ESRGAN", 4, 3, 3, features=8, blocks=2, growth=4),
+    "rrdb_x2": Arch("ESRGAN", 2, 3, 3, features=8, blocks=1, growth=4, unshuffle=2),
+    "compact_prelu": Arch("RealESRGAN Compact", 4, 3, 3, features=8, blocks=2, activation="prelu"),
+    "compact_lrelu": Arch("RealESRGAN Compact", 2, 3, 3, features=8, blocks=3, activation="lrelu"),
+    # A1111's SwinIR 4x layout (nearest+conv, 3conv) and the classical x2 one (pixelshuffle, 1conv), tiny
+    "swinir_x4": SwinArch(
+        4,
+        3,
+        3,
+        embed_dim=16,
+        depths=(2, 2),
+        heads=(2, 2),
+        window=4,
+        mlp_hidden=32,
+        upsampler="nearest+conv",
+        resi_connection="3conv",
+        num_feat=8,
+        blocks=4,
+        features=16,
+    ),
+    "swinir_x2": SwinArch(
+        2,
+        3,
+        3,
+        embed_dim=16,
+        depths=(2,),
+        heads=(4,),
+        window=4,
+        mlp_hidden=16,
+        upsampler="pixelshuffle",
+        resi_connection="1conv",
+        num_feat=8,
+        blocks=2,
+        features=16,
+    ),
+}
+
+
+def tiny_module(key: str, seed: int = 0) -> torch.nn.Module:
+    """The random module of TINY_ARCHS[KEY]; weights scaled so outputs span [0, 1] instead of sitting near 0."""
+    torch.manual_seed(seed)
+    model = build(TINY_ARCHS[key]).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.add_(0.3)
+    return model
+
+
+def to_old_layout(state: dict) -> dict:
+    """An RRDBNet state dict in the original ESRGAN repository's names (model.0, model.1.sub.N.RDBk.convj.0, ...)."""
+    ups = sorted(k.split(".")[0] for k in state if k.startswith("conv_up") and k.endswith("weight"))
+    blocks = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("body."))
+    tops = {"conv_first": 0, **{u: 3 + 3 * i for i, u in enumerate(ups)}}
+    tops["conv_hr"] = 3 + 3 * len(ups) - 1
+    tops["conv_last"] = tops["conv_hr"] + 2
+    old = {}
+    for key, value in state.items():
+        parts = key.split(".")
+        if parts[0] == "body":
+            old[f"model.1.sub.{parts[1]}.RDB{parts[2][-1]}.conv{parts[3][-1]}.0.{parts[4]}"] = value
+        elif parts[0] == "conv_body":
+            old[f"model.1.sub.{blocks}.{parts[1]}"] = value
+        else:
+            old[f"model.{tops[parts[0]]}.{parts[1]}"] = value
+    return old
+
+
+def write_tiny_upscalers(folder: Path) -> dict:
+    """{name: file} for each tiny architecture (.pth as BasicSR writes, {"params_ema": ...}), plus the x4 RRDBNet in
+    the old ESRGAN layout (.pth) and as .safetensors."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for key in TINY_ARCHS:
+        files[key] = folder / f"{key}.pth"
+        state = tiny_module(key).state_dict()
+        if key.startswith("swinir"):  # the official files also hold size-dependent buffers, which sdrt rebuilds
+            state["layers.0.residual_group.blocks.1.attn_mask"] = torch.zeros(16, 16, 16)  # 16 px training size
+            state["layers.0.residual_group.blocks.0.attn.relative_position_index"] = torch.zeros(16, 16).long()
+        torch.save({"params_ema": state}, files[key])
+    state = tiny_module("rrdb_x4").state_dict()
+    files["rrdb_x4_old"] = folder / "rrdb_x4_old.pth"
+    torch.save(to_old_layout(state), files["rrdb_x4_old"])
+    files["rrdb_x4_st"] = folder / "rrdb_x4_st.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(files["rrdb_x4_st"]))
+    return files
