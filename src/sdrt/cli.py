@@ -48,6 +48,10 @@ def add_export_parser(sub) -> None:
     p.add_argument("--optimize", default="none", choices=("none", "cuda", "cpu"),
                    help="also write fused graphs for ONNX Runtime's CUDA (fp16) or CPU provider (`sdrt optimize`)")
     p.add_argument("--controlnet", action="store_true", help="also the UNet graph that takes ControlNet residuals")
+    p.add_argument("--deepcache", type=int, metavar="BRANCH", help="also DeepCache's full and shallow UNet graphs, "
+                   "caching at skip branch BRANCH (0: shallowest, fastest); on an exported folder: add them")
+    p.add_argument("--taesd", help="also TAESD's decoder (AutoencoderTiny folder, hub id, taesd_decoder.pth or "
+                   ".safetensors) for live previews and --vae taesd; on an exported folder: add it")  # fmt: skip
     p.set_defaults(func=commands.cmd_export)
 
 
@@ -174,6 +178,8 @@ def add_generation_arguments(c, editing: tuple[str, ...] | None) -> None:
                    "or auto (TensorRT > CUDA > OpenVINO > CPU)")  # fmt: skip
     c.add_argument("--low-vram", action="store_true", help="one engine loaded at a time, tiled VAE")
     c.add_argument("--vram-budget", help="plan staging, UNet weight streaming and VAE tiling to fit, e.g. 2GB")
+    c.add_argument("--deepcache", dest="deepcache_interval", type=int, default=argparse.SUPPRESS, metavar="N",
+                   help="DeepCache: a full UNet call every N (the same as --deepcache-interval)")
     c.add_argument("--vae-tile", type=int, help="decode/encode the VAE in tiles of this many pixels (e.g. 512)")
     c.add_argument("-o", "--output", default="outputs", help="folder for the PNGs (default: outputs)")
     cli_controlnet.add_generation_arguments(c)

@@ -50,9 +50,11 @@ def export(
     progress: bool = True,
     vae: str | None = None,
     controlnet: bool = False,
+    deepcache: int | None = None,
 ) -> Manifest:
     """Export SOURCE to OUT_DIR atomically: the folder appears complete, or not at all. CONTROLNET: also the UNet
-    variant that takes ControlNet residuals (export/controlnet.py)."""
+    variant that takes ControlNet residuals (export/controlnet.py). DEEPCACHE: a skip branch, also DeepCache's two
+    UNet graphs at it (export/deepcache.py)."""
     if precision not in PRECISIONS:
         raise InvalidOption("--precision", precision, " or ".join(PRECISIONS))
     out_dir = Path(out_dir)
@@ -71,11 +73,12 @@ def export(
 
         check_vae_option(vae)  # a bad --vae fails now, before the checkpoint loads
     with staged_folder(out_dir) as staging:
-        _export_into(source, staging, precision, original_config, config, progress, vae, controlnet)
+        _export_into(source, staging, precision, original_config, config, progress, vae, controlnet, deepcache)
     return Manifest.load(out_dir)
 
 
-def _export_into(source, folder: Path, precision, original_config, config, progress, vae=None, controlnet=False):
+def _export_into(source, folder: Path, precision, original_config, config, progress, vae=None, controlnet=False,
+                 deepcache=None):  # fmt: skip
     """The family's plan (EXPORT_PLANS) run by the one driver."""
     from tqdm import tqdm
 
@@ -88,4 +91,8 @@ def _export_into(source, folder: Path, precision, original_config, config, progr
         from sdrt.export.controlnet import with_unet_controlnet
 
         plan = with_unet_controlnet(plan)
+    if deepcache is not None:  # DeepCache's full and shallow UNet graphs at skip branch DEEPCACHE
+        from sdrt.export.deepcache import with_deepcache
+
+        plan = with_deepcache(plan, deepcache)
     return export_into(plan, folder, precision, bar)

@@ -41,6 +41,7 @@ from sdrt.runtime.schedules import (  # noqa: F401 (re-exported)
     check_schedule,
     resolve_scheduler,
 )
+from sdrt.runtime.speed_options import SPEED_OPTIONS, check_speed_options
 
 RNGS = tuple(GENERATORS)  # "torch" (= "cpu"), "gpu", "nv": see rng.py
 # A1111's samplers with the "uses_ensd" option: the only ones whose infotext records ENSD (and only with eta != 0).
@@ -87,6 +88,11 @@ class Spec:
 
 def option(default, kind: str, **spec):
     return field(default=default, metadata={"spec": Spec(kind, **spec)})
+
+
+def speed_option(name: str):
+    default, kind, keywords = SPEED_OPTIONS[name]
+    return option(default, kind, **keywords)
 
 
 @dataclass(frozen=True)
@@ -162,6 +168,14 @@ class GenerationOptions:
                                      help="0 to 1: Lin et al. 2023's phi (with cfg > 1)")  # fmt: skip
     emphasis: str = option("Original", "str", choices=EMPHASES, setting="emphasis", infotext="Emphasis",
                            help="prompt weights: Original, 'No norm', None")  # fmt: skip
+    s_min_uncond: float = speed_option("s_min_uncond")  # these eight: speed_options.py (docs/guide/speed.md)
+    s_min_uncond_all: bool = speed_option("s_min_uncond_all")
+    skip_early_cond: float = speed_option("skip_early_cond")
+    vae: str = speed_option("vae")
+    live_preview_content: str = speed_option("live_preview_content")
+    deepcache_interval: int = speed_option("deepcache_interval")
+    deepcache_branch: int | None = speed_option("deepcache_branch")
+    deepcache_start: float = speed_option("deepcache_start")
     batch_size: int = option(1, "int", low=1, high=MAX_BATCH, a1111="batch_size", help="images per UNet batch")
     batch_count: int = option(1, "int", low=1, high=MAX_BATCH_COUNT, a1111="n_iter", help="number of batches")
     s_noise: float = option(1.0, "float", low=0, high=10, a1111="s_noise",
@@ -347,6 +361,7 @@ def resolve(options: GenerationOptions, manifest: Manifest) -> GenerationOptions
         raise InvalidOption("guidance_rescale", o["guidance_rescale"], allowed)
     _check_latents(manifest, o)
     o["controlnets"] = check_units(o["controlnets"])
+    check_speed_options(o, manifest, _in_range)
     if not isinstance(o["control_maps"], bool):
         raise InvalidOption("control_maps", o["control_maps"], "True or False")
     resolved = GenerationOptions(**o)

@@ -4,9 +4,10 @@ and the per-step hook."""
 
 import numpy as np
 
-from sdrt.runtime import editing, samplers
+from sdrt.runtime import deepcache, editing, samplers
 from sdrt.runtime.checks import require_finite
 from sdrt.runtime.denoiser import Denoiser
+from sdrt.runtime.guidance_skip import uncond_skip
 from sdrt.runtime.rng import ImageNoise
 from sdrt.runtime.schedules import Schedule, resolve_config
 
@@ -58,7 +59,7 @@ def sample(model, run, batch, bar) -> np.ndarray:
         if "timesteps" in takes:  # LCM's boundary condition is a function of the UNet timestep
             kwargs["timesteps"] = part.timesteps
             kwargs["timestep_scaling"] = manifest.scheduler.timestep_scaling
-        hook = step_hook(part, blend, bar, final=stage is stages[-1][1])
+        hook = step_hook(part, blend, bar, final=stage is stages[-1][1], denoiser=stage)
         x = fn(stage, x, part.sigmas, noise=noise, callback=hook, **kwargs)
     return require_finite((x * np.float32(schedule.final_scale)).astype(np.float32), "latents", manifest)
 
@@ -67,7 +68,7 @@ def denoiser(model, opts, timesteps: dict, text, conditioning=None, control=None
     """D(x, sigma) around MODEL's denoiser graph with guidance; CONDITIONING: an inpainting UNet's extra channels;
     CONTROL: a controlnet.ControlHook adding ControlNet residuals."""
     return Denoiser(
-        model.denoiser_engine,
+        deepcache.denoiser_engine(model, opts),  # the plain graph, or DeepCache's two when it is on
         model.manifest.prediction_type,
         model.train_sigmas,
         timesteps,
@@ -76,10 +77,11 @@ def denoiser(model, opts, timesteps: dict, text, conditioning=None, control=None
         guidance_rescale=opts.guidance_rescale,
         conditioning=conditioning,
         control=control,
+        skip_uncond=uncond_skip(opts),
     )
 
 
-def step_hook(schedule: Schedule, blend, bar, final: bool = True):
+def step_hook(schedule: Schedule, blend, bar, final: bool = True, denoiser=None):
     """The samplers' callback(i, x, denoised): for inpainting with a regular UNet the blend (editing.blend_known),
     then progress. FINAL False: SCHEDULE is a first stage (SDXL's base before its refiner), whose last step is not
     the end."""
@@ -88,24 +90,30 @@ def step_hook(schedule: Schedule, blend, bar, final: bool = True):
     def hook(i, x, denoised):
         if blend is not None:
             editing.blend_known(x, blend, schedule, i, last)
-        bar.update(denoised)
+        bar.update(denoised, denoiser)
 
     return hook
 
 
 class Progress:
-    """A run's sampler steps: a tqdm bar, and the caller's callback(step, total_steps, denoised) after each."""
+    """A run's sampler steps: a tqdm bar, and the caller's callback(step, total_steps, denoised) after each.
 
-    def __init__(self, total: int, enabled: bool, callback=None):
+    CONTENT (A1111's live_preview_content): the callback's denoised is the guided x0 ("Combined"), or that of the
+    step's last call's "Prompt" or "Negative prompt" half (the guided x0 where the call had only one)."""
+
+    def __init__(self, total: int, enabled: bool, callback=None, content: str = "Combined"):
         from tqdm import tqdm
 
         self.bar = tqdm(total=total, desc="generate", unit="step", disable=not enabled, leave=False)
-        self.total, self.done, self.callback = total, 0, callback
+        self.total, self.done, self.callback, self.content = total, 0, callback, content
 
-    def update(self, denoised: np.ndarray | None = None) -> None:
+    def update(self, denoised: np.ndarray | None = None, denoiser=None) -> None:
         self.bar.update()
         self.done += 1
         if self.callback is not None:
+            if self.content != "Combined" and denoiser is not None:
+                half = denoiser.half_x0(self.content)
+                denoised = denoised if half is None else half
             self.callback(self.done, self.total, denoised)
 
     def close(self) -> None:

@@ -28,6 +28,7 @@ from sdrt.runtime.options import (
     resolve,
     spec,
 )
+from sdrt.server.speed_settings import SPEED_SETTINGS, apply_extension_names, check_speed_setting
 from sdrt.version import __version__
 
 RANDN_SOURCES = RNG_NAMES  # A1111's randn_source option -> sdrt's rng
@@ -41,6 +42,7 @@ DEFAULT_OPTIONS = {
     "live_previews_enable": True,
     "show_progress_every_n_steps": 10,
     "samples_format": "png",
+    **SPEED_SETTINGS,  # previews, TAESD, NGMS, DeepCache (speed_settings.py)
 }
 
 
@@ -170,7 +172,6 @@ UNSUPPORTED = {
     "styles": ((None, []), "sdrt has no styles database"),
     "restore_faces": ((None, False), "sdrt has no face restoration"),
     "tiling": ((None, False), "sdrt has no tiling"),
-    "s_min_uncond": ((None, 0, 0.0), "sdrt always runs the unconditional pass"),
     "refiner_checkpoint": ((None, "", "None"), "sdrt has no refiner"),
     "script_name": ((None, ""), "sdrt has no scripts"),
     "script_args": (([],), "sdrt has no scripts"),
@@ -216,6 +217,7 @@ def settings(req: GenerationRequest, options: dict, checkpoint_titles: tuple[str
     merged = dict(options)
     for key, value in (req.override_settings or {}).items():
         merged[key] = check_option(key, value, checkpoint_titles, "override_settings")
+    apply_extension_names(merged)
     return merged
 
 
@@ -240,6 +242,8 @@ def check_option(key: str, value, checkpoint_titles: tuple[str, ...], where: str
         if not isinstance(value, str):
             raise InvalidOption(field, value, "Original, No norm or None")
         return value
+    if key in SPEED_SETTINGS:
+        return check_speed_setting(field, key, value)
     if key == "live_previews_enable":
         if not isinstance(value, bool):
             raise InvalidOption(field, value, "true or false")
@@ -255,7 +259,8 @@ def generate_kwargs(req: GenerationRequest, settings: dict) -> dict:
     kwargs = {}
     for name in OPTION_FIELDS:
         s = spec(name)
-        if s.setting is not None:
+        request_value = getattr(req, s.a1111, None) if s.a1111 in type(req).model_fields else None
+        if s.setting is not None and request_value is None:  # a request field wins over its setting (s_min_uncond)
             value = settings[s.setting]
             kwargs[name] = value if s.from_setting is None else s.from_setting(value)
         elif s.a1111 is not None and s.kind != "image" and s.a1111 in type(req).model_fields:

@@ -77,8 +77,9 @@ class Server:
 
         return Loras(self.manifest, {}).load_dir(folder).listing()
 
-    def preview_every(self) -> int:
-        return self.options["show_progress_every_n_steps"] if self.options["live_previews_enable"] else 0
+    def preview_every(self, settings: dict | None = None) -> int:
+        settings = self.options if settings is None else settings  # the request's override_settings applied
+        return settings["show_progress_every_n_steps"] if settings["live_previews_enable"] else 0
 
     def check_limits(self, req) -> None:
         lim = self.limits
@@ -100,7 +101,7 @@ class Server:
         self.check_limits(req)
         opts = a1111.settings(req, self.options, self.titles)
         kwargs = a1111.generate_kwargs(req, opts)
-        generation = Generation(kind, kwargs, req.n_iter, self.preview_every())
+        generation = Generation(kind, kwargs, req.n_iter, self.preview_every(opts), opts["show_progress_type"])
         if req.force_task_id:
             generation.task_id = req.force_task_id
         if kind == "img2img":

@@ -4,6 +4,7 @@ a UNet predicting eps or v over the discrete DDPM schedule, 4-channel latents at
 import numpy as np
 
 from sdrt.errors import InvalidOption, ModelError
+from sdrt.runtime.previews import SD_PREVIEW_RGB
 
 
 class Family:
@@ -16,6 +17,7 @@ class Family:
     option_names: tuple[str, ...] = ()  # those options' names
     lora_bases: tuple[str, ...] = ("sd_v1", "sd_v2")  # kohya's ss_base_model_version prefixes of LoRAs that fit
     fp32_models: tuple[str, ...] = ()  # graphs an fp16 variant keeps in fp32 (they overflow in fp16)
+    preview_rgb = SD_PREVIEW_RGB  # A1111's "Approx cheap" preview: (latent channels, 3) latent -> RGB (previews.py)
 
     def check(self, manifest) -> None:
         """ModelError naming model.json when MANIFEST lists no graph of one this family needs."""

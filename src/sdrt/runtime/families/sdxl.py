@@ -13,6 +13,7 @@ import numpy as np
 
 from sdrt.errors import InvalidOption, ModelError, is_int, is_number
 from sdrt.runtime.families.base import Family
+from sdrt.runtime.previews import SDXL_PREVIEW_RGB
 
 SIZE_OPTIONS = ("original_size", "target_size", "negative_original_size", "negative_target_size")
 CROP_OPTIONS = ("crops_coords_top_left", "negative_crops_coords_top_left")
@@ -226,6 +227,7 @@ class SDXL(Family):
     option_group, option_names = "sdxl", SDXL_OPTIONS
     lora_bases = ("sdxl",)
     fp32_models = ("vae_decoder", "vae_encoder")  # the SDXL VAE overflows in fp16 (NaNs, black images)
+    preview_rgb = SDXL_PREVIEW_RGB  # A1111's Approx cheap coefficients for SDXL latents
 
     def conditioner(self, manifest, engines, embeddings):
         return sdxl_conditioner(manifest, engines, embeddings)
