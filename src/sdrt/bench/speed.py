@@ -63,10 +63,10 @@ class Counter:
     """An engine's run(feeds), counted."""
 
     def __init__(self, engine):
-        self.engine, self.calls = engine, 0
+        self.engine, self.calls, self.rows = engine, 0, 0
 
     def run(self, feeds):
-        self.calls += 1
+        self.calls, self.rows = self.calls + 1, self.rows + len(feeds["sample"])  # rows: NGMS halves the batch
         return self.engine.run(feeds)
 
     def __getattr__(self, name):
@@ -90,9 +90,10 @@ def worker_generate(job: dict) -> dict:
     calls, images = {}, {}
     for label, extra in CONFIGS.items():  # warm-up: every graph loaded, the calls counted once
         for c in counters.values():
-            c.calls = 0
+            c.calls = c.rows = 0
         images[label] = np.asarray(pipe.generate(common.PROMPT, **generate_kwargs(job), **extra)[0]).astype(np.int16)
         calls[label] = {name: c.calls for name, c in counters.items()}
+        calls[label]["rows"] = sum(c.rows for c in counters.values())
     for r in range(job["rounds"]):
         for label, extra in CONFIGS.items():
             times[label].append(common.timed(lambda e=extra: pipe.generate(common.PROMPT, **generate_kwargs(job), **e)))
@@ -167,6 +168,29 @@ def worker_previews(job: dict) -> dict:
 
 
 WORKERS = {"prepare": worker_prepare, "generate": worker_generate, "decode": worker_decode, "previews": worker_previews}
+
+
+def markdown(report: dict, part: str) -> str:
+    """One part of a speed report as a Markdown table (sdrt.bench.tables renders it in the docs)."""
+    if part == "generate":
+        rows = ["| configuration | txt2img (s) | speed-up | UNet calls: full / shallow (images) | diff from plain: max "
+                "/ mean |", "|---|---|---|---|---|"]  # fmt: skip
+        for label, r in report["generate"].items():
+            c = r["unet_calls"]
+            calls = f"{c.get('unet', 0) + c.get('unet_deepcache', 0)} / {c.get('unet_shallow', 0)} ({c.get('rows')})"
+            diff = f"{r['max_diff_255']} / {r['mean_diff_255']:.1f}"
+            rows.append(f"| {label} | {r['median_s']:.1f} | {r['speedup']:.2f}x | {calls} | {diff} |")
+        return "\n".join(rows)
+    if part == "decode":
+        rows = ["| size | full VAE (s) | TAESD (s) | Approx cheap (s) | full / TAESD |", "|---|---|---|---|---|"]
+        for size, r in report["decode"].items():
+            rows.append(f"| {size} | {r['full VAE']['median_s']:.3f} | {r['TAESD']['median_s']:.3f} | "
+                        f"{r['Approx cheap']['median_s']:.4f} | {r['full/taesd']:.1f}x |")  # fmt: skip
+        return "\n".join(rows)
+    rows = ["| previews | txt2img (s) | previews decoded | vs no poller |", "|---|---|---|---|"]
+    for label, r in report["previews"].items():
+        rows.append(f"| {label} | {r['median_s']:.1f} | {r['previews']} | {r['vs_no_poller']:.2f}x |")
+    return "\n".join(rows)
 
 
 def build_parser() -> argparse.ArgumentParser:
