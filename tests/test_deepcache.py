@@ -273,3 +273,15 @@ def test_tensorrt_profiles_cover_the_new_graphs(deepcache_model):
     from sdrt.runtime.previews import taesd_decoder_spec
 
     assert plan_profile("taesd_decoder", taesd_decoder_spec(4).to_json()["inputs"], ShapeRanges(), 8)
+
+
+def test_img2img_and_low_vram(deepcache_model, start_latents):
+    """img2img (the schedule cut by strength) and the low-VRAM staging (one engine loaded at a time) run DeepCache."""
+    from PIL import Image
+
+    from sdrt import Pipeline
+
+    staged = Pipeline.load(deepcache_model, low_vram=True)
+    init = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    out = staged.generate(PROMPT, init_image=init, strength=0.6, steps=10, deepcache_interval=2, progress=False)
+    assert out[0].size == (64, 64) and "DeepCache interval: 2" in out[0].info["parameters"]

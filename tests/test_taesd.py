@@ -223,3 +223,18 @@ def test_cli_vae_taesd(taesd_model, tmp_path):
     args = ["generate", PROMPT, "-m", str(taesd_model), "--steps", "2", "--vae", "taesd", "-o", str(tmp_path)]
     assert main(args) == 0
     assert "VAE Decoder: TAESD" in Image.open(next(tmp_path.glob("*.png"))).info["parameters"]
+
+
+def test_taesd_low_vram(taesd_model):
+    """Staged engines (low VRAM): TAESD as the final decoder and as a preview."""
+    from sdrt import Pipeline
+
+    staged = Pipeline.load(taesd_model, low_vram=True)
+    seen = []
+
+    def callback(step, total, x0):
+        seen.append(staged.preview(x0, "TAESD")[0].size)
+
+    images = staged.generate(PROMPT, steps=2, width=64, height=64, seed=1, vae="taesd", progress=False,
+                             callback=callback)  # fmt: skip
+    assert images[0].size == (64, 64) and seen == [(64, 64), (64, 64)]
