@@ -83,7 +83,7 @@ def worker_generate(job: dict) -> dict:
 
     from sdrt.runtime.pipeline import Pipeline
 
-    pipe = Pipeline.load(job["model_dir"])
+    pipe = Pipeline.load(job["model_dir"], backend=job.get("backend", "cpu"))
     counters = {name: Counter(pipe.engines[name]) for name in UNET_GRAPHS}
     pipe.engines.update(counters)
     times = {label: [] for label in CONFIGS}
@@ -117,7 +117,7 @@ def worker_decode(job: dict) -> dict:
 
     from sdrt.runtime.pipeline import Pipeline
 
-    pipe = Pipeline.load(job["model_dir"])
+    pipe = Pipeline.load(job["model_dir"], backend=job.get("backend", "cpu"))
     rng = np.random.default_rng(0)
     out = {}
     for size in job["decode_sizes"]:
@@ -144,7 +144,7 @@ def worker_previews(job: dict) -> dict:
     show_progress_every_n_steps 1), against the same run with no poller (the worker decodes nothing then)."""
     from sdrt.runtime.pipeline import Pipeline
 
-    pipe = Pipeline.load(job["model_dir"])
+    pipe = Pipeline.load(job["model_dir"], backend=job.get("backend", "cpu"))
     cases = {"no poller": None, "poller Full": "Full", "poller TAESD": "TAESD", "poller Approx cheap": "Approx cheap"}
 
     def run(method):
@@ -206,6 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode-sizes", type=int, nargs="+", default=[512, 1024])
     p.add_argument("--stages", nargs="+", default=["prepare", "generate", "decode", "previews"])
     p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--backend", default="cpu", help="the engines' backend (cuda, tensorrt, openvino...)")
     p.add_argument("--output", type=Path, help="JSON path (default benchmarks/results/speed-<machine>.json)")
     return p
 
@@ -227,11 +228,11 @@ def main(argv=None) -> int:
         linked_copy(sd_dir / "onnx", model_dir)
     job = {"diffusers_dir": str(sd_dir / "diffusers"), "model_dir": str(model_dir), "out": str(args.out),
            "size": args.size, "steps": args.steps, "rounds": args.rounds, "seed": args.seed, "branch": args.branch,
-           "decode_sizes": args.decode_sizes}  # fmt: skip
+           "decode_sizes": args.decode_sizes, "backend": args.backend}  # fmt: skip
     command = " ".join(["python -m sdrt.bench.speed", *(argv if argv is not None else sys.argv[1:])])
     report = {"benchmark": "speed", "date": common.now_iso(), "machine": machine, "model": args.model,
               "shared_machine": True, "sampler": common.SAMPLER, "cfg_scale": common.CFG_SCALE,
-              "settings": {k: job[k] for k in ("size", "steps", "rounds", "seed", "branch", "decode_sizes")},
+              "settings": {k: job[k] for k in ("size", "steps", "rounds", "seed", "branch", "decode_sizes", "backend")},
               "command": command}  # fmt: skip
     for stage in args.stages:
         common.log(f"stage {stage}")
