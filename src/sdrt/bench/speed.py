@@ -204,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--branch", type=int, default=0, help="DeepCache's skip branch (0: the paper's default)")
     p.add_argument("--decode-sizes", type=int, nargs="+", default=[512, 1024])
-    p.add_argument("--stages", nargs="+", default=["prepare", "generate", "decode", "previews"])
+    p.add_argument("--stages", nargs="+", default=["prepare", "generate", "previews", "decode"])
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--backend", default="cpu", help="the engines' backend (cuda, tensorrt, openvino...)")
     p.add_argument("--output", type=Path, help="JSON path (default benchmarks/results/speed-<machine>.json)")
@@ -234,12 +234,12 @@ def main(argv=None) -> int:
               "shared_machine": True, "sampler": common.SAMPLER, "cfg_scale": common.CFG_SCALE,
               "settings": {k: job[k] for k in ("size", "steps", "rounds", "seed", "branch", "decode_sizes", "backend")},
               "command": command}  # fmt: skip
+    output = args.output or common.RESULTS_DIR / f"speed-{machine['slug']}.json"
     for stage in args.stages:
         common.log(f"stage {stage}")
         report[stage], wall, peak = common.run_child(stage, job, jobs, module=MODULE)
         common.log(f"stage {stage}: {wall:.0f} s, peak RSS {common.gib(peak)}")
-    output = args.output or common.RESULTS_DIR / f"speed-{machine['slug']}.json"
-    output.write_text(json.dumps(report, indent=2) + "\n")
+        output.write_text(json.dumps(report, indent=2) + "\n")  # after each stage: a long run keeps what it has
     common.log(f"wrote {output}")
     return 0
 
