@@ -238,3 +238,14 @@ def test_taesd_low_vram(taesd_model):
     images = staged.generate(PROMPT, steps=2, width=64, height=64, seed=1, vae="taesd", progress=False,
                              callback=callback)  # fmt: skip
     assert images[0].size == (64, 64) and seen == [(64, 64), (64, 64)]
+
+
+def test_a1111_infotext_and_settings():
+    """A request's `infotext` with "VAE Decoder: TAESD" becomes A1111's setting sd_vae_decode_method "TAESD"."""
+    from sdrt.server import a1111
+
+    req = a1111.Txt2ImgRequest(prompt="x", infotext="a cat\nSteps: 4, Sampler: Euler, VAE Decoder: TAESD")
+    a1111.apply_infotext(req, a1111.DEFAULT_OPTIONS)
+    assert req.override_settings == {"sd_vae_decode_method": "TAESD"}
+    kwargs = a1111.generate_kwargs(req, a1111.settings(req, a1111.DEFAULT_OPTIONS, ("m",)))
+    assert kwargs["vae"] == "taesd" and kwargs["live_preview_content"] == "Prompt"

@@ -28,7 +28,7 @@ from sdrt.runtime.options import (
     resolve,
     spec,
 )
-from sdrt.server.speed_settings import SPEED_SETTINGS, apply_extension_names, check_speed_setting
+from sdrt.server.speed_settings import SETTING_LABELS, SPEED_SETTINGS, apply_extension_names, check_speed_setting
 from sdrt.version import __version__
 
 RANDN_SOURCES = RNG_NAMES  # A1111's randn_source option -> sdrt's rng
@@ -199,11 +199,11 @@ def apply_infotext(req: GenerationRequest, options: dict) -> None:
         return
     given = req.model_fields_set
     overrides = dict(req.override_settings or {})
-    labels = {v: k for k, v in RANDN_SOURCES.items()}
+    labels = {"randn_source": {v: k for k, v in RANDN_SOURCES.items()}, **SETTING_LABELS}  # option value -> label
     for name, value in infotext_kwargs(parse_infotext(req.infotext)).items():
         s = spec(name)
         if s.setting is not None:
-            value = labels[value] if s.setting == "randn_source" else value
+            value = labels.get(s.setting, {}).get(value, value)
             if options[s.setting] != value:
                 overrides.setdefault(s.setting, value)
         elif s.a1111 in type(req).model_fields and s.a1111 not in given:

@@ -20,6 +20,7 @@ SPEED_SETTINGS = {
     "deepcache_full_run_step_rate": 5,
     "deepcache_cache_enable_step_percentage": 0.4,
 }
+SETTING_LABELS = {"sd_vae_decode_method": VAE_DECODERS}  # setting -> {option value: the setting's label}
 CHOICES = {
     "show_progress_type": PREVIEW_METHODS,
     "live_preview_content": PREVIEW_CONTENTS,
