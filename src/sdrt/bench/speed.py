@@ -43,20 +43,25 @@ UNET_GRAPHS = ("unet", "unet_deepcache", "unet_shallow")
 
 def worker_prepare(job: dict) -> dict:
     """DeepCache's graphs (branch 0) and a random full-size TAESD added to the model copy."""
-    import torch
-    from diffusers import AutoencoderTiny
-
     from sdrt.export.deepcache import add_deepcache
-    from sdrt.export.taesd import add_taesd
 
     start = time.perf_counter()
     add_deepcache(job["diffusers_dir"], job["model_dir"], job["branch"], progress=False)
-    deepcache_s = time.perf_counter() - start
+    return {"deepcache_export_s": time.perf_counter() - start, **worker_prepare_taesd(job)}
+
+
+def worker_prepare_taesd(job: dict) -> dict:
+    """A random full-size TAESD (AutoencoderTiny's default config: 1.2 M decoder parameters) added to the copy."""
+    import torch
+    from diffusers import AutoencoderTiny
+
+    from sdrt.export.taesd import add_taesd
+
     torch.manual_seed(0)
     taesd_dir = Path(job["out"]) / "taesd"
     AutoencoderTiny().save_pretrained(taesd_dir)
     add_taesd(str(taesd_dir), job["model_dir"], progress=False)
-    return {"deepcache_export_s": deepcache_s}
+    return {"taesd_decoder_parameters": 1_222_531}
 
 
 class Counter:
@@ -115,9 +120,10 @@ def worker_generate(job: dict) -> dict:
 def worker_decode(job: dict) -> dict:
     import numpy as np
 
+    from sdrt.runtime.manifest import Manifest
     from sdrt.runtime.pipeline import Pipeline
 
-    pipe = Pipeline.load(job["model_dir"], backend=job.get("backend", "cpu"))
+    pipe = Pipeline(Manifest.load(job["model_dir"]), job.get("backend", "cpu"))  # engines load when first run
     rng = np.random.default_rng(0)
     out = {}
     for size in job["decode_sizes"]:
@@ -167,7 +173,8 @@ def worker_previews(job: dict) -> dict:
     }  # fmt: skip
 
 
-WORKERS = {"prepare": worker_prepare, "generate": worker_generate, "decode": worker_decode, "previews": worker_previews}
+WORKERS = {"prepare": worker_prepare, "prepare_taesd": worker_prepare_taesd, "generate": worker_generate,
+           "decode": worker_decode, "previews": worker_previews}  # fmt: skip
 
 
 def markdown(report: dict, part: str) -> str:
@@ -224,7 +231,7 @@ def main(argv=None) -> int:
     args.rebuild = False
     prepare_model(args, CASES[args.model].configs(), sd_dir, jobs)
     model_dir = args.out / "model"
-    if "prepare" in args.stages:
+    if {"prepare", "prepare_taesd"} & set(args.stages):
         linked_copy(sd_dir / "onnx", model_dir)
     job = {"diffusers_dir": str(sd_dir / "diffusers"), "model_dir": str(model_dir), "out": str(args.out),
            "size": args.size, "steps": args.steps, "rounds": args.rounds, "seed": args.seed, "branch": args.branch,
