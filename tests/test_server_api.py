@@ -252,7 +252,9 @@ def test_progress_preview_and_interrupt(sdrt_server):
     running = wait_for(lambda: (p := sdrt_server.get("/sdapi/v1/progress").json())["state"]["job_no"] >= 1 and p)
     assert running["state"]["job"] == "txt2img" and running["state"]["job_count"] == 4
     assert running["state"]["sampling_steps"] == 60 and 0 < running["progress"] < 1 and running["eta_relative"] > 0
-    assert decode_b64(running["current_image"]).size == (64, 64)
+    # A1111's default live preview method, Approx NN, is served as Approx cheap on a folder without TAESD: an image
+    # of the latent's size (runtime/previews.py)
+    assert decode_b64(running["current_image"]).size == (8, 8)
     assert sdrt_server.get("/sdapi/v1/progress?skip_current_image=true").json()["current_image"] is None
     assert sdrt_server.post("/sdapi/v1/interrupt").status_code == 200
     thread.join(30)
@@ -266,7 +268,8 @@ def test_progress_and_interrupt_by_task_id(sdrt_server):
     """?id_task= (a request's force_task_id, as `sdrt serve --ray` routes them): progress of another id is idle,
     interrupt of another id leaves the job running, interrupt of its id stops it."""
     result = {}
-    request = {"prompt": "a cat", "width": 64, "height": 64, "steps": 150, "seed": 1, "force_task_id": "task(t1)"}
+    # 256 px, 200 steps: seconds of work on the tiny model even on an idle machine (64 px: 0.3 s, a race)
+    request = {"prompt": "a cat", "width": 256, "height": 256, "steps": 200, "seed": 1, "force_task_id": "task(t1)"}
     thread = threading.Thread(target=lambda: result.update(res=sdrt_server.post("/sdapi/v1/txt2img", request)))
     thread.start()
     wait_for(lambda: sdrt_server.get("/sdapi/v1/progress?id_task=task(t1)").json()["state"]["sampling_step"] > 0)
@@ -280,7 +283,7 @@ def test_progress_and_interrupt_by_task_id(sdrt_server):
 
 
 def test_client_disconnect_mid_job(sdrt_server):
-    request = {"prompt": "a cat", "width": 64, "height": 64, "steps": 100}
+    request = {"prompt": "a cat", "width": 256, "height": 256, "steps": 100}  # seconds of work: outlives 0.3 s
     with pytest.raises(requests.exceptions.ReadTimeout):
         requests.post(sdrt_server.url + "/sdapi/v1/txt2img", json=request, timeout=0.3)
     assert len(txt2img(sdrt_server, seed=2)["images"]) == 1
@@ -298,7 +301,8 @@ def test_client_leaving_the_queue_frees_its_place(sdrt_server):
 
     # the busy job runs until interrupted (8 batches of 100 steps), so the test does not race the machine's speed
     busy = threading.Thread(
-        target=lambda: sdrt_server.post("/sdapi/v1/txt2img", {**SMALL, "steps": 100, "n_iter": 8})
+        target=lambda: sdrt_server.post("/sdapi/v1/txt2img", {**SMALL, "width": 256, "height": 256, "steps": 100,
+                                                              "n_iter": 8})  # fmt: skip
     )
     busy.start()
     wait_for(lambda: sdrt_server.get("/sdapi/v1/progress").json()["state"]["sampling_steps"] == 100)

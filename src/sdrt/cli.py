@@ -51,6 +51,10 @@ def add_export_parser(sub) -> None:
     p.add_argument("--controlnet", action="store_true", help="also the UNet graph that takes ControlNet residuals")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
                    help="merge a LoRA into the exported weights (several allowed; FILE:TE_WEIGHT:UNET_WEIGHT too)")
+    p.add_argument("--deepcache", type=int, metavar="BRANCH", help="also DeepCache's full and shallow UNet graphs, "
+                   "caching at skip branch BRANCH (0: shallowest, fastest); on an exported folder: add them")
+    p.add_argument("--taesd", help="also TAESD's decoder (AutoencoderTiny folder, hub id, taesd_decoder.pth or "
+                   ".safetensors) for live previews and --vae taesd; on an exported folder: add it")  # fmt: skip
     p.set_defaults(func=commands.cmd_export)
 
 
@@ -186,6 +190,8 @@ def add_generation_arguments(c, editing: tuple[str, ...] | None) -> None:
     c.add_argument("--low-vram", action="store_true", help="one engine loaded at a time, tiled VAE")
     c.add_argument("--vram-budget", help="plan staging, UNet weight streaming and VAE tiling to fit, e.g. 2GB")
     c.add_argument("--ram-budget", help="CPU backends: plan staging and VAE tiling to fit in RAM, e.g. 6GB")
+    c.add_argument("--deepcache", dest="deepcache_interval", type=int, default=argparse.SUPPRESS, metavar="N",
+                   help="DeepCache: a full UNet call every N (the same as --deepcache-interval)")
     c.add_argument("--vae-tile", type=int, help="decode/encode the VAE in tiles of this many pixels (e.g. 512)")
     c.add_argument("-o", "--output", default="outputs", help="folder for the PNGs (default: outputs)")
     cli_controlnet.add_generation_arguments(c)

@@ -18,6 +18,9 @@ def cmd_export(args) -> int:
         raise SdrtError(f"`sdrt export` needs the export extra: pip install 'sdrt[export]' ({e})") from None
     if cli_controlnet.export_unet_controlnet(args):  # --controlnet on a model already exported: add the graph
         return 0
+    adding = args.taesd or args.deepcache is not None
+    if adding and not args.overwrite and (Path(args.output) / "model.json").is_file():
+        return export_additions(args)  # --taesd / --deepcache on a model already exported: add those graphs only
     manifest = export(
         args.source,
         args.output,
@@ -28,8 +31,11 @@ def cmd_export(args) -> int:
         vae=args.vae,
         controlnet=args.controlnet,
         loras=args.lora,
+        deepcache=args.deepcache,
     )
     print(f"exported {manifest.family} model ({manifest.precision}) to {args.output}")
+    if args.taesd:
+        export_additions(argparse.Namespace(**{**vars(args), "deepcache": None}))
     if args.optimize != "none":
         cmd_optimize(argparse.Namespace(model_dir=args.output, target=args.optimize, models=None, no_verify=False))
     if args.target == "tensorrt":
@@ -37,6 +43,22 @@ def cmd_export(args) -> int:
         from sdrt.export.build_trt import build
 
         build(args.output, ShapeRanges())
+    return 0
+
+
+def export_additions(args) -> int:
+    """--taesd and --deepcache on an exported folder: their graphs added to it."""
+    if args.deepcache is not None:
+        from sdrt.export.deepcache import add_deepcache
+
+        add_deepcache(args.source, args.output, args.deepcache, original_config=args.original_config,
+                      config=args.config)  # fmt: skip
+        print(f"{args.output}: DeepCache graphs added (branch {args.deepcache}; --deepcache N to use them)")
+    if args.taesd:
+        from sdrt.export.taesd import add_taesd
+
+        add_taesd(args.taesd, args.output)
+        print(f"{args.output}: TAESD decoder added (previews, --vae taesd)")
     return 0
 
 

@@ -92,11 +92,18 @@ def ray_throughput(report: dict, part: str) -> str:
 MAX_ROWS = 80  # of the generic table
 
 # kind -> (renderer, its parts; the first is the default)
+def speed(report: dict, part: str) -> str:
+    from sdrt.bench.speed import markdown
+
+    return markdown(report, part)
+
+
 PARTS = {
     "generic": (generic, ("all",)),
     "cpu_e2e": (cpu_e2e, ("sdrt-vs-diffusers", "runtimes")),
     "gpu_e2e": (gpu_e2e, ("all",)),
     "controlnet_cpu": (controlnet_cpu, ("all",)),
+    "speed": (speed, ("generate", "decode", "previews")),
     "lora_switch": (lora_switch, ("all",)),
     "ray_throughput": (ray_throughput, ("all",)),
 }

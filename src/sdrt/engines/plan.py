@@ -93,7 +93,7 @@ def axis_ranges(model: str, ranges: ShapeRanges, latent_downsample: int, guided:
     """
     lat_h = tuple(v // latent_downsample for v in ranges.height)
     lat_w = tuple(v // latent_downsample for v in ranges.width)
-    if model in ("unet", "unet_controlnet"):
+    if model in ("unet", "unet_controlnet", "unet_deepcache", "unet_shallow"):  # DeepCache's feature: height_k
         lo, opt, hi = ranges.batch
         factor = 2 if guided else 1  # a static engine runs one batch size: guided, cond + uncond
         batch = (factor * lo if ranges.is_static else lo, factor * opt, factor * hi)
@@ -106,7 +106,7 @@ def axis_ranges(model: str, ranges: ShapeRanges, latent_downsample: int, guided:
         lo, opt, hi = ranges.text_windows
         factor = 2 if guided else 1
         return {"batch": (factor * lo if ranges.is_static else 1, factor * opt, 2 * hi), "tokens": (TEXT_WINDOW,) * 3}
-    if model in ("vae_decoder", "vae_encoder"):
+    if model in ("vae_decoder", "vae_encoder", "taesd_decoder"):
         return {"batch": (1, 1, 1), "latent_height": lat_h, "latent_width": lat_w, "height": ranges.height,
                 "width": ranges.width}  # fmt: skip
     raise InvalidOption("model", model, ", ".join(MODEL_ORDER))

@@ -52,10 +52,12 @@ def export(
     vae: str | None = None,
     controlnet: bool = False,
     loras=(),
+    deepcache: int | None = None,
 ) -> Manifest:
     """Export SOURCE to OUT_DIR atomically: the folder appears complete, or not at all. CONTROLNET: also the UNet
     variant that takes ControlNet residuals (export/controlnet.py). LORAS: "FILE[:WEIGHT[:UNET_WEIGHT]]" strings,
-    LoRAs merged into the graphs' weights (export/bake.py)."""
+    LoRAs merged into the graphs' weights (export/bake.py). DEEPCACHE: a skip branch, also DeepCache's two UNet
+    graphs at it (export/deepcache.py)."""
     if precision not in PRECISIONS:
         raise InvalidOption("--precision", precision, " or ".join(PRECISIONS))
     out_dir = Path(out_dir)
@@ -77,7 +79,7 @@ def export(
     needed = faults.needed_bytes(source, precision, unet_variant=controlnet)
     faults.check_free_space(out_dir, needed)  # a plainly hopeless export refused before the checkpoint loads
     with faults.machine_faults(out_dir, needed), staged_folder(out_dir) as staging:
-        _export_into(source, staging, precision, original_config, config, progress, vae, controlnet)
+        _export_into(source, staging, precision, original_config, config, progress, vae, controlnet, deepcache)
         if baked:
             from sdrt.export.bake import bake_loras
 
@@ -98,7 +100,8 @@ def _check_loras(loras) -> list:
     return parsed
 
 
-def _export_into(source, folder: Path, precision, original_config, config, progress, vae=None, controlnet=False):
+def _export_into(source, folder: Path, precision, original_config, config, progress, vae=None, controlnet=False,
+                 deepcache=None):  # fmt: skip
     """The family's plan (EXPORT_PLANS) run by the one driver."""
     from tqdm import tqdm
 
@@ -112,6 +115,10 @@ def _export_into(source, folder: Path, precision, original_config, config, progr
             from sdrt.export.controlnet import with_unet_controlnet
 
             plan = with_unet_controlnet(plan)
+        if deepcache is not None:  # DeepCache's full and shallow UNet graphs at skip branch DEEPCACHE
+            from sdrt.export.deepcache import with_deepcache
+
+            plan = with_deepcache(plan, deepcache)
         return export_into(plan, folder, precision, bar)
     finally:
         bar.close()  # its line ended, so an error prints on a line of its own

@@ -7,7 +7,6 @@ torch's weights-only unpickler) with `--config` (a diffusers ControlNet folder o
 """
 
 import json
-import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -283,36 +282,15 @@ def _export_controlnet(source: str, out_dir: Path, precision: str, config, origi
 def add_unet_controlnet(source: str, model_dir, progress: bool = True, original_config=None, config=None) -> Manifest:
     """Add the `unet_controlnet` graph to MODEL_DIR (exported from SOURCE, the same weights), once; the updated
     manifest. The model's own `unet` graph is left as it is, so generation without ControlNet keeps its speed."""
-    from dataclasses import replace
-
     from tqdm import tqdm
 
-    from sdrt.export.driver import run_step
+    from sdrt.export.driver import add_to_folder, source_denoiser_step
 
     manifest = Manifest.load(model_dir)
     if UNET_CONTROLNET in manifest.models:
         return manifest
     bar = tqdm(total=1, desc="unet_controlnet", unit="step", disable=not progress)
-    from sdrt.export import plan_module
-
-    sha256, base = plan_module(manifest.family).denoiser_step(source, manifest, original_config, config)
-    if sha256 and manifest.source.get("sha256") and sha256 != manifest.source["sha256"]:
-        raise InvalidOption(
-            "SOURCE",
-            source,
-            f"the checkpoint {str(model_dir)!r} was exported from (sha256 {manifest.source['sha256'][:10]})",
-        )
-    step = unet_controlnet_step(base, residuals_of(base.module.config))
-    staging = Path(tempfile.mkdtemp(prefix=".unet_controlnet.partial-", dir=manifest.folder))
-    try:
-        entry = run_step(step, staging, manifest.precision, bar)
-        target = manifest.folder / UNET_CONTROLNET
-        if target.exists():
-            shutil.rmtree(target)
-        (staging / UNET_CONTROLNET).rename(target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    updated = replace(manifest, models={**manifest.models, UNET_CONTROLNET: entry})
-    updated.save(manifest.folder)
+    base = source_denoiser_step(source, manifest, original_config, config)
+    updated = add_to_folder(manifest, [unet_controlnet_step(base, residuals_of(base.module.config))], bar)
     bar.close()
-    return Manifest.load(manifest.folder)
+    return updated

@@ -83,6 +83,41 @@ def run_step(step, folder: Path, precision: str, bar) -> dict:
     }
 
 
+def add_to_folder(manifest: Manifest, steps: list, bar, notes: dict | None = None) -> Manifest:
+    """Export STEPS into MANIFEST's folder (each graph staged, then moved into place, replacing one of the same
+    name) and list them in its model.json, with NOTES {model: extra entry keys}; the reloaded manifest."""
+    from dataclasses import replace
+
+    staging = Path(tempfile.mkdtemp(prefix=".added.partial-", dir=manifest.folder))
+    entries = {}
+    try:
+        for step in steps:
+            name = step.spec.name
+            entries[name] = {**run_step(step, staging, manifest.precision, bar), **(notes or {}).get(name, {})}
+        for name in entries:
+            target = manifest.folder / name
+            if target.exists():
+                shutil.rmtree(target)
+            (staging / name).rename(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    replace(manifest, models={**manifest.models, **entries}).save(manifest.folder)
+    return Manifest.load(manifest.folder)
+
+
+def source_denoiser_step(source: str, manifest: Manifest, original_config=None, config=None):
+    """The export step of SOURCE's denoiser (its family's plan), for graphs added to MANIFEST's folder; SOURCE must
+    be the checkpoint the folder was exported from (InvalidOption naming SOURCE when its sha256 says otherwise)."""
+    from sdrt.errors import InvalidOption
+    from sdrt.export import plan_module
+
+    sha256, step = plan_module(manifest.family).denoiser_step(source, manifest, original_config, config)
+    if sha256 and manifest.source.get("sha256") and sha256 != manifest.source["sha256"]:
+        exported = manifest.source["sha256"][:10]
+        raise InvalidOption("SOURCE", source, f"the checkpoint {str(manifest.folder)!r} was exported from ({exported})")
+    return step
+
+
 def scheduler_config(config) -> SchedulerConfig:
     """The keys the checkpoint's scheduler config really sets (diffusers marks the defaulted ones)."""
     defaulted = set(config.get("_use_default_values", []))

@@ -57,6 +57,7 @@ class Denoiser:
         guidance_rescale: float = 0.0,
         conditioning: np.ndarray | None = None,
         control=None,
+        skip_uncond=None,
     ):
         self.unet = unet
         self.prediction_type = prediction_type
@@ -73,6 +74,8 @@ class Denoiser:
             conditioning = np.concatenate([conditioning, conditioning])
         self.conditioning = conditioning  # (2B or B, 1 + C, h, w) float32 or None
         self.control = control  # controlnet.ControlHook or None: ControlNet residuals for the UNet
+        self.skip_uncond = skip_uncond  # guidance_skip.UncondSkip or None: calls that run the conditional half only
+        self.halves = None  # (x, sigma, c_in, uncond out, cond out) of the last guided call, for previews
 
     def timestep(self, sigma: float, intermediate: bool = False) -> float:
         """The schedule's own timestep for one of its sigmas; sigma_to_t for any other sigma, and for an intermediate
@@ -83,27 +86,41 @@ class Denoiser:
     def __call__(self, x: np.ndarray, sigma, intermediate: bool = False) -> np.ndarray:
         sigma = np.float32(sigma)
         c_in = np.float32(1.0) / np.sqrt(sigma * sigma + np.float32(1.0))
-        x_in = np.concatenate([x, x]) if self.guided else x  # (2B or B, C, h, w) float32
-        t = np.full(len(x_in), self.timestep(sigma, intermediate), dtype=np.float32)
+        timestep = self.timestep(sigma, intermediate)
+        text, conditioning, guided = self.text.at(self.calls), self.conditioning, self.guided
+        if guided and self.skip_uncond is not None and self.skip_uncond(self.calls, float(sigma), timestep):
+            guided = False  # A1111's NGMS / Skip Early CFG: the conditional half alone, unguided
+            text = {name: np.split(a, 2)[1] for name, a in text.items()}
+            conditioning = None if conditioning is None else np.split(conditioning, 2)[1]
+        x_in = np.concatenate([x, x]) if guided else x  # (2B or B, C, h, w) float32
+        t = np.full(len(x_in), timestep, dtype=np.float32)
         sample = (x_in * c_in).astype(np.float32)
-        text = self.text.at(self.calls)
         unet, residuals = self.unet, None
         if self.control is not None:  # the ControlNets see the latents without an inpainting UNet's extra channels
-            residuals = self.control(sample, t, text, sigma, self.guided)
-        if self.conditioning is not None:
-            sample = np.concatenate([sample, self.conditioning], axis=1)  # (2B or B, C + 1 + C, h, w)
+            residuals = self.control(sample, t, text, sigma, guided)
+        if conditioning is not None:
+            sample = np.concatenate([sample, conditioning], axis=1)  # (2B or B, C + 1 + C, h, w)
         feeds = {"sample": sample, "timestep": t, **text}
         if residuals is not None:
             feeds |= residuals
             unet = self.control.unet
         self.calls += 1
         out = unet.run(feeds)["out_sample"]  # (2B or B, C, h, w) float32
-        if self.guided:
+        self.halves = None
+        if guided:
             uncond, cond = np.split(out, 2)
+            self.halves = (x, sigma, c_in, uncond, cond)
             out = uncond + self.cfg_scale * (cond - uncond)
             if self.guidance_rescale:
                 out = rescale_guidance(out, cond, self.guidance_rescale)
         return DENOISED[self.prediction_type](x, out, sigma, c_in)
+
+    def half_x0(self, content: str) -> np.ndarray | None:
+        """The last call's x0 from its "Prompt" (conditional) or "Negative prompt" half; None without both halves."""
+        if self.halves is None:
+            return None
+        x, sigma, c_in, uncond, cond = self.halves
+        return DENOISED[self.prediction_type](x, cond if content == "Prompt" else uncond, sigma, c_in)
 
 
 def eps_denoised(x: np.ndarray, eps: np.ndarray, sigma, c_in) -> np.ndarray:

@@ -33,8 +33,13 @@ class Model:
         """The engine of the graph that predicts the noise (the family's denoiser_model: "unet", ...)."""
         return self.engines[self.family.denoiser_model]
 
-    def decode(self, latents: np.ndarray) -> np.ndarray:
-        """(B, C, h, w) latents -> (B, 3, H, W) float32 images in [-1, 1] (vae.py)."""
+    def decode(self, latents: np.ndarray, vae: str = "full") -> np.ndarray:
+        """(B, C, h, w) latents -> (B, 3, H, W) float32 images in [-1, 1]: the VAE (vae.py), or with VAE "taesd" the
+        folder's TAESD decoder (previews.py)."""
+        if vae == "taesd":
+            from sdrt.runtime.previews import taesd_decode
+
+            return taesd_decode(self.manifest, self.engines, latents)
         return self.vae.decode(latents)
 
     def model_infotext(self) -> dict:
@@ -113,7 +118,7 @@ def images_of(model: Model, run: Run, batch: Batch, latents: np.ndarray) -> list
     """BATCH's final LATENTS decoded (by the second stage's VAE when there is one) into PIL images, each with the
     infotext of its label."""
     decoder = run.decoder or model
-    pixels = require_finite(decoder.decode(latents), "images", decoder.manifest)
+    pixels = require_finite(decoder.decode(latents, run.opts.vae), "images", decoder.manifest)
     images = to_pil(pixels)
     for image, seed, subseed, (opts, notes) in zip(images, batch.seeds, batch.subseeds, batch.labels, strict=True):
         image.info["parameters"] = write_infotext(opts, seed, subseed, model.model_infotext(), notes)

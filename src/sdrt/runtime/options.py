@@ -9,7 +9,6 @@ Adding an option: one field here, plus its use.
 
 import dataclasses
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -32,6 +31,7 @@ from sdrt.runtime.option_mappings import (
     infotext_number,
     read_rng,
 )
+from sdrt.runtime.option_spec import Spec, option
 from sdrt.runtime.rng import A1111_RNG_LABELS, GENERATORS
 from sdrt.runtime.samplers import SAMPLER_ALIASES, SAMPLERS, resolve_sampler  # noqa: F401 (re-exported)
 from sdrt.runtime.schedules import (  # noqa: F401 (re-exported)
@@ -41,6 +41,7 @@ from sdrt.runtime.schedules import (  # noqa: F401 (re-exported)
     check_schedule,
     resolve_scheduler,
 )
+from sdrt.runtime.speed_options import SPEED_OPTIONS, check_speed_options
 
 RNGS = tuple(GENERATORS)  # "torch" (= "cpu"), "gpu", "nv": see rng.py
 # A1111's samplers with the "uses_ensd" option: the only ones whose infotext records ENSD (and only with eta != 0).
@@ -54,39 +55,9 @@ MAX_MASK_BLUR = 64  # A1111's mask blur slider maximum
 MAX_PROMPT_CHARS = 20_000  # about 70 chunks of 75 tokens: far past any real prompt, short of a memory hazard
 
 
-@dataclass(frozen=True)
-class Spec:
-    """How one option is typed, bounded and seen by the interfaces.
-
-    kind: str, int, float, bool, pair (two ints), image (PIL image or path), path, array, dict, any, units
-    (ControlNet units, controlnet.py).
-    low/high: the allowed range (numbers); choices: the allowed values (strings).
-    group: generation, editing (img2img/inpainting), sdxl, or output (Python only).
-    cli: a command-line flag --name-with-dashes. a1111: the A1111 request field (from_a1111(request) converts it;
-    UNSET when absent); setting: or the A1111 option (override_settings key) it comes from, through from_setting.
-    infotext: its key (part 1/2 of an "AxB" value), write(opts, image seeds) -> text or None, read(text) -> value.
-    """
-
-    kind: str
-    help: str = ""
-    low: float | None = None
-    high: float | None = None
-    choices: tuple | None = None
-    group: str = "generation"
-    cli: bool = True
-    a1111: str | None = None
-    from_a1111: Callable | None = None
-    setting: str | None = None
-    from_setting: Callable | None = None
-    infotext: str | None = None
-    part: int | None = None
-    aliases: tuple[str, ...] = ()
-    write: Callable | None = None
-    read: Callable | None = None
-
-
-def option(default, kind: str, **spec):
-    return field(default=default, metadata={"spec": Spec(kind, **spec)})
+def speed_option(name: str):
+    default, kind, keywords = SPEED_OPTIONS[name]
+    return option(default, kind, **keywords)
 
 
 @dataclass(frozen=True)
@@ -173,6 +144,14 @@ class GenerationOptions:
                                      help="0 to 1: Lin et al. 2023's phi (with cfg > 1)")  # fmt: skip
     emphasis: str = option("Original", "str", choices=EMPHASES, setting="emphasis", infotext="Emphasis",
                            help="prompt weights: Original, 'No norm', None")  # fmt: skip
+    s_min_uncond: float = speed_option("s_min_uncond")  # these eight: speed_options.py (docs/guide/speed.md)
+    s_min_uncond_all: bool = speed_option("s_min_uncond_all")
+    skip_early_cond: float = speed_option("skip_early_cond")
+    vae: str = speed_option("vae")
+    live_preview_content: str = speed_option("live_preview_content")
+    deepcache_interval: int = speed_option("deepcache_interval")
+    deepcache_branch: int | None = speed_option("deepcache_branch")
+    deepcache_start: float = speed_option("deepcache_start")
     batch_size: int = option(1, "int", low=1, high=MAX_BATCH, a1111="batch_size", help="images per UNet batch")
     batch_count: int = option(1, "int", low=1, high=MAX_BATCH_COUNT, a1111="n_iter", help="number of batches")
     s_noise: float = option(1.0, "float", low=0, high=10, a1111="s_noise",
@@ -333,17 +312,7 @@ def resolve(options: GenerationOptions, manifest: Manifest) -> GenerationOptions
         o[name] = _in_range(name, o[name])
     for name in ("seed", "subseed"):
         o[name] = int(np.random.default_rng().integers(0, SEED_MAX + 1)) if o[name] == -1 else o[name]
-    for name in ("seed_resize_from_w", "seed_resize_from_h"):
-        size = o[name]
-        off = is_int(size) and size in (0, -1)
-        if not off and not (is_int(size) and manifest.min_size <= size <= manifest.max_size and size % step == 0):
-            raise InvalidOption(
-                name, size, f"0 or -1 (off), or a multiple of {step} from {manifest.min_size} to {manifest.max_size}"
-            )
-        o[name] = 0 if off else int(size)
-    if bool(o["seed_resize_from_w"]) != bool(o["seed_resize_from_h"]):
-        name = "seed_resize_from_h" if o["seed_resize_from_w"] else "seed_resize_from_w"
-        raise InvalidOption(name, o[name], "a size too: seed_resize_from_w and _h are set together")
+    _check_seed_resize(manifest, o)
     for name in ("ensd", "output_type", "eta", "s_noise", "s_churn", "s_tmin", "s_tmax"):
         o[name] = _in_range(name, o[name])
     hires_fix.check(o, manifest, _in_range, MAX_STEPS)  # hires fix keeps strength: its denoising strength
@@ -363,6 +332,7 @@ def resolve(options: GenerationOptions, manifest: Manifest) -> GenerationOptions
         raise InvalidOption("guidance_rescale", o["guidance_rescale"], allowed)
     _check_latents(manifest, o)
     o["controlnets"] = check_units(o["controlnets"])
+    check_speed_options(o, manifest, _in_range)
     if not isinstance(o["control_maps"], bool):
         raise InvalidOption("control_maps", o["control_maps"], "True or False")
     resolved = GenerationOptions(**o)
@@ -372,6 +342,22 @@ def resolve(options: GenerationOptions, manifest: Manifest) -> GenerationOptions
     object.__setattr__(resolved, "family_options", family.resolve_options(manifest, owned))
     family.check_options(manifest, resolved)
     return resolved
+
+
+def _check_seed_resize(manifest: Manifest, o: dict) -> None:
+    """SEED_RESIZE_FROM_W/_H: both off (0 or -1) or both a size the model takes."""
+    step = manifest.latent_downsample
+    for name in ("seed_resize_from_w", "seed_resize_from_h"):
+        size = o[name]
+        off = is_int(size) and size in (0, -1)
+        if not off and not (is_int(size) and manifest.min_size <= size <= manifest.max_size and size % step == 0):
+            raise InvalidOption(
+                name, size, f"0 or -1 (off), or a multiple of {step} from {manifest.min_size} to {manifest.max_size}"
+            )
+        o[name] = 0 if off else int(size)
+    if bool(o["seed_resize_from_w"]) != bool(o["seed_resize_from_h"]):
+        name = "seed_resize_from_h" if o["seed_resize_from_w"] else "seed_resize_from_w"
+        raise InvalidOption(name, o[name], "a size too: seed_resize_from_w and _h are set together")
 
 
 def _in_range(name: str, value):

@@ -125,7 +125,7 @@ class Pipeline:
             given = opts.latents if opts.init_latents is None else opts.init_latents  # noise, or init_latents
             start = None if given is None else given[rows]
             batches.append(Batch(opts.seeds[rows], opts.subseeds[rows], text, start, [(opts, notes)] * opts.batch_size))
-        bar = Progress(opts.batch_count * opts.steps_run, progress, callback)
+        bar = Progress(opts.batch_count * opts.steps_run, progress, callback, opts.live_preview_content)
         latent = opts.output_type == "latent"
         finished = run_batches(self.model, run, batches, bar, decode=not latent)
         bar.close()
@@ -186,9 +186,18 @@ class Pipeline:
         """The conditioning of each denoiser call for one image, and its infotext notes (conditioning.py)."""
         return encode_prompts(self.conditioner, self.family, self.manifest, opts)
 
-    def decode(self, latents: np.ndarray) -> np.ndarray:
-        """(B, C, h, w) latents -> (B, 3, H, W) float32 images in [-1, 1] (vae.py)."""
-        return self.model.decode(latents)
+    def decode(self, latents: np.ndarray, vae: str = "full") -> np.ndarray:
+        """(B, C, h, w) latents -> (B, 3, H, W) float32 images in [-1, 1] (vae.py; VAE "taesd": previews.py)."""
+        return self.model.decode(latents, vae)
+
+    def preview(self, latents: np.ndarray, method: str = "TAESD") -> list:
+        """PIL previews of (B, C, h, w) latents (a callback's denoised) by A1111's live preview METHOD: "Full",
+        "Approx NN", "Approx cheap" or "TAESD" (previews.py; TAESD and Approx NN fall back to Approx cheap without
+        a TAESD decoder in the folder)."""
+        from sdrt.runtime.image import to_pil
+        from sdrt.runtime.previews import preview_images
+
+        return to_pil(preview_images(self.model, latents, method))
 
     def model_infotext(self) -> dict:
         """The infotext's model entries (A1111's "Model hash" and "Model")."""

@@ -57,7 +57,7 @@ def sample(model, run, batch, bar) -> np.ndarray:
         if "timesteps" in takes:  # LCM's boundary condition is a function of the UNet timestep
             kwargs["timesteps"] = part.timesteps
             kwargs["timestep_scaling"] = manifest.scheduler.timestep_scaling
-        hook = step_hook(part, blend, bar, final=stage is stages[-1][1])
+        hook = step_hook(part, blend, bar, final=stage is stages[-1][1], denoiser=stage)
         x = fn(stage, x, part.sigmas, noise=noise, callback=hook, **kwargs)
     return require_finite((x * np.float32(schedule.final_scale)).astype(np.float32), "latents", manifest)
 
@@ -67,7 +67,7 @@ def denoiser(model, opts, timesteps: dict, text, conditioning=None, control=None
     return model.family.denoiser(model, opts, timesteps, text, conditioning, control)
 
 
-def step_hook(schedule: Schedule, blend, bar, final: bool = True):
+def step_hook(schedule: Schedule, blend, bar, final: bool = True, denoiser=None):
     """The samplers' callback(i, x, denoised): for inpainting with a regular UNet the blend (editing.blend_known),
     then progress. FINAL False: SCHEDULE is a first stage (SDXL's base before its refiner), whose last step is not
     the end."""
@@ -76,26 +76,32 @@ def step_hook(schedule: Schedule, blend, bar, final: bool = True):
     def hook(i, x, denoised):
         if blend is not None:
             editing.blend_known(x, blend, schedule, i, last)
-        bar.update(denoised)
+        bar.update(denoised, denoiser)
 
     return hook
 
 
 class Progress:
-    """A run's sampler steps: a tqdm bar, and the caller's callback(step, total_steps, denoised) after each."""
+    """A run's sampler steps: a tqdm bar, and the caller's callback(step, total_steps, denoised) after each.
 
-    def __init__(self, total: int, enabled: bool, callback=None):
+    CONTENT (A1111's live_preview_content): the callback's denoised is the guided x0 ("Combined"), or that of the
+    step's last call's "Prompt" or "Negative prompt" half (the guided x0 where the call had only one)."""
+
+    def __init__(self, total: int, enabled: bool, callback=None, content: str = "Combined"):
         from tqdm import tqdm
 
         self.bar = tqdm(total=total, desc="generate", unit="step", disable=not enabled, leave=False)
-        self.total, self.done, self.callback = total, 0, callback
+        self.total, self.done, self.callback, self.content = total, 0, callback, content
         self.denoised = None  # the latest step's x0 estimate, (B, C, h, w) float32: what a skipped batch returns
 
-    def update(self, denoised: np.ndarray | None = None) -> None:
+    def update(self, denoised: np.ndarray | None = None, denoiser=None) -> None:
         self.bar.update()
         self.done += 1
         self.denoised = denoised
         if self.callback is not None:
+            if self.content != "Combined" and denoiser is not None:
+                half = denoiser.half_x0(self.content)
+                denoised = denoised if half is None else half
             self.callback(self.done, self.total, denoised)
 
     def skip_to(self, done: int) -> None:

@@ -30,6 +30,7 @@ from sdrt.runtime.options import (
     spec,
 )
 from sdrt.server.a1111_settings import check_setting
+from sdrt.server.speed_settings import SETTING_LABELS, SPEED_SETTINGS, apply_extension_names, check_speed_setting
 from sdrt.version import __version__
 
 RANDN_SOURCES = RNG_NAMES  # A1111's randn_source option -> sdrt's rng
@@ -43,6 +44,7 @@ DEFAULT_OPTIONS = {
     "live_previews_enable": True,
     "show_progress_every_n_steps": 10,
     "samples_format": "png",
+    **SPEED_SETTINGS,  # previews, TAESD, NGMS, DeepCache (speed_settings.py)
 }
 
 
@@ -172,7 +174,6 @@ class ImagesResponse(BaseModel):
 UNSUPPORTED = {
     "restore_faces": ((None, False), "sdrt has no face restoration"),
     "tiling": ((None, False), "sdrt has no tiling"),
-    "s_min_uncond": ((None, 0, 0.0), "sdrt always runs the unconditional pass"),
     "script_name": ((None, ""), "sdrt has no scripts"),
     "script_args": (([],), "sdrt has no scripts"),
     "alwayson_scripts": (({},), "sdrt has no scripts"),
@@ -201,11 +202,11 @@ def apply_infotext(req: GenerationRequest, options: dict) -> None:
         return
     given = req.model_fields_set
     overrides = dict(req.override_settings or {})
-    labels = {v: k for k, v in RANDN_SOURCES.items()}
+    labels = {"randn_source": {v: k for k, v in RANDN_SOURCES.items()}, **SETTING_LABELS}  # option value -> label
     for name, value in infotext_kwargs(parse_infotext(req.infotext)).items():
         s = spec(name)
         if s.setting is not None:
-            value = labels[value] if s.setting == "randn_source" else value
+            value = labels.get(s.setting, {}).get(value, value)
             if options[s.setting] != value:
                 overrides.setdefault(s.setting, value)
         elif s.a1111 in type(req).model_fields and s.a1111 not in given:
@@ -219,6 +220,7 @@ def settings(req: GenerationRequest, options: dict, checkpoint_title) -> dict:
     merged = dict(options)
     for key, value in (req.override_settings or {}).items():
         merged[key] = check_option(key, value, checkpoint_title, "override_settings")
+    apply_extension_names(merged)
     return merged
 
 
@@ -242,6 +244,8 @@ def check_option(key: str, value, checkpoint_title, where: str = "options"):
         if not isinstance(value, str):
             raise InvalidOption(field, value, "Original, No norm or None")
         return value
+    if key in SPEED_SETTINGS:
+        return check_speed_setting(field, key, value)
     if key == "live_previews_enable":
         if not isinstance(value, bool):
             raise InvalidOption(field, value, "true or false")
@@ -257,7 +261,8 @@ def generate_kwargs(req: GenerationRequest, settings: dict) -> dict:
     kwargs = {}
     for name in OPTION_FIELDS:
         s = spec(name)
-        if s.setting is not None:
+        request_value = getattr(req, s.a1111, None) if s.a1111 in type(req).model_fields else None
+        if s.setting is not None and request_value is None:  # a request field wins over its setting (s_min_uncond)
             value = settings[s.setting]
             kwargs[name] = value if s.from_setting is None else s.from_setting(value)
         elif s.a1111 is not None and s.kind != "image" and s.a1111 in type(req).model_fields:

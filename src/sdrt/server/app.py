@@ -87,8 +87,9 @@ class Server:
 
         return Loras(self.manifest, {}).load_dir(folder).listing()
 
-    def preview_every(self) -> int:
-        return self.options["show_progress_every_n_steps"] if self.options["live_previews_enable"] else 0
+    def preview_every(self, settings: dict | None = None) -> int:
+        settings = self.options if settings is None else settings  # the request's override_settings applied
+        return settings["show_progress_every_n_steps"] if settings["live_previews_enable"] else 0
 
     def check_limits(self, req) -> None:
         lim = self.limits
@@ -114,7 +115,8 @@ class Server:
         entry = self.models.find(opts["sd_model_checkpoint"], "override_settings.sd_model_checkpoint")
         manifest = self.models.manifest(entry)  # exported first if it is a checkpoint (a second request waits)
         kwargs = a1111.generate_kwargs(req, opts)
-        generation = Generation(kind, kwargs, req.n_iter, self.preview_every(), model=entry)
+        generation = Generation(kind, kwargs, req.n_iter, self.preview_every(opts), opts["show_progress_type"],
+                                model=entry)  # fmt: skip
         if req.force_task_id:
             generation.task_id = req.force_task_id
         if kind == "img2img":

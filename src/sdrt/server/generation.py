@@ -14,7 +14,6 @@ import asyncio
 import uuid
 from dataclasses import dataclass, field
 
-from sdrt.runtime.image import to_pil
 from sdrt.server.codec import encode_png
 from sdrt.server.jobs import Job, State, Worker
 from sdrt.server.models import LoadedModels, ModelRegistry
@@ -30,6 +29,7 @@ class Generation:
     kwargs: dict
     batches: int  # n_iter: A1111's job_count
     preview_every: int = 0  # steps between live previews; 0: none
+    preview_method: str = "Full"  # A1111's show_progress_type (runtime/previews.py)
     image: object = None  # outpaint: the PIL image to extend
     amounts: dict = field(default_factory=dict)  # outpaint: left/right/up/down pixels
     task_id: str = field(default_factory=lambda: f"task({uuid.uuid4().hex[:15]})")  # A1111's id_task
@@ -49,9 +49,9 @@ class Generation:
         return dict(self.kwargs)
 
 
-def preview_png(pipe, denoised) -> str:
-    """The first image's current x0 estimate through the VAE, as base64 PNG (A1111's "Full" live preview)."""
-    return encode_png(to_pil(pipe.decode(denoised[:1]))[0])
+def preview_png(pipe, denoised, method: str = "Full") -> str:
+    """The first image's current x0 estimate as base64 PNG, by A1111's live preview METHOD (Full: the VAE)."""
+    return encode_png(pipe.preview(denoised[:1], method)[0])
 
 
 class LocalBackend:
@@ -82,7 +82,7 @@ class LocalBackend:
             generation.kind,
             run,
             batches=generation.batches,
-            preview=lambda denoised: preview_png(used[0], denoised),
+            preview=lambda denoised: preview_png(used[0], denoised, generation.preview_method),
             preview_every=generation.preview_every,
             task_id=generation.task_id,
         )
@@ -99,6 +99,7 @@ class LocalBackend:
                 return idle_progress()
             done, eta = state.progress()
             image = None if skip_current_image else state.current_image
+            state.preview_wanted = state.preview_wanted or not skip_current_image  # the worker decodes it lazily
             return {"progress": done, "eta_relative": eta, "state": state.as_dict(), "current_image": image}
 
     async def interrupt(self, id_task: str | None = None) -> None:

@@ -44,7 +44,7 @@ class Job:
     batches: int  # A1111's job_count: n_iter
     future: Future = field(default_factory=Future)
     preview: Callable | None = None  # preview(denoised) -> base64 PNG of the first image, run on the worker
-    preview_every: int = 0  # steps between live previews (<= 0: none)
+    preview_every: int = 0  # at least this many steps between live previews (<= 0: none), decoded when polled
     task_id: str = ""  # A1111's id_task
 
 
@@ -62,6 +62,8 @@ class State:
         self.job_timestamp, self.time_start = "0", time.time()
         self.task_id = ""
         self.current_image = None  # base64 PNG of the latest preview, or None
+        self.preview_wanted = False  # a /progress poll asked for current_image since the last preview
+        self.preview_step = None  # the step current_image shows
 
     def as_dict(self) -> dict:
         """A1111's State.dict()."""
@@ -168,17 +170,22 @@ class Worker:
             self.busy = True
 
     def _step(self, job: Job, step: int, total: int, denoised) -> None:
-        """Pipeline.generate's callback: progress, a live preview every n steps, and interruption."""
+        """Pipeline.generate's callback: progress, interruption, and a live preview of this step's x0 when a poll
+        asked for one and at least show_progress_every_n_steps have passed since the last (A1111's
+        State.set_current_image); with nobody polling, no preview is ever decoded."""
         with self.state.lock:
-            self.state.advance(step, total)
-            interrupted, skipped = self.state.interrupted, self.state.skipped
-            self.state.skipped = False
+            state = self.state
+            state.advance(step, total)
+            interrupted, skipped = state.interrupted, state.skipped
+            state.skipped = False
+            every = job.preview_every
+            due = state.preview_step is None or step - state.preview_step >= every
+            wanted = state.preview_wanted and due and every > 0 and job.preview is not None and denoised is not None
         if interrupted:
             raise Interrupted()
         if skipped:
             raise SkipImage()
-        every = job.preview_every
-        if job.preview is not None and every > 0 and denoised is not None and step % every == 0:
+        if wanted:
             image = job.preview(denoised)
             with self.state.lock:
-                self.state.current_image = image
+                self.state.current_image, self.state.preview_step, self.state.preview_wanted = image, step, False

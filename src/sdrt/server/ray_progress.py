@@ -81,7 +81,9 @@ class Reporter:
         every = self.generations[0].preview_every
         if every > 0 and denoised is not None and step % every == 0:
             for generation, offset in zip(self.generations, self.offsets, strict=True):
-                images[generation.task_id] = preview_png(self.pipe, denoised[offset : offset + 1])
+                images[generation.task_id] = preview_png(
+                    self.pipe, denoised[offset : offset + 1], generation.preview_method
+                )
         answer = self.board.step.remote(self.task_ids, step, total, images)
         if self.pending is None:
             self.pending = answer

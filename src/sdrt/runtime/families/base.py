@@ -5,6 +5,7 @@ import numpy as np
 
 from sdrt.errors import InvalidOption, ModelError
 from sdrt.runtime.a1111_schedules import AYS_SIGMAS_SD15
+from sdrt.runtime.previews import SD_PREVIEW_RGB
 
 
 class Family:
@@ -18,6 +19,7 @@ class Family:
     lora_bases: tuple[str, ...] = ("sd_v1", "sd_v2")  # kohya's ss_base_model_version prefixes of LoRAs that fit
     align_your_steps = AYS_SIGMAS_SD15  # the Align Your Steps schedule's table (a1111_schedules.py)
     fp32_models: tuple[str, ...] = ()  # graphs an fp16 variant keeps in fp32 (they overflow in fp16)
+    preview_rgb = SD_PREVIEW_RGB  # A1111's "Approx cheap" preview: (latent channels, 3) latent -> RGB (previews.py)
 
     def check(self, manifest) -> None:
         """ModelError naming model.json when MANIFEST lists no graph of one this family needs."""
@@ -65,13 +67,17 @@ class Family:
         """InvalidOption for a resolved option this family cannot honour (the UNet families take them all)."""
 
     def denoiser(self, model, opts, timesteps: dict, text, conditioning=None, control=None):
-        """D(x, sigma) around MODEL's denoiser graph with guidance (denoiser.Denoiser: eps / v). CONDITIONING: an
-        inpainting UNet's extra channels; CONTROL: a controlnet.ControlHook adding ControlNet residuals."""
+        """D(x, sigma) around MODEL's denoiser graph with guidance (denoiser.Denoiser: eps / v; DeepCache's graphs and
+        A1111's negative-guidance skip when OPTS ask). CONDITIONING: an inpainting UNet's extra channels; CONTROL: a
+        controlnet.ControlHook adding ControlNet residuals."""
+        from sdrt.runtime import deepcache
         from sdrt.runtime.denoiser import Denoiser
+        from sdrt.runtime.guidance_skip import uncond_skip
 
-        return Denoiser(model.denoiser_engine, model.manifest.prediction_type, model.train_sigmas, timesteps, text,
-                        opts.cfg_scale, guidance_rescale=opts.guidance_rescale, conditioning=conditioning,
-                        control=control)  # fmt: skip
+        engine = deepcache.denoiser_engine(model, opts)  # the plain graph, or DeepCache's two when it is on
+        return Denoiser(engine, model.manifest.prediction_type, model.train_sigmas, timesteps, text, opts.cfg_scale,
+                        guidance_rescale=opts.guidance_rescale, conditioning=conditioning, control=control,
+                        skip_uncond=uncond_skip(opts))  # fmt: skip
 
     def sampler_function(self, name: str):
         """(function, the keyword arguments it takes) of the A1111 sampler NAME on this family (samplers.py)."""

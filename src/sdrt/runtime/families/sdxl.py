@@ -14,6 +14,7 @@ import numpy as np
 from sdrt.errors import InvalidOption, ModelError, is_int, is_number
 from sdrt.runtime.a1111_schedules import AYS_SIGMAS_SDXL
 from sdrt.runtime.families.base import Family
+from sdrt.runtime.previews import SDXL_PREVIEW_RGB
 
 SIZE_OPTIONS = ("original_size", "target_size", "negative_original_size", "negative_target_size")
 CROP_OPTIONS = ("crops_coords_top_left", "negative_crops_coords_top_left")
@@ -228,6 +229,7 @@ class SDXL(Family):
     lora_bases = ("sdxl",)
     align_your_steps = AYS_SIGMAS_SDXL  # NVIDIA's SDXL table
     fp32_models = ("vae_decoder", "vae_encoder")  # the SDXL VAE overflows in fp16 (NaNs, black images)
+    preview_rgb = SDXL_PREVIEW_RGB  # A1111's Approx cheap coefficients for SDXL latents
 
     def conditioner(self, manifest, engines, embeddings):
         return sdxl_conditioner(manifest, engines, embeddings)

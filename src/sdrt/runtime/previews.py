@@ -1,0 +1,88 @@
+"""Latents -> images without the full VAE: TAESD (Tiny AutoEncoder for SD, madebyollin/taesd; diffusers'
+AutoencoderTiny) as an optional decoder of a model folder, and A1111's live preview methods.
+
+TAESD's decoder takes the latents the UNet works in (already scaled) and returns an image in [-1, 1] at the full
+size; its graph is the manifest's optional "taesd_decoder" model (export/taesd.py). A1111's preview methods
+(modules/sd_samplers_common.py, samples_to_images_tensor):
+  Full          the model's VAE decoder
+  Approx cheap  a fixed linear map of the 4 latent channels to RGB at the latent size (sd_vae_approx.py's
+                coefficients for SD 1.x/2.x and for SDXL), no model at all
+  Approx NN     A1111's small convolutional approximation: its weights are not part of any model sdrt exports, so
+                sdrt serves TAESD in its place when the folder has it, else Approx cheap
+  TAESD         the taesd_decoder graph (Approx cheap when the folder has none)
+"""
+
+import numpy as np
+
+from sdrt.errors import ModelError
+from sdrt.runtime.modelspec import ModelSpec, TensorSpec
+
+TAESD_DECODER = "taesd_decoder"
+PREVIEW_METHODS = ("Full", "Approx NN", "Approx cheap", "TAESD")
+PREVIEW_CONTENTS = ("Combined", "Prompt", "Negative prompt")  # A1111's live_preview_content
+VAE_DECODERS = {"full": "Full", "taesd": "TAESD"}  # sdrt's `vae` option -> A1111's sd_vae_decode_method
+
+# A1111's "Approx cheap" latent -> RGB coefficients (sd_vae_approx.py), (latent channel, RGB): SD 1.x/2.x latents,
+# and SDXL's; each family declares its own (families/, Family.preview_rgb).
+SD_PREVIEW_RGB = np.array(
+    [[0.298, 0.207, 0.208], [0.187, 0.286, 0.173], [-0.158, 0.189, 0.264], [-0.184, -0.271, -0.473]], np.float32
+)
+SDXL_PREVIEW_RGB = np.array(
+    [[0.3448, 0.4168, 0.4395], [-0.1953, -0.0290, 0.0250], [0.1074, 0.0886, -0.0163], [-0.3730, -0.2499, -0.2088]],
+    np.float32,
+)
+
+
+def taesd_decoder_spec(latent_channels: int) -> ModelSpec:
+    """TAESD decoder: the UNet's (scaled) latents -> image in [-1, 1], 8 pixels per latent cell."""
+    return ModelSpec(
+        TAESD_DECODER,
+        inputs=(TensorSpec("latent_sample", "float32", ("batch", latent_channels, "latent_height", "latent_width")),),
+        outputs=(TensorSpec("sample", "float32", ("batch", 3, "height", "width")),),
+    )
+
+
+def has_taesd(manifest) -> bool:
+    return TAESD_DECODER in manifest.models
+
+
+def taesd_decode(manifest, engines: dict, latents: np.ndarray) -> np.ndarray:
+    """(B, C, h, w) UNet latents -> (B, 3, 8h, 8w) float32 images in [-1, 1], one image per TAESD call."""
+    if not has_taesd(manifest):
+        raise ModelError(
+            f"{manifest.folder} has no TAESD decoder: add one with `sdrt export SOURCE -o {manifest.folder} --taesd "
+            "TAESD` (a diffusers AutoencoderTiny folder, hub id, or taesd_decoder.pth/.safetensors)"
+        )
+    engine = engines[TAESD_DECODER]
+    z = latents.astype(np.float32)
+    return np.concatenate([engine.run({"latent_sample": z[i : i + 1]})["sample"] for i in range(len(z))])
+
+
+def cheap_approximation(coefficients: np.ndarray, latents: np.ndarray) -> np.ndarray:
+    """A1111's "Approx cheap": (B, C, h, w) latents -> (B, 3, h, w) float32 roughly in [-1, 1], by the family's
+    (C, 3) COEFFICIENTS."""
+    if latents.shape[1] != coefficients.shape[0]:
+        raise ModelError(f"Approx cheap previews take 4 latent channels, not {latents.shape[1]}")
+    return np.einsum("bchw,cr->brhw", latents.astype(np.float32), coefficients).astype(np.float32)
+
+
+def preview_method(manifest, method: str) -> str:
+    """The method that will run for METHOD on this model (Approx NN and a missing TAESD fall back, as documented)."""
+    if method in ("Approx NN", "TAESD"):
+        return "TAESD" if has_taesd(manifest) else "Approx cheap"
+    return method
+
+
+def preview_images(model, latents: np.ndarray, method: str = "TAESD") -> np.ndarray:
+    """(B, C, h, w) latents -> (B, 3, H, W) float32 images in [-1, 1] by A1111's preview METHOD (PREVIEW_METHODS) on
+    MODEL (generation.Model); Approx cheap gives latent-sized images (h, w)."""
+    if method not in PREVIEW_METHODS:
+        from sdrt.errors import InvalidOption
+
+        raise InvalidOption("show_progress_type", method, ", ".join(PREVIEW_METHODS))
+    method = preview_method(model.manifest, method)
+    if method == "TAESD":
+        return taesd_decode(model.manifest, model.engines, latents)
+    if method == "Approx cheap":
+        return cheap_approximation(model.family.preview_rgb, latents)
+    return model.vae.decode(latents)
