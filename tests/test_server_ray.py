@@ -245,8 +245,7 @@ def test_ray_progress_and_interrupt_by_task_id(ray_server):
     result = {}
 
     def long_job():
-        result["res"] = ray_server.post("/sdapi/v1/txt2img", {"prompt": "long", **SMALL, "width": 256, "height": 256,
-                                                              "steps": 150, "seed": 1,
+        result["res"] = ray_server.post("/sdapi/v1/txt2img", {"prompt": "long", **SMALL, "steps": 150, "seed": 1,
                                                               "force_task_id": "task(long)"})  # fmt: skip
 
     thread = threading.Thread(target=long_job)

@@ -253,8 +253,13 @@ class OpenVINOEngine:
         inputs = {name: np.ascontiguousarray(feeds[name]) for name in self.input_names}
         shapes = tuple((name, value.shape) for name, value in inputs.items())
         _, request = self.compiled_for(shapes)
-        outputs = request.infer(inputs, share_inputs=True, share_outputs=False)  # outputs copied out of the request
+        feeds = {**inputs, **self.weight_feeds()}
+        outputs = request.infer(feeds, share_inputs=True, share_outputs=False)  # outputs copied out of the request
         return {name: outputs[i] for i, name in enumerate(self.output_names)}
+
+    def weight_feeds(self) -> dict[str, np.ndarray]:
+        """Weights fed as inputs beside the graph's own (OpenVINOWeightsEngine: a LoRA's merged weights); none here."""
+        return {}
 
     def unload(self) -> None:
         self.compiled.clear()

@@ -175,15 +175,9 @@ class OpenVINOWeightsEngine(OpenVINOEngine):
         self.compiled[key] = (compiled, compiled.create_infer_request())
         return self.compiled[key]
 
-    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if not self.input_names:
-            self.load()
-        inputs = {name: np.ascontiguousarray(feeds[name]) for name in self.input_names}
-        shapes = tuple((name, value.shape) for name, value in inputs.items())
-        _, request = self.compiled_for(shapes)
-        weights = self.replaceable.feeds(self.replaceable.variant())
-        outputs = request.infer({**inputs, **weights}, share_inputs=True, share_outputs=False)
-        return {name: outputs[i] for i, name in enumerate(self.output_names)}
+    def weight_feeds(self) -> dict[str, np.ndarray]:
+        """The replaceable weights the compiled variant takes as inputs (none while no LoRA is active)."""
+        return self.replaceable.feeds(self.replaceable.variant())
 
 
 def create_openvino_engine(model_file, backend: str, keep_f32: bool = False, **options) -> OpenVINOWeightsEngine:

@@ -108,6 +108,7 @@ class FlowDenoiser:
         self.cfg_scale = np.float32(cfg_scale)
         self.timesteps = timesteps  # the schedule's exact transformer timesteps per sigma
         self.calls = 0
+        self.halves = None  # (x, sigma, uncond v, cond v) of the last guided call, for live previews' halves
 
     def timestep(self, sigma) -> np.float32:
         t = self.timesteps.get(float(sigma))
@@ -120,5 +121,14 @@ class FlowDenoiser:
         self.calls += 1
         if self.guided:  # diffusers: uncond + scale (cond - uncond), uncond half first
             uncond, cond = np.split(v, 2)
+            self.halves = (x, sigma, uncond, cond)
             v = uncond + self.cfg_scale * (cond - uncond)
         return (x - sigma * v).astype(np.float32)
+
+    def half_x0(self, content: str) -> np.ndarray | None:
+        """The last call's x0 from its "Prompt" (conditional) or "Negative prompt" half (A1111's
+        live_preview_content); None without both halves."""
+        if self.halves is None:
+            return None
+        x, sigma, uncond, cond = self.halves
+        return (x - sigma * (cond if content == "Prompt" else uncond)).astype(np.float32)

@@ -175,7 +175,7 @@ def check_init_latents(manifest, o: dict) -> None:
     for name in ("init_image", "mask", "latents"):
         if o[name] is not None:
             raise InvalidOption(name, "given", "None with init_latents")
-    latents = np.asarray(o["init_latents"], dtype=np.float32)
+    latents = float_array("init_latents", o["init_latents"])
     n = o["batch_size"] * o["batch_count"]
     if latents.ndim != 4 or latents.shape[:2] != (n, manifest.latent_channels):
         allowed = f"shape ({n}, {manifest.latent_channels}, h, w) (batch_size * batch_count, C, height/8, width/8)"
@@ -186,3 +186,11 @@ def check_init_latents(manifest, o: dict) -> None:
             raise InvalidOption(name, o[name], f"{size}: init_latents' {name}")
         o[name] = size
     o["init_latents"] = latents
+
+
+def float_array(field: str, value) -> np.ndarray:
+    """VALUE as a float32 array; InvalidOption naming FIELD when it is none (a dict, a string, ragged lists)."""
+    try:
+        return np.asarray(value, dtype=np.float32)
+    except (TypeError, ValueError):
+        raise InvalidOption(field, type(value).__name__, "a float32 array of latents") from None

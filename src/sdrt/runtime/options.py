@@ -20,6 +20,7 @@ from sdrt.runtime import masks
 from sdrt.runtime.conditioning import EMPHASES, MAX_CLIP_SKIP
 from sdrt.runtime.controlnet import check_units
 from sdrt.runtime.families import family_of, family_option_names
+from sdrt.runtime.hires_options import float_array
 from sdrt.runtime.image import format_number
 from sdrt.runtime.lora import requested
 from sdrt.runtime.manifest import Manifest
@@ -269,10 +270,17 @@ def make_options(manifest: Manifest, **raw) -> GenerationOptions:
     return resolve(build_options(**raw), manifest)
 
 
+# Float options with a range of their own (the family options' ranges are the family's: families/)
+FLOAT_OPTIONS = tuple(name for name in OPTION_FIELDS if spec(name).kind == "float" and spec(name).low is not None)
+
+
 def resolve(options: GenerationOptions, manifest: Manifest) -> GenerationOptions:
     """Validate every option against the model's manifest, fill in what depends on it (size, random seeds, the
     init image's size) and pin the sampler's name; the first bad option raises InvalidOption."""
     o = {name: getattr(options, name) for name in OPTION_FIELDS}
+    for name in FLOAT_OPTIONS:  # NaN or an infinity is no value of any option, used or not (A1111 ignores some)
+        if isinstance(o[name], float) and not math.isfinite(o[name]):
+            _in_range(name, o[name])
     editing = o["init_image"] is not None or o["init_latents"] is not None
     if not editing:
         if o["mask"] is not None:
@@ -379,7 +387,7 @@ def _check_latents(manifest: Manifest, o: dict) -> None:
     if o["latents"] is None:
         return
     want = (o["batch_size"] * o["batch_count"], *family_of(manifest).latent_shape(manifest, o["width"], o["height"]))
-    latents = np.asarray(o["latents"], dtype=np.float32)
+    latents = float_array("latents", o["latents"])
     if latents.shape != want:
         allowed = f"shape {want} (batch_size * batch_count, C, height/8, width/8)"
         raise InvalidOption("latents", f"array of shape {latents.shape}", allowed)
