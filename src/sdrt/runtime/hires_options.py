@@ -191,6 +191,10 @@ def check_init_latents(manifest, o: dict) -> None:
 def float_array(field: str, value) -> np.ndarray:
     """VALUE as a float32 array; InvalidOption naming FIELD when it is none (a dict, a string, ragged lists)."""
     try:
-        return np.asarray(value, dtype=np.float32)
+        with np.errstate(over="ignore", invalid="ignore"):
+            array = np.asarray(value, dtype=np.float32)
     except (TypeError, ValueError):
         raise InvalidOption(field, type(value).__name__, "a float32 array of latents") from None
+    if not np.isfinite(array).all():
+        raise InvalidOption(field, "an array with NaN, infinite or out-of-float32 values", "finite float32 latents")
+    return array
