@@ -149,10 +149,17 @@ def test_nan_images_are_an_error_not_a_black_image(tiny_pipeline, monkeypatch):
         tiny_pipeline.generate(PROMPT, **KW)
 
 
-def test_nan_latents_are_an_error(tiny_pipeline):
+def test_nan_latents_are_an_error(tiny_pipeline, monkeypatch):
+    """Non-finite start latents are refused by name before any work; a UNet that returns them is one ModelError."""
     latents = np.full((1, 4, 8, 8), np.inf, dtype=np.float32)
-    with pytest.raises(ModelError, match=r"the latents hold 256 NaN or Inf values out of 256 \(unet"):
+    with pytest.raises(InvalidOption, match=r"^latents: .*finite float32 latents"):
         tiny_pipeline.generate(PROMPT, **KW, latents=latents)
+    unet = tiny_pipeline.engines["unet"]
+    run = unet.run
+    monkeypatch.setattr(unet, "run", lambda feeds: {"out_sample": run(feeds)["out_sample"] * np.float32(np.inf)})
+    with np.errstate(invalid="ignore", over="ignore"), pytest.raises(ModelError, match=r"the latents hold 256 NaN or "
+                                                                          r"Inf values out of 256 \(unet"):  # fmt: skip
+        tiny_pipeline.generate(PROMPT, **KW, latents=np.zeros((1, 4, 8, 8), np.float32))
 
 
 # Export: fp16 keeps SDXL's VAE fp32 unless --vae gives a fixed one; --vae for SD 1.x; single files.
