@@ -12,18 +12,10 @@ import numpy as np
 import pytest
 import torch
 from diffusers_reference import diffusers_run
+from test_lora import PIXEL_TOL, PROMPT, RUN, SEED, max_diff  # the LoRA suites' settings
 from tiny_lora import make_lora, text_layers, unet_layers
 
 from sdrt.cli import main
-
-PIXEL_TOL = 2
-PROMPT = "a photo of a grey squirrel"
-RUN = dict(negative_prompt="blue sky", width=64, height=64, steps=6, cfg_scale=7.0, sampler="Euler")
-SEED = 11
-
-
-def max_diff(a, b) -> int:
-    return int(np.abs(np.asarray(a).astype(np.int16) - np.asarray(b).astype(np.int16)).max())
 
 
 def fresh_diffusers(tiny_sd):

@@ -8,18 +8,18 @@ import shutil
 
 import numpy as np
 import pytest
-from test_lora import loras  # noqa: F401  (the test LoRA files: a module fixture)
+from test_lora import (
+    PIXEL_TOL,
+    PROMPT,
+    SEED,
+    loras,  # noqa: F401  (the test LoRA files: a module fixture)
+    max_diff,
+)
+from test_lora import RUN as LORA_RUN
 
 from sdrt.cli import main
 
-PIXEL_TOL = 2
-PROMPT = "a photo of a grey squirrel"
-RUN = dict(negative_prompt="blue sky", width=64, height=64, steps=6, cfg_scale=7.0, sampler="Euler", seed=11,
-           progress=False)  # fmt: skip
-
-
-def max_diff(a, b) -> int:
-    return int(np.abs(np.asarray(a).astype(np.int16) - np.asarray(b).astype(np.int16)).max())
+RUN = {**LORA_RUN, "seed": SEED, "progress": False}
 
 
 @pytest.fixture(scope="module")
