@@ -184,12 +184,7 @@ def markdown_table(report: dict) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m sdrt.bench.controlnet_cpu", description=__doc__.splitlines()[0])
-    p.add_argument("--worker", nargs=2, metavar=("STAGE", "JOB"), help=argparse.SUPPRESS)
-    p.add_argument("--workdir", type=Path, default=Path("/tmp/sdrt-bench"), help="sdrt bench's model folders")
-    p.add_argument("--out", type=Path, default=Path("/tmp/sdrt-controlnet-bench"), help="this benchmark's folders")
-    p.add_argument("--model", default="sd15", choices=("sd15", "small"), help="small: a smoke test of this script")
-    p.add_argument("--size", type=int, default=256)
-    p.add_argument("--steps", type=int, default=10)
+    common.add_stage_arguments(p, "/tmp/sdrt-controlnet-bench")
     p.add_argument("--runs", type=int, default=2)
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--output", type=Path, help="JSON path (default benchmarks/results/controlnet-<machine>.json)")

@@ -202,12 +202,7 @@ def markdown(report: dict, part: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m sdrt.bench.speed", description=__doc__.splitlines()[0])
-    p.add_argument("--worker", nargs=2, metavar=("STAGE", "JOB"), help=argparse.SUPPRESS)
-    p.add_argument("--workdir", type=Path, default=Path("/tmp/sdrt-bench"), help="sdrt bench's model folders")
-    p.add_argument("--out", type=Path, default=Path("/tmp/sdrt-speed-bench"), help="this benchmark's folders")
-    p.add_argument("--model", default="sd15", choices=("sd15", "small"), help="small: a smoke test of this script")
-    p.add_argument("--size", type=int, default=256)
-    p.add_argument("--steps", type=int, default=10)
+    common.add_stage_arguments(p, "/tmp/sdrt-speed-bench")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--branch", type=int, default=0, help="DeepCache's skip branch (0: the paper's default)")
     p.add_argument("--decode-sizes", type=int, nargs="+", default=[512, 1024])
