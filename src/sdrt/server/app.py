@@ -115,6 +115,7 @@ class Server:
         entry = self.models.find(opts["sd_model_checkpoint"], "override_settings.sd_model_checkpoint")
         manifest = self.models.manifest(entry)  # exported first if it is a checkpoint (a second request waits)
         kwargs = a1111.generate_kwargs(req, opts)
+        a1111.family_defaults(req, kwargs, manifest)  # FLUX.1: its steps and CFG 1 where the request has none
         generation = Generation(kind, kwargs, req.n_iter, self.preview_every(opts), opts["show_progress_type"],
                                 model=entry)  # fmt: skip
         if req.force_task_id:

@@ -7,6 +7,8 @@ from sdrt.errors import InvalidOption, ModelError
 from sdrt.runtime.a1111_schedules import AYS_SIGMAS_SD15
 from sdrt.runtime.previews import SD_PREVIEW_RGB
 
+DEFAULT_STEPS, DEFAULT_CFG_SCALE = 20, 7.0  # A1111's txt2img defaults
+
 
 class Family:
     """One model family: subclass it and override what differs (sd.py, sdxl.py)."""
@@ -47,6 +49,10 @@ class Family:
         """This family's own options (GenerationOptions.family_options), validated; GIVEN holds those the caller set
         (not None). The UNet families have none."""
         return None
+
+    def option_defaults(self, manifest) -> dict:
+        """Steps and cfg_scale where the caller gives none: A1111's 20 and 7 (a distilled family has its own)."""
+        return {"steps": DEFAULT_STEPS, "cfg_scale": DEFAULT_CFG_SCALE}
 
     def refuse_options(self, manifest, given: dict) -> None:
         """InvalidOption for the first of GIVEN (options of another family, not None) on a model of this family."""
