@@ -125,3 +125,36 @@ def test_cli_flag(dev, tmp_path):
     (png,) = tmp_path.glob("*.png")
     assert "Distilled CFG Scale: 2.5" in Image.open(png).info["parameters"]
     assert main([*args, "--skip-guidance-layers", "0"]) == 2
+
+
+def test_img2img_steps_at_a_fractional_product_match_diffusers(dev, monkeypatch):
+    """steps x strength 5 x 0.7: FluxImg2ImgPipeline skips int(5 - 3.5) = 1 step and runs 4 (Family.edit_steps of
+    the flow families); the UNet families' int(3.5) = 3 is the can-fail twin."""
+    from diffusers import FluxImg2ImgPipeline
+    from flow_helpers import init_and_mask
+
+    from sdrt.runtime.families.base import Family
+    from sdrt.runtime.families.flow import Flux
+
+    pipe, pipeline = dev
+    img2img = FluxImg2ImgPipeline(**pipe.components)
+    img2img.set_progress_bar_config(disable=True)
+    image, _ = init_and_mask(1)
+    reference = diffusers_run(img2img, PROMPT, [8], steps=5, image=image, strength=0.7, guidance_scale=3.5)
+    kwargs = dict(steps=5, init_image=image, strength=0.7)
+    assert make_options(pipeline.manifest, **kwargs).steps_run == 4
+    assert max_diff_255(sdrt_run(pipeline, PROMPT, [8], **kwargs), reference) <= 2.0
+    monkeypatch.setattr(Flux, "edit_steps", Family.edit_steps)
+    assert make_options(pipeline.manifest, **kwargs).steps_run == 3
+    assert max_diff_255(sdrt_run(pipeline, PROMPT, [8], **kwargs), reference) > 8.0
+
+
+@pytest.mark.parametrize("steps, strength", [(5, 0.7), (10, 0.3), (7, 0.55), (20, 0.75), (3, 1.0), (4, 0.1)])
+def test_edit_steps_follow_each_pipelines_get_timesteps(steps, strength):
+    """The flow families: diffusers' SD 3 / FLUX img2img get_timesteps, float arithmetic included (10 x 0.3 is
+    3.0000000000000004: 4 steps); the UNet families: int(steps x strength), as A1111 and StableDiffusionImg2Img."""
+    from sdrt.runtime.families import registry
+
+    flow_run = steps - int(max(steps - min(steps * strength, steps), 0))  # diffusers' t_start, as written there
+    assert registry()["flux"].edit_steps(steps, strength) == registry()["sd3"].edit_steps(steps, strength) == flow_run
+    assert registry()["sd1"].edit_steps(steps, strength) == min(int(steps * strength), steps)

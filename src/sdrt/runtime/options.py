@@ -19,8 +19,7 @@ from sdrt.runtime import hires_options as hires_fix
 from sdrt.runtime import masks
 from sdrt.runtime.conditioning import EMPHASES, MAX_CLIP_SKIP
 from sdrt.runtime.controlnet import check_units
-from sdrt.runtime.families import family_of, family_option_names
-from sdrt.runtime.flow_options import SPECS as FLOW_SPECS
+from sdrt.runtime.families import FLOW_SPECS, family_of, family_option_names
 from sdrt.runtime.hires_options import float_array
 from sdrt.runtime.image import format_number
 from sdrt.runtime.lora import requested
@@ -212,14 +211,14 @@ class GenerationOptions:
     control_maps: bool = option(False, "bool", group="output", cli=False,
                                 help="append each ControlNet unit's control map to the images")  # fmt: skip
     init_latents: np.ndarray | None = option(None, "array", **hires_fix.SPECS["init_latents"])  # (N, C, h, w)
-    # Set by resolve: the options only the model's family takes (its option group), validated by the family
-    # (families/: SDXL's SdxlOptions; None for families without own options).
+    # Set by resolve from the model's family (families/): its own options (SdxlOptions...; None), the steps an edit runs
     family_options: Any = field(default=None, init=False, compare=False)
+    edit_steps: int = field(default=0, init=False, compare=False)
 
     @property
     def steps_run(self) -> int:
-        """Steps actually sampled: int(steps * strength) with an init image (diffusers' get_timesteps), else steps."""
-        return self.steps if self.strength is None or self.hires else min(int(self.steps * self.strength), self.steps)
+        """Steps actually sampled: with an init image the family's count for steps x strength (Family.edit_steps)."""
+        return self.steps if self.strength is None or self.hires else self.edit_steps
 
     @property
     def guided(self) -> bool:
@@ -354,6 +353,7 @@ def resolve(options: GenerationOptions, manifest: Manifest) -> GenerationOptions
     owned = {name: o[name] for name in family_option_names() if o[name] is not None}
     family.refuse_options(manifest, owned)
     object.__setattr__(resolved, "family_options", family.resolve_options(manifest, owned))
+    object.__setattr__(resolved, "edit_steps", family.edit_steps(o["steps"], o["strength"] or 0.0))
     family.check_options(manifest, resolved)
     return resolved
 

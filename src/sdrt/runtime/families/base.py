@@ -54,6 +54,11 @@ class Family:
         """Steps and cfg_scale where the caller gives none: A1111's 20 and 7 (a distilled family has its own)."""
         return {"steps": DEFAULT_STEPS, "cfg_scale": DEFAULT_CFG_SCALE}
 
+    def edit_steps(self, steps: int, strength: float) -> int:
+        """The steps img2img and inpainting run of STEPS at STRENGTH: int(steps x strength), as A1111 and diffusers'
+        StableDiffusionImg2ImgPipeline (the schedule's last ones)."""
+        return min(int(steps * strength), steps)
+
     def refuse_options(self, manifest, given: dict) -> None:
         """InvalidOption for the first of GIVEN (options of another family, not None) on a model of this family."""
         from sdrt.runtime.families import family_option_names

@@ -48,6 +48,11 @@ class FlowFamily(Family):
         halves = [pooled_cond] if pooled_uncond is None else [pooled_uncond, pooled_cond]
         return {"pooled_projections": np.concatenate(halves).astype(np.float32)}
 
+    def edit_steps(self, steps: int, strength: float) -> int:
+        """The flow pipelines' get_timesteps: they skip int(steps - steps x strength) steps, so a fractional product
+        runs one step more than int(steps x strength) (5 x 0.7: 4 steps, not 3)."""
+        return steps - int(max(steps - min(steps * strength, steps), 0))
+
     def add_noise(self, x0: np.ndarray, eps: np.ndarray, sigma) -> np.ndarray:
         return noised(x0, eps, sigma)
 
