@@ -54,6 +54,12 @@ class Family:
         """Steps and cfg_scale where the caller gives none: A1111's 20 and 7 (a distilled family has its own)."""
         return {"steps": DEFAULT_STEPS, "cfg_scale": DEFAULT_CFG_SCALE}
 
+    def form(self, manifest) -> dict:
+        """What a form for MANIFEST's model shows (the web page, server/family_form.py): the steps and CFG defaults,
+        this family's own fields {option name: default}, and when the negative prompt applies ("always", or
+        "with_cfg": only with cfg_scale > 1)."""
+        return {"defaults": self.option_defaults(manifest), "fields": {}, "negative_prompt": "always"}
+
     def edit_steps(self, steps: int, strength: float) -> int:
         """The steps img2img and inpainting run of STEPS at STRENGTH: int(steps x strength), as A1111 and diffusers'
         StableDiffusionImg2ImgPipeline (the schedule's last ones)."""

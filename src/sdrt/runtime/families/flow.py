@@ -18,7 +18,16 @@ from sdrt.runtime.families.base import Family
 from sdrt.runtime.flow import FlowConfig, FlowDenoiser, flow_schedule, noised
 from sdrt.runtime.flow_conditioning import FluxConditioner, Sd3Conditioner, T5Text, clip_encoder
 from sdrt.runtime.flow_models import PACK, FluxModel, Sd3Model
-from sdrt.runtime.flow_options import FLUX_OPTIONS, SLG_OPTIONS, make_flux_options, make_slg_options
+from sdrt.runtime.flow_options import (
+    DISTILLED_CFG_SCALE,
+    FLUX_OPTIONS,
+    SLG_OPTIONS,
+    SLG_SCALE,
+    SLG_START,
+    SLG_STOP,
+    make_flux_options,
+    make_slg_options,
+)
 from sdrt.runtime.flow_samplers import FLOW_VARIANTS
 from sdrt.runtime.flow_specs import TRANSFORMER, gate_count
 
@@ -129,6 +138,11 @@ class SD3(FlowFamily):
     def layer_skip(self, opts):
         return opts.family_options if opts.family_options.skip_guidance_layers else None
 
+    def form(self, manifest) -> dict:
+        slg = {"skip_guidance_layers": "", "skip_layer_guidance_scale": SLG_SCALE, "skip_layer_guidance_start":
+               SLG_START, "skip_layer_guidance_stop": SLG_STOP}  # fmt: skip
+        return {**super().form(manifest), "fields": slg if gate_count(manifest) else {}}
+
     def model(self, engine, manifest, opts):
         return Sd3Model(engine, gate_count(manifest))
 
@@ -157,6 +171,12 @@ class Flux(FlowFamily):
 
     def resolve_options(self, manifest, given: dict):
         return make_flux_options(given, bool(manifest.family_config.get("guidance_embeds")), self.title)
+
+    def form(self, manifest) -> dict:
+        """Dev: the distilled guidance field; the negative prompt only with true CFG (cfg_scale > 1)."""
+        dev = manifest.family_config.get("guidance_embeds")
+        fields = {"distilled_cfg_scale": DISTILLED_CFG_SCALE} if dev else {}
+        return {**super().form(manifest), "fields": fields, "negative_prompt": "with_cfg"}
 
     def model(self, engine, manifest, opts):
         return FluxModel(engine, opts.family_options.distilled_cfg_scale)
