@@ -35,7 +35,7 @@ def test_cases_registry_and_device_defaults():
 @pytest.mark.parametrize(
     "argv,message",
     [
-        (["--model", "sd3"], "--model: got 'sd3'; allowed: sdxl, sd15, small"),
+        (["--model", "sd3"], "--model: got 'sd3'; allowed: sdxl, sd15, sd35m, flux-dev, small-sd3, small-flux, small"),
         (["--size", "100"], "--size: got 100; allowed: a positive multiple of 8"),
         (["--runs", "0"], "--runs: got 0; allowed: at least 1"),
         (["--batches", "1,x"], "--batches: got '1,x'"),
