@@ -5,7 +5,8 @@ two graphs timed in alternation so that a shared machine's load falls on both al
     python -m sdrt.bench.sd3_gates [--blocks 4] [--width 1536] [--size 512] [--runs 6]
 
 The width and head size default to SD 3.5 Medium's (1536 = 24 heads x 64; 24 blocks there, fewer here: each block
-costs the same, so the ratio does not depend on the count). Writes benchmarks/results/sd3-gates-<machine>.json.
+costs the same, so the ratio does not depend on the count; the position-embedding grid is 96 patches, not 384, which
+changes no block). Writes benchmarks/results/sd3-gates-<machine>.json.
 """
 
 import argparse
@@ -27,7 +28,7 @@ def build(blocks: int, width: int):
     return SD3Transformer2DModel(sample_size=128, patch_size=2, in_channels=16, num_layers=blocks,
                                  attention_head_dim=64, num_attention_heads=width // 64, joint_attention_dim=4096,
                                  caption_projection_dim=width, pooled_projection_dim=2048, out_channels=16,
-                                 pos_embed_max_size=384, qk_norm="rms_norm").eval()  # fmt: skip
+                                 pos_embed_max_size=96, qk_norm="rms_norm").eval()  # fmt: skip
 
 
 def ungated_forward(held, hidden_states, timestep, encoder_hidden_states, pooled_projections):
