@@ -78,8 +78,7 @@ def test_img2img_matches_diffusers(dev):
     img2img = FluxImg2ImgPipeline(**pipe.components)
     img2img.set_progress_bar_config(disable=True)
     image, _ = init_and_mask(1)
-    # steps x strength a whole number: for 3.5, FluxImg2ImgPipeline runs 4 steps (int(5 - 3.5) skipped) where sdrt,
-    # as A1111 and StableDiffusionImg2ImgPipeline, runs int(3.5) = 3
+    # steps x strength a whole number here; a fractional one (5 x 0.7) in test_flux_guidance.py
     reference = diffusers_run(img2img, PROMPT, [8], steps=5, image=image, strength=0.8, guidance_scale=3.5)
     kwargs = dict(steps=5, init_image=image, distilled_cfg_scale=3.5)
     assert max_diff_255(sdrt_run(pipeline, PROMPT, [8], strength=0.8, **kwargs), reference) <= 2.0
