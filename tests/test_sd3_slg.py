@@ -103,6 +103,8 @@ def test_infotext_written_and_read_back(sd3):
          "skip_layer_guidance_stop"),
         (dict(skip_layer_guidance_scale=3.0), "skip_layer_guidance_scale"),  # without layers
         (dict(distilled_cfg_scale=3.5), "distilled_cfg_scale"),  # FLUX's
+        (dict(s_min_uncond=1.0), "s_min_uncond"),  # A1111's negative-guidance skips: not in the flow denoiser
+        (dict(skip_early_cond=0.2), "skip_early_cond"),
     ],
 )  # fmt: skip
 def test_bad_settings_are_refused_by_name(sd3, options, field):

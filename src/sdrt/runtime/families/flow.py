@@ -90,8 +90,9 @@ class FlowFamily(Family):
             raise InvalidOption("scheduler", opts.scheduler, f"automatic: {self.title} models use their shifted sigmas")
         if opts.timestep_spacing is not None:
             raise InvalidOption("timestep_spacing", opts.timestep_spacing, f"None for {self.title} models")
-        if opts.guidance_rescale:
-            raise InvalidOption("guidance_rescale", opts.guidance_rescale, f"0 for {self.title} models")
+        for field in ("guidance_rescale", "s_min_uncond", "skip_early_cond"):  # not in the flow denoiser (yet)
+            if getattr(opts, field):
+                raise InvalidOption(field, getattr(opts, field), f"0 for {self.title} models")
         if opts.controlnets:
             raise InvalidOption("controlnets", f"{len(opts.controlnets)} unit(s)", f"none: ControlNet for {self.title} "
                                 "models is not supported yet")  # fmt: skip
