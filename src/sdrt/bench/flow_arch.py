@@ -95,6 +95,32 @@ def _t5(config: dict, vocab_size: int):
     return T5EncoderModel(T5Config(**config, dropout_rate=0.0, is_encoder_decoder=False, use_cache=False))
 
 
+def _sd3_parts(job: dict, clip_tokenizer, t5_tokenizer) -> tuple:
+    """(pipeline class, scheduler config, its model parts) of an SD 3.5 case."""
+    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    texts = job["text_configs"]
+    parts = dict(transformer=SD3Transformer2DModel(**job["unet_config"]),
+                 text_encoder=_clip(job["text_config"], clip_tokenizer, True),
+                 text_encoder_2=_clip(texts["text_encoder_2"], clip_tokenizer, True), tokenizer_2=clip_tokenizer,
+                 text_encoder_3=_t5(texts["text_encoder_3"], len(t5_tokenizer)), tokenizer_3=t5_tokenizer)  # fmt: skip
+    return StableDiffusion3Pipeline, SD3_SCHEDULER, parts
+
+
+def _flux_parts(job: dict, clip_tokenizer, t5_tokenizer) -> tuple:
+    """(pipeline class, scheduler config, its model parts) of a FLUX.1 dev case."""
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+
+    parts = dict(transformer=FluxTransformer2DModel(**job["unet_config"]),
+                 text_encoder=_clip(job["text_config"], clip_tokenizer, False),
+                 text_encoder_2=_t5(job["text_configs"]["text_encoder_2"], len(t5_tokenizer)),
+                 tokenizer_2=t5_tokenizer)  # fmt: skip
+    return FluxPipeline, FLUX_DEV_SCHEDULER, parts
+
+
+PARTS = {"sd3": _sd3_parts, "flux": _flux_parts}  # pipeline kind -> its parts' builder
+
+
 def build_flow(job: dict) -> dict:
     """The job's SD 3.5 ("sd3") or FLUX.1 ("flux") case with random weights -> a diffusers folder (written whole,
     then renamed); big parts made in bf16 (full-size T5-XXL: 9.5 GB instead of 19)."""
@@ -102,37 +128,20 @@ def build_flow(job: dict) -> dict:
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
     from transformers import CLIPTokenizer
 
-    kind, out = job["pipeline"], Path(job["diffusers_dir"])
+    out = Path(job["diffusers_dir"])
     staging = out.with_name(out.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     write_tiny_clip_tokenizer(staging / "tokenizer_src")
     clip_tokenizer = CLIPTokenizer.from_pretrained(staging / "tokenizer_src")
     t5_tokenizer = write_tiny_t5_tokenizer(staging / "t5_src")
     torch.manual_seed(job["weights_seed"])
-    texts = job["text_configs"]
-    parts = {"vae": AutoencoderKL(**job["vae_config"]), "tokenizer": clip_tokenizer}
-    big = torch.bfloat16 if job.get("bf16") else torch.float32
-    torch.set_default_dtype(big)
+    vae = AutoencoderKL(**job["vae_config"])
+    torch.set_default_dtype(torch.bfloat16 if job.get("bf16") else torch.float32)
     try:
-        if kind == "sd3":
-            from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
-
-            pipeline, scheduler = StableDiffusion3Pipeline, SD3_SCHEDULER
-            parts.update(transformer=SD3Transformer2DModel(**job["unet_config"]),
-                         text_encoder=_clip(job["text_config"], clip_tokenizer, True),
-                         text_encoder_2=_clip(texts["text_encoder_2"], clip_tokenizer, True),
-                         tokenizer_2=clip_tokenizer, text_encoder_3=_t5(texts["text_encoder_3"], len(t5_tokenizer)),
-                         tokenizer_3=t5_tokenizer)  # fmt: skip
-        else:
-            from diffusers import FluxPipeline, FluxTransformer2DModel
-
-            pipeline, scheduler = FluxPipeline, FLUX_DEV_SCHEDULER
-            parts.update(transformer=FluxTransformer2DModel(**job["unet_config"]),
-                         text_encoder=_clip(job["text_config"], clip_tokenizer, False),
-                         text_encoder_2=_t5(texts["text_encoder_2"], len(t5_tokenizer)),
-                         tokenizer_2=t5_tokenizer)  # fmt: skip
+        pipeline, scheduler, parts = PARTS[job["pipeline"]](job, clip_tokenizer, t5_tokenizer)
     finally:
         torch.set_default_dtype(torch.float32)
+    parts.update(vae=vae, tokenizer=clip_tokenizer)
     pipe = pipeline(scheduler=FlowMatchEulerDiscreteScheduler.from_config(scheduler), **parts)
     pipe.save_pretrained(staging)
     (staging / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2))
