@@ -158,3 +158,11 @@ def test_edit_steps_follow_each_pipelines_get_timesteps(steps, strength):
     flow_run = steps - int(max(steps - min(steps * strength, steps), 0))  # diffusers' t_start, as written there
     assert registry()["flux"].edit_steps(steps, strength) == registry()["sd3"].edit_steps(steps, strength) == flow_run
     assert registry()["sd1"].edit_steps(steps, strength) == min(int(steps * strength), steps)
+
+
+def test_true_cfg_in_a_batch_matches_diffusers(dev):
+    pipe, pipeline = dev
+    kwargs = dict(negative_prompt=NEGATIVE)
+    reference = diffusers_run(pipe, PROMPT, [6, 7], steps=3, true_cfg_scale=3.0, **kwargs)
+    ours = sdrt_run(pipeline, PROMPT, [6, 7], steps=3, cfg_scale=3.0, distilled_cfg_scale=3.5, **kwargs)
+    assert max_diff_255(ours, reference) <= 2.0 and max_diff_255(ours[0], ours[1]) > 8.0

@@ -141,3 +141,12 @@ def test_http_api_and_cli(sd3, tmp_path):
             "-o", str(tmp_path)]  # fmt: skip
     assert main([*args, "--skip-guidance-layers", "0", "2", "--skip-layer-guidance-stop", "0.5"]) == 0
     assert main([*args, "--skip-guidance-layers", "5"]) == 2
+
+
+def test_skip_layer_guidance_in_a_batch_matches_diffusers(sd3):
+    """Two images in one batch: the skip-layer call takes the conditional half of each (diffusers'
+    original_prompt_embeds)."""
+    pipe, pipeline = sd3
+    reference = diffusers_run(pipe, PROMPT, [5, 6], steps=STEPS, guidance_scale=5.0, **SLG)
+    ours = sdrt_run(pipeline, PROMPT, [5, 6], steps=STEPS, cfg_scale=5.0, **SLG)
+    assert max_diff_255(ours, reference) <= 2.0 and max_diff_255(ours[0], ours[1]) > 8.0
