@@ -71,8 +71,9 @@ class FlowFamily(Family):
     def denoiser(self, model, opts, timesteps: dict, text, conditioning=None, control=None):
         if conditioning is not None or control is not None:
             raise ModelError(f"{model.manifest.folder}: {self.title} runs without ControlNet or inpainting channels")
-        engine = self.model(model.denoiser_engine, model.manifest, opts)
-        return FlowDenoiser(engine, text, opts.cfg_scale, timesteps, self.layer_skip(opts))
+        engine = model.denoiser_engine
+        return FlowDenoiser(self.model(engine, model.manifest, opts), text, opts.cfg_scale, timesteps,
+                            self.layer_skip(opts))
 
     def model(self, engine, manifest, opts):
         raise NotImplementedError
