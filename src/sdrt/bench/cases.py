@@ -152,10 +152,10 @@ CASES = {
     ),
     # SD 3.5 Medium and FLUX.1 dev (unet_config: the transformer's): the GPU machine's (benchmarks/gpu_check.sh --model)
     "sd35m": ModelCase("sd35m", "SD 3.5 Medium architecture, random weights", flow.SD35M_TRANSFORMER, flow.SD3_VAE,
-                       flow.CLIP_L, cpu={"size": 512, "steps": 4}, gpu={"size": 1024, "steps": 28}, pipeline="sd3",
-                       text_configs={"text_encoder_2": flow.CLIP_BIGG, "text_encoder_3": flow.T5_XXL}, bf16=True),
+                       CLIP_VIT_L, cpu={"size": 512, "steps": 4}, gpu={"size": 1024, "steps": 28}, pipeline="sd3",
+                       text_configs={"text_encoder_2": OPEN_CLIP_BIGG, "text_encoder_3": flow.T5_XXL}, bf16=True),
     "flux-dev": ModelCase("flux-dev", "FLUX.1 dev architecture, random weights", flow.FLUX_DEV_TRANSFORMER,
-                          flow.FLUX_VAE, flow.CLIP_L, cpu={"size": 512, "steps": 4}, gpu={"size": 1024, "steps": 28},
+                          flow.FLUX_VAE, CLIP_VIT_L, cpu={"size": 512, "steps": 4}, gpu={"size": 1024, "steps": 28},
                           pipeline="flux", text_configs={"text_encoder_2": flow.T5_XXL}, bf16=True),
     "small-sd3": ModelCase("small-sd3", "tiny random SD 3.5 (--model small-sd3)", flow.TINY_SD3_TRANSFORMER,
                            dict(flow.TINY_FLOW_VAE, scaling_factor=1.5305, shift_factor=0.0609), flow.TINY_CLIP_L,

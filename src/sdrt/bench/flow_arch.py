@@ -36,15 +36,12 @@ FLOW_VAE = {"in_channels": 3, "out_channels": 3, "down_block_types": ["DownEncod
             "use_quant_conv": False, "use_post_quant_conv": False}  # fmt: skip
 SD3_VAE = dict(FLOW_VAE, scaling_factor=1.5305, shift_factor=0.0609)
 FLUX_VAE = dict(FLOW_VAE, scaling_factor=0.3611, shift_factor=0.1159)
-CLIP_L = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
-          "max_position_embeddings": 77, "hidden_act": "quick_gelu", "projection_dim": 768}  # fmt: skip
-CLIP_BIGG = {"hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32, "num_attention_heads": 20,
-             "max_position_embeddings": 77, "hidden_act": "gelu", "projection_dim": 1280}  # fmt: skip
 T5_XXL = {"d_model": 4096, "d_kv": 64, "d_ff": 10240, "num_layers": 24, "num_heads": 64,
           "feed_forward_proj": "gated-gelu", "vocab_size": 32128}  # fmt: skip
-# Tiny versions of the same (tests/tiny_sd3.py, tiny_flux.py sizes): a smoke test of the benchmark's stages.
-TINY_CLIP_L = dict(CLIP_L, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-                   projection_dim=32)  # fmt: skip
+# Tiny versions of the same (tests/tiny_sd3.py, tiny_flux.py sizes): a smoke test of the benchmark's stages. (The
+# full-size CLIPs are cases.py's CLIP_VIT_L and OPEN_CLIP_BIGG.)
+TINY_CLIP_L = dict(max_position_embeddings=77, hidden_act="quick_gelu", hidden_size=32, intermediate_size=37,
+                   num_hidden_layers=2, num_attention_heads=4, projection_dim=32)  # fmt: skip
 TINY_CLIP_G = dict(TINY_CLIP_L, hidden_size=48, intermediate_size=64, projection_dim=48, hidden_act="gelu")
 TINY_T5 = {"d_model": 96, "d_kv": 8, "d_ff": 40, "num_layers": 2, "num_heads": 4, "feed_forward_proj": "gated-gelu",
            "vocab_size": None, "relative_attention_num_buckets": 8, "relative_attention_max_distance": 20}  # fmt: skip
@@ -84,8 +81,9 @@ def _clip(config: dict, tokenizer, projection: bool):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     cls = CLIPTextModelWithProjection if projection else CLIPTextModel
-    return cls(CLIPTextConfig(**config, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                              eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))  # fmt: skip
+    config = dict(config, vocab_size=config.get("vocab_size") or len(tokenizer))  # full size: CLIP's whole table
+    return cls(CLIPTextConfig(**config, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                              pad_token_id=tokenizer.pad_token_id))  # fmt: skip
 
 
 def _t5(config: dict, vocab_size: int):
