@@ -62,7 +62,7 @@ def test_page_switches_to_fluxs_fields_and_generates_with_them(tiny_sd, flux_dev
             sync_api.sync_playwright() as p:  # fmt: skip
         browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
         page = browser.new_page(viewport={"width": 1280, "height": 860})
-        page.set_default_timeout(30_000)
+        page.set_default_timeout(120_000)  # a model switch loads its graphs: slow on a loaded 2-core machine
         errors = []
         page.on("pageerror", lambda e: errors.append(str(e)))
         page.goto(server.url + "/")
