@@ -269,6 +269,8 @@ def run_cpu(args, case) -> int:
     job_dir, out_dir = model_dir / "jobs", model_dir / "outputs"
     for folder in (job_dir, out_dir):
         folder.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.glob("*.npy"):  # an earlier run's images (another size) must not be compared with this one's
+        stale.unlink()
     built, exported = prepare_model(args, configs, model_dir, job_dir)
     settings = cpu_settings(args, case, model_dir, load_start)
     job = base_job(args, configs, model_dir, model_dir / "onnx", out_dir)
