@@ -85,6 +85,8 @@ def test_cpu_table_reads_the_committed_results_file():
     assert files
     for path in files:  # every committed CPU result (SD 1.5, SD 1.5 with --low-vram, SDXL)
         report = json.loads(path.read_text())
+        if report["benchmark"] == "cpu_runtimes":  # the per-runtime table only (test_docs renders it)
+            continue
         table = markdown_table(report)
         assert table.splitlines()[0].startswith("| metric | sdrt") and "txt2img" in table
         assert bool(low_vram_rows(report)) == ("sdrt_low_vram" in report)

@@ -101,6 +101,7 @@ def speed(report: dict, part: str) -> str:
 PARTS = {
     "generic": (generic, ("all",)),
     "cpu_e2e": (cpu_e2e, ("sdrt-vs-diffusers", "runtimes")),
+    "cpu_runtimes": (cpu_e2e, ("runtimes",)),  # a cpu_e2e run with the per-runtime table only (rebuilt from a log)
     "gpu_e2e": (gpu_e2e, ("all",)),
     "controlnet_cpu": (controlnet_cpu, ("all",)),
     "speed": (speed, ("generate", "decode", "previews")),
