@@ -64,7 +64,9 @@ def unet_call_times(pipe, size: int, rounds: int, calls: int = 2) -> dict[str, l
     for _ in range(rounds):
         for state, prompt in (("base", ""), ("LoRA a at 0.8", "<lora:a:0.8>")):
             pipe.loras.apply(parse_prompt(prompt)[1])
-            run(captured[0])  # warm-up
+            run(captured[0])  # warm-up (in place; starts the prepacked session's build)
+            unet._swap.wait()
+            run(captured[0])  # the prepacked session swapped in
             for _ in range(calls):
                 t = time.perf_counter()
                 run(captured[0])
@@ -74,7 +76,10 @@ def unet_call_times(pipe, size: int, rounds: int, calls: int = 2) -> dict[str, l
 
 def prepacking_cost(model: Path, size: int, rounds: int = 2) -> dict[str, list[float]]:
     """Seconds per UNet call at SIZE x SIZE (batch 2), alternated: a plain session (ONNX Runtime prepacks its
-    weights) and one that takes LoRAs (every mapped weight in a buffer rewritten in place, without prepacking)."""
+    weights), the in-place session of an engine that takes LoRAs (every mapped weight in a buffer rewritten in place,
+    without prepacking) and the prepacked session that engine swaps in behind it (engines/prepacked_swap.py), over
+    the same buffers."""
+    from sdrt.bench.common import log
     from sdrt.engines.onnxruntime import OnnxRuntimeEngine
     from sdrt.runtime.manifest import Manifest
 
@@ -84,20 +89,29 @@ def prepacking_cost(model: Path, size: int, rounds: int = 2) -> dict[str, list[f
     in_place = OnnxRuntimeEngine(manifest.model_path("unet"), ["CPUExecutionProvider"])
     in_place.merge_weights({name: [] for name in names[:1]})  # makes the LoRA-capable session...
     in_place.merge_weights({name: [] for name in names})  # ...with every mapped weight in it
+    plain.load()
+    width = next(i.shape[-1] for i in plain.session.get_inputs() if i.name == "encoder_hidden_states")  # 768: SD 1.5
     rng = np.random.default_rng(0)
     side = size // 8
     feeds = {"sample": rng.standard_normal((2, 4, side, side)).astype(np.float32),
              "timestep": np.array([500.0, 500.0], np.float32),
-             "encoder_hidden_states": rng.standard_normal((2, 77, 768)).astype(np.float32)}  # fmt: skip
-    times = {"prepacked": [], "in place, no prepacking": []}
-    engines = {"prepacked": plain, "in place, no prepacking": in_place}
-    for engine in engines.values():
-        engine.run(feeds)  # warm-up
+             "encoder_hidden_states": rng.standard_normal((2, 77, width)).astype(np.float32)}  # fmt: skip
+    plain.run(feeds)  # warm-up
+    in_place.run(feeds)  # warm-up in place; starts the prepacked session's build
+    in_place._swap.wait()
+    log(f"prepacked session behind the in-place one made in {in_place._swap.last_build_s:.2f} s")
+    in_place.run(feeds)  # swaps it in
+    assert in_place.session is not in_place._swap.live, "no prepacked session swapped in"
+    runs = {"prepacked": lambda: plain.run(feeds),
+            "in place, no prepacking": lambda: in_place._swap.live.run(in_place.output_names, feeds),
+            "LoRA engine, prepacked session swapped in": lambda: in_place.run(feeds)}  # fmt: skip
+    times = {state: [] for state in runs}
     for _ in range(rounds):
-        for state, engine in engines.items():
+        for state, run in runs.items():
             t = time.perf_counter()
-            engine.run(feeds)
+            run()
             times[state].append(time.perf_counter() - t)
+    times["prepacked build (background)"] = [in_place._swap.last_build_s]
     return times
 
 
@@ -152,11 +166,17 @@ def switching(args, loras: Path) -> dict:
         pipe.generate(prompt, width=args.size, height=args.size, steps=args.steps, seed=1, progress=False)
         return time.perf_counter() - t
 
-    def generations(prompt):
-        generate(prompt)  # warm-up
+    first_runs = {}
+
+    def generations(prompt, state):
+        # the first after a change runs in place, beside the prepacked session's build; the rest run prepacked
+        first_runs[state] = [generate(prompt)]
+        for engine in pipe.engines.values():
+            if hasattr(engine, "_swap"):
+                engine._swap.wait()
         return [generate(prompt) for _ in range(args.runs)]
 
-    timed_runs = {"base, before any LoRA": generations("a photo")}
+    timed_runs = {"base, before any LoRA": generations("a photo", "base, before any LoRA")}
     switches = [
         switch("none -> a (first use)", "<lora:a:0.8>"),
         switch("a -> b", "<lora:b:0.8>"),
@@ -166,13 +186,13 @@ def switching(args, loras: Path) -> dict:
         switch("none -> b", "<lora:b:0.8>"),
         switch("b -> a", "<lora:a:0.8>"),
     ]
-    timed_runs["LoRA a at 0.8"] = generations("a photo <lora:a:0.8>")
+    timed_runs["LoRA a at 0.8"] = generations("a photo <lora:a:0.8>", "LoRA a at 0.8")
     switches.append(switch("a -> none (base)", ""))
-    timed_runs["base, after LoRAs"] = generations("a photo")
+    timed_runs["base, after LoRAs"] = generations("a photo", "base, after LoRAs")
     unet_calls = unet_call_times(pipe, args.size, rounds=max(2, args.runs + 1))
     log(f"UNet call on the same inputs: {unet_calls}")
-    return {"load_s": load_s, "switches": switches, "generations": timed_runs, "unet_calls": unet_calls,
-            "peak_rss_gib": peak_rss_gib()}  # fmt: skip
+    return {"load_s": load_s, "switches": switches, "generations": timed_runs, "first_generations": first_runs,
+            "unet_calls": unet_calls, "peak_rss_gib": peak_rss_gib()}  # fmt: skip
 
 
 def summary(runs: dict[str, list[float]], digits: int) -> dict:
@@ -189,6 +209,8 @@ def markdown_table(report: dict) -> str:
     lines += [f"| {row['switch']} | {row['total_s']:.2f} | {row['merge_s']:.2f} |" for row in report["switches"]]
     gen = report["generation"]
     sections = [(f"whole generation, {gen['size']}x{gen['size']}, {gen['steps']} steps", gen)]
+    sections.append(("first generation after a change (the prepacked build beside it)",
+                     report["first_generation_after_change"]))  # fmt: skip
     sections.append(("one UNet call on the same inputs", report["unet_call_same_inputs"]))
     prepack = report.get("unet_call_prepacking") or {}
     if prepack.get("median_s"):
@@ -237,6 +259,7 @@ def main(argv=None) -> int:
         "load_s": round(measured["load_s"], 2),
         "switches": measured["switches"],
         "generation": {"size": args.size, "steps": args.steps, **summary(measured["generations"], 2)},
+        "first_generation_after_change": summary(measured["first_generations"], 2),
         "unet_call_same_inputs": summary(measured["unet_calls"], 3),
         "unet_call_prepacking": {"size": args.prepacking_size, **summary(prepacking, 3)},
         "peak_rss_gib": round(measured["peak_rss_gib"], 2),  # the LoRA pipeline's, before the prepacking check
