@@ -25,12 +25,16 @@ ALPHA = 16.0
 
 
 def random_lora(manifest, path: Path, seed: int) -> int:
-    """A kohya LoCon file of rank RANK on every layer of the model's weight maps (UNet and text encoder)."""
+    """A kohya LoCon file of rank RANK on every layer of the model's weight maps (UNet and text encoders)."""
     from safetensors.numpy import save_file
 
     rng = np.random.default_rng(seed)
     tensors = {}
-    for part, prefix in (("unet", "lora_unet_"), ("text_encoder", "lora_te_")):
+    two = "text_encoder_2" in manifest.models  # SDXL: kohya's lora_te1_ / lora_te2_
+    prefixes = {"unet": "lora_unet_", "text_encoder": "lora_te1_" if two else "lora_te_", "text_encoder_2": "lora_te2_"}
+    for part, prefix in prefixes.items():
+        if part not in manifest.models:
+            continue
         for name, layer in manifest.weight_map(part).items():
             shape = layer["shape"]
             key = prefix + name.replace(".", "_")
@@ -74,7 +78,7 @@ def unet_call_times(pipe, size: int, rounds: int, calls: int = 2) -> dict[str, l
     return times
 
 
-def prepacking_cost(model: Path, size: int, rounds: int = 2) -> dict[str, list[float]]:
+def prepacking_cost(model: Path, size: int, rounds: int = 3) -> dict[str, list[float]]:
     """Seconds per UNet call at SIZE x SIZE (batch 2), alternated: a plain session (ONNX Runtime prepacks its
     weights), the in-place session of an engine that takes LoRAs (every mapped weight in a buffer rewritten in place,
     without prepacking) and the prepacked session that engine swaps in behind it (engines/prepacked_swap.py), over
@@ -120,9 +124,9 @@ def peak_rss_gib() -> float:
 
 
 def switching(args, loras: Path) -> dict:
-    """Load with the LoRA folder, then time switches, generations per state and UNet calls on the same inputs."""
+    """Load with the LoRA folder, then time switches, generations per state and UNet calls on the same inputs (only
+    the switches with --switches-only)."""
     from sdrt.bench.common import log
-    from sdrt.runtime.lora import parse_prompt
     from sdrt.runtime.pipeline import Pipeline
 
     Pipeline.load(args.model)  # fills the per-machine optimised-graph cache, so the load below is the usual one
@@ -130,6 +134,38 @@ def switching(args, loras: Path) -> dict:
     pipe = Pipeline.load(args.model, loras=loras)
     load_s = time.perf_counter() - start
     log(f"load (from the optimised-graph cache): {load_s:.2f} s")
+    if args.switches_only:
+        return {"load_s": load_s, "switches": switch_sequence(pipe), "peak_rss_gib": peak_rss_gib()}
+
+    def generate(prompt):
+        t = time.perf_counter()
+        pipe.generate(prompt, width=args.size, height=args.size, steps=args.steps, seed=1, progress=False)
+        return time.perf_counter() - t
+
+    timed_runs, first_runs = {}, {}
+
+    def generations(prompt, state):
+        # the first after a change runs in place, beside the prepacked session's build; the rest run prepacked
+        first_runs[state] = [generate(prompt)]
+        for engine in pipe.engines.values():
+            if hasattr(engine, "_swap"):
+                engine._swap.wait()
+        timed_runs[state] = [generate(prompt) for _ in range(args.runs)]
+
+    generations("a photo", "base, before any LoRA")
+    switches = switch_sequence(pipe, between=lambda: generations("a photo <lora:a:0.8>", "LoRA a at 0.8"))
+    generations("a photo", "base, after LoRAs")
+    unet_calls = unet_call_times(pipe, args.size, rounds=max(2, args.runs + 1))
+    log(f"UNet call on the same inputs: {unet_calls}")
+    return {"load_s": load_s, "switches": switches, "generations": timed_runs, "first_generations": first_runs,
+            "unet_calls": unet_calls, "peak_rss_gib": peak_rss_gib()}  # fmt: skip
+
+
+def switch_sequence(pipe, between=None) -> list[dict]:
+    """Times of the switches none -> a -> b -> a -> a + b -> none -> b -> a -> none (BETWEEN called before the last
+    one, with LoRA a merged), each one's LoRA terms and engines' merges timed apart."""
+    from sdrt.bench.common import log
+    from sdrt.runtime.lora import parse_prompt
 
     timings = {"terms_s": 0.0, "merge_s": 0.0}
     for engine in pipe.engines.values():  # time the two halves of a switch: the LoRA terms, the engines' merge
@@ -161,38 +197,14 @@ def switching(args, loras: Path) -> dict:
         log(f"{label}: {row}")
         return row
 
-    def generate(prompt):
-        t = time.perf_counter()
-        pipe.generate(prompt, width=args.size, height=args.size, steps=args.steps, seed=1, progress=False)
-        return time.perf_counter() - t
-
-    first_runs = {}
-
-    def generations(prompt, state):
-        # the first after a change runs in place, beside the prepacked session's build; the rest run prepacked
-        first_runs[state] = [generate(prompt)]
-        for engine in pipe.engines.values():
-            if hasattr(engine, "_swap"):
-                engine._swap.wait()
-        return [generate(prompt) for _ in range(args.runs)]
-
-    timed_runs = {"base, before any LoRA": generations("a photo", "base, before any LoRA")}
-    switches = [
-        switch("none -> a (first use)", "<lora:a:0.8>"),
-        switch("a -> b", "<lora:b:0.8>"),
-        switch("b -> a", "<lora:a:0.8>"),
-        switch("a -> a + b", "<lora:a:0.8><lora:b:0.5>"),
-        switch("a + b -> none (base)", ""),
-        switch("none -> b", "<lora:b:0.8>"),
-        switch("b -> a", "<lora:a:0.8>"),
-    ]
-    timed_runs["LoRA a at 0.8"] = generations("a photo <lora:a:0.8>", "LoRA a at 0.8")
-    switches.append(switch("a -> none (base)", ""))
-    timed_runs["base, after LoRAs"] = generations("a photo", "base, after LoRAs")
-    unet_calls = unet_call_times(pipe, args.size, rounds=max(2, args.runs + 1))
-    log(f"UNet call on the same inputs: {unet_calls}")
-    return {"load_s": load_s, "switches": switches, "generations": timed_runs, "first_generations": first_runs,
-            "unet_calls": unet_calls, "peak_rss_gib": peak_rss_gib()}  # fmt: skip
+    sequence = [("none -> a (first use)", "<lora:a:0.8>"), ("a -> b", "<lora:b:0.8>"), ("b -> a", "<lora:a:0.8>"),
+                ("a -> a + b", "<lora:a:0.8><lora:b:0.5>"), ("a + b -> none (base)", ""),
+                ("none -> b", "<lora:b:0.8>"), ("b -> a", "<lora:a:0.8>")]  # fmt: skip
+    rows = [switch(label, prompt) for label, prompt in sequence]
+    if between is not None:
+        between()
+    rows.append(switch("a -> none (base)", ""))
+    return rows
 
 
 def summary(runs: dict[str, list[float]], digits: int) -> dict:
@@ -215,7 +227,7 @@ def markdown_table(report: dict) -> str:
     prepack = report.get("unet_call_prepacking") or {}
     if prepack.get("median_s"):
         sections.append((f"one UNet call, {prepack['size']}x{prepack['size']}, batch 2", prepack))
-    for title, timed in sections:
+    for title, timed in [(title, timed) for title, timed in sections if timed.get("median_s")]:
         lines += ["", f"| {title} | runs (s) | median (s) |", "|---|---|---|"]
         lines += [f"| {state} | {', '.join(f'{t:.2f}' for t in runs)} | {timed['median_s'][state]:.2f} |"
                   for state, runs in timed["runs_s"].items()]  # fmt: skip
@@ -231,6 +243,7 @@ def main(argv=None) -> int:
     p.add_argument("--workdir", type=Path, default=Path("/tmp/sdrt-lora-bench"))
     p.add_argument("--prepacking-size", type=int, default=512,
                    help="image size of the UNet calls timed with and without prepacking (0: skip)")  # fmt: skip
+    p.add_argument("--switches-only", action="store_true", help="time the load and the switches only")
     p.add_argument("--output", type=Path, help="JSON path (default benchmarks/results/lora-<machine>.json)")
     args = p.parse_args(argv)
 
@@ -247,7 +260,8 @@ def main(argv=None) -> int:
 
     measured = switching(args, loras)
     gc.collect()  # the pipeline's memory back (its engines' timing wrappers make reference cycles)
-    prepacking = prepacking_cost(args.model, args.prepacking_size) if args.prepacking_size else {}
+    sized = args.prepacking_size and not args.switches_only
+    prepacking = prepacking_cost(args.model, args.prepacking_size) if sized else {}
     log(f"UNet call at {args.prepacking_size}x{args.prepacking_size}, with and without prepacking: {prepacking}")
     report = {
         "benchmark": "lora_switch",
@@ -258,9 +272,9 @@ def main(argv=None) -> int:
         "layers_per_lora": layers["a"],
         "load_s": round(measured["load_s"], 2),
         "switches": measured["switches"],
-        "generation": {"size": args.size, "steps": args.steps, **summary(measured["generations"], 2)},
-        "first_generation_after_change": summary(measured["first_generations"], 2),
-        "unet_call_same_inputs": summary(measured["unet_calls"], 3),
+        "generation": {"size": args.size, "steps": args.steps, **summary(measured.get("generations", {}), 2)},
+        "first_generation_after_change": summary(measured.get("first_generations", {}), 2),
+        "unet_call_same_inputs": summary(measured.get("unet_calls", {}), 3),
         "unet_call_prepacking": {"size": args.prepacking_size, **summary(prepacking, 3)},
         "peak_rss_gib": round(measured["peak_rss_gib"], 2),  # the LoRA pipeline's, before the prepacking check
         "load_average_1min": [*load_average, round(os.getloadavg()[0], 2)],  # at start and end
