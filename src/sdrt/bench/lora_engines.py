@@ -81,20 +81,23 @@ def zero_terms(model_file: Path, names) -> dict:
             for name, s in shapes.items()}  # fmt: skip
 
 
-def per_call(manifest, feeds: dict, rounds: int) -> dict:
-    """UNet call seconds on OpenVINO f32, alternated: weights as constants, the Linear layers' weights as inputs (what
-    a kohya LoRA of attention layers touches) and every mapped weight as an input (a LoCon on every layer)."""
+def per_call(manifest, feeds: dict, rounds: int, precisions=("f32",)) -> dict:
+    """UNet call seconds, alternated: ONNX Runtime's CPU engine (a plain, prepacked session), then on OpenVINO at each
+    of PRECISIONS: weights as constants, the Linear layers' weights as inputs (what a kohya LoRA of attention layers
+    touches) and every mapped weight as an input (a LoCon on every layer)."""
     from sdrt.engines import create_engine
 
     layers = manifest.weight_map("unet").values()
     linear = sorted({layer["initializer"] for layer in layers if len(layer["shape"]) == 2})
     every = sorted({layer["initializer"] for layer in layers})
     path = manifest.model_path("unet")
-    engines = {"weights as constants": create_engine(path, "openvino-f32"),
-               f"{len(linear)} Linear weights as inputs": create_engine(path, "openvino-f32"),
-               f"all {len(every)} weights as inputs": create_engine(path, "openvino-f32")}  # fmt: skip
-    engines[f"{len(linear)} Linear weights as inputs"].merge_weights(zero_terms(path, linear))
-    engines[f"all {len(every)} weights as inputs"].merge_weights(zero_terms(path, every))
+    engines = {"ONNX Runtime CPU": create_engine(path, "cpu")}
+    for precision in precisions:
+        backend = f"openvino-{precision}"
+        engines[f"{backend}, weights as constants"] = create_engine(path, backend)
+        for label, names in ((f"{len(linear)} Linear weights", linear), (f"all {len(every)} weights", every)):
+            engines[f"{backend}, {label} as inputs"] = create_engine(path, backend)
+            engines[f"{backend}, {label} as inputs"].merge_weights(zero_terms(path, names))
     times = {state: [] for state in engines}
     for engine in engines.values():
         engine.run(feeds)  # compile + warm-up
@@ -156,6 +159,8 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--pipelines", help="BACKEND[:fused],...: Pipelines with the LoRA folder instead (a GPU's)")
     p.add_argument("--output", type=Path, help="JSON path (default benchmarks/results/lora-engines-<machine>.json)")
+    p.add_argument("--precisions", default="f32", help="OpenVINO precisions of the per-call timing (f32,bf16)")
+    p.add_argument("--per-call-only", action="store_true", help="the UNet call timing only (no switches)")
     args = p.parse_args(argv)
     from sdrt.bench.common import RESULTS_DIR, log, now_iso
     from sdrt.bench.lora_switch import random_lora
@@ -180,10 +185,10 @@ def main(argv=None) -> int:
             log(f"{spec}: {type(e).__name__}: {e}")
         gc.collect()
     if not args.pipelines:
-        report["openvino_unet_call_s"] = per_call(manifest, feeds, args.rounds)
+        report["openvino_unet_call_s"] = per_call(manifest, feeds, args.rounds, args.precisions.split(","))
         log(f"OpenVINO UNet call: {report['openvino_unet_call_s']}")
         gc.collect()
-    for backend in ("openvino-f32", "cpu") if not args.pipelines else ():
+    for backend in ("openvino-f32", "cpu") if not (args.pipelines or args.per_call_only) else ():
         engines = engines_for(manifest, backend)
         report[f"switches_{backend}"] = switches(manifest, engines, args.loras, feeds)
         del engines
