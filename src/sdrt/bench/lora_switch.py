@@ -222,8 +222,8 @@ def markdown_table(report: dict) -> str:
     gen = report["generation"]
     sections = [(f"whole generation, {gen['size']}x{gen['size']}, {gen['steps']} steps", gen)]
     sections.append(("first generation after a change (the prepacked build beside it)",
-                     report["first_generation_after_change"]))  # fmt: skip
-    sections.append(("one UNet call on the same inputs", report["unet_call_same_inputs"]))
+                     report.get("first_generation_after_change", {})))  # fmt: skip
+    sections.append(("one UNet call on the same inputs", report.get("unet_call_same_inputs", {})))
     prepack = report.get("unet_call_prepacking") or {}
     if prepack.get("median_s"):
         sections.append((f"one UNet call, {prepack['size']}x{prepack['size']}, batch 2", prepack))
