@@ -92,3 +92,20 @@ def test_a_stale_prepacked_session_is_wrong(pipelines, feeds):
     assert np.abs(stale - fresh).max() > 1e-3, "the prepacked session read the rewritten buffers"
     behind.loras.applied["unet"] = ("stale",)  # the next apply rewrites every buffer through the engine
     behind.loras.apply([])
+
+
+def test_no_prepacked_session_without_the_memory(pipelines, feeds, monkeypatch):
+    """Where the available memory is under twice the packed copies, no prepacked session is made: the in-place
+    session keeps running, with the same outputs."""
+    from sdrt.engines import prepacked_swap
+
+    behind, in_place = pipelines
+    unet = behind.engines["unet"]
+    monkeypatch.setattr(prepacked_swap, "available_bytes", lambda: 1000)
+    for pipe in (behind, in_place):
+        pipe.loras.apply(parse_prompt("<lora:locon:0.3>")[1])
+    want = unet_output(in_place.engines["unet"], feeds)
+    unet_output(unet, feeds)  # would start the build
+    assert not unet._swap.wait(120)
+    np.testing.assert_allclose(unet_output(unet, feeds), want, rtol=0, atol=1e-5)
+    assert unet.session is unet._swap.live

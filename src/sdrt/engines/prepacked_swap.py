@@ -10,7 +10,8 @@ in; nothing waits for it. Before the buffers change again the engine runs the in
 is dropped (its packed copies would be stale: checked in tests/test_lora_prepacked.py); a session still being
 made then is thrown away when done, and made again for the new values. One build at a time. Cost: the packed
 copies (about the size of the MatMul weights) beside the buffers, and the build's CPU time, shared with whatever
-runs meanwhile (the first generation after a switch).
+runs meanwhile (the first generation after a switch). No build where the machine's available memory is under
+twice those copies (SDXL's UNet on a small machine, say): the in-place session then keeps running.
 """
 
 import logging
@@ -18,6 +19,17 @@ import threading
 import time
 
 log = logging.getLogger("sdrt.engines")
+ROOM_FACTOR = 2  # a prepacked session is made only with this many times its packed copies' bytes available
+
+
+def available_bytes() -> int | None:
+    """The machine's available memory (psutil), or None where it cannot say."""
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except (ImportError, OSError):
+        return None
 
 
 class PrepackedSwap:
@@ -114,6 +126,12 @@ class SwapsPrepacked:
         """(a session over the in-place buffers with prepacking on, its overrides): PrepackedSwap's build."""
         live = self._live
         if live is None:
+            return None
+        packed = sum(buffer.nbytes for buffer in live.buffers.values() if buffer.ndim == 2)  # MatMul/Gemm weights
+        available = available_bytes()
+        if available is not None and available < ROOM_FACTOR * packed:
+            log.info("%s: no prepacked session behind the LoRA weights (%.1f GB of packed copies, %.1f GB available)",
+                     self.model_file, packed / 1e9, available / 1e9)  # fmt: skip
             return None
         overrides = live.overrides()
         return self._session(live.optimised_file, False, overrides=overrides, keep=False), overrides
