@@ -32,10 +32,16 @@ def sample_tcd(denoise: Denoise, x, sigmas, noise: Noise, eta=TCD_ETA, timesteps
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
         denoised = denoise(x, sigmas[i])
         eps = (x - denoised) / np.float32(sigma)
-        t_next = float(timesteps[i + 1]) if i + 1 < steps else 0.0
+        end = i + 1 == steps and sigma_next <= float(train_sigmas[0]) * (1 + 1e-6)  # the end, at timestep 0
+        if i + 1 < steps:
+            t_next = float(timesteps[i + 1])
+        elif not end:  # a first stage handing over above timestep 0 (SDXL's refiner): the handover's timestep
+            t_next = float(np.interp(sigma_next, train_sigmas, np.arange(len(train_sigmas))))
+        else:
+            t_next = 0.0
         sigma_s = float(train_sigmas[int(math.floor((1 - eta) * t_next))])
         x = denoised + eps * np.float32(sigma_s)
-        if eta > 0 and i < steps - 1:
+        if eta > 0 and not end:
             x = x + noise() * np.float32(max(sigma_next**2 - sigma_s**2, 0.0) ** 0.5)
         callback(i, x, denoised)
     return x
