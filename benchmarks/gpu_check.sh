@@ -10,6 +10,7 @@
 #   --site DIR    packages unpacked by ../shared/tools/gpu-payload (onnxruntime-gpu, diffusers; default /tmp/site
 #                 when it exists), put first on PYTHONPATH
 #   --budget S    wall-clock seconds for the whole check (default 480: 8 minutes); each stage gets what is left
+#                 (the bench all but 150 s, which the LoRA switch/step runs after it share)
 #   --model NAME  the bench's model case (default sd15; sdxl, sd35m: SD 3.5 Medium, flux-dev: FLUX.1 dev; with
 #                 --cpu-smoke small, small-sd3 or small-flux; src/sdrt/bench/cases.py)
 #   --cpu-smoke   the same stages on the CPU with tiny models (the CPU provider, PyTorch on the CPU): tests the script
@@ -64,10 +65,15 @@ left() { echo $(( budget - ($(date +%s) - start) )); }
 if [ "$smoke" = 1 ]; then
   bench_args=(--cpu-smoke --model "${model:-small}" --size 64 --steps 2 --runs 1 --batches 1,2)
   pytest_args=(-m gpu tests/test_gpu_fast_path.py)
+  lora_runs=()
+  [ "${model:-small}" = small ] && lora_runs=("small/onnx cpu:fused,cpu 64")
 else
   bench_args=(--device gpu --model "${model:-sd15}" --size 512 --steps 50 --runs 2 --batches 1,4
               --runtimes diffusers_fp32,diffusers,sdrt_cuda_static,sdrt_cuda_fused,sdrt_cuda,diffusers_compile)
   pytest_args=(-m gpu tests/test_gpu.py tests/test_gpu_fast_path.py tests/test_seeds.py tests/test_lora_fused.py)
+  # LoRA switches and UNet calls with/without a LoRA: the fused fp16 graphs, then the plain fp16 export (issue 29)
+  lora_runs=()  # SD 1.5 only (the budget): other model cases run no LoRA step
+  [ "${model:-sd15}" = sd15 ] && lora_runs=("sd15/onnx cuda:fused 512" "sd15/onnx-fp16 cuda 512")
 fi
 bench_args+=(--workdir "$work" --output "$out/gpu_check.json")
 
@@ -105,6 +111,10 @@ env_rc=$?
   echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
   echo "1. cd $repo && $python -m pytest -q ${pytest_args[*]} --junitxml $out/pytest.xml"
   echo "2. cd $repo && $python -m sdrt.bench ${bench_args[*]} --stage-timeout <seconds left>"
+  for run in "${lora_runs[@]}"; do
+    set -- $run
+    echo "3. cd $repo && $python -m sdrt.bench.lora_engines $work/$1 --pipelines $2 --size $3 --rounds 2"
+  done
 } > "$out/plan.txt"
 if [ "$dry" = 1 ]; then
   echo "gpu_check.sh: dry run: $out/env.json (exit $env_rc) and $out/plan.txt written"
@@ -128,8 +138,18 @@ if [ "$skip_tests" = 0 ]; then
   step "pytest -m gpu" $(( $(left) < 150 ? $(left) : 150 )) pytest.log \
     "$python" -m pytest -q -p no:cacheprovider "${pytest_args[@]}" --junitxml "$out/pytest.xml"
 fi
-limit=$(left)
+lora_reserve=$(( ${#lora_runs[@]} > 0 ? 150 : 0 ))  # the LoRA runs after the bench (issue 29): 150 s kept for them
+limit=$(( $(left) - lora_reserve ))
 step "sdrt bench" "$limit" bench.log "$python" -m sdrt.bench "${bench_args[@]}" --stage-timeout $(( limit / 3 ))
+i=0
+for run in "${lora_runs[@]}"; do
+  set -- $run
+  i=$((i + 1))
+  [ -f "$work/$1/model.json" ] || { summary+=("| LoRA $2 | no export at $work/$1 | 0 |"); continue; }
+  share=$(( $(left) / (${#lora_runs[@]} - i + 1) ))
+  step "LoRA $2" "$share" "lora-$i.log" "$python" -m sdrt.bench.lora_engines \
+    "$work/$1" --loras "$work/loras" --pipelines "$2" --size "$3" --rounds 2 --output "$out/lora-$i.json"
+done
 {
   echo "# sdrt GPU check, $(date -u +%Y-%m-%dT%H:%M:%SZ)"
   echo
@@ -138,6 +158,7 @@ step "sdrt bench" "$limit" bench.log "$python" -m sdrt.bench "${bench_args[@]}" 
   printf '%s\n' "${summary[@]}"
   echo
   [ -f "$out/gpu_check.md" ] && cat "$out/gpu_check.md"
+  for f in "$out"/lora-*.json; do [ -f "$f" ] && { echo; echo "LoRA: $f"; grep -E '"(s|unet_file|error)"' "$f"; }; done
 } > "$out/summary.md"
 cp -r "$work"/*/jobs "$out/logs/" 2>/dev/null || true
 echo "gpu_check.sh: results in $out (summary.md, gpu_check.json/.md/.png, env.json, pytest.xml, logs/)"

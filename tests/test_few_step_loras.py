@@ -39,6 +39,9 @@ CASES = {
     "lightning-sdxl": ("sdxl", "EulerDiscreteScheduler", {"timestep_spacing": "trailing"},
                        dict(timestep_spacing="leading")),  # fmt: skip
     "hyper-sdxl": ("sdxl", "DDIMScheduler", {"timestep_spacing": "trailing"}, dict(timestep_spacing="linspace")),
+    # one step: LCM's estimate is TCD's up to the sigma of timestep 0 (1/255 apart here); DDIM's first timestep is 1
+    "hyper-sd15-1step": ("sd", "TCDScheduler", {}, dict(sampler="DDIM")),
+    "hyper-sdxl-1step": ("sdxl", "TCDScheduler", {}, dict(sampler="DDIM")),
 }
 
 
@@ -83,7 +86,8 @@ def test_recipe_matches_diffusers(tiny_sd, tiny_sdxl, few_step, name):
     recipe = RECIPES[name]
     folder, sd, pipeline = few_step[kind]
     run = dict(width=64, height=64, steps=recipe.steps[0], cfg_scale=recipe.cfg_scale)
-    want = diffusers_image(kind, tiny_sd, tiny_sdxl, sd, scheduler, overrides, **run)
+    call = {} if recipe.eta is None else {"eta": recipe.eta}  # TCD's gamma: a pipeline call argument in diffusers
+    want = diffusers_image(kind, tiny_sd, tiny_sdxl, sd, scheduler, overrides, **run, **call)
 
     def image(prompt, **change):
         options = {**recipe.options(), **run, **change}
@@ -93,6 +97,25 @@ def test_recipe_matches_diffusers(tiny_sd, tiny_sdxl, few_step, name):
     assert max_diff(got, want) <= PIXEL_TOL
     assert max_diff(image(f"{PROMPT} <lora:fast:1>", **wrong), want) > 4 * PIXEL_TOL, f"{wrong} went unnoticed"
     assert max_diff(image(PROMPT), want) > 10 * PIXEL_TOL, "the LoRA hardly moves the image"
+
+
+@pytest.mark.parametrize("steps,eta", [(4, None), (4, 1.0), (8, 0.0), (8, 0.5)])
+def test_tcd_matches_diffusers_at_other_steps_and_eta(tiny_sd, tiny_sdxl, few_step, steps, eta):
+    """The TCD sampler against diffusers' TCDScheduler beyond the recipe's one step: several steps (fresh noise
+    between them, drawn as diffusers draws it), eta from 0 (deterministic) to 1; unset, sdrt's default is
+    TCDScheduler.step's 0.3 (a diffusers pipeline passes its own eta=0 unless told). The twin: eta at the other
+    end of its range."""
+    folder, sd, pipeline = few_step["sd"]
+    run = dict(width=64, height=64, steps=steps, cfg_scale=0.0)
+    want = diffusers_image("sd", tiny_sd, tiny_sdxl, sd, "TCDScheduler", {}, **run, eta=0.3 if eta is None else eta)
+
+    def image(**change):
+        options = {**run, "sampler": "TCD", **({} if eta is None else {"eta": eta}), **change}
+        return np.asarray(pipeline.generate(f"{PROMPT} <lora:fast:1>", seed=SEED, progress=False, **options)[0])[None]
+
+    assert max_diff(image(), want) <= PIXEL_TOL
+    other = 0.0 if (eta if eta is not None else 0.3) >= 0.5 else 1.0
+    assert max_diff(image(eta=other), want) > 4 * PIXEL_TOL, f"eta {other} went unnoticed"
 
 
 def test_recipes_are_valid_options(tiny_pipeline):

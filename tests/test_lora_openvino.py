@@ -85,3 +85,25 @@ def test_weight_inputs_match_constants(tiny_sd):
     inputs.load()
     assert inputs.input_names == constants.input_names
     assert np.abs(got - want).max() <= 1e-5 * max(1.0, np.abs(want).max())
+
+
+def test_bf16_lora_matches_the_lora_baked_at_export(tiny_sd, loras, tmp_path):  # noqa: F811
+    """OpenVINO bf16 (weights as inputs in the LoRA model, converted to bf16 by the plugin as constants are): the
+    image with a LoRA at run time against the bf16 base of an export with the same LoRA baked in (`sdrt export
+    --lora`), within PIXEL_TOL (measured: identical); the twin, another weight, differs."""
+    import shutil
+
+    from sdrt import Pipeline
+    from sdrt.engines.openvino import NO_BF16_REASON, cpu_has_bf16
+    from sdrt.export.bake import bake_loras
+
+    if not cpu_has_bf16():
+        pytest.skip(NO_BF16_REASON)
+    baked = tmp_path / "baked"
+    shutil.copytree(tiny_sd[1], baked, ignore=shutil.ignore_patterns(".ort-cache", "*.weights.json"))
+    bake_loras(baked, [(loras[0] / "locon.safetensors", 0.8, 0.8)])
+    want = image(Pipeline.load(baked, backend="openvino-bf16"))
+    runtime = Pipeline.load(tiny_sd[1], loras=loras[0], backend="openvino-bf16")
+    assert runtime.engines["unet"].precision == "bf16"
+    assert max_diff(image(runtime, "<lora:locon:0.8>"), want) <= PIXEL_TOL
+    assert max_diff(image(runtime, "<lora:locon:0.5>"), want) > 4 * PIXEL_TOL, "weight 0.5 vs 0.8 went unnoticed"

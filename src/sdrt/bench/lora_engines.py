@@ -3,6 +3,10 @@ the switch times of each engine (the same LoRAs and sequence), OpenVINO's compil
 cost per UNet call against OpenVINO with the weights as constants (alternated, the same inputs).
 
     python -m sdrt.bench.lora_engines MODEL_DIR [--loras /tmp/sdrt-lora-bench/loras --size 256 --rounds 3]
+    python -m sdrt.bench.lora_engines MODEL_DIR --pipelines cuda:fused,cuda   # a GPU: benchmarks/gpu_check.sh
+
+--pipelines BACKEND[:fused],...: instead, for each, a Pipeline loaded with the LoRA folder (fused: on the fused
+graph variant, `sdrt optimize`): the switch times, and UNet calls (a step) with and without LoRA a, alternated.
 
 The LoRA files a and b are sdrt.bench.lora_switch's (rank 32 on every layer), made in --loras when absent.
 
@@ -77,20 +81,23 @@ def zero_terms(model_file: Path, names) -> dict:
             for name, s in shapes.items()}  # fmt: skip
 
 
-def per_call(manifest, feeds: dict, rounds: int) -> dict:
-    """UNet call seconds on OpenVINO f32, alternated: weights as constants, the Linear layers' weights as inputs (what
-    a kohya LoRA of attention layers touches) and every mapped weight as an input (a LoCon on every layer)."""
+def per_call(manifest, feeds: dict, rounds: int, precisions=("f32",)) -> dict:
+    """UNet call seconds, alternated: ONNX Runtime's CPU engine (a plain, prepacked session), then on OpenVINO at each
+    of PRECISIONS: weights as constants, the Linear layers' weights as inputs (what a kohya LoRA of attention layers
+    touches) and every mapped weight as an input (a LoCon on every layer)."""
     from sdrt.engines import create_engine
 
     layers = manifest.weight_map("unet").values()
     linear = sorted({layer["initializer"] for layer in layers if len(layer["shape"]) == 2})
     every = sorted({layer["initializer"] for layer in layers})
     path = manifest.model_path("unet")
-    engines = {"weights as constants": create_engine(path, "openvino-f32"),
-               f"{len(linear)} Linear weights as inputs": create_engine(path, "openvino-f32"),
-               f"all {len(every)} weights as inputs": create_engine(path, "openvino-f32")}  # fmt: skip
-    engines[f"{len(linear)} Linear weights as inputs"].merge_weights(zero_terms(path, linear))
-    engines[f"all {len(every)} weights as inputs"].merge_weights(zero_terms(path, every))
+    engines = {"ONNX Runtime CPU": create_engine(path, "cpu")}
+    for precision in precisions:
+        backend = f"openvino-{precision}"
+        engines[f"{backend}, weights as constants"] = create_engine(path, backend)
+        for label, names in ((f"{len(linear)} Linear weights", linear), (f"all {len(every)} weights", every)):
+            engines[f"{backend}, {label} as inputs"] = create_engine(path, backend)
+            engines[f"{backend}, {label} as inputs"].merge_weights(zero_terms(path, names))
     times = {state: [] for state in engines}
     for engine in engines.values():
         engine.run(feeds)  # compile + warm-up
@@ -102,12 +109,58 @@ def per_call(manifest, feeds: dict, rounds: int) -> dict:
     return times
 
 
+def pipeline_lora(model: Path, spec: str, loras: Path, feeds: dict, rounds: int) -> dict:
+    """SPEC "BACKEND[:fused]": switch times of SEQUENCE and UNet call seconds (base, LoRA a at 0.8, alternated) of a
+    Pipeline on BACKEND loaded with the LoRA folder."""
+    from sdrt.bench.common import log
+    from sdrt.runtime.lora import parse_prompt
+    from sdrt.runtime.pipeline import Pipeline
+
+    backend, _, variant = spec.partition(":")
+    t = time.perf_counter()
+    pipe = Pipeline.load(model, backend=backend, fused=variant == "fused", loras=loras)
+    result = {"load_s": round(time.perf_counter() - t, 3), "unet_file": pipe.engines["unet"].model_file.name}
+    unet = pipe.engines["unet"]
+    unet.run(feeds)  # warm-up
+    for name in ("a", "b"):
+        pipe.loras.file(name)  # read before the switches: the file's parse is not the engine's
+    rows = []
+    for label, prompt in SEQUENCE:
+        t = time.perf_counter()
+        pipe.loras.apply(parse_prompt(prompt)[1])
+        row = {"switch": label, "s": round(time.perf_counter() - t, 3)}
+        t = time.perf_counter()
+        unet.run(feeds)
+        row["next_unet_call_s"] = round(time.perf_counter() - t, 3)
+        log(f"{spec} {row}")
+        rows.append(row)
+    result["switches"] = rows
+    calls = {"base": [], "LoRA a at 0.8": []}
+    for _ in range(rounds):
+        for state, prompt in (("base", ""), ("LoRA a at 0.8", "<lora:a:0.8>")):
+            pipe.loras.apply(parse_prompt(prompt)[1])
+            unet.run(feeds)  # warm-up (ONNX Runtime CPU: starts the prepacked session's build)
+            if hasattr(unet, "_swap"):
+                unet._swap.wait()
+            unet.run(feeds)
+            t = time.perf_counter()
+            unet.run(feeds)
+            calls[state].append(round(time.perf_counter() - t, 4))
+    result["unet_call_s"] = calls
+    log(f"{spec} UNet call: {calls}")
+    return result
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m sdrt.bench.lora_engines", description=__doc__.split("\n")[0])
     p.add_argument("model", type=Path, help="an exported SD 1.5-architecture folder (fp32)")
     p.add_argument("--loras", type=Path, default=Path("/tmp/sdrt-lora-bench/loras"), help="folder with a and b")
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--pipelines", help="BACKEND[:fused],...: Pipelines with the LoRA folder instead (a GPU's)")
+    p.add_argument("--output", type=Path, help="JSON path (default benchmarks/results/lora-engines-<machine>.json)")
+    p.add_argument("--precisions", default="f32", help="OpenVINO precisions of the per-call timing (f32,bf16)")
+    p.add_argument("--per-call-only", action="store_true", help="the UNet call timing only (no switches)")
     args = p.parse_args(argv)
     from sdrt.bench.common import RESULTS_DIR, log, now_iso
     from sdrt.bench.lora_switch import random_lora
@@ -124,17 +177,25 @@ def main(argv=None) -> int:
             random_lora(manifest, args.loras / f"{name}.safetensors", seed)
     report = {"benchmark": "lora_engines", "date": now_iso(), "machine": describe_machine(), "model": str(args.model),
               "size": args.size}  # fmt: skip
-    report["openvino_unet_call_s"] = per_call(manifest, feeds, args.rounds)
-    log(f"OpenVINO UNet call: {report['openvino_unet_call_s']}")
-    gc.collect()
-    for backend in ("openvino-f32", "cpu"):
+    for spec in args.pipelines.split(",") if args.pipelines else ():
+        try:
+            report[f"pipeline_{spec}"] = pipeline_lora(args.model, spec, args.loras, feeds, args.rounds)
+        except Exception as e:  # recorded: the next spec still runs
+            report[f"pipeline_{spec}"] = {"error": f"{type(e).__name__}: {e}"}
+            log(f"{spec}: {type(e).__name__}: {e}")
+        gc.collect()
+    if not args.pipelines:
+        report["openvino_unet_call_s"] = per_call(manifest, feeds, args.rounds, args.precisions.split(","))
+        log(f"OpenVINO UNet call: {report['openvino_unet_call_s']}")
+        gc.collect()
+    for backend in ("openvino-f32", "cpu") if not (args.pipelines or args.per_call_only) else ():
         engines = engines_for(manifest, backend)
         report[f"switches_{backend}"] = switches(manifest, engines, args.loras, feeds)
         del engines
         gc.collect()
     report["load_average_1min"] = [*load_average, round(os.getloadavg()[0], 2)]
     report["command"] = " ".join(sys.argv)
-    out = RESULTS_DIR / f"lora-engines-{report['machine'].get('slug', 'machine')}.json"
+    out = args.output or RESULTS_DIR / f"lora-engines-{report['machine'].get('slug', 'machine')}.json"
     out.write_text(json.dumps(report, indent=2) + "\n")
     log(f"wrote {out}")
     return 0

@@ -25,12 +25,16 @@ ALPHA = 16.0
 
 
 def random_lora(manifest, path: Path, seed: int) -> int:
-    """A kohya LoCon file of rank RANK on every layer of the model's weight maps (UNet and text encoder)."""
+    """A kohya LoCon file of rank RANK on every layer of the model's weight maps (UNet and text encoders)."""
     from safetensors.numpy import save_file
 
     rng = np.random.default_rng(seed)
     tensors = {}
-    for part, prefix in (("unet", "lora_unet_"), ("text_encoder", "lora_te_")):
+    two = "text_encoder_2" in manifest.models  # SDXL: kohya's lora_te1_ / lora_te2_
+    prefixes = {"unet": "lora_unet_", "text_encoder": "lora_te1_" if two else "lora_te_", "text_encoder_2": "lora_te2_"}
+    for part, prefix in prefixes.items():
+        if part not in manifest.models:
+            continue
         for name, layer in manifest.weight_map(part).items():
             shape = layer["shape"]
             key = prefix + name.replace(".", "_")
@@ -64,7 +68,9 @@ def unet_call_times(pipe, size: int, rounds: int, calls: int = 2) -> dict[str, l
     for _ in range(rounds):
         for state, prompt in (("base", ""), ("LoRA a at 0.8", "<lora:a:0.8>")):
             pipe.loras.apply(parse_prompt(prompt)[1])
-            run(captured[0])  # warm-up
+            run(captured[0])  # warm-up (in place; starts the prepacked session's build)
+            unet._swap.wait()
+            run(captured[0])  # the prepacked session swapped in
             for _ in range(calls):
                 t = time.perf_counter()
                 run(captured[0])
@@ -72,9 +78,12 @@ def unet_call_times(pipe, size: int, rounds: int, calls: int = 2) -> dict[str, l
     return times
 
 
-def prepacking_cost(model: Path, size: int, rounds: int = 2) -> dict[str, list[float]]:
+def prepacking_cost(model: Path, size: int, rounds: int = 3) -> dict[str, list[float]]:
     """Seconds per UNet call at SIZE x SIZE (batch 2), alternated: a plain session (ONNX Runtime prepacks its
-    weights) and one that takes LoRAs (every mapped weight in a buffer rewritten in place, without prepacking)."""
+    weights), the in-place session of an engine that takes LoRAs (every mapped weight in a buffer rewritten in place,
+    without prepacking) and the prepacked session that engine swaps in behind it (engines/prepacked_swap.py), over
+    the same buffers."""
+    from sdrt.bench.common import log
     from sdrt.engines.onnxruntime import OnnxRuntimeEngine
     from sdrt.runtime.manifest import Manifest
 
@@ -84,20 +93,29 @@ def prepacking_cost(model: Path, size: int, rounds: int = 2) -> dict[str, list[f
     in_place = OnnxRuntimeEngine(manifest.model_path("unet"), ["CPUExecutionProvider"])
     in_place.merge_weights({name: [] for name in names[:1]})  # makes the LoRA-capable session...
     in_place.merge_weights({name: [] for name in names})  # ...with every mapped weight in it
+    plain.load()
+    width = next(i.shape[-1] for i in plain.session.get_inputs() if i.name == "encoder_hidden_states")  # 768: SD 1.5
     rng = np.random.default_rng(0)
     side = size // 8
     feeds = {"sample": rng.standard_normal((2, 4, side, side)).astype(np.float32),
              "timestep": np.array([500.0, 500.0], np.float32),
-             "encoder_hidden_states": rng.standard_normal((2, 77, 768)).astype(np.float32)}  # fmt: skip
-    times = {"prepacked": [], "in place, no prepacking": []}
-    engines = {"prepacked": plain, "in place, no prepacking": in_place}
-    for engine in engines.values():
-        engine.run(feeds)  # warm-up
+             "encoder_hidden_states": rng.standard_normal((2, 77, width)).astype(np.float32)}  # fmt: skip
+    plain.run(feeds)  # warm-up
+    in_place.run(feeds)  # warm-up in place; starts the prepacked session's build
+    in_place._swap.wait()
+    log(f"prepacked session behind the in-place one made in {in_place._swap.last_build_s:.2f} s")
+    in_place.run(feeds)  # swaps it in
+    assert in_place.session is not in_place._swap.live, "no prepacked session swapped in"
+    runs = {"prepacked": lambda: plain.run(feeds),
+            "in place, no prepacking": lambda: in_place._swap.live.run(in_place.output_names, feeds),
+            "LoRA engine, prepacked session swapped in": lambda: in_place.run(feeds)}  # fmt: skip
+    times = {state: [] for state in runs}
     for _ in range(rounds):
-        for state, engine in engines.items():
+        for state, run in runs.items():
             t = time.perf_counter()
-            engine.run(feeds)
+            run()
             times[state].append(time.perf_counter() - t)
+    times["prepacked build (background)"] = [in_place._swap.last_build_s]
     return times
 
 
@@ -106,9 +124,9 @@ def peak_rss_gib() -> float:
 
 
 def switching(args, loras: Path) -> dict:
-    """Load with the LoRA folder, then time switches, generations per state and UNet calls on the same inputs."""
+    """Load with the LoRA folder, then time switches, generations per state and UNet calls on the same inputs (only
+    the switches with --switches-only)."""
     from sdrt.bench.common import log
-    from sdrt.runtime.lora import parse_prompt
     from sdrt.runtime.pipeline import Pipeline
 
     Pipeline.load(args.model)  # fills the per-machine optimised-graph cache, so the load below is the usual one
@@ -116,6 +134,38 @@ def switching(args, loras: Path) -> dict:
     pipe = Pipeline.load(args.model, loras=loras)
     load_s = time.perf_counter() - start
     log(f"load (from the optimised-graph cache): {load_s:.2f} s")
+    if args.switches_only:
+        return {"load_s": load_s, "switches": switch_sequence(pipe), "peak_rss_gib": peak_rss_gib()}
+
+    def generate(prompt):
+        t = time.perf_counter()
+        pipe.generate(prompt, width=args.size, height=args.size, steps=args.steps, seed=1, progress=False)
+        return time.perf_counter() - t
+
+    timed_runs, first_runs = {}, {}
+
+    def generations(prompt, state):
+        # the first after a change runs in place, beside the prepacked session's build; the rest run prepacked
+        first_runs[state] = [generate(prompt)]
+        for engine in pipe.engines.values():
+            if hasattr(engine, "_swap"):
+                engine._swap.wait()
+        timed_runs[state] = [generate(prompt) for _ in range(args.runs)]
+
+    generations("a photo", "base, before any LoRA")
+    switches = switch_sequence(pipe, between=lambda: generations("a photo <lora:a:0.8>", "LoRA a at 0.8"))
+    generations("a photo", "base, after LoRAs")
+    unet_calls = unet_call_times(pipe, args.size, rounds=max(2, args.runs + 1))
+    log(f"UNet call on the same inputs: {unet_calls}")
+    return {"load_s": load_s, "switches": switches, "generations": timed_runs, "first_generations": first_runs,
+            "unet_calls": unet_calls, "peak_rss_gib": peak_rss_gib()}  # fmt: skip
+
+
+def switch_sequence(pipe, between=None) -> list[dict]:
+    """Times of the switches none -> a -> b -> a -> a + b -> none -> b -> a -> none (BETWEEN called before the last
+    one, with LoRA a merged), each one's LoRA terms and engines' merges timed apart."""
+    from sdrt.bench.common import log
+    from sdrt.runtime.lora import parse_prompt
 
     timings = {"terms_s": 0.0, "merge_s": 0.0}
     for engine in pipe.engines.values():  # time the two halves of a switch: the LoRA terms, the engines' merge
@@ -147,32 +197,14 @@ def switching(args, loras: Path) -> dict:
         log(f"{label}: {row}")
         return row
 
-    def generate(prompt):
-        t = time.perf_counter()
-        pipe.generate(prompt, width=args.size, height=args.size, steps=args.steps, seed=1, progress=False)
-        return time.perf_counter() - t
-
-    def generations(prompt):
-        generate(prompt)  # warm-up
-        return [generate(prompt) for _ in range(args.runs)]
-
-    timed_runs = {"base, before any LoRA": generations("a photo")}
-    switches = [
-        switch("none -> a (first use)", "<lora:a:0.8>"),
-        switch("a -> b", "<lora:b:0.8>"),
-        switch("b -> a", "<lora:a:0.8>"),
-        switch("a -> a + b", "<lora:a:0.8><lora:b:0.5>"),
-        switch("a + b -> none (base)", ""),
-        switch("none -> b", "<lora:b:0.8>"),
-        switch("b -> a", "<lora:a:0.8>"),
-    ]
-    timed_runs["LoRA a at 0.8"] = generations("a photo <lora:a:0.8>")
-    switches.append(switch("a -> none (base)", ""))
-    timed_runs["base, after LoRAs"] = generations("a photo")
-    unet_calls = unet_call_times(pipe, args.size, rounds=max(2, args.runs + 1))
-    log(f"UNet call on the same inputs: {unet_calls}")
-    return {"load_s": load_s, "switches": switches, "generations": timed_runs, "unet_calls": unet_calls,
-            "peak_rss_gib": peak_rss_gib()}  # fmt: skip
+    sequence = [("none -> a (first use)", "<lora:a:0.8>"), ("a -> b", "<lora:b:0.8>"), ("b -> a", "<lora:a:0.8>"),
+                ("a -> a + b", "<lora:a:0.8><lora:b:0.5>"), ("a + b -> none (base)", ""),
+                ("none -> b", "<lora:b:0.8>"), ("b -> a", "<lora:a:0.8>")]  # fmt: skip
+    rows = [switch(label, prompt) for label, prompt in sequence]
+    if between is not None:
+        between()
+    rows.append(switch("a -> none (base)", ""))
+    return rows
 
 
 def summary(runs: dict[str, list[float]], digits: int) -> dict:
@@ -189,11 +221,13 @@ def markdown_table(report: dict) -> str:
     lines += [f"| {row['switch']} | {row['total_s']:.2f} | {row['merge_s']:.2f} |" for row in report["switches"]]
     gen = report["generation"]
     sections = [(f"whole generation, {gen['size']}x{gen['size']}, {gen['steps']} steps", gen)]
-    sections.append(("one UNet call on the same inputs", report["unet_call_same_inputs"]))
+    sections.append(("first generation after a change (the prepacked build beside it)",
+                     report.get("first_generation_after_change", {})))  # fmt: skip
+    sections.append(("one UNet call on the same inputs", report.get("unet_call_same_inputs", {})))
     prepack = report.get("unet_call_prepacking") or {}
     if prepack.get("median_s"):
         sections.append((f"one UNet call, {prepack['size']}x{prepack['size']}, batch 2", prepack))
-    for title, timed in sections:
+    for title, timed in [(title, timed) for title, timed in sections if timed.get("median_s")]:
         lines += ["", f"| {title} | runs (s) | median (s) |", "|---|---|---|"]
         lines += [f"| {state} | {', '.join(f'{t:.2f}' for t in runs)} | {timed['median_s'][state]:.2f} |"
                   for state, runs in timed["runs_s"].items()]  # fmt: skip
@@ -209,6 +243,7 @@ def main(argv=None) -> int:
     p.add_argument("--workdir", type=Path, default=Path("/tmp/sdrt-lora-bench"))
     p.add_argument("--prepacking-size", type=int, default=512,
                    help="image size of the UNet calls timed with and without prepacking (0: skip)")  # fmt: skip
+    p.add_argument("--switches-only", action="store_true", help="time the load and the switches only")
     p.add_argument("--output", type=Path, help="JSON path (default benchmarks/results/lora-<machine>.json)")
     args = p.parse_args(argv)
 
@@ -225,7 +260,8 @@ def main(argv=None) -> int:
 
     measured = switching(args, loras)
     gc.collect()  # the pipeline's memory back (its engines' timing wrappers make reference cycles)
-    prepacking = prepacking_cost(args.model, args.prepacking_size) if args.prepacking_size else {}
+    sized = args.prepacking_size and not args.switches_only
+    prepacking = prepacking_cost(args.model, args.prepacking_size) if sized else {}
     log(f"UNet call at {args.prepacking_size}x{args.prepacking_size}, with and without prepacking: {prepacking}")
     report = {
         "benchmark": "lora_switch",
@@ -236,8 +272,9 @@ def main(argv=None) -> int:
         "layers_per_lora": layers["a"],
         "load_s": round(measured["load_s"], 2),
         "switches": measured["switches"],
-        "generation": {"size": args.size, "steps": args.steps, **summary(measured["generations"], 2)},
-        "unet_call_same_inputs": summary(measured["unet_calls"], 3),
+        "generation": {"size": args.size, "steps": args.steps, **summary(measured.get("generations", {}), 2)},
+        "first_generation_after_change": summary(measured.get("first_generations", {}), 2),
+        "unet_call_same_inputs": summary(measured.get("unet_calls", {}), 3),
         "unet_call_prepacking": {"size": args.prepacking_size, **summary(prepacking, 3)},
         "peak_rss_gib": round(measured["peak_rss_gib"], 2),  # the LoRA pipeline's, before the prepacking check
         "load_average_1min": [*load_average, round(os.getloadavg()[0], 2)],  # at start and end

@@ -2,13 +2,20 @@
 LoRA's terms (named after the export's initializers, weight_merge.py) are merged into the fused graph's own.
 
 The fusions keep most weights as they were (same values, often the same names; cast to fp16 for CUDA) and pack
-some: ONNX Runtime's Attention takes one (in, 3 * out) weight whose columns are [q | k | v]. Each weight of the
-export's graph is found by value, once, in one of those forms: "same" (its values, in the fused graph's dtype)
-or "cols" (a column block of a packed 2-D initializer). Terms then translate exactly: a low-rank update of a
-column block is a low-rank update of the packed weight whose right factor is zero outside the block (the blocks
-of q, k and v side by side make one product of their stacked factors), and a whole array is placed in a zero
-array of the packed shape. Weights found in no such form (CUDA's per-head interleaved QKV, NhwcConv's OHWI
-filters) are refused by name: such a model takes LoRAs on its unfused graphs.
+or re-lay out some. Each weight of the export's graph is found by value, once, in one of these forms (in the fused
+graph's dtype):
+
+- "same": its values;
+- "cols", offset: a column block of a packed 2-D initializer (the CPU Attention's (in, 3 * out) [q | k | v]);
+- "heads", k, h, s: slot s of k per-head interleaved weights (CUDA's MultiHeadAttention with packed QKV, k = 3, or
+  KV, k = 2: columns (head, slot, h), onnxruntime.transformers' fusion_attention_unet), h the head size;
+- "ohwi": a convolution filter (O, I, kh, kw) laid out (O, kh, kw, I) for NhwcConv.
+
+Terms then translate exactly: a low-rank update of some columns of a packed weight is a low-rank update of the
+whole whose right factor is zero elsewhere (the blocks of q, k and v side by side make one product of their
+stacked factors); an OHWI filter's update is the same left factor times the right one's columns in (kh, kw, I)
+order; a whole array is placed (or transposed) into a zero array of the fused shape. A weight found in no such
+form is refused by name: such a model takes LoRAs on its unfused graphs.
 """
 
 import hashlib
@@ -51,27 +58,53 @@ def find_places(export_file: Path, fused_file: Path, names) -> dict:
             if places[name] is None and weight.ndim == 2:
                 key = weight.shape
                 if key not in column_digests:
-                    column_digests[key] = _column_blocks(fused, key)
+                    column_digests[key] = {**_head_blocks(fused, key), **_column_blocks(fused, key)}
                 found = column_digests[key].get(_digest(weight))
                 if found is None:
                     found = column_digests[key].get(_digest(weight.astype(np.float16)))
-                places[name] = [found[0], "cols", found[1]] if found else None
+                places[name] = list(found) if found else None
+            if places[name] is None and weight.ndim == 4:
+                ohwi = weight.transpose(0, 2, 3, 1)
+                for candidate in by_shape.get(ohwi.shape, []):
+                    if _digest(fused.read(candidate)) == _digest(ohwi.astype(fused.initializers[candidate].dtype)):
+                        places[name] = [candidate, "ohwi"]
+                        break
     finally:
         source.close()
         fused.close()
     return places
 
 
-def _column_blocks(fused: OnnxWeights, shape: tuple) -> dict[str, tuple]:
-    """{digest of a (rows, cols) column block: (packed initializer, column offset)} of FUSED's 2-D initializers of
-    shape (rows, k * cols), k > 1."""
+def _packed(fused: OnnxWeights, shape: tuple):
+    """(name, value, k) of FUSED's 2-D initializers of shape (rows, k * cols), k > 1, for SHAPE (rows, cols)."""
     rows, cols = shape
-    out = {}
     for name, info in fused.initializers.items():
         if len(info.shape) == 2 and info.shape[0] == rows and info.shape[1] > cols and info.shape[1] % cols == 0:
-            value = fused.read(name)
-            for offset in range(0, info.shape[1], cols):
-                out.setdefault(_digest(value[:, offset : offset + cols]), (name, offset))
+            yield name, fused.read(name), info.shape[1] // cols
+
+
+def _column_blocks(fused: OnnxWeights, shape: tuple) -> dict[str, tuple]:
+    """{digest of a (rows, cols) column block: (packed initializer, "cols", column offset)} of FUSED's packed
+    2-D initializers."""
+    cols = shape[1]
+    out = {}
+    for name, value, _ in _packed(fused, shape):
+        for offset in range(0, value.shape[1], cols):
+            out.setdefault(_digest(value[:, offset : offset + cols]), (name, "cols", offset))
+    return out
+
+
+def _head_blocks(fused: OnnxWeights, shape: tuple) -> dict[str, tuple]:
+    """{digest of a (rows, cols) weight: (packed initializer, "heads", k, h, slot)} for FUSED's packed 2-D
+    initializers read as (rows, cols / h heads, k slots, h), for every head size h dividing cols (h = cols is a
+    column block: left to _column_blocks)."""
+    rows, cols = shape
+    out = {}
+    for name, value, k in _packed(fused, shape):
+        for h in (h for h in range(1, cols) if cols % h == 0):
+            heads = value.reshape(rows, cols // h, k, h)
+            for slot in range(k):
+                out.setdefault(_digest(heads[:, :, slot, :]), (name, "heads", k, h, slot))
     return out
 
 
@@ -118,16 +151,27 @@ class FusedPlaces:
             if place[1] == "same":
                 target.extend(updates[name])
                 continue
-            rows, width = self.shapes[place[0]]
-            offset = place[2]
-            for term in updates[name]:
-                if isinstance(term, LowRank):
-                    right = np.zeros((term.right.shape[0], width), np.float32)
-                    right[:, offset : offset + term.right.shape[1]] = term.right
-                    target.append(LowRank(term.left, right))
-                else:
-                    whole = np.zeros((rows, width), np.float32)
-                    block = np.asarray(term, np.float32).reshape(rows, -1)
-                    whole[:, offset : offset + block.shape[1]] = block
-                    target.append(whole)
+            shape = self.shapes[place[0]]
+            target.extend(_translated(term, place, shape) for term in updates[name])
         return out
+
+
+def _translated(term, place: list, shape: tuple):
+    """A weight_merge TERM of an export weight as the term of the fused initializer of SHAPE that holds it at PLACE
+    (find_places' "cols", "heads" or "ohwi")."""
+    low = isinstance(term, LowRank)
+    if place[1] == "ohwi":  # columns (i, kh, kw) -> (kh, kw, i)
+        out_ch, kh, kw, in_ch = shape
+        if low:
+            right = term.right.reshape(-1, in_ch, kh, kw).transpose(0, 2, 3, 1)
+            return LowRank(term.left, np.ascontiguousarray(right).reshape(term.right.shape[0], -1))
+        return np.ascontiguousarray(np.asarray(term, np.float32).reshape(out_ch, in_ch, kh, kw).transpose(0, 2, 3, 1))
+    rows, width = shape
+    factor = term.right if low else np.asarray(term, np.float32).reshape(rows, -1)  # (r or rows, cols)
+    placed = np.zeros((factor.shape[0], width), np.float32)
+    if place[1] == "cols":
+        placed[:, place[2] : place[2] + factor.shape[1]] = factor
+    else:  # "heads": columns (head, slot, h)
+        k, h, slot = place[2:]
+        placed.reshape(factor.shape[0], -1, k, h)[:, :, slot, :] = factor.reshape(factor.shape[0], -1, h)
+    return LowRank(term.left, placed) if low else placed

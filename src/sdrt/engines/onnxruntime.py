@@ -11,6 +11,7 @@ import numpy as np
 from sdrt import cache_files
 from sdrt.engines.ort_binding import MAX_SHAPE_SETS, BoundShapes, count_ops
 from sdrt.engines.ort_weights import LiveWeights
+from sdrt.engines.prepacked_swap import PrepackedSwap, SwapsPrepacked
 from sdrt.engines.weight_merge import WholeArrays
 from sdrt.errors import ModelError
 
@@ -51,13 +52,15 @@ def physical_cores() -> int:
         return os.cpu_count() or 1
 
 
-class OnnxRuntimeEngine:
+class OnnxRuntimeEngine(SwapsPrepacked):
     """One ONNX model in an onnxruntime.InferenceSession; on DEVICE "cuda" it runs through an I/O binding.
 
     STATIC_DIMS ({axis name: size}, a static profile) fixes the graph's dynamic axes when the session is created
     (free dimension overrides): ONNX Runtime then folds the shape arithmetic away, which leaves no CPU node (no
     Memcpy) in a CUDA graph and lets CUDA_GRAPH capture the run once per shape and replay it.
     """
+
+    PREPACK_BEHIND = True  # LoRA weights in place: a prepacked session made in the background (prepacked_swap.py)
 
     def __init__(self, model_file: Path, providers: list, threads: int | None = None, device: str = "cpu",
                  static_dims: dict | None = None, cuda_graph: bool = False):  # fmt: skip
@@ -78,6 +81,7 @@ class OnnxRuntimeEngine:
         self._placed = None  # the OrtValues the session runs on in place of initializers: kept alive with it
         self._live: LiveWeights | None = None  # initializers rewritten in place (CPU, optimised-graph cache)
         self._whole: WholeArrays | None = None  # merge_weights where weights cannot be rewritten in place
+        self._swap = PrepackedSwap(self._prepacked)  # its .live: the in-place session while loaded
         # A fused variant's engine: the export's graph, whose initializer names merge_weights takes (fused_weights.py)
         self.export_file: Path | None = None
         self._places = None
@@ -115,7 +119,9 @@ class OnnxRuntimeEngine:
             if cached != self._live.optimised_file or not _complete(cached):
                 raise ModelError(f"{self.model_file}: the optimised graph {self._live.optimised_file} its replaced "
                                  "weights are laid out for is gone: load the model again")  # fmt: skip
-            self.session = self._session(cached, optimize=False, overrides=self._live.overrides(), live=True)
+            self.session = self._swap.live = self._session(cached, False, overrides=self._live.overrides(), live=True)
+            if not self._live.unfilled:
+                self._written()
             return cached
         if made is not None and not self.weights:  # the session that filled the cache runs the file's weights
             self.session = made
@@ -182,7 +188,9 @@ class OnnxRuntimeEngine:
         un-optimised graph, with the NCHWc transformer off: it would lay filters out from the file's values).
         """
         if weights and self._in_place(weights.keys()):
+            self._writing()
             self._live.write(weights)
+            self._written()
             return
         self.weights, self._live = dict(weights), None
         self._rebuild()
@@ -197,7 +205,9 @@ class OnnxRuntimeEngine:
         on 2 cores); elsewhere the merged arrays go to set_weights."""
         updates = self._fused_names(updates)
         if (updates or self._live is not None) and self._in_place(updates.keys()):
+            self._writing()
             self._live.merge(updates)
+            self._written()
             return
         if self._whole is None:
             self._whole = WholeArrays(self)
@@ -211,7 +221,9 @@ class OnnxRuntimeEngine:
             return
         names = list(self._fused_names({name: [] for name in names}))
         if self._in_place(names):
+            self._writing()
             self._live.merge({})  # the buffers just made get the base values
+            self._written()
 
     def _fused_names(self, updates: dict[str, list]) -> dict[str, list]:
         """UPDATES with the fused graph's initializers for the export's (a fused variant; as they are otherwise)."""
@@ -245,8 +257,7 @@ class OnnxRuntimeEngine:
         """The session made again for the current weights (the old one's memory freed first); an unloaded engine
         stays unloaded (a staged engine loads when it runs)."""
         loaded = self.session is not None
-        self.session = self._placed = None
-        self._shape_sets = {}  # bindings of the old session
+        self.unload()
         if loaded:
             self.load()
 
@@ -263,7 +274,7 @@ class OnnxRuntimeEngine:
         return {slot: _ortvalue(array) for slot, array in laid.items()}
 
     def _session(self, path: Path, optimize: bool, save_to: Path | None = None, overrides: dict | None = None,
-                 live: bool = False):  # fmt: skip
+                 live: bool = False, keep: bool = True):  # fmt: skip
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -299,12 +310,14 @@ class OnnxRuntimeEngine:
         except Exception as e:  # onnxruntime raises its own exception types for corrupt files
             message = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
             raise ModelError(f"cannot load {str(path)!r} (truncated or corrupt ONNX file?): {message}") from None
-        self._placed = overrides  # ONNX Runtime reads these buffers for as long as the session runs
+        if keep:
+            self._placed = overrides  # ONNX Runtime reads these buffers for as long as the session runs
         return session
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self.session is None:
             self.load()
+        self._swap_in()
         if self.io_binding:
             return {name: _host(value) for name, value in self.run_device(feeds).items()}
         self._check_static(feeds)
@@ -336,6 +349,7 @@ class OnnxRuntimeEngine:
 
         if self.session is None:
             self.load()
+        self._swap_in()
         self._check_static(feeds)
         shapes = {name: tuple(value.shape() if isinstance(value, ort.OrtValue) else np.shape(value))
                   for name, value in feeds.items()}  # fmt: skip
@@ -368,8 +382,9 @@ class OnnxRuntimeEngine:
 
     def unload(self) -> None:
         """Free the session; replaced weights stay (a later load runs on them again)."""
-        self.session = self._placed = None
-        self._shape_sets = {}
+        self._swap.stale()
+        self.session = self._placed = self._swap.live = None
+        self._shape_sets = {}  # bindings of the old session
 
 
 def _host(value) -> np.ndarray:

@@ -21,7 +21,8 @@ class Recipe:
     steps: tuple[int, ...]  # the step counts LoRAs are published for (the first is the default)
     cfg_scale: float  # diffusers' guidance_scale; at or under 1 the negative prompt is not run
     cfg_range: tuple[float, float]
-    timestep_spacing: str | None = None  # None: the sampler's own rule (LCM's skipping-step grid)
+    timestep_spacing: str | None = None  # None: the sampler's own rule (LCM's and TCD's skipping-step grid)
+    eta: float | None = None  # the sampler's eta (TCD's gamma); None: the sampler's default
     diffusers: str = ""  # the matching diffusers scheduler, as the authors' examples set it
     note: str = ""
 
@@ -30,6 +31,8 @@ class Recipe:
         out = {"sampler": self.sampler, "steps": steps or self.steps[0], "cfg_scale": self.cfg_scale}
         if self.timestep_spacing:
             out["timestep_spacing"] = self.timestep_spacing
+        if self.eta is not None:
+            out["eta"] = self.eta
         return out
 
 
@@ -40,11 +43,17 @@ RECIPES = {
                        note="steps 2-8"),  # fmt: skip
     "hyper-sd15": Recipe("Hyper-SD N-step LoRA (SD 1.5)", "sd1", "DDIM", (2, 4, 8), 0.0, (0.0, 1.0), "trailing",
                          diffusers='DDIMScheduler(timestep_spacing="trailing")',
-                         note="use the file made for the step count; the 1-step file needs TCD, which sdrt lacks; "
-                              "the -CFG files take cfg 5-8"),  # fmt: skip
+                         note="use the file made for the step count; the -CFG files take cfg 5-8"),  # fmt: skip
     "hyper-sdxl": Recipe("Hyper-SD N-step LoRA (SDXL)", "sdxl", "DDIM", (2, 4, 8), 0.0, (0.0, 1.0), "trailing",
                          diffusers='DDIMScheduler(timestep_spacing="trailing")',
-                         note="use the file made for the step count; the 1-step file needs TCD, which sdrt lacks"),
+                         note="use the file made for the step count"),
+    "hyper-sd15-1step": Recipe("Hyper-SD 1-step (unified) LoRA (SD 1.5)", "sd1", "TCD", (1, 2, 4, 8), 0.0, (0.0, 1.0),
+                               eta=1.0, diffusers="TCDScheduler, eta=1.0",
+                               note="1 to 8 steps with the one file; lower eta (0.3-0.5) keeps more detail at 4-8 "
+                                    "steps"),  # fmt: skip
+    "hyper-sdxl-1step": Recipe("Hyper-SD 1-step (unified) LoRA (SDXL)", "sdxl", "TCD", (1, 2, 4, 8), 0.0, (0.0, 1.0),
+                               eta=1.0, diffusers="TCDScheduler, eta=1.0",
+                               note="1 to 8 steps with the one file; lower eta keeps more detail at 4-8 steps"),
     "lightning-sdxl": Recipe("SDXL-Lightning LoRA", "sdxl", "Euler", (4, 2, 8), 0.0, (0.0, 1.0), "trailing",
                              diffusers='EulerDiscreteScheduler(timestep_spacing="trailing")',
                              note="use the file made for the step count (2, 4 or 8)"),  # fmt: skip

@@ -66,9 +66,9 @@ class Pipeline:
         in host memory (ram_budget.py), refused when the UNet alone does not fit.
         `static`: (width, height, batch), one size: the UNet and VAE decoder fixed at it (faster; CUDA graphs on
         "cuda"); other sizes are refused. `fused`: the fused graphs `sdrt optimize` wrote for this backend, if any;
-        by default yes, but not with `loras` (LoRAs merge into the export's own graphs, whose weights the fused ones
-        hold packed; fused=True takes LoRAs on the CPU variant), and with `loras` backend "auto" passes over OpenVINO
-        (its LoRA steps are slower: docs/guide/lora-engines.md).
+        by default yes, but not with `loras` (LoRAs merge into the export's own graphs; fused=True merges them into
+        the fused CPU or CUDA variant's packed weights), and with `loras` backend "auto" weighs OpenVINO's LoRA steps
+        against ONNX Runtime's (engines/auto.py, docs/guide/lora-engines.md).
         """
         fused = loras is None if fused is None else fused
         manifest = Manifest.load(Path(model_dir))

@@ -38,6 +38,7 @@ from sdrt.runtime.samplers_sde import (  # noqa: F401 (the table's and the tests
     sample_dpmpp_3m_sde,
     sample_dpmpp_sde,
 )
+from sdrt.runtime.samplers_tcd import sample_tcd  # noqa: F401 (the table's name)
 
 CHURN_GAMMA_MAX = 2**0.5 - 1  # Karras 2022, Alg. 2: gamma_i <= sqrt(2) - 1 (never more than double the variance)
 
@@ -239,6 +240,7 @@ SAMPLERS = {
     "PLMS": ("sample_plms", "pndm"),
     "UniPC": ("sample_unipc", "dpmsolver"),
     "LCM": ("sample_lcm", "lcm"),
+    "TCD": ("sample_tcd", "tcd"),  # samplers_tcd.py
     "DPM++ 2M": ("sample_dpmpp_2m", "dpmsolver"),
     "Heun": ("sample_heun", "euler"),
     "DPM2": ("sample_dpm_2", "kdpm2"),
@@ -255,7 +257,8 @@ SAMPLERS = {
 }
 # Each sampler's keyword arguments beyond (denoise, x, sigmas, noise, callback): its whole contract (k-diffusion's
 # meanings). The user's knobs (eta, s_noise, s_churn, s_tmin, s_tmax) reach only the samplers that take them, as in
-# A1111 where Euler ignores eta; clip_denoised (DDIM) and timesteps/timestep_scaling (LCM) come from the model.
+# A1111 where Euler ignores eta; clip_denoised (DDIM), timesteps/timestep_scaling (LCM) and train_sigmas (TCD) come
+# from the model.
 _CHURN = ("s_churn", "s_tmin", "s_tmax", "s_noise")
 _ANCESTRAL = ("eta", "s_noise")
 SAMPLER_ARGUMENTS = {
@@ -265,6 +268,7 @@ SAMPLER_ARGUMENTS = {
     "sample_plms": (),
     "sample_unipc": ("order", "variant"),
     "sample_lcm": ("timesteps", "timestep_scaling"),
+    "sample_tcd": ("eta", "timesteps", "train_sigmas"),
     "sample_dpmpp_2m": (),
     "sample_heun": _CHURN,
     "sample_dpm_2": _CHURN,
@@ -303,6 +307,7 @@ SAMPLER_ALIASES = {
     "k_dpmpp_3m_sde": "DPM++ 3M SDE",
     "ddim": "DDIM",
     "k_lcm": "LCM",
+    "k_tcd": "TCD",
     "restart": "Restart",
     "k_dpm_fast": "DPM fast",
     "k_dpm_ad": "DPM adaptive",

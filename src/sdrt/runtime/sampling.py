@@ -7,7 +7,7 @@ import numpy as np
 from sdrt.runtime import editing
 from sdrt.runtime.checks import require_finite
 from sdrt.runtime.rng import ImageNoise
-from sdrt.runtime.schedules import Schedule, resolve_config
+from sdrt.runtime.schedules import Schedule, resolve_config, train_sigmas
 
 
 def sample(model, run, batch, bar) -> np.ndarray:
@@ -54,9 +54,12 @@ def sample(model, run, batch, bar) -> np.ndarray:
     for part, stage in stages:
         if len(part.timesteps) == 0:
             continue
-        if "timesteps" in takes:  # LCM's boundary condition is a function of the UNet timestep
+        if "timesteps" in takes:  # LCM's boundary condition and TCD's steps are functions of the UNet timestep
             kwargs["timesteps"] = part.timesteps
+        if "timestep_scaling" in takes:
             kwargs["timestep_scaling"] = manifest.scheduler.timestep_scaling
+        if "train_sigmas" in takes:
+            kwargs["train_sigmas"] = train_sigmas(manifest.scheduler)
         hook = step_hook(part, blend, bar, final=stage is stages[-1][1], denoiser=stage)
         x = fn(stage, x, part.sigmas, noise=noise, callback=hook, **kwargs)
     return require_finite((x * np.float32(schedule.final_scale)).astype(np.float32), "latents", manifest)

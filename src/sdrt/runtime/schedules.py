@@ -22,8 +22,9 @@ BETA_SCHEDULE_ALPHA = 0.6
 BETA_SCHEDULE_BETA = 0.6
 SPACINGS = ("leading", "linspace", "trailing")
 # diffusers' Euler* (also Heun, LMS, DPMSolverSDE), DDIM, DPMSolverMultistep (also UniPC: same set_timesteps),
-# KDPM2* (KDPM2, KDPM2Ancestral), PNDM (PLMS) and LCM rules
-TIMESTEP_RULES = ("euler", "ddim", "dpmsolver", "kdpm2", "pndm", "lcm")
+# KDPM2* (KDPM2, KDPM2Ancestral), PNDM (PLMS), LCM and TCD rules
+TIMESTEP_RULES = ("euler", "ddim", "dpmsolver", "kdpm2", "pndm", "lcm", "tcd")
+SKIPPING_STEP_RULES = ("lcm", "tcd")  # timesteps from the distillation's grid (lcm_timesteps): no spacing
 # What each diffusers class uses for a key the model's config does not set.
 RULE_DEFAULTS = {
     "euler": {"timestep_spacing": "linspace", "set_alpha_to_one": False, "clip_sample": False},
@@ -32,6 +33,7 @@ RULE_DEFAULTS = {
     "kdpm2": {"timestep_spacing": "linspace", "set_alpha_to_one": False, "clip_sample": False},
     "pndm": {"timestep_spacing": "leading", "set_alpha_to_one": False, "clip_sample": False},
     "lcm": {"timestep_spacing": "leading", "set_alpha_to_one": True, "clip_sample": False},
+    "tcd": {"timestep_spacing": "leading", "set_alpha_to_one": True, "clip_sample": False},
 }
 # Schedule types (A1111's names). "automatic" is the sampler's diffusers class as configured.
 SCHEDULES = ("automatic", "uniform", "karras", "exponential", "sgm_uniform", "simple", "beta", *A1111_SCHEDULES)
@@ -199,7 +201,7 @@ def lcm_timesteps(cfg: SchedulerConfig, steps: int) -> np.ndarray:
 
 def uses_spacing(rule: str, scheduler: str) -> bool:
     """Whether timestep_spacing changes the schedule of RULE under SCHEDULER."""
-    if rule == "lcm" or scheduler in TRAINING_GRID_SCHEDULES or scheduler in A1111_SCHEDULES:
+    if rule in SKIPPING_STEP_RULES or scheduler in TRAINING_GRID_SCHEDULES or scheduler in A1111_SCHEDULES:
         return False
     return not (rule in FULL_RANGE_RULES and scheduler in SIGMA_RANGE_SCHEDULES)
 
@@ -246,7 +248,7 @@ def build_schedule(
         timesteps = training_grid_timesteps(scheduler, steps, len(sigmas_train))
         sigmas = t_to_sigma(timesteps, log_sigmas)
     else:
-        timesteps = lcm_timesteps(cfg, steps) if rule == "lcm" else spaced_timesteps(cfg, steps, rule)
+        timesteps = lcm_timesteps(cfg, steps) if rule in SKIPPING_STEP_RULES else spaced_timesteps(cfg, steps, rule)
         sigmas = np.interp(timesteps, np.arange(len(sigmas_train)), sigmas_train)
         if scheduler in SIGMA_RANGE_SCHEDULES:
             full = rule in FULL_RANGE_RULES
@@ -262,6 +264,8 @@ def build_schedule(
     if final is None and rule in ("ddim", "pndm") and scheduler == "automatic":  # they end at alpha_bar[0]
         acp0 = 1.0 if cfg.set_alpha_to_one else 1.0 / (1.0 + sigmas_train[0] ** 2)  # (1 with set_alpha_to_one)
         final = np.sqrt((1.0 - acp0) / acp0)
+    elif final is None and rule == "tcd":  # TCD's last step ends at timestep 0 (samplers_tcd.py)
+        final = sigmas_train[0]
     elif final is None:
         final = 0.0
     sigmas = np.append(sigmas, final).astype(np.float32)
@@ -308,9 +312,9 @@ def check_schedule(config: SchedulerConfig, sampler: str, rule: str, scheduler: 
         raise InvalidOption(
             "timestep_spacing", spacing, f"None: sampler {sampler!r} with scheduler {scheduler!r} uses no spacing"
         )
-    if rule == "lcm" and steps > config.original_inference_steps:
+    if rule in SKIPPING_STEP_RULES and steps > config.original_inference_steps:
         raise InvalidOption(
-            "steps", steps, f"1 to {config.original_inference_steps} with LCM (its original_inference_steps)"
+            "steps", steps, f"1 to {config.original_inference_steps} with {sampler} (its original_inference_steps)"
         )
     if config.rescale_betas_zero_snr and uses_spacing(rule, scheduler):
         resolved = spacing or resolve_config(config, rule).timestep_spacing
