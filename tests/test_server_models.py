@@ -218,4 +218,6 @@ def test_models_dir_cli_errors(tmp_path):
 
     assert main(["serve", "--models-dir", str(tmp_path / "missing")]) == 2
     assert main(["serve", "--models-dir", str(tmp_path), "--max-loaded-models", "0"]) == 2
-    assert main(["serve", "--models-dir", str(tmp_path), "--ray"]) == 2  # one model over Ray
+    # over Ray too, checked before the cluster starts (the folder over Ray: tests/test_server_ray.py)
+    assert main(["serve", "--models-dir", str(tmp_path), "--ray", "--max-loaded-models", "0"]) == 2
+    assert main(["serve", "--models-dir", str(tmp_path), "--ray", "-m", "missing"]) == 2

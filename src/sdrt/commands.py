@@ -277,19 +277,16 @@ def serve_ray(args, limits) -> int:
         from sdrt.server.ray_app import RayOptions, serve_ray
     except ImportError as e:
         raise SdrtError(f"`sdrt serve --ray` needs the ray extra: pip install 'sdrt[ray]' ({e})") from None
-    from sdrt.runtime.manifest import Manifest
-
-    for name in ("models_dir", "embeddings_dir", "styles_file"):
+    for name in ("embeddings_dir", "styles_file"):
         if getattr(args, name) is not None:
             raise InvalidOption("--" + name.replace("_", "-"), getattr(args, name), "none with --ray (sdrt serve only)")
-    model = resolve_model(args.model)
-    Manifest.load(Path(model))  # a bad folder fails here, not inside a replica
+    values = ray_model_values(args)
     if args.controlnet_dir is not None:
         raise InvalidOption("--controlnet-dir", args.controlnet_dir, "none with --ray (ControlNet: sdrt serve only)")
     if args.upscaler_dir is not None:
         allowed = "none with --ray (the replicas offer the latent modes, None, Lanczos and Nearest)"
         raise InvalidOption("--upscaler-dir", args.upscaler_dir, allowed)
-    values = {"model": str(model), "backend": args.backend, "replicas": args.replicas}
+    values.update(backend=args.backend, replicas=args.replicas)
     if args.lora_dir is not None:
         values["lora_dir"] = str(Path(args.lora_dir).resolve())
     for name in RAY_ONLY[2:]:
@@ -297,7 +294,29 @@ def serve_ray(args, limits) -> int:
             values["max_batch_size" if name == "ray_batch_size" else name] = getattr(args, name)
     values["max_queued_requests"] = args.max_queue
     options = RayOptions.from_args(values)
-    return serve_ray(options, args.host, args.port, args.api_auth, limits, args.address)
+    return serve_ray(options, args.host, args.port, args.api_auth, limits, args.address, exporter=resolve_model)
+
+
+def ray_model_values(args) -> dict:
+    """RayOptions' model fields: one exported model (-m, checked here, not inside a replica), or a models folder
+    (--models-dir, -m its default model, checked against the folder's listing)."""
+    from sdrt.runtime.manifest import Manifest
+
+    if args.models_dir is None:
+        model = resolve_model(args.model)
+        Manifest.load(Path(model))  # a bad folder fails here, not inside a replica
+        return {"model": str(model)}
+    from sdrt.server.models import ModelRegistry, ModelsFolder
+
+    folder = ModelsFolder.from_args(args, resolve_model)  # the folder, --max-loaded-models, --models-memory
+    if folder.default is not None:
+        ModelRegistry(folder=folder.folder).find(folder.default, "--model")
+    values = {"models_dir": str(folder.folder.resolve()), "max_loaded_models": folder.max_loaded}
+    if args.model is not None:
+        values["model"] = args.model
+    if args.models_memory is not None:
+        values["models_memory"] = args.models_memory
+    return values
 
 
 def cmd_info(args) -> int:
