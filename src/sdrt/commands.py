@@ -9,6 +9,7 @@ from pathlib import Path
 from sdrt import cli_controlnet, cli_outputs
 from sdrt.errors import InvalidOption, SdrtError
 from sdrt.export.cache import resolve_model
+from sdrt.export.vae_files import export_vae
 
 
 def cmd_export(args) -> int:
@@ -253,7 +254,7 @@ def cmd_serve(args) -> int:
     from sdrt.server.extra_routes import Extras
     from sdrt.server.models import ModelsFolder
 
-    extras = Extras.from_args(args)  # --embeddings-dir, --styles-file, /sdapi/v1/cmd-flags
+    extras = Extras.from_args(args, export_vae)  # --embeddings-dir, --styles-file, --vae-dir, cmd-flags
     if args.models_dir is not None:
         return serve(None, args.host, args.port, args.api_auth, args.backend or "cpu", limits, args.lora_dir,
                      folder=ModelsFolder.from_args(args, resolve_model), extras=extras,
@@ -277,7 +278,7 @@ def serve_ray(args, limits) -> int:
         from sdrt.server.ray_app import RayOptions, serve_ray
     except ImportError as e:
         raise SdrtError(f"`sdrt serve --ray` needs the ray extra: pip install 'sdrt[ray]' ({e})") from None
-    for name in ("embeddings_dir", "styles_file"):
+    for name in ("embeddings_dir", "styles_file", "vae_dir"):
         if getattr(args, name) is not None:
             raise InvalidOption("--" + name.replace("_", "-"), getattr(args, name), "none with --ray (sdrt serve only)")
     values = ray_model_values(args)

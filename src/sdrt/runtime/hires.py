@@ -18,6 +18,7 @@ from PIL import Image
 from sdrt.errors import Interrupted
 from sdrt.runtime.hires_options import LATENT_MODES, HiresPlan, plan
 from sdrt.runtime.resample import interpolate
+from sdrt.runtime.vae_swap import vae_infotext
 
 
 def second_pass_options(opts, p: HiresPlan, latents: np.ndarray):
@@ -98,7 +99,7 @@ def _infotext(pipe, opts, second, text: str, i: int) -> str:
     keys) plus the notes the second pass wrote (LoRA and TI hashes, ControlNet units, ...)."""
     from sdrt.runtime.infotext import parse_infotext, write_infotext
 
-    seed, subseed, model = opts.seeds[i], opts.subseeds[i], pipe.model_infotext()
+    seed, subseed, model = opts.seeds[i], opts.subseeds[i], pipe.model_infotext() | vae_infotext(opts)
     own = parse_infotext(write_infotext(second, seed, subseed, model, {}))
     notes = {k: v for k, v in parse_infotext(text).items() if k not in own}
     for key in [k for k in notes if k.endswith("-1") and k[:-2] + "-2" in notes]:  # "AxB" values parse in two

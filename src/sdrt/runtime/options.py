@@ -43,6 +43,7 @@ from sdrt.runtime.schedules import (  # noqa: F401 (re-exported)
     resolve_scheduler,
 )
 from sdrt.runtime.speed_options import SPEED_OPTIONS, check_speed_options
+from sdrt.runtime.vae_swap import VAE_FILE_OPTION, check_vae_file
 
 RNGS = tuple(GENERATORS)  # "torch" (= "cpu"), "gpu", "nv": see rng.py
 # A1111's samplers with the "uses_ensd" option: the only ones whose infotext records ENSD (and only with eta != 0).
@@ -149,6 +150,7 @@ class GenerationOptions:
     s_min_uncond_all: bool = speed_option("s_min_uncond_all")
     skip_early_cond: float = speed_option("skip_early_cond")
     vae: str = speed_option("vae")
+    vae_file: str | None = option(None, "path", **VAE_FILE_OPTION)  # A1111's sd_vae (vae_swap.py)
     live_preview_content: str = speed_option("live_preview_content")
     deepcache_interval: int = speed_option("deepcache_interval")
     deepcache_branch: int | None = speed_option("deepcache_branch")
@@ -341,6 +343,7 @@ def resolve(options: GenerationOptions, manifest: Manifest) -> GenerationOptions
     _check_latents(manifest, o)
     o["controlnets"] = check_units(o["controlnets"])
     check_speed_options(o, manifest, _in_range)
+    check_vae_file(o, manifest)
     if not isinstance(o["control_maps"], bool):
         raise InvalidOption("control_maps", o["control_maps"], "True or False")
     resolved = GenerationOptions(**o)

@@ -23,6 +23,7 @@ from sdrt.server.middleware import BasicAuth, BodyLimit
 from sdrt.server.models import ModelRegistry, ModelsFolder
 from sdrt.server.pnginfo import png_info_response
 from sdrt.server.safe_json import field_error
+from sdrt.server.vaes import vae_of_options
 from sdrt.version import __version__
 
 STATIC = Path(__file__).parent / "static"
@@ -115,6 +116,7 @@ class Server:
         entry = self.models.find(opts["sd_model_checkpoint"], "override_settings.sd_model_checkpoint")
         manifest = self.models.manifest(entry)  # exported first if it is a checkpoint (a second request waits)
         kwargs = a1111.generate_kwargs(req, opts)
+        kwargs["vae_file"] = vae_of_options(self, opts, req, manifest)  # sd_vae: exported on first use
         generation = Generation(kind, kwargs, req.n_iter, self.preview_every(opts), opts["show_progress_type"],
                                 model=entry)  # fmt: skip
         if req.force_task_id:
@@ -275,6 +277,8 @@ def add_routes(app: FastAPI, server: Server) -> None:
     @app.post("/sdapi/v1/options")
     async def set_options(values: dict):
         checked = {k: a1111.check_option(k, v, server.checkpoint_title) for k, v in values.items()}
+        if "sd_vae" in checked:  # a name of --vae-dir (exported when a request first uses it)
+            checked["sd_vae"] = server.extras.vaes.check(checked["sd_vae"], "options.sd_vae")
         await model_routes.apply(server, checked)  # a model switch, the LRU's size
         server.options.update(checked)
         return None

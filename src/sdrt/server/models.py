@@ -291,6 +291,8 @@ class LoadedModels:
         print(f"sdrt serve: unloading {path.name}", file=sys.stderr, flush=True)
         for engine in getattr(pipe, "engines", {}).values():
             engine.unload()
+        if hasattr(pipe, "vae"):
+            pipe.vae.swaps.unload()  # the swapped VAEs it ran (sd_vae)
         for refiner in getattr(pipe, "refiners", {}).values():
             for engine in refiner.engines.values():
                 engine.unload()
