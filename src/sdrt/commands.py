@@ -257,7 +257,7 @@ def cmd_serve(args) -> int:
     extras = Extras.from_args(args, export_vae)  # --embeddings-dir, --styles-file, --vae-dir, cmd-flags
     if args.models_dir is not None:
         return serve(None, args.host, args.port, args.api_auth, args.backend or "cpu", limits, args.lora_dir,
-                     folder=ModelsFolder.from_args(args, resolve_model), extras=extras,
+                     args.controlnet_dir, folder=ModelsFolder.from_args(args, resolve_model), extras=extras,
                      upscaler_dir=args.upscaler_dir)  # fmt: skip
     model = resolve_model(args.model)
     return serve(model, args.host, args.port, args.api_auth, args.backend or "cpu", limits, args.lora_dir,

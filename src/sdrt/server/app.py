@@ -13,6 +13,7 @@ from fastapi.staticfiles import StaticFiles
 
 from sdrt.errors import InvalidOption, SdrtError
 from sdrt.runtime import masks
+from sdrt.runtime.controlnet_models import ControlNetCache
 from sdrt.server import a1111, controlnet_api, extra_routes, extras_api, model_routes, openai_api, safe_json
 from sdrt.server.a1111_settings import A1111_DEFAULTS
 from sdrt.server.codec import ImageTooLarge, UndecodableImage, decode_image, encode_png
@@ -125,7 +126,7 @@ class Server:
             self.add_img2img(req, kwargs)
         if kind == "outpaint":
             generation.image, generation.amounts = self.add_outpaint(req, kwargs, manifest)
-        controlnet_api.add_units(controlnet_units, kwargs, self)
+        controlnet_api.add_units(controlnet_units, kwargs, self, manifest)
         model_routes.add_refiner(self, req, kwargs)  # SDXL's refiner_checkpoint: a model of the same registry
         # validates (an outpaint as the img2img of its image); pins seeds and names into kwargs
         inputs = {"init_image": generation.image} if kind == "outpaint" else {}
@@ -330,9 +331,10 @@ def serve(
         app = create_app(pipe, limits, credentials, extras=extras)
     else:
         embeddings = extras and extras.embeddings_dir
-        loaded = folder.loaded_models(backend, loras, embeddings, upscaler_dir)
+        loaded = folder.loaded_models(backend, loras, embeddings, upscaler_dir, controlnet_dir)
         backend = LocalBackend(max_queue=limits.max_queue, loaded=loaded)
         backend.lora_dir = loras  # /sdapi/v1/loras lists the folder (no one Pipeline holds it)
+        backend.controlnets = ControlNetCache("cpu", controlnet_dir)  # units validated against each request's model
         app = create_app(None, limits, credentials, backend=backend, extras=extras)
         folder.start(app.state.server)
     if host not in LOOPBACK and not credentials:
