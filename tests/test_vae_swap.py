@@ -148,3 +148,26 @@ def test_bad_vae_files_refused(tiny_sd, tiny_pipeline, vae_env, tmp_path, monkey
         tiny_pipeline.generate("a cat", vae_file=str(tmp_path), progress=False, **RUN)
     assert not list((tmp_path / "cache").rglob("vae.json"))  # nothing refused was published
     assert json.loads((vae_env[2]["pt"] / "vae.json").read_text())["name"] == "swap.vae.pt"
+
+
+def test_cli_generate_with_a_vae_file(vae_env, tiny_sd, tiny_pipeline, tmp_path, capsys):
+    """`sdrt generate --vae FILE_OR_FOLDER` exports the VAE (once; the module's cache) and runs with it: the Python
+    API's image with vae_file; --vae full and taesd keep their meaning; a file that is no VAE exits 2 naming --vae."""
+    from PIL import Image
+
+    from sdrt.cli import main
+
+    _, files, exported = vae_env
+    base = ["generate", "a cat", "-m", str(tiny_sd[1]), "--seed", "3", "--steps", "8", "--width", "64", "--height",
+            "64", "--sampler", "Euler"]  # fmt: skip
+    assert main([*base, "--vae", str(files["pt"]), "-o", str(tmp_path / "out")]) == 0
+    (written,) = sorted((tmp_path / "out").glob("*.png"))
+    got = np.asarray(Image.open(written).convert("RGB"))
+    assert max_diff(got, sdrt_image(tiny_pipeline, 3, vae_file=str(exported["pt"]))) == 0
+    assert "VAE: swap.vae.pt" in Image.open(written).info["parameters"]
+    assert main([*base, "--vae", "full", "-o", str(tmp_path / "own")]) == 0
+    (own,) = sorted((tmp_path / "own").glob("*.png"))
+    assert max_diff(np.asarray(Image.open(own).convert("RGB")), got) > 20
+    capsys.readouterr()
+    assert main([*base, "--vae", str(tmp_path / "out"), "-o", str(tmp_path / "bad")]) == 2
+    assert "--vae: got" in capsys.readouterr().err

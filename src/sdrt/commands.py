@@ -150,15 +150,28 @@ def cmd_generate(args) -> int:
     elif "prompt" not in kwargs:
         raise SdrtError("sdrt generate needs a PROMPT (or --from-png IMAGE.png)")
     kwargs |= cli_controlnet.controlnet_kwargs(args)
+    model = resolve_model(args.model)
+    kwargs = vae_kwargs(kwargs, model)  # --vae FILE_OR_FOLDER: exported once into the cache
     pipe = Pipeline.load(
-        resolve_model(args.model), backend=args.backend, embeddings=args.embeddings, loras=args.lora_dir,
-        upscalers=args.upscaler_dir, **memory_kwargs(args),
+        model, backend=args.backend, embeddings=args.embeddings, loras=args.lora_dir, upscalers=args.upscaler_dir,
+        **memory_kwargs(args),
     )  # fmt: skip
     if args.from_png is not None and "prompt" in kwargs:  # A1111: a LoRA renamed since is found by its hash
         kwargs["prompt"] = pipe.loras.fix_names(kwargs["prompt"], png_lora_hashes(args.from_png))
     generated = pipe.generate(**images, **kwargs)
     return cli_outputs.write_or_rescue(lambda out: cli_controlnet.write_outputs(generated, out, write_images,
                                                                                 next_index), args.output)  # fmt: skip
+
+
+def vae_kwargs(kwargs: dict, model) -> dict:
+    """--vae FILE_OR_FOLDER (not full or taesd): that VAE file or diffusers VAE folder, exported once into the cache
+    and checked against MODEL, as the option vae_file (A1111's sd_vae)."""
+    from sdrt.runtime.previews import VAE_DECODERS
+
+    vae = kwargs.get("vae")
+    if vae is None or vae in VAE_DECODERS:
+        return kwargs
+    return {**kwargs, "vae": "full", "vae_file": str(export_vae(vae, model))}
 
 
 def png_lora_hashes(path: str) -> str | None:
@@ -195,11 +208,10 @@ def cmd_outpaint(args) -> int:
     cli_outputs.check_output_folder(args.output)
     amounts = check_outpaint_amounts(args.left, args.right, args.up, args.down)
     image = load_image(args.image, "image")
-    pipe = Pipeline.load(
-        resolve_model(args.model), backend=args.backend, embeddings=args.embeddings, loras=args.lora_dir,
-        **memory_kwargs(args),
-    )  # fmt: skip
-    kwargs = generate_kwargs(args) | cli_controlnet.controlnet_kwargs(args)
+    model = resolve_model(args.model)
+    kwargs = vae_kwargs(generate_kwargs(args) | cli_controlnet.controlnet_kwargs(args), model)
+    pipe = Pipeline.load(model, backend=args.backend, embeddings=args.embeddings, loras=args.lora_dir,
+                         **memory_kwargs(args))  # fmt: skip
     generated = pipe.outpaint(image, **amounts, **kwargs)
     return cli_outputs.write_or_rescue(lambda out: cli_controlnet.write_outputs(generated, out, write_images,
                                                                                 next_index), args.output)  # fmt: skip

@@ -36,7 +36,8 @@ SPEED_OPTIONS = {
         choices=tuple(VAE_DECODERS), setting="sd_vae_decode_method", infotext="VAE Decoder",
         from_setting=lambda label: _VAE_OF_LABEL.get(label, label), read=lambda label: _VAE_OF_LABEL.get(label, label),
         write=lambda o, im: VAE_DECODERS[o.vae] if o.vae != "full" else None,
-        help="final decoder: full (the model's VAE) or taesd (its TAESD: drafts, low memory)",
+        help="final decoder: full (the model's VAE) or taesd (its TAESD: drafts, low memory); the CLI also takes a "
+        "VAE file or diffusers VAE folder (A1111's sd_vae: exported once into the cache)",
     )),
     "live_preview_content": ("Combined", "str", dict(
         choices=PREVIEW_CONTENTS, group="output", cli=False, setting="live_preview_content",
