@@ -152,6 +152,29 @@ def test_ray_flags_checked_before_ray_starts(tiny_sd, ray_models, capsys):
         RayOptions.from_args({"replicas": "2"})
 
 
+def test_replica_models_fixed_or_an_lru(tiny_sd, tiny_sd_v):
+    """What a replica holds (ray_models.ReplicaModels): with -m one Pipeline, whatever a request's entry says, and one
+    batch key part; with a folder an LRU by entry (its size respected) whose batch key part tells models apart."""
+    from sdrt.server.models import ModelEntry
+    from sdrt.server.ray_models import ReplicaModels
+
+    loads = []
+
+    def load(folder):
+        loads.append(str(folder))
+        return f"pipeline of {folder}"
+
+    alpha = ModelEntry("alpha", tiny_sd[1], "exported", exported=tiny_sd[1])
+    beta = ModelEntry("beta", tiny_sd_v[1], "exported", exported=tiny_sd_v[1])
+    fixed = ReplicaModels(str(tiny_sd[1]), load)
+    assert fixed.pipeline(beta) == f"pipeline of {tiny_sd[1]}" and fixed.key(alpha) is None is fixed.key(beta)
+    lru = ReplicaModels(None, load, max_loaded=1)
+    assert lru.pipeline(alpha) == f"pipeline of {tiny_sd[1]}" == lru.pipeline(alpha)  # loaded once, then the LRU's
+    assert lru.pipeline(beta) == f"pipeline of {tiny_sd_v[1]}" and lru.loaded.loaded() == [tiny_sd_v[1]]
+    assert lru.key(alpha) != lru.key(beta) and lru.manifest(beta).prediction_type == "v_prediction"
+    assert loads == [str(tiny_sd[1]), str(tiny_sd[1]), str(tiny_sd_v[1])]  # fixed's, alpha once, beta
+
+
 def test_ray_backend_maps_ray_errors_to_429_and_503():
     """A full Ray Serve queue is QueueFull (HTTP 429), a lost replica Unavailable (HTTP 503), both with a
     Retry-After of at least 1 s; the JobBoard forgets the job either way. (The load test below rarely sees a 503:
