@@ -171,3 +171,20 @@ def test_cli_generate_with_a_vae_file(vae_env, tiny_sd, tiny_pipeline, tmp_path,
     capsys.readouterr()
     assert main([*base, "--vae", str(tmp_path / "out"), "-o", str(tmp_path / "bad")]) == 2
     assert "--vae: got" in capsys.readouterr().err
+
+
+def test_hires_image_upscaler_round_trip_uses_the_swapped_vae(vae_env, tiny_pipeline, monkeypatch):
+    """Hires fix with an image upscaler decodes the first pass and encodes the upscaled image with the swapped VAE
+    (A1111 has one VAE loaded for everything); its infotext names that VAE."""
+    from sdrt.runtime.vae import Vae
+
+    folder = str(vae_env[2]["diffusers"])
+    swapped = tiny_pipeline.vae.using(folder)
+    calls = []
+    for name in ("encode", "decode"):
+        original = getattr(Vae, name)
+        monkeypatch.setattr(Vae, name, lambda self, *a, _f=original, _n=name: calls.append((_n, self)) or _f(self, *a))
+    image = tiny_pipeline.generate("a cat", seed=2, progress=False, **RUN, hires=True, hires_scale=1.5,
+                                   hires_upscaler="Lanczos", hires_steps=2, vae_file=folder)[0]  # fmt: skip
+    assert [(n, v is swapped) for n, v in calls] == [("decode", True), ("encode", True), ("decode", True)]
+    assert "VAE: swap-diffusers" in image.info["parameters"] and image.size == (96, 96)
