@@ -66,8 +66,21 @@ def ray_models(tiny_sd, tiny_sd_v, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def ray_server(ray_models, tmp_path_factory):
-    folder = ("--models-dir", str(ray_models), "-m", "alpha", "--max-loaded-models", "2")
+def ray_vaes(tiny_sd, tmp_path_factory):
+    """A VAE folder (tiny VAE files, tests/tiny_vae_files.py) and the export cache the server and tests share."""
+    from tiny_vae_files import tiny_swap_vae, write_vae_files
+
+    root = tmp_path_factory.mktemp("ray-vae")
+    files = write_vae_files(tiny_swap_vae(5, tiny_sd[0].vae.config.scaling_factor), root / "VAE")
+    patch = pytest.MonkeyPatch()
+    patch.setenv("SDRT_CACHE", str(root / "cache"))  # the Ray processes inherit it: the ingress exports there
+    yield root / "VAE", files
+    patch.undo()
+
+
+@pytest.fixture(scope="module")
+def ray_server(ray_models, ray_vaes, tmp_path_factory):
+    folder = ("--models-dir", str(ray_models), "-m", "alpha", "--max-loaded-models", "2", "--vae-dir", str(ray_vaes[0]))
     server = start_server(None, tmp_path_factory.mktemp("ray"), *folder, *RAY_ARGS, auth=AUTH,
                           timeout=START_TIMEOUT_S)  # fmt: skip
     started = []
@@ -142,6 +155,10 @@ def test_ray_flags_checked_before_ray_starts(tiny_sd, ray_models, capsys):
     assert "--model: got 'gamma'; allowed: one of 'alpha [" in capsys.readouterr().err
     assert main([*folder, "--max-loaded-models", "0"]) == 2
     assert "--max-loaded-models: got 0" in capsys.readouterr().err
+    assert main([*folder, "--models-memory", "lots"]) == 2
+    assert "--models-memory: got 'lots'" in capsys.readouterr().err
+    assert main([*folder, "--vae-dir", str(ray_models / "missing")]) == 2
+    assert "--vae-dir: got" in capsys.readouterr().err
     assert main([*folder, "--models-memory", "lots"]) == 2
     assert "--models-memory: got 'lots'" in capsys.readouterr().err
     options = with_defaults(RayOptions.from_args({"models_dir": str(ray_models), "max_loaded_models": "3"}))
@@ -297,6 +314,25 @@ def test_ray_models_dir_each_request_its_model(ray_server, ray_models, tiny_sd, 
     finally:
         (ray_models / "delta").unlink()
         ray_server.post("/sdapi/v1/refresh-checkpoints")
+
+
+def test_ray_sd_vae_from_the_vae_dir(ray_server, ray_vaes, tiny_sd):
+    """--vae-dir over Ray: the ingress lists and exports the VAE, the replica decodes with it (the Python API's image
+    with that vae_file, bit for bit; the model's own VAE differs: the twin); an unknown name is a 422."""
+    from sdrt import Pipeline
+    from sdrt.export.vae_files import export_vae
+
+    assert "swap.safetensors" in [v["model_name"] for v in ray_server.get("/sdapi/v1/sd-vae").json()]
+    body = txt2img(ray_server, seed=21, override_settings={"sd_vae": "swap.safetensors"})
+    assert json.loads(body["info"])["sd_vae_name"] == "swap.safetensors"
+    folder = str(export_vae(str(ray_vaes[1]["safetensors"]), tiny_sd[1], progress=False))  # the ingress's export
+    pipe = Pipeline.load(tiny_sd[1])
+    want = pipe.generate("a cat", **SMALL, seed=21, rng="gpu", vae_file=folder, progress=False)[0]
+    assert np.array_equal(pixels(decode_b64(body["images"][0])), pixels(want))
+    own = pipe.generate("a cat", **SMALL, seed=21, rng="gpu", progress=False)[0]
+    assert np.abs(pixels(own) - pixels(want)).max() > 20
+    bad = ray_server.post("/sdapi/v1/txt2img", {"prompt": "x", **SMALL, "override_settings": {"sd_vae": "nope"}})
+    assert bad.status_code == 422 and "override_settings.sd_vae" in bad.text
 
 
 def test_ray_batches_compatible_requests_bit_identically(ray_server, tiny_pipeline):

@@ -290,7 +290,7 @@ def serve_ray(args, limits) -> int:
         from sdrt.server.ray_app import RayOptions, serve_ray
     except ImportError as e:
         raise SdrtError(f"`sdrt serve --ray` needs the ray extra: pip install 'sdrt[ray]' ({e})") from None
-    for name in ("embeddings_dir", "styles_file", "vae_dir"):
+    for name in ("embeddings_dir", "styles_file"):
         if getattr(args, name) is not None:
             raise InvalidOption("--" + name.replace("_", "-"), getattr(args, name), "none with --ray (sdrt serve only)")
     values = ray_model_values(args)
@@ -300,6 +300,10 @@ def serve_ray(args, limits) -> int:
         allowed = "none with --ray (the replicas offer the latent modes, None, Lanczos and Nearest)"
         raise InvalidOption("--upscaler-dir", args.upscaler_dir, allowed)
     values.update(backend=args.backend, replicas=args.replicas)
+    if args.vae_dir is not None:
+        if not Path(args.vae_dir).is_dir():
+            raise InvalidOption("--vae-dir", args.vae_dir, "a folder of VAE files or diffusers VAE folders")
+        values["vae_dir"] = str(Path(args.vae_dir).resolve())
     if args.lora_dir is not None:
         values["lora_dir"] = str(Path(args.lora_dir).resolve())
     for name in RAY_ONLY[2:]:
@@ -307,7 +311,8 @@ def serve_ray(args, limits) -> int:
             values["max_batch_size" if name == "ray_batch_size" else name] = getattr(args, name)
     values["max_queued_requests"] = args.max_queue
     options = RayOptions.from_args(values)
-    return serve_ray(options, args.host, args.port, args.api_auth, limits, args.address, exporter=resolve_model)
+    return serve_ray(options, args.host, args.port, args.api_auth, limits, args.address, exporter=resolve_model,
+                     vae_exporter=export_vae)  # fmt: skip
 
 
 def ray_model_values(args) -> dict:

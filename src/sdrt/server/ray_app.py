@@ -32,6 +32,7 @@ from dataclasses import dataclass, fields, replace
 from ray import serve
 
 from sdrt.errors import InvalidOption, SdrtError
+from sdrt.server.ray_models import ray_extras
 from sdrt.server.ray_progress import JobBoard, Reporter
 
 INGRESS_MAX_ONGOING = 1000  # the ingress only waits on handles: requests it holds at once
@@ -61,6 +62,7 @@ class RayOptions:
     models_dir: str | None = None  # a models folder (sdrt serve --models-dir): each replica an LRU of its models
     max_loaded_models: int = 1  # each replica's LRU size (with models_dir)
     models_memory: str | None = None  # each replica's LRU budget of weights ("12GB"; with models_dir)
+    vae_dir: str | None = None  # A1111's models/VAE (sd_vae): the ingress exports a VAE, replicas load the export
 
     @classmethod
     def from_args(cls, args: dict) -> "RayOptions":
@@ -74,7 +76,7 @@ class RayOptions:
         typed = {}
         for name, value in args.items():
             kind = {"model": str, "backend": str, "replicas": str, "lora_dir": str, "models_dir": str,
-                    "models_memory": str}.get(name)  # fmt: skip
+                    "models_memory": str, "vae_dir": str}.get(name)  # fmt: skip
             if kind is None:
                 kind = int if known[name].type in (int, "int") else float
             try:
@@ -279,8 +281,9 @@ class RayBackend:
 class Ingress:
     """The FastAPI app of `sdrt serve` (create_app) over a RayBackend; the JobBoard lives with it."""
 
-    def __init__(self, generator, options: RayOptions, limits, credentials, exporter=None):
-        """EXPORTER(path) -> exported folder: how a models folder's checkpoints are exported (the CLI's cache)."""
+    def __init__(self, generator, options: RayOptions, limits, credentials, exporter=None, vae_exporter=None):
+        """EXPORTER(path) -> exported folder: how a models folder's checkpoints are exported (the CLI's cache);
+        VAE_EXPORTER(source, model, field) -> exported VAE folder: the same for vae_dir's VAEs."""
         import ray
 
         from sdrt.runtime.manifest import Manifest
@@ -291,12 +294,13 @@ class Ingress:
         manifest = Manifest.load(options.model) if models is None else None
         self.backend = RayBackend(generator, manifest, self.board, options, models)
         self.limits, self.credentials, self.options = limits, credentials, options
+        self.extras = ray_extras(options, vae_exporter)
 
     def __serve_build_asgi_app__(self):
         from sdrt.server.app import create_app
         from sdrt.server.ray_models import start_options
 
-        app = create_app(limits=self.limits, credentials=self.credentials, backend=self.backend)
+        app = create_app(limits=self.limits, credentials=self.credentials, backend=self.backend, extras=self.extras)
         if self.options.models_dir is not None:
             start_options(app.state.server, self.options.model, self.options.max_loaded_models)
         return app
@@ -316,9 +320,9 @@ def with_defaults(options: RayOptions) -> RayOptions:
     return options
 
 
-def build(options: RayOptions, limits=None, credentials: dict | None = None, exporter=None):
+def build(options: RayOptions, limits=None, credentials: dict | None = None, exporter=None, vae_exporter=None):
     """The Ray Serve Application: the Ingress bound to the Generator deployment; EXPORTER(path) -> exported folder
-    exports a models folder's checkpoints (None: its exported models only)."""
+    exports a models folder's checkpoints (None: its exported models only), VAE_EXPORTER vae_dir's VAEs."""
     from sdrt.engines.plan import parse_size
     from sdrt.server.app import Limits
 
@@ -331,7 +335,7 @@ def build(options: RayOptions, limits=None, credentials: dict | None = None, exp
     replica_model = options.model if options.models_dir is None else None  # a folder: each replica's LRU
     bound = generator.bind(replica_model, options.backend, options.max_batch_size, options.batch_wait_s,
                            options.lora_dir, (options.max_loaded_models, budget))  # fmt: skip
-    return ingress.bind(bound, options, limits or Limits(), credentials, exporter)
+    return ingress.bind(bound, options, limits or Limits(), credentials, exporter, vae_exporter)
 
 
 def build_app(args: dict):
@@ -345,7 +349,7 @@ def build_app(args: dict):
 
 
 def serve_ray(options: RayOptions, host: str, port: int, api_auth: str | None, limits, address: str | None,
-              exporter=None) -> int:  # fmt: skip
+              exporter=None, vae_exporter=None) -> int:  # fmt: skip
     """`sdrt serve --ray`: connect to the cluster at ADDRESS (None: start a local one), run the app on HOST:PORT
     through Ray Serve's proxy, and serve until interrupted; EXPORTER: as build's."""
     import ray
@@ -356,7 +360,7 @@ def serve_ray(options: RayOptions, host: str, port: int, api_auth: str | None, l
     ray.init(address=address or "local", include_dashboard=False, logging_level="warning")
     try:
         serve.start(http_options={"host": host, "port": port})
-        serve.run(build(options, limits, credentials, exporter), name="sdrt", route_prefix="/")
+        serve.run(build(options, limits, credentials, exporter, vae_exporter), name="sdrt", route_prefix="/")
         if host not in LOOPBACK and not credentials:
             print(f"sdrt serve: note: {host} without --api-auth: whoever reaches this port can use it", file=sys.stderr)
         print(f"sdrt serve --ray: http://{host}:{port}/ (API docs at /docs)", file=sys.stderr, flush=True)

@@ -52,6 +52,16 @@ def ingress_registry(models_dir: str | None, exporter) -> ModelRegistry | None:
     return ModelRegistry(folder=Path(models_dir), exporter=exporter)
 
 
+def ray_extras(options, vae_exporter):
+    """The ingress's extra_routes.Extras: the VAE folder (options.vae_dir, exported by VAE_EXPORTER), or none."""
+    from sdrt.server.extra_routes import Extras
+    from sdrt.server.vaes import VaeFolder
+
+    if options.vae_dir is None:
+        return Extras()
+    return Extras(vaes=VaeFolder(Path(options.vae_dir), vae_exporter))
+
+
 def start_options(server, default: str | None, max_loaded: int) -> None:
     """The ingress's sd_model_checkpoint (DEFAULT, or the folder's first usable model) and sd_checkpoints_limit."""
     entry = server.models.find(default, "--model") if default else server.models.default()
