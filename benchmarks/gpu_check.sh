@@ -5,11 +5,13 @@
 #   env.json (machine, versions, providers), pytest.xml, gpu_check.json/.md/.png (the bench), summary.md, logs/.
 #
 # usage, from anywhere:  benchmarks/gpu_check.sh [--out DIR] [--site DIR] [--budget SECONDS] [--skip-tests]
-#                                                [--cpu-smoke] [--dry-run]
+#                                                [--model NAME] [--cpu-smoke] [--dry-run]
 #   --out DIR     the result folder (default: $OUT if set, else ./gpu-check-<date>)
 #   --site DIR    packages unpacked by ../shared/tools/gpu-payload (onnxruntime-gpu, diffusers; default /tmp/site
 #                 when it exists), put first on PYTHONPATH
 #   --budget S    wall-clock seconds for the whole check (default 480: 8 minutes); each stage gets what is left
+#   --model NAME  the bench's model case (default sd15; sdxl, sd35m: SD 3.5 Medium, flux-dev: FLUX.1 dev; with
+#                 --cpu-smoke small, small-sd3 or small-flux; src/sdrt/bench/cases.py)
 #   --cpu-smoke   the same stages on the CPU with tiny models (the CPU provider, PyTorch on the CPU): tests the script
 #   --dry-run     write env.json and the plan (plan.txt) only
 # Python: $PYTHON, else /opt/torch/.venv/bin/python3 when present (the GPU machine's), else python3.
@@ -21,6 +23,7 @@ out=${OUT:-}
 site=""
 budget=480
 skip_tests=0
+model=""
 smoke=0
 dry=0
 die() { echo "gpu_check.sh: $1" >&2; exit 2; }
@@ -30,10 +33,11 @@ while [ $# -gt 0 ]; do
     --site) [ $# -ge 2 ] || die "--site needs a folder"; site=$2; shift 2 ;;
     --budget) [ $# -ge 2 ] || die "--budget needs seconds"; budget=$2; shift 2 ;;
     --skip-tests) skip_tests=1; shift ;;
+    --model) [ $# -ge 2 ] || die "--model needs a case name"; model=$2; shift 2 ;;
     --cpu-smoke) smoke=1; shift ;;
     --dry-run) dry=1; shift ;;
-    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
-    *) die "unknown option '$1' (allowed: --out DIR, --site DIR, --budget SECONDS, --skip-tests, --cpu-smoke, --dry-run)" ;;
+    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+    *) die "unknown option '$1' (allowed: --out DIR, --site DIR, --budget SECONDS, --skip-tests, --model NAME, --cpu-smoke, --dry-run)" ;;
   esac
 done
 case "$budget" in ''|*[!0-9]*) die "--budget: got '$budget'; allowed: a positive whole number of seconds" ;; esac
@@ -58,10 +62,10 @@ start=$(date +%s)
 left() { echo $(( budget - ($(date +%s) - start) )); }
 
 if [ "$smoke" = 1 ]; then
-  bench_args=(--cpu-smoke --model small --size 64 --steps 2 --runs 1 --batches 1,2)
+  bench_args=(--cpu-smoke --model "${model:-small}" --size 64 --steps 2 --runs 1 --batches 1,2)
   pytest_args=(-m gpu tests/test_gpu_fast_path.py)
 else
-  bench_args=(--device gpu --model sd15 --size 512 --steps 50 --runs 2 --batches 1,4
+  bench_args=(--device gpu --model "${model:-sd15}" --size 512 --steps 50 --runs 2 --batches 1,4
               --runtimes diffusers_fp32,diffusers,sdrt_cuda_static,sdrt_cuda_fused,sdrt_cuda,diffusers_compile)
   pytest_args=(-m gpu tests/test_gpu.py tests/test_gpu_fast_path.py tests/test_seeds.py tests/test_lora_fused.py)
 fi

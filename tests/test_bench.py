@@ -35,7 +35,7 @@ def test_cases_registry_and_device_defaults():
 @pytest.mark.parametrize(
     "argv,message",
     [
-        (["--model", "sd3"], "--model: got 'sd3'; allowed: sdxl, sd15, small"),
+        (["--model", "sd3"], "--model: got 'sd3'; allowed: sdxl, sd15, sd35m, flux-dev, small-sd3, small-flux, small"),
         (["--size", "100"], "--size: got 100; allowed: a positive multiple of 8"),
         (["--runs", "0"], "--runs: got 0; allowed: at least 1"),
         (["--batches", "1,x"], "--batches: got '1,x'"),
@@ -164,3 +164,24 @@ def test_bench_modules_stay_small():
                 too_long.append(f"{path.name}: {node.name} {node.end_lineno - node.lineno + 1} lines")
     assert too_long == []
     assert not list((package.parents[2] / "benchmarks").glob("*.py"))  # one home for benchmark code
+
+
+def test_runtime_comparison_uses_only_this_runs_images(tmp_path):
+    """A bf16 runtime is compared with its f32 twin only when that twin ran in the same run: an earlier run's image
+    (another size) left in the outputs folder is not a twin (it broke a 512 run after a 256 one)."""
+    from sdrt.bench.cpu_runtimes import compare_runtimes
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    unet = rng.standard_normal((2, 4, 1, 1)).astype(np.float32)
+    for name in ("diffusers", "optimum_intel_bf16"):
+        np.save(tmp_path / f"{name}_image.npy", image)
+        np.save(tmp_path / f"{name}_unet.npy", unet)
+    np.save(tmp_path / "optimum_intel_f32_image.npy", image[:4, :4])  # stale: another size, not run now
+    np.save(tmp_path / "optimum_intel_f32_unet.npy", unet[:1])
+    alone = compare_runtimes(tmp_path, ["optimum_intel_bf16", "diffusers"])["optimum_intel_bf16"]
+    assert alone["image_max_abs_diff"] == 0 and "image_psnr_vs_f32_db" not in alone
+    np.save(tmp_path / "optimum_intel_f32_image.npy", image // 2)  # the twin of this run
+    np.save(tmp_path / "optimum_intel_f32_unet.npy", unet * 2)
+    both = compare_runtimes(tmp_path, ["optimum_intel_f32", "optimum_intel_bf16", "diffusers"])["optimum_intel_bf16"]
+    assert both["image_psnr_vs_f32_db"] < 20 and both["unet_max_rel_error_vs_f32"] > 0.4

@@ -33,14 +33,14 @@ def test_manifest_facts(dev, schnell):
 def test_dev_matches_diffusers(dev):
     pipe, pipeline = dev
     reference = diffusers_run(pipe, PROMPT, [2], guidance_scale=3.5)
-    ours = sdrt_run(pipeline, PROMPT, [2], cfg_scale=3.5, negative_prompt="ignored: no CFG")
+    ours = sdrt_run(pipeline, PROMPT, [2], distilled_cfg_scale=3.5, negative_prompt="ignored: CFG 1")
     assert max_diff_255(ours, reference) <= 2.0
     # can-fail twins: another distilled guidance; no resolution-dependent shift
-    assert max_diff_255(sdrt_run(pipeline, PROMPT, [2], cfg_scale=1.5), reference) > 8.0
+    assert max_diff_255(sdrt_run(pipeline, PROMPT, [2], distilled_cfg_scale=1.5), reference) > 8.0
     flow = pipeline.manifest.family_config["flow"]
     flow["use_dynamic_shifting"] = False
     try:
-        assert max_diff_255(sdrt_run(pipeline, PROMPT, [2], cfg_scale=3.5), reference) > 8.0
+        assert max_diff_255(sdrt_run(pipeline, PROMPT, [2], distilled_cfg_scale=3.5), reference) > 8.0
     finally:
         flow["use_dynamic_shifting"] = True
 
@@ -50,7 +50,7 @@ def test_dev_batch_non_square(dev):
 
     pipe, pipeline = dev
     prompt = "the grey squirrel in the sky"
-    ours = sdrt_run(pipeline, prompt, [4, 5], steps=3, cfg_scale=4.0, width=64, height=96)
+    ours = sdrt_run(pipeline, prompt, [4, 5], steps=3, distilled_cfg_scale=4.0, width=64, height=96)
     generators = [torch.Generator().manual_seed(s) for s in (4, 5)]
     reference = pipe([prompt] * 2, height=96, width=64, num_inference_steps=3, guidance_scale=4.0,
                      generator=generators, output_type="np").images  # fmt: skip
@@ -62,11 +62,11 @@ def test_dev_batch_non_square(dev):
 def test_schnell_matches_diffusers(schnell):
     pipe, pipeline = schnell
     reference = diffusers_run(pipe, PROMPT, [6], guidance_scale=0.0)
-    assert max_diff_255(sdrt_run(pipeline, PROMPT, [6], cfg_scale=0.0), reference) <= 2.0
+    assert max_diff_255(sdrt_run(pipeline, PROMPT, [6]), reference) <= 2.0
     flow = pipeline.manifest.family_config["flow"]
     flow["shift"] = 3.0  # can-fail twin: a shift schnell does not have
     try:
-        assert max_diff_255(sdrt_run(pipeline, PROMPT, [6], cfg_scale=0.0), reference) > 8.0
+        assert max_diff_255(sdrt_run(pipeline, PROMPT, [6]), reference) > 8.0
     finally:
         flow["shift"] = 1.0
 
@@ -78,10 +78,9 @@ def test_img2img_matches_diffusers(dev):
     img2img = FluxImg2ImgPipeline(**pipe.components)
     img2img.set_progress_bar_config(disable=True)
     image, _ = init_and_mask(1)
-    # steps x strength a whole number: for 3.5, FluxImg2ImgPipeline runs 4 steps (int(5 - 3.5) skipped) where sdrt,
-    # as A1111 and StableDiffusionImg2ImgPipeline, runs int(3.5) = 3
+    # steps x strength a whole number here; a fractional one (5 x 0.7) in test_flux_guidance.py
     reference = diffusers_run(img2img, PROMPT, [8], steps=5, image=image, strength=0.8, guidance_scale=3.5)
-    kwargs = dict(steps=5, init_image=image, cfg_scale=3.5)
+    kwargs = dict(steps=5, init_image=image, distilled_cfg_scale=3.5)
     assert max_diff_255(sdrt_run(pipeline, PROMPT, [8], strength=0.8, **kwargs), reference) <= 2.0
     assert max_diff_255(sdrt_run(pipeline, PROMPT, [8], strength=0.4, **kwargs), reference) > 8.0
 
@@ -99,7 +98,7 @@ def test_inpaint_matches_diffusers(dev, latent_atol):
     from diffusers import FluxPipeline
 
     reference = FluxPipeline._unpack_latents(torch_tensor(reference), 64, 64, 8).numpy()
-    kwargs = dict(steps=5, init_image=image, strength=0.8, cfg_scale=3.5, output_type="latent")
+    kwargs = dict(steps=5, init_image=image, strength=0.8, distilled_cfg_scale=3.5, output_type="latent")
     assert np.abs(sdrt_run(pipeline, PROMPT, [10], mask=mask, mask_blur=0, **kwargs) - reference).max() <= latent_atol
     assert np.abs(sdrt_run(pipeline, PROMPT, [10], **kwargs) - reference).max() > 0.1
 
@@ -114,11 +113,12 @@ def test_infotext_read_back_regenerates_the_image(dev):
     from sdrt.runtime.infotext import generate_kwargs, parse_infotext
 
     _, pipeline = dev
-    image = pipeline.generate(PROMPT, steps=3, cfg_scale=2.5, seed=11, width=64, height=80, progress=False)[0]
+    kwargs = dict(steps=3, distilled_cfg_scale=2.5, seed=11, width=64, height=80, progress=False)
+    image = pipeline.generate(PROMPT, **kwargs)[0]
     kwargs = generate_kwargs(parse_infotext(image.info["parameters"]))
     again = pipeline.generate(progress=False, **kwargs)[0]
     assert np.array_equal(np.asarray(again), np.asarray(image))
-    assert (kwargs["cfg_scale"], kwargs["width"], kwargs["height"]) == (2.5, 64, 80)
+    assert (kwargs["distilled_cfg_scale"], kwargs["cfg_scale"], kwargs["width"]) == (2.5, 1.0, 64)
 
 
 def test_http_api_and_cli(dev, tmp_path):
@@ -130,7 +130,7 @@ def test_http_api_and_cli(dev, tmp_path):
     from sdrt.server.app import create_app
 
     pipe, pipeline = dev
-    request = {"prompt": PROMPT, "steps": 3, "cfg_scale": 3.5, "width": 64, "height": 64, "seed": 2}
+    request = {"prompt": PROMPT, "steps": 3, "distilled_cfg_scale": 3.5, "width": 64, "height": 64, "seed": 2}
     with TestClient(create_app(pipeline)) as client:
         assert client.post("/sdapi/v1/txt2img", json=request).status_code == 200
         bad = client.post("/sdapi/v1/txt2img", json={**request, "sampler_name": "DPM++ SDE"})
@@ -156,7 +156,7 @@ def test_low_vram_staging_gives_the_same_image(dev):
     _, pipeline = dev
     staged = Pipeline.load(pipeline.manifest.folder, low_vram=True)
     assert staged.memory.staged
-    kwargs = dict(steps=2, cfg_scale=3.5, seed=13, width=64, height=64, output_type="latent", progress=False)
+    kwargs = dict(steps=2, distilled_cfg_scale=3.5, seed=13, width=64, height=64, output_type="latent", progress=False)
     np.testing.assert_array_equal(staged.generate(PROMPT, **kwargs), pipeline.generate(PROMPT, **kwargs))
     loaded = [name for name, engine in staged.engines.items() if engine.inner.session is not None]
     assert loaded == ["transformer"], loaded  # the last one run (latents: no VAE), alone
@@ -175,7 +175,7 @@ def test_fp16_export_runs_close_to_fp32(dev, tmp_path):
     precisions = {name: entry["precision"] for name, entry in half.manifest.models.items()}
     assert precisions == {"text_encoder": "fp32", "text_encoder_2": "fp32", "transformer": "fp16",
                           "vae_decoder": "fp16", "vae_encoder": "fp16"}  # fmt: skip
-    kwargs = dict(steps=3, cfg_scale=3.5)
+    kwargs = dict(steps=3, distilled_cfg_scale=3.5)
     diff = max_diff_255(sdrt_run(half, PROMPT, [14], **kwargs), sdrt_run(pipeline, PROMPT, [14], **kwargs))
     assert diff <= 4.0  # measured 1/255
 
@@ -184,7 +184,7 @@ def test_euler_ancestral_runs_in_its_flow_form(dev):
     """Euler a on FLUX: the rectified-flow step (flow_samplers.py; its distribution is checked in
     test_flow_pieces.py), reproducible per seed, another image than Euler's."""
     _, pipeline = dev
-    kwargs = dict(steps=4, cfg_scale=3.5, sampler="Euler a")
+    kwargs = dict(steps=4, distilled_cfg_scale=3.5, sampler="Euler a")
     first = sdrt_run(pipeline, PROMPT, [15], **kwargs)
     assert np.array_equal(first, sdrt_run(pipeline, PROMPT, [15], **kwargs))
-    assert max_diff_255(first, sdrt_run(pipeline, PROMPT, [15], steps=4, cfg_scale=3.5)) > 8.0
+    assert max_diff_255(first, sdrt_run(pipeline, PROMPT, [15], steps=4, distilled_cfg_scale=3.5)) > 8.0

@@ -19,7 +19,8 @@ def test_every_field_has_a_spec_and_the_interfaces_see_it():
     flags = {opt for action in generate._actions for opt in action.option_strings}
     for name in OPTION_FIELDS:
         s = spec(name)
-        assert s.kind in ("str", "int", "float", "bool", "pair", "image", "path", "array", "dict", "units"), name
+        kinds = ("str", "int", "float", "bool", "pair", "ints", "image", "path", "array", "dict", "units")
+        assert s.kind in kinds, name
         if s.cli:
             assert "--" + name.replace("_", "-") in flags, name
     assert "--eta" in flags and "--s-churn" in flags and "--negative-target-size" in flags  # derived, not listed

@@ -58,7 +58,7 @@ def save_pipeline(pipe, folder: Path, scheduler_config: dict, **absent):
     return loaded
 
 
-def build_tiny_sd3(folder, seed: int = 0, out_gain: float = 10.0, with_t5: bool = True):
+def build_tiny_sd3(folder, seed: int = 0, out_gain: float = 10.0, with_t5: bool = True, num_layers: int = 2):
     """Save a tiny random StableDiffusion3Pipeline to FOLDER and return it loaded back (float32). WITH_T5 False:
     no text_encoder_3 / tokenizer_3 (diffusers then conditions on zeros in T5's place)."""
     import torch
@@ -73,7 +73,7 @@ def build_tiny_sd3(folder, seed: int = 0, out_gain: float = 10.0, with_t5: bool 
         sample_size=SAMPLE_SIZE,
         patch_size=2,
         in_channels=LATENT_CHANNELS,
-        num_layers=2,
+        num_layers=num_layers,
         attention_head_dim=8,
         num_attention_heads=4,
         joint_attention_dim=T5_WIDTH,

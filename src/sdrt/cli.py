@@ -159,6 +159,8 @@ GROUP_TITLES = {
     "generation": "generation options",
     "editing": "img2img and inpainting (A1111's names)",
     "sdxl": "SDXL (diffusers' names; refused on SD 1.x/2.x models)",
+    "flux": "FLUX.1 (Forge's names; --cfg-scale > 1 runs true CFG with the negative prompt)",
+    "sd3": "SD 3.5 skip-layer guidance (diffusers' names)",
     "hires": "hires fix (A1111's enable_hr, hr_*; --strength is its denoising strength)",
 }
 
@@ -179,6 +181,8 @@ def add_generation_arguments(c, editing: tuple[str, ...] | None) -> None:
         flag = {"dest": name, "default": argparse.SUPPRESS, "help": help_text.replace("%", "%%")}
         if s.kind == "bool":
             flag |= {"action": "store_const", "const": True}
+        elif s.kind == "ints":
+            flag |= {"type": int, "nargs": "+", "metavar": "N"}
         elif s.kind == "pair":
             flag |= {"type": int, "nargs": 2, "metavar": ("TOP", "LEFT") if "crops" in name else ("H", "W")}
         else:

@@ -5,6 +5,8 @@ Add a case (e.g. SDXL) by adding a ModelCase to CASES; the build worker reads it
 
 from dataclasses import dataclass, field
 
+from sdrt.bench import flow_arch as flow
+
 # Stable Diffusion 1.5's UNet (runwayml/stable-diffusion-v1-5 unet/config.json): 859.5 M parameters.
 SD15_UNET = {
     "sample_size": 64,
@@ -116,10 +118,14 @@ class ModelCase:
     unet_tflop_per_sample_step: float | None = None  # at 512x512: for the FLOP-rate utilisation figure
     smoke: bool = False  # a smoke test of the benchmark, not a result
     pipeline: str = "sd"  # the builder in random_model.BUILDERS that assembles it ("sd": SD 1.x/2.x; add "sdxl")
+    text_configs: dict = field(default_factory=dict)  # the other text encoders' configs (SD 3.5, FLUX: flow_arch.py)
+    bf16: bool = False  # build the big parts in bf16 (flow_arch.build_flow)
 
     def configs(self) -> dict:
         """The build stamp: the same keys as before pipeline kinds existed for "sd" (earlier builds stay reusable)."""
         configs = {"unet_config": self.unet_config, "vae_config": self.vae_config, "text_config": self.text_config}
+        if self.text_configs:
+            configs |= {"text_configs": self.text_configs, "bf16": self.bf16}
         return configs if self.pipeline == "sd" else {**configs, "pipeline": self.pipeline}
 
 
@@ -144,6 +150,21 @@ CASES = {
         gpu={"size": 512, "steps": 50},  # TensorRT demo / diffusers published settings
         unet_tflop_per_sample_step=0.80,  # SD 1.5 UNet at 512x512 (ARCHITECTURE.md)
     ),
+    # SD 3.5 Medium and FLUX.1 dev (unet_config: the transformer's): the GPU machine's (benchmarks/gpu_check.sh --model)
+    "sd35m": ModelCase("sd35m", "SD 3.5 Medium architecture, random weights", flow.SD35M_TRANSFORMER, flow.SD3_VAE,
+                       CLIP_VIT_L, cpu={"size": 512, "steps": 4}, gpu={"size": 1024, "steps": 28}, pipeline="sd3",
+                       text_configs={"text_encoder_2": OPEN_CLIP_BIGG, "text_encoder_3": flow.T5_XXL}, bf16=True),
+    "flux-dev": ModelCase("flux-dev", "FLUX.1 dev architecture, random weights", flow.FLUX_DEV_TRANSFORMER,
+                          flow.FLUX_VAE, CLIP_VIT_L, cpu={"size": 512, "steps": 4}, gpu={"size": 1024, "steps": 28},
+                          pipeline="flux", text_configs={"text_encoder_2": flow.T5_XXL}, bf16=True),
+    "small-sd3": ModelCase("small-sd3", "tiny random SD 3.5 (--model small-sd3)", flow.TINY_SD3_TRANSFORMER,
+                           dict(flow.TINY_FLOW_VAE, scaling_factor=1.5305, shift_factor=0.0609), flow.TINY_CLIP_L,
+                           cpu={"size": 64, "steps": 2}, gpu={"size": 64, "steps": 2}, smoke=True, pipeline="sd3",
+                           text_configs={"text_encoder_2": flow.TINY_CLIP_G, "text_encoder_3": flow.TINY_T5}),
+    "small-flux": ModelCase("small-flux", "tiny random FLUX.1 dev (--model small-flux)", flow.TINY_FLUX_TRANSFORMER,
+                            dict(flow.TINY_FLOW_VAE, scaling_factor=0.3611, shift_factor=0.1159), flow.TINY_CLIP_L,
+                            cpu={"size": 64, "steps": 2}, gpu={"size": 64, "steps": 2}, smoke=True, pipeline="flux",
+                            text_configs={"text_encoder_2": flow.TINY_T5}),
     "small": ModelCase(
         "small",
         "tiny random models (--model small)",

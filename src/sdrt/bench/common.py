@@ -95,9 +95,10 @@ def run_child(
     return json.loads(result_file.read_text()), wall, peak_rss
 
 
-def pipeline_txt2img(pipe, job: dict, images: list):
+def pipeline_txt2img(pipe, job: dict, images: list, guidance: dict | None = None):
     """A diffusers-API pipeline's (diffusers', optimum-intel's) txt2img of the job: the bench's prompt, negative
-    prompt, size, steps, cfg and seed; the returned callable appends its image, (H, W, 3) uint8, to IMAGES."""
+    prompt, size, steps, cfg (GUIDANCE: other guidance keywords, flow_arch.FLOW_KINDS) and seed; the returned
+    callable appends its image, (H, W, 3) uint8, to IMAGES."""
     import numpy as np
     import torch
 
@@ -109,7 +110,7 @@ def pipeline_txt2img(pipe, job: dict, images: list):
                 width=job["width"],
                 height=job["height"],
                 num_inference_steps=job["steps"],
-                guidance_scale=CFG_SCALE,
+                **(guidance or {"guidance_scale": CFG_SCALE}),
                 generator=torch.Generator("cpu").manual_seed(job["seed"]),
                 output_type="pil",
             )
@@ -191,7 +192,7 @@ def base_job(args, configs: dict, model_dir: Path, onnx_dir: Path, out_dir: Path
         "runs": args.runs,
         "seed": args.seed,
         "latent_channels": configs["unet_config"]["in_channels"],
-        "context_dim": configs["unet_config"]["cross_attention_dim"],
+        "context_dim": configs["unet_config"].get("cross_attention_dim"),  # (a flow transformer has none)
         "text_max_length": configs["text_config"]["max_position_embeddings"],
         "pipeline": configs.get("pipeline", "sd"),
         # a UNet with added text/time conditioning (SDXL's): its pooled width, else None

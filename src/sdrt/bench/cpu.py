@@ -11,6 +11,7 @@ import time
 import warnings
 from pathlib import Path
 
+from sdrt.bench import flow_arch
 from sdrt.bench.common import (
     CFG_SCALE,
     NEGATIVE_PROMPT,
@@ -57,9 +58,11 @@ def worker_sdrt(job: dict) -> dict:
     load_s = time.perf_counter() - start
     log(f"{label}: loaded in {load_s:.1f} s")
     rss_after_load = rss_now()
-    unet = pipe.engines["unet"]
-    sample, timestep, context = unet_inputs(job)
-    feeds = {"sample": sample, "timestep": timestep, "encoder_hidden_states": context, **unet_added_inputs(job)}
+    unet = pipe.engines["unet"] if "unet" in pipe.engines else None
+    if unet is not None:
+        sample, timestep, context = unet_inputs(job)
+        feeds = {"sample": sample, "timestep": timestep, "encoder_hidden_states": context, **unet_added_inputs(job)}
+    unet, feeds, guidance = flow_arch.sdrt_probe(pipe, job, UNET_BATCH) or (unet, feeds, {"cfg_scale": CFG_SCALE})
     outputs = {}
 
     def unet_call():
@@ -78,7 +81,7 @@ def worker_sdrt(job: dict) -> dict:
             width=job["width"],
             height=job["height"],
             steps=job["steps"],
-            cfg_scale=CFG_SCALE,
+            **guidance,
             sampler=SAMPLER,
             scheduler="automatic",
             seed=job["seed"],
@@ -123,25 +126,31 @@ def worker_diffusers(job: dict) -> dict:
     log("diffusers: loading the pipeline")
     start = time.perf_counter()
     pipe = DiffusionPipeline.from_pretrained(job["diffusers_dir"], torch_dtype=torch.float32)
-    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    flow = flow_arch.diffusers_probe(pipe, job, UNET_BATCH, job["onnx_dir"], torch.from_numpy)
+    if flow is None:  # the flow families keep their FlowMatchEulerDiscreteScheduler (sdrt's Euler on them)
+        pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     load_s = time.perf_counter() - start
     log(f"diffusers: loaded in {load_s:.1f} s")
     rss_after_load = rss_now()
-    sample, timestep, context = (torch.from_numpy(x) for x in unet_inputs(job))
-    added = {name: torch.from_numpy(x) for name, x in unet_added_inputs(job).items()} or None
+    denoiser, guidance = flow or (None, None)
+    network = getattr(pipe, "unet", None) or pipe.transformer  # the denoiser network
+    if flow is None:
+        sample, timestep, context = (torch.from_numpy(x) for x in unet_inputs(job))
+        added = {name: torch.from_numpy(x) for name, x in unet_added_inputs(job).items()} or None
+        denoiser = lambda: pipe.unet(sample, timestep, context, added_cond_kwargs=added, return_dict=False)[0]  # noqa: E731
     outputs = {}
 
     def unet_call():
         with torch.inference_mode():
-            outputs["unet"] = pipe.unet(sample, timestep, context, added_cond_kwargs=added, return_dict=False)[0]
+            outputs["unet"] = denoiser()
 
     log(f"diffusers: UNet, batch {UNET_BATCH}, {job['width']}x{job['height']}")
     unet_stats = measure("diffusers UNet", unet_call, job["runs"])
     np.save(Path(job["out_dir"]) / "diffusers_unet.npy", outputs["unet"].numpy())
 
     images = []
-    txt2img = pipeline_txt2img(pipe, job, images)
+    txt2img = pipeline_txt2img(pipe, job, images, guidance)
     log(f"diffusers: txt2img {job['width']}x{job['height']}, {job['steps']} steps")
     e2e_stats = measure("diffusers txt2img", txt2img, job["runs"])
     np.save(Path(job["out_dir"]) / "diffusers_image.npy", images[-1])
@@ -150,7 +159,7 @@ def worker_diffusers(job: dict) -> dict:
         "load_s": load_s,
         "rss_after_load_bytes": rss_after_load,
         "threads": torch.get_num_threads(),
-        "attention_processor": type(next(iter(pipe.unet.attn_processors.values()))).__name__,
+        "attention_processor": type(next(iter(network.attn_processors.values()))).__name__,
         "unet_step": unet_stats,
         "txt2img": e2e_stats,
         "images_repeatable": all(np.array_equal(im, images[0]) for im in images),
@@ -221,6 +230,12 @@ def low_vram_rows(report: dict) -> list[str]:
     ]
 
 
+def guidance_settings(pipeline: str) -> dict:
+    """The guidance both runtimes use: CFG_SCALE, or a flow case's own (FLUX dev: distilled guidance, CFG 1)."""
+    kind = flow_arch.FLOW_KINDS.get(pipeline) or {}
+    return {"cfg_scale": CFG_SCALE, **kind.get("sdrt", {})}
+
+
 def cpu_settings(args, case, model_dir: Path, load_start: float) -> dict:
     """The run's settings, as its report records them."""
     return {
@@ -228,7 +243,7 @@ def cpu_settings(args, case, model_dir: Path, load_start: float) -> dict:
         "width": args.size,
         "height": args.size,
         "steps": args.steps,
-        "cfg_scale": CFG_SCALE,
+        **guidance_settings(case.pipeline),
         "sampler": SAMPLER,
         "scheduler": "automatic (diffusers EulerDiscreteScheduler from the SD 1.5 PNDM config)",
         "prompt": PROMPT,
@@ -254,6 +269,8 @@ def run_cpu(args, case) -> int:
     job_dir, out_dir = model_dir / "jobs", model_dir / "outputs"
     for folder in (job_dir, out_dir):
         folder.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.glob("*.npy"):  # an earlier run's images (another size) must not be compared with this one's
+        stale.unlink()
     built, exported = prepare_model(args, configs, model_dir, job_dir)
     settings = cpu_settings(args, case, model_dir, load_start)
     job = base_job(args, configs, model_dir, model_dir / "onnx", out_dir)

@@ -114,7 +114,7 @@ def compare_runtimes(out_dir: Path, names: list[str]) -> dict:
         if unet is not None and ref_unet is not None and unet.shape == ref_unet.shape:
             row["unet_max_rel_error"] = float(np.abs(unet - ref_unet).max() / np.abs(ref_unet).max())
         f32 = name.replace("bf16", "f32")
-        if name.endswith("bf16") and load(f32, "image") is not None and image is not None:
+        if name.endswith("bf16") and f32 in names and load(f32, "image") is not None and image is not None:
             row["image_psnr_vs_f32_db"] = psnr(image, load(f32, "image"))
             row["unet_max_rel_error_vs_f32"] = float(np.abs(unet - load(f32, "unet")).max() / np.abs(unet).max())
         compared[name] = row

@@ -15,6 +15,7 @@ import re
 import threading
 from pathlib import Path
 
+from sdrt.bench import flow_arch
 from sdrt.bench.common import (
     CFG_SCALE,
     RESULTS_DIR,
@@ -178,7 +179,7 @@ def stages_of(args, plat: dict, plain_dir: Path, fp16_dir: Path) -> dict:
 def graph_parity(args, job: dict, job_dir: Path, optimized, exports: dict, fp32_dir: Path, fp16_dir: Path):
     """Each graph set (fp32 export, fused graphs, fp16 export) against PyTorch fp32 on identical inputs (None when
     --no-graph-parity; {"error": ...} when the stage failed)."""
-    if not args.graph_parity:
+    if not args.graph_parity or flow_arch.FLOW_KINDS.get(job.get("pipeline")):  # the UNet families' graphs only
         return None
     target = platform_of(job)["target"]
     sets = [("fp32 export", str(fp32_dir), None)]
@@ -206,6 +207,8 @@ def run_gpu(args, case) -> int:
     wanted = args.runtimes.split(",") if args.runtimes else list(CHECK_RUNTIMES)
     if smoke:
         wanted = [n for n in wanted if n not in ("diffusers_compile", "sdrt_tensorrt", "sdrt_tensorrt_low_vram")]
+    if flow_arch.FLOW_KINDS.get(case.pipeline):  # `sdrt optimize` fuses UNets: a transformer runs its plain graphs
+        wanted = [n for n in wanted if n not in ("sdrt_cuda_fused", "sdrt_cuda_static")]
     built, exported = prepare_model(args, case.configs(), model_dir, job_dir, precision="fp32")
     fp32_dir, fp16_dir = model_dir / "onnx", model_dir / "onnx-fp16"
     exports = {"fp32": exported}

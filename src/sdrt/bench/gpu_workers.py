@@ -6,6 +6,7 @@ import threading
 import time
 from pathlib import Path
 
+from sdrt.bench import flow_arch
 from sdrt.bench.common import (
     CFG_SCALE,
     LATENT_DOWNSAMPLE,
@@ -64,9 +65,10 @@ def vram_monitor(job: dict):
 
 
 def _sdrt_generate(pipe, job, batch):
+    guidance = (flow_arch.FLOW_KINDS.get(job.get("pipeline")) or {}).get("sdrt") or {"cfg_scale": CFG_SCALE}
     return pipe.generate(
         PROMPT, negative_prompt=NEGATIVE_PROMPT, width=job["width"], height=job["height"], steps=job["steps"],
-        cfg_scale=CFG_SCALE, sampler=SAMPLER, seed=job["seed"], batch_size=batch, progress=False,
+        sampler=SAMPLER, seed=job["seed"], batch_size=batch, progress=False, **guidance,
     )  # fmt: skip
 
 
@@ -108,9 +110,11 @@ def worker_sdrt_gpu(job: dict) -> dict:
     if job.get("peak_only"):
         _sdrt_generate(pipe, job, 1)
         return {"peak_vram_bytes": monitor.stop(), "load_s": load_s}
-    sample, timestep, context = unet_inputs(job)
-    feeds = {"sample": sample, "timestep": timestep, "encoder_hidden_states": context}
-    unet = pipe.engines["unet"]
+    probe = flow_arch.sdrt_probe(pipe, job, 2)  # a flow case: the transformer, one guided step
+    if probe is None:
+        sample, timestep, context = unet_inputs(job)
+        probe = pipe.engines["unet"], {"sample": sample, "timestep": timestep, "encoder_hidden_states": context}, {}
+    unet, feeds, _ = probe
     unet_stats = measure(f"{job['name']} UNet", lambda: unet.run(feeds), job["runs"] * 5)
     images = {}
     e2e = measure(f"{job['name']} txt2img", lambda: images.update(one=_sdrt_generate(pipe, job, 1)), job["runs"])
@@ -133,29 +137,40 @@ def worker_sdrt_gpu(job: dict) -> dict:
 
 
 def worker_diffusers_gpu(job: dict) -> dict:
-    """diffusers' StableDiffusionPipeline on the job's device with SDPA, in fp16 (job["fp32"]: float32, the parity
-    reference); job["compile"]: torch.compile on the UNet. job["peak_only"]: one batch-1 image, for its peak VRAM."""
+    """diffusers' StableDiffusionPipeline (a flow case: its own pipeline, flow_arch.py) on the job's device with
+    SDPA, in fp16 (job["fp32"]: float32, the parity reference); job["compile"]: torch.compile on the UNet (or
+    transformer). job["peak_only"]: one batch-1 image, for its peak VRAM."""
     import numpy as np
     import torch
-    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+    from diffusers import DiffusionPipeline, EulerDiscreteScheduler, StableDiffusionPipeline
 
     device = platform_of(job)["torch_device"]
     dtype = torch.float32 if job.get("fp32") or device == "cpu" else torch.float16
     if dtype == torch.float32:
         true_fp32(torch)
     monitor = vram_monitor(job)
-    pipe = StableDiffusionPipeline.from_pretrained(
-        job["diffusers_dir"], torch_dtype=dtype, safety_checker=None, requires_safety_checker=False
-    ).to(device)
-    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    flow = flow_arch.FLOW_KINDS.get(job.get("pipeline"))
+    if flow is None:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            job["diffusers_dir"], torch_dtype=dtype, safety_checker=None, requires_safety_checker=False
+        ).to(device)
+        pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    else:  # SD 3.5, FLUX: their pipeline with its FlowMatchEulerDiscreteScheduler (sdrt's Euler on them)
+        pipe = DiffusionPipeline.from_pretrained(job["diffusers_dir"], torch_dtype=dtype).to(device)
     pipe.set_progress_bar_config(disable=True)
-    attention = type(next(iter(pipe.unet.attn_processors.values()))).__name__
+    network = "unet" if flow is None else "transformer"
+    attention = type(next(iter(getattr(pipe, network).attn_processors.values()))).__name__
     compile_s = None
     if job.get("compile"):
         start = time.perf_counter()
-        pipe.unet = torch.compile(pipe.unet, mode="max-autotune", fullgraph=True)
+        setattr(pipe, network, torch.compile(getattr(pipe, network), mode="max-autotune", fullgraph=True))
         compile_s = time.perf_counter() - start  # plus the first call's compilation, inside the warm-up
-    sample, timestep, context = (torch.from_numpy(x).to(device, dtype) for x in unet_inputs(job))
+    to_tensor = lambda x: torch.from_numpy(x).to(device, dtype)  # noqa: E731
+    probe = flow_arch.diffusers_probe(pipe, job, 2, job["onnx_dir"], to_tensor)
+    if probe is None:
+        sample, timestep, context = (to_tensor(x) for x in unet_inputs(job))
+        probe = (lambda: pipe.unet(sample, timestep, context, return_dict=False)), {"guidance_scale": CFG_SCALE}
+    denoiser, guidance = probe
 
     def sync():
         if device == "cuda":
@@ -163,14 +178,14 @@ def worker_diffusers_gpu(job: dict) -> dict:
 
     def unet_call():
         with torch.inference_mode():
-            pipe.unet(sample, timestep, context, return_dict=False)
+            denoiser()
         sync()
 
     def generate(batch):
         with torch.inference_mode():
             out = pipe(
                 PROMPT, negative_prompt=NEGATIVE_PROMPT, width=job["width"], height=job["height"],
-                num_inference_steps=job["steps"], guidance_scale=CFG_SCALE, num_images_per_prompt=batch,
+                num_inference_steps=job["steps"], num_images_per_prompt=batch, **guidance,
                 generator=torch.Generator("cpu").manual_seed(job["seed"]),
             )  # fmt: skip
         sync()

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from sdrt.bench.common import BUILD_VERSION, WEIGHTS_SEED, gib, log, run_child
 from sdrt.bench.fixtures import SD15_SCHEDULER, assemble_pipeline, write_tiny_clip_tokenizer
+from sdrt.bench.flow_arch import build_flow
 
 
 def worker_build(job: dict) -> dict:
@@ -87,7 +88,7 @@ def build_sdxl(job: dict) -> dict:
     return {"parameters": params}
 
 
-BUILDERS = {"sd": build_sd, "sdxl": build_sdxl}  # pipeline kind -> builder
+BUILDERS = {"sd": build_sd, "sdxl": build_sdxl, "sd3": build_flow, "flux": build_flow}  # pipeline kind -> builder
 
 
 def worker_export(job: dict) -> dict:

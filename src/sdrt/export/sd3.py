@@ -9,6 +9,7 @@ import torch
 from sdrt.errors import ModelError
 from sdrt.export import driver
 from sdrt.export.flow_parts import Held, flow_family, flow_scheduler_facts, load_folder, no_controlnet
+from sdrt.export.sd3_gates import gate_blocks
 from sdrt.export.steps import ModelStep
 from sdrt.runtime.flow_specs import sd3_transformer_spec
 
@@ -18,8 +19,9 @@ T5_MAX_LENGTH = 256  # StableDiffusion3Pipeline's max_sequence_length default
 CLIP_TOKENS = 77
 
 
-def sd3_forward(held, hidden_states, timestep, encoder_hidden_states, pooled_projections):
-    """diffusers' SD3Transformer2DModel call (no skip layers, no ControlNet)."""
+def sd3_forward(held, hidden_states, timestep, encoder_hidden_states, pooled_projections, block_gates):
+    """diffusers' SD3Transformer2DModel call (no ControlNet), its blocks gated (sd3_gates.py: skip-layer guidance)."""
+    held.gates["gates"] = block_gates
     return held.inner(
         hidden_states=hidden_states,
         timestep=timestep,
@@ -34,22 +36,27 @@ def sd3_transformer_step(transformer) -> ModelStep:
     config = transformer.config
     generator = torch.Generator().manual_seed(0)
     channels, joint, pooled = config.in_channels, config.joint_attention_dim, config.pooled_projection_dim
-    patch = config.patch_size
+    patch, blocks = config.patch_size, config.num_layers
+    held = Held(transformer)
+    held.gates = gate_blocks(transformer)
 
-    def inputs(batch, h, w, t, tokens):
+    def inputs(batch, h, w, t, tokens, skipped=()):
+        gates = torch.ones(blocks)
+        gates[list(skipped)] = 0.0
         return (
             torch.randn(batch, channels, h * patch, w * patch, generator=generator),
             torch.tensor(t),
             torch.randn(batch, tokens, joint, generator=generator),
             torch.randn(batch, pooled, generator=generator),
+            gates,
         )
 
     return ModelStep(
-        sd3_transformer_spec(config.out_channels, joint, pooled),
-        Held(transformer),
+        sd3_transformer_spec(config.out_channels, joint, pooled, blocks),
+        held,
         sd3_forward,
         inputs(1, 3, 5, [500.0], CLIP_TOKENS + 13),
-        inputs(2, 4, 2, [999.0, 1.0], CLIP_TOKENS + 21),
+        inputs(2, 4, 2, [999.0, 1.0], CLIP_TOKENS + 21, skipped=range(0, blocks, 2)),  # the check skips blocks
     )
 
 

@@ -101,12 +101,13 @@ class FlowDenoiser:
     counted, as Denoiser counts them, for prompt schedules.
     """
 
-    def __init__(self, model, text: TextConditioning, cfg_scale: float, timesteps: dict[float, float]):
+    def __init__(self, model, text: TextConditioning, cfg_scale: float, timesteps: dict[float, float], skip=None):
         self.model = model
         self.text = text
         self.guided = text.guided
         self.cfg_scale = np.float32(cfg_scale)
-        self.timesteps = timesteps  # the schedule's exact transformer timesteps per sigma
+        self.timesteps = timesteps  # the schedule's exact transformer timesteps per sigma, in step order
+        self.skip = skip  # skip-layer guidance (flow_options.SlgOptions; SD 3.5), or None
         self.calls = 0
         self.halves = None  # (x, sigma, uncond v, cond v) of the last guided call, for live previews' halves
 
@@ -123,7 +124,19 @@ class FlowDenoiser:
             uncond, cond = np.split(v, 2)
             self.halves = (x, sigma, uncond, cond)
             v = uncond + self.cfg_scale * (cond - uncond)
+            if self.skip is not None and self.skip.active(self.step_of(sigma), len(self.timesteps)):
+                v = v + (cond - self.skipped(x, sigma)) * np.float32(self.skip.scale)
         return (x - sigma * v).astype(np.float32)
+
+    def step_of(self, sigma) -> int:
+        """The schedule step whose sigma SIGMA is (a sigma between two steps counts as the later one)."""
+        return sum(1 for s in self.timesteps if s > float(sigma) * (1 + 1e-6))
+
+    def skipped(self, x: np.ndarray, sigma) -> np.ndarray:
+        """Skip-layer guidance's extra call (StableDiffusion3Pipeline): the conditional half alone, through the
+        transformer with the chosen blocks passed by -> v (B, C, h, w)."""
+        cond = {name: np.split(a, 2)[1] for name, a in self.text.at(self.calls - 1).items()}
+        return self.model(x, self.timestep(sigma), cond, skip=self.skip.skip_guidance_layers)
 
     def half_x0(self, content: str) -> np.ndarray | None:
         """The last call's x0 from its "Prompt" (conditional) or "Negative prompt" half (A1111's

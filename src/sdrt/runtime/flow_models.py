@@ -41,14 +41,20 @@ def check_packable(h: int, w: int, latent_downsample: int) -> None:
 
 
 class Sd3Model:
-    """SD 3's transformer: feeds {"encoder_hidden_states", "pooled_projections"}; t in [0, 1000]."""
+    """SD 3's transformer: feeds {"encoder_hidden_states", "pooled_projections"}; t in [0, 1000]. BLOCKS: the
+    transformer's block count when its graph takes block gates (1: run the block, 0: pass its input through; every
+    block runs unless SKIP names it), else None."""
 
-    def __init__(self, engine):
-        self.engine = engine
+    def __init__(self, engine, blocks: int | None = None):
+        self.engine, self.blocks = engine, blocks
 
-    def __call__(self, x: np.ndarray, t: np.float32, feeds: dict) -> np.ndarray:
-        timestep = np.full(len(x), t, dtype=np.float32)
-        return self.engine.run({"hidden_states": x.astype(np.float32), "timestep": timestep, **feeds})["out_sample"]
+    def __call__(self, x: np.ndarray, t: np.float32, feeds: dict, skip: tuple[int, ...] = ()) -> np.ndarray:
+        inputs = {"hidden_states": x.astype(np.float32), "timestep": np.full(len(x), t, dtype=np.float32), **feeds}
+        if self.blocks is not None:
+            gates = np.ones(self.blocks, dtype=np.float32)  # (blocks,)
+            gates[list(skip)] = 0.0
+            inputs["block_gates"] = gates
+        return self.engine.run(inputs)["out_sample"]
 
 
 class FluxModel:

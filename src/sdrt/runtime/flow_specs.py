@@ -8,13 +8,16 @@ transformer multiplies by 1000), FLUX's guidance is the guidance scale.
 from sdrt.runtime.modelspec import ModelSpec, TensorSpec
 
 TRANSFORMER = "transformer"
+BLOCK_GATES = "block_gates"  # SD 3's per-block gates (skip-layer guidance)
 T5_PART_SEPARATOR = "_part"  # the T5 encoder's part i > 0 is the model "<name>_part<i>"
 
 
-def sd3_transformer_spec(latent_channels: int, joint_dim: int, pooled_size: int) -> ModelSpec:
+def sd3_transformer_spec(latent_channels: int, joint_dim: int, pooled_size: int, blocks: int = 0) -> ModelSpec:
     """SD 3 MMDiT (Esser et al. 2024): noisy latents, timestep in [0, 1000], per-token text states (CLIP padded
-    to T5's width, then T5's tokens), pooled CLIP states -> the predicted velocity (noise - x0)."""
+    to T5's width, then T5's tokens), pooled CLIP states and, with BLOCKS, one gate per transformer block (1: run
+    it, 0: pass its input through: skip-layer guidance) -> the predicted velocity (noise - x0)."""
     latent = ("batch", latent_channels, "latent_height", "latent_width")
+    gates = (TensorSpec(BLOCK_GATES, "float32", (blocks,)),) if blocks else ()
     return ModelSpec(
         TRANSFORMER,
         inputs=(
@@ -22,9 +25,18 @@ def sd3_transformer_spec(latent_channels: int, joint_dim: int, pooled_size: int)
             TensorSpec("timestep", "float32", ("batch",)),
             TensorSpec("encoder_hidden_states", "float32", ("batch", "tokens", joint_dim)),
             TensorSpec("pooled_projections", "float32", ("batch", pooled_size)),
+            *gates,
         ),
         outputs=(TensorSpec("out_sample", "float32", latent),),
     )
+
+
+def gate_count(manifest) -> int | None:
+    """The number of block gates MANIFEST's transformer graph takes, or None (exported without them)."""
+    for tensor in manifest.models.get(TRANSFORMER, {}).get("inputs", ()):
+        if tensor["name"] == BLOCK_GATES:
+            return int(tensor["shape"][0])
+    return None
 
 
 def flux_transformer_spec(packed_channels: int, joint_dim: int, pooled_size: int, guidance: bool) -> ModelSpec:

@@ -8,10 +8,10 @@ from dataclasses import dataclass, field
 class Spec:
     """How one option is typed, bounded and seen by the interfaces.
 
-    kind: str, int, float, bool, pair (two ints), image (PIL image or path), path, array, dict, any, units
-    (ControlNet units, controlnet.py).
+    kind: str, int, float, bool, pair (two ints), ints (a list of ints), image (PIL image or path), path, array,
+    dict, any, units (ControlNet units, controlnet.py).
     low/high: the allowed range (numbers); choices: the allowed values (strings).
-    group: generation, editing (img2img/inpainting), sdxl, or output (Python only).
+    group: generation, editing (img2img/inpainting), sdxl, flux, sd3, or output (Python only).
     cli: a command-line flag --name-with-dashes. a1111: the A1111 request field (from_a1111(request) converts it;
     UNSET when absent); setting: or the A1111 option (override_settings key) it comes from, through from_setting.
     infotext: its key (part 1/2 of an "AxB" value), write(opts, image seeds) -> text or None, read(text) -> value.

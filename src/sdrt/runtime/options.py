@@ -19,7 +19,7 @@ from sdrt.runtime import hires_options as hires_fix
 from sdrt.runtime import masks
 from sdrt.runtime.conditioning import EMPHASES, MAX_CLIP_SKIP
 from sdrt.runtime.controlnet import check_units
-from sdrt.runtime.families import family_of, family_option_names
+from sdrt.runtime.families import FLOW_SPECS, family_of, family_option_names
 from sdrt.runtime.hires_options import float_array
 from sdrt.runtime.image import format_number
 from sdrt.runtime.lora import requested
@@ -58,7 +58,7 @@ MAX_PROMPT_CHARS = 20_000  # about 70 chunks of 75 tokens: far past any real pro
 
 
 def speed_option(name: str):
-    default, kind, keywords = SPEED_OPTIONS[name]
+    default, kind, keywords = {**SPEED_OPTIONS, **FLOW_SPECS}[name]  # speed_options.py, flow_options.py
     return option(default, kind, **keywords)
 
 
@@ -68,8 +68,8 @@ class GenerationOptions:
 
     prompt: str = option("", "str", cli=False, a1111="prompt", help="the prompt (A1111's syntax)")
     negative_prompt: str = option("", "str", a1111="negative_prompt", help="what to steer away from")
-    steps: int = option(20, "int", low=1, high=MAX_STEPS, a1111="steps", infotext="Steps",
-                        write=lambda o, im: o.steps)  # fmt: skip
+    steps: int | None = option(None, "int", low=1, high=MAX_STEPS, a1111="steps", infotext="Steps",
+                               write=lambda o, im: o.steps, help="default: the model's (20; FLUX.1 dev 28, schnell 4)")
     sampler: str = option(
         "Euler", "str", a1111="sampler_name", from_a1111=lambda r: r.sampler_name or r.sampler_index,
         infotext="Sampler", write=lambda o, im: o.sampler,
@@ -80,9 +80,9 @@ class GenerationOptions:
         infotext="Schedule type", write=lambda o, im: SCHEDULERS[o.scheduler],
         help="schedule type: " + ", ".join(SCHEDULERS),
     )  # fmt: skip
-    cfg_scale: float = option(7.0, "float", low=0, high=100, a1111="cfg_scale", infotext="CFG scale",
-                              write=lambda o, im: format_number(o.cfg_scale),
-                              help="classifier-free guidance scale (runs when > 1)")  # fmt: skip
+    cfg_scale: float | None = option(None, "float", low=0, high=100, a1111="cfg_scale", infotext="CFG scale",
+                                     write=lambda o, im: format_number(o.cfg_scale),
+                                     help="classifier-free guidance, runs when > 1 (default: the model's: 7; FLUX.1 1)")
     seed: int = option(-1, "int", low=-1, high=SEED_MAX, a1111="seed", infotext="Seed", write=lambda o, im: im[0],
                        help="-1: random; image i of a run uses seed + i")  # fmt: skip
     width: int | None = option(None, "int", a1111="width", infotext="Size", part=1,
@@ -200,6 +200,11 @@ class GenerationOptions:
     refiner: Any = option(None, "path", group="sdxl", help="an exported SDXL refiner folder: the second stage")
     refiner_switch_at: float | None = option(None, "float", group="sdxl",
                                              help="fraction of the noise schedule the base runs (0.8)")  # fmt: skip
+    distilled_cfg_scale: float | None = speed_option("distilled_cfg_scale")  # these five: flow_options.py
+    skip_guidance_layers: tuple | None = speed_option("skip_guidance_layers")
+    skip_layer_guidance_scale: float | None = speed_option("skip_layer_guidance_scale")
+    skip_layer_guidance_start: float | None = speed_option("skip_layer_guidance_start")
+    skip_layer_guidance_stop: float | None = speed_option("skip_layer_guidance_stop")
     # LoRAs for programs, {name: weight or (te weight, unet weight)}: resolve appends them to the prompt as
     # <lora:name:te:unet> tags (A1111 records its default LoRA so), the prompt's tags being the one source (lora.py).
     loras: dict | None = option(None, "dict", group="output", cli=False, help="LoRAs added to the prompt's tags")
@@ -208,14 +213,14 @@ class GenerationOptions:
     control_maps: bool = option(False, "bool", group="output", cli=False,
                                 help="append each ControlNet unit's control map to the images")  # fmt: skip
     init_latents: np.ndarray | None = option(None, "array", **hires_fix.SPECS["init_latents"])  # (N, C, h, w)
-    # Set by resolve: the options only the model's family takes (its option group), validated by the family
-    # (families/: SDXL's SdxlOptions; None for families without own options).
+    # Set by resolve from the model's family (families/): its own options (SdxlOptions...; None), the steps an edit runs
     family_options: Any = field(default=None, init=False, compare=False)
+    edit_steps: int = field(default=0, init=False, compare=False)
 
     @property
     def steps_run(self) -> int:
-        """Steps actually sampled: int(steps * strength) with an init image (diffusers' get_timesteps), else steps."""
-        return self.steps if self.strength is None or self.hires else min(int(self.steps * self.strength), self.steps)
+        """Steps actually sampled: with an init image the family's count for steps x strength (Family.edit_steps)."""
+        return self.steps if self.strength is None or self.hires else self.edit_steps
 
     @property
     def guided(self) -> bool:
@@ -315,8 +320,9 @@ def resolve(options: GenerationOptions, manifest: Manifest) -> GenerationOptions
         if size % step:
             raise InvalidOption(name, size, f"a multiple of {step} from {manifest.min_size} to {manifest.max_size}")
         o[name] = int(size)
-    for name in ("steps", "cfg_scale"):
-        o[name] = _in_range(name, o[name])
+    family = family_of(manifest)
+    for name, default in family.option_defaults(manifest).items():  # steps, cfg_scale: the family's if not given
+        o[name] = _in_range(name, default if o[name] is None else o[name])
     o["sampler"], o["scheduler"] = resolve_sampler(o["sampler"], o["scheduler"])
     for name in ("seed", "batch_size", "batch_count", "rng", "subseed", "subseed_strength"):
         o[name] = _in_range(name, o[name])
@@ -347,10 +353,10 @@ def resolve(options: GenerationOptions, manifest: Manifest) -> GenerationOptions
     if not isinstance(o["control_maps"], bool):
         raise InvalidOption("control_maps", o["control_maps"], "True or False")
     resolved = GenerationOptions(**o)
-    family = family_of(manifest)
     owned = {name: o[name] for name in family_option_names() if o[name] is not None}
     family.refuse_options(manifest, owned)
     object.__setattr__(resolved, "family_options", family.resolve_options(manifest, owned))
+    object.__setattr__(resolved, "edit_steps", family.edit_steps(o["steps"], o["strength"] or 0.0))
     family.check_options(manifest, resolved)
     return resolved
 

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from sdrt.errors import InvalidOption, is_int
 from sdrt.runtime.a1111_schedules import POLYEXPONENTIAL_RHO
+from sdrt.runtime.families import Family, family_of
 from sdrt.runtime.infotext import generate_kwargs as infotext_kwargs
 from sdrt.runtime.infotext import parse_infotext
 from sdrt.runtime.option_mappings import UNSET
@@ -85,6 +86,11 @@ class GenerationRequest(BaseModel):
     override_settings_restore_afterwards: bool = True
     refiner_checkpoint: str | None = None
     refiner_switch_at: float | None = None
+    distilled_cfg_scale: float | None = None  # Forge's (FLUX.1 dev); None: the model's default, 3.5
+    skip_guidance_layers: list[int] | None = None  # SD 3.5 skip-layer guidance, diffusers' names
+    skip_layer_guidance_scale: float | None = None
+    skip_layer_guidance_start: float | None = None
+    skip_layer_guidance_stop: float | None = None
     disable_extra_networks: bool = False
     comments: dict[str, Any] | None = None
     sampler_index: str = "Euler"
@@ -271,6 +277,16 @@ def generate_kwargs(req: GenerationRequest, settings: dict) -> dict:
             if value is not UNSET:
                 kwargs[name] = value
     return kwargs
+
+
+def family_defaults(req: GenerationRequest, kwargs: dict, manifest) -> None:
+    """A model family's own defaults (FLUX.1: its steps and CFG 1) for the fields the request leaves out, in place of
+    the request's A1111 defaults (steps 50, CFG 7), which the families keeping A1111's defaults still get."""
+    family = family_of(manifest)
+    a1111_family = Family.option_defaults(family, manifest)
+    for name, value in family.option_defaults(manifest).items():
+        if spec(name).a1111 not in req.model_fields_set and value != a1111_family[name]:
+            kwargs[name] = value
 
 
 def resolve_request(manifest, kwargs: dict, inputs: dict):

@@ -18,6 +18,7 @@ from sdrt.server import a1111, controlnet_api, extra_routes, extras_api, model_r
 from sdrt.server.a1111_settings import A1111_DEFAULTS
 from sdrt.server.codec import ImageTooLarge, UndecodableImage, decode_image, encode_png
 from sdrt.server.extra_routes import Extras
+from sdrt.server.family_form import add_routes as add_family_form_routes
 from sdrt.server.generation import Generation, LocalBackend
 from sdrt.server.jobs import QueueFull, Unavailable
 from sdrt.server.middleware import BasicAuth, BodyLimit
@@ -118,6 +119,7 @@ class Server:
         manifest = self.models.manifest(entry)  # exported first if it is a checkpoint (a second request waits)
         kwargs = a1111.generate_kwargs(req, opts)
         kwargs["vae_file"] = vae_of_options(self, opts, req, manifest)  # sd_vae: exported on first use
+        a1111.family_defaults(req, kwargs, manifest)  # FLUX.1: its steps and CFG 1 where the request has none
         generation = Generation(kind, kwargs, req.n_iter, self.preview_every(opts), opts["show_progress_type"],
                                 model=entry)  # fmt: skip
         if req.force_task_id:
@@ -235,6 +237,7 @@ def create_app(
     extra_routes.add_routes(app, server, extras)
     openai_api.add_routes(app, server)
     extras_api.add_routes(app, server)
+    add_family_form_routes(app, server)  # the web page's family fields
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     app.add_middleware(BodyLimit, max_bytes=server.limits.max_body_bytes)
     if credentials:

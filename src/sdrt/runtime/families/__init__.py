@@ -10,6 +10,7 @@ import importlib
 
 from sdrt.errors import ModelError
 from sdrt.runtime.families.base import Family
+from sdrt.runtime.flow_options import SPECS as FLOW_SPECS  # the flow families' option specs (options.py's fields)
 
 # The family modules, each defining FAMILIES (its Family objects); the manifest's "family" picks one.
 FAMILY_MODULES = ("sdrt.runtime.families.sd", "sdrt.runtime.families.sdxl", "sdrt.runtime.families.flow")
@@ -45,4 +46,4 @@ def family_option_names() -> dict[str, Family]:
     return {name: family for family in registry().values() for name in family.option_names}
 
 
-__all__ = ["Family", "family_names", "family_of", "family_option_names", "registry"]
+__all__ = ["FLOW_SPECS", "Family", "family_names", "family_of", "family_option_names", "registry"]

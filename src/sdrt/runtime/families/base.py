@@ -7,6 +7,8 @@ from sdrt.errors import InvalidOption, ModelError
 from sdrt.runtime.a1111_schedules import AYS_SIGMAS_SD15
 from sdrt.runtime.previews import SD_PREVIEW_RGB
 
+DEFAULT_STEPS, DEFAULT_CFG_SCALE = 20, 7.0  # A1111's txt2img defaults
+
 
 class Family:
     """One model family: subclass it and override what differs (sd.py, sdxl.py)."""
@@ -47,6 +49,21 @@ class Family:
         """This family's own options (GenerationOptions.family_options), validated; GIVEN holds those the caller set
         (not None). The UNet families have none."""
         return None
+
+    def option_defaults(self, manifest) -> dict:
+        """Steps and cfg_scale where the caller gives none: A1111's 20 and 7 (a distilled family has its own)."""
+        return {"steps": DEFAULT_STEPS, "cfg_scale": DEFAULT_CFG_SCALE}
+
+    def form(self, manifest) -> dict:
+        """What a form for MANIFEST's model shows (the web page, server/family_form.py): the steps and CFG defaults,
+        this family's own fields {option name: default}, and when the negative prompt applies ("always", or
+        "with_cfg": only with cfg_scale > 1)."""
+        return {"defaults": self.option_defaults(manifest), "fields": {}, "negative_prompt": "always"}
+
+    def edit_steps(self, steps: int, strength: float) -> int:
+        """The steps img2img and inpainting run of STEPS at STRENGTH: int(steps x strength), as A1111 and diffusers'
+        StableDiffusionImg2ImgPipeline (the schedule's last ones)."""
+        return min(int(steps * strength), steps)
 
     def refuse_options(self, manifest, given: dict) -> None:
         """InvalidOption for the first of GIVEN (options of another family, not None) on a model of this family."""

@@ -54,7 +54,7 @@ function common() {
   const num = (id) => Number($(id).value);
   return {
     prompt: $("prompt").value,
-    negative_prompt: $("negative_prompt").value,
+    negative_prompt: $("negative-label").hidden ? "" : $("negative_prompt").value,
     steps: num("steps"),
     sampler_name: $("sampler").value,
     scheduler: $("scheduler").value,
@@ -63,7 +63,49 @@ function common() {
     n_iter: num("n_iter"),
     batch_size: num("batch_size"),
     styles: [...$("styles").selectedOptions].map((o) => o.value),
+    ...familyValues(),
   };
+}
+
+// The current model's family fields (GET /sdrt/v1/model-form): its steps and CFG defaults, its own options (FLUX.1
+// dev's Distilled CFG Scale, SD 3.5's skip-layer guidance), and whether the negative prompt applies.
+async function setupFamily() {
+  const form = await api("/sdrt/v1/model-form");
+  state.form = form;
+  $("steps").value = form.defaults.steps;
+  $("cfg_scale").value = form.defaults.cfg_scale;
+  const box = $("family-fields");
+  box.replaceChildren();
+  for (const f of form.fields) {
+    const label = document.createElement("label");
+    label.title = f.help;
+    const input = document.createElement("input");
+    input.id = `family-${f.name}`;
+    Object.assign(input.dataset, { field: f.field, kind: f.kind, label: f.label, initial: String(f.default) });
+    input.type = f.kind === "ints" ? "text" : "number";
+    if (f.kind === "ints") input.placeholder = "7,8,9";
+    else input.step = "any";
+    input.value = f.default;
+    label.append(`${f.label} `, input);
+    box.append(label);
+  }
+  box.hidden = form.fields.length === 0;
+  updateNegative();
+}
+
+function updateNegative() {
+  const withCfg = state.form && state.form.negative_prompt === "with_cfg";
+  $("negative-label").hidden = Boolean(withCfg) && Number($("cfg_scale").value) <= 1;
+}
+
+function familyValues() {  // the fields changed from their defaults (the server fills in the rest)
+  const body = {};
+  for (const input of document.querySelectorAll("#family-fields input")) {
+    const text = input.value.trim();
+    if (text === "" || text === input.dataset.initial) continue;
+    body[input.dataset.field] = input.dataset.kind === "ints" ? text.split(/[\s,]+/).filter(Boolean).map(Number) : Number(text);
+  }
+  return body;
 }
 
 async function setupModels() {
@@ -86,6 +128,7 @@ async function setupModels() {
         $("model").add(new Option(now.sd_model_checkpoint, now.sd_model_checkpoint));  // the title gained its hash
       }
       $("model").value = now.sd_model_checkpoint;
+      await setupFamily();
       setStatus(`model: ${now.sd_model_checkpoint}`);
     } catch (e) {
       setStatus(e.message, true);
@@ -303,6 +346,10 @@ function sendParameters() {
   set("hr_second_pass_steps", "Hires steps");
   set("hr-strength", "Denoising strength");
   if ([...$("hr_upscaler").options].some((o) => o.value === p["Hires upscaler"])) $("hr_upscaler").value = p["Hires upscaler"];
+  for (const input of document.querySelectorAll("#family-fields input")) {
+    if (p[input.dataset.label] !== undefined) input.value = p[input.dataset.label];
+  }
+  updateNegative();
   showTab("txt2img");
 }
 
@@ -335,6 +382,8 @@ async function init() {
     $("sampler").value = "Euler a";
     for (const s of schedulers) $("scheduler").add(new Option(s.label, s.name));
     await setupModels();
+    await setupFamily();
+    $("cfg_scale").addEventListener("input", updateNegative);
     const [modes, upscalers] = await Promise.all([api("/sdapi/v1/latent-upscale-modes"), api("/sdapi/v1/upscalers")]);
     for (const u of [...modes, ...upscalers]) $("hr_upscaler").add(new Option(u.name, u.name));
     document.body.dataset.ready = "1";
