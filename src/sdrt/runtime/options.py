@@ -43,7 +43,6 @@ from sdrt.runtime.schedules import (  # noqa: F401 (re-exported)
     resolve_scheduler,
 )
 from sdrt.runtime.speed_options import SPEED_OPTIONS, check_speed_options
-from sdrt.runtime.vae_swap import VAE_FILE_OPTION, check_vae_file
 
 RNGS = tuple(GENERATORS)  # "torch" (= "cpu"), "gpu", "nv": see rng.py
 # A1111's samplers with the "uses_ensd" option: the only ones whose infotext records ENSD (and only with eta != 0).
@@ -73,13 +72,11 @@ class GenerationOptions:
     sampler: str = option(
         "Euler", "str", a1111="sampler_name", from_a1111=lambda r: r.sampler_name or r.sampler_index,
         infotext="Sampler", write=lambda o, im: o.sampler,
-        help="Euler, Euler a, DDIM, DPM++ 2M, ... (or A1111's legacy 'DPM++ 2M Karras')",
-    )  # fmt: skip
+        help="Euler, Euler a, DDIM, DPM++ 2M, ... (or A1111's legacy 'DPM++ 2M Karras')")  # fmt: skip
     scheduler: str = option(
         "automatic", "str", a1111="scheduler", from_a1111=lambda r: r.scheduler or "automatic",
         infotext="Schedule type", write=lambda o, im: SCHEDULERS[o.scheduler],
-        help="schedule type: " + ", ".join(SCHEDULERS),
-    )  # fmt: skip
+        help="schedule type: " + ", ".join(SCHEDULERS))  # fmt: skip
     cfg_scale: float | None = option(None, "float", low=0, high=100, a1111="cfg_scale", infotext="CFG scale",
                                      write=lambda o, im: format_number(o.cfg_scale),
                                      help="classifier-free guidance, runs when > 1 (default: the model's: 7; FLUX.1 1)")
@@ -150,7 +147,7 @@ class GenerationOptions:
     s_min_uncond_all: bool = speed_option("s_min_uncond_all")
     skip_early_cond: float = speed_option("skip_early_cond")
     vae: str = speed_option("vae")
-    vae_file: str | None = option(None, "path", **VAE_FILE_OPTION)  # A1111's sd_vae (vae_swap.py)
+    vae_file: str | None = speed_option("vae_file")  # A1111's sd_vae (vae_swap.py)
     live_preview_content: str = speed_option("live_preview_content")
     deepcache_interval: int = speed_option("deepcache_interval")
     deepcache_branch: int | None = speed_option("deepcache_branch")
@@ -349,7 +346,6 @@ def resolve(options: GenerationOptions, manifest: Manifest) -> GenerationOptions
     _check_latents(manifest, o)
     o["controlnets"] = check_units(o["controlnets"])
     check_speed_options(o, manifest, _in_range)
-    check_vae_file(o, manifest)
     if not isinstance(o["control_maps"], bool):
         raise InvalidOption("control_maps", o["control_maps"], "True or False")
     resolved = GenerationOptions(**o)
