@@ -350,3 +350,36 @@ def test_tensorrt_profile_covers_the_residual_inputs(tiny_controlnets):
     assert profile["sample"][2] == (8, 4, 128, 128)  # batch 4 x 2 (guided), 1024 px
     assert profile["down_block_res_0"][2] == (8, 32, 128, 128)
     assert profile["mid_block_res"][0] == (1, 64, 16, 16)  # 256 px at 1/2 of the latent
+
+
+def test_http_units_with_a_models_folder(pipeline, tiny_controlnets, tiny_sd, tmp_path):
+    """`sdrt serve --models-dir --controlnet-dir`: units are validated against the request's model (its
+    override_settings), not the server's default: on the model with the ControlNet UNet the image is the Python
+    API's; on one without, a 422 saying so (the twin); an unknown ControlNet is a 422 naming the unit's field."""
+    pytest.importorskip("fastapi")
+    from server_fixture import running_server
+
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "withcn").symlink_to(tiny_controlnets[1], target_is_directory=True)
+    (models / "plain").symlink_to(tiny_sd[1], target_is_directory=True)
+    args = ("--models-dir", str(models), "-m", "plain", "--controlnet-dir", str(tiny_controlnets[2][0][1].parent))
+    with running_server(None, tmp_path, *args) as server:
+        names = server.get("/controlnet/model_list").json()["model_list"]
+        assert [m.split(" [")[0] for m in names] == ["cn0", "cn1"]
+        unit = {"model": names[1], "module": "canny", "image": b64(Image.fromarray(photo(64, 64))), "weight": 0.8}
+        request = {"prompt": "a cat", "width": SIZE, "height": SIZE, "steps": 3, "seed": 4,
+                   "alwayson_scripts": {"controlnet": {"args": [unit]}}}  # fmt: skip
+        body = server.post("/sdapi/v1/txt2img", {**request, "override_settings": {"sd_model_checkpoint": "withcn"}})
+        assert body.status_code == 200, body.text
+        same = ControlNetUnit(str(tiny_controlnets[2][1][1]), photo(64, 64), module="canny", weight=0.8)  # cn1
+        direct = pipeline.generate("a cat", width=SIZE, height=SIZE, steps=3, seed=4, rng="gpu", progress=False,
+                                   controlnets=[same])  # fmt: skip
+        got = np.asarray(Image.open(io.BytesIO(base64.b64decode(body.json()["images"][0]))).convert("RGB"))
+        assert np.array_equal(got, np.asarray(direct[0]))
+        plain = server.post("/sdapi/v1/txt2img", request)  # the default model has no ControlNet UNet
+        assert plain.status_code == 422 and "unet_controlnet" in plain.text, plain.text
+        bad = {**unit, "model": "cn9"}
+        res = server.post("/sdapi/v1/txt2img", {**request, "alwayson_scripts": {"controlnet": {"args": [bad]}},
+                                                "override_settings": {"sd_model_checkpoint": "withcn"}})  # fmt: skip
+        assert res.status_code == 422 and res.json()["detail"][0]["loc"][-1] == "model"

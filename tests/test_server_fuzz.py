@@ -24,15 +24,24 @@ def test_fuzz_sdrt_serve(tiny_sd, tmp_path):
         assert server.process.poll() is None
 
 
-def test_fuzz_sdrt_serve_models_dir(tiny_sd, tmp_path):
-    """The same over `--models-dir` (a model, a broken checkpoint, a file that is not a model): model switches,
-    refresh/unload/reload and the OpenAI routes among the fuzzed operations; no undeclared 5xx."""
-    models = tmp_path / "models"
+def test_fuzz_sdrt_serve_models_dir(tiny_sd, tmp_path, monkeypatch):
+    """The same over `--models-dir` (a model, a broken checkpoint, a file that is not a model) with a VAE folder (a
+    broken VAE file) and a ControlNet folder: model switches, refresh/unload/reload, sd-vae/refresh-vae, the
+    ControlNet routes and the OpenAI routes among the fuzzed operations; no undeclared 5xx."""
+    monkeypatch.setenv("SDRT_CACHE", str(tmp_path / "cache"))  # exports (gamma, the VAE) stay in the test's folder
+    models, vaes = tmp_path / "models", tmp_path / "VAE"
     models.mkdir()
+    vaes.mkdir()
     (models / "alpha").symlink_to(tiny_sd[1], target_is_directory=True)
     (models / "broken.safetensors").write_bytes(b"\x00" * 64)
     (models / "notes.txt").write_text("not a model")
-    with running_server(None, tmp_path, "--models-dir", str(models), *FUZZ_SERVER_ARGS) as server:
+    (vaes / "broken.vae.pt").write_bytes(b"\x00" * 64)
+    folders = ("--models-dir", str(models), "--vae-dir", str(vaes), "--controlnet-dir", str(tmp_path))
+    with running_server(None, tmp_path, *folders, *FUZZ_SERVER_ARGS) as server:
+        assert server.post("/sdapi/v1/options", {"sd_vae": "broken.vae.pt"}).status_code == 200
+        res = server.post("/sdapi/v1/txt2img", {"prompt": "x", "width": 64, "height": 64, "steps": 1})
+        assert res.status_code == 422 and "broken.vae.pt" in res.text  # the broken VAE: one clear error, no 500
+        assert server.post("/sdapi/v1/options", {"sd_vae": "Automatic"}).status_code == 200
         statuses = fuzz(server.url, examples=EXAMPLES // 2)
         total = sum(statuses.values())
         print(f"\nfuzz sdrt serve --models-dir: {total} cases, statuses {dict(sorted(statuses.items()))}")

@@ -218,4 +218,55 @@ def test_models_dir_cli_errors(tmp_path):
 
     assert main(["serve", "--models-dir", str(tmp_path / "missing")]) == 2
     assert main(["serve", "--models-dir", str(tmp_path), "--max-loaded-models", "0"]) == 2
-    assert main(["serve", "--models-dir", str(tmp_path), "--ray"]) == 2  # one model over Ray
+    # over Ray too, checked before the cluster starts (the folder over Ray: tests/test_server_ray.py)
+    assert main(["serve", "--models-dir", str(tmp_path), "--ray", "--max-loaded-models", "0"]) == 2
+    assert main(["serve", "--models-dir", str(tmp_path), "--ray", "-m", "missing"]) == 2
+
+
+def test_single_file_checkpoint_listed_then_exported_on_first_use(tiny_sd, tmp_path):
+    """A single-file checkpoint (the tiny model in the original LDM layout) in the folder: listed as A1111 lists a
+    checkpoint file (name with its suffix, model_name without, no hash before its export), exported on first use
+    and only then (the exporter: sdrt's export with the tiny architecture's config, as an offline export needs),
+    then hashed (sha256 of the file) and generating the diffusers folder export's images (1/255, as
+    tests/test_single_file.py)."""
+    import hashlib
+
+    from fastapi.testclient import TestClient
+    from ldm_layout import to_ldm_state_dict
+    from safetensors.torch import save_file
+
+    from sdrt.export import export
+    from sdrt.server.app import create_app
+    from sdrt.server.generation import LocalBackend
+    from sdrt.server.models import ModelsFolder
+
+    models = tmp_path / "models"
+    models.mkdir()
+    checkpoint = models / "tiny.safetensors"
+    save_file(to_ldm_state_dict(tiny_sd[0]), str(checkpoint))
+    exported = []
+
+    def exporter(path):
+        out = tmp_path / f"export-{len(exported)}"
+        export(path, out, config=str(tiny_sd[1].parent / "diffusers"), progress=False)
+        exported.append(path)
+        return out
+
+    backend = LocalBackend(loaded=ModelsFolder(models, exporter=exporter).loaded_models("cpu", None))
+    client = TestClient(create_app(None, backend=backend))
+    try:
+        item = {"title": "tiny.safetensors", "model_name": "tiny", "hash": None, "sha256": None,
+                "filename": "tiny.safetensors", "config": None}  # fmt: skip
+        assert client.get("/sdapi/v1/sd-models").json() == [item] and not exported
+        request = {"prompt": "a cat", **SMALL, "seed": 7, "override_settings": {"sd_model_checkpoint": "tiny"}}
+        body = client.post("/sdapi/v1/txt2img", json=request)
+        assert body.status_code == 200, body.text
+        assert exported == [str(checkpoint)]
+        sha = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+        (listed,) = client.get("/sdapi/v1/sd-models").json()
+        assert listed["sha256"] == sha and listed["title"] == f"tiny.safetensors [{sha[:10]}]"
+        assert np.abs(pixels(body.json()["images"][0]) - pixels(reference(tiny_sd[1]))).max() <= 1
+        assert client.post("/sdapi/v1/txt2img", json={**request, "seed": 8}).status_code == 200
+        assert len(exported) == 1  # exported once
+    finally:
+        backend.stop()

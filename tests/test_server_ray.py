@@ -1,5 +1,6 @@
-"""`sdrt serve --ray` (server/ray_app.py) as a real process on loopback: a local Ray cluster, 2 Generator replicas of
-the tiny model, one module-scoped server for every test here (Ray starts in about 30 s).
+"""`sdrt serve --ray` (server/ray_app.py) as a real process on loopback: a local Ray cluster, 2 Generator replicas
+serving a models folder (the tiny model, the default, and a second tiny model: each replica an LRU of 2), one
+module-scoped server for every test here (Ray starts in about 30 s).
 
 The same A1111 API as `sdrt serve` (images bit for bit those of the Python API, alone or batched), auth, 429 with
 Retry-After, progress and interrupt by task id, a Schemathesis fuzz, and a load test during which one replica
@@ -55,8 +56,33 @@ def generator_processes(server) -> list:
 
 
 @pytest.fixture(scope="module")
-def ray_server(tiny_sd, tmp_path_factory):
-    server = start_server(tiny_sd[1], tmp_path_factory.mktemp("ray"), *RAY_ARGS, auth=AUTH, timeout=START_TIMEOUT_S)
+def ray_models(tiny_sd, tiny_sd_v, tmp_path_factory):
+    """alpha (tiny SD: what the tests without a model ask get), beta (the tiny v-prediction model), a non-model."""
+    root = tmp_path_factory.mktemp("ray-models")
+    (root / "alpha").symlink_to(tiny_sd[1], target_is_directory=True)
+    (root / "beta").symlink_to(tiny_sd_v[1], target_is_directory=True)
+    (root / "notes.txt").write_text("not a model")
+    return root
+
+
+@pytest.fixture(scope="module")
+def ray_vaes(tiny_sd, tmp_path_factory):
+    """A VAE folder (tiny VAE files, tests/tiny_vae_files.py) and the export cache the server and tests share."""
+    from tiny_vae_files import tiny_swap_vae, write_vae_files
+
+    root = tmp_path_factory.mktemp("ray-vae")
+    files = write_vae_files(tiny_swap_vae(5, tiny_sd[0].vae.config.scaling_factor), root / "VAE")
+    patch = pytest.MonkeyPatch()
+    patch.setenv("SDRT_CACHE", str(root / "cache"))  # the Ray processes inherit it: the ingress exports there
+    yield root / "VAE", files
+    patch.undo()
+
+
+@pytest.fixture(scope="module")
+def ray_server(ray_models, ray_vaes, tmp_path_factory):
+    folder = ("--models-dir", str(ray_models), "-m", "alpha", "--max-loaded-models", "2", "--vae-dir", str(ray_vaes[0]))
+    server = start_server(None, tmp_path_factory.mktemp("ray"), *folder, *RAY_ARGS, auth=AUTH,
+                          timeout=START_TIMEOUT_S)  # fmt: skip
     started = []
     try:
         deadline = time.monotonic() + START_TIMEOUT_S  # the proxy answers before the app is deployed
@@ -99,7 +125,7 @@ def pixels(image) -> np.ndarray:
     return np.asarray(image.convert("RGB"), dtype=np.int16)
 
 
-def test_ray_flags_checked_before_ray_starts(tiny_sd, capsys):
+def test_ray_flags_checked_before_ray_starts(tiny_sd, ray_models, capsys):
     """Bad --ray values (and Ray flags without --ray) exit with code 2 naming the flag, before any cluster."""
     from sdrt.cli import main
     from sdrt.server.ray_app import RayOptions
@@ -124,6 +150,46 @@ def test_ray_flags_checked_before_ray_starts(tiny_sd, capsys):
         RayOptions.from_args({"model": model, "max_batch_size": "many"})
     with pytest.raises(InvalidOption, match="colour"):
         RayOptions.from_args({"model": model, "colour": "red"})
+    folder = ["serve", "--ray", "--models-dir", str(ray_models)]
+    assert main([*folder, "-m", "gamma"]) == 2  # the default model must be in the folder
+    assert "--model: got 'gamma'; allowed: one of 'alpha [" in capsys.readouterr().err
+    assert main([*folder, "--max-loaded-models", "0"]) == 2
+    assert "--max-loaded-models: got 0" in capsys.readouterr().err
+    assert main([*folder, "--models-memory", "lots"]) == 2
+    assert "--models-memory: got 'lots'" in capsys.readouterr().err
+    assert main([*folder, "--vae-dir", str(ray_models / "missing")]) == 2
+    assert "--vae-dir: got" in capsys.readouterr().err
+    assert main([*folder, "--models-memory", "lots"]) == 2
+    assert "--models-memory: got 'lots'" in capsys.readouterr().err
+    options = with_defaults(RayOptions.from_args({"models_dir": str(ray_models), "max_loaded_models": "3"}))
+    assert options.model is None and options.max_loaded_models == 3 and os.path.isabs(options.models_dir)
+    with pytest.raises(InvalidOption, match="models_memory: got '12 parsecs'"):
+        RayOptions.from_args({"models_dir": str(ray_models), "models_memory": "12 parsecs"})
+    with pytest.raises(InvalidOption, match="model: got None"):
+        RayOptions.from_args({"replicas": "2"})
+
+
+def test_replica_models_fixed_or_an_lru(tiny_sd, tiny_sd_v):
+    """What a replica holds (ray_models.ReplicaModels): with -m one Pipeline, whatever a request's entry says, and one
+    batch key part; with a folder an LRU by entry (its size respected) whose batch key part tells models apart."""
+    from sdrt.server.models import ModelEntry
+    from sdrt.server.ray_models import ReplicaModels
+
+    loads = []
+
+    def load(folder):
+        loads.append(str(folder))
+        return f"pipeline of {folder}"
+
+    alpha = ModelEntry("alpha", tiny_sd[1], "exported", exported=tiny_sd[1])
+    beta = ModelEntry("beta", tiny_sd_v[1], "exported", exported=tiny_sd_v[1])
+    fixed = ReplicaModels(str(tiny_sd[1]), load)
+    assert fixed.pipeline(beta) == f"pipeline of {tiny_sd[1]}" and fixed.key(alpha) is None is fixed.key(beta)
+    lru = ReplicaModels(None, load, max_loaded=1)
+    assert lru.pipeline(alpha) == f"pipeline of {tiny_sd[1]}" == lru.pipeline(alpha)  # loaded once, then the LRU's
+    assert lru.pipeline(beta) == f"pipeline of {tiny_sd_v[1]}" and lru.loaded.loaded() == [tiny_sd_v[1]]
+    assert lru.key(alpha) != lru.key(beta) and lru.manifest(beta).prediction_type == "v_prediction"
+    assert loads == [str(tiny_sd[1]), str(tiny_sd[1]), str(tiny_sd_v[1])]  # fixed's, alpha once, beta
 
 
 def test_ray_backend_maps_ray_errors_to_429_and_503():
@@ -194,6 +260,79 @@ def test_ray_answers_as_one_process(ray_server, tiny_pipeline):
     assert bad.status_code == 422 and "sampler_name" in bad.text
     big = ray_server.post("/sdapi/v1/txt2img", {"prompt": "x", **SMALL, "width": 128})
     assert big.status_code == 422 and "width" in big.text
+
+
+def test_ray_models_dir_each_request_its_model(ray_server, ray_models, tiny_sd, tiny_sd_v):
+    """The folder over Ray: sd-models lists it as sdrt serve does; concurrent requests for alpha and beta
+    (override_settings) land on both replicas, never share a UNet batch, and each image is its model's (the Python
+    API's); POST options switches the default for the requests after it; refresh-checkpoints finds a new model;
+    an unknown title and an LRU size the replicas do not have are 422s."""
+    from sdrt import Pipeline
+
+    models = {m["filename"]: m for m in ray_server.get("/sdapi/v1/sd-models").json()}
+    assert set(models) == {"alpha", "beta", "notes.txt"} and models["notes.txt"]["unusable"].startswith("not a model")
+    alpha, beta = models["alpha"]["title"], models["beta"]["title"]
+    assert ray_server.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == alpha
+    refs = {name: Pipeline.load(folder[1]) for name, folder in (("alpha", tiny_sd), ("beta", tiny_sd_v))}
+
+    def reference(name, seed):
+        return pixels(refs[name].generate("a cat", **SMALL, seed=seed, rng="gpu", progress=False)[0])
+
+    def one(i):
+        name = ("alpha", "beta")[i % 2]
+        override = {"override_settings": {"sd_model_checkpoint": name}} if i % 4 != 0 else {}  # none: the default
+        return name, 300 + i, txt2img_retrying(ray_server, seed=300 + i, **override)
+
+    with ThreadPoolExecutor(8) as pool:
+        bodies = list(pool.map(one, range(8)))
+    for name, seed, body in bodies:
+        got = decode_b64(body["images"][0])
+        assert np.array_equal(pixels(got), reference(name, seed)), (name, seed)
+        assert f"Model hash: {models[name]['hash']}" in got.info["parameters"]
+    assert not np.array_equal(reference("alpha", 300), reference("beta", 300))  # the twin: the models differ
+
+    assert ray_server.post("/sdapi/v1/options", {"sd_model_checkpoint": "beta"}).status_code == 200
+    try:
+        assert ray_server.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == beta
+        assert np.array_equal(pixels(decode_b64(txt2img(ray_server, seed=5)["images"][0])), reference("beta", 5))
+    finally:
+        assert ray_server.post("/sdapi/v1/options", {"sd_model_checkpoint": alpha}).status_code == 200
+    unknown = ray_server.post("/sdapi/v1/txt2img", {"prompt": "x", **SMALL,
+                                                    "override_settings": {"sd_model_checkpoint": "zeta"}})  # fmt: skip
+    assert unknown.status_code == 422 and "override_settings.sd_model_checkpoint" in unknown.text
+    assert alpha in unknown.text and beta in unknown.text
+    limit = ray_server.post("/sdapi/v1/options", {"sd_checkpoints_limit": 3})
+    assert limit.status_code == 422 and "--max-loaded-models" in limit.text
+    assert ray_server.post("/sdapi/v1/options", {"sd_checkpoints_limit": 2}).status_code == 200  # a round trip
+    (ray_models / "delta").symlink_to(tiny_sd[1], target_is_directory=True)
+    try:
+        assert ray_server.post("/sdapi/v1/refresh-checkpoints").status_code == 200
+        listed = {m["filename"] for m in ray_server.get("/sdapi/v1/sd-models").json()}
+        assert "delta" in listed
+        body = txt2img(ray_server, seed=9, override_settings={"sd_model_checkpoint": "delta"})
+        assert np.array_equal(pixels(decode_b64(body["images"][0])), reference("alpha", 9))
+    finally:
+        (ray_models / "delta").unlink()
+        ray_server.post("/sdapi/v1/refresh-checkpoints")
+
+
+def test_ray_sd_vae_from_the_vae_dir(ray_server, ray_vaes, tiny_sd):
+    """--vae-dir over Ray: the ingress lists and exports the VAE, the replica decodes with it (the Python API's image
+    with that vae_file, bit for bit; the model's own VAE differs: the twin); an unknown name is a 422."""
+    from sdrt import Pipeline
+    from sdrt.export.vae_files import export_vae
+
+    assert "swap.safetensors" in [v["model_name"] for v in ray_server.get("/sdapi/v1/sd-vae").json()]
+    body = txt2img(ray_server, seed=21, override_settings={"sd_vae": "swap.safetensors"})
+    assert json.loads(body["info"])["sd_vae_name"] == "swap.safetensors"
+    folder = str(export_vae(str(ray_vaes[1]["safetensors"]), tiny_sd[1], progress=False))  # the ingress's export
+    pipe = Pipeline.load(tiny_sd[1])
+    want = pipe.generate("a cat", **SMALL, seed=21, rng="gpu", vae_file=folder, progress=False)[0]
+    assert np.array_equal(pixels(decode_b64(body["images"][0])), pixels(want))
+    own = pipe.generate("a cat", **SMALL, seed=21, rng="gpu", progress=False)[0]
+    assert np.abs(pixels(own) - pixels(want)).max() > 20
+    bad = ray_server.post("/sdapi/v1/txt2img", {"prompt": "x", **SMALL, "override_settings": {"sd_vae": "nope"}})
+    assert bad.status_code == 422 and "override_settings.sd_vae" in bad.text
 
 
 def test_ray_batches_compatible_requests_bit_identically(ray_server, tiny_pipeline):

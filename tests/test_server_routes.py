@@ -73,7 +73,7 @@ def test_options_has_a1111s_keys_and_takes_a_round_trip(server):
     ("body", "message"),
     [
         ({"token_merging_ratio": 0.5}, "token merging"),  # would change images
-        ({"sd_vae": "kl-f8-anime2.ckpt"}, "own VAE"),
+        ({"sd_vae": "kl-f8-anime2.ckpt"}, "no --vae-dir"),
         ({"eta_ancestral": 0.5}, "request's eta"),
         ({"jpeg_quality": "high"}, "number"),  # A1111's type
         ({"outdir_samples": "/tmp"}, "server path"),

@@ -110,6 +110,7 @@ def add_serve_parser(sub) -> None:
     s.add_argument("--models-memory", help="with --models-dir: at most this much weights loaded (e.g. 12GB; LRU)")
     s.add_argument("--embeddings-dir", help="folder of textual inversions, used by file name in prompts (A1111)")
     s.add_argument("--styles-file", help="A1111's styles.csv: /sdapi/v1/prompt-styles and the requests' `styles`")
+    s.add_argument("--vae-dir", help="A1111's models/VAE: VAE files and diffusers VAE folders for sd_vae (sd-vae)")
     s.add_argument("--upscaler-dir", help="folder of exported upscalers (`sdrt export-upscaler`): hires fix, extras")
     add_ray_arguments(s)
     s.set_defaults(func=commands.cmd_serve)

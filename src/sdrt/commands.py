@@ -9,6 +9,7 @@ from pathlib import Path
 from sdrt import cli_controlnet, cli_outputs
 from sdrt.errors import InvalidOption, SdrtError
 from sdrt.export.cache import resolve_model
+from sdrt.export.vae_files import export_vae
 
 
 def cmd_export(args) -> int:
@@ -149,15 +150,28 @@ def cmd_generate(args) -> int:
     elif "prompt" not in kwargs:
         raise SdrtError("sdrt generate needs a PROMPT (or --from-png IMAGE.png)")
     kwargs |= cli_controlnet.controlnet_kwargs(args)
+    model = resolve_model(args.model)
+    kwargs = vae_kwargs(kwargs, model)  # --vae FILE_OR_FOLDER: exported once into the cache
     pipe = Pipeline.load(
-        resolve_model(args.model), backend=args.backend, embeddings=args.embeddings, loras=args.lora_dir,
-        upscalers=args.upscaler_dir, **memory_kwargs(args),
+        model, backend=args.backend, embeddings=args.embeddings, loras=args.lora_dir, upscalers=args.upscaler_dir,
+        **memory_kwargs(args),
     )  # fmt: skip
     if args.from_png is not None and "prompt" in kwargs:  # A1111: a LoRA renamed since is found by its hash
         kwargs["prompt"] = pipe.loras.fix_names(kwargs["prompt"], png_lora_hashes(args.from_png))
     generated = pipe.generate(**images, **kwargs)
     return cli_outputs.write_or_rescue(lambda out: cli_controlnet.write_outputs(generated, out, write_images,
                                                                                 next_index), args.output)  # fmt: skip
+
+
+def vae_kwargs(kwargs: dict, model) -> dict:
+    """--vae FILE_OR_FOLDER (not full or taesd): that VAE file or diffusers VAE folder, exported once into the cache
+    and checked against MODEL, as the option vae_file (A1111's sd_vae)."""
+    from sdrt.runtime.previews import VAE_DECODERS
+
+    vae = kwargs.get("vae")
+    if vae is None or vae in VAE_DECODERS:
+        return kwargs
+    return {**kwargs, "vae": "full", "vae_file": str(export_vae(vae, model))}
 
 
 def png_lora_hashes(path: str) -> str | None:
@@ -194,11 +208,10 @@ def cmd_outpaint(args) -> int:
     cli_outputs.check_output_folder(args.output)
     amounts = check_outpaint_amounts(args.left, args.right, args.up, args.down)
     image = load_image(args.image, "image")
-    pipe = Pipeline.load(
-        resolve_model(args.model), backend=args.backend, embeddings=args.embeddings, loras=args.lora_dir,
-        **memory_kwargs(args),
-    )  # fmt: skip
-    kwargs = generate_kwargs(args) | cli_controlnet.controlnet_kwargs(args)
+    model = resolve_model(args.model)
+    kwargs = vae_kwargs(generate_kwargs(args) | cli_controlnet.controlnet_kwargs(args), model)
+    pipe = Pipeline.load(model, backend=args.backend, embeddings=args.embeddings, loras=args.lora_dir,
+                         **memory_kwargs(args))  # fmt: skip
     generated = pipe.outpaint(image, **amounts, **kwargs)
     return cli_outputs.write_or_rescue(lambda out: cli_controlnet.write_outputs(generated, out, write_images,
                                                                                 next_index), args.output)  # fmt: skip
@@ -253,10 +266,10 @@ def cmd_serve(args) -> int:
     from sdrt.server.extra_routes import Extras
     from sdrt.server.models import ModelsFolder
 
-    extras = Extras.from_args(args)  # --embeddings-dir, --styles-file, /sdapi/v1/cmd-flags
+    extras = Extras.from_args(args, export_vae)  # --embeddings-dir, --styles-file, --vae-dir, cmd-flags
     if args.models_dir is not None:
         return serve(None, args.host, args.port, args.api_auth, args.backend or "cpu", limits, args.lora_dir,
-                     folder=ModelsFolder.from_args(args, resolve_model), extras=extras,
+                     args.controlnet_dir, folder=ModelsFolder.from_args(args, resolve_model), extras=extras,
                      upscaler_dir=args.upscaler_dir)  # fmt: skip
     model = resolve_model(args.model)
     return serve(model, args.host, args.port, args.api_auth, args.backend or "cpu", limits, args.lora_dir,
@@ -277,19 +290,20 @@ def serve_ray(args, limits) -> int:
         from sdrt.server.ray_app import RayOptions, serve_ray
     except ImportError as e:
         raise SdrtError(f"`sdrt serve --ray` needs the ray extra: pip install 'sdrt[ray]' ({e})") from None
-    from sdrt.runtime.manifest import Manifest
-
-    for name in ("models_dir", "embeddings_dir", "styles_file"):
+    for name in ("embeddings_dir", "styles_file"):
         if getattr(args, name) is not None:
             raise InvalidOption("--" + name.replace("_", "-"), getattr(args, name), "none with --ray (sdrt serve only)")
-    model = resolve_model(args.model)
-    Manifest.load(Path(model))  # a bad folder fails here, not inside a replica
+    values = ray_model_values(args)
     if args.controlnet_dir is not None:
         raise InvalidOption("--controlnet-dir", args.controlnet_dir, "none with --ray (ControlNet: sdrt serve only)")
     if args.upscaler_dir is not None:
         allowed = "none with --ray (the replicas offer the latent modes, None, Lanczos and Nearest)"
         raise InvalidOption("--upscaler-dir", args.upscaler_dir, allowed)
-    values = {"model": str(model), "backend": args.backend, "replicas": args.replicas}
+    values.update(backend=args.backend, replicas=args.replicas)
+    if args.vae_dir is not None:
+        if not Path(args.vae_dir).is_dir():
+            raise InvalidOption("--vae-dir", args.vae_dir, "a folder of VAE files or diffusers VAE folders")
+        values["vae_dir"] = str(Path(args.vae_dir).resolve())
     if args.lora_dir is not None:
         values["lora_dir"] = str(Path(args.lora_dir).resolve())
     for name in RAY_ONLY[2:]:
@@ -297,7 +311,30 @@ def serve_ray(args, limits) -> int:
             values["max_batch_size" if name == "ray_batch_size" else name] = getattr(args, name)
     values["max_queued_requests"] = args.max_queue
     options = RayOptions.from_args(values)
-    return serve_ray(options, args.host, args.port, args.api_auth, limits, args.address)
+    return serve_ray(options, args.host, args.port, args.api_auth, limits, args.address, exporter=resolve_model,
+                     vae_exporter=export_vae)  # fmt: skip
+
+
+def ray_model_values(args) -> dict:
+    """RayOptions' model fields: one exported model (-m, checked here, not inside a replica), or a models folder
+    (--models-dir, -m its default model, checked against the folder's listing)."""
+    from sdrt.runtime.manifest import Manifest
+
+    if args.models_dir is None:
+        model = resolve_model(args.model)
+        Manifest.load(Path(model))  # a bad folder fails here, not inside a replica
+        return {"model": str(model)}
+    from sdrt.server.models import ModelRegistry, ModelsFolder
+
+    folder = ModelsFolder.from_args(args, resolve_model)  # the folder, --max-loaded-models, --models-memory
+    if folder.default is not None:
+        ModelRegistry(folder=folder.folder).find(folder.default, "--model")
+    values = {"models_dir": str(folder.folder.resolve()), "max_loaded_models": folder.max_loaded}
+    if args.model is not None:
+        values["model"] = args.model
+    if args.models_memory is not None:
+        values["models_memory"] = args.models_memory
+    return values
 
 
 def cmd_info(args) -> int:

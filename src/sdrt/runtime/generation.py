@@ -14,6 +14,7 @@ from sdrt.runtime.checks import require_finite
 from sdrt.runtime.denoiser import TextConditioning
 from sdrt.runtime.image import to_pil
 from sdrt.runtime.infotext import write_infotext
+from sdrt.runtime.vae_swap import vae_infotext
 
 
 @dataclass
@@ -33,14 +34,14 @@ class Model:
         """The engine of the graph that predicts the noise (the family's denoiser_model: "unet", ...)."""
         return self.engines[self.family.denoiser_model]
 
-    def decode(self, latents: np.ndarray, vae: str = "full") -> np.ndarray:
-        """(B, C, h, w) latents -> (B, 3, H, W) float32 images in [-1, 1]: the VAE (vae.py), or with VAE "taesd" the
-        folder's TAESD decoder (previews.py)."""
+    def decode(self, latents: np.ndarray, vae: str = "full", vae_file=None) -> np.ndarray:
+        """(B, C, h, w) latents -> (B, 3, H, W) float32 images in [-1, 1]: the VAE (vae.py; VAE_FILE: a swapped one,
+        vae_swap.py), or with VAE "taesd" the folder's TAESD decoder (previews.py)."""
         if vae == "taesd":
             from sdrt.runtime.previews import taesd_decode
 
             return taesd_decode(self.manifest, self.engines, latents)
-        return self.vae.decode(latents)
+        return self.vae.using(vae_file).decode(latents)
 
     def model_infotext(self) -> dict:
         """The infotext's model entries (A1111's "Model hash" and "Model")."""
@@ -118,8 +119,9 @@ def images_of(model: Model, run: Run, batch: Batch, latents: np.ndarray) -> list
     """BATCH's final LATENTS decoded (by the second stage's VAE when there is one) into PIL images, each with the
     infotext of its label."""
     decoder = run.decoder or model
-    pixels = require_finite(decoder.decode(latents, run.opts.vae), "images", decoder.manifest)
+    pixels = require_finite(decoder.decode(latents, run.opts.vae, run.opts.vae_file), "images", decoder.manifest)
     images = to_pil(pixels)
     for image, seed, subseed, (opts, notes) in zip(images, batch.seeds, batch.subseeds, batch.labels, strict=True):
-        image.info["parameters"] = write_infotext(opts, seed, subseed, model.model_infotext(), notes)
+        model_keys = model.model_infotext() | vae_infotext(opts)  # A1111: Model hash, Model, VAE hash, VAE
+        image.info["parameters"] = write_infotext(opts, seed, subseed, model_keys, notes)
     return images

@@ -18,6 +18,7 @@ from PIL import Image
 from sdrt.errors import Interrupted
 from sdrt.runtime.hires_options import LATENT_MODES, HiresPlan, plan
 from sdrt.runtime.resample import interpolate
+from sdrt.runtime.vae_swap import vae_infotext
 
 
 def second_pass_options(opts, p: HiresPlan, latents: np.ndarray):
@@ -32,35 +33,37 @@ def second_pass_options(opts, p: HiresPlan, latents: np.ndarray):
     )  # fmt: skip
 
 
-def upscale_latents(pipe, latents: np.ndarray, p: HiresPlan) -> np.ndarray:
-    """(N, C, h, w) first-pass latents -> (N, C, H/8, W/8) latents of the second pass, cropped as A1111 does."""
+def upscale_latents(pipe, latents: np.ndarray, p: HiresPlan, vae_file=None) -> np.ndarray:
+    """(N, C, h, w) first-pass latents -> (N, C, H/8, W/8) latents of the second pass, cropped as A1111 does; an image
+    upscaler's round trip through the model's VAE, or VAE_FILE's (sd_vae: vae_swap.py)."""
     step = pipe.manifest.latent_downsample
     size = (p.upscale_to[1] // step, p.upscale_to[0] // step)  # (rows, cols)
     if p.upscaler in LATENT_MODES:
         mode, antialias = LATENT_MODES[p.upscaler]
         up = interpolate(latents, size, mode, antialias)
     else:
-        up = np.concatenate([_encode(pipe, _upscaled_image(pipe, z, p), size) for z in latents])
+        vae = pipe.vae.using(vae_file)
+        up = np.concatenate([_encode(pipe, vae, _upscaled_image(pipe, vae, z, p), size) for z in latents])
     tx, ty = p.truncate
     return np.ascontiguousarray(up[:, :, ty // 2 : up.shape[2] - (ty + 1) // 2, tx // 2 : up.shape[3] - (tx + 1) // 2])
 
 
-def _upscaled_image(pipe, z: np.ndarray, p: HiresPlan):
+def _upscaled_image(pipe, vae, z: np.ndarray, p: HiresPlan):
     """One latent (C, h, w) decoded to an 8-bit image as A1111's sample_hr_pass makes it (255 * value, truncated),
     then resized to upscale_to by the upscaler (images.resize_image)."""
-    unit = np.clip((pipe.decode(z[None])[0] + 1) / 2, 0, 1).transpose(1, 2, 0)  # (H, W, 3) in [0, 1]
+    unit = np.clip((vae.decode(z[None])[0] + 1) / 2, 0, 1).transpose(1, 2, 0)  # (H, W, 3) in [0, 1]
     image = Image.fromarray((unit * 255).astype(np.uint8), "RGB")
     return pipe.upscalers.resize(image, *p.upscale_to, p.upscaler)
 
 
-def _encode(pipe, image, size) -> np.ndarray:
+def _encode(pipe, vae, image, size) -> np.ndarray:
     """IMAGE cut to SIZE * 8 pixels from its top left (the VAE encoder drops what does not fill a latent) -> its
     posterior mean (1, C, h, w)."""
     step = pipe.manifest.latent_downsample
     pixels = np.asarray(image.crop((0, 0, size[1] * step, size[0] * step)), dtype=np.float32) / 127.5 - 1
     pixels = pixels.transpose(2, 0, 1)[None]  # (1, 3, H, W) in [-1, 1]
     latent_shape = (1, pipe.manifest.latent_channels, *size)
-    return pipe.vae.encode(pixels, lambda: np.zeros(latent_shape, np.float32))
+    return vae.encode(pixels, lambda: np.zeros(latent_shape, np.float32))
 
 
 def run(pipe, opts, progress: bool = True, callback=None):
@@ -80,7 +83,7 @@ def run(pipe, opts, progress: bool = True, callback=None):
     done = len(latents) // opts.batch_size  # batches the first pass finished (all, unless interrupted)
     if done == 0:
         return latents if opts.output_type == "latent" else []
-    latents = upscale_latents(pipe, latents[: done * opts.batch_size], p)
+    latents = upscale_latents(pipe, latents[: done * opts.batch_size], p, opts.vae_file)
     second = second_pass_options(replace(opts, batch_count=done), p, latents)
     try:
         out = pipe.generate(options=second, progress=progress, callback=relay(opts.batch_count * opts.steps))
@@ -98,7 +101,7 @@ def _infotext(pipe, opts, second, text: str, i: int) -> str:
     keys) plus the notes the second pass wrote (LoRA and TI hashes, ControlNet units, ...)."""
     from sdrt.runtime.infotext import parse_infotext, write_infotext
 
-    seed, subseed, model = opts.seeds[i], opts.subseeds[i], pipe.model_infotext()
+    seed, subseed, model = opts.seeds[i], opts.subseeds[i], pipe.model_infotext() | vae_infotext(opts)
     own = parse_infotext(write_infotext(second, seed, subseed, model, {}))
     notes = {k: v for k, v in parse_infotext(text).items() if k not in own}
     for key in [k for k in notes if k.endswith("-1") and k[:-2] + "-2" in notes]:  # "AxB" values parse in two

@@ -72,13 +72,11 @@ class GenerationOptions:
     sampler: str = option(
         "Euler", "str", a1111="sampler_name", from_a1111=lambda r: r.sampler_name or r.sampler_index,
         infotext="Sampler", write=lambda o, im: o.sampler,
-        help="Euler, Euler a, DDIM, DPM++ 2M, ... (or A1111's legacy 'DPM++ 2M Karras')",
-    )  # fmt: skip
+        help="Euler, Euler a, DDIM, DPM++ 2M, ... (or A1111's legacy 'DPM++ 2M Karras')")  # fmt: skip
     scheduler: str = option(
         "automatic", "str", a1111="scheduler", from_a1111=lambda r: r.scheduler or "automatic",
         infotext="Schedule type", write=lambda o, im: SCHEDULERS[o.scheduler],
-        help="schedule type: " + ", ".join(SCHEDULERS),
-    )  # fmt: skip
+        help="schedule type: " + ", ".join(SCHEDULERS))  # fmt: skip
     cfg_scale: float | None = option(None, "float", low=0, high=100, a1111="cfg_scale", infotext="CFG scale",
                                      write=lambda o, im: format_number(o.cfg_scale),
                                      help="classifier-free guidance, runs when > 1 (default: the model's: 7; FLUX.1 1)")
@@ -149,6 +147,7 @@ class GenerationOptions:
     s_min_uncond_all: bool = speed_option("s_min_uncond_all")
     skip_early_cond: float = speed_option("skip_early_cond")
     vae: str = speed_option("vae")
+    vae_file: str | None = speed_option("vae_file")  # A1111's sd_vae (vae_swap.py)
     live_preview_content: str = speed_option("live_preview_content")
     deepcache_interval: int = speed_option("deepcache_interval")
     deepcache_branch: int | None = speed_option("deepcache_branch")

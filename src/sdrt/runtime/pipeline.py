@@ -42,7 +42,7 @@ class Pipeline:
         self.loras = Loras(manifest, self.engines, self.family.lora_bases)  # by name in prompts, merged per run
         self.conditioner = self.family.conditioner(manifest, self.engines, self.embeddings)
         self.tokenizer = self.conditioner.encoders[0].tokenizer
-        self.vae = Vae(manifest, self.engines, self.memory)
+        self.vae = Vae(manifest, self.engines, self.memory, self.backend)
         self.model = Model(manifest, self.family, self.engines, self.vae, self.conditioner,
                            self.family.train_sigmas(manifest))  # fmt: skip
         self.second_stages = {}  # second-stage model folder (SDXL's refiner) -> its Pipeline, loaded once

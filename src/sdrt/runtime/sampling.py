@@ -31,7 +31,8 @@ def sample(model, run, batch, bar) -> np.ndarray:
     size = len(batch.seeds)
     conditioning, blend = None, None
     if run.edit is not None:
-        schedule, x, conditioning, blend = editing.start_edit(manifest, model.vae, opts, schedule, run.edit, noise,
+        vae = model.vae.using(opts.vae_file)  # the swapped VAE encodes too (A1111's sd_vae)
+        schedule, x, conditioning, blend = editing.start_edit(manifest, vae, opts, schedule, run.edit, noise,
                                                               size, model.family.add_noise, batch.start)  # fmt: skip
     elif batch.start is None:
         x = (noise.initial() * np.float32(schedule.initial_noise_scale)).astype(np.float32)  # (B, C, h, w)

@@ -3,6 +3,7 @@ GenerationOptions fields, and their checks, which options.resolve runs.
 
   s_min_uncond, s_min_uncond_all, skip_early_cond   A1111's negative-guidance skips (guidance_skip.py)
   vae                                               the final decoder: the VAE or TAESD (previews.py)
+  vae_file                                          another VAE in the model's (A1111's sd_vae; vae_swap.py)
   live_preview_content                              which x0 the progress callback gets (previews.py)
   deepcache_interval, deepcache_branch, deepcache_start   DeepCache (deepcache.py)
 """
@@ -11,6 +12,7 @@ from sdrt.errors import InvalidOption
 from sdrt.runtime import deepcache
 from sdrt.runtime.option_mappings import infotext_number
 from sdrt.runtime.previews import PREVIEW_CONTENTS, VAE_DECODERS, has_taesd
+from sdrt.runtime.vae_swap import VAE_FILE_OPTION, check_vae_file
 
 MAX_NGMS = 1000.0  # NGMS compares sigmas (about 0-15) or, for DDIM/PLMS/UniPC, UNet timesteps (0-999)
 _VAE_OF_LABEL = {label: name for name, label in VAE_DECODERS.items()}
@@ -36,8 +38,10 @@ SPEED_OPTIONS = {
         choices=tuple(VAE_DECODERS), setting="sd_vae_decode_method", infotext="VAE Decoder",
         from_setting=lambda label: _VAE_OF_LABEL.get(label, label), read=lambda label: _VAE_OF_LABEL.get(label, label),
         write=lambda o, im: VAE_DECODERS[o.vae] if o.vae != "full" else None,
-        help="final decoder: full (the model's VAE) or taesd (its TAESD: drafts, low memory)",
+        help="final decoder: full (the model's VAE) or taesd (its TAESD: drafts, low memory); the CLI also takes a "
+        "VAE file or diffusers VAE folder (A1111's sd_vae: exported once into the cache)",
     )),
+    "vae_file": (None, "path", VAE_FILE_OPTION),  # A1111's sd_vae: another VAE in the model's (vae_swap.py)
     "live_preview_content": ("Combined", "str", dict(
         choices=PREVIEW_CONTENTS, group="output", cli=False, setting="live_preview_content",
         help="the callback's x0: Combined (guided), Prompt, Negative prompt",
@@ -69,4 +73,5 @@ def check_speed_options(o: dict, manifest, in_range) -> None:
         raise InvalidOption("s_min_uncond_all", o["s_min_uncond_all"], "True or False")
     if o["vae"] == "taesd" and not has_taesd(manifest):
         raise InvalidOption("vae", "taesd", f"full: {manifest.folder} has no TAESD decoder (sdrt export ... --taesd)")
+    check_vae_file(o, manifest)
     deepcache.check_options(o, manifest)

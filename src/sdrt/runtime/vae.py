@@ -11,8 +11,15 @@ from sdrt.runtime.tiling import decode_tiled, encode_tiled
 class Vae:
     """A model's VAE engines with its scaling (and SDXL-style shift) factors."""
 
-    def __init__(self, manifest, engines: dict, memory):
+    def __init__(self, manifest, engines: dict, memory, backend: str | None = None):
+        from sdrt.runtime.vae_swap import SwappedVaes
+
         self.manifest, self.engines, self.memory = manifest, engines, memory
+        self.swaps = SwappedVaes(self, backend)  # other VAEs run in this one's place (vae_swap.py), by folder
+
+    def using(self, vae_file) -> "Vae":
+        """This VAE, or with VAE_FILE (an exported VAE folder: the option vae_file) that VAE in its place."""
+        return self.swaps.get(vae_file)
 
     def encode(self, images: np.ndarray, noise: ImageNoise) -> np.ndarray:
         """(1, 3, H, W) image in [-1, 1] -> (B, C, h, w) scaled latents: one sample of the VAE posterior per image,

@@ -32,6 +32,7 @@ from sdrt.runtime.options import (
 )
 from sdrt.server.a1111_settings import check_setting
 from sdrt.server.speed_settings import SETTING_LABELS, SPEED_SETTINGS, apply_extension_names, check_speed_setting
+from sdrt.server.vaes import info_names
 from sdrt.version import __version__
 
 RANDN_SOURCES = RNG_NAMES  # A1111's randn_source option -> sdrt's rng
@@ -302,6 +303,7 @@ def info_json(images, manifest, opts, clip_skip: int, inpainting: bool, styles=(
     total = opts.batch_size * opts.batch_count
     infotexts = [im.info.get("parameters", "") for im in images]
     extra = {"Schedule type": SCHEDULERS[opts.scheduler]}
+    vae_name, vae_hash = info_names(opts.vae_file)  # a swapped VAE (sd_vae), or None
     if opts.records_ensd:
         extra["ENSD"] = opts.ensd
     return json.dumps(
@@ -325,8 +327,8 @@ def info_json(images, manifest, opts, clip_skip: int, inpainting: bool, styles=(
             "face_restoration_model": None,
             "sd_model_name": manifest.model_name,
             "sd_model_hash": manifest.model_hash or None,
-            "sd_vae_name": None,
-            "sd_vae_hash": None,
+            "sd_vae_name": vae_name,
+            "sd_vae_hash": vae_hash,
             "seed_resize_from_w": opts.seed_resize_from_w or -1,
             "seed_resize_from_h": opts.seed_resize_from_h or -1,
             "denoising_strength": opts.strength,

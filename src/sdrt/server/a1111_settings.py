@@ -132,7 +132,6 @@ A1111_DEFAULTS = {
 # Settings that change images, where sdrt does what A1111's default does: key -> what to use instead.
 IMAGE_SETTINGS = {
     "sd_unet": "sdrt runs the model's own UNet",
-    "sd_vae": "sdrt runs the model's own VAE (GET /sdapi/v1/sd-vae lists no other)",
     "enable_quantization": "", "enable_batch_seeds": "", "comma_padding_backtrack": "",
     "tiling": "sdrt has no tiling", "enable_prompt_comments": "", "sd_noise_schedule": "",
     "skip_early_cond": "", "beta_dist_alpha": "", "beta_dist_beta": "", "sdxl_crop_top": "", "sdxl_crop_left": "",
@@ -153,7 +152,7 @@ IMAGE_SETTINGS = {
     "sgm_noise_multiplier": "", "uni_pc_variant": "", "uni_pc_skip_type": "", "uni_pc_order": "",
     "uni_pc_lower_order_final": "", "k_sched_type": "use the request's scheduler",
 }  # fmt: skip
-NO_VAE = ("Automatic", "None", "")  # sd_vae values meaning the model's own VAE ("": clients with no VAE listed)
+# sd_vae: any string here; the server checks it against its VAE folder (vaes.py)
 # A1111's restricted_opts: server paths and file name patterns, which an API client may not set.
 RESTRICTED = {
     "samples_filename_pattern", "directories_filename_pattern", "outdir_samples", "outdir_txt2img_samples",
@@ -174,8 +173,6 @@ def check_setting(key: str, value, field: str):
     if not same_kind(value, default):
         raise InvalidOption(field, value, f"a {kind_name(default)} (A1111's default: {default!r})")
     if key in IMAGE_SETTINGS and not equal(value, default):
-        if key == "sd_vae" and value in NO_VAE:
-            return value
         why = IMAGE_SETTINGS[key] or "sdrt does what A1111's default does"
         raise InvalidOption(field, value, f"{default!r} ({why})")
     return value

@@ -13,6 +13,7 @@ from fastapi.staticfiles import StaticFiles
 
 from sdrt.errors import InvalidOption, SdrtError
 from sdrt.runtime import masks
+from sdrt.runtime.controlnet_models import ControlNetCache
 from sdrt.server import a1111, controlnet_api, extra_routes, extras_api, model_routes, openai_api, safe_json
 from sdrt.server.a1111_settings import A1111_DEFAULTS
 from sdrt.server.codec import ImageTooLarge, UndecodableImage, decode_image, encode_png
@@ -24,6 +25,7 @@ from sdrt.server.middleware import BasicAuth, BodyLimit
 from sdrt.server.models import ModelRegistry, ModelsFolder
 from sdrt.server.pnginfo import png_info_response
 from sdrt.server.safe_json import field_error
+from sdrt.server.vaes import vae_of_options
 from sdrt.version import __version__
 
 STATIC = Path(__file__).parent / "static"
@@ -116,6 +118,7 @@ class Server:
         entry = self.models.find(opts["sd_model_checkpoint"], "override_settings.sd_model_checkpoint")
         manifest = self.models.manifest(entry)  # exported first if it is a checkpoint (a second request waits)
         kwargs = a1111.generate_kwargs(req, opts)
+        kwargs["vae_file"] = vae_of_options(self, opts, req, manifest)  # sd_vae: exported on first use
         a1111.family_defaults(req, kwargs, manifest)  # FLUX.1: its steps and CFG 1 where the request has none
         generation = Generation(kind, kwargs, req.n_iter, self.preview_every(opts), opts["show_progress_type"],
                                 model=entry)  # fmt: skip
@@ -125,7 +128,7 @@ class Server:
             self.add_img2img(req, kwargs)
         if kind == "outpaint":
             generation.image, generation.amounts = self.add_outpaint(req, kwargs, manifest)
-        controlnet_api.add_units(controlnet_units, kwargs, self)
+        controlnet_api.add_units(controlnet_units, kwargs, self, manifest)
         model_routes.add_refiner(self, req, kwargs)  # SDXL's refiner_checkpoint: a model of the same registry
         # validates (an outpaint as the img2img of its image); pins seeds and names into kwargs
         inputs = {"init_image": generation.image} if kind == "outpaint" else {}
@@ -278,6 +281,8 @@ def add_routes(app: FastAPI, server: Server) -> None:
     @app.post("/sdapi/v1/options")
     async def set_options(values: dict):
         checked = {k: a1111.check_option(k, v, server.checkpoint_title) for k, v in values.items()}
+        if "sd_vae" in checked:  # a name of --vae-dir (exported when a request first uses it)
+            checked["sd_vae"] = server.extras.vaes.check(checked["sd_vae"], "options.sd_vae")
         await model_routes.apply(server, checked)  # a model switch, the LRU's size
         server.options.update(checked)
         return None
@@ -329,9 +334,10 @@ def serve(
         app = create_app(pipe, limits, credentials, extras=extras)
     else:
         embeddings = extras and extras.embeddings_dir
-        loaded = folder.loaded_models(backend, loras, embeddings, upscaler_dir)
+        loaded = folder.loaded_models(backend, loras, embeddings, upscaler_dir, controlnet_dir)
         backend = LocalBackend(max_queue=limits.max_queue, loaded=loaded)
         backend.lora_dir = loras  # /sdapi/v1/loras lists the folder (no one Pipeline holds it)
+        backend.controlnets = ControlNetCache("cpu", controlnet_dir)  # units validated against each request's model
         app = create_app(None, limits, credentials, backend=backend, extras=extras)
         folder.start(app.state.server)
     if host not in LOOPBACK and not credentials:

@@ -54,21 +54,31 @@ def take_units(req) -> list | None:
     return entry.get("args", [])
 
 
-def add_units(raw, kwargs: dict, server) -> None:
+def controlnet_cache(server):
+    """The ControlNets units are looked up and validated in: the one Pipeline's, or with a models folder the
+    backend's (the same --controlnet-dir every loaded Pipeline gets); None over Ray."""
+    if server.pipe is not None:
+        return server.pipe.controlnets
+    return getattr(server.backend, "controlnets", None)
+
+
+def add_units(raw, kwargs: dict, server, manifest) -> None:
     """The units of RAW (take_units) as Pipeline.generate's controlnets and control_maps in KWARGS, validated now
-    (errors name the request field) so a bad unit is answered before the job queues."""
+    against MANIFEST, the request's model (errors name the request field), so a bad unit is answered before the job
+    queues."""
     if not raw:
         return
-    if server.pipe is None:
+    cache = controlnet_cache(server)
+    if cache is None:
         raise InvalidOption(f"alwayson_scripts.{SCRIPT}", "ControlNet units",
-                            "none over --ray or --models-dir: ControlNet runs in sdrt serve -m MODEL only")  # fmt: skip
+                            "none over --ray: ControlNet runs in sdrt serve (-m MODEL or --models-dir)")  # fmt: skip
     units, save_maps = [], False
     for i, item in enumerate(raw):
         unit, save = parse_unit(i, item, server, kwargs.get("init_image"))
         units.append(unit)
         save_maps |= save and unit.enabled
     try:
-        load_units(server.pipe.manifest, server.pipe.controlnets, units)
+        load_units(manifest, cache, units)  # engines created, not loaded: the job's Pipeline loads its own
     except InvalidOption as e:
         raise InvalidOption(e.field.replace("controlnets[", f"alwayson_scripts.{SCRIPT}.args[", 1), e.value,
                             e.allowed) from None  # fmt: skip
@@ -143,8 +153,8 @@ def add_routes(app, server) -> None:
 
     @app.get("/controlnet/model_list")
     def model_list(update: bool = True):
-        pipe = server.pipe  # None over Ray: no ControlNet there
-        return {"model_list": [] if pipe is None else [info.title for info in pipe.controlnets.available()]}
+        cache = controlnet_cache(server)  # None over Ray: no ControlNet there
+        return {"model_list": [] if cache is None else [info.title for info in cache.available()]}
 
     @app.get("/controlnet/module_list")
     def module_list(alias_names: bool = False):

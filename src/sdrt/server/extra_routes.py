@@ -9,6 +9,7 @@ from pathlib import Path
 
 from sdrt.server.model_routes import QUEUED_ERRORS
 from sdrt.server.styles import StyleDatabase
+from sdrt.server.vaes import VaeFolder
 
 
 @dataclass
@@ -19,17 +20,22 @@ class Extras:
     embeddings_dir: Path | None = None
     styles: StyleDatabase = field(default_factory=StyleDatabase)
     flags: dict = field(default_factory=dict)
+    vaes: VaeFolder = field(default_factory=VaeFolder)  # --vae-dir (vaes.py)
 
     @classmethod
-    def from_args(cls, args) -> "Extras":
-        """From `sdrt serve`'s arguments: a bad --embeddings-dir or --styles-file fails here, before serving."""
+    def from_args(cls, args, vae_exporter=None) -> "Extras":
+        """From `sdrt serve`'s arguments: a bad --embeddings-dir, --styles-file or --vae-dir fails here, before
+        serving; VAE_EXPORTER(source, model_dir, field) -> an exported VAE folder (the CLI's)."""
         from sdrt.errors import InvalidOption
 
         embeddings = None if args.embeddings_dir is None else Path(args.embeddings_dir)
         if embeddings is not None and not embeddings.is_dir():
             raise InvalidOption("--embeddings-dir", args.embeddings_dir, "a folder of textual inversions")
+        if args.vae_dir is not None and not Path(args.vae_dir).is_dir():
+            raise InvalidOption("--vae-dir", args.vae_dir, "a folder of VAE files or diffusers VAE folders")
         styles = StyleDatabase(args.styles_file)
-        return cls(embeddings, styles, cmd_flags(args))
+        vaes = VaeFolder(None if args.vae_dir is None else Path(args.vae_dir), vae_exporter)
+        return cls(embeddings, styles, cmd_flags(args), vaes)
 
 
 def cmd_flags(args) -> dict:
@@ -42,7 +48,8 @@ def cmd_flags(args) -> dict:
     return {"api": True, "nowebui": False, "listen": not loopback, "port": args.port,
             "api_auth": None if args.api_auth is None else "(hidden)", "ckpt": name(args.model),
             "ckpt_dir": name(args.models_dir), "lora_dir": name(args.lora_dir),
-            "embeddings_dir": name(args.embeddings_dir), "styles_file": [name(args.styles_file)] if args.styles_file
+            "embeddings_dir": name(args.embeddings_dir), "vae_dir": name(args.vae_dir),
+            "styles_file": [name(args.styles_file)] if args.styles_file
             else [], "controlnet_dir": name(args.controlnet_dir), "lowvram": False, "medvram": False,
             "use_cpu": ["all"] if (args.backend or "cpu") == "cpu" else [], "sdrt_backend": args.backend or "cpu",
             "sdrt_max_loaded_models": args.max_loaded_models, "sdrt_ray": bool(args.ray)}  # fmt: skip
@@ -175,11 +182,14 @@ def add_routes(app, server, extras: Extras) -> None:
 
     @app.get("/sdapi/v1/sd-vae")
     def sd_vae():
-        """No VAE besides each model's own (sd_vae "Automatic" or "None")."""
-        return []
+        """A1111's SDVaeItem list: the VAEs of --vae-dir by their name there (sd_vae selects one; "Automatic" or
+        "None": each model's own)."""
+        return extras.vaes.listing()
 
     @app.post("/sdapi/v1/refresh-vae")
     def refresh_vae():
+        """Rescan --vae-dir."""
+        extras.vaes.refresh()
         return None
 
     # upscalers, latent-upscale-modes, realesrgan-models: extras_api.py (hires fix and the extras routes)

@@ -31,7 +31,7 @@ async def switch(server, title: str) -> str:
     (which gains the hash once an export has computed it)."""
     entry = server.models.find(title, "sd_model_checkpoint")
     await run_in_threadpool(server.models.manifest, entry)
-    if hasattr(server.backend, "in_worker"):  # over Ray the replicas hold the one model already
+    if hasattr(server.backend, "in_worker"):  # over Ray each replica loads it when a request names it
         loaded = server.backend.loaded
         await server.backend.in_worker("load", lambda: loaded.pipeline(entry))
     return entry.title
@@ -45,6 +45,9 @@ async def apply(server, settings: dict) -> None:
         settings["sd_checkpoints_limit"] = check_int("options.sd_checkpoints_limit", limit, 1, MAX_LOADED)
         if hasattr(server.backend, "loaded"):
             server.backend.loaded.max_loaded = settings["sd_checkpoints_limit"]
+        elif settings["sd_checkpoints_limit"] != server.options["sd_checkpoints_limit"]:  # Ray: fixed at start
+            raise InvalidOption("options.sd_checkpoints_limit", limit, f"{server.options['sd_checkpoints_limit']} "
+                                "(each Ray replica's LRU size is set at start: --max-loaded-models)")  # fmt: skip
     if "sd_model_checkpoint" in settings:
         settings["sd_model_checkpoint"] = await switch(server, settings["sd_model_checkpoint"])
 

@@ -291,6 +291,8 @@ class LoadedModels:
         print(f"sdrt serve: unloading {path.name}", file=sys.stderr, flush=True)
         for engine in getattr(pipe, "engines", {}).values():
             engine.unload()
+        if hasattr(pipe, "vae"):
+            pipe.vae.swaps.unload()  # the swapped VAEs it ran (sd_vae)
         for refiner in getattr(pipe, "refiners", {}).values():
             for engine in refiner.engines.values():
                 engine.unload()
@@ -323,8 +325,6 @@ class ModelsFolder:
             raise InvalidOption("--models-dir", args.models_dir, "an existing folder of models")
         if args.max_loaded_models <= 0:
             raise InvalidOption("--max-loaded-models", args.max_loaded_models, "a positive number")
-        if args.controlnet_dir is not None:
-            raise InvalidOption("--controlnet-dir", args.controlnet_dir, "none with --models-dir (one model: -m)")
         budget = None
         if args.models_memory is not None:
             from sdrt.engines.plan import parse_size
@@ -332,9 +332,11 @@ class ModelsFolder:
             budget = parse_size(args.models_memory, "--models-memory")
         return cls(Path(args.models_dir), args.max_loaded_models, args.model, exporter, budget)
 
-    def loaded_models(self, engine_backend: str, loras, embeddings=None, upscalers=None) -> "LoadedModels":
+    def loaded_models(self, engine_backend: str, loras, embeddings=None, upscalers=None,
+                      controlnets=None) -> "LoadedModels":  # fmt: skip
         """The LRU over this folder's registry (Pipelines on ENGINE_BACKEND, LoRAs from LORAS, textual inversions
-        from EMBEDDINGS, upscalers from UPSCALERS), for generation.LocalBackend."""
+        from EMBEDDINGS, upscalers from UPSCALERS, ControlNets by name from CONTROLNETS), for
+        generation.LocalBackend."""
         from sdrt.runtime.pipeline import Pipeline
 
         registry = ModelRegistry(folder=self.folder, exporter=self.exporter)
@@ -342,7 +344,9 @@ class ModelsFolder:
             registry.find(self.default, "--model")  # an unknown name fails before serving
 
         def load(path):
-            return Pipeline.load(path, backend=engine_backend, loras=loras, embeddings=embeddings, upscalers=upscalers)
+            pipe = Pipeline.load(path, backend=engine_backend, loras=loras, embeddings=embeddings, upscalers=upscalers)
+            pipe.controlnets.directory = None if controlnets is None else Path(controlnets)  # units name them
+            return pipe
 
         return LoadedModels(registry, load, self.max_loaded, self.budget)
 

@@ -1,5 +1,6 @@
 """`sdrt serve --ray`: the A1111-compatible app (app.py, the same routes and page) as a Ray Serve ingress in front of
-Generator replicas, each one loaded Pipeline (one GPU each when it has GPUs, the CPU otherwise).
+Generator replicas, each one loaded Pipeline or, with a models folder, an LRU of its models (ray_models.py), one GPU
+each when it has GPUs, the CPU otherwise.
 
     client -> Ray Serve proxy -> Ingress (create_app over RayBackend) -> DeploymentHandle -> Generator replicas
                                        \\-> JobBoard actor <- replicas report progress, read interrupts
@@ -31,6 +32,7 @@ from dataclasses import dataclass, fields, replace
 from ray import serve
 
 from sdrt.errors import InvalidOption, SdrtError
+from sdrt.server.ray_models import ray_extras
 from sdrt.server.ray_progress import JobBoard, Reporter
 
 INGRESS_MAX_ONGOING = 1000  # the ingress only waits on handles: requests it holds at once
@@ -43,7 +45,8 @@ log = logging.getLogger("ray.serve")  # Ray Serve's replica logger: the replica'
 class RayOptions:
     """The Ray Serve application's settings (`sdrt serve --ray` flags, `serve run ... key=value` args)."""
 
-    model: str  # an exported model folder, the same path on every node (shared storage)
+    model: str | None = None  # an exported model folder (the same path on every node), or with models_dir the
+    # default model's name in that folder
     backend: str | None = None  # each replica's Pipeline backend; None: auto on GPU replicas, else cpu (as sdrt serve)
     replicas: str = "1"  # a number, or "auto": Ray Serve's autoscaling between min and max
     min_replicas: int = 1
@@ -56,6 +59,10 @@ class RayOptions:
     max_ongoing_requests: int = 0  # per replica, waiting for a batch included; 0: 2 * max_batch_size
     max_queued_requests: int = 8  # at the ingress beyond what the replicas hold; then HTTP 429
     lora_dir: str | None = None  # a folder of LoRA files every replica offers (<lora:name:w>), on shared storage
+    models_dir: str | None = None  # a models folder (sdrt serve --models-dir): each replica an LRU of its models
+    max_loaded_models: int = 1  # each replica's LRU size (with models_dir)
+    models_memory: str | None = None  # each replica's LRU budget of weights ("12GB"; with models_dir)
+    vae_dir: str | None = None  # A1111's models/VAE (sd_vae): the ingress exports a VAE, replicas load the export
 
     @classmethod
     def from_args(cls, args: dict) -> "RayOptions":
@@ -64,11 +71,12 @@ class RayOptions:
         unknown = set(args) - set(known)
         if unknown:
             raise InvalidOption(sorted(unknown)[0], args[sorted(unknown)[0]], "one of " + ", ".join(known))
-        if "model" not in args:
-            raise InvalidOption("model", None, "an exported model folder")
+        if "model" not in args and args.get("models_dir") in (None, "", "none"):
+            raise InvalidOption("model", None, "an exported model folder (or models_dir: a folder of models)")
         typed = {}
         for name, value in args.items():
-            kind = {"model": str, "backend": str, "replicas": str, "lora_dir": str}.get(name)
+            kind = {"model": str, "backend": str, "replicas": str, "lora_dir": str, "models_dir": str,
+                    "models_memory": str, "vae_dir": str}.get(name)  # fmt: skip
             if kind is None:
                 kind = int if known[name].type in (int, "int") else float
             try:
@@ -82,12 +90,18 @@ class RayOptions:
             raise InvalidOption("replicas", self.replicas, "a positive number or auto")
         if not 1 <= self.min_replicas <= self.max_replicas:
             raise InvalidOption("min_replicas", self.min_replicas, f"1 to max_replicas ({self.max_replicas})")
-        for name in ("max_batch_size", "max_queued_requests", "target_ongoing_requests", "cpus_per_replica"):
+        names = ("max_batch_size", "max_queued_requests", "target_ongoing_requests", "cpus_per_replica",
+                 "max_loaded_models")  # fmt: skip
+        for name in names:
             if getattr(self, name) <= 0:
                 raise InvalidOption(name, getattr(self, name), "a positive number")
         for name in ("batch_wait_s", "gpus_per_replica", "max_ongoing_requests"):
             if (getattr(self, name) or 0) < 0:
                 raise InvalidOption(name, getattr(self, name), "0 or more")
+        if self.models_memory is not None:
+            from sdrt.engines.plan import parse_size
+
+            parse_size(self.models_memory, "models_memory")
         return self
 
     def ongoing(self) -> int:
@@ -128,10 +142,16 @@ def deployment_options(options: RayOptions) -> dict:
 class Generator:
     """One replica: one loaded Pipeline; one Pipeline call at a time; compatible txt2img requests batched."""
 
-    def __init__(self, model: str, backend: str, max_batch_size: int, batch_wait_s: float, lora_dir=None):
+    def __init__(self, model: str | None, backend: str, max_batch_size: int, batch_wait_s: float, lora_dir=None,
+                 lru: tuple = (1, None)):  # fmt: skip
+        """MODEL: the one exported folder, or None (a models folder): an LRU of LRU = (max_loaded, budget)."""
         from sdrt.runtime.pipeline import Pipeline
+        from sdrt.server.ray_models import ReplicaModels
 
-        self.pipe = Pipeline.load(model, backend=backend, loras=lora_dir)
+        def load(folder):
+            return Pipeline.load(folder, backend=backend, loras=lora_dir)
+
+        self.models = ReplicaModels(model, load, *lru)
         self.lock = asyncio.Lock()  # the Pipeline is not thread safe
         self.max_batch_size = max_batch_size
         self.batched.set_max_batch_size(max_batch_size)
@@ -159,14 +179,16 @@ class Generator:
         if self.max_batch_size < 2 or request is None or request.get("batch_size", 1) > self.max_batch_size:
             return None
         try:
-            return batching.batch_key(batching.options_of(self.pipe, request))
+            key = batching.batch_key(batching.options_of(self.models.options_holder(generation.model), request))
         except SdrtError:
             return None  # runs alone, where generate() names the bad option
+        return None if key is None else (self.models.key(generation.model), key)
 
     def run_alone(self, generation, board) -> list:
-        reporter = Reporter(board, self.pipe, [generation], [0])
+        pipe = self.models.pipeline(generation.model)  # loaded (the LRU's oldest unloaded) between jobs
+        reporter = Reporter(board, pipe, [generation], [0])
         try:
-            return generation.run(self.pipe, reporter)
+            return generation.run(pipe, reporter)
         finally:
             reporter.close()
 
@@ -194,9 +216,10 @@ class Generator:
         counts = [g.kwargs.get("batch_size", 1) for g in generations]
         offsets = [sum(counts[:i]) for i in range(len(counts))]
         log.info("sdrt batch: %d requests, %d images in one batched Pipeline call", len(generations), sum(counts))
-        reporter = Reporter(board, self.pipe, generations, offsets)
+        pipe = self.models.pipeline(generations[0].model)  # one model per batch key
+        reporter = Reporter(board, pipe, generations, offsets)
         try:
-            out = batching.generate_batch(self.pipe, [g.batch_request() for g in generations], callback=reporter)
+            out = batching.generate_batch(pipe, [g.batch_request() for g in generations], callback=reporter)
         finally:
             reporter.close()
         # an interrupted job gets what it gets alone: no images (its only batch did not finish)
@@ -211,8 +234,9 @@ def count_images(items: list) -> int:
 class RayBackend:
     """generation.py's backend seam over a Generator DeploymentHandle and the JobBoard."""
 
-    def __init__(self, generator, manifest, board, options: RayOptions):
+    def __init__(self, generator, manifest, board, options: RayOptions, models=None):
         self.generator, self.manifest, self.board, self.options = generator, manifest, board, options
+        self.models = models  # a models.ModelRegistry of options.models_dir (None: the one model's, app.py makes it)
         self.lora_dir = options.lora_dir  # what the replicas load (GET /sdapi/v1/loras lists it)
         self.mean_seconds = SECONDS_GUESS
 
@@ -257,26 +281,38 @@ class RayBackend:
 class Ingress:
     """The FastAPI app of `sdrt serve` (create_app) over a RayBackend; the JobBoard lives with it."""
 
-    def __init__(self, generator, options: RayOptions, limits, credentials):
+    def __init__(self, generator, options: RayOptions, limits, credentials, exporter=None, vae_exporter=None):
+        """EXPORTER(path) -> exported folder: how a models folder's checkpoints are exported (the CLI's cache);
+        VAE_EXPORTER(source, model, field) -> exported VAE folder: the same for vae_dir's VAEs."""
         import ray
 
         from sdrt.runtime.manifest import Manifest
+        from sdrt.server.ray_models import ingress_registry
 
         self.board = ray.remote(JobBoard).options(num_cpus=0).remote()
-        manifest = Manifest.load(options.model)
-        self.backend = RayBackend(generator, manifest, self.board, options)
-        self.limits, self.credentials = limits, credentials
+        models = ingress_registry(options.models_dir, exporter)
+        manifest = Manifest.load(options.model) if models is None else None
+        self.backend = RayBackend(generator, manifest, self.board, options, models)
+        self.limits, self.credentials, self.options = limits, credentials, options
+        self.extras = ray_extras(options, vae_exporter)
 
     def __serve_build_asgi_app__(self):
         from sdrt.server.app import create_app
+        from sdrt.server.ray_models import start_options
 
-        return create_app(limits=self.limits, credentials=self.credentials, backend=self.backend)
+        app = create_app(limits=self.limits, credentials=self.credentials, backend=self.backend, extras=self.extras)
+        if self.options.models_dir is not None:
+            start_options(app.state.server, self.options.model, self.options.max_loaded_models)
+        return app
 
 
 def with_defaults(options: RayOptions) -> RayOptions:
     """OPTIONS with an absolute model path, GPUs per replica (1 if the cluster has GPUs) and the replicas'
     backend: auto (the fastest engine) on GPU replicas, cpu on CPU replicas (sdrt serve's default: the same bits)."""
-    options = replace(options, model=os.path.abspath(options.model))
+    if options.models_dir is None:
+        options = replace(options, model=os.path.abspath(options.model))
+    else:
+        options = replace(options, models_dir=os.path.abspath(options.models_dir))
     if options.gpus_per_replica is None:
         options = replace(options, gpus_per_replica=1.0 if gpus_in_cluster() > 0 else 0.0)
     if options.backend is None:
@@ -284,8 +320,10 @@ def with_defaults(options: RayOptions) -> RayOptions:
     return options
 
 
-def build(options: RayOptions, limits=None, credentials: dict | None = None):
-    """The Ray Serve Application: the Ingress bound to the Generator deployment."""
+def build(options: RayOptions, limits=None, credentials: dict | None = None, exporter=None, vae_exporter=None):
+    """The Ray Serve Application: the Ingress bound to the Generator deployment; EXPORTER(path) -> exported folder
+    exports a models folder's checkpoints (None: its exported models only), VAE_EXPORTER vae_dir's VAEs."""
+    from sdrt.engines.plan import parse_size
     from sdrt.server.app import Limits
 
     options = with_defaults(options)
@@ -293,9 +331,11 @@ def build(options: RayOptions, limits=None, credentials: dict | None = None):
     ingress = serve.deployment(serve.ingress()(Ingress)).options(
         name="Ingress", num_replicas=1, max_ongoing_requests=INGRESS_MAX_ONGOING, ray_actor_options={"num_cpus": 0}
     )
-    bound = generator.bind(options.model, options.backend, options.max_batch_size, options.batch_wait_s,
-                           options.lora_dir)  # fmt: skip
-    return ingress.bind(bound, options, limits or Limits(), credentials)
+    budget = None if options.models_memory is None else parse_size(options.models_memory, "models_memory")
+    replica_model = options.model if options.models_dir is None else None  # a folder: each replica's LRU
+    bound = generator.bind(replica_model, options.backend, options.max_batch_size, options.batch_wait_s,
+                           options.lora_dir, (options.max_loaded_models, budget))  # fmt: skip
+    return ingress.bind(bound, options, limits or Limits(), credentials, exporter, vae_exporter)
 
 
 def build_app(args: dict):
@@ -308,9 +348,10 @@ def build_app(args: dict):
     return build(RayOptions.from_args(args), credentials=parse_credentials(auth) if auth else None)
 
 
-def serve_ray(options: RayOptions, host: str, port: int, api_auth: str | None, limits, address: str | None) -> int:
+def serve_ray(options: RayOptions, host: str, port: int, api_auth: str | None, limits, address: str | None,
+              exporter=None, vae_exporter=None) -> int:  # fmt: skip
     """`sdrt serve --ray`: connect to the cluster at ADDRESS (None: start a local one), run the app on HOST:PORT
-    through Ray Serve's proxy, and serve until interrupted."""
+    through Ray Serve's proxy, and serve until interrupted; EXPORTER: as build's."""
     import ray
 
     from sdrt.server.app import LOOPBACK, parse_credentials
@@ -319,7 +360,7 @@ def serve_ray(options: RayOptions, host: str, port: int, api_auth: str | None, l
     ray.init(address=address or "local", include_dashboard=False, logging_level="warning")
     try:
         serve.start(http_options={"host": host, "port": port})
-        serve.run(build(options, limits, credentials), name="sdrt", route_prefix="/")
+        serve.run(build(options, limits, credentials, exporter, vae_exporter), name="sdrt", route_prefix="/")
         if host not in LOOPBACK and not credentials:
             print(f"sdrt serve: note: {host} without --api-auth: whoever reaches this port can use it", file=sys.stderr)
         print(f"sdrt serve --ray: http://{host}:{port}/ (API docs at /docs)", file=sys.stderr, flush=True)
