@@ -91,16 +91,17 @@ def worker_generate(job: dict) -> dict:
     pipe = Pipeline.load(job["model_dir"], backend=job.get("backend", "cpu"))
     counters = {name: Counter(pipe.engines[name]) for name in UNET_GRAPHS}
     pipe.engines.update(counters)
-    times = {label: [] for label in CONFIGS}
+    configs = {label: CONFIGS[label] for label in job.get("configs") or CONFIGS}
+    times = {label: [] for label in configs}
     calls, images = {}, {}
-    for label, extra in CONFIGS.items():  # warm-up: every graph loaded, the calls counted once
+    for label, extra in configs.items():  # warm-up: every graph loaded, the calls counted once
         for c in counters.values():
             c.calls = c.rows = 0
         images[label] = np.asarray(pipe.generate(common.PROMPT, **generate_kwargs(job), **extra)[0]).astype(np.int16)
         calls[label] = {name: c.calls for name, c in counters.items()}
         calls[label]["rows"] = sum(c.rows for c in counters.values())
     for r in range(job["rounds"]):
-        for label, extra in CONFIGS.items():
+        for label, extra in configs.items():
             times[label].append(common.timed(lambda e=extra: pipe.generate(common.PROMPT, **generate_kwargs(job), **e)))
         common.log(f"  round {r + 1}: " + ", ".join(f"{k} {v[-1]:.1f} s" for k, v in times.items()))
     plain = images["plain"]
@@ -113,7 +114,7 @@ def worker_generate(job: dict) -> dict:
             "max_diff_255": int(np.abs(images[label] - plain).max()),
             "mean_diff_255": float(np.abs(images[label] - plain).mean()),
         }
-        for label in CONFIGS
+        for label in configs
     }
 
 
@@ -208,6 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode-sizes", type=int, nargs="+", default=[512, 1024])
     p.add_argument("--stages", nargs="+", default=["prepare", "generate", "previews", "decode"])
     p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--configs", nargs="+", choices=list(CONFIGS), help="the generate stage's configurations (default "
+                   "all; plain is always measured, as the reference)")  # fmt: skip
     p.add_argument("--backend", default="cpu", help="the engines' backend (cuda, tensorrt, openvino...)")
     p.add_argument("--output", type=Path, help="JSON path (default benchmarks/results/speed-<machine>.json)")
     return p
@@ -230,11 +233,13 @@ def main(argv=None) -> int:
         linked_copy(sd_dir / "onnx", model_dir)
     job = {"diffusers_dir": str(sd_dir / "diffusers"), "model_dir": str(model_dir), "out": str(args.out),
            "size": args.size, "steps": args.steps, "rounds": args.rounds, "seed": args.seed, "branch": args.branch,
-           "decode_sizes": args.decode_sizes, "backend": args.backend}  # fmt: skip
+           "decode_sizes": args.decode_sizes, "backend": args.backend,
+           "configs": ["plain", *[c for c in args.configs or CONFIGS if c != "plain"]]}  # fmt: skip
     command = " ".join(["python -m sdrt.bench.speed", *(argv if argv is not None else sys.argv[1:])])
     report = {"benchmark": "speed", "date": common.now_iso(), "machine": machine, "model": args.model,
               "shared_machine": True, "sampler": common.SAMPLER, "cfg_scale": common.CFG_SCALE,
-              "settings": {k: job[k] for k in ("size", "steps", "rounds", "seed", "branch", "decode_sizes", "backend")},
+              "settings": {k: job[k] for k in ("size", "steps", "rounds", "seed", "branch", "decode_sizes", "backend",
+                                              "configs")},
               "command": command}  # fmt: skip
     output = args.output or common.RESULTS_DIR / f"speed-{machine['slug']}.json"
     for stage in args.stages:
