@@ -64,6 +64,19 @@ def worker_prepare_taesd(job: dict) -> dict:
     return {"taesd_decoder_parameters": 1_222_531}
 
 
+def worker_prepare_approx(job: dict) -> dict:
+    """A1111's Approx NN network with random weights (its file's layout: a state dict) added to the copy."""
+    import torch
+
+    from sdrt.export.vae_approx import add_vae_approx, approx_network
+
+    torch.manual_seed(0)
+    path = Path(job["out"]) / "vae-approx-random.pt"
+    torch.save(approx_network(4).state_dict(), path)
+    add_vae_approx(str(path), job["model_dir"], progress=False)
+    return {"vae_approx_parameters": sum(p.numel() for p in approx_network(4).parameters())}
+
+
 class Counter:
     """An engine's run(feeds), counted."""
 
@@ -131,6 +144,8 @@ def worker_decode(job: dict) -> dict:
         latents = rng.standard_normal((1, 4, size // 8, size // 8)).astype(np.float32)
         decoders = {"full VAE": lambda z=latents: pipe.decode(z), "TAESD": lambda z=latents: pipe.decode(z, "taesd"),
                     "Approx cheap": lambda z=latents: pipe.preview(z, "Approx cheap")}  # fmt: skip
+        if "vae_approx" in pipe.manifest.models:
+            decoders["Approx NN"] = lambda z=latents: pipe.preview(z, "Approx NN")
         for fn in decoders.values():
             fn()  # warm-up
         times = {name: [] for name in decoders}
@@ -174,8 +189,8 @@ def worker_previews(job: dict) -> dict:
     }  # fmt: skip
 
 
-WORKERS = {"prepare": worker_prepare, "prepare_taesd": worker_prepare_taesd, "generate": worker_generate,
-           "decode": worker_decode, "previews": worker_previews}  # fmt: skip
+WORKERS = {"prepare": worker_prepare, "prepare_taesd": worker_prepare_taesd, "prepare_approx": worker_prepare_approx,
+           "generate": worker_generate, "decode": worker_decode, "previews": worker_previews}  # fmt: skip
 
 
 def markdown(report: dict, part: str) -> str:
@@ -190,9 +205,11 @@ def markdown(report: dict, part: str) -> str:
             rows.append(f"| {label} | {r['median_s']:.1f} | {r['speedup']:.2f}x | {calls} | {diff} |")
         return "\n".join(rows)
     if part == "decode":
-        rows = ["| size | full VAE (s) | TAESD (s) | Approx cheap (s) | full / TAESD |", "|---|---|---|---|---|"]
+        rows = ["| size | full VAE (s) | TAESD (s) | Approx NN (s) | Approx cheap (s) | full / TAESD |",
+                "|---|---|---|---|---|---|"]  # fmt: skip
         for size, r in report["decode"].items():
-            rows.append(f"| {size} | {r['full VAE']['median_s']:.3f} | {r['TAESD']['median_s']:.3f} | "
+            nn = f"{r['Approx NN']['median_s']:.3f}" if "Approx NN" in r else "-"
+            rows.append(f"| {size} | {r['full VAE']['median_s']:.3f} | {r['TAESD']['median_s']:.3f} | {nn} | "
                         f"{r['Approx cheap']['median_s']:.4f} | {r['full/taesd']:.1f}x |")  # fmt: skip
         return "\n".join(rows)
     rows = ["| previews | txt2img (s) | previews decoded | vs no poller |", "|---|---|---|---|"]

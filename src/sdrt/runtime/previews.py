@@ -7,8 +7,10 @@ size; its graph is the manifest's optional "taesd_decoder" model (export/taesd.p
   Full          the model's VAE decoder
   Approx cheap  a fixed linear map of the 4 latent channels to RGB at the latent size (sd_vae_approx.py's
                 coefficients for SD 1.x/2.x and for SDXL), no model at all
-  Approx NN     A1111's small convolutional approximation: its weights are not part of any model sdrt exports, so
-                sdrt serves TAESD in its place when the folder has it, else Approx cheap
+  Approx NN     A1111's small convolutional network (sd_vae_approx.py's VAEApprox), the folder's optional
+                "vae_approx" graph exported from the file A1111 users have (export/vae_approx.py): images at twice
+                the latent size. A folder without it serves TAESD in its place, else Approx cheap (A1111 downloads
+                the file instead; sdrt cannot, and the server's default method must work on every folder)
   TAESD         the taesd_decoder graph (Approx cheap when the folder has none)
 """
 
@@ -18,6 +20,7 @@ from sdrt.errors import ModelError
 from sdrt.runtime.modelspec import ModelSpec, TensorSpec
 
 TAESD_DECODER = "taesd_decoder"
+VAE_APPROX = "vae_approx"  # A1111's Approx NN
 PREVIEW_METHODS = ("Full", "Approx NN", "Approx cheap", "TAESD")
 PREVIEW_CONTENTS = ("Combined", "Prompt", "Negative prompt")  # A1111's live_preview_content
 VAE_DECODERS = {"full": "Full", "taesd": "TAESD"}  # sdrt's `vae` option -> A1111's sd_vae_decode_method
@@ -42,6 +45,15 @@ def taesd_decoder_spec(latent_channels: int) -> ModelSpec:
     )
 
 
+def vae_approx_spec(latent_channels: int) -> ModelSpec:
+    """A1111's Approx NN: the UNet's (scaled) latents -> image roughly in [-1, 1] at twice the latent size."""
+    return ModelSpec(
+        VAE_APPROX,
+        inputs=(TensorSpec("latent_sample", "float32", ("batch", latent_channels, "latent_height", "latent_width")),),
+        outputs=(TensorSpec("sample", "float32", ("batch", 3, "height", "width")),),
+    )
+
+
 def has_taesd(manifest) -> bool:
     return TAESD_DECODER in manifest.models
 
@@ -58,6 +70,12 @@ def taesd_decode(manifest, engines: dict, latents: np.ndarray) -> np.ndarray:
     return np.concatenate([engine.run({"latent_sample": z[i : i + 1]})["sample"] for i in range(len(z))])
 
 
+def approx_nn(engines: dict, latents: np.ndarray) -> np.ndarray:
+    """A1111's Approx NN: (B, C, h, w) latents -> (B, 3, 2h, 2w) float32 images roughly in [-1, 1], one a call."""
+    z = latents.astype(np.float32)
+    return np.concatenate([engines[VAE_APPROX].run({"latent_sample": z[i : i + 1]})["sample"] for i in range(len(z))])
+
+
 def cheap_approximation(coefficients: np.ndarray, latents: np.ndarray) -> np.ndarray:
     """A1111's "Approx cheap": (B, C, h, w) latents -> (B, 3, h, w) float32 roughly in [-1, 1], by the family's
     (C, 3) COEFFICIENTS."""
@@ -67,7 +85,9 @@ def cheap_approximation(coefficients: np.ndarray, latents: np.ndarray) -> np.nda
 
 
 def preview_method(manifest, method: str) -> str:
-    """The method that will run for METHOD on this model (Approx NN and a missing TAESD fall back, as documented)."""
+    """The method that will run for METHOD on this model (a missing Approx NN or TAESD falls back, as documented)."""
+    if method == "Approx NN" and VAE_APPROX in manifest.models:
+        return method
     if method in ("Approx NN", "TAESD"):
         return "TAESD" if has_taesd(manifest) else "Approx cheap"
     return method
@@ -75,12 +95,14 @@ def preview_method(manifest, method: str) -> str:
 
 def preview_images(model, latents: np.ndarray, method: str = "TAESD") -> np.ndarray:
     """(B, C, h, w) latents -> (B, 3, H, W) float32 images in [-1, 1] by A1111's preview METHOD (PREVIEW_METHODS) on
-    MODEL (generation.Model); Approx cheap gives latent-sized images (h, w)."""
+    MODEL (generation.Model); Approx cheap gives latent-sized images (h, w), Approx NN twice that."""
     if method not in PREVIEW_METHODS:
         from sdrt.errors import InvalidOption
 
         raise InvalidOption("show_progress_type", method, ", ".join(PREVIEW_METHODS))
     method = preview_method(model.manifest, method)
+    if method == "Approx NN":
+        return approx_nn(model.engines, latents)
     if method == "TAESD":
         return taesd_decode(model.manifest, model.engines, latents)
     if method == "Approx cheap":
