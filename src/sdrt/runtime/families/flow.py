@@ -17,6 +17,7 @@ from sdrt.runtime.flow_conditioning import FluxConditioner, Sd3Conditioner, T5Te
 from sdrt.runtime.flow_models import PACK, FluxModel, Sd3Model
 from sdrt.runtime.flow_samplers import FLOW_VARIANTS
 from sdrt.runtime.flow_specs import TRANSFORMER
+from sdrt.runtime.previews import FLUX_PREVIEW_RGB, SD3_PREVIEW_RGB
 
 # The samplers of these families: the deterministic ones run on flow sigmas as they are; Euler a in its rectified-flow
 # form (flow_samplers.py). The other ancestral and SDE samplers add noise in the variance-exploding form (not yet).
@@ -88,6 +89,7 @@ class SD3(FlowFamily):
     """SD 3 / 3.5 (Medium, Large, Large Turbo): MMDiT, CLIP-L + OpenCLIP bigG + optional T5-XXL, CFG."""
 
     name, title = "sd3", "SD 3.5"
+    preview_rgb = SD3_PREVIEW_RGB
 
     def conditioner(self, manifest, engines, embeddings):
         facts = manifest.family_config
@@ -111,6 +113,7 @@ class Flux(FlowFamily):
 
     name, title = "flux", "FLUX.1"
     spacing, patch = "sigmas", PACK
+    preview_rgb = FLUX_PREVIEW_RGB
 
     def conditioner(self, manifest, engines, embeddings):
         facts = manifest.family_config
