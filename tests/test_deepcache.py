@@ -184,8 +184,6 @@ def test_refusals(tiny_pipeline, deepcache_pipeline):
         tiny_pipeline.generate(PROMPT, steps=2, deepcache_interval=3, progress=False)
     with pytest.raises(InvalidOption, match="deepcache_branch: got 2"):
         deepcache_pipeline.generate(PROMPT, steps=2, deepcache_interval=3, deepcache_branch=2, progress=False)
-    with pytest.raises(InvalidOption, match="LoRAs"):
-        deepcache_pipeline.generate(PROMPT + " <lora:some:1>", steps=2, deepcache_interval=3, progress=False)
 
 
 def test_a1111_settings_and_extension_names():
