@@ -184,6 +184,13 @@ def test_refusals(tiny_pipeline, deepcache_pipeline):
         tiny_pipeline.generate(PROMPT, steps=2, deepcache_interval=3, progress=False)
     with pytest.raises(InvalidOption, match="deepcache_branch: got 2"):
         deepcache_pipeline.generate(PROMPT, steps=2, deepcache_interval=3, deepcache_branch=2, progress=False)
+    from PIL import Image
+
+    from sdrt.runtime.controlnet import ControlNetUnit
+
+    unit = ControlNetUnit("some-controlnet", Image.new("RGB", (64, 64)))
+    with pytest.raises(InvalidOption, match="deepcache_interval.*ControlNet units: the cached deep feature"):
+        deepcache_pipeline.generate(PROMPT, steps=2, deepcache_interval=3, controlnets=[unit], progress=False)
 
 
 def test_a1111_settings_and_extension_names():

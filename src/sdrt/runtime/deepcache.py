@@ -45,7 +45,9 @@ def check_options(o: dict, manifest) -> None:
         allowed = f"{branch} (the branch {manifest.folder} was exported at)"
         raise InvalidOption("deepcache_branch", o["deepcache_branch"], allowed)
     if o["controlnets"]:
-        raise InvalidOption("deepcache_interval", o["deepcache_interval"], "0 (off) with ControlNet units")
+        allowed = ("0 (off) with ControlNet units: the cached deep feature would carry the residuals of an earlier "
+                   "step (as in A1111's DeepCache extension, which does not take ControlNet either)")  # fmt: skip
+        raise InvalidOption("deepcache_interval", o["deepcache_interval"], allowed)
     if parse_prompt(o["prompt"])[1] and not takes_loras(manifest):
         allowed = (f"0 (off) with LoRAs in the prompt: {manifest.folder}'s DeepCache graphs have no weight maps; "
                    "export them again with this sdrt (sdrt export SOURCE -o DIR --deepcache BRANCH)")  # fmt: skip
