@@ -290,3 +290,15 @@ def test_img2img_and_low_vram(deepcache_model, start_latents):
     init = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
     out = staged.generate(PROMPT, init_image=init, strength=0.6, steps=10, deepcache_interval=2, progress=False)
     assert out[0].size == (64, 64) and "DeepCache interval: 2" in out[0].info["parameters"]
+
+
+def test_full_graph_stands_in_for_the_unet(deepcache_model, start_latents):
+    """The speed benchmark's --plain-through-deepcache: plain images through DeepCache's full graph are the plain
+    UNet's (full-size SDXL then holds one UNet's weights, not two)."""
+    from sdrt import Pipeline
+    from sdrt.bench.speed import FullGraphAsUnet
+
+    pipe = Pipeline.load(deepcache_model)
+    plain, _ = generate(pipe, start_latents)
+    pipe.engines["unet"] = FullGraphAsUnet(pipe.engines["unet_deepcache"])
+    assert max_diff(generate(pipe, start_latents)[0], plain) <= 1

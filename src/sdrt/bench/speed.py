@@ -91,6 +91,20 @@ class Counter:
         return getattr(self.engine, name)
 
 
+class FullGraphAsUnet:
+    """DeepCache's full graph standing in for the UNet: the same output (tests/test_deepcache.py), the feature
+    dropped."""
+
+    def __init__(self, full):
+        self.full = full
+
+    def run(self, feeds):
+        return {"out_sample": self.full.run(feeds)["out_sample"]}
+
+    def __getattr__(self, name):
+        return getattr(self.full, name)
+
+
 def generate_kwargs(job: dict) -> dict:
     return dict(negative_prompt=common.NEGATIVE_PROMPT, width=job["size"], height=job["size"], steps=job["steps"],
                 cfg_scale=common.CFG_SCALE, sampler=common.SAMPLER, seed=job["seed"], progress=False)  # fmt: skip
@@ -102,6 +116,8 @@ def worker_generate(job: dict) -> dict:
     from sdrt.runtime.pipeline import Pipeline
 
     pipe = Pipeline.load(job["model_dir"], backend=job.get("backend", "cpu"))
+    if job.get("plain_through_deepcache"):  # the plain UNet never loaded: one UNet's weights in memory, not two
+        pipe.engines["unet"] = FullGraphAsUnet(pipe.engines["unet_deepcache"])
     counters = {name: Counter(pipe.engines[name]) for name in UNET_GRAPHS}
     pipe.engines.update(counters)
     configs = {label: CONFIGS[label] for label in job.get("configs") or CONFIGS}
@@ -228,6 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--configs", nargs="+", choices=list(CONFIGS), help="the generate stage's configurations (default "
                    "all; plain is always measured, as the reference)")  # fmt: skip
+    p.add_argument("--plain-through-deepcache", action="store_true", help="run the plain images through DeepCache's "
+                   "full graph (same output), so the plain UNet is never loaded: full-size SDXL in half the memory")
     p.add_argument("--backend", default="cpu", help="the engines' backend (cuda, tensorrt, openvino...)")
     p.add_argument("--output", type=Path, help="JSON path (default benchmarks/results/speed-<machine>.json)")
     return p
@@ -251,12 +269,13 @@ def main(argv=None) -> int:
     job = {"diffusers_dir": str(sd_dir / "diffusers"), "model_dir": str(model_dir), "out": str(args.out),
            "size": args.size, "steps": args.steps, "rounds": args.rounds, "seed": args.seed, "branch": args.branch,
            "decode_sizes": args.decode_sizes, "backend": args.backend,
-           "configs": ["plain", *[c for c in args.configs or CONFIGS if c != "plain"]]}  # fmt: skip
+           "configs": ["plain", *[c for c in args.configs or CONFIGS if c != "plain"]],
+           "plain_through_deepcache": args.plain_through_deepcache}  # fmt: skip
     command = " ".join(["python -m sdrt.bench.speed", *(argv if argv is not None else sys.argv[1:])])
     report = {"benchmark": "speed", "date": common.now_iso(), "machine": machine, "model": args.model,
               "shared_machine": True, "sampler": common.SAMPLER, "cfg_scale": common.CFG_SCALE,
               "settings": {k: job[k] for k in ("size", "steps", "rounds", "seed", "branch", "decode_sizes", "backend",
-                                              "configs")},
+                                              "configs", "plain_through_deepcache")},
               "command": command}  # fmt: skip
     output = args.output or common.RESULTS_DIR / f"speed-{machine['slug']}.json"
     for stage in args.stages:
