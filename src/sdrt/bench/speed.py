@@ -123,15 +123,29 @@ def worker_generate(job: dict) -> dict:
     configs = {label: CONFIGS[label] for label in job.get("configs") or CONFIGS}
     times = {label: [] for label in configs}
     calls, images = {}, {}
-    for label, extra in configs.items():  # warm-up: every graph loaded, the calls counted once
+
+    def run(label: str, record: bool, **override) -> float:
+        """One image of configuration LABEL, timed; with RECORD its image and UNet calls kept."""
         for c in counters.values():
             c.calls = c.rows = 0
-        images[label] = np.asarray(pipe.generate(common.PROMPT, **generate_kwargs(job), **extra)[0]).astype(np.int16)
-        calls[label] = {name: c.calls for name, c in counters.items()}
-        calls[label]["rows"] = sum(c.rows for c in counters.values())
+        start = time.perf_counter()
+        out = pipe.generate(common.PROMPT, **{**generate_kwargs(job), **configs[label], **override})
+        elapsed = time.perf_counter() - start
+        if record:
+            images[label] = np.asarray(out[0]).astype(np.int16)
+            calls[label] = {name: c.calls for name, c in counters.items()}
+            calls[label]["rows"] = sum(c.rows for c in counters.values())
+        return elapsed
+
+    short = job.get("warmup_steps")  # warm-up of that many steps (the graphs loaded), calls counted in round 1
+    for label in configs:  # warm-up: every graph loaded
+        if short:
+            run(label, False, steps=short, **({} if label in ("plain", "TAESD decoder") else {"output_type": "latent"}))
+        else:
+            run(label, True)
     for r in range(job["rounds"]):
-        for label, extra in configs.items():
-            times[label].append(common.timed(lambda e=extra: pipe.generate(common.PROMPT, **generate_kwargs(job), **e)))
+        for label in configs:
+            times[label].append(run(label, bool(short) and r == 0))
         common.log(f"  round {r + 1}: " + ", ".join(f"{k} {v[-1]:.1f} s" for k, v in times.items()))
     plain = images["plain"]
     return {
@@ -244,6 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--configs", nargs="+", choices=list(CONFIGS), help="the generate stage's configurations (default "
                    "all; plain is always measured, as the reference)")  # fmt: skip
+    p.add_argument("--warmup-steps", type=int, help="warm up each configuration with this many steps (default: a whole "
+                   "image, which also counts the calls); the calls and images are then round 1's")
     p.add_argument("--plain-through-deepcache", action="store_true", help="run the plain images through DeepCache's "
                    "full graph (same output), so the plain UNet is never loaded: full-size SDXL in half the memory")
     p.add_argument("--backend", default="cpu", help="the engines' backend (cuda, tensorrt, openvino...)")
@@ -270,12 +286,12 @@ def main(argv=None) -> int:
            "size": args.size, "steps": args.steps, "rounds": args.rounds, "seed": args.seed, "branch": args.branch,
            "decode_sizes": args.decode_sizes, "backend": args.backend,
            "configs": ["plain", *[c for c in args.configs or CONFIGS if c != "plain"]],
-           "plain_through_deepcache": args.plain_through_deepcache}  # fmt: skip
+           "plain_through_deepcache": args.plain_through_deepcache, "warmup_steps": args.warmup_steps}  # fmt: skip
     command = " ".join(["python -m sdrt.bench.speed", *(argv if argv is not None else sys.argv[1:])])
     report = {"benchmark": "speed", "date": common.now_iso(), "machine": machine, "model": args.model,
               "shared_machine": True, "sampler": common.SAMPLER, "cfg_scale": common.CFG_SCALE,
               "settings": {k: job[k] for k in ("size", "steps", "rounds", "seed", "branch", "decode_sizes", "backend",
-                                              "configs", "plain_through_deepcache")},
+                                              "configs", "plain_through_deepcache", "warmup_steps")},
               "command": command}  # fmt: skip
     output = args.output or common.RESULTS_DIR / f"speed-{machine['slug']}.json"
     for stage in args.stages:
