@@ -163,3 +163,13 @@ def test_cli_refuses_a_bad_file(tiny_sd, tmp_path, capsys):
     assert main(["export", "unused-source", "-o", str(folder), "--vae-approx", str(tmp_path / "nope.txt")]) == 2
     assert "--vae-approx" in capsys.readouterr().err
     assert "vae_approx" not in (folder / "model.json").read_text()
+
+
+def test_approx_nn_low_vram(approx_model, approx_file):
+    """Staged engines (low VRAM): the Approx NN graph runs as the others do."""
+    from sdrt import Pipeline
+
+    staged = Pipeline.load(approx_model, low_vram=True)
+    latents = np.random.default_rng(4).standard_normal((1, 4, 8, 8)).astype(np.float32)
+    got = np.asarray(staged.preview(latents, "Approx NN")[0])[None]
+    assert max_diff(got, reference_image(approx_file[0], latents)) <= PIXEL_TOL
