@@ -87,3 +87,19 @@ def test_graphs_without_weight_maps_refuse_loras(lora_case, tmp_path):
     with pytest.raises(InvalidOption, match="deepcache_interval.*no weight maps"):
         pipeline.generate(f"{PROMPT} <lora:locon:1>", steps=2, deepcache_interval=3, progress=False)
     pipeline.generate(f"{PROMPT} <lora:locon:1>", steps=2, width=64, height=64, progress=False)
+
+
+def test_deepcache_with_lora_on_openvino(lora_case):
+    """OpenVINO takes LoRA weights as inputs, made replaceable before the first merge: DeepCache's graphs too."""
+    pytest.importorskip("openvino")
+    from sdrt import Pipeline
+
+    folder, loras, _ = lora_case
+    latents = np.random.default_rng(3).standard_normal((1, 4, 8, 8)).astype(np.float32)
+    prompt = f"{PROMPT} <lora:locon:{WEIGHT}>"
+    images = {}
+    for backend in ("cpu", "openvino-f32"):
+        pipeline = Pipeline.load(folder, loras=loras, backend=backend)
+        got = pipeline.generate(prompt, latents=latents, progress=False, deepcache_interval=3, **KW)
+        images[backend] = np.asarray(got[0])[None]
+    assert max_diff(images["openvino-f32"], images["cpu"]) <= PIXEL_TOL

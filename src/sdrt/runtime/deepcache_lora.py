@@ -8,10 +8,13 @@ weights would. DeepCache graphs exported before the weight maps (no "weight_map"
 deepcache.check_options refuses LoRAs with DeepCache on them.
 """
 
+import weakref
+
 from sdrt.errors import ModelError
 from sdrt.runtime.deepcache import DEEPCACHE_FULL, DEEPCACHE_SHALLOW
 
 DENOISER_PART = "unet"  # the LoRA part whose updates DeepCache's graphs share
+_prepared = weakref.WeakSet()  # engines whose mapped weights were made replaceable (Loras.prepare_engines' step)
 
 
 def takes_loras(manifest) -> bool:
@@ -40,4 +43,8 @@ def merge_into_deepcache(loras, part: str, signature: tuple) -> None:
                 term = target.update.term(target.shape, weight, transposed=layer["layout"] == "io")
                 updates.setdefault(layer["initializer"], []).append(term)
         loras.check_engine(graph)
-        loras.engines[graph].merge_weights(updates)
+        engine = loras.engines[graph]
+        if engine.capabilities.prepared_weights and engine not in _prepared:  # OpenVINO: its base values mapped first
+            engine.prepare_weights(sorted({layer["initializer"] for layer in graph_map.values()}))
+            _prepared.add(engine)
+        engine.merge_weights(updates)
