@@ -184,8 +184,13 @@ def test_refusals(tiny_pipeline, deepcache_pipeline):
         tiny_pipeline.generate(PROMPT, steps=2, deepcache_interval=3, progress=False)
     with pytest.raises(InvalidOption, match="deepcache_branch: got 2"):
         deepcache_pipeline.generate(PROMPT, steps=2, deepcache_interval=3, deepcache_branch=2, progress=False)
-    with pytest.raises(InvalidOption, match="LoRAs"):
-        deepcache_pipeline.generate(PROMPT + " <lora:some:1>", steps=2, deepcache_interval=3, progress=False)
+    from PIL import Image
+
+    from sdrt.runtime.controlnet import ControlNetUnit
+
+    unit = ControlNetUnit("some-controlnet", Image.new("RGB", (64, 64)))
+    with pytest.raises(InvalidOption, match="deepcache_interval.*ControlNet units: the cached deep feature"):
+        deepcache_pipeline.generate(PROMPT, steps=2, deepcache_interval=3, controlnets=[unit], progress=False)
 
 
 def test_a1111_settings_and_extension_names():
@@ -285,3 +290,15 @@ def test_img2img_and_low_vram(deepcache_model, start_latents):
     init = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
     out = staged.generate(PROMPT, init_image=init, strength=0.6, steps=10, deepcache_interval=2, progress=False)
     assert out[0].size == (64, 64) and "DeepCache interval: 2" in out[0].info["parameters"]
+
+
+def test_full_graph_stands_in_for_the_unet(deepcache_model, start_latents):
+    """The speed benchmark's --plain-through-deepcache: plain images through DeepCache's full graph are the plain
+    UNet's (full-size SDXL then holds one UNet's weights, not two)."""
+    from sdrt import Pipeline
+    from sdrt.bench.speed import FullGraphAsUnet
+
+    pipe = Pipeline.load(deepcache_model)
+    plain, _ = generate(pipe, start_latents)
+    pipe.engines["unet"] = FullGraphAsUnet(pipe.engines["unet_deepcache"])
+    assert max_diff(generate(pipe, start_latents)[0], plain) <= 1

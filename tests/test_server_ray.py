@@ -410,6 +410,27 @@ def test_ray_progress_and_interrupt_by_task_id(ray_server):
     assert idle["state"]["job"] == "" and idle["progress"] == 0
 
 
+def test_ray_live_preview_when_polled(ray_server):
+    """A poll asking for current_image gets a preview decoded on the replica (lazily: test_ray_previews.py)."""
+    result = {}
+
+    def long_job():
+        result["res"] = ray_server.post("/sdapi/v1/txt2img", {"prompt": "preview", **SMALL, "steps": 150, "seed": 2,
+                                                              "force_task_id": "task(preview)"})  # fmt: skip
+
+    thread = threading.Thread(target=long_job)
+    thread.start()
+    deadline, image = time.monotonic() + 60, None
+    while time.monotonic() < deadline and image is None:
+        progress = ray_server.get("/sdapi/v1/progress", params={"id_task": "task(preview)",
+                                                               "skip_current_image": "false"}).json()  # fmt: skip
+        image = progress["current_image"]
+        time.sleep(0.05)
+    assert ray_server.post("/sdapi/v1/interrupt?id_task=task(preview)").status_code == 200
+    thread.join(60)
+    assert image is not None and decode_b64(image).size == (8, 8)  # Approx NN -> Approx cheap: latent-sized
+
+
 def test_ray_fuzz(ray_server):
     """Schemathesis over the Ray app's schema (the same as sdrt serve's): no undeclared 5xx, no hang, alive after."""
     from openapi_fuzz import fuzz

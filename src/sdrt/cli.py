@@ -54,7 +54,9 @@ def add_export_parser(sub) -> None:
     p.add_argument("--deepcache", type=int, metavar="BRANCH", help="also DeepCache's full and shallow UNet graphs, "
                    "caching at skip branch BRANCH (0: shallowest, fastest); on an exported folder: add them")
     p.add_argument("--taesd", help="also TAESD's decoder (AutoencoderTiny folder, hub id, taesd_decoder.pth or "
-                   ".safetensors) for live previews and --vae taesd; on an exported folder: add it")  # fmt: skip
+                   ".safetensors) for live previews and --vae taesd; on an exported folder: add it")
+    p.add_argument("--vae-approx", metavar="FILE", help="also A1111's Approx NN live preview network (its "
+                   "VAE-approx/model.pt or vaeapprox-sdxl.pt); on an exported folder: add it")  # fmt: skip
     p.set_defaults(func=commands.cmd_export)
 
 

@@ -19,9 +19,9 @@ def cmd_export(args) -> int:
         raise SdrtError(f"`sdrt export` needs the export extra: pip install 'sdrt[export]' ({e})") from None
     if cli_controlnet.export_unet_controlnet(args):  # --controlnet on a model already exported: add the graph
         return 0
-    adding = args.taesd or args.deepcache is not None
+    adding = args.taesd or args.vae_approx or args.deepcache is not None
     if adding and not args.overwrite and (Path(args.output) / "model.json").is_file():
-        return export_additions(args)  # --taesd / --deepcache on a model already exported: add those graphs only
+        return export_additions(args)  # --taesd / --vae-approx / --deepcache on an exported model: those graphs only
     manifest = export(
         args.source,
         args.output,
@@ -35,7 +35,7 @@ def cmd_export(args) -> int:
         deepcache=args.deepcache,
     )
     print(f"exported {manifest.family} model ({manifest.precision}) to {args.output}")
-    if args.taesd:
+    if args.taesd or args.vae_approx:
         export_additions(argparse.Namespace(**{**vars(args), "deepcache": None}))
     if args.optimize != "none":
         cmd_optimize(argparse.Namespace(model_dir=args.output, target=args.optimize, models=None, no_verify=False))
@@ -48,7 +48,7 @@ def cmd_export(args) -> int:
 
 
 def export_additions(args) -> int:
-    """--taesd and --deepcache on an exported folder: their graphs added to it."""
+    """--taesd, --vae-approx and --deepcache on an exported folder: their graphs added to it."""
     if args.deepcache is not None:
         from sdrt.export.deepcache import add_deepcache
 
@@ -60,6 +60,11 @@ def export_additions(args) -> int:
 
         add_taesd(args.taesd, args.output)
         print(f"{args.output}: TAESD decoder added (previews, --vae taesd)")
+    if args.vae_approx:
+        from sdrt.export.vae_approx import add_vae_approx
+
+        add_vae_approx(args.vae_approx, args.output)
+        print(f"{args.output}: Approx NN added (live previews)")
     return 0
 
 

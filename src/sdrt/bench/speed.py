@@ -64,6 +64,19 @@ def worker_prepare_taesd(job: dict) -> dict:
     return {"taesd_decoder_parameters": 1_222_531}
 
 
+def worker_prepare_approx(job: dict) -> dict:
+    """A1111's Approx NN network with random weights (its file's layout: a state dict) added to the copy."""
+    import torch
+
+    from sdrt.export.vae_approx import add_vae_approx, approx_network
+
+    torch.manual_seed(0)
+    path = Path(job["out"]) / "vae-approx-random.pt"
+    torch.save(approx_network(4).state_dict(), path)
+    add_vae_approx(str(path), job["model_dir"], progress=False)
+    return {"vae_approx_parameters": sum(p.numel() for p in approx_network(4).parameters())}
+
+
 class Counter:
     """An engine's run(feeds), counted."""
 
@@ -78,6 +91,20 @@ class Counter:
         return getattr(self.engine, name)
 
 
+class FullGraphAsUnet:
+    """DeepCache's full graph standing in for the UNet: the same output (tests/test_deepcache.py), the feature
+    dropped."""
+
+    def __init__(self, full):
+        self.full = full
+
+    def run(self, feeds):
+        return {"out_sample": self.full.run(feeds)["out_sample"]}
+
+    def __getattr__(self, name):
+        return getattr(self.full, name)
+
+
 def generate_kwargs(job: dict) -> dict:
     return dict(negative_prompt=common.NEGATIVE_PROMPT, width=job["size"], height=job["size"], steps=job["steps"],
                 cfg_scale=common.CFG_SCALE, sampler=common.SAMPLER, seed=job["seed"], progress=False)  # fmt: skip
@@ -89,19 +116,36 @@ def worker_generate(job: dict) -> dict:
     from sdrt.runtime.pipeline import Pipeline
 
     pipe = Pipeline.load(job["model_dir"], backend=job.get("backend", "cpu"))
+    if job.get("plain_through_deepcache"):  # the plain UNet never loaded: one UNet's weights in memory, not two
+        pipe.engines["unet"] = FullGraphAsUnet(pipe.engines["unet_deepcache"])
     counters = {name: Counter(pipe.engines[name]) for name in UNET_GRAPHS}
     pipe.engines.update(counters)
-    times = {label: [] for label in CONFIGS}
+    configs = {label: CONFIGS[label] for label in job.get("configs") or CONFIGS}
+    times = {label: [] for label in configs}
     calls, images = {}, {}
-    for label, extra in CONFIGS.items():  # warm-up: every graph loaded, the calls counted once
+
+    def run(label: str, record: bool, **override) -> float:
+        """One image of configuration LABEL, timed; with RECORD its image and UNet calls kept."""
         for c in counters.values():
             c.calls = c.rows = 0
-        images[label] = np.asarray(pipe.generate(common.PROMPT, **generate_kwargs(job), **extra)[0]).astype(np.int16)
-        calls[label] = {name: c.calls for name, c in counters.items()}
-        calls[label]["rows"] = sum(c.rows for c in counters.values())
+        start = time.perf_counter()
+        out = pipe.generate(common.PROMPT, **{**generate_kwargs(job), **configs[label], **override})
+        elapsed = time.perf_counter() - start
+        if record:
+            images[label] = np.asarray(out[0]).astype(np.int16)
+            calls[label] = {name: c.calls for name, c in counters.items()}
+            calls[label]["rows"] = sum(c.rows for c in counters.values())
+        return elapsed
+
+    short = job.get("warmup_steps")  # warm-up of that many steps (the graphs loaded), calls counted in round 1
+    for label in configs:  # warm-up: every graph loaded
+        if short:
+            run(label, False, steps=short, **({} if label in ("plain", "TAESD decoder") else {"output_type": "latent"}))
+        else:
+            run(label, True)
     for r in range(job["rounds"]):
-        for label, extra in CONFIGS.items():
-            times[label].append(common.timed(lambda e=extra: pipe.generate(common.PROMPT, **generate_kwargs(job), **e)))
+        for label in configs:
+            times[label].append(run(label, bool(short) and r == 0))
         common.log(f"  round {r + 1}: " + ", ".join(f"{k} {v[-1]:.1f} s" for k, v in times.items()))
     plain = images["plain"]
     return {
@@ -113,7 +157,7 @@ def worker_generate(job: dict) -> dict:
             "max_diff_255": int(np.abs(images[label] - plain).max()),
             "mean_diff_255": float(np.abs(images[label] - plain).mean()),
         }
-        for label in CONFIGS
+        for label in configs
     }
 
 
@@ -130,6 +174,8 @@ def worker_decode(job: dict) -> dict:
         latents = rng.standard_normal((1, 4, size // 8, size // 8)).astype(np.float32)
         decoders = {"full VAE": lambda z=latents: pipe.decode(z), "TAESD": lambda z=latents: pipe.decode(z, "taesd"),
                     "Approx cheap": lambda z=latents: pipe.preview(z, "Approx cheap")}  # fmt: skip
+        if "vae_approx" in pipe.manifest.models:
+            decoders["Approx NN"] = lambda z=latents: pipe.preview(z, "Approx NN")
         for fn in decoders.values():
             fn()  # warm-up
         times = {name: [] for name in decoders}
@@ -173,8 +219,8 @@ def worker_previews(job: dict) -> dict:
     }  # fmt: skip
 
 
-WORKERS = {"prepare": worker_prepare, "prepare_taesd": worker_prepare_taesd, "generate": worker_generate,
-           "decode": worker_decode, "previews": worker_previews}  # fmt: skip
+WORKERS = {"prepare": worker_prepare, "prepare_taesd": worker_prepare_taesd, "prepare_approx": worker_prepare_approx,
+           "generate": worker_generate, "decode": worker_decode, "previews": worker_previews}  # fmt: skip
 
 
 def markdown(report: dict, part: str) -> str:
@@ -189,9 +235,11 @@ def markdown(report: dict, part: str) -> str:
             rows.append(f"| {label} | {r['median_s']:.1f} | {r['speedup']:.2f}x | {calls} | {diff} |")
         return "\n".join(rows)
     if part == "decode":
-        rows = ["| size | full VAE (s) | TAESD (s) | Approx cheap (s) | full / TAESD |", "|---|---|---|---|---|"]
+        rows = ["| size | full VAE (s) | TAESD (s) | Approx NN (s) | Approx cheap (s) | full / TAESD |",
+                "|---|---|---|---|---|---|"]  # fmt: skip
         for size, r in report["decode"].items():
-            rows.append(f"| {size} | {r['full VAE']['median_s']:.3f} | {r['TAESD']['median_s']:.3f} | "
+            nn = f"{r['Approx NN']['median_s']:.3f}" if "Approx NN" in r else "-"
+            rows.append(f"| {size} | {r['full VAE']['median_s']:.3f} | {r['TAESD']['median_s']:.3f} | {nn} | "
                         f"{r['Approx cheap']['median_s']:.4f} | {r['full/taesd']:.1f}x |")  # fmt: skip
         return "\n".join(rows)
     rows = ["| previews | txt2img (s) | previews decoded | vs no poller |", "|---|---|---|---|"]
@@ -208,6 +256,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode-sizes", type=int, nargs="+", default=[512, 1024])
     p.add_argument("--stages", nargs="+", default=["prepare", "generate", "previews", "decode"])
     p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--configs", nargs="+", choices=list(CONFIGS), help="the generate stage's configurations (default "
+                   "all; plain is always measured, as the reference)")  # fmt: skip
+    p.add_argument("--warmup-steps", type=int, help="warm up each configuration with this many steps (default: a whole "
+                   "image, which also counts the calls); the calls and images are then round 1's")
+    p.add_argument("--plain-through-deepcache", action="store_true", help="run the plain images through DeepCache's "
+                   "full graph (same output), so the plain UNet is never loaded: full-size SDXL in half the memory")
     p.add_argument("--backend", default="cpu", help="the engines' backend (cuda, tensorrt, openvino...)")
     p.add_argument("--output", type=Path, help="JSON path (default benchmarks/results/speed-<machine>.json)")
     return p
@@ -230,11 +284,14 @@ def main(argv=None) -> int:
         linked_copy(sd_dir / "onnx", model_dir)
     job = {"diffusers_dir": str(sd_dir / "diffusers"), "model_dir": str(model_dir), "out": str(args.out),
            "size": args.size, "steps": args.steps, "rounds": args.rounds, "seed": args.seed, "branch": args.branch,
-           "decode_sizes": args.decode_sizes, "backend": args.backend}  # fmt: skip
+           "decode_sizes": args.decode_sizes, "backend": args.backend,
+           "configs": ["plain", *[c for c in args.configs or CONFIGS if c != "plain"]],
+           "plain_through_deepcache": args.plain_through_deepcache, "warmup_steps": args.warmup_steps}  # fmt: skip
     command = " ".join(["python -m sdrt.bench.speed", *(argv if argv is not None else sys.argv[1:])])
     report = {"benchmark": "speed", "date": common.now_iso(), "machine": machine, "model": args.model,
               "shared_machine": True, "sampler": common.SAMPLER, "cfg_scale": common.CFG_SCALE,
-              "settings": {k: job[k] for k in ("size", "steps", "rounds", "seed", "branch", "decode_sizes", "backend")},
+              "settings": {k: job[k] for k in ("size", "steps", "rounds", "seed", "branch", "decode_sizes", "backend",
+                                              "configs", "plain_through_deepcache", "warmup_steps")},
               "command": command}  # fmt: skip
     output = args.output or common.RESULTS_DIR / f"speed-{machine['slug']}.json"
     for stage in args.stages:

@@ -106,7 +106,7 @@ def axis_ranges(model: str, ranges: ShapeRanges, latent_downsample: int, guided:
         lo, opt, hi = ranges.text_windows
         factor = 2 if guided else 1
         return {"batch": (factor * lo if ranges.is_static else 1, factor * opt, 2 * hi), "tokens": (TEXT_WINDOW,) * 3}
-    if model in ("vae_decoder", "vae_encoder", "taesd_decoder"):
+    if model in ("vae_decoder", "vae_encoder", "taesd_decoder", "vae_approx"):
         return {"batch": (1, 1, 1), "latent_height": lat_h, "latent_width": lat_w, "height": ranges.height,
                 "width": ranges.width}  # fmt: skip
     raise InvalidOption("model", model, ", ".join(MODEL_ORDER))

@@ -11,6 +11,7 @@ and one per downsampler. BRANCH is ComfyUI's DeepCache "cache_depth" (there, the
 is the DeepCache helper's cache_branch_id 0: the shallowest, fastest choice.
 """
 
+import gc
 from dataclasses import replace
 
 from sdrt.errors import InvalidOption
@@ -196,7 +197,9 @@ def add_deepcache(source: str, model_dir, branch: int, progress: bool = True, or
 
     manifest = Manifest.load(model_dir)
     bar = tqdm(total=2, desc="deepcache", unit="step", disable=not progress)
-    base = source_denoiser_step(source, manifest, original_config, config)
-    updated = add_to_folder(manifest, deepcache_steps(base, branch), bar)
+    steps = deepcache_steps(source_denoiser_step(source, manifest, original_config, config), branch)[::-1]
+    for step in steps:  # the shallow graph first; each step drops the UNet once exported, so the full graph's check
+        step.release = gc.collect  # loads into ONNX Runtime without the torch UNet beside it (SDXL: 10 GB less)
+    updated = add_to_folder(manifest, steps, bar)
     bar.close()
     return updated

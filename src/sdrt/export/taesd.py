@@ -1,8 +1,16 @@
 """TAESD (madebyollin/taesd, diffusers' AutoencoderTiny) exported into a model folder as its optional
-"taesd_decoder" graph (runtime/previews.py runs it: live previews and `vae="taesd"`).
+"taesd_decoder" graph (runtime/previews.py runs it: live previews and `vae="taesd"`): TAESD for SD 1.x/2.x, TAESDXL,
+and the 16-channel TAESD3 (SD 3.5) and TAEF1 (FLUX.1).
 
-Sources: a diffusers AutoencoderTiny folder (config.json) or hub id (madebyollin/taesd, madebyollin/taesdxl), or the
-decoder files people download, taesd_decoder.safetensors / taesd_decoder.pth (TAESDXL: taesdxl_decoder.*), whose
+The graph takes the latents the denoiser works in. diffusers' pipelines decode `latents / vae.config.scaling_factor
+(+ vae.config.shift_factor for SD 3.5 and FLUX)` with whatever VAE they hold; an AutoencoderTiny's config keeps 1 and
+0 there (TAESD3 and TAEF1 were trained on the transformer's scaled and shifted latents), so the tiny decoder sees the
+denoiser's latents as they are. The graph applies the config's two numbers all the same, so an AutoencoderTiny
+whose config says otherwise decodes as diffusers' pipeline decodes it.
+
+Sources: a diffusers AutoencoderTiny folder (config.json) or hub id (madebyollin/taesd, taesdxl, taesd3, taef1), or
+the decoder files people download, taesd_decoder.safetensors / .pth (taesdxl_decoder.*, taesd3_decoder.*,
+taef1_decoder.*), whose
 keys are the original nn.Sequential's: index i there is diffusers' decoder.layers.{i - 1} (the original's layer 0 is
 the clamp that diffusers' DecoderTiny.forward applies itself; diffusers' convert_tiny_autoencoder_to_diffusers.py).
 A .pth file is read through torch's weights-only unpickler (export/sources.py): one holding code is refused.
@@ -77,11 +85,15 @@ def taesd_step(tiny, latent_channels: int):
             "--taesd", f"a TAESD with {tiny.config.latent_channels} latent channels", f"{latent_channels} (the model's)"
         )
     generator = torch.Generator().manual_seed(2)
+    scaling = float(tiny.config.scaling_factor)  # diffusers' pipelines: latents / scaling_factor + shift_factor
+    shift = float(getattr(tiny.config, "shift_factor", 0.0) or 0.0)
 
     def randn(*shape):
         return torch.randn(*shape, generator=generator)
 
     def forward(module, latents):
+        if scaling != 1.0 or shift != 0.0:
+            latents = latents / scaling + shift
         return module.decode(latents, return_dict=False)[0]
 
     return ModelStep(

@@ -17,7 +17,7 @@ import numpy as np
 from sdrt.engines.onnx_weights import OnnxWeights
 from sdrt.runtime.manifest import WEIGHT_MAP_FILE, WEIGHT_MAP_FORMAT
 
-MAPPED_MODELS = ("text_encoder", "text_encoder_2", "unet")  # the models LoRAs change
+MAPPED_MODELS = ("text_encoder", "text_encoder_2", "unet", "unet_deepcache", "unet_shallow")  # the ones LoRAs change
 
 
 def module_weights(module) -> dict[str, np.ndarray]:

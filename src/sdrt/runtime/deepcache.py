@@ -27,6 +27,7 @@ def exported_branch(manifest) -> int | None:
 def check_options(o: dict, manifest) -> None:
     """Options.resolve's DeepCache checks on the option dict O (deepcache_branch filled in from the export)."""
     from sdrt.errors import check_int, check_number
+    from sdrt.runtime.deepcache_lora import takes_loras
     from sdrt.runtime.lora import parse_prompt
 
     o["deepcache_interval"] = check_int("deepcache_interval", o["deepcache_interval"], 0, 1000)
@@ -44,9 +45,13 @@ def check_options(o: dict, manifest) -> None:
         allowed = f"{branch} (the branch {manifest.folder} was exported at)"
         raise InvalidOption("deepcache_branch", o["deepcache_branch"], allowed)
     if o["controlnets"]:
-        raise InvalidOption("deepcache_interval", o["deepcache_interval"], "0 (off) with ControlNet units")
-    if parse_prompt(o["prompt"])[1]:
-        raise InvalidOption("deepcache_interval", o["deepcache_interval"], "0 (off) with LoRAs in the prompt")
+        allowed = ("0 (off) with ControlNet units: the cached deep feature would carry the residuals of an earlier "
+                   "step (as in A1111's DeepCache extension, which does not take ControlNet either)")  # fmt: skip
+        raise InvalidOption("deepcache_interval", o["deepcache_interval"], allowed)
+    if parse_prompt(o["prompt"])[1] and not takes_loras(manifest):
+        allowed = (f"0 (off) with LoRAs in the prompt: {manifest.folder}'s DeepCache graphs have no weight maps; "
+                   "export them again with this sdrt (sdrt export SOURCE -o DIR --deepcache BRANCH)")  # fmt: skip
+        raise InvalidOption("deepcache_interval", o["deepcache_interval"], allowed)
 
 
 class DeepCacheUnet:

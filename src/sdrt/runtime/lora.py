@@ -17,6 +17,7 @@ import numpy as np
 import regex
 
 from sdrt.errors import InvalidOption, ModelError
+from sdrt.runtime.deepcache_lora import merge_into_deepcache
 from sdrt.runtime.lora_files import LORA_SUFFIXES, PARTS, LoraFile, read_lora, read_metadata, shorthash
 
 # A1111's extra_networks.re_extra_net: every <type:args> is taken out of the prompt before it is encoded.
@@ -313,6 +314,7 @@ class Loras:
                 continue
             self.check_engine(part)
             self.engines[part].merge_weights(self.updates(part, signature))
+            merge_into_deepcache(self, part, signature)  # DeepCache's UNet graphs take the UNet's (deepcache_lora.py)
             self.applied[part] = signature
 
     def updates(self, part: str, signature: tuple) -> dict[str, list]:

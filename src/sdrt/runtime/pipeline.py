@@ -192,8 +192,8 @@ class Pipeline:
 
     def preview(self, latents: np.ndarray, method: str = "TAESD") -> list:
         """PIL previews of (B, C, h, w) latents (a callback's denoised) by A1111's live preview METHOD: "Full",
-        "Approx NN", "Approx cheap" or "TAESD" (previews.py; TAESD and Approx NN fall back to Approx cheap without
-        a TAESD decoder in the folder)."""
+        "Approx NN", "Approx cheap" or "TAESD" (previews.py; without its graph in the folder Approx NN falls back to
+        TAESD, and TAESD to Approx cheap)."""
         from sdrt.runtime.image import to_pil
         from sdrt.runtime.previews import preview_images
 

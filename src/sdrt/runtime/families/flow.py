@@ -30,6 +30,7 @@ from sdrt.runtime.flow_options import (
 )
 from sdrt.runtime.flow_samplers import FLOW_VARIANTS
 from sdrt.runtime.flow_specs import TRANSFORMER, gate_count
+from sdrt.runtime.previews import FLUX_PREVIEW_RGB, SD3_PREVIEW_RGB
 
 # The samplers of these families: the deterministic ones run on flow sigmas as they are; Euler a in its rectified-flow
 # form (flow_samplers.py). The other ancestral and SDE samplers add noise in the variance-exploding form (not yet).
@@ -118,6 +119,7 @@ class SD3(FlowFamily):
 
     name, title = "sd3", "SD 3.5"
     option_group, option_names = "sd3", SLG_OPTIONS
+    preview_rgb = SD3_PREVIEW_RGB
 
     def conditioner(self, manifest, engines, embeddings):
         facts = manifest.family_config
@@ -157,6 +159,7 @@ class Flux(FlowFamily):
     spacing, patch = "sigmas", PACK
     option_group, option_names = "flux", FLUX_OPTIONS
     dev_steps, schnell_steps = 28, 4  # FluxPipeline's default; FLUX.1 schnell's model card
+    preview_rgb = FLUX_PREVIEW_RGB
 
     def conditioner(self, manifest, engines, embeddings):
         facts = manifest.family_config
