@@ -1,7 +1,8 @@
 """LoRAs on the fused CPU graph variant (`sdrt optimize --target cpu`; engines/fused_weights.py), on the tiny SD 1.x
 model: the fused UNet packs its self-attention's q, k, v into one (C, 3C) weight (MatMul -> Split ->
-MultiHeadAttention), into which the LoRA's terms are merged as column blocks. Images within PIXEL_TOL /255 of the unfused graphs with the same LoRA; back to the base
-gives the fused graph's own image bit for bit; the twin (another weight) differs.
+MultiHeadAttention), into which the LoRA's terms are merged as column blocks. Images within PIXEL_TOL /255 of the
+unfused graphs with the same LoRA; back to the base gives the fused graph's own image bit for bit; the twin
+(another weight) differs.
 """
 
 import shutil

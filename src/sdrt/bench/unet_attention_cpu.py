@@ -64,7 +64,8 @@ def worker_torch(job: dict) -> dict:
     from diffusers import UNet2DConditionModel
 
     start = time.perf_counter()
-    unet = UNet2DConditionModel.from_pretrained(job["diffusers_dir"], subfolder="unet", torch_dtype=torch.float32).eval()
+    unet = UNet2DConditionModel.from_pretrained(job["diffusers_dir"], subfolder="unet", torch_dtype=torch.float32)
+    unet.eval()
     load = time.perf_counter() - start
     inputs = {k: torch.from_numpy(v) for k, v in feeds(job["onnx_dir"], job["size"], job["batch"]).items()}
     start = time.perf_counter()
