@@ -286,10 +286,12 @@ def serve_ray(args, limits) -> int:
     Manifest.load(Path(model))  # a bad folder fails here, not inside a replica
     if args.controlnet_dir is not None:
         raise InvalidOption("--controlnet-dir", args.controlnet_dir, "none with --ray (ControlNet: sdrt serve only)")
-    if args.upscaler_dir is not None:
-        allowed = "none with --ray (the replicas offer the latent modes, None, Lanczos and Nearest)"
-        raise InvalidOption("--upscaler-dir", args.upscaler_dir, allowed)
     values = {"model": str(model), "backend": args.backend, "replicas": args.replicas}
+    if args.upscaler_dir is not None:
+        from sdrt.server.ray_app import upscaler_set
+
+        upscaler_set(args.upscaler_dir)  # a bad folder fails here, not inside a replica
+        values["upscaler_dir"] = str(Path(args.upscaler_dir).resolve())
     if args.lora_dir is not None:
         values["lora_dir"] = str(Path(args.lora_dir).resolve())
     for name in RAY_ONLY[2:]:

@@ -56,6 +56,7 @@ class RayOptions:
     max_ongoing_requests: int = 0  # per replica, waiting for a batch included; 0: 2 * max_batch_size
     max_queued_requests: int = 8  # at the ingress beyond what the replicas hold; then HTTP 429
     lora_dir: str | None = None  # a folder of LoRA files every replica offers (<lora:name:w>), on shared storage
+    upscaler_dir: str | None = None  # exported upscalers (hires fix, extras), on shared storage: replicas + ingress
 
     @classmethod
     def from_args(cls, args: dict) -> "RayOptions":
@@ -68,7 +69,7 @@ class RayOptions:
             raise InvalidOption("model", None, "an exported model folder")
         typed = {}
         for name, value in args.items():
-            kind = {"model": str, "backend": str, "replicas": str, "lora_dir": str}.get(name)
+            kind = {"model": str, "backend": str, "replicas": str, "lora_dir": str, "upscaler_dir": str}.get(name)
             if kind is None:
                 kind = int if known[name].type in (int, "int") else float
             try:
@@ -128,10 +129,11 @@ def deployment_options(options: RayOptions) -> dict:
 class Generator:
     """One replica: one loaded Pipeline; one Pipeline call at a time; compatible txt2img requests batched."""
 
-    def __init__(self, model: str, backend: str, max_batch_size: int, batch_wait_s: float, lora_dir=None):
+    def __init__(self, model: str, backend: str, max_batch_size: int, batch_wait_s: float, lora_dir=None,
+                 upscaler_dir=None):  # fmt: skip
         from sdrt.runtime.pipeline import Pipeline
 
-        self.pipe = Pipeline.load(model, backend=backend, loras=lora_dir)
+        self.pipe = Pipeline.load(model, backend=backend, loras=lora_dir, upscalers=upscaler_dir)
         self.lock = asyncio.Lock()  # the Pipeline is not thread safe
         self.max_batch_size = max_batch_size
         self.batched.set_max_batch_size(max_batch_size)
@@ -208,12 +210,24 @@ def count_images(items: list) -> int:
     return sum(generation.kwargs.get("batch_size", 1) for generation, _, _ in items)
 
 
+def upscaler_set(folder: str | None):
+    """The upscalers of FOLDER as the replicas load them: the ingress lists them, checks hires requests against them
+    and runs extras jobs with them on its own CPU (ONNX Runtime, one job at a time: extras_api.py)."""
+    from sdrt.runtime.upscale import UpscalerSet
+
+    upscalers = UpscalerSet()
+    if folder is not None:
+        upscalers.load_dir(folder)
+    return upscalers
+
+
 class RayBackend:
     """generation.py's backend seam over a Generator DeploymentHandle and the JobBoard."""
 
     def __init__(self, generator, manifest, board, options: RayOptions):
         self.generator, self.manifest, self.board, self.options = generator, manifest, board, options
         self.lora_dir = options.lora_dir  # what the replicas load (GET /sdapi/v1/loras lists it)
+        self.upscalers = upscaler_set(options.upscaler_dir)  # listings, hires checks, extras jobs (this process)
         self.mean_seconds = SECONDS_GUESS
 
     def retry_after(self, waiting: int) -> int:
@@ -277,6 +291,8 @@ def with_defaults(options: RayOptions) -> RayOptions:
     """OPTIONS with an absolute model path, GPUs per replica (1 if the cluster has GPUs) and the replicas'
     backend: auto (the fastest engine) on GPU replicas, cpu on CPU replicas (sdrt serve's default: the same bits)."""
     options = replace(options, model=os.path.abspath(options.model))
+    if options.upscaler_dir is not None:
+        options = replace(options, upscaler_dir=os.path.abspath(options.upscaler_dir))
     if options.gpus_per_replica is None:
         options = replace(options, gpus_per_replica=1.0 if gpus_in_cluster() > 0 else 0.0)
     if options.backend is None:
@@ -294,7 +310,7 @@ def build(options: RayOptions, limits=None, credentials: dict | None = None):
         name="Ingress", num_replicas=1, max_ongoing_requests=INGRESS_MAX_ONGOING, ray_actor_options={"num_cpus": 0}
     )
     bound = generator.bind(options.model, options.backend, options.max_batch_size, options.batch_wait_s,
-                           options.lora_dir)  # fmt: skip
+                           options.lora_dir, options.upscaler_dir)  # fmt: skip
     return ingress.bind(bound, options, limits or Limits(), credentials)
 
 
