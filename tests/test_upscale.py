@@ -176,3 +176,32 @@ def test_openvino_runs_the_graph(tiny_upscalers):
     pixels = np.asarray(_image(), dtype=np.float32) / 255
     cpu = UpscalerModel(tiny_upscalers["rrdb_x4"]).run(pixels)
     assert np.abs(UpscalerModel(tiny_upscalers["rrdb_x4"], "openvino-f32").run(pixels) - cpu).max() <= ONE_LEVEL
+
+
+TRANSFORMERS = [k for k in TINY_ARCHS if k.startswith(("swin2sr", "hat"))]
+
+
+@pytest.mark.parametrize("name", TRANSFORMERS)
+def test_transformer_upscalers_tiled_against_untiled(tiny_upscalers, name):
+    """A1111's grid tiling (24 px tiles, overlap 8) of the window-attention nets against one run of the graph: the
+    documented tolerance of test_tiled_against_untiled (max 0.06, mean under 1/255; measured on Swin2SR up to 0.045
+    and 3e-3); without overlap the seams show (measured 0.2 to 0.56: the can-fail twin)."""
+    model = UpscalerModel(tiny_upscalers[name])
+    assert not model.averaged  # SwinIR alone takes A1111's SwinIR extension's averaged tiles
+    m = model.multiple
+    pixels = np.asarray(_image((70, 53)), dtype=np.float32) / 255
+    pixels = np.pad(pixels, ((0, -53 % m), (0, -70 % m), (0, 0)), "reflect")
+    whole = model.run(pixels)
+    tile = 24 // m * m
+    error = {ov: np.abs(upscale_tiled(model.run, pixels, model.scale, tile, ov) - whole) for ov in (0, 8)}
+    assert error[8].max() <= 0.06 and error[8].mean() <= ONE_LEVEL
+    assert error[0].max() > 0.15
+
+
+def test_unsupported_swin2sr_kind_is_named(tiny_upscaler_files, tmp_path):
+    state = torch.load(tiny_upscaler_files["swin2sr_x2"], weights_only=True)["params_ema"]
+    state["conv_after_body_hf.weight"] = torch.zeros(16, 16, 3, 3)
+    torch.save(state, tmp_path / "hf.pth")
+    with pytest.raises(ModelError, match="Swin2SR with the pixelshuffle_hf upsampler is not supported"):
+        export_upscaler(tmp_path / "hf.pth", tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -112,8 +112,10 @@ def _activation(kind: str, nf: int) -> nn.Module:
 
 
 def build(arch) -> nn.Module:
-    from sdrt.export import upscaler_swinir
+    from sdrt.export import upscaler_swin2sr, upscaler_swinir
 
+    if isinstance(arch, upscaler_swin2sr.Swin2Arch):  # before SwinArch: a subclass of it
+        return upscaler_swin2sr.Swin2SR(arch)
     if isinstance(arch, upscaler_swinir.SwinArch):
         return upscaler_swinir.SwinIR(arch)
     return RRDBNet(arch) if arch.name == "ESRGAN" else SRVGGNetCompact(arch)
@@ -148,9 +150,12 @@ def old_esrgan_keys(state: dict) -> dict:
 
 
 def detect(state: dict) -> tuple[Arch, dict] | None:
-    """(the architecture, the state dict in its module's names) of an ESRGAN-family or SwinIR state dict, or None."""
-    from sdrt.export import upscaler_swinir
+    """(the architecture, the state dict in its module's names) of an ESRGAN-family, SwinIR or Swin2SR state dict, or
+    None; ValueError for a known architecture in a form sdrt does not export (the message says which)."""
+    from sdrt.export import upscaler_swin2sr, upscaler_swinir
 
+    if (swin2sr := upscaler_swin2sr.detect(state)) is not None:  # first: its files have SwinIR's keys too
+        return swin2sr
     if (swinir := upscaler_swinir.detect(state)) is not None:
         return swinir
     if "model.0.weight" in state and any(k.startswith("model.1.sub.") for k in state):
