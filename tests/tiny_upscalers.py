@@ -5,6 +5,7 @@ from pathlib import Path
 import torch
 
 from sdrt.export.upscaler_arch import Arch, build
+from sdrt.export.upscaler_hat import HATArch
 from sdrt.export.upscaler_swin2sr import Swin2Arch
 from sdrt.export.upscaler_swinir import SwinArch
 
@@ -58,6 +59,11 @@ TINY_ARCHS = {
     "swin2sr_jpeg": Swin2Arch(1, 3, 3, embed_dim=16, depths=(2,), heads=(2,), window=7, mlp_hidden=32,
                               upsampler="", resi_connection="1conv", name="Swin2SR", blocks=2, features=16,
                               img_range=255.0),  # fmt: skip
+    # HAT: x2 and x4 pixelshuffle (overlap ratio 0.5: 6 px key windows around 4 px query windows), x4 with two groups
+    "hat_x2": HATArch(2, 3, embed_dim=16, depths=(2,), heads=(2,), window=4, overlap_window=6, mlp_hidden=32,
+                      cab_hidden=4, squeeze=2, num_feat=8),  # fmt: skip
+    "hat_x4": HATArch(4, 3, embed_dim=16, depths=(2, 2), heads=(4, 2), window=4, overlap_window=6, mlp_hidden=16,
+                      cab_hidden=4, squeeze=2, num_feat=8),  # fmt: skip
 }
 # the size-dependent buffers the official files hold (sdrt rebuilds them): a shifted block's mask (16 px training
 # size) and the position index; Swin2SR's also its coordinates table
@@ -108,6 +114,10 @@ def write_tiny_upscalers(folder: Path) -> dict:
         if key.startswith("swin"):
             window = TINY_ARCHS[key].window
             state |= {name: make(window) for name, make in SWIN_BUFFERS.items()}
+        if key.startswith("hat"):  # the model-level index buffers of the official files (sdrt rebuilds them)
+            arch = TINY_ARCHS[key]
+            state["relative_position_index_SA"] = torch.zeros(arch.window**2, arch.window**2).long()
+            state["relative_position_index_OCA"] = torch.zeros(arch.window**2, arch.overlap_window**2).long()
         if key.startswith("swin2sr"):
             state["layers.0.residual_group.blocks.0.attn.relative_coords_table"] = torch.zeros(1, 7, 7, 2)
         torch.save({"params_ema": state}, files[key])

@@ -28,7 +28,7 @@ from sdrt.runtime.upscale import (
 
 OPSET = 17
 SUFFIXES = (".pth", ".pt", ".ckpt", ".bin", ".safetensors")
-SUPPORTED = "ESRGAN/RRDBNet (old and Real-ESRGAN layouts), Real-ESRGAN's SRVGGNetCompact, SwinIR or Swin2SR"
+SUPPORTED = "ESRGAN/RRDBNet (old and Real-ESRGAN layouts), Real-ESRGAN's SRVGGNetCompact, SwinIR, Swin2SR or HAT"
 VERIFY_SIZE = 20  # pixels: the side of the random image the graph is checked on against the torch module
 VERIFY_TOLERANCE = 1e-3  # max |graph - torch| on [0, 1] outputs (1/255 is 3.9e-3)
 NESTED_KEYS = ("params_ema", "params", "state_dict", "model")  # BasicSR and trainer checkpoints nest the weights
