@@ -119,9 +119,10 @@ def main() -> int:
         job = {"graph": graph, "size": int(size), "batch": int(batch), "onnx_dir": args.onnx,
                "diffusers_dir": args.diffusers, "out": str(out)}  # fmt: skip
         result = {"case": case, **child(job)}
-        torch_out = args.workdir / f"unet-torch-{size}-{batch}.npy"
-        if graph != "torch" and out.is_file() and torch_out.is_file():
-            result["max_abs_vs_torch"] = float(np.abs(np.load(out) - np.load(torch_out)).max())
+        for other in ("torch", "plain"):  # the outputs' difference from PyTorch's and the plain graph's, same inputs
+            other_out = args.workdir / f"unet-{other}-{size}-{batch}.npy"
+            if graph != other and out.is_file() and other_out.is_file():
+                result[f"max_abs_vs_{other}"] = float(np.abs(np.load(out) - np.load(other_out)).max())
         print(json.dumps(result), flush=True)
         report["cases"].append(result)
         args.output.write_text(json.dumps(report, indent=2) + "\n")
