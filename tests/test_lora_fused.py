@@ -1,7 +1,8 @@
 """LoRAs on the fused CPU graph variant (`sdrt optimize --target cpu`; engines/fused_weights.py), on the tiny SD 1.x
-model: the fused UNet packs its self-attention's q, k, v into one Attention weight, into which the LoRA's terms are
-merged as column blocks. Images within PIXEL_TOL /255 of the unfused graphs with the same LoRA; back to the base
-gives the fused graph's own image bit for bit; the twin (another weight) differs.
+model: the fused UNet packs its self-attention's q, k, v into one (C, 3C) weight (MatMul -> Split ->
+MultiHeadAttention), into which the LoRA's terms are merged as column blocks. Images within PIXEL_TOL /255 of the
+unfused graphs with the same LoRA; back to the base gives the fused graph's own image bit for bit; the twin
+(another weight) differs.
 """
 
 import shutil
@@ -52,7 +53,7 @@ def test_fused_matches_unfused(pipelines, name):
 
 
 def test_packed_attention_weights_are_merged(fused_model, pipelines):
-    """The self-attention's q, k, v are column blocks of the fused Attention weight, and back to the base the fused
+    """The self-attention's q, k, v are column blocks of the fused packed weight, and back to the base the fused
     pipeline gives the plain fused pipeline's image exactly."""
     from sdrt import Pipeline
 

@@ -30,7 +30,7 @@ REPLICAS, BATCH, QUEUE, ONGOING = 2, 4, 4, 4
 RAY_ARGS = (
     "--ray", "--backend", "cpu", "--replicas", str(REPLICAS), "--ray-batch-size", str(BATCH), "--batch-wait-s", "0.2",
     "--max-queue", str(QUEUE), "--max-ongoing-requests", str(ONGOING), "--cpus-per-replica", "1",
-    "--max-pixels", str(64 * 64), "--max-images", "4", "--api-auth", ":".join(AUTH),
+    "--max-pixels", str(96 * 96), "--max-images", "4", "--api-auth", ":".join(AUTH),
 )  # fmt: skip
 START_TIMEOUT_S = 240  # Ray and Serve start, two replicas load the model (2 busy cores in CI)
 SMALL = {"width": 64, "height": 64, "steps": 4}
@@ -79,9 +79,10 @@ def ray_vaes(tiny_sd, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def ray_server(ray_models, ray_vaes, tmp_path_factory):
+def ray_server(ray_models, ray_vaes, tiny_upscalers, tmp_path_factory):
+    upscalers = ("--upscaler-dir", str(tiny_upscalers["rrdb_x2"].parent))  # every replica and the ingress load it
     folder = ("--models-dir", str(ray_models), "-m", "alpha", "--max-loaded-models", "2", "--vae-dir", str(ray_vaes[0]))
-    server = start_server(None, tmp_path_factory.mktemp("ray"), *folder, *RAY_ARGS, auth=AUTH,
+    server = start_server(None, tmp_path_factory.mktemp("ray"), *folder, *RAY_ARGS, *upscalers, auth=AUTH,
                           timeout=START_TIMEOUT_S)  # fmt: skip
     started = []
     try:
@@ -138,6 +139,8 @@ def test_ray_flags_checked_before_ray_starts(tiny_sd, ray_models, capsys):
     assert main(["serve", "-m", model, "--ray", "--min-replicas", "5"]) == 2
     assert "min_replicas: got 5; allowed: 1 to max_replicas (4)" in capsys.readouterr().err
     assert main(["serve", "-m", str(tiny_sd[1].parent), "--ray"]) == 2  # not an exported folder
+    assert main(["serve", "-m", model, "--ray", "--upscaler-dir", str(tiny_sd[1].parent / "nowhere")]) == 2
+    assert "upscaler_dir: got" in capsys.readouterr().err
     options = RayOptions.from_args({"model": model, "replicas": "auto", "max_batch_size": "8", "batch_wait_s": "0"})
     assert options.max_batch_size == 8 and options.ongoing() == 16 and options.batch_wait_s == 0.0
     from sdrt.server.ray_app import with_defaults
@@ -258,7 +261,7 @@ def test_ray_answers_as_one_process(ray_server, tiny_pipeline):
     assert page.status_code == 200 and "<html" in page.text.lower()
     bad = ray_server.post("/sdapi/v1/txt2img", {"prompt": "x", **SMALL, "sampler_name": "Nope"})
     assert bad.status_code == 422 and "sampler_name" in bad.text
-    big = ray_server.post("/sdapi/v1/txt2img", {"prompt": "x", **SMALL, "width": 128})
+    big = ray_server.post("/sdapi/v1/txt2img", {"prompt": "x", **SMALL, "width": 160})
     assert big.status_code == 422 and "width" in big.text
 
 
@@ -333,6 +336,32 @@ def test_ray_sd_vae_from_the_vae_dir(ray_server, ray_vaes, tiny_sd):
     assert np.abs(pixels(own) - pixels(want)).max() > 20
     bad = ray_server.post("/sdapi/v1/txt2img", {"prompt": "x", **SMALL, "override_settings": {"sd_vae": "nope"}})
     assert bad.status_code == 422 and "override_settings.sd_vae" in bad.text
+
+
+def test_ray_hires_with_an_image_upscaler_and_extras(ray_server, tiny_sd, tiny_upscalers):
+    """--upscaler-dir over Ray: listed by the ingress; hires fix with an exported upscaler on a replica gives
+    Pipeline.generate's image bit for bit; extras run in the ingress; an uninstalled name is a 422 listing them."""
+    from sdrt import Pipeline
+    from sdrt.runtime.upscale import postprocess_upscale
+
+    names = [u["name"] for u in ray_server.get("/sdapi/v1/upscalers").json()]
+    assert "rrdb_x2" in names and "compact_prelu" in names
+    hires = {"seed": 4, "enable_hr": True, "hr_scale": 1.5, "hr_upscaler": "rrdb_x2", "hr_second_pass_steps": 2,
+             "denoising_strength": 0.5}  # fmt: skip
+    body = txt2img(ray_server, **hires)
+    local = Pipeline.load(tiny_sd[1], backend="cpu", upscalers=tiny_upscalers["rrdb_x2"].parent)
+    direct = local.generate("a cat", **SMALL, seed=4, hires=True, hires_scale=1.5, hires_upscaler="rrdb_x2",
+                            hires_steps=2, strength=0.5, rng="gpu", progress=False)[0]  # fmt: skip
+    got = decode_b64(body["images"][0])
+    assert got.size == (96, 96) and np.array_equal(pixels(got), pixels(direct))
+    assert got.info["parameters"] == direct.info["parameters"]
+    wrong = ray_server.post("/sdapi/v1/txt2img", {"prompt": "x", **SMALL, **hires, "hr_upscaler": "4x-UltraSharp"})
+    assert wrong.status_code == 422 and "rrdb_x2" in wrong.text
+    extras = ray_server.post("/sdapi/v1/extra-single-image", {"image": png_b64(gradient(40, 24)),
+                                                              "upscaler_1": "rrdb_x2", "upscaling_resize": 2})
+    assert extras.status_code == 200 and decode_b64(extras.json()["image"]).size == (80, 48), extras.text
+    want = postprocess_upscale(local.upscalers, gradient(40, 24), "rrdb_x2", 0, 2.0)[0]
+    assert np.array_equal(pixels(decode_b64(extras.json()["image"])), pixels(want))
 
 
 def test_ray_batches_compatible_requests_bit_identically(ray_server, tiny_pipeline):

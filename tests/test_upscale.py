@@ -176,3 +176,56 @@ def test_openvino_runs_the_graph(tiny_upscalers):
     pixels = np.asarray(_image(), dtype=np.float32) / 255
     cpu = UpscalerModel(tiny_upscalers["rrdb_x4"]).run(pixels)
     assert np.abs(UpscalerModel(tiny_upscalers["rrdb_x4"], "openvino-f32").run(pixels) - cpu).max() <= ONE_LEVEL
+
+
+TRANSFORMERS = [k for k in TINY_ARCHS if k.startswith(("swin2sr", "hat"))]
+
+
+@pytest.mark.parametrize("name", TRANSFORMERS)
+def test_transformer_upscalers_tiled_against_untiled(tiny_upscalers, name):
+    """A1111's grid tiling (24 px tiles, overlap 8) of the window-attention nets against one run of the graph. Their
+    receptive field is wider than a conv net's (shifted windows; HAT's channel attention averages the whole tile, so
+    no pixel of a tile is exact): documented tolerance max 0.1 and mean under 1/255 at overlap 8 (measured: Swin2SR
+    up to 0.045 / 3e-3, HAT up to 0.074 / 2.7e-3); without overlap the seams show (0.2 to 0.56: the can-fail twin)."""
+    model = UpscalerModel(tiny_upscalers[name])
+    assert not model.averaged  # SwinIR alone takes A1111's SwinIR extension's averaged tiles
+    m = model.multiple
+    pixels = np.asarray(_image((70, 53)), dtype=np.float32) / 255
+    pixels = np.pad(pixels, ((0, -53 % m), (0, -70 % m), (0, 0)), "reflect")
+    whole = model.run(pixels)
+    tile = 24 // m * m
+    error = {ov: np.abs(upscale_tiled(model.run, pixels, model.scale, tile, ov) - whole) for ov in (0, 8)}
+    assert error[8].max() <= 0.1 and error[8].mean() <= ONE_LEVEL
+    assert error[0].max() > 0.15
+
+
+def test_unsupported_swin2sr_kind_is_named(tiny_upscaler_files, tmp_path):
+    state = torch.load(tiny_upscaler_files["swin2sr_x2"], weights_only=True)["params_ema"]
+    state["conv_after_body_hf.weight"] = torch.zeros(16, 16, 3, 3)
+    torch.save(state, tmp_path / "hf.pth")
+    with pytest.raises(ModelError, match="Swin2SR with the pixelshuffle_hf upsampler is not supported"):
+        export_upscaler(tmp_path / "hf.pth", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("depths, dim, cab, params", [
+    ((6,) * 6, 144, 6, 9_621_183),  # HAT-S: compress ratio 24, squeeze factor 24
+    ((6,) * 6, 180, 60, 20_772_507),  # HAT: compress ratio 3, squeeze factor 30
+    ((6,) * 12, 180, 60, 40_846_575),  # HAT-L
+])  # fmt: skip
+def test_hat_sizes_have_the_published_parameter_counts(depths, dim, cab, params):
+    """HAT at the x4 configurations of the paper (window 16, overlap ratio 0.5, MLP ratio 2) has its published sizes
+    (9.6 M, 20.8 M, 40.8 M; exact counts of the official code's modules)."""
+    from sdrt.export.upscaler_hat import HAT, HATArch
+
+    arch = HATArch(4, 3, dim, depths, (6,) * len(depths), 16, 24, 2 * dim, cab, 6)
+    assert sum(p.numel() for p in HAT(arch).parameters()) == params
+
+
+def test_dat_is_refused_by_name(tmp_path):
+    state = {"conv_first.weight": torch.zeros(8, 3, 3, 3), "before_RG.1.weight": torch.zeros(8),
+             "layers.0.blocks.0.attn.attns.0.pos.pos_proj.weight": torch.zeros(2, 2)}  # fmt: skip
+    torch.save(state, tmp_path / "dat.pth")
+    with pytest.raises(ModelError, match=r"DAT \(Dual Aggregation Transformer\) is not supported.*HAT"):
+        export_upscaler(tmp_path / "dat.pth", tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -5,6 +5,8 @@ from pathlib import Path
 import torch
 
 from sdrt.export.upscaler_arch import Arch, build
+from sdrt.export.upscaler_hat import HATArch
+from sdrt.export.upscaler_swin2sr import Swin2Arch
 from sdrt.export.upscaler_swinir import SwinArch
 
 TINY_ARCHS = {
@@ -43,7 +45,30 @@ TINY_ARCHS = {
         blocks=2,
         features=16,
     ),
+    # Swin2SR: the classical x2 layout (pixelshuffle), the compressed-input x4 one (pixelshuffle_aux, a bicubic
+    # branch), the real-world x4 one (nearest+conv, 3conv) and the JPEG one (no upsampling, window 7, range 255)
+    "swin2sr_x2": Swin2Arch(2, 3, 3, embed_dim=16, depths=(2,), heads=(2,), window=4, mlp_hidden=32,
+                            upsampler="pixelshuffle", resi_connection="1conv", num_feat=8, name="Swin2SR", blocks=2,
+                            features=16),  # fmt: skip
+    "swin2sr_aux_x4": Swin2Arch(4, 3, 3, embed_dim=16, depths=(2,), heads=(4,), window=4, mlp_hidden=16,
+                                upsampler="pixelshuffle_aux", resi_connection="1conv", num_feat=8, name="Swin2SR",
+                                blocks=2, features=16),  # fmt: skip
+    "swin2sr_x4": Swin2Arch(4, 3, 3, embed_dim=16, depths=(2, 2), heads=(2, 2), window=4, mlp_hidden=32,
+                            upsampler="nearest+conv", resi_connection="3conv", num_feat=8, name="Swin2SR", blocks=4,
+                            features=16),  # fmt: skip
+    "swin2sr_jpeg": Swin2Arch(1, 3, 3, embed_dim=16, depths=(2,), heads=(2,), window=7, mlp_hidden=32,
+                              upsampler="", resi_connection="1conv", name="Swin2SR", blocks=2, features=16,
+                              img_range=255.0),  # fmt: skip
+    # HAT: x2 and x4 pixelshuffle (overlap ratio 0.5: 6 px key windows around 4 px query windows), x4 with two groups
+    "hat_x2": HATArch(2, 3, embed_dim=16, depths=(2,), heads=(2,), window=4, overlap_window=6, mlp_hidden=32,
+                      cab_hidden=4, squeeze=2, num_feat=8),  # fmt: skip
+    "hat_x4": HATArch(4, 3, embed_dim=16, depths=(2, 2), heads=(4, 2), window=4, overlap_window=6, mlp_hidden=16,
+                      cab_hidden=4, squeeze=2, num_feat=8),  # fmt: skip
 }
+# the size-dependent buffers the official files hold (sdrt rebuilds them): a shifted block's mask (16 px training
+# size) and the position index; Swin2SR's also its coordinates table
+SWIN_BUFFERS = {"layers.0.residual_group.blocks.1.attn_mask": lambda w: torch.zeros((16 // w) ** 2, w * w, w * w),
+                "layers.0.residual_group.blocks.0.attn.relative_position_index": lambda w: torch.zeros(w * w, w * w)}
 
 
 def tiny_module(key: str, seed: int = 0) -> torch.nn.Module:
@@ -86,9 +111,15 @@ def write_tiny_upscalers(folder: Path) -> dict:
     for key in TINY_ARCHS:
         files[key] = folder / f"{key}.pth"
         state = tiny_module(key).state_dict()
-        if key.startswith("swinir"):  # the official files also hold size-dependent buffers, which sdrt rebuilds
-            state["layers.0.residual_group.blocks.1.attn_mask"] = torch.zeros(16, 16, 16)  # 16 px training size
-            state["layers.0.residual_group.blocks.0.attn.relative_position_index"] = torch.zeros(16, 16).long()
+        if key.startswith("swin"):
+            window = TINY_ARCHS[key].window
+            state |= {name: make(window) for name, make in SWIN_BUFFERS.items()}
+        if key.startswith("hat"):  # the model-level index buffers of the official files (sdrt rebuilds them)
+            arch = TINY_ARCHS[key]
+            state["relative_position_index_SA"] = torch.zeros(arch.window**2, arch.window**2).long()
+            state["relative_position_index_OCA"] = torch.zeros(arch.window**2, arch.overlap_window**2).long()
+        if key.startswith("swin2sr"):
+            state["layers.0.residual_group.blocks.0.attn.relative_coords_table"] = torch.zeros(1, 7, 7, 2)
         torch.save({"params_ema": state}, files[key])
     state = tiny_module("rrdb_x4").state_dict()
     files["rrdb_x4_old"] = folder / "rrdb_x4_old.pth"

@@ -302,8 +302,10 @@ def serve_ray(args, limits) -> int:
     if args.controlnet_dir is not None:
         raise InvalidOption("--controlnet-dir", args.controlnet_dir, "none with --ray (ControlNet: sdrt serve only)")
     if args.upscaler_dir is not None:
-        allowed = "none with --ray (the replicas offer the latent modes, None, Lanczos and Nearest)"
-        raise InvalidOption("--upscaler-dir", args.upscaler_dir, allowed)
+        from sdrt.server.ray_app import upscaler_set
+
+        upscaler_set(args.upscaler_dir)  # a bad folder fails here, not inside a replica
+        values["upscaler_dir"] = str(Path(args.upscaler_dir).resolve())
     values.update(backend=args.backend, replicas=args.replicas)
     if args.vae_dir is not None:
         if not Path(args.vae_dir).is_dir():

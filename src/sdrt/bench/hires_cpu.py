@@ -40,7 +40,8 @@ def worker_sdrt(job: dict) -> dict:
     rounds = [_sdrt_round(pipe, job) for _ in range(job.get("rounds", 1))]  # the first: each size's first run
     images = [r.pop("image") for r in rounds]
     np.save(job["out"], images[-1])
-    return {**rounds[-1], "earlier_rounds": rounds[:-1]}
+    unet_graph = str(getattr(pipe.engines["unet"], "model_file", "?"))  # model.cpu.onnx: `sdrt optimize` variant
+    return {**rounds[-1], "earlier_rounds": rounds[:-1], "unet_graph": unet_graph}
 
 
 def _sdrt_round(pipe, job: dict) -> dict:

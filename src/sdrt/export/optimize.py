@@ -4,8 +4,9 @@ fp32 graphs `sdrt export` wrote, then fp16 for the CUDA target. Each variant is 
     cuda: every fusion ONNX Runtime's CUDA kernels have (MultiHeadAttention with packed QKV/KV -> flash/memory-
           efficient attention, GroupNorm(+SiLU) and SkipGroupNorm in NHWC, NhwcConv, BiasSplitGelu, BiasAdd,
           SkipLayerNormalization), then fp16 with float32 inputs and outputs kept: model.cuda.onnx.
-    cpu:  only what the CPU provider runs (Attention, MultiHeadAttention, SkipLayerNormalization, Gelu), fp32:
-          model.cpu.onnx. NhwcConv, GroupNorm, SkipGroupNorm, BiasSplitGelu and BiasAdd are CUDA-only kernels.
+    cpu:  only what the CPU provider runs (MultiHeadAttention, SkipLayerNormalization, Gelu), fp32: model.cpu.onnx;
+          self-attention as MultiHeadAttention, whose CPU kernel is flash-tiled (flash_attention.py). NhwcConv,
+          GroupNorm, SkipGroupNorm, BiasSplitGelu and BiasAdd are CUDA-only kernels.
 
 The fusions recognise attention traced as MatMul-Softmax-MatMul (diffusers' classic AttnProcessor, which
 to_onnx.export_onnx sets while tracing); on graphs traced through SDPA they find no attention to fuse. Recorded in
@@ -24,6 +25,7 @@ import numpy as np
 import onnx
 
 from sdrt.errors import InvalidOption, ModelError
+from sdrt.export.flash_attention import unpack_self_attention
 from sdrt.runtime.families import family_of
 from sdrt.runtime.manifest import Manifest
 
@@ -81,6 +83,8 @@ def fuse(src: Path, dst: Path, name: str, target: str, fp16: bool) -> dict:
             str(src), model_type=model_type, num_heads=0, hidden_size=0, opt_level=0,
             optimization_options=fusion_options(model_type, target), use_gpu=target == "cuda",
         )  # fmt: skip
+        if target == "cpu":  # the CPU's Attention kernel holds all scores; MultiHeadAttention's is flash-tiled
+            unpack_self_attention(optimized.model.graph)
         if fp16:
             optimized.convert_float_to_float16(keep_io_types=True)
     counts = fused_op_counts(optimized.model)

@@ -28,7 +28,7 @@ from sdrt.runtime.upscale import (
 
 OPSET = 17
 SUFFIXES = (".pth", ".pt", ".ckpt", ".bin", ".safetensors")
-SUPPORTED = "ESRGAN/RRDBNet (old and Real-ESRGAN layouts), Real-ESRGAN's SRVGGNetCompact or SwinIR"
+SUPPORTED = "ESRGAN/RRDBNet (old and Real-ESRGAN layouts), Real-ESRGAN's SRVGGNetCompact, SwinIR, Swin2SR or HAT"
 VERIFY_SIZE = 20  # pixels: the side of the random image the graph is checked on against the torch module
 VERIFY_TOLERANCE = 1e-3  # max |graph - torch| on [0, 1] outputs (1/255 is 3.9e-3)
 NESTED_KEYS = ("params_ema", "params", "state_dict", "model")  # BasicSR and trainer checkpoints nest the weights
@@ -44,7 +44,10 @@ def load_upscaler(path: Path):
     if path.suffix.lower() not in SUFFIXES:
         raise InvalidOption("FILE", str(path), "an upscaler file: " + ", ".join(SUFFIXES))
     state = _unnest(load_weights(path) if path.suffix.lower() == ".safetensors" else _pickled(path))
-    detected = upscaler_arch.detect(state)
+    try:
+        detected = upscaler_arch.detect(state)
+    except ValueError as e:
+        raise ModelError(f"{str(path)!r}: {e}; sdrt exports {SUPPORTED}") from None
     if detected is None:
         sample = ", ".join(list(state)[:3]) or "no tensors"
         raise ModelError(f"{str(path)!r} is not an upscaler sdrt can export (keys {sample}, ...): expected {SUPPORTED}")
@@ -114,7 +117,7 @@ def export_upscaler(source, out_dir, overwrite: bool = False, name: str | None =
             "out_channels": arch.out_channels,
             "size_multiple": multiple,  # input sides are padded to a multiple of this
             "channel_order": "BGR",  # A1111 feeds ESRGAN-family and SwinIR models BGR
-            "tiling": "average" if hasattr(arch, "window") else "grid",  # A1111: SwinIR's tiled_upscale_2
+            "tiling": "average" if arch.name == "SwinIR" else "grid",  # A1111: SwinIR's tiled_upscale_2
             "tile": DEFAULT_TILE,
             "tile_overlap": DEFAULT_TILE_OVERLAP,
             "features": arch.features,

@@ -112,8 +112,12 @@ def _activation(kind: str, nf: int) -> nn.Module:
 
 
 def build(arch) -> nn.Module:
-    from sdrt.export import upscaler_swinir
+    from sdrt.export import upscaler_hat, upscaler_swin2sr, upscaler_swinir
 
+    if isinstance(arch, upscaler_hat.HATArch):
+        return upscaler_hat.HAT(arch)
+    if isinstance(arch, upscaler_swin2sr.Swin2Arch):  # before SwinArch: a subclass of it
+        return upscaler_swin2sr.Swin2SR(arch)
     if isinstance(arch, upscaler_swinir.SwinArch):
         return upscaler_swinir.SwinIR(arch)
     return RRDBNet(arch) if arch.name == "ESRGAN" else SRVGGNetCompact(arch)
@@ -147,10 +151,24 @@ def old_esrgan_keys(state: dict) -> dict:
     return renamed
 
 
-def detect(state: dict) -> tuple[Arch, dict] | None:
-    """(the architecture, the state dict in its module's names) of an ESRGAN-family or SwinIR state dict, or None."""
-    from sdrt.export import upscaler_swinir
+# Architectures spandrel knows that sdrt does not export, by keys only their files hold: named in the refusal
+KNOWN_UNSUPPORTED = {
+    "DAT (Dual Aggregation Transformer)": ("before_RG.1.weight", "layers.0.blocks.0.attn.attns.0.pos.pos_proj.weight"),
+}
 
+
+def detect(state: dict) -> tuple[Arch, dict] | None:
+    """(the architecture, the state dict in its module's names) of an ESRGAN-family, SwinIR, Swin2SR or HAT state
+    dict, or None; ValueError for a known architecture in a form sdrt does not export (the message says which)."""
+    from sdrt.export import upscaler_hat, upscaler_swin2sr, upscaler_swinir
+
+    for name, keys in KNOWN_UNSUPPORTED.items():
+        if all(k in state for k in keys):
+            raise ValueError(f"{name} is not supported")
+    if (hat := upscaler_hat.detect(state)) is not None:  # its files have SwinIR's keys too
+        return hat
+    if (swin2sr := upscaler_swin2sr.detect(state)) is not None:  # first: its files have SwinIR's keys too
+        return swin2sr
     if (swinir := upscaler_swinir.detect(state)) is not None:
         return swinir
     if "model.0.weight" in state and any(k.startswith("model.1.sub.") for k in state):

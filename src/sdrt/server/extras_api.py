@@ -4,7 +4,8 @@ upscale: upscaling_resize, resize to a size, upscaler_1 blended with upscaler_2)
 the hires size within the server's pixel limit).
 
 Upscalers: A1111's None, Lanczos and Nearest, plus the exported models of `sdrt serve --upscaler-dir`. Extras jobs
-run one at a time in the server process, beside (not inside) the generation queue.
+run one at a time in the server process, beside (not inside) the generation queue; over Ray in the ingress process,
+on its CPU, with the same folder the replicas load for hires fix.
 """
 
 import threading
@@ -55,9 +56,12 @@ class ExtrasBatchImagesRequest(ExtrasRequest):
 
 
 def upscalers_of(server) -> UpscalerSet:
-    """The upscalers of the server's Pipeline (`--upscaler-dir`), or the built-in ones (over Ray)."""
+    """The upscalers of the server's Pipeline (`--upscaler-dir`), or over Ray the ingress's set of the folder the
+    replicas load (ray_app.RayBackend.upscalers)."""
     pipe = server.pipe
-    return pipe.upscalers if pipe is not None else UpscalerSet()
+    if pipe is not None:
+        return pipe.upscalers
+    return getattr(server.backend, "upscalers", None) or UpscalerSet()
 
 
 def check_hires(server, req) -> None:

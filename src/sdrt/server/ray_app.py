@@ -63,6 +63,7 @@ class RayOptions:
     max_loaded_models: int = 1  # each replica's LRU size (with models_dir)
     models_memory: str | None = None  # each replica's LRU budget of weights ("12GB"; with models_dir)
     vae_dir: str | None = None  # A1111's models/VAE (sd_vae): the ingress exports a VAE, replicas load the export
+    upscaler_dir: str | None = None  # exported upscalers (hires fix, extras), on shared storage: replicas + ingress
 
     @classmethod
     def from_args(cls, args: dict) -> "RayOptions":
@@ -76,7 +77,7 @@ class RayOptions:
         typed = {}
         for name, value in args.items():
             kind = {"model": str, "backend": str, "replicas": str, "lora_dir": str, "models_dir": str,
-                    "models_memory": str, "vae_dir": str}.get(name)  # fmt: skip
+                    "models_memory": str, "vae_dir": str, "upscaler_dir": str}.get(name)  # fmt: skip
             if kind is None:
                 kind = int if known[name].type in (int, "int") else float
             try:
@@ -143,14 +144,13 @@ class Generator:
     """One replica: one loaded Pipeline; one Pipeline call at a time; compatible txt2img requests batched."""
 
     def __init__(self, model: str | None, backend: str, max_batch_size: int, batch_wait_s: float, lora_dir=None,
-                 lru: tuple = (1, None)):  # fmt: skip
+                 lru: tuple = (1, None), upscaler_dir=None):  # fmt: skip
         """MODEL: the one exported folder, or None (a models folder): an LRU of LRU = (max_loaded, budget)."""
         from sdrt.runtime.pipeline import Pipeline
         from sdrt.server.ray_models import ReplicaModels
 
         def load(folder):
-            return Pipeline.load(folder, backend=backend, loras=lora_dir)
-
+            return Pipeline.load(folder, backend=backend, loras=lora_dir, upscalers=upscaler_dir)
         self.models = ReplicaModels(model, load, *lru)
         self.lock = asyncio.Lock()  # the Pipeline is not thread safe
         self.max_batch_size = max_batch_size
@@ -231,6 +231,17 @@ def count_images(items: list) -> int:
     return sum(generation.kwargs.get("batch_size", 1) for generation, _, _ in items)
 
 
+def upscaler_set(folder: str | None):
+    """The upscalers of FOLDER as the replicas load them: the ingress lists them, checks hires requests against them
+    and runs extras jobs with them on its own CPU (ONNX Runtime, one job at a time: extras_api.py)."""
+    from sdrt.runtime.upscale import UpscalerSet
+
+    upscalers = UpscalerSet()
+    if folder is not None:
+        upscalers.load_dir(folder)
+    return upscalers
+
+
 class RayBackend:
     """generation.py's backend seam over a Generator DeploymentHandle and the JobBoard."""
 
@@ -238,6 +249,7 @@ class RayBackend:
         self.generator, self.manifest, self.board, self.options = generator, manifest, board, options
         self.models = models  # a models.ModelRegistry of options.models_dir (None: the one model's, app.py makes it)
         self.lora_dir = options.lora_dir  # what the replicas load (GET /sdapi/v1/loras lists it)
+        self.upscalers = upscaler_set(options.upscaler_dir)  # listings, hires checks, extras jobs (this process)
         self.mean_seconds = SECONDS_GUESS
 
     def retry_after(self, waiting: int) -> int:
@@ -313,6 +325,8 @@ def with_defaults(options: RayOptions) -> RayOptions:
         options = replace(options, model=os.path.abspath(options.model))
     else:
         options = replace(options, models_dir=os.path.abspath(options.models_dir))
+    if options.upscaler_dir is not None:
+        options = replace(options, upscaler_dir=os.path.abspath(options.upscaler_dir))
     if options.gpus_per_replica is None:
         options = replace(options, gpus_per_replica=1.0 if gpus_in_cluster() > 0 else 0.0)
     if options.backend is None:
@@ -334,7 +348,7 @@ def build(options: RayOptions, limits=None, credentials: dict | None = None, exp
     budget = None if options.models_memory is None else parse_size(options.models_memory, "models_memory")
     replica_model = options.model if options.models_dir is None else None  # a folder: each replica's LRU
     bound = generator.bind(replica_model, options.backend, options.max_batch_size, options.batch_wait_s,
-                           options.lora_dir, (options.max_loaded_models, budget))  # fmt: skip
+                           options.lora_dir, (options.max_loaded_models, budget), options.upscaler_dir)  # fmt: skip
     return ingress.bind(bound, options, limits or Limits(), credentials, exporter, vae_exporter)
 
 
