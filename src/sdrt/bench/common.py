@@ -252,13 +252,13 @@ def write_results(report: dict, output: Path, table: str, chart_title: str, bars
 
 def add_stage_arguments(p, out: str) -> None:
     """A benchmark run in worker stages on `sdrt bench`'s models: --worker (a stage, internal), --workdir (the
-    models), --out (OUT: its own folders), --model (sd15, or small: a smoke test), --size and --steps."""
+    models), --out (OUT: its own folders), --model (sd15, sdxl, or small: a smoke test), --size and --steps."""
     import argparse
     from pathlib import Path
 
     p.add_argument("--worker", nargs=2, metavar=("STAGE", "JOB"), help=argparse.SUPPRESS)
     p.add_argument("--workdir", type=Path, default=Path("/tmp/sdrt-bench"), help="sdrt bench's model folders")
     p.add_argument("--out", type=Path, default=Path(out), help="this benchmark's folders")
-    p.add_argument("--model", default="sd15", choices=("sd15", "small"), help="small: a smoke test of this script")
+    p.add_argument("--model", default="sd15", choices=("sd15", "sdxl", "small"), help="small: a smoke test")
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--steps", type=int, default=10)
