@@ -5,11 +5,10 @@ size with sdrt and with diffusers on the same weights and seed, each in its own 
 
     python -m sdrt.bench.sd35_arch all /tmp/sd35m [--t5] [--size 256 --steps 4] [--output benchmarks/results/X.json]
 
-Speed and memory do not depend on the weights' values. Each part is built in bf16 (its own init, no fp32 copy), saved and
-freed before the next; the tokenizers are the tiny test vocabularies
-(their ids only index the full embedding tables). Without --t5 the folder has no text_encoder_3, as diffusers allows
-(zeros in T5's place). Peak RSS is each child's getrusage; the machine may be shared: only the ratios inside one run
-mean anything.
+Speed and memory do not depend on the weights' values. Each part is built in bf16 (its own init, no fp32 copy),
+saved and freed before the next; the tokenizers are the tiny test vocabularies (their ids only index the full
+embedding tables). Without --t5 the folder has no text_encoder_3, as diffusers allows (zeros in T5's place).
+Peak RSS is each child's getrusage; the machine may be shared: only the ratios inside one run mean anything.
 """
 
 import argparse
