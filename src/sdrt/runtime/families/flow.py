@@ -17,6 +17,7 @@ from sdrt.runtime.flow_conditioning import FluxConditioner, Sd3Conditioner, T5Te
 from sdrt.runtime.flow_models import PACK, FluxModel, Sd3Model
 from sdrt.runtime.flow_samplers import FLOW_VARIANTS
 from sdrt.runtime.flow_specs import TRANSFORMER
+from sdrt.runtime.flux_parts import transformer_engine
 
 # The samplers of these families: the deterministic ones run on flow sigmas as they are; Euler a in its rectified-flow
 # form (flow_samplers.py). The other ancestral and SDE samplers add noise in the variance-exploding form (not yet).
@@ -49,7 +50,8 @@ class FlowFamily(Family):
     def denoiser(self, model, opts, timesteps: dict, text, conditioning=None, control=None):
         if conditioning is not None or control is not None:
             raise ModelError(f"{model.manifest.folder}: {self.title} runs without ControlNet or inpainting channels")
-        return FlowDenoiser(self.model(model.denoiser_engine, model.manifest, opts), text, opts.cfg_scale, timesteps)
+        engine = transformer_engine(model.engines, model.manifest)  # one graph, or FLUX's part chain
+        return FlowDenoiser(self.model(engine, model.manifest, opts), text, opts.cfg_scale, timesteps)
 
     def model(self, engine, manifest, opts):
         raise NotImplementedError
