@@ -120,7 +120,7 @@ def generate_one(runtime: str, folder: str, size: int, steps: int, image_out: st
 
     start = time.perf_counter()
     if runtime == "sdrt":
-        from sdrt import Pipeline
+        from sdrt.runtime.pipeline import Pipeline
 
         pipe = Pipeline.load(Path(folder) / "onnx")
         loaded = time.perf_counter()

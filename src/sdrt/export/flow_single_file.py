@@ -23,13 +23,6 @@ from sdrt.export.flow_parts import PIPELINE_FAMILIES, FolderParts, load_folder
 TRANSFORMER_PREFIX = "model.diffusion_model."
 # Keys that mark a single file of these families (with or without TRANSFORMER_PREFIX).
 FAMILY_MARKS = {"joint_blocks.0.": "sd3", "double_blocks.0.": "flux"}
-# The config a file's family takes without --config: diffusers' own choices (single_file_utils.DIFFUSERS_DEFAULT).
-DEFAULT_CONFIGS = {
-    "sd3": "stabilityai/stable-diffusion-3.5-medium",
-    "sd3-large": "stabilityai/stable-diffusion-3.5-large",
-    "flux-dev": "black-forest-labs/FLUX.1-dev",
-    "flux-schnell": "black-forest-labs/FLUX.1-schnell",
-}
 CONFIG_PATTERNS = ["*.json", "*.txt", "*.model"]  # a hub config: configs and tokenizers, no weights
 
 
@@ -57,7 +50,40 @@ FLUX_COMPONENTS = (
     Component("vae", "--vae", "vae.", "the VAE (ae.safetensors)"),
 )
 OPTIONAL = {"text_encoder_3"}  # SD 3.5 runs without T5 (zeros in its place), as diffusers does
-FLAG_FIELDS = {"--clip-l": "clip_l", "--clip-g": "clip_g", "--t5xxl": "t5xxl", "--vae": "vae"}
+
+
+def _sd3_converter():
+    from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
+
+    return convert_sd3_transformer_checkpoint_to_diffusers
+
+
+def _flux_converter():
+    from sdrt.export.flux_keys import flux_to_diffusers
+
+    return flux_to_diffusers
+
+
+@dataclass(frozen=True)
+class FileFamily:
+    """What a family's single files hold: TITLE in words, its COMPONENTS, the transformer's CONVERTER (a function
+    giving diffusers' converter), and the config a file takes without --config: the first of VARIANTS ((key
+    fragment, hub id)) whose fragment a key holds, else DEFAULT (diffusers' own choices, single_file_utils)."""
+
+    title: str
+    components: tuple
+    converter: object
+    variants: tuple
+    default: str
+
+
+FILE_FAMILIES = {
+    "sd3": FileFamily("an SD 3.5", SD3_COMPONENTS, _sd3_converter,
+                      (("joint_blocks.37.", "stabilityai/stable-diffusion-3.5-large"),),
+                      "stabilityai/stable-diffusion-3.5-medium"),
+    "flux": FileFamily("a FLUX.1", FLUX_COMPONENTS, _flux_converter,
+                       (("guidance_in.", "black-forest-labs/FLUX.1-dev"),), "black-forest-labs/FLUX.1-schnell"),
+}  # fmt: skip
 
 
 def single_file_family(path: Path) -> str | None:
@@ -136,32 +162,25 @@ def load_single_file(path: Path, family: str, config, files: dict) -> SingleFile
     if path.suffix.lower() != ".safetensors":
         raise ModelError(f"{str(path)!r}: SD 3.5 / FLUX.1 single files are read as .safetensors only")
     main = lazy.SafetensorsFiles([path])
-    variant = _variant(family, main.keys())
-    parts = _config_folder(config or DEFAULT_CONFIGS[variant], family, given=config is not None)
-    components = SD3_COMPONENTS if family == "sd3" else FLUX_COMPONENTS
-    sources, missing = {}, []
-    for component in components:
+    facts = FILE_FAMILIES[family]
+    default = next((hub for mark, hub in facts.variants if any(mark in k for k in main.keys())), facts.default)
+    parts = _config_folder(config or default, family, given=config is not None)
+    sources, missing, notes = {}, [], []
+    for component in facts.components:
         source = _component_source(component, main, files.get(component.flag), parts)
         if source is not None:
             sources[component.part] = source
-        elif component.part not in OPTIONAL:
+        elif component.part in OPTIONAL:
+            notes.append(f"{component.what} not in the file: {component.flag} FILE adds it")
+        else:
             missing.append(component)
     if missing:
         names = ", ".join(f"{c.what}: {c.flag} FILE" for c in missing)
-        title = "an SD 3.5" if family == "sd3" else "a FLUX.1"
-        raise ModelError(f"{str(path)!r} is {title} transformer file without {names} (give them as files of their "
-                         "own, as ComfyUI keeps them in models/clip and models/vae)")  # fmt: skip
-    sources["transformer"] = _transformer_source(path, family, main, components, parts)
-    note = "" if family == "flux" or "text_encoder_3" in sources else "T5 not in the file, --t5xxl FILE adds it"
-    single = SingleFileParts(parts.folder, "single_file", path.stem, file_sha256(path).hexdigest(), parts.index,
-                             parts.scheduler_config, sources=sources, note=note)  # fmt: skip
-    return single
-
-
-def _variant(family: str, keys) -> str:
-    if family == "sd3":
-        return "sd3-large" if any("joint_blocks.37." in k for k in keys) else "sd3"
-    return "flux-dev" if any("guidance_in." in k for k in keys) else "flux-schnell"
+        raise ModelError(f"{str(path)!r} is {facts.title} transformer file without {names} (give them as files of "
+                         "their own, as ComfyUI keeps them in models/clip and models/vae)")  # fmt: skip
+    sources["transformer"] = _transformer_source(path, facts, main, parts)
+    return SingleFileParts(parts.folder, "single_file", path.stem, file_sha256(path).hexdigest(), parts.index,
+                           parts.scheduler_config, sources=sources, note="; ".join(notes))  # fmt: skip
 
 
 def _config_folder(config: str, family: str, given: bool) -> FolderParts:
@@ -214,20 +233,16 @@ def _vae_source(files, prefix: str, label: str, config: dict):
                                        keep=lambda k: k.startswith(prefix))  # fmt: skip
 
 
-def _transformer_source(path: Path, family: str, main, components, parts: FolderParts):
+def _transformer_source(path: Path, facts: FileFamily, main, parts: FolderParts):
     """The transformer's keys of the file (all but the components' prefixes) in diffusers' layout."""
-    others = tuple(c.prefix for c in components)
+    others = tuple(c.prefix for c in facts.components)
     label = f"the transformer in {path}"
-    if family == "sd3":
-        from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers as convert
-    else:
-        from sdrt.export.flux_keys import flux_to_diffusers as convert
-    source = lazy.WeightSource.converted(main, convert, label, keep=lambda k: not k.startswith(others))
-    _check_transformer_keys(source, parts, family)
+    source = lazy.WeightSource.converted(main, facts.converter(), label, keep=lambda k: not k.startswith(others))
+    _check_transformer_keys(source, parts)
     return source
 
 
-def _check_transformer_keys(source, parts: FolderParts, family: str) -> None:
+def _check_transformer_keys(source, parts: FolderParts) -> None:
     """The file's transformer and --config's agree (a FLUX dev file with a schnell config would drop guidance)."""
     import importlib
 
@@ -238,7 +253,7 @@ def _check_transformer_keys(source, parts: FolderParts, family: str) -> None:
     extra = sorted(set(source.keys) - expected)
     if extra:
         raise ModelError(f"{source.label}: weights such as {extra[0]!r} ({len(extra)} in all) are not in --config's "
-                         f"transformer ({parts.folder}): a config of another {family} variant or size?")  # fmt: skip
+                         f"transformer ({parts.folder}): a config of another variant or size?")  # fmt: skip
 
 
 def check_component_files(files: dict) -> None:

@@ -107,6 +107,9 @@ class SafetensorsFiles:
             self.handles.append(handle)
             for key in handle.keys():
                 self.where[key] = handle
+            if "scaled_fp8" in self.where:  # ComfyUI's scaled fp8: every weight has a scale to apply
+                raise ModelError(f"{str(path)!r} is a scaled-fp8 file (ComfyUI's scaled_fp8): not supported; use its "
+                                 "fp16/bf16 (or plain fp8) file")  # fmt: skip
 
     def keys(self):
         return self.where.keys()
