@@ -182,3 +182,26 @@ def test_single_file_flags_refused_where_they_do_not_apply(flux, sd3, tmp_path, 
                    "--t5xxl", files["t5xxl"], "--vae", files["vae"]) == 2  # fmt: skip
     assert "guidance_embedder" in capsys.readouterr().err
     assert not any((tmp_path / n).exists() for n in "abcd")
+
+
+def test_flux_parts_staged_one_at_a_time(flux):
+    """low_vram: each part is a staged engine, loaded in turn; the images stay those of the resident chain."""
+    from sdrt import Pipeline
+
+    _, _, parts, _, root = flux
+    staged = Pipeline.load(root / "file-onnx", low_vram=True)
+    images = sdrt_run(staged, PROMPT, seeds=(1,), cfg_scale=3.0)
+    assert max_diff_255(images, sdrt_run(parts, PROMPT, seeds=(1,), cfg_scale=3.0)) == 0
+    stager = staged.engines["transformer"].stager
+    assert stager.loads >= 4 * 3  # every step loads the three parts again (one engine resident at a time)
+    assert sum(engine.inner.session is not None for engine in staged.engines.values()) <= 1
+
+
+def test_sd3_wrong_t5_file_named(sd3, tmp_path, capsys):
+    """An SD 3.5 file asked for T5 (--t5xxl) with a file that is not a T5 encoder: one error naming --t5xxl."""
+    _, _, root, bare = sd3
+    clips = ("--clip-l", root / "clip-l.safetensors", "--clip-g", root / "clip-g.safetensors")
+    assert _export(bare, tmp_path / "out", "--config", root / "diffusers", *clips, "--t5xxl", clips[1]) == 2
+    err = capsys.readouterr().err
+    assert "--t5xxl" in err and "missing" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
