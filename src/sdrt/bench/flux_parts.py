@@ -39,6 +39,16 @@ def build(folder: Path, double: int, single: int) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def _sample_rss(peaks: dict, stop) -> None:
+    """Record the largest RssAnon and RssFile (/proc/self/status) until STOP is set: the weights' file pages
+    (safetensors maps the files) are kept apart from the process's own memory."""
+    while not stop.wait(0.2):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(("RssAnon:", "RssFile:")):
+                name, value = line.split(":")
+                peaks[name] = max(peaks.get(name, 0), int(value.split()[0]) * 1024)
+
+
 def run_one(folder: str, part_bytes: int) -> dict:
     """Export the transformer saved in FOLDER in this process (weights read lazily); its figures."""
     from sdrt.export import lazy_weights as lazy
@@ -49,16 +59,24 @@ def run_one(folder: str, part_bytes: int) -> dict:
     model = empty_transformer(config)
     bounds = part_bounds(model, part_bytes)
     source = lazy.WeightSource.direct(lazy.SafetensorsFiles(lazy.diffusers_files(Path(folder))), folder)
+    import threading
+
+    peaks, stop = {}, threading.Event()
+    sampler = threading.Thread(target=_sample_rss, args=(peaks, stop), daemon=True)
+    sampler.start()
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as out:
         errors = [step.run(Path(out), "fp32") for step in transformer_steps(model, source, bounds)]
         onnx_bytes = sum(f.stat().st_size for f in Path(out).rglob("*") if f.is_file())
+    stop.set()
     return {
         "parts": len(bounds),
         "blocks_per_part": [stop - begin for begin, stop in bounds],
         "max_relative_error": max(errors),
         "onnx_bytes": onnx_bytes,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_rss_anon_bytes": peaks.get("RssAnon"),  # sampled every 0.2 s
+        "peak_rss_file_bytes": peaks.get("RssFile"),
         "export_seconds": round(time.perf_counter() - start, 1),
     }
 
