@@ -164,9 +164,12 @@ class WeightSource:
             ) from None
 
     def tensors(self, names, dtype=None) -> dict:
-        """{name: tensor} for NAMES, each in DTYPE (the stored one when None)."""
-        cache, out = {}, {}
+        """{name: tensor} for NAMES, each in DTYPE (the stored one when None). Names are computed block by block
+        (by their first two components), each block's original tensors dropped before the next."""
+        out, cache, block = {}, {}, None
         for name in names:
+            if name.split(".")[:2] != block:
+                cache, block = {}, name.split(".")[:2]
             value = evaluate(self.keys[name], self.files.load, cache)
             out[name] = value if dtype is None else value.to(dtype)
         return out
