@@ -205,3 +205,22 @@ def test_sd3_wrong_t5_file_named(sd3, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--t5xxl" in err and "missing" in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_sd3_file_with_everything_inside_gives_each_part_its_weights(sd3, tmp_path):
+    """A file holding T5 too: every part read from it equals the pipeline's own weights (fp32; T5 as stored)."""
+    import torch
+
+    from sdrt.export.flow_single_file import load_single_file
+
+    pipe, _, root, _ = sd3
+    path = write_sd3_file(pipe, tmp_path / "sd3.5_all.safetensors", clips=True, t5=True)
+    parts = load_single_file(path, "sd3", str(root / "diffusers"), {})
+    assert parts.has("text_encoder_3") and parts.has("tokenizer_3") and not parts.note
+    for name in ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
+        ours, theirs = parts.get(name).state_dict(), getattr(pipe, name).state_dict()
+        assert set(ours) >= {k for k in theirs if "position_ids" not in k}, name
+        assert all(torch.equal(ours[k].float(), theirs[k].float()) for k in theirs if k in ours), name
+    bare = load_single_file(sd3[3], "sd3", str(root / "diffusers"), {"--clip-l": root / "clip-l.safetensors",
+                                                                     "--clip-g": root / "clip-g.safetensors"})
+    assert not bare.has("text_encoder_3") and not bare.has("tokenizer_3") and "--t5xxl FILE" in bare.note
