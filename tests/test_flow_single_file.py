@@ -221,6 +221,10 @@ def test_sd3_file_with_everything_inside_gives_each_part_its_weights(sd3, tmp_pa
         ours, theirs = parts.get(name).state_dict(), getattr(pipe, name).state_dict()
         assert set(ours) >= {k for k in theirs if "position_ids" not in k}, name
         assert all(torch.equal(ours[k].float(), theirs[k].float()) for k in theirs if k in ours), name
-    bare = load_single_file(sd3[3], "sd3", str(root / "diffusers"), {"--clip-l": root / "clip-l.safetensors",
-                                                                     "--clip-g": root / "clip-g.safetensors"})
+    bare = load_single_file(
+        sd3[3],
+        "sd3",
+        str(root / "diffusers"),
+        {"--clip-l": root / "clip-l.safetensors", "--clip-g": root / "clip-g.safetensors"},
+    )
     assert not bare.has("text_encoder_3") and not bare.has("tokenizer_3") and "--t5xxl FILE" in bare.note

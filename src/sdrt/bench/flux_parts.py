@@ -114,8 +114,13 @@ def main(argv=None) -> int:
         "date": time.strftime("%Y-%m-%d"),
         "machine": machine,
         "command": "python -m sdrt.bench.flux_parts " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "model": {**FLUX_DEV, "num_layers": args.double, "num_single_layers": args.single, "parameters": params,
-                  "stored_dtype": "bfloat16"},  # fmt: skip
+        "model": {
+            **FLUX_DEV,
+            "num_layers": args.double,
+            "num_single_layers": args.single,
+            "parameters": params,
+            "stored_dtype": "bfloat16",
+        },  # fmt: skip
         "runs": runs,
         "note": "shared machine (other agents' work running); peak RSS per process (getrusage)",
     }
