@@ -1,6 +1,6 @@
 """The flow families' runtime pieces against their references: shifted sigmas against diffusers'
 FlowMatchEulerDiscreteScheduler, the T5 tokenizer against transformers', FLUX's packing against diffusers', the T5
-encoder exported part by part against the whole, and single-file checkpoints refused with a clear error."""
+encoder exported part by part against the whole, and a single file whose configs cannot be had refused clearly."""
 
 import numpy as np
 import pytest
@@ -116,7 +116,8 @@ def test_t5_exported_in_parts_matches_whole(tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     "prefix,family", [("joint_blocks.0.", "SD 3.5"), ("model.diffusion_model.double_blocks.0.", "FLUX")]
 )
-def test_single_file_refused_clearly(tmp_path, prefix, family):
+def test_single_file_without_config_refused_clearly(tmp_path, capsys, prefix, family):
+    """Offline, without --config: the family's default hub id cannot give the configs; one error naming --config."""
     import torch
     from safetensors.torch import save_file
 
@@ -125,6 +126,7 @@ def test_single_file_refused_clearly(tmp_path, prefix, family):
     path = tmp_path / "model.safetensors"
     save_file({prefix + "x.weight": torch.zeros(2, 2)}, str(path))
     assert main(["export", str(path), "-o", str(tmp_path / "out")]) == 2
+    assert "--config" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 

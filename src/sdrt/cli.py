@@ -44,7 +44,13 @@ def add_export_parser(sub) -> None:
     p.add_argument("--original-config", help="the checkpoint's YAML (e.g. v2-inference-v.yaml)")
     p.add_argument("--config", help="for a single file: a diffusers folder (or hub id) with the component configs")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
-    p.add_argument("--vae", help="another VAE (diffusers folder or hub id), e.g. one fixed for fp16 for SDXL")
+    p.add_argument("--vae", help="another VAE (diffusers folder or hub id), e.g. one fixed for fp16 for SDXL; for an "
+                   "SD 3.5 / FLUX.1 single file: its VAE file (ae.safetensors)")
+    p.add_argument("--clip-l", metavar="FILE", help="SD 3.5 / FLUX.1 single file: its CLIP-L (clip_l.safetensors)")
+    p.add_argument("--clip-g", metavar="FILE", help="SD 3.5 single file: its OpenCLIP bigG (clip_g.safetensors)")
+    p.add_argument("--t5xxl", metavar="FILE", help="SD 3.5 / FLUX.1 single file: its T5-XXL (t5xxl_fp16.safetensors)")
+    p.add_argument("--part-size", metavar="SIZE", help="fp32 weights per part of the graphs exported in parts (T5, "
+                   "the FLUX transformer); default 4GB")
     p.add_argument("--target", default="onnx", choices=("onnx", "tensorrt"), help="tensorrt: also `sdrt build` it")
     p.add_argument("--optimize", default="none", choices=("none", "cuda", "cpu"),
                    help="also write fused graphs for ONNX Runtime's CUDA (fp16) or CPU provider (`sdrt optimize`)")

@@ -33,6 +33,8 @@ def cmd_export(args) -> int:
         controlnet=args.controlnet,
         loras=args.lora,
         deepcache=args.deepcache,
+        files={"--clip-l": args.clip_l, "--clip-g": args.clip_g, "--t5xxl": args.t5xxl},
+        part_size=args.part_size,
     )
     print(f"exported {manifest.family} model ({manifest.precision}) to {args.output}")
     if args.taesd or args.vae_approx:

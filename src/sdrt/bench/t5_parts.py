@@ -67,6 +67,11 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--blocks", type=int, default=4)
     parser.add_argument("--output", type=Path)
+    parser.add_argument(
+        "--parts-only",
+        action="store_true",
+        help="only the part-by-part export at export/t5.py's PART_BYTES (the whole one cannot fit)",
+    )
     parser.add_argument("--one", nargs=2, type=int, metavar=("BLOCKS", "PART_BYTES"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.one:  # the child: one export
@@ -74,7 +79,12 @@ def main(argv=None) -> int:
         return 0
     per_block = 4 * (4 * XXL["d_model"] * XXL["d_kv"] * XXL["num_heads"] + 3 * XXL["d_model"] * XXL["d_ff"])
     runs = {}
-    for label, part_bytes in (("whole", 1 << 62), ("one block a part", per_block)):
+    from sdrt.export.t5 import PART_BYTES
+
+    plans = (("whole", 1 << 62), ("one block a part", per_block))
+    if args.parts_only:
+        plans = ((f"PART_BYTES {PART_BYTES / 1e9:g} GB", PART_BYTES),)
+    for label, part_bytes in plans:
         child = [sys.executable, "-m", "sdrt.bench.t5_parts", "--one", str(args.blocks), str(part_bytes)]
         done = subprocess.run(child, capture_output=True, text=True, check=True)
         runs[label] = json.loads(done.stdout.strip().splitlines()[-1])
@@ -84,7 +94,8 @@ def main(argv=None) -> int:
         "benchmark": "t5_parts",
         "date": time.strftime("%Y-%m-%d"),
         "machine": machine,
-        "command": f"python -m sdrt.bench.t5_parts --blocks {args.blocks}",
+        "command": f"python -m sdrt.bench.t5_parts --blocks {args.blocks}"
+        + (" --parts-only" if args.parts_only else ""),
         "model": {**XXL, "blocks_built": args.blocks, "stored_dtype": "bfloat16"},
         "runs": runs,
         "note": "shared machine (other agents' jobs running); peak RSS per process",

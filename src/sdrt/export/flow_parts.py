@@ -26,8 +26,6 @@ PIPELINE_FAMILIES = {
 # A hub snapshot: configs, tokenizers (T5's SentencePiece model too) and full-precision weights, shards included.
 HUB_PATTERNS = ["*.json", "*.txt", "*.model", "*/diffusion_pytorch_model*.safetensors", "*/model*.safetensors"]
 HUB_IGNORE = ["*.fp16.safetensors", "*fp16*.safetensors.index.json"]
-# Keys that mark a single file of these families (the original layouts, with or without "model.diffusion_model.").
-SINGLE_FILE_MARKS = {"joint_blocks.0.": "sd3", "double_blocks.0.": "flux"}
 # The scheduler config keys of FlowMatchEulerDiscreteScheduler the runtime reproduces.
 FLOW_SCHEDULER_KEYS = ("num_train_timesteps", "shift", "use_dynamic_shifting", "base_shift", "max_shift",
                        "base_image_seq_len", "max_image_seq_len")  # fmt: skip
@@ -41,14 +39,15 @@ def _read_json(path: Path) -> dict:
 
 
 def flow_family(source: str) -> str | None:
-    """ "sd3" or "flux" for a diffusers folder or hub id of these families; for a single file of them, a ModelError
-    (not exported yet); None for anything else (the UNet families' detection takes over)."""
+    """ "sd3" or "flux" for a diffusers folder, hub id or single file of these families (export/flow_single_file.py);
+    None for anything else (the UNet families' detection takes over)."""
     path = Path(source)
     if (path / "model_index.json").is_file():
         return PIPELINE_FAMILIES.get(_read_json(path / "model_index.json").get("_class_name"))
     if path.is_file() and path.suffix.lower() in SINGLE_FILE_SUFFIXES:
-        _check_single_file(path)
-        return None
+        from sdrt.export.flow_single_file import single_file_family
+
+        return single_file_family(path)
     if is_hub_id(source):
         from huggingface_hub import hf_hub_download
 
@@ -58,21 +57,6 @@ def flow_family(source: str) -> str | None:
             return None
         return PIPELINE_FAMILIES.get(index.get("_class_name"))
     return None
-
-
-def _check_single_file(path: Path) -> None:
-    """A single-file SD 3.5 or FLUX checkpoint: one clear error saying what to pass instead."""
-    from sdrt.export.sources import read_checkpoint_info
-
-    keys = read_checkpoint_info(path).shapes
-    for mark, family in SINGLE_FILE_MARKS.items():
-        if any(k.startswith(mark) or k.startswith("model.diffusion_model." + mark) for k in keys):
-            name = {"sd3": "an SD 3.5", "flux": "a FLUX.1"}[family]
-            raise ModelError(
-                f"{str(path)!r} is {name} single-file checkpoint: single files of this family are not exported yet "
-                "(they lack the tokenizers and, for FLUX, the text encoders and VAE); export its diffusers folder "
-                "or hub id instead (e.g. stabilityai/stable-diffusion-3.5-medium, black-forest-labs/FLUX.1-dev)"
-            )
 
 
 @dataclass
@@ -105,6 +89,12 @@ class FolderParts:
 
     def config_of(self, name: str) -> dict:
         return _read_json(self.folder / name / "config.json")
+
+    def weights(self, name: str):
+        """Part NAME's tensors, read when asked (lazy_weights.WeightSource): its safetensors files as they are."""
+        from sdrt.export.lazy_weights import SafetensorsFiles, WeightSource, diffusers_files
+
+        return WeightSource.direct(SafetensorsFiles(diffusers_files(self.folder / name)), f"{name} in {self.folder}")
 
     def release(self, name: str) -> None:
         self.loaded.pop(name, None)

@@ -11,7 +11,6 @@ from sdrt.export.flow_parts import (
     exportable_norms,
     flow_family,
     flow_scheduler_facts,
-    load_folder,
     no_controlnet,
     traceable_rotary,
 )
@@ -71,19 +70,22 @@ def flux_transformer_step(transformer) -> ModelStep:
     )
 
 
-def flux_plan(source, precision: str, original_config, config, vae_option) -> driver.ExportPlan:
-    """The plan of a FLUX.1 diffusers folder or hub id."""
+def flux_plan(source, precision: str, original_config, config, vae_option, files=None, part_bytes=None):
+    """The plan of a FLUX.1 diffusers folder, hub id or single file (FILES: {flag: component file}); the
+    transformer in parts of PART_BYTES fp32 weight bytes (export/flux_parts.py) when it is larger."""
+    from sdrt.export.flow_single_file import flow_parts
+    from sdrt.export.flux_parts import empty_transformer, part_bounds
     from sdrt.export.steps import text_encoder_step, vae_steps
     from sdrt.export.t5 import t5_steps
 
-    if original_config or config or vae_option:
-        raise ModelError("--original-config, --config and --vae are not supported for FLUX.1 models yet")
-    parts = load_folder(source)
+    parts = flow_parts(source, config, vae_option, original_config, files)
     schedule = flow_scheduler_facts(parts.scheduler_config)
     transformer_config = parts.config_of("transformer")
     for name in ("text_encoder", T5_ENCODER):
         if not parts.has(name):
             raise ModelError(f"{source!r} has no {name}: FLUX.1 needs CLIP-L (text_encoder) and T5 ({T5_ENCODER})")
+    model = empty_transformer(transformer_config)  # parameters on the meta device until a part needs them
+    bounds = part_bounds(model, part_bytes)
     made = {}
 
     def steps():
@@ -91,12 +93,9 @@ def flux_plan(source, precision: str, original_config, config, vae_option) -> dr
         step.release = lambda: parts.release("text_encoder")
         yield step
         yield driver.Tokenizer("tokenizer", parts.get("tokenizer"), lambda: parts.release("tokenizer"))
-        yield from t5_steps(parts.get(T5_ENCODER), T5_ENCODER, lambda: parts.release(T5_ENCODER))
+        yield from t5_steps(parts.get(T5_ENCODER), T5_ENCODER, lambda: parts.release(T5_ENCODER), part_bytes)
         yield driver.Tokenizer("tokenizer_2", parts.get("tokenizer_2"), lambda: parts.release("tokenizer_2"))
-        step = flux_transformer_step(parts.get("transformer"))
-        step.release = lambda: parts.release("transformer")
-        yield step
-        del step
+        yield from transformer_steps(model, parts.weights("transformer"), bounds)
         vae = parts.get("vae")
         made["down"] = 2 ** (len(vae.config.block_out_channels) - 1)
         made["vae_config"] = dict(vae.config)
@@ -131,8 +130,23 @@ def flux_plan(source, precision: str, original_config, config, vae_option) -> dr
         }
 
     variant = "dev: guidance input" if guided else "schnell: no guidance input"
-    description = f"detected family: flux ({parts.index['_class_name']}, {variant})"
-    return driver.ExportPlan(description, steps(), 6, facts, controlnet=False)
+    split = f", transformer in {len(bounds)} parts" if len(bounds) > 1 else ""
+    description = f"detected family: flux ({parts.index['_class_name']}, {variant}{split})"
+    return driver.ExportPlan(description, steps(), 5 + len(bounds), facts, controlnet=False)
+
+
+def transformer_steps(model, source, bounds):
+    """The transformer's export steps: one graph, or its parts (export/flux_parts.py); weights from SOURCE."""
+    from sdrt.export import lazy_weights as lazy
+    from sdrt.export.flux_parts import flux_part_steps
+
+    if len(bounds) > 1:
+        yield from flux_part_steps(model, dict(model.config), source, bounds)
+        return
+    lazy.fill(model, source, dtype=torch.float32)
+    step = flux_transformer_step(model)
+    step.release = lambda: lazy.drop(model)
+    yield step
 
 
 FAMILIES = ("flux",)  # the manifest families this plan writes

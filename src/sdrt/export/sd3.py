@@ -6,9 +6,8 @@ part by part (export/t5.py)."""
 
 import torch
 
-from sdrt.errors import ModelError
 from sdrt.export import driver
-from sdrt.export.flow_parts import Held, flow_family, flow_scheduler_facts, load_folder, no_controlnet
+from sdrt.export.flow_parts import Held, flow_family, flow_scheduler_facts, no_controlnet
 from sdrt.export.sd3_gates import gate_blocks
 from sdrt.export.steps import ModelStep
 from sdrt.runtime.flow_specs import sd3_transformer_spec
@@ -60,14 +59,13 @@ def sd3_transformer_step(transformer) -> ModelStep:
     )
 
 
-def sd3_plan(source, precision: str, original_config, config, vae_option) -> driver.ExportPlan:
-    """The plan of an SD 3.5 diffusers folder or hub id."""
+def sd3_plan(source, precision: str, original_config, config, vae_option, files=None, part_bytes=None):
+    """The plan of an SD 3.5 diffusers folder, hub id or single file (FILES: {flag: component file})."""
+    from sdrt.export.flow_single_file import flow_parts
     from sdrt.export.steps import text_encoder_step, vae_steps
     from sdrt.export.t5 import t5_steps
 
-    if original_config or config or vae_option:
-        raise ModelError("--original-config, --config and --vae are not supported for SD 3.5 models yet")
-    parts = load_folder(source)
+    parts = flow_parts(source, config, vae_option, original_config, files)
     schedule = flow_scheduler_facts(parts.scheduler_config)
     transformer_config = parts.config_of("transformer")
     has_t5 = parts.has(T5_ENCODER)
@@ -81,7 +79,7 @@ def sd3_plan(source, precision: str, original_config, config, vae_option) -> dri
             tokenizer = name.replace("text_encoder", "tokenizer")
             yield driver.Tokenizer(tokenizer, parts.get(tokenizer), lambda t=tokenizer: parts.release(t))
         if has_t5:
-            yield from t5_steps(parts.get(T5_ENCODER), T5_ENCODER, lambda: parts.release(T5_ENCODER))
+            yield from t5_steps(parts.get(T5_ENCODER), T5_ENCODER, lambda: parts.release(T5_ENCODER), part_bytes)
             yield driver.Tokenizer("tokenizer_3", parts.get("tokenizer_3"), lambda: parts.release("tokenizer_3"))
         step = sd3_transformer_step(parts.get("transformer"))
         step.release = lambda: parts.release("transformer")
@@ -118,6 +116,7 @@ def sd3_plan(source, precision: str, original_config, config, vae_option) -> dri
         }
 
     t5_note = "with T5" if has_t5 else "without T5 (text_encoder_3 absent: zeros in its place, as diffusers)"
+    t5_note += f"; {parts.note}" if getattr(parts, "note", "") else ""
     description = f"detected family: sd3 ({parts.index['_class_name']}, {t5_note})"
     return driver.ExportPlan(description, steps(), 5 + has_t5, facts, controlnet=False)
 

@@ -144,7 +144,8 @@ def stage_costs(weights: dict, cells: int, backend: str, fused_attention=frozens
     for name, size in weights.items():
         batch = 2 if name == "unet" else 1  # a guided UNet step runs cond + uncond
         table = FUSED_ACTIVATION_PER_CELL if name in fused_attention else ACTIVATION_PER_CELL
-        acts = TEXT_ENCODER_ACTIVATIONS if name.startswith("text_encoder") else table[name] * cells * batch
+        kind = name.split("_part")[0]  # a graph exported in parts (T5, FLUX's transformer) costs as its whole
+        acts = TEXT_ENCODER_ACTIVATIONS if name.startswith("text_encoder") else table[kind] * cells * batch
         stages[name] = StageCost(size, acts, streamable=size if name == "unet" and streams else 0)
     return stages
 

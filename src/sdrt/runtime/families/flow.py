@@ -30,6 +30,7 @@ from sdrt.runtime.flow_options import (
 )
 from sdrt.runtime.flow_samplers import FLOW_VARIANTS
 from sdrt.runtime.flow_specs import TRANSFORMER, gate_count
+from sdrt.runtime.flux_parts import transformer_engine
 from sdrt.runtime.previews import FLUX_PREVIEW_RGB, SD3_PREVIEW_RGB
 
 # The samplers of these families: the deterministic ones run on flow sigmas as they are; Euler a in its rectified-flow
@@ -72,7 +73,7 @@ class FlowFamily(Family):
     def denoiser(self, model, opts, timesteps: dict, text, conditioning=None, control=None):
         if conditioning is not None or control is not None:
             raise ModelError(f"{model.manifest.folder}: {self.title} runs without ControlNet or inpainting channels")
-        engine = model.denoiser_engine
+        engine = transformer_engine(model.engines, model.manifest)  # one graph, or FLUX's part chain
         return FlowDenoiser(self.model(engine, model.manifest, opts), text, opts.cfg_scale, timesteps,
                             self.layer_skip(opts))
 
