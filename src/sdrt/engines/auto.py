@@ -5,7 +5,7 @@ The table (docs/guide/backends.md shows it to users), in order:
 
 | the machine                                     | auto picks   | why                                           |
 |-------------------------------------------------|--------------|-----------------------------------------------|
-| LoRAs asked for, a CPU with AVX512_BF16 or AMX  | openvino     | bf16 LoRA steps measured 0.44x ONNX Runtime's |
+| LoRAs asked for, a CPU with AVX512_BF16 or AMX  | openvino     | bf16 LoRA steps measured 0.72x ONNX Runtime's |
 | LoRAs asked for, any other CPU                  | cpu          | f32 LoRA steps: up to 1.6x OpenVINO's own     |
 | OpenVINO sees an Intel GPU                      | openvino-gpu | an accelerator, f16: half the bytes of f32    |
 | OpenVINO sees an Intel NPU (and no GPU)         | openvino-npu | the same, on the NPU                          |
@@ -31,12 +31,11 @@ from sdrt.engines.openvino import INSTALL_HINT, cpu_has_bf16, openvino_available
 _said: set[str] = set()  # the lines announce() printed in this process
 
 # A UNet call of OpenVINO's LoRA model with every mapped weight an input (a LoCon on every layer: the worst case)
-# over ONNX Runtime's CPU engine's, alternated on the same inputs (`python -m sdrt.bench.lora_engines MODEL
-# --per-call-only --precisions bf16`, docs/benchmarks/lora-engines.md). bf16: 0.44 (0.74 against 1.69 s; its own
-# constants 0.55 s) on an SD-shaped UNet of 78 M parameters at 256x256, on a 2-core AVX512_BF16 EPYC; full-size SD
-# 1.5's constants ran 0.5-0.66x ONNX Runtime there (issue 25's bench). f32: weights as inputs 1.6x OpenVINO's own
-# constants on full-size SD 1.5, and OpenVINO f32 runs at ONNX Runtime's speed: slower with a LoRA.
-LORA_STEP_VS_ONNXRUNTIME = {"bf16": 0.44, "f32": 1.6}
+# over ONNX Runtime's CPU engine's with the same LoRA, on the same inputs (`python -m sdrt.bench.lora_engines MODEL
+# --pipelines openvino,cpu`, docs/benchmarks/lora-engines.md). bf16: 0.72 on full-size SD 1.5 at 256x256 (1.55 and
+# 1.80 s against 2.36 and 2.32 s; the base: 0.95 against 2.18 s) on a 2-core AVX512_BF16 EPYC. f32: weights as
+# inputs 1.6x OpenVINO's own constants on full-size SD 1.5, and OpenVINO f32 runs at ONNX Runtime's speed.
+LORA_STEP_VS_ONNXRUNTIME = {"bf16": 0.72, "f32": 1.6}
 
 
 @dataclass(frozen=True)
