@@ -82,12 +82,12 @@ def test_taef1_final_decoder_matches_diffusers(flux, tmp_path):
     by it before decoding, and so does the exported graph."""
     pipe, pipeline = flux
     reference = diffusers_run(pipe, PROMPT, [2], guidance_scale=3.5)
-    ours = sdrt_run(pipeline, PROMPT, [2], cfg_scale=3.5, vae="taesd")
+    ours = sdrt_run(pipeline, PROMPT, [2], distilled_cfg_scale=3.5, vae="taesd")
     assert max_diff_255(ours, reference) <= 2.0
     # can-fail twin: the same decoder without its config's scaling and shift
     tiny_autoencoder(tmp_path / "plain")  # the same weights, scaling 1 and shift 0
     twin = with_taesd(pipeline, tmp_path / "plain", tmp_path)
-    assert max_diff_255(sdrt_run(twin, PROMPT, [2], cfg_scale=3.5, vae="taesd"), reference) > 8.0
+    assert max_diff_255(sdrt_run(twin, PROMPT, [2], distilled_cfg_scale=3.5, vae="taesd"), reference) > 8.0
 
 
 def test_flow_previews(flux, sd3):

@@ -72,8 +72,7 @@ def build_folder(folder, with_t5: bool = False, seed: int = 0) -> Path:
     if with_t5:
         from transformers import T5Config, T5EncoderModel, T5TokenizerFast
 
-        sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "tests"))
-        from tiny_t5 import write_tiny_t5_tokenizer
+        from sdrt.bench.flow_arch import write_tiny_t5_tokenizer
 
         write_tiny_t5_tokenizer(folder / "tokenizer_3")
         parts.append(("text_encoder_3", lambda: T5EncoderModel(T5Config(**T5_XXL)), torch.bfloat16))
