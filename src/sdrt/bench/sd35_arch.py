@@ -22,23 +22,13 @@ from pathlib import Path
 
 from sdrt.bench.cases import CLIP_VIT_L, OPEN_CLIP_BIGG
 from sdrt.bench.fixtures import write_tiny_clip_tokenizer
+from sdrt.bench.flow_arch import SD3_VAE, SD35M_TRANSFORMER
+from sdrt.bench.flow_arch import T5_XXL as T5_XXL_BASE
 from sdrt.bench.sdxl_arch import log
 
-# stabilityai/stable-diffusion-3.5-medium transformer/config.json (2.47 B parameters).
-SD35_MEDIUM_TRANSFORMER = {
-    "sample_size": 128, "patch_size": 2, "in_channels": 16, "num_layers": 24, "attention_head_dim": 64,
-    "num_attention_heads": 24, "joint_attention_dim": 4096, "caption_projection_dim": 1536,
-    "pooled_projection_dim": 2048, "out_channels": 16, "pos_embed_max_size": 384,
-    "dual_attention_layers": list(range(13)), "qk_norm": "rms_norm",
-}  # fmt: skip
-SD35_VAE = {
-    "in_channels": 3, "out_channels": 3, "latent_channels": 16, "block_out_channels": [128, 256, 512, 512],
-    "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
-    "layers_per_block": 2, "norm_num_groups": 32, "sample_size": 1024, "scaling_factor": 1.5305,
-    "shift_factor": 0.0609, "use_quant_conv": False, "use_post_quant_conv": False,
-}  # fmt: skip
-T5_XXL = {"vocab_size": 32128, "d_model": 4096, "d_kv": 64, "d_ff": 10240, "num_layers": 24, "num_heads": 64,
-          "feed_forward_proj": "gated-gelu", "is_encoder_decoder": False, "use_cache": False}  # fmt: skip
+# SD 3.5 Medium's transformer, VAE and T5-XXL: the bench's one definition (flow_arch.py)
+SD35_MEDIUM_TRANSFORMER, SD35_VAE = SD35M_TRANSFORMER, SD3_VAE
+T5_XXL = dict(T5_XXL_BASE, is_encoder_decoder=False, use_cache=False)
 SD35_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0}
 PROMPT = "a photograph of an astronaut riding a horse"
 
