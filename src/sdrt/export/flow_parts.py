@@ -38,6 +38,26 @@ def _read_json(path: Path) -> dict:
         raise ModelError(f"{str(path)!r} is not valid JSON ({e})") from None
 
 
+TRANSFORMER_PREFIX = "model.diffusion_model."
+# Keys that mark a single file of these families (with or without TRANSFORMER_PREFIX).
+FAMILY_MARKS = {"joint_blocks.0.": "sd3", "double_blocks.0.": "flux"}
+
+
+def single_file_family(path: Path) -> str | None:
+    """ "sd3" or "flux" for a single file of these families (by its keys), else None."""
+    keys = _keys(path)
+    for mark, family in FAMILY_MARKS.items():
+        if any(k.startswith(mark) or k.startswith(TRANSFORMER_PREFIX + mark) for k in keys):
+            return family
+    return None
+
+
+def _keys(path: Path):
+    from sdrt.export.sources import read_checkpoint_info
+
+    return read_checkpoint_info(path).shapes
+
+
 def flow_family(source: str) -> str | None:
     """ "sd3" or "flux" for a diffusers folder, hub id or single file of these families (export/flow_single_file.py);
     None for anything else (the UNet families' detection takes over)."""
@@ -45,8 +65,6 @@ def flow_family(source: str) -> str | None:
     if (path / "model_index.json").is_file():
         return PIPELINE_FAMILIES.get(_read_json(path / "model_index.json").get("_class_name"))
     if path.is_file() and path.suffix.lower() in SINGLE_FILE_SUFFIXES:
-        from sdrt.export.flow_single_file import single_file_family
-
         return single_file_family(path)
     if is_hub_id(source):
         from huggingface_hub import hf_hub_download

@@ -18,11 +18,13 @@ import torch
 
 from sdrt.errors import InvalidOption, ModelError
 from sdrt.export import lazy_weights as lazy
-from sdrt.export.flow_parts import PIPELINE_FAMILIES, FolderParts, load_folder
+from sdrt.export.flow_parts import (
+    PIPELINE_FAMILIES,
+    FolderParts,
+    load_folder,
+    single_file_family,
+)
 
-TRANSFORMER_PREFIX = "model.diffusion_model."
-# Keys that mark a single file of these families (with or without TRANSFORMER_PREFIX).
-FAMILY_MARKS = {"joint_blocks.0.": "sd3", "double_blocks.0.": "flux"}
 CONFIG_PATTERNS = ["*.json", "*.txt", "*.model"]  # a hub config: configs and tokenizers, no weights
 
 
@@ -84,21 +86,6 @@ FILE_FAMILIES = {
     "flux": FileFamily("a FLUX.1", FLUX_COMPONENTS, _flux_converter,
                        (("guidance_in.", "black-forest-labs/FLUX.1-dev"),), "black-forest-labs/FLUX.1-schnell"),
 }  # fmt: skip
-
-
-def single_file_family(path: Path) -> str | None:
-    """ "sd3" or "flux" for a single file of these families (by its keys), else None."""
-    keys = _keys(path)
-    for mark, family in FAMILY_MARKS.items():
-        if any(k.startswith(mark) or k.startswith(TRANSFORMER_PREFIX + mark) for k in keys):
-            return family
-    return None
-
-
-def _keys(path: Path):
-    from sdrt.export.sources import read_checkpoint_info
-
-    return read_checkpoint_info(path).shapes
 
 
 @dataclass

@@ -24,11 +24,15 @@ def exported_branch(manifest) -> int | None:
     return int(manifest.models[DEEPCACHE_FULL]["deepcache_branch"])
 
 
-def check_options(o: dict, manifest) -> None:
-    """Options.resolve's DeepCache checks on the option dict O (deepcache_branch filled in from the export)."""
+def takes_loras(manifest) -> bool:
+    """Whether the folder's DeepCache graphs have the weight maps LoRA merging needs (deepcache_lora.py)."""
+    return all(manifest.models.get(g, {}).get("weight_map") for g in (DEEPCACHE_FULL, DEEPCACHE_SHALLOW))
+
+
+def check_options(o: dict, manifest, has_loras: bool) -> None:
+    """Options.resolve's DeepCache checks on the option dict O (deepcache_branch filled in from the export);
+    HAS_LORAS: the prompt names LoRAs."""
     from sdrt.errors import check_int, check_number
-    from sdrt.runtime.deepcache_lora import takes_loras
-    from sdrt.runtime.lora import parse_prompt
 
     o["deepcache_interval"] = check_int("deepcache_interval", o["deepcache_interval"], 0, 1000)
     o["deepcache_start"] = check_number("deepcache_start", o["deepcache_start"], 0, 1)
@@ -48,7 +52,7 @@ def check_options(o: dict, manifest) -> None:
         allowed = ("0 (off) with ControlNet units: the cached deep feature would carry the residuals of an earlier "
                    "step (as in A1111's DeepCache extension, which does not take ControlNet either)")  # fmt: skip
         raise InvalidOption("deepcache_interval", o["deepcache_interval"], allowed)
-    if parse_prompt(o["prompt"])[1] and not takes_loras(manifest):
+    if has_loras and not takes_loras(manifest):
         allowed = (f"0 (off) with LoRAs in the prompt: {manifest.folder}'s DeepCache graphs have no weight maps; "
                    "export them again with this sdrt (sdrt export SOURCE -o DIR --deepcache BRANCH)")  # fmt: skip
         raise InvalidOption("deepcache_interval", o["deepcache_interval"], allowed)

@@ -11,15 +11,10 @@ deepcache.check_options refuses LoRAs with DeepCache on them.
 import weakref
 
 from sdrt.errors import ModelError
-from sdrt.runtime.deepcache import DEEPCACHE_FULL, DEEPCACHE_SHALLOW
+from sdrt.runtime.deepcache import DEEPCACHE_FULL, DEEPCACHE_SHALLOW, takes_loras
 
 DENOISER_PART = "unet"  # the LoRA part whose updates DeepCache's graphs share
 _prepared = weakref.WeakSet()  # engines whose mapped weights were made replaceable (Loras.prepare_engines' step)
-
-
-def takes_loras(manifest) -> bool:
-    """Whether the folder's DeepCache graphs have the weight maps LoRA merging needs."""
-    return all(manifest.models.get(g, {}).get("weight_map") for g in (DEEPCACHE_FULL, DEEPCACHE_SHALLOW))
 
 
 def merge_into_deepcache(loras, part: str, signature: tuple) -> None:

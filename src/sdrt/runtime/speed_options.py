@@ -10,6 +10,7 @@ GenerationOptions fields, and their checks, which options.resolve runs.
 
 from sdrt.errors import InvalidOption
 from sdrt.runtime import deepcache
+from sdrt.runtime.lora import parse_prompt
 from sdrt.runtime.option_mappings import infotext_number
 from sdrt.runtime.previews import PREVIEW_CONTENTS, VAE_DECODERS, has_taesd
 from sdrt.runtime.vae_swap import VAE_FILE_OPTION, check_vae_file
@@ -74,4 +75,4 @@ def check_speed_options(o: dict, manifest, in_range) -> None:
     if o["vae"] == "taesd" and not has_taesd(manifest):
         raise InvalidOption("vae", "taesd", f"full: {manifest.folder} has no TAESD decoder (sdrt export ... --taesd)")
     check_vae_file(o, manifest)
-    deepcache.check_options(o, manifest)
+    deepcache.check_options(o, manifest, has_loras=bool(parse_prompt(o["prompt"])[1]))

@@ -84,12 +84,11 @@ class SwappedVaes:
         key = str(Path(folder).resolve())
         if key not in self.by_folder:
             from sdrt.engines import create_engine
-            from sdrt.runtime.vae import Vae
 
             info = read_vae_info(folder)
             engines = {name: create_engine(Path(key) / info["models"][name]["file"], self.backend or "cpu")
                        for name in VAE_GRAPHS}  # fmt: skip
-            self.by_folder[key] = Vae(self.base.manifest, engines, self.base.memory)
+            self.by_folder[key] = type(self.base)(self.base.manifest, engines, self.base.memory)  # a Vae (vae.py)
         return self.by_folder[key]
 
     def unload(self) -> None:
