@@ -65,7 +65,7 @@ def prepare_optimum(model_dir: Path, job: dict, job_dir: Path) -> dict:
 def run_runtimes(names: list[str], job: dict, model_dir: Path, job_dir: Path) -> tuple[dict, dict, dict]:
     """Measure each runtime of NAMES in its own subprocess: ({name: result}, {name: why skipped}, peer export)."""
     from sdrt.bench.optimum_peer import peer_python
-    from sdrt.engines.onnxruntime import physical_cores
+    from sdrt.engines.cpu_host import physical_cores
 
     measured, skipped, peer_export = {}, {}, None
     for name in names:

@@ -36,7 +36,7 @@ def cpu_flags() -> list[str]:
 
 def physical_cores() -> int:
     """The thread count sdrt's ONNX Runtime engine uses; PyTorch gets the same."""
-    from sdrt.engines.onnxruntime import physical_cores as sdrt_physical_cores
+    from sdrt.engines.cpu_host import physical_cores as sdrt_physical_cores
 
     return sdrt_physical_cores()
 

@@ -3,12 +3,14 @@
 import hashlib
 import logging
 import os
-import platform
 from pathlib import Path
 
 import numpy as np
 
 from sdrt import cache_files
+from sdrt.engines.cpu_host import cpu_signature, physical_cores
+from sdrt.engines.ort_attention import VERSION as ATTENTION_VERSION
+from sdrt.engines.ort_attention import tiled_attention
 from sdrt.engines.ort_binding import MAX_SHAPE_SETS, BoundShapes, count_ops
 from sdrt.engines.ort_weights import LiveWeights
 from sdrt.engines.prepacked_swap import PrepackedSwap, SwapsPrepacked
@@ -16,17 +18,6 @@ from sdrt.engines.weight_merge import WholeArrays
 from sdrt.errors import ModelError
 
 log = logging.getLogger("sdrt.engines")
-
-
-def cpu_signature() -> str:
-    """Machine type and CPU feature flags: what an optimised ONNX Runtime CPU graph depends on."""
-    flags = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith(("flags", "Features"))), "")
-    except OSError:
-        pass
-    return platform.machine() + ":" + hashlib.sha256(flags.encode()).hexdigest()[:12]
 
 
 def _complete(cached: Path | None) -> bool:
@@ -40,16 +31,6 @@ def _writable(folder: Path) -> bool:
         return os.access(folder, os.W_OK)
     except OSError:
         return False
-
-
-def physical_cores() -> int:
-    """Cores to use for intra-op threads: hyperthreads slow convolutions down more than they help."""
-    try:
-        import psutil
-
-        return psutil.cpu_count(logical=False) or os.cpu_count() or 1
-    except ImportError:
-        return os.cpu_count() or 1
 
 
 class OnnxRuntimeEngine(SwapsPrepacked):
@@ -167,6 +148,7 @@ class OnnxRuntimeEngine(SwapsPrepacked):
             return None
         stat = self.model_file.stat()
         key = f"{ort.__version__}|{self.providers}|{cpu_signature()}|{stat.st_size}|{stat.st_mtime_ns}"
+        key += f"|attention-v{ATTENTION_VERSION}" if self.device == "cpu" else ""  # older cached graphs are stale
         if self.static_dims:
             key += f"|{sorted(self.static_dims.items())}"
         return self.model_file.parent / ".ort-cache" / hashlib.sha256(key.encode()).hexdigest()[:16] / "model.onnx"
@@ -306,7 +288,10 @@ class OnnxRuntimeEngine(SwapsPrepacked):
             # Measured (ORT 1.32): the NCHWc transformer lays filters out from the file's values and ignores
             # add_initializer's, so a replaced weight of an un-optimised graph needs it off.
             disabled = ["NchwcTransformer"] if overrides and optimize else None
-            session = ort.InferenceSession(str(path), options, providers=self.providers, disabled_optimizers=disabled)
+            # The CPU runs the attention tiled (ort_attention.py): the graph from memory, weights from PATH's folder
+            tiled = optimize and self.device == "cpu" and path == self.model_file and tiled_attention(path, options)
+            session = ort.InferenceSession(tiled or str(path), options, providers=self.providers,
+                                           disabled_optimizers=disabled)  # fmt: skip
         except Exception as e:  # onnxruntime raises its own exception types for corrupt files
             message = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
             raise ModelError(f"cannot load {str(path)!r} (truncated or corrupt ONNX file?): {message}") from None

@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from sdrt import cache_files
+from sdrt.engines.cpu_host import physical_cores
 from sdrt.engines.mapped import ReleasingPages
-from sdrt.engines.onnxruntime import physical_cores
 from sdrt.engines.openvino_ir import graph_source
 from sdrt.errors import InvalidOption, ModelError
 
