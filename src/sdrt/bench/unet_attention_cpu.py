@@ -1,5 +1,6 @@
-"""One UNet call at hires sizes on the CPU: the export's plain graph, its `sdrt optimize --target cpu` variant
-(flash-tiled MultiHeadAttention) and diffusers' UNet (PyTorch SDPA), each in its own process: wall time of the
+"""One UNet call at hires sizes on the CPU: the export's plain graph as exported ("plain") and as sdrt's CPU engine
+runs it ("tiled": engines/ort_attention.py's MultiHeadAttention), its `sdrt optimize --target cpu` variant ("cpu")
+and diffusers' UNet (PyTorch SDPA, "torch"), each in its own process: wall time of the
 call, peak RSS, the outputs' difference from PyTorch's, and ONNX Runtime's time per operator type (its profiler).
 
     python -m sdrt.bench.unet_attention_cpu --onnx DIR --diffusers DIR [--case plain:512+768:1 --case cpu:1024:1 ...]
@@ -32,16 +33,18 @@ def worker_ort(job: dict) -> dict:
     import numpy as np
     import onnxruntime as ort
 
+    from sdrt.engines.ort_attention import tiled_attention
     from sdrt.runtime.manifest import Manifest
 
     manifest = Manifest.load(Path(job["onnx_dir"]))
-    path = manifest.graph_path("unet", None if job["graph"] == "plain" else job["graph"])
+    path = manifest.graph_path("unet", None if job["graph"] in ("plain", "tiled") else job["graph"])
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.enable_profiling = True
     options.profile_file_prefix = str(Path(job["out"]).with_suffix(""))
     start = time.perf_counter()
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    model = tiled_attention(path, options) if job["graph"] == "tiled" else str(path)
+    session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
     load = time.perf_counter() - start
     origin = session.get_profiling_start_time_ns()
     calls, spans = [], []
@@ -125,7 +128,7 @@ def main() -> int:
     p.add_argument("--onnx", required=True)
     p.add_argument("--diffusers", required=True)
     p.add_argument("--case", action="append", required=True,
-                   help="GRAPH:SIZES:BATCH: GRAPH plain, cpu or torch; SIZES in px, joined by + (one process)")
+                   help="GRAPH:SIZES:BATCH: GRAPH plain, tiled, cpu or torch; SIZES in px, joined by + (one process)")
     p.add_argument("--workdir", type=Path, default=Path("/tmp"))
     p.add_argument("--output", type=Path, required=True)
     args = p.parse_args()
