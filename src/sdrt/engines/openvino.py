@@ -21,6 +21,7 @@ import numpy as np
 from sdrt import cache_files
 from sdrt.engines.cpu_host import physical_cores
 from sdrt.engines.mapped import ReleasingPages
+from sdrt.engines.openvino_graph import drop_zero_terms
 from sdrt.engines.openvino_ir import graph_source
 from sdrt.errors import InvalidOption, ModelError
 
@@ -211,6 +212,7 @@ class OpenVINOEngine:
             try:
                 source, self.weight_files = graph_source(self.model_file, cache_root(), core())
                 self.model = core().read_model(str(source))
+                drop_zero_terms(self.model)  # baddbmm's zeros, a constant of the scores' size once shapes are static
             except ModelError:
                 raise
             except Exception as e:  # OpenVINO raises RuntimeError with a multi-line trace for corrupt files
