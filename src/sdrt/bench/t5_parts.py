@@ -12,7 +12,6 @@ Run under `flock /tmp/sdrt-heavy.lock` on a shared machine.
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -38,26 +37,50 @@ def build(blocks: int):
         torch.set_default_dtype(torch.float32)
 
 
+def _peak_rss() -> int:
+    """This process's peak RSS in bytes since the last _reset_peak() (VmHWM)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def _reset_peak() -> None:
+    """Start VmHWM again from the current RSS (writing 5 to /proc/self/clear_refs): a peak per part."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
 def run_one(blocks: int, part_bytes: int) -> dict:
-    """Export in this process; its figures."""
+    """Export in this process; its figures, with each part's time, peak RSS and error against torch."""
     from sdrt.export import t5
 
     encoder = build(blocks)
-    built_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    built_rss = _peak_rss()
     params = sum(p.numel() for p in encoder.parameters())
     start = time.perf_counter()
+    parts = []
     with tempfile.TemporaryDirectory() as folder:
         steps = t5.t5_steps(encoder, "text_encoder_3", part_bytes=part_bytes)
-        errors = [step.run(Path(folder), "fp32") for step in steps]
+        for step in steps:
+            _reset_peak()
+            began = time.perf_counter()
+            blocks_range = step.manifest_entry["blocks"]
+            error = step.run(Path(folder), "fp32")
+            out = Path(folder) / step.spec.name
+            parts.append({"blocks": blocks_range, "seconds": round(time.perf_counter() - began, 1),
+                          "peak_rss_bytes": _peak_rss(), "max_relative_error": error,
+                          "onnx_bytes": sum(f.stat().st_size for f in out.rglob("*") if f.is_file())})  # fmt: skip
+            print(f"part {len(parts) - 1} {parts[-1]}", file=sys.stderr, flush=True)
         del steps
     return {
         "blocks": blocks,
         "parameters": params,
-        "parts": len(errors),
-        "max_relative_error": max(errors),
+        "parts": len(parts),
+        "max_relative_error": max(p["max_relative_error"] for p in parts),
         "peak_rss_after_build_bytes": built_rss,
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_rss_bytes": max([built_rss] + [p["peak_rss_bytes"] for p in parts]),
         "export_seconds": round(time.perf_counter() - start, 1),
+        "per_part": parts,
     }
 
 
@@ -86,7 +109,7 @@ def main(argv=None) -> int:
         plans = ((f"PART_BYTES {PART_BYTES / 1e9:g} GB", PART_BYTES),)
     for label, part_bytes in plans:
         child = [sys.executable, "-m", "sdrt.bench.t5_parts", "--one", str(args.blocks), str(part_bytes)]
-        done = subprocess.run(child, capture_output=True, text=True, check=True)
+        done = subprocess.run(child, stdout=subprocess.PIPE, text=True, check=True)  # stderr: each part as it ends
         runs[label] = json.loads(done.stdout.strip().splitlines()[-1])
         print(label, runs[label], file=sys.stderr)
     machine = describe_machine()
