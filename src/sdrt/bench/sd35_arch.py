@@ -233,13 +233,15 @@ def _command(stage: str, args) -> str:
 
 def run_stages(args) -> int:
     """Run ARGS.command's stages (all: the three in turn), each merged into ARGS.output (kept between jobs)."""
-    from sdrt.bench.machine import describe_machine
+    from sdrt.bench.common import report_head
 
     root = args.root
     root.mkdir(parents=True, exist_ok=True)
     output = args.output
     result = json.loads(output.read_text()) if output and output.exists() else {}
-    result.update({"benchmark": "sd35_arch", "date": time.strftime("%Y-%m-%d"), "machine": describe_machine()})
+    head = report_head("sd35_arch", [])
+    del head["command"]  # one per stage: the stages may run as separate jobs
+    result.update(head)
     commands = result.setdefault("commands", {})
     rc = 0
     for stage in STAGES if args.command == "all" else (args.command,):

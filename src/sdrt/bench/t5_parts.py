@@ -85,7 +85,7 @@ def run_one(blocks: int, part_bytes: int) -> dict:
 
 
 def main(argv=None) -> int:
-    from sdrt.bench.machine import describe_machine
+    from sdrt.bench.common import report_head
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--blocks", type=int, default=4)
@@ -112,18 +112,15 @@ def main(argv=None) -> int:
         done = subprocess.run(child, stdout=subprocess.PIPE, text=True, check=True)  # stderr: each part as it ends
         runs[label] = json.loads(done.stdout.strip().splitlines()[-1])
         print(label, runs[label], file=sys.stderr)
-    machine = describe_machine()
     result = {
-        "benchmark": "t5_parts",
-        "date": time.strftime("%Y-%m-%d"),
-        "machine": machine,
-        "command": f"python -m sdrt.bench.t5_parts --blocks {args.blocks}"
-        + (" --parts-only" if args.parts_only else ""),
+        **report_head("t5_parts", [f"--blocks {args.blocks}"] + ["--parts-only"] * args.parts_only),
         "model": {**XXL, "blocks_built": args.blocks, "stored_dtype": "bfloat16"},
         "runs": runs,
         "note": "shared machine (other agents' jobs running); peak RSS per process",
     }
-    output = args.output or Path("benchmarks/results") / f"t5-parts-{machine['slug'].removeprefix('cpu-')}.json"
+    output = (
+        args.output or Path("benchmarks/results") / f"t5-parts-{result['machine']['slug'].removeprefix('cpu-')}.json"
+    )
     output.write_text(json.dumps(result, indent=2) + "\n")
     print(output)
     return 0
