@@ -6,6 +6,7 @@ import pytest
 
 from sdrt.bench import t5_parts
 from sdrt.bench.common import report_head
+from sdrt.bench.tables import render
 
 TINY = {"d_model": 64, "d_ff": 128, "num_heads": 4, "d_kv": 16, "vocab_size": 100}
 
@@ -24,6 +25,8 @@ def test_t5_parts_reports_each_part(tiny_t5):
     assert all(p["max_relative_error"] < 1e-5 and p["onnx_bytes"] > 0 and p["seconds"] >= 0 for p in parts)
     assert run["peak_rss_bytes"] == max([run["peak_rss_after_build_bytes"]] + [p["peak_rss_bytes"] for p in parts])
     assert run["max_relative_error"] == max(p["max_relative_error"] for p in parts)
+    table = render({"benchmark": "t5_parts", "runs": {"one block a part": run}})  # the docs' table of it
+    assert "| 2 | 2-2 |" in table and "| one block a part | 3 |" in table
 
 
 def test_t5_parts_one_graph_when_the_bound_holds_all(tiny_t5):
@@ -47,3 +50,15 @@ def test_sd35_stage_commands_repeat_each_stage():
     assert _command("build", args) == "python -m sdrt.bench.sd35_arch build /tmp/x --tiny"
     assert _command("export", args) == "python -m sdrt.bench.sd35_arch export /tmp/x"
     assert _command("txt2img", args) == "python -m sdrt.bench.sd35_arch txt2img /tmp/x --size 256 --steps 4 --runs 1"
+
+
+def test_sd35_table_has_a_row_per_stage_that_ran():
+    run = {"rc": 0, "seconds": 70.0, "load_seconds": 20.0, "generate_seconds": 40.0, "peak_rss_gib": 12.0}
+    report = {"benchmark": "sd35_arch", "build_seconds": 80.0,
+              "export": {"rc": 0, "seconds": 300.0, "peak_rss_gib": 15.5, "onnx_bytes": 14e9},
+              "txt2img": {"size": 256, "steps": 4, "runs": {"sdrt": [run], "diffusers": [run]}},
+              "max_diff_255": 1, "mean_diff_255": 0.01, "speedup_generate": 1.0}  # fmt: skip
+    table = render(report)
+    assert "| `sdrt export` (fp32) | 300 s | 15.50 GiB | - | - | exit 0, 14.0 GB of ONNX |" in table
+    assert table.count("| txt2img 256 px, 4 steps:") == 2 and "max 1/255" in table
+    assert "txt2img" not in render({k: v for k, v in report.items() if k not in ("txt2img", "max_diff_255")})

@@ -221,6 +221,33 @@ def stage_txt2img(root: Path, size: int, steps: int, runs: int) -> dict:
 STAGES = ("build", "export", "txt2img")
 
 
+def markdown_table(report: dict) -> str:
+    """The report as Markdown: a row per stage that ran (build, export, each txt2img run), the images' difference."""
+    gib = lambda n: "-" if n is None else f"{n:.2f} GiB"  # noqa: E731
+    lines = ["| stage | wall time | peak RSS | of it anonymous | of it mapped files | details |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    if "build_seconds" in report:
+        lines.append(f"| build (random weights, bf16) | {report['build_seconds']:.0f} s | | | | |")
+    export = report.get("export")
+    if export:
+        lines.append(f"| `sdrt export` (fp32) | {export['seconds']:.0f} s | {gib(export.get('peak_rss_gib'))} | "
+                     f"{gib(export.get('peak_rss_anon_gib'))} | {gib(export.get('peak_rss_file_gib'))} | "
+                     f"exit {export['rc']}, {export['onnx_bytes'] / 1e9:.1f} GB of ONNX |")  # fmt: skip
+    txt2img = report.get("txt2img")
+    for side, runs in (txt2img or {}).get("runs", {}).items():
+        for index, run in enumerate(runs):
+            timing = (f"load {run['load_seconds']:.0f} s, generate {run['generate_seconds']:.0f} s"
+                      if run["rc"] == 0 else f"exit {run['rc']}")  # fmt: skip
+            memory = " | ".join(gib(run.get(f"peak_rss{kind}_gib")) for kind in ("", "_anon", "_file"))
+            lines.append(f"| txt2img {txt2img['size']} px, {txt2img['steps']} steps: {side} (run {index + 1}) | "
+                         f"{run['seconds']:.0f} s | {memory} | {timing} |")  # fmt: skip
+    if "max_diff_255" in report:
+        lines += ["", f"Images: sdrt against diffusers max {report['max_diff_255']}/255 (mean "
+                      f"{report['mean_diff_255']}/255); generate time diffusers / sdrt "
+                      f"{report['speedup_generate']}x."]  # fmt: skip
+    return "\n".join(lines)
+
+
 def _command(stage: str, args) -> str:
     """The command line that runs STAGE alone with ARGS' settings."""
     words = ["python -m sdrt.bench.sd35_arch", stage, str(args.root)]

@@ -84,6 +84,28 @@ def run_one(blocks: int, part_bytes: int) -> dict:
     }
 
 
+def markdown_table(report: dict) -> str:
+    """The report as Markdown: one row per export, then one per part of the runs that list them."""
+    gb = lambda n: f"{n / 1e9:.2f} GB"  # noqa: E731
+    lines = ["| export | blocks | parameters | parts | peak RSS | after the build | time | max relative error |",
+             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for label, run in report["runs"].items():
+        lines.append(f"| {label} | {run['blocks']} | {run['parameters'] / 1e9:.2f} B | {run['parts']} | "
+                     f"{gb(run['peak_rss_bytes'])} | {gb(run['peak_rss_after_build_bytes'])} | "
+                     f"{run['export_seconds']:.0f} s | {run['max_relative_error']:.2g} |")  # fmt: skip
+    for label, run in report["runs"].items():
+        if run.get("per_part"):
+            lines += ["", f"Each part of \"{label}\" (peak RSS while it was exported, verified and dropped):", "",
+                      "| part | blocks | ONNX files | peak RSS | time | max relative error |",
+                      "|---|---|---|---|---|---|"]  # fmt: skip
+            for index, part in enumerate(run["per_part"]):
+                start, stop = part["blocks"]
+                lines.append(f"| {index} | {start}-{stop - 1} | {gb(part['onnx_bytes'])} | "
+                             f"{gb(part['peak_rss_bytes'])} | {part['seconds']:.0f} s | "
+                             f"{part['max_relative_error']:.2g} |")  # fmt: skip
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     from sdrt.bench.common import report_head
 
