@@ -1,6 +1,7 @@
-"""to_onnx.gather_external_data with consume=True (what every export over 2 GB uses): the exporter's per-tensor data
-files are deleted as they are copied into the one data file, so an export needs its graph's size free on disk once,
-not twice; the gathered graph computes the same."""
+"""An export's disk: to_onnx.gather_external_data with consume=True (what every export over 2 GB uses) deletes the
+exporter's per-tensor data files as it copies them into the one data file, so an export needs its graph's size free
+once, not twice, and the gathered graph computes the same; the space estimate counts every component of a
+transformer-family folder (SD 3.5 / FLUX: transformer, text_encoder_3)."""
 
 import numpy as np
 import onnx
@@ -8,6 +9,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from sdrt.export import faults
 from sdrt.export.to_onnx import gather_external_data
 
 
@@ -42,3 +44,18 @@ def test_gather_consumes_the_exporters_files(tmp_path, consume):
     assert left == ["model.onnx"] if consume else len(left) == 3
     y = ort.InferenceSession(str(out)).run(None, feeds)[0]
     np.testing.assert_allclose(y, feeds["x"] @ ab, rtol=1e-5, atol=1e-4)
+
+
+def test_the_estimate_counts_a_transformer_folder(tmp_path):
+    from safetensors.numpy import save_file
+
+    sizes = {"transformer": 1000, "text_encoder_3": 500, "vae": 100, "text_encoder": 40, "tokenizer": 0}
+    for component, count in sizes.items():
+        (tmp_path / component).mkdir()
+        if count:
+            weights = {"w": np.zeros(count, np.float32)}
+            save_file(weights, str(tmp_path / component / "diffusion_pytorch_model.safetensors"))
+    assert faults.source_parameters(str(tmp_path)) == 1640
+    # the can-fail twin: without the transformer's folder the count is that much smaller
+    (tmp_path / "transformer" / "diffusion_pytorch_model.safetensors").unlink()
+    assert faults.source_parameters(str(tmp_path)) == 640
