@@ -210,7 +210,7 @@ def stage_txt2img(root: Path, size: int, steps: int, runs: int) -> dict:
     result = {"txt2img": {"size": size, "steps": steps, "cfg_scale": 5.0, "sampler": "Euler", "runs": timings}}
     if all(r["rc"] == 0 for side in timings.values() for r in side):
         a, b = (np.load(root / f"{r}.npy").astype(np.int16) for r in timings)
-        median = {side: float(np.median([r["generate_seconds"] for r in rs])) for side, rs in timings.items()}
+        median = {side: round(float(np.median([r["generate_seconds"] for r in rs])), 2) for side, rs in timings.items()}
         result["max_diff_255"] = int(np.abs(a - b).max())
         result["mean_diff_255"] = round(float(np.abs(a - b).mean()), 3)
         result["median_generate_seconds"] = median
