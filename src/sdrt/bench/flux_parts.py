@@ -82,7 +82,7 @@ def run_one(folder: str, part_bytes: int) -> dict:
 
 
 def main(argv=None) -> int:
-    from sdrt.bench.machine import describe_machine
+    from sdrt.bench.common import report_head
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--double", type=int, default=2)
@@ -108,12 +108,8 @@ def main(argv=None) -> int:
             else:
                 runs[label] = json.loads(done.stdout.strip().splitlines()[-1])
             print(label, runs[label], file=sys.stderr)
-    machine = describe_machine()
     result = {
-        "benchmark": "flux_parts",
-        "date": time.strftime("%Y-%m-%d"),
-        "machine": machine,
-        "command": "python -m sdrt.bench.flux_parts " + " ".join(argv if argv is not None else sys.argv[1:]),
+        **report_head("flux_parts", argv if argv is not None else sys.argv[1:]),
         "model": {
             **FLUX_DEV,
             "num_layers": args.double,

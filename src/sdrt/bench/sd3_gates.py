@@ -84,7 +84,7 @@ def time_both(files: dict[str, Path], latent: int, blocks: int, runs: int) -> di
 
 
 def main(argv=None) -> int:
-    from sdrt.bench.machine import describe_machine
+    from sdrt.bench.common import report_head
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--blocks", type=int, default=4)
@@ -97,19 +97,17 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as folder:
         files = export_both(build(args.blocks, args.width), Path(folder), latent)
         figures = time_both(files, latent, args.blocks, args.runs)
-    machine = describe_machine()
+    settings = f"--blocks {args.blocks} --width {args.width} --size {args.size} --runs {args.runs}"
     result = {
-        "benchmark": "sd3_gates",
-        "date": time.strftime("%Y-%m-%d"),
-        "machine": machine,
-        "command": f"python -m sdrt.bench.sd3_gates --blocks {args.blocks} --width {args.width} --size {args.size} "
-        f"--runs {args.runs}",
+        **report_head("sd3_gates", [settings]),
         "model": {"blocks": args.blocks, "width": args.width, "image_tokens": (latent // 2) ** 2, "text_tokens": 333},
         **figures,
         "note": "shared machine (other agents' jobs running); the two graphs timed in alternation, fp32, ONNX Runtime "
         "CPU",
     }
-    output = args.output or Path("benchmarks/results") / f"sd3-gates-{machine['slug'].removeprefix('cpu-')}.json"
+    output = (
+        args.output or Path("benchmarks/results") / f"sd3-gates-{result['machine']['slug'].removeprefix('cpu-')}.json"
+    )
     output.write_text(json.dumps(result, indent=2) + "\n")
     print(output, figures["seconds_per_call"], figures["gated_over_ungated"], figures["max_abs_output_difference"])
     return 0

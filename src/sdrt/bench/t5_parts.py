@@ -5,6 +5,7 @@ block; each run in its own process, its peak RSS read from the kernel.
 
     python -m sdrt.bench.t5_parts [--blocks 4] [--output benchmarks/results/t5-parts-<machine>.json]
 
+Each part's graph is deleted once measured (the disk need is one part, ~4 GB, not the whole 19 GB).
 Every block of T5-XXL is the same size, so the peak of a part-by-part export is the stored model plus about one
 part; the whole export holds the whole model in fp32 beside the exporter's copy and the verification's session.
 Run under `flock /tmp/sdrt-heavy.lock` on a shared machine.
@@ -12,7 +13,7 @@ Run under `flock /tmp/sdrt-heavy.lock` on a shared machine.
 
 import argparse
 import json
-import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -38,31 +39,78 @@ def build(blocks: int):
         torch.set_default_dtype(torch.float32)
 
 
+def _peak_rss() -> int:
+    """This process's peak RSS in bytes since the last _reset_peak() (VmHWM)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def _reset_peak() -> None:
+    """Start VmHWM again from the current RSS (writing 5 to /proc/self/clear_refs): a peak per part."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
 def run_one(blocks: int, part_bytes: int) -> dict:
-    """Export in this process; its figures."""
+    """Export in this process; its figures, with each part's time, peak RSS and error against torch."""
     from sdrt.export import t5
 
     encoder = build(blocks)
-    built_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    built_rss = _peak_rss()
     params = sum(p.numel() for p in encoder.parameters())
     start = time.perf_counter()
+    parts = []
     with tempfile.TemporaryDirectory() as folder:
         steps = t5.t5_steps(encoder, "text_encoder_3", part_bytes=part_bytes)
-        errors = [step.run(Path(folder), "fp32") for step in steps]
+        for step in steps:
+            _reset_peak()
+            began = time.perf_counter()
+            blocks_range = step.manifest_entry["blocks"]
+            error = step.run(Path(folder), "fp32")
+            out = Path(folder) / step.spec.name
+            parts.append({"blocks": blocks_range, "seconds": round(time.perf_counter() - began, 1),
+                          "peak_rss_bytes": _peak_rss(), "max_relative_error": error,
+                          "onnx_bytes": sum(f.stat().st_size for f in out.rglob("*") if f.is_file())})  # fmt: skip
+            shutil.rmtree(out)  # measured and verified: a full T5-XXL's 19 GB of graphs never sit on disk at once
+            print(f"part {len(parts) - 1} {parts[-1]}", file=sys.stderr, flush=True)
         del steps
     return {
         "blocks": blocks,
         "parameters": params,
-        "parts": len(errors),
-        "max_relative_error": max(errors),
+        "parts": len(parts),
+        "max_relative_error": max(p["max_relative_error"] for p in parts),
         "peak_rss_after_build_bytes": built_rss,
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_rss_bytes": max([built_rss] + [p["peak_rss_bytes"] for p in parts]),
         "export_seconds": round(time.perf_counter() - start, 1),
+        "per_part": parts,
     }
 
 
+def markdown_table(report: dict) -> str:
+    """The report as Markdown: one row per export, then one per part of the runs that list them."""
+    gb = lambda n: f"{n / 1e9:.2f} GB"  # noqa: E731
+    lines = ["| export | blocks | parameters | parts | peak RSS | after the build | time | max relative error |",
+             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for label, run in report["runs"].items():
+        lines.append(f"| {label} | {run['blocks']} | {run['parameters'] / 1e9:.2f} B | {run['parts']} | "
+                     f"{gb(run['peak_rss_bytes'])} | {gb(run['peak_rss_after_build_bytes'])} | "
+                     f"{run['export_seconds']:.0f} s | {run['max_relative_error']:.2g} |")  # fmt: skip
+    for label, run in report["runs"].items():
+        if run.get("per_part"):
+            lines += ["", f"Each part of \"{label}\" (peak RSS while it was exported, verified and dropped):", "",
+                      "| part | blocks | ONNX files | peak RSS | time | max relative error |",
+                      "|---|---|---|---|---|---|"]  # fmt: skip
+            for index, part in enumerate(run["per_part"]):
+                start, stop = part["blocks"]
+                lines.append(f"| {index} | {start}-{stop - 1} | {gb(part['onnx_bytes'])} | "
+                             f"{gb(part['peak_rss_bytes'])} | {part['seconds']:.0f} s | "
+                             f"{part['max_relative_error']:.2g} |")  # fmt: skip
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
-    from sdrt.bench.machine import describe_machine
+    from sdrt.bench.common import report_head
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--blocks", type=int, default=4)
@@ -86,21 +134,18 @@ def main(argv=None) -> int:
         plans = ((f"PART_BYTES {PART_BYTES / 1e9:g} GB", PART_BYTES),)
     for label, part_bytes in plans:
         child = [sys.executable, "-m", "sdrt.bench.t5_parts", "--one", str(args.blocks), str(part_bytes)]
-        done = subprocess.run(child, capture_output=True, text=True, check=True)
+        done = subprocess.run(child, stdout=subprocess.PIPE, text=True, check=True)  # stderr: each part as it ends
         runs[label] = json.loads(done.stdout.strip().splitlines()[-1])
         print(label, runs[label], file=sys.stderr)
-    machine = describe_machine()
     result = {
-        "benchmark": "t5_parts",
-        "date": time.strftime("%Y-%m-%d"),
-        "machine": machine,
-        "command": f"python -m sdrt.bench.t5_parts --blocks {args.blocks}"
-        + (" --parts-only" if args.parts_only else ""),
+        **report_head("t5_parts", [f"--blocks {args.blocks}"] + ["--parts-only"] * args.parts_only),
         "model": {**XXL, "blocks_built": args.blocks, "stored_dtype": "bfloat16"},
         "runs": runs,
         "note": "shared machine (other agents' jobs running); peak RSS per process",
     }
-    output = args.output or Path("benchmarks/results") / f"t5-parts-{machine['slug'].removeprefix('cpu-')}.json"
+    output = (
+        args.output or Path("benchmarks/results") / f"t5-parts-{result['machine']['slug'].removeprefix('cpu-')}.json"
+    )
     output.write_text(json.dumps(result, indent=2) + "\n")
     print(output)
     return 0

@@ -92,6 +92,18 @@ def ray_throughput(report: dict, part: str) -> str:
 MAX_ROWS = 80  # of the generic table
 
 # kind -> (renderer, its parts; the first is the default)
+def t5_parts(report: dict, part: str) -> str:
+    from sdrt.bench.t5_parts import markdown_table
+
+    return markdown_table(report)
+
+
+def sd35_arch(report: dict, part: str) -> str:
+    from sdrt.bench.sd35_arch import markdown_table
+
+    return markdown_table(report)
+
+
 def speed(report: dict, part: str) -> str:
     from sdrt.bench.speed import markdown
 
@@ -107,6 +119,8 @@ PARTS = {
     "speed": (speed, ("generate", "decode", "previews")),
     "lora_switch": (lora_switch, ("all",)),
     "ray_throughput": (ray_throughput, ("all",)),
+    "t5_parts": (t5_parts, ("all",)),
+    "sd35_arch": (sd35_arch, ("all",)),
 }
 
 

@@ -1,5 +1,6 @@
 """PyTorch modules -> ONNX graphs named and shaped as sdrt.runtime.modelspec declares, then verified."""
 
+import collections
 import contextlib
 import os
 import shutil
@@ -112,7 +113,7 @@ def export_onnx(module, forward, spec: ModelSpec, example_inputs: tuple, out_fil
         if data_bytes < EXTERNAL_DATA_THRESHOLD and not any(p.name != "model.onnx" for p in Path(tmp).iterdir()):
             shutil.move(str(tmp_file), out_file)
         else:
-            gather_external_data(tmp_file, out_file)
+            gather_external_data(tmp_file, out_file, consume=True)
     onnx.checker.check_model(str(out_file))
 
 
@@ -120,13 +121,19 @@ EXTERNAL_DATA_ALIGNMENT = 4096  # bytes: tensors start on page boundaries, so a 
 EXTERNAL_DATA_MIN_BYTES = 1024  # smaller tensors stay inside the protobuf
 
 
-def gather_external_data(src: Path, out_file: Path) -> None:
+def gather_external_data(src: Path, out_file: Path, consume: bool = False) -> None:
     """SRC (the exporter's protobuf, its large tensors in one file each or inline) -> OUT_FILE plus one
     OUT_FILE.data, streamed one tensor at a time: never more than the largest tensor in memory (onnx.load with
-    its external data would hold the whole model a second time beside the PyTorch module)."""
+    its external data would hold the whole model a second time beside the PyTorch module). CONSUME: each of SRC's
+    data files is deleted once its last tensor is copied, so the disk holds the weights about once, not twice (a
+    9 GB transformer needs 9 GB free, not 18)."""
     from onnx.external_data_helper import _get_all_tensors, uses_external_data
 
     model = onnx.load(str(src), load_external_data=False)
+    tensors_left = collections.Counter(  # data file -> its tensors not yet copied
+        e.value for t in _get_all_tensors(model) if uses_external_data(t) for e in t.external_data
+        if e.key == "location"
+    )  # fmt: skip
     location = out_file.name + ".data"
     offset = 0
     with open(out_file.parent / location, "wb") as data:
@@ -136,6 +143,9 @@ def gather_external_data(src: Path, out_file: Path) -> None:
                 with open(src.parent / info["location"], "rb") as f:
                     f.seek(int(info.get("offset", 0)))
                     chunk = f.read(int(info["length"])) if "length" in info else f.read()
+                tensors_left[info["location"]] -= 1
+                if consume and tensors_left[info["location"]] == 0:
+                    (src.parent / info["location"]).unlink()
             elif tensor.HasField("raw_data") and len(tensor.raw_data) >= EXTERNAL_DATA_MIN_BYTES:
                 chunk = tensor.raw_data
                 tensor.ClearField("raw_data")
