@@ -128,8 +128,11 @@ def write_tiny_upscalers(folder: Path, archs: dict = TINY_ARCHS) -> dict:
             state["relative_position_index_SA"] = torch.zeros(arch.window**2, arch.window**2).long()
             state["relative_position_index_OCA"] = torch.zeros(arch.window**2, arch.overlap_window**2).long()
         if key.startswith("swin2sr"):
-            state["layers.0.residual_group.blocks.0.attn.relative_coords_table"] = torch.zeros(1, 2 * archs[key].window - 1, 2 * archs[key].window - 1, 2)
+            side = 2 * archs[key].window - 1
+            state["layers.0.residual_group.blocks.0.attn.relative_coords_table"] = torch.zeros(1, side, side, 2)
         torch.save({"params_ema": state}, files[key])
+    if "rrdb_x4" not in archs:
+        return files
     state = tiny_module("rrdb_x4", archs=archs).state_dict()
     files["rrdb_x4_old"] = folder / "rrdb_x4_old.pth"
     torch.save(to_old_layout(state), files["rrdb_x4_old"])
