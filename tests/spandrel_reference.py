@@ -1,7 +1,9 @@
 """The spandrel reference worker: runs in the separate spandrel venv (benchmarks/make-spandrel-venv.sh,
 $SDRT_SPANDREL_PYTHON), never in sdrt's own environment. `python spandrel_reference.py JOB.json` reads a job
-{"models": [{"key", "file", "official", "inputs": [.npy, ...], "outputs": [.npy, ...]}], "result": .json} and, for
-each model file, has spandrel load it (its restricted unpickler and `ModelLoader().load_from_state_dict`), writes what
+{"make": [{"key", "architecture", "kwargs", "file"}], "models": [{"key", "file", "official", "inputs": [.npy, ...],
+"outputs": [.npy, ...]}], "result": .json}. It first builds each tiny random net of "make" from spandrel's own module
+(architectures sdrt has no module for: DAT, OmniSR, SPAN) and saves its state dict. Then, for each model file, it
+has spandrel load it (its restricted unpickler and `ModelLoader().load_from_state_dict`), writes what
 spandrel detected, runs spandrel's torch module on each input (float32 NCHW in [0, 1]) and saves the outputs.
 
 The tiny test files hold placeholders (zeros of the right shapes) for the size-dependent buffers that official
@@ -13,6 +15,7 @@ state dict as `official` (.safetensors): the file an official training run would
 Only torch, spandrel, numpy and safetensors are imported here: nothing of sdrt.
 """
 
+import importlib
 import json
 import sys
 
@@ -68,8 +71,27 @@ def run_model(job: dict) -> dict:
     }
 
 
+def make_tiny(spec: dict) -> None:
+    """Save the state dict of spandrel's ARCHITECTURE module built with KWARGS, random (seed 0; biases + 0.3 so that
+    outputs span [0, 1] as in tiny_upscalers.py)."""
+    module = importlib.import_module(f"spandrel.architectures.{spec['architecture']}")
+    torch.manual_seed(0)
+    model = getattr(module, spec["architecture"])(**spec["kwargs"]).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.add_(0.3)
+    torch.save(model.state_dict(), spec["file"])
+    if spec.get("flipped"):  # the can-fail twin: the first convolution's kernels flipped left-right
+        state = model.state_dict()
+        first = next(k for k, v in state.items() if k.endswith("weight") and v.ndim == 4)
+        torch.save(state | {first: state[first].flip(-1).contiguous()}, spec["flipped"])
+
+
 def main(job_file: str) -> None:
     job = json.loads(open(job_file).read())
+    for spec in job.get("make", []):
+        make_tiny(spec)
     results = {"spandrel": spandrel.__version__, "torch": torch.__version__, "models": []}
     for model_job in job["models"]:
         try:

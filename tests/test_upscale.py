@@ -226,6 +226,7 @@ def test_dat_is_refused_by_name(tmp_path):
     state = {"conv_first.weight": torch.zeros(8, 3, 3, 3), "before_RG.1.weight": torch.zeros(8),
              "layers.0.blocks.0.attn.attns.0.pos.pos_proj.weight": torch.zeros(2, 2)}  # fmt: skip
     torch.save(state, tmp_path / "dat.pth")
-    with pytest.raises(ModelError, match=r"DAT \(Dual Aggregation Transformer\) is not supported.*HAT"):
+    with pytest.raises(ModelError, match=r"DAT \(Dual Aggregation Transformer\) is not supported.*HAT.*"
+                                         r"through spandrel: pip install 'sdrt\[spandrel\]'"):  # fmt: skip
         export_upscaler(tmp_path / "dat.pth", tmp_path / "out")
     assert not (tmp_path / "out").exists()

@@ -11,6 +11,10 @@ detect the same architecture, scale and channels as sdrt; sdrt exports the same 
 file holds) and its ONNX graph must give spandrel's torch output within 1/255 on the same images. Can-fail twin: a
 convolution kernel flipped (a classic porting mistake: one weight tensor read in the wrong order) moves the graph
 past that tolerance.
+
+Architectures sdrt has no module for (DAT, OmniSR, SPAN): the worker builds tiny random nets from spandrel's own
+modules, `sdrt export-upscaler` runs in the spandrel venv (the optional path through spandrel, upscaler_spandrel.py),
+and the graph, run here by ONNX Runtime and by the runtime's UpscalerModel, must give spandrel's output within 1/255.
 """
 
 import json
@@ -22,7 +26,8 @@ import numpy as np
 import pytest
 from tiny_upscalers import REFERENCE_ARCHS, TINY_ARCHS, write_tiny_upscalers
 
-from sdrt.runtime.upscale import UPSCALER_INPUT, UPSCALER_MODEL
+from sdrt.errors import ModelError
+from sdrt.runtime.upscale import UPSCALER_INPUT, UPSCALER_MODEL, UpscalerModel
 
 SPANDREL_PYTHON = os.environ.get("SDRT_SPANDREL_PYTHON", "")
 WORKER = Path(__file__).with_name("spandrel_reference.py")
@@ -33,6 +38,16 @@ pytestmark = [pytest.mark.spandrel, pytest.mark.skipif(not Path(SPANDREL_PYTHON 
 
 ONE_LEVEL = 1 / 255
 MODELS = [*REFERENCE_ARCHS, "rrdb_x4_old", "rrdb_x4_st"]
+SRC = Path(__file__).resolve().parents[1] / "src"
+# architectures sdrt has no module of its own for, built tiny from spandrel's modules: (class, its arguments, sizes)
+SPANDREL_ONLY = {
+    "dat_x2": ("DAT", {"img_size": 16, "embed_dim": 32, "split_size": [2, 4], "depth": [2], "num_heads": [2],
+                       "expansion_factor": 2.0, "upscale": 2}, [(17, 23), (24, 19)]),
+    "omnisr_x2": ("OmniSR", {"num_feat": 16, "block_num": 1, "window_size": 8, "res_num": 1, "up_scale": 2},
+                  [(17, 23), (24, 19)]),
+    "span_x4": ("SPAN", {"num_in_ch": 3, "num_out_ch": 3, "feature_channels": 16, "upscale": 4},
+                [(13, 11), (8, 17)]),
+}  # fmt: skip
 MEASURED: dict = {}  # key -> max |graph - spandrel| per image size; written to $SDRT_SPANDREL_RECORD if set
 
 
@@ -55,6 +70,8 @@ def _base(key: str) -> str:
 
 def _sizes(key: str) -> list[tuple[int, int]]:
     """Two input sizes (H, W) the net takes as they are: multiples of its window / pixel-unshuffle (odd otherwise)."""
+    if key in SPANDREL_ONLY:
+        return SPANDREL_ONLY[key][2]
     arch = REFERENCE_ARCHS[_base(key)]
     m = getattr(arch, "window", getattr(arch, "unshuffle", 1))
     return [(3 * m, 5 * m), (4 * m, 2 * m)] if m > 1 else [(13, 11), (8, 17)]
@@ -68,6 +85,11 @@ def reference(tmp_path_factory):
     files["compact_lrelu"] = write_tiny_upscalers(folder / "lrelu", {"compact_lrelu": TINY_ARCHS["compact_lrelu"]})[
         "compact_lrelu"
     ]
+    make = []
+    for key, (architecture, kwargs, _) in SPANDREL_ONLY.items():
+        files[key] = folder / f"{key}.pth"
+        make.append({"key": key, "architecture": architecture, "kwargs": kwargs, "file": str(files[key]),
+                     "flipped": str(folder / f"{key}-flipped.pth")})  # fmt: skip
     rng = np.random.default_rng(0)
     models = []
     for key, path in files.items():
@@ -78,7 +100,7 @@ def reference(tmp_path_factory):
         models.append({"key": key, "file": str(path), "official": str(folder / f"{key}-official.safetensors"),
                        "inputs": [str(p) for p in inputs],
                        "outputs": [str(folder / f"{key}-out{i}.npy") for i in range(len(sizes))]})  # fmt: skip
-    job = {"models": models}
+    job = {"make": make, "models": models}
     yield job, run_spandrel(job, folder)
     record = os.environ.get("SDRT_SPANDREL_RECORD")
     if record and MEASURED:
@@ -164,3 +186,79 @@ def test_spandrel_refuses_compact_with_leaky_relu(reference):
     """sdrt also exports SRVGGNetCompact with LeakyReLU (no activation weights); spandrel detects no such file."""
     _, spandrel = reference
     assert spandrel["compact_lrelu"]["error"].startswith("UnsupportedModelError")
+
+
+def export_in_spandrel_venv(source: Path, out: Path) -> dict:
+    """`sdrt export-upscaler SOURCE -o OUT` run by the spandrel venv's Python on this checkout; the manifest."""
+    env = os.environ | {"PYTHONPATH": str(SRC)}
+    done = subprocess.run([SPANDREL_PYTHON, "-m", "sdrt.cli", "export-upscaler", str(source), "-o", str(out)],
+                          capture_output=True, text=True, timeout=600, env=env)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "through spandrel" in done.stderr
+    return json.loads((out / "upscaler.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def spandrel_exports(reference, tmp_path_factory):
+    """{key: export folder} of each spandrel-only tiny net, exported through spandrel in its venv."""
+    job, _ = reference
+    root = tmp_path_factory.mktemp("through-spandrel")
+    return {key: export_in_spandrel_venv(Path(_model_job(job, key)["file"]), root / key) and root / key
+            for key in SPANDREL_ONLY}  # fmt: skip
+
+
+@pytest.mark.parametrize("key", SPANDREL_ONLY)
+def test_export_through_spandrel_matches_spandrel(reference, spandrel_exports, key):
+    job, spandrel = reference
+    assert "error" not in spandrel[key], spandrel[key].get("error")
+    manifest = json.loads((spandrel_exports[key] / "upscaler.json").read_text())
+    assert manifest["architecture"] == spandrel[key]["architecture_name"] == SPANDREL_ONLY[key][0]
+    assert manifest["scale"] == spandrel[key]["scale"]
+    assert manifest["source"]["loader"] == f"spandrel {spandrel[key]['spandrel']}"
+    model_job = _model_job(job, key)
+    differences = []
+    for got, name in zip(_graph_outputs(spandrel_exports[key], model_job["inputs"]), model_job["outputs"], strict=True):
+        want = np.load(name)
+        assert got.shape == want.shape
+        assert want.std() > 0.05
+        differences.append(float(np.abs(got - want).max()))
+    MEASURED.setdefault(key, {}).update({"architecture": manifest["architecture"], "scale": manifest["scale"],
+                                         "sizes": _sizes(key), "max_difference": differences,
+                                         "exported_through": manifest["source"]["loader"]})  # fmt: skip
+    assert max(differences) <= ONE_LEVEL
+
+
+def test_runtime_upscales_a_spandrel_export_as_spandrel(reference, spandrel_exports):
+    """The runtime (A1111's BGR feeding, padding, clamping) on the DAT export gives spandrel's image within 1/255."""
+    job, _ = reference
+    model_job = _model_job(job, "dat_x2")
+    x = np.load(model_job["inputs"][0])[0].transpose(1, 2, 0)  # (H, W, 3) as the model sees it (BGR)
+    want = np.clip(np.load(model_job["outputs"][0])[0].transpose(1, 2, 0)[..., ::-1], 0, 1)  # back to RGB
+    got = UpscalerModel(spandrel_exports["dat_x2"]).run(np.ascontiguousarray(x[..., ::-1]))
+    assert got.shape == want.shape
+    assert np.abs(got - want).max() <= ONE_LEVEL
+
+
+def test_export_through_spandrel_can_fail(reference, tmp_path):
+    """Can-fail twin: the DAT file with its first convolution's kernels flipped, exported through spandrel, is past
+    1/255 from spandrel's output of the unflipped file."""
+    job, _ = reference
+    model_job = _model_job(job, "dat_x2")
+    export_in_spandrel_venv(Path(model_job["file"]).with_name("dat_x2-flipped.pth"), tmp_path / "out")
+    got = _graph_outputs(tmp_path / "out", model_job["inputs"])[0]
+    difference = float(np.abs(got - np.load(model_job["outputs"][0])).max())
+    MEASURED.setdefault("dat_x2", {})["flipped_kernel_twin"] = difference
+    assert difference > ONE_LEVEL
+
+
+def test_without_spandrel_the_file_is_refused_naming_the_extra(reference, tmp_path):
+    """In sdrt's own environment (no spandrel), a DAT file is refused with the way to install the spandrel path."""
+    from sdrt.export import upscaler_spandrel
+    from sdrt.export.upscaler import export_upscaler
+
+    if upscaler_spandrel.available():
+        pytest.skip("spandrel is installed in this environment: the file exports through it")
+    job, _ = reference
+    with pytest.raises(ModelError, match=r"DAT \(Dual Aggregation Transformer\) is not supported.*sdrt\[spandrel\]"):
+        export_upscaler(_model_job(job, "dat_x2")["file"], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
