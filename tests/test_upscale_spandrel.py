@@ -101,11 +101,31 @@ def reference(tmp_path_factory):
                        "inputs": [str(p) for p in inputs],
                        "outputs": [str(folder / f"{key}-out{i}.npy") for i in range(len(sizes))]})  # fmt: skip
     job = {"make": make, "models": models}
-    yield job, run_spandrel(job, folder)
-    record = os.environ.get("SDRT_SPANDREL_RECORD")
+    reference = job, run_spandrel(job, folder)
+    yield reference
+    record = os.environ.get("SDRT_SPANDREL_RECORD")  # benchmarks/results/upscaler-spandrel-parity.json
     if record and MEASURED:
-        Path(record).write_text(json.dumps({"unit": "max |sdrt graph - spandrel torch| on [0, 1] outputs",
-                                            "models": MEASURED}, indent=2) + "\n")  # fmt: skip
+        write_record(Path(record), reference[1])
+
+
+def write_record(path: Path, spandrel: dict) -> None:
+    """The measured differences as a benchmarks/results file (one row per model; docs/benchmarks/hires.md)."""
+    import datetime
+
+    from sdrt.bench.machine import describe_machine
+
+    versions = next(iter(spandrel.values()), {})
+    rows = [{"model": key, **{k: v for k, v in figures.items() if k not in ("sizes", "spandrel", "torch")},
+             "sizes": ", ".join(f"{h}x{w}" for h, w in figures.get("sizes", []))}
+            for key, figures in MEASURED.items()]  # fmt: skip
+    report = {"benchmark": "upscaler_spandrel_parity", "date": datetime.date.today().isoformat(),
+              "command": "SDRT_SPANDREL_PYTHON=/work/spandrel-venv/bin/python SDRT_SPANDREL_RECORD=benchmarks/results/"
+                         "upscaler-spandrel-parity.json pytest tests/test_upscale_spandrel.py",
+              "machine": describe_machine(),
+              "reference": {"spandrel": versions.get("spandrel"), "torch": versions.get("torch")},
+              "unit": "max |sdrt graph (ONNX Runtime CPU) - spandrel torch module| on the raw outputs; tolerance 1/255",
+              "rows": rows}  # fmt: skip
+    path.write_text(json.dumps(report, indent=2) + "\n")
 
 
 @pytest.fixture(scope="module")
