@@ -259,6 +259,16 @@ def test_runtime_upscales_a_spandrel_export_as_spandrel(reference, spandrel_expo
     assert np.abs(got - want).max() <= ONE_LEVEL
 
 
+def test_runtime_pads_up_to_spandrels_minimum_size(spandrel_exports):
+    """OmniSR needs 16 px (spandrel's size requirement; an 8 px input kills ONNX Runtime with SIGFPE): the manifest
+    records it and the runtime pads smaller images up to it, cropping the output back."""
+    model = UpscalerModel(spandrel_exports["omnisr_x2"])
+    assert model.manifest["minimum_size"] == 16
+    small = np.random.default_rng(0).random((8, 5, 3), dtype=np.float32)
+    got = model.run(small)
+    assert got.shape == (16, 10, 3) and np.isfinite(got).all() and got.std() > 0.01
+
+
 def test_export_through_spandrel_can_fail(reference, tmp_path):
     """Can-fail twin: the DAT file with its first convolution's kernels flipped, exported through spandrel, is past
     1/255 from spandrel's output of the unflipped file."""

@@ -134,6 +134,7 @@ def export_upscaler(source, out_dir, overwrite: bool = False, name: str | None =
             "in_channels": arch.in_channels,
             "out_channels": arch.out_channels,
             "size_multiple": multiple,  # input sides are padded to a multiple of this
+            "minimum_size": getattr(arch, "minimum_size", 0),  # and up to this (spandrel's size requirement)
             "channel_order": "BGR",  # A1111 feeds ESRGAN-family and SwinIR models BGR
             "tiling": "average" if arch.name == "SwinIR" else "grid",  # A1111: SwinIR's tiled_upscale_2
             "tile": DEFAULT_TILE,
