@@ -6,7 +6,7 @@ Runs in the spandrel venv (benchmarks/make-spandrel-venv.sh) with sdrt's src on 
 
 For each single-image upscaler/restorer architecture spandrel registers (all by default), its module at its default
 hyper-parameters with random weights is saved as a .pth, and `export_upscaler` runs on it in a subprocess of its
-own (a crash or a hang is that architecture's result, 240 s at most): exported or not, why not, the graph's error
+own (a crash or a hang is that architecture's result, 120 s at most; OUT is rewritten after each): exported or not, why not, the graph's error
 against spandrel's module, parameters and seconds. Random weights: this checks the export path (detection,
 tracing, the dynamic-size graph), not any published model's numbers.
 """
@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 NOT_UPSCALERS = {"GFPGAN", "RestoreFormer", "CodeFormer", "LaMa", "MAT"}  # face restoration, inpainting
-TIMEOUT_S = 240
+TIMEOUT_S = 120
 
 
 def build_and_export(arch_id: str, folder: Path) -> dict:
@@ -54,7 +54,9 @@ def _required_arguments(cls) -> dict:
     return {name: 4 if "scale" in name else 3 for name in needed}
 
 
-def survey(arch_ids: list[str]) -> list[dict]:
+def survey(arch_ids: list[str], out: Path) -> list[dict]:
+    import spandrel
+
     rows = []
     for arch_id in arch_ids:
         with tempfile.TemporaryDirectory() as tmp:
@@ -68,6 +70,8 @@ def survey(arch_ids: list[str]) -> list[dict]:
                 row = {"error": f"not done in {TIMEOUT_S} s"}
         rows.append({"spandrel_id": arch_id, "exported": "error" not in row, **row})
         print(json.dumps(rows[-1]), flush=True)
+        out.write_text(json.dumps({"benchmark": "upscaler_spandrel_survey", "date": time.strftime("%Y-%m-%d"),
+                                   "spandrel": spandrel.__version__, "rows": rows}, indent=2) + "\n")  # fmt: skip
     return rows
 
 
@@ -85,9 +89,7 @@ def main() -> None:
     out = Path(sys.argv[1])
     ids = sys.argv[2:] or [s.architecture.id for s in spandrel.MAIN_REGISTRY.architectures()
                            if s.architecture.id not in NOT_UPSCALERS]  # fmt: skip
-    rows = survey(ids)
-    out.write_text(json.dumps({"benchmark": "upscaler_spandrel_survey", "date": time.strftime("%Y-%m-%d"),
-                               "spandrel": spandrel.__version__, "rows": rows}, indent=2) + "\n")  # fmt: skip
+    survey(ids, out)
 
 
 if __name__ == "__main__":
