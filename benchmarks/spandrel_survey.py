@@ -6,9 +6,9 @@ Runs in the spandrel venv (benchmarks/make-spandrel-venv.sh) with sdrt's src on 
 
 For each single-image upscaler/restorer architecture spandrel registers (all by default), its module at its default
 hyper-parameters with random weights is saved as a .pth, and `export_upscaler` runs on it in a subprocess of its
-own (a crash or a hang is that architecture's result, 120 s at most; OUT is rewritten after each): exported or not, why not, the graph's error
-against spandrel's module, parameters and seconds. Random weights: this checks the export path (detection,
-tracing, the dynamic-size graph), not any published model's numbers.
+own (a crash or a hang is that architecture's result, 120 s at most; OUT is rewritten after each): exported or not,
+why not, the graph's error against spandrel's module, parameters and seconds. Random weights: this checks the
+export path (detection, tracing, the dynamic-size graph), not any published model's numbers.
 """
 
 import importlib
