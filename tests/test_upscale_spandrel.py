@@ -27,7 +27,7 @@ import pytest
 from tiny_upscalers import REFERENCE_ARCHS, TINY_ARCHS, write_tiny_upscalers
 
 from sdrt.errors import ModelError
-from sdrt.runtime.upscale import UPSCALER_INPUT, UPSCALER_MODEL, UpscalerModel
+from sdrt.runtime.upscale import UPSCALER_INPUT, UPSCALER_MODEL, UpscalerModel, upscale_tiled
 
 SPANDREL_PYTHON = os.environ.get("SDRT_SPANDREL_PYTHON", "")
 WORKER = Path(__file__).with_name("spandrel_reference.py")
@@ -257,6 +257,17 @@ def test_runtime_upscales_a_spandrel_export_as_spandrel(reference, spandrel_expo
     got = UpscalerModel(spandrel_exports["dat_x2"]).run(np.ascontiguousarray(x[..., ::-1]))
     assert got.shape == want.shape
     assert np.abs(got - want).max() <= ONE_LEVEL
+
+
+def test_spandrel_export_tiled_matches_untiled(spandrel_exports):
+    """A1111's grid tiling (24 px tiles, overlap 8) of the DAT export against one run: the same seam tolerance as
+    sdrt's own transformers (test_upscale.py); without overlap the seams show (can-fail twin)."""
+    model = UpscalerModel(spandrel_exports["dat_x2"])
+    pixels = np.random.default_rng(1).random((40, 56, 3), dtype=np.float32)
+    whole = model.run(pixels)
+    error = {ov: np.abs(upscale_tiled(model.run, pixels, model.scale, 24, ov) - whole) for ov in (0, 8)}
+    assert error[8].max() <= 0.1 and error[8].mean() <= ONE_LEVEL
+    assert error[0].max() > error[8].max()
 
 
 def test_runtime_pads_up_to_spandrels_minimum_size(spandrel_exports):
