@@ -267,7 +267,7 @@ def test_spandrel_export_tiled_matches_untiled(spandrel_exports):
     whole = model.run(pixels)
     error = {ov: np.abs(upscale_tiled(model.run, pixels, model.scale, 24, ov) - whole) for ov in (0, 8)}
     assert error[8].max() <= 0.1 and error[8].mean() <= ONE_LEVEL
-    assert error[0].max() > error[8].max()
+    assert error[0].max() > 0.15  # measured: overlap 8 0.053 (mean 0.0026), overlap 0 0.59
 
 
 def test_runtime_pads_up_to_spandrels_minimum_size(spandrel_exports):
