@@ -226,6 +226,51 @@ def test_dat_is_refused_by_name(tmp_path):
     state = {"conv_first.weight": torch.zeros(8, 3, 3, 3), "before_RG.1.weight": torch.zeros(8),
              "layers.0.blocks.0.attn.attns.0.pos.pos_proj.weight": torch.zeros(2, 2)}  # fmt: skip
     torch.save(state, tmp_path / "dat.pth")
-    with pytest.raises(ModelError, match=r"DAT \(Dual Aggregation Transformer\) is not supported.*HAT"):
+    with pytest.raises(ModelError, match=r"DAT \(Dual Aggregation Transformer\) is not supported.*HAT.*"
+                                         r"through spandrel: pip install 'sdrt\[spandrel\]'"):  # fmt: skip
         export_upscaler(tmp_path / "dat.pth", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+class _FakeSpandrel:
+    """Stands in for spandrel (not installed here) to check how the export answers what it reports."""
+
+    class UnsupportedModelError(Exception):
+        pass
+
+    class ImageModelDescriptor:
+        def __init__(self, purpose: str):
+            self.purpose, self.architecture = purpose, type("A", (), {"name": "GFPGAN"})
+
+    def __init__(self, purpose: str | None):
+        self.purpose = purpose
+
+    def ModelLoader(self):  # noqa: N802 - spandrel's name
+        fake = self
+
+        class Loader:
+            def load_from_state_dict(self, state):
+                if fake.purpose is None:
+                    raise fake.UnsupportedModelError()
+                return fake.ImageModelDescriptor(fake.purpose)
+
+        return Loader()
+
+
+@pytest.mark.parametrize("purpose, message", [
+    (None, "not an upscaler sdrt can export.*spandrel detects no architecture in it either"),
+    ("FaceSR", "is a GFPGAN model for FaceSR, not an upscaler"),
+])  # fmt: skip
+def test_through_spandrel_refusals(monkeypatch, tmp_path, purpose, message):
+    """With spandrel installed, a file neither sdrt nor spandrel exports (nothing detected, or a face restorer) is
+    one clear error and nothing is written."""
+    import sys
+
+    from sdrt.export import upscaler_spandrel
+
+    monkeypatch.setitem(sys.modules, "spandrel", _FakeSpandrel(purpose))
+    monkeypatch.setattr(upscaler_spandrel, "available", lambda: True)
+    torch.save({"some.weight": torch.zeros(2, 2)}, tmp_path / "other.pth")
+    with pytest.raises(ModelError, match=message):
+        export_upscaler(tmp_path / "other.pth", tmp_path / "out")
     assert not (tmp_path / "out").exists()

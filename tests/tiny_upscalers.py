@@ -1,5 +1,6 @@
 """Tiny random ESRGAN-family upscaler files (each architecture and key layout), written once per test session."""
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -71,10 +72,18 @@ SWIN_BUFFERS = {"layers.0.residual_group.blocks.1.attn_mask": lambda w: torch.ze
                 "layers.0.residual_group.blocks.0.attn.relative_position_index": lambda w: torch.zeros(w * w, w * w)}
 
 
-def tiny_module(key: str, seed: int = 0) -> torch.nn.Module:
-    """The random module of TINY_ARCHS[KEY]; weights scaled so outputs span [0, 1] instead of sitting near 0."""
+# The reference check against spandrel (test_upscale_spandrel.py) needs the official layouts: the official code (and
+# so spandrel) fixes ESRGAN's growth channels at 32 and SwinIR/Swin2SR's upsampling features at 64 instead of reading
+# them from the weights; and spandrel loads no SRVGGNetCompact with LeakyReLU (none was published), so it has none.
+OFFICIAL_FIXED = {"ESRGAN": {"growth": 32}, "SwinIR": {"num_feat": 64}, "Swin2SR": {"num_feat": 64}}
+REFERENCE_ARCHS = {key: replace(arch, **OFFICIAL_FIXED.get(arch.name, {})) for key, arch in TINY_ARCHS.items()
+                   if key != "compact_lrelu"}  # fmt: skip
+
+
+def tiny_module(key: str, seed: int = 0, archs: dict = TINY_ARCHS) -> torch.nn.Module:
+    """The random module of ARCHS[KEY]; weights scaled so outputs span [0, 1] instead of sitting near 0."""
     torch.manual_seed(seed)
-    model = build(TINY_ARCHS[key]).eval()
+    model = build(archs[key]).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("bias"):
@@ -101,27 +110,30 @@ def to_old_layout(state: dict) -> dict:
     return old
 
 
-def write_tiny_upscalers(folder: Path) -> dict:
-    """{name: file} for each tiny architecture (.pth as BasicSR writes, {"params_ema": ...}), plus the x4 RRDBNet in
-    the old ESRGAN layout (.pth) and as .safetensors."""
+def write_tiny_upscalers(folder: Path, archs: dict = TINY_ARCHS) -> dict:
+    """{name: file} for each tiny architecture of ARCHS (.pth as BasicSR writes, {"params_ema": ...}), plus the x4
+    RRDBNet in the old ESRGAN layout (.pth) and as .safetensors."""
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
     files = {}
-    for key in TINY_ARCHS:
+    for key in archs:
         files[key] = folder / f"{key}.pth"
-        state = tiny_module(key).state_dict()
+        state = tiny_module(key, archs=archs).state_dict()
         if key.startswith("swin"):
-            window = TINY_ARCHS[key].window
+            window = archs[key].window
             state |= {name: make(window) for name, make in SWIN_BUFFERS.items()}
         if key.startswith("hat"):  # the model-level index buffers of the official files (sdrt rebuilds them)
-            arch = TINY_ARCHS[key]
+            arch = archs[key]
             state["relative_position_index_SA"] = torch.zeros(arch.window**2, arch.window**2).long()
             state["relative_position_index_OCA"] = torch.zeros(arch.window**2, arch.overlap_window**2).long()
         if key.startswith("swin2sr"):
-            state["layers.0.residual_group.blocks.0.attn.relative_coords_table"] = torch.zeros(1, 7, 7, 2)
+            side = 2 * archs[key].window - 1
+            state["layers.0.residual_group.blocks.0.attn.relative_coords_table"] = torch.zeros(1, side, side, 2)
         torch.save({"params_ema": state}, files[key])
-    state = tiny_module("rrdb_x4").state_dict()
+    if "rrdb_x4" not in archs:
+        return files
+    state = tiny_module("rrdb_x4", archs=archs).state_dict()
     files["rrdb_x4_old"] = folder / "rrdb_x4_old.pth"
     torch.save(to_old_layout(state), files["rrdb_x4_old"])
     files["rrdb_x4_st"] = folder / "rrdb_x4_st.safetensors"

@@ -7,8 +7,9 @@ from sdrt.errors import InvalidOption
 
 
 def add_parsers(sub) -> None:
-    p = sub.add_parser("export-upscaler", help="export an ESRGAN-family upscaler (.pth/.safetensors) to ONNX")
-    p.add_argument("file", help="ESRGAN / Real-ESRGAN (x4plus, anime_6B, compact) / 4x-UltraSharp ... weights")
+    p = sub.add_parser("export-upscaler", help="export an upscaler model (.pth/.safetensors) to ONNX")
+    p.add_argument("file", help="ESRGAN / Real-ESRGAN (x4plus, anime_6B, compact) / 4x-UltraSharp / SwinIR / Swin2SR / "
+                   "HAT weights; other architectures through spandrel, if installed (sdrt[spandrel])")  # fmt: skip
     p.add_argument("-o", "--output", required=True, help="folder to create")
     p.add_argument("--name", help="the upscaler's name in lists and requests (default: the file's stem)")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")

@@ -2,9 +2,10 @@
 unpickler, or .safetensors) -> DIR/model.onnx + DIR/upscaler.json (runtime/upscale.py reads both).
 
 The architectures are sdrt's own torch modules (upscaler_arch.py), detected from the state dict's keys: RRDBNet
-(ESRGAN, old and Real-ESRGAN key layouts: RealESRGAN x4plus / x2plus / anime_6B, 4x-UltraSharp, ...) and
-SRVGGNetCompact (realesr-general-x4v3, realesr-animevideov3). A file of another architecture is refused, naming
-what is supported.
+(ESRGAN, old and Real-ESRGAN key layouts: RealESRGAN x4plus / x2plus / anime_6B, 4x-UltraSharp, ...),
+SRVGGNetCompact (realesr-general-x4v3, realesr-animevideov3), SwinIR, Swin2SR and HAT. A file of another
+architecture goes through spandrel where the optional extra installed it (upscaler_spandrel.py), else it is refused,
+naming what is supported and how to install spandrel.
 """
 
 import json
@@ -47,10 +48,11 @@ def load_upscaler(path: Path):
     try:
         detected = upscaler_arch.detect(state)
     except ValueError as e:
-        raise ModelError(f"{str(path)!r}: {e}; sdrt exports {SUPPORTED}") from None
+        return _through_spandrel(path, state, f"{e}; sdrt exports {SUPPORTED}")
     if detected is None:
         sample = ", ".join(list(state)[:3]) or "no tensors"
-        raise ModelError(f"{str(path)!r} is not an upscaler sdrt can export (keys {sample}, ...): expected {SUPPORTED}")
+        return _through_spandrel(path, state, f"not an upscaler sdrt can export (keys {sample}, ...): expected "
+                                 f"{SUPPORTED}")  # fmt: skip
     arch, state = detected
     model = upscaler_arch.build(arch)
     try:
@@ -60,6 +62,19 @@ def load_upscaler(path: Path):
             f"{str(path)!r} looks like {arch.name} but its tensors do not fit it: {str(e)[:300]}"
         ) from None
     return model.eval(), arch
+
+
+def _through_spandrel(path: Path, state: dict, why: str):
+    """(module, arch) of a file sdrt's own modules do not export, through spandrel where it is installed (the optional
+    `spandrel` export extra: upscaler_spandrel.py); else the error WHY, naming how to install it."""
+    from sdrt.export import upscaler_spandrel
+
+    if not upscaler_spandrel.available():
+        raise ModelError(f"{str(path)!r}: {why}; {upscaler_spandrel.INSTALL}")
+    loaded = upscaler_spandrel.load(state, str(path))
+    if loaded is None:
+        raise ModelError(f"{str(path)!r}: {why}; spandrel detects no architecture in it either")
+    return loaded
 
 
 def _pickled(path: Path) -> dict:
@@ -90,10 +105,13 @@ def export_upscaler(source, out_dir, overwrite: bool = False, name: str | None =
     if out_dir.exists() and not overwrite:
         raise InvalidOption("--output", str(out_dir), "a folder that does not exist yet (or pass --overwrite)")
     model, arch = load_upscaler(path)
-    print(f"{path.name}: {arch.name} x{arch.scale}, {arch.blocks} blocks of {arch.features} features", file=sys.stderr)
+    loader = getattr(arch, "loader", "sdrt")  # "spandrel X.Y.Z" for the architectures sdrt has no module for
+    sizes = f", {arch.blocks} blocks of {arch.features} features" if arch.blocks else f" (through {loader})"
+    print(f"{path.name}: {arch.name} x{arch.scale}{sizes}", file=sys.stderr)
     with staged_folder(out_dir) as staging:
-        multiple = getattr(arch, "window", getattr(arch, "unshuffle", 1))
-        side = -(-VERIFY_SIZE // multiple) * multiple  # the check's image: sides a multiple of what the net needs
+        multiple = getattr(arch, "size_multiple", getattr(arch, "window", getattr(arch, "unshuffle", 1)))
+        side = max(VERIFY_SIZE, getattr(arch, "minimum_size", 0))
+        side = -(-side // multiple) * multiple  # the check's image: sides a multiple of what the net needs
         seeded = torch.Generator().manual_seed(0)
         x = torch.rand(1, arch.in_channels, side, side, generator=seeded)
         other = torch.rand(1, arch.in_channels, side + multiple, side + 2 * multiple, generator=seeded)
@@ -116,13 +134,14 @@ def export_upscaler(source, out_dir, overwrite: bool = False, name: str | None =
             "in_channels": arch.in_channels,
             "out_channels": arch.out_channels,
             "size_multiple": multiple,  # input sides are padded to a multiple of this
+            "minimum_size": getattr(arch, "minimum_size", 0),  # and up to this (spandrel's size requirement)
             "channel_order": "BGR",  # A1111 feeds ESRGAN-family and SwinIR models BGR
             "tiling": "average" if arch.name == "SwinIR" else "grid",  # A1111: SwinIR's tiled_upscale_2
             "tile": DEFAULT_TILE,
             "tile_overlap": DEFAULT_TILE_OVERLAP,
             "features": arch.features,
             "blocks": arch.blocks,
-            "source": {"file": path.name, "sha256": file_sha256(path).hexdigest()},
+            "source": {"file": path.name, "sha256": file_sha256(path).hexdigest(), "loader": loader},
             "verified_max_error": float(error),
             "sdrt_version": __version__,
         }

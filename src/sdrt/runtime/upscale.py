@@ -53,6 +53,7 @@ class UpscalerModel:
         self.name = str(manifest["name"])
         self.scale = int(manifest["scale"])
         self.multiple = int(manifest.get("size_multiple", 1))
+        self.minimum = int(manifest.get("minimum_size", 0))  # spandrel exports: smaller inputs are padded up to it
         self.bgr = manifest.get("channel_order", "BGR") == "BGR"
         self.averaged = manifest.get("tiling", "grid") == "average"  # SwinIR: A1111's tiled_upscale_2
         self.backend = engine_backend(backend)
@@ -66,7 +67,7 @@ class UpscalerModel:
             self.engine = create_engine(self.folder / UPSCALER_MODEL, self.backend)
             self.engine.load()
         h, w = pixels.shape[:2]
-        pad_h, pad_w = -h % self.multiple, -w % self.multiple
+        pad_h, pad_w = (-(-max(side, self.minimum) // self.multiple) * self.multiple - side for side in (h, w))
         x = np.pad(pixels, ((0, pad_h), (0, pad_w), (0, 0)), mode="reflect") if pad_h or pad_w else pixels
         x = x[..., ::-1] if self.bgr else x
         x = np.ascontiguousarray(x.transpose(2, 0, 1)[None], dtype=np.float32)  # (1, 3, H, W)
