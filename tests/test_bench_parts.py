@@ -5,7 +5,7 @@ The full-size runs are queue jobs; these run the same code on a T5 a few hundred
 import pytest
 
 from sdrt.bench import t5_parts
-from sdrt.bench.common import report_head
+from sdrt.bench.machine import report_head
 from sdrt.bench.tables import render
 
 TINY = {"d_model": 64, "d_ff": 128, "num_heads": 4, "d_kv": 16, "vocab_size": 100}

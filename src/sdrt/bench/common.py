@@ -232,15 +232,6 @@ def now_iso() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
-def report_head(name: str, argv: list[str]) -> dict:
-    """The first keys of a benchmark module's JSON report: its name, the date, this machine (bench/machine.py), and
-    the command that measures it again (`python -m sdrt.bench.NAME ARGV...`)."""
-    from sdrt.bench.machine import describe_machine  # machine.py imports this module
-
-    return {"benchmark": name, "date": time.strftime("%Y-%m-%d"), "machine": describe_machine(),
-            "command": " ".join([f"python -m sdrt.bench.{name}", *argv])}  # fmt: skip
-
-
 def block_torch() -> None:
     """Make `import torch` (and diffusers, transformers) fail in this process: sdrt's memory is then its own."""
     for name in ("torch", "diffusers", "transformers"):

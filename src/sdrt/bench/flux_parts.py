@@ -82,7 +82,7 @@ def run_one(folder: str, part_bytes: int) -> dict:
 
 
 def main(argv=None) -> int:
-    from sdrt.bench.common import report_head
+    from sdrt.bench.machine import report_head
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--double", type=int, default=2)

@@ -5,6 +5,7 @@ import os
 import platform
 import re
 import subprocess
+import time
 from importlib import metadata
 from pathlib import Path
 
@@ -96,3 +97,10 @@ def describe_machine() -> dict:
             "sdrt": sdrt_version(),
         },
     }
+
+
+def report_head(name: str, argv: list[str]) -> dict:
+    """The first keys of a benchmark module's JSON report: its name, the date, this machine (describe_machine), and
+    the command that measures it again (`python -m sdrt.bench.NAME ARGV...`)."""
+    return {"benchmark": name, "date": time.strftime("%Y-%m-%d"), "machine": describe_machine(),
+            "command": " ".join([f"python -m sdrt.bench.{name}", *argv])}  # fmt: skip

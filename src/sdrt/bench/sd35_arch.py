@@ -260,7 +260,7 @@ def _command(stage: str, args) -> str:
 
 def run_stages(args) -> int:
     """Run ARGS.command's stages (all: the three in turn), each merged into ARGS.output (kept between jobs)."""
-    from sdrt.bench.common import report_head
+    from sdrt.bench.machine import report_head
 
     root = args.root
     root.mkdir(parents=True, exist_ok=True)

@@ -84,7 +84,7 @@ def time_both(files: dict[str, Path], latent: int, blocks: int, runs: int) -> di
 
 
 def main(argv=None) -> int:
-    from sdrt.bench.common import report_head
+    from sdrt.bench.machine import report_head
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--blocks", type=int, default=4)

@@ -110,7 +110,7 @@ def markdown_table(report: dict) -> str:
 
 
 def main(argv=None) -> int:
-    from sdrt.bench.common import report_head
+    from sdrt.bench.machine import report_head
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--blocks", type=int, default=4)
