@@ -39,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runtimes", help="GPU: subset of sdrt_cuda,sdrt_cuda_fused,sdrt_cuda_static,diffusers,"
                    "diffusers_fp32,diffusers_compile,sdrt_tensorrt,sdrt_tensorrt_low_vram (default: all but TensorRT); "
                    "CPU: of sdrt,sdrt_auto,sdrt_openvino_f32,sdrt_openvino_bf16,diffusers,optimum_intel_f32,"
-                   "optimum_intel_bf16 (default: all this machine can run)")  # fmt: skip
+                   "optimum_intel_bf16 (default: all this machine can run), sdrt_auto_cached (OpenVINO's disk cache "
+                   "filled first)")  # fmt: skip
     p.add_argument("--vram-budget", default="2GB", help="GPU: sdrt_tensorrt_low_vram's budget (default 2GB)")
     p.add_argument("--cpu-smoke", action="store_true",
                    help="GPU driver on the CPU (CPU provider, PyTorch on the CPU): a test of the stages, no figures")

@@ -274,7 +274,7 @@ def run_cpu(args, case) -> int:
     built, exported = prepare_model(args, configs, model_dir, job_dir)
     settings = cpu_settings(args, case, model_dir, load_start)
     job = base_job(args, configs, model_dir, model_dir / "onnx", out_dir)
-    names = args.runtimes.split(",") if args.runtimes else list(CPU_RUNTIMES)
+    names = args.runtimes.split(",") if args.runtimes else [n for n in CPU_RUNTIMES if n != "sdrt_auto_cached"]
     names = list(dict.fromkeys(["sdrt", *names, "diffusers"]))  # the sdrt-vs-diffusers table needs both
     measured, skipped, peer_export = run_runtimes(names, job, model_dir, job_dir)
     if args.low_vram:
