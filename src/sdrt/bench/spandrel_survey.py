@@ -2,7 +2,7 @@
 
 Runs in the spandrel venv (benchmarks/make-spandrel-venv.sh) with sdrt's src on PYTHONPATH:
 
-    PYTHONPATH=src /work/spandrel-venv/bin/python benchmarks/spandrel_survey.py OUT.json [ARCH ...]
+    PYTHONPATH=src /work/spandrel-venv/bin/python -m sdrt.bench.spandrel_survey OUT.json [ARCH ...]
 
 For each single-image upscaler/restorer architecture spandrel registers (all by default), its module at its default
 hyper-parameters with random weights is saved as a .pth, and `export_upscaler` runs on it in a subprocess of its
@@ -60,7 +60,7 @@ def survey(arch_ids: list[str], out: Path) -> list[dict]:
     rows = []
     for arch_id in arch_ids:
         with tempfile.TemporaryDirectory() as tmp:
-            command = [sys.executable, __file__, "--one", arch_id, tmp]
+            command = [sys.executable, "-m", "sdrt.bench.spandrel_survey", "--one", arch_id, tmp]
             try:
                 done = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT_S)
                 result = Path(tmp, "result.json")
