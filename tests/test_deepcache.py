@@ -302,3 +302,52 @@ def test_full_graph_stands_in_for_the_unet(deepcache_model, start_latents):
     plain, _ = generate(pipe, start_latents)
     pipe.engines["unet"] = FullGraphAsUnet(pipe.engines["unet_deepcache"])
     assert max_diff(generate(pipe, start_latents)[0], plain) <= 1
+
+
+def loaded(engine) -> bool:
+    return engine.session is not None  # ONNX Runtime CPU engines
+
+
+@pytest.mark.parametrize("room", [False, True])
+def test_plain_unet_and_deepcache_graphs_do_not_stay_together_without_room(deepcache_model, start_latents,
+                                                                           monkeypatch, room):  # fmt: skip
+    """deepcache_memory.py: switching between plain and DeepCache runs unloads the other kind's graphs when the new
+    ones do not fit beside them (full-size SDXL on 24 GB was killed holding both); with room both stay loaded. The
+    images are the same either way (a switch back loads the graphs again)."""
+    from sdrt import Pipeline
+    from sdrt.runtime import deepcache_memory
+
+    pipe = Pipeline.load(deepcache_model)
+    unet, full, shallow = (pipe.engines[n] for n in ("unet", "unet_deepcache", "unet_shallow"))
+    plain, _ = generate(pipe, start_latents)
+    monkeypatch.setattr(deepcache_memory, "available_host_memory", lambda: 1 << 50 if room else 1 << 20)
+    cached, _ = generate(pipe, start_latents, deepcache_interval=3)
+    assert loaded(full) and loaded(shallow) and loaded(unet) == room
+    again, _ = generate(pipe, start_latents)
+    assert loaded(unet) and loaded(full) == room and loaded(shallow) == room
+    assert max_diff(again, plain) == 0 and max_diff(generate(pipe, start_latents, deepcache_interval=3)[0], cached) == 0
+    reference = Pipeline.load(deepcache_model)  # never switched
+    assert max_diff(cached, generate(reference, start_latents, deepcache_interval=3)[0]) == 0
+
+
+def test_room_for_deepcache_graphs(deepcache_model, monkeypatch):
+    """Room: the graphs' bytes with LOAD_HEADROOM plus RUN_MARGIN of host memory; never on a GPU (not measured)."""
+    from types import SimpleNamespace
+
+    from sdrt.runtime import deepcache_memory
+    from sdrt.runtime.manifest import Manifest
+
+    assert deepcache_memory.available_host_memory() > 0  # this machine's, before the stand-ins below
+    manifest = Manifest.load(deepcache_model)
+    names = ("unet_deepcache", "unet_shallow")
+    need = sum(deepcache_memory.graph_bytes(manifest, n) for n in names) * deepcache_memory.LOAD_HEADROOM
+    need += deepcache_memory.RUN_MARGIN
+
+    def model(device_memory):
+        engine = SimpleNamespace(capabilities=SimpleNamespace(device_memory=device_memory))
+        return SimpleNamespace(manifest=manifest, engines=dict.fromkeys(names, engine))
+
+    for available, device, fits in ((int(need) + 1, False, True), (int(need) - 1, False, False),
+                                    (1 << 50, True, False), (None, False, False)):  # fmt: skip
+        monkeypatch.setattr(deepcache_memory, "available_host_memory", lambda a=available: a)
+        assert deepcache_memory.room_for(model(device), names) == fits
