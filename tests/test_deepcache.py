@@ -331,7 +331,8 @@ def test_plain_unet_and_deepcache_graphs_do_not_stay_together_without_room(deepc
 
 
 def test_room_for_deepcache_graphs(deepcache_model, monkeypatch):
-    """Room: the graphs' bytes with LOAD_HEADROOM plus RUN_MARGIN of host memory; never on a GPU (not measured)."""
+    """Room: the graphs' bytes on disk x LOAD_HEADROOM plus a guided run's activations at the native size (ONNX
+    Runtime's 240 KB per latent cell per image); never on a GPU (its memory is not measured)."""
     from types import SimpleNamespace
 
     from sdrt.runtime import deepcache_memory
@@ -340,14 +341,36 @@ def test_room_for_deepcache_graphs(deepcache_model, monkeypatch):
     assert deepcache_memory.available_host_memory() > 0  # this machine's, before the stand-ins below
     manifest = Manifest.load(deepcache_model)
     names = ("unet_deepcache", "unet_shallow")
-    need = sum(deepcache_memory.graph_bytes(manifest, n) for n in names) * deepcache_memory.LOAD_HEADROOM
-    need += deepcache_memory.RUN_MARGIN
+    files = [manifest.model_path(n) for n in names]
+    on_disk = sum(f.stat().st_size for p in files for f in (p, p.with_name(p.name + ".data")) if f.is_file())
+    need = int(on_disk * 1.25 + 240_000 * (manifest.native_size // 8) ** 2 * 2)
+    assert deepcache_memory.need_bytes(manifest, names) == need
 
     def model(device_memory):
         engine = SimpleNamespace(capabilities=SimpleNamespace(device_memory=device_memory))
         return SimpleNamespace(manifest=manifest, engines=dict.fromkeys(names, engine))
 
-    for available, device, fits in ((int(need) + 1, False, True), (int(need) - 1, False, False),
-                                    (1 << 50, True, False), (None, False, False)):  # fmt: skip
+    for available, device, fits in ((need, False, True), (need - 1, False, False), (1 << 50, True, False),
+                                    (None, False, False)):  # fmt: skip
         monkeypatch.setattr(deepcache_memory, "available_host_memory", lambda a=available: a)
         assert deepcache_memory.room_for(model(device), names) == fits
+
+
+def test_load_memory_bench(deepcache_model, tmp_path):
+    """`python -m sdrt.bench.load_memory`, which found what killed full-size SDXL with DeepCache: one row per load,
+    its graph's bytes on disk, RSS that grows while engines are held, and a table for the docs."""
+    import json
+
+    from sdrt.bench.load_memory import main, markdown
+
+    out = tmp_path / "loads.json"
+    assert main([str(deepcache_model), "unet", "unet_deepcache", "--output", str(out)]) == 0
+    report = json.loads(out.read_text())
+    loads = report["loads"]
+    assert [r["graph"] for r in loads] == ["unet", "unet_deepcache"] and report["benchmark"] == "load_memory"
+    data = deepcache_model / "unet_deepcache" / "model.onnx"
+    assert loads[1]["bytes_on_disk"] == sum(f.stat().st_size for f in (data, data.with_name("model.onnx.data"))
+                                            if f.is_file())  # fmt: skip
+    assert loads[1]["rss_before"] == pytest.approx(loads[0]["vmrss"], rel=0.2)
+    assert loads[1]["vmhwm"] >= loads[1]["vmrss"] >= loads[0]["rss_before"]
+    assert len(markdown(report).splitlines()) == 4

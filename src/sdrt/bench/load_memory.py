@@ -43,6 +43,20 @@ def graph_bytes(manifest, name: str) -> int:
     return sum(f.stat().st_size for f in (path, path.with_name(path.name + ".data")) if f.is_file())
 
 
+def markdown(report: dict, part: str = "all") -> str:
+    """A load_memory report (one run or several under "runs") as a Markdown table (sdrt.bench.tables renders it)."""
+    gib = 2**30
+    rows = ["| run | graph | load | on disk (GiB) | load time (s) | RSS before (GiB) | RSS after (GiB) | load's peak "
+            "(GiB) |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for run in report.get("runs", [report]):
+        label = run.get("name", "").split(":")[0]
+        for r in run["loads"]:
+            sizes = " | ".join(f"{r[k] / gib:.2f}" for k in ("rss_before", "vmrss", "vmhwm"))
+            disk = f"{r['bytes_on_disk'] / gib:.3f}"
+            rows.append(f"| {label} | {r['graph']} | {r['load']} | {disk} | {r['load_s']:.1f} | {sizes} |")
+    return "\n".join(rows)
+
+
 def main(argv=None) -> int:
     from sdrt.engines import create_engine
     from sdrt.runtime.manifest import Manifest
@@ -77,8 +91,13 @@ def main(argv=None) -> int:
             else:
                 held.append(engine)
     if args.output:
-        args.output.write_text(json.dumps({"model_dir": str(args.model_dir), "backend": args.backend,
-                                           "unload": args.unload, "loads": rows}, indent=2) + "\n")  # fmt: skip
+        from sdrt.bench.machine import describe_machine
+
+        report = {"benchmark": "load_memory", "date": common.now_iso(), "machine": describe_machine(),
+                  "command": " ".join(["python -m sdrt.bench.load_memory", *(argv or sys.argv[1:])]),
+                  "model_dir": str(args.model_dir), "backend": args.backend, "unload": args.unload,
+                  "loads": rows}  # fmt: skip
+        args.output.write_text(json.dumps(report, indent=2) + "\n")
     return 0
 
 

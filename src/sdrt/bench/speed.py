@@ -149,7 +149,7 @@ def worker_generate(job: dict) -> dict:
         if short:
             cached = "deepcache_interval" in configs[label]  # 2 steps at least: the shallow graph's first call
             run(label, False, steps=max(short, 2) if cached else short,
-                **({} if label in ("plain", "TAESD decoder") else {"output_type": "latent"}))
+                **({} if label in ("plain", "TAESD decoder") else {"output_type": "latent"}))  # fmt: skip
         else:
             run(label, True)
     for r in range(job["rounds"]):

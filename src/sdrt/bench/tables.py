@@ -98,6 +98,12 @@ def speed(report: dict, part: str) -> str:
     return markdown(report, part)
 
 
+def load_memory(report: dict, part: str) -> str:
+    from sdrt.bench.load_memory import markdown
+
+    return markdown(report, part)
+
+
 PARTS = {
     "generic": (generic, ("all",)),
     "cpu_e2e": (cpu_e2e, ("sdrt-vs-diffusers", "runtimes")),
@@ -107,6 +113,7 @@ PARTS = {
     "speed": (speed, ("generate", "decode", "previews")),
     "lora_switch": (lora_switch, ("all",)),
     "ray_throughput": (ray_throughput, ("all",)),
+    "load_memory": (load_memory, ("all",)),
 }
 
 
