@@ -290,6 +290,13 @@ def test_img2img_and_low_vram(deepcache_model, start_latents):
     init = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
     out = staged.generate(PROMPT, init_image=init, strength=0.6, steps=10, deepcache_interval=2, progress=False)
     assert out[0].size == (64, 64) and "DeepCache interval: 2" in out[0].info["parameters"]
+    # the shallow graph stays beside the staged full one: each engine loaded once a generation (text encoder, full
+    # graph, VAE), not the UNet-sized full graph again at every full call (5 of the 10 here, each after a shallow one)
+    stager = staged.engines["unet_deepcache"].stager
+    before = stager.loads
+    images, _ = generate(staged, start_latents, deepcache_interval=2)
+    assert stager.loads - before == 3
+    assert max_diff(images, generate(Pipeline.load(deepcache_model), start_latents, deepcache_interval=2)[0]) == 0
 
 
 def test_full_graph_stands_in_for_the_unet(deepcache_model, start_latents):
