@@ -290,6 +290,13 @@ def test_img2img_and_low_vram(deepcache_model, start_latents):
     init = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
     out = staged.generate(PROMPT, init_image=init, strength=0.6, steps=10, deepcache_interval=2, progress=False)
     assert out[0].size == (64, 64) and "DeepCache interval: 2" in out[0].info["parameters"]
+    # the shallow graph stays beside the staged full one: each engine loaded once a generation (text encoder, full
+    # graph, VAE), not the UNet-sized full graph again at every full call (5 of the 10 here, each after a shallow one)
+    stager = staged.engines["unet_deepcache"].stager
+    before = stager.loads
+    images, _ = generate(staged, start_latents, deepcache_interval=2)
+    assert stager.loads - before == 3
+    assert max_diff(images, generate(Pipeline.load(deepcache_model), start_latents, deepcache_interval=2)[0]) == 0
 
 
 def test_full_graph_stands_in_for_the_unet(deepcache_model, start_latents):
@@ -302,3 +309,75 @@ def test_full_graph_stands_in_for_the_unet(deepcache_model, start_latents):
     plain, _ = generate(pipe, start_latents)
     pipe.engines["unet"] = FullGraphAsUnet(pipe.engines["unet_deepcache"])
     assert max_diff(generate(pipe, start_latents)[0], plain) <= 1
+
+
+def loaded(engine) -> bool:
+    return engine.session is not None  # ONNX Runtime CPU engines
+
+
+@pytest.mark.parametrize("room", [False, True])
+def test_plain_unet_and_deepcache_graphs_do_not_stay_together_without_room(deepcache_model, start_latents,
+                                                                           monkeypatch, room):  # fmt: skip
+    """deepcache_memory.py: switching between plain and DeepCache runs unloads the other kind's graphs when the new
+    ones do not fit beside them (full-size SDXL on 24 GB was killed holding both); with room both stay loaded. The
+    images are the same either way (a switch back loads the graphs again)."""
+    from sdrt import Pipeline
+    from sdrt.runtime import deepcache_memory
+
+    pipe = Pipeline.load(deepcache_model)
+    unet, full, shallow = (pipe.engines[n] for n in ("unet", "unet_deepcache", "unet_shallow"))
+    plain, _ = generate(pipe, start_latents)
+    monkeypatch.setattr(deepcache_memory, "available_host_memory", lambda: 1 << 50 if room else 1 << 20)
+    cached, _ = generate(pipe, start_latents, deepcache_interval=3)
+    assert loaded(full) and loaded(shallow) and loaded(unet) == room
+    again, _ = generate(pipe, start_latents)
+    assert loaded(unet) and loaded(full) == room and loaded(shallow) == room
+    assert max_diff(again, plain) == 0 and max_diff(generate(pipe, start_latents, deepcache_interval=3)[0], cached) == 0
+    reference = Pipeline.load(deepcache_model)  # never switched
+    assert max_diff(cached, generate(reference, start_latents, deepcache_interval=3)[0]) == 0
+
+
+def test_room_for_deepcache_graphs(deepcache_model, monkeypatch):
+    """Room: the graphs' bytes on disk x LOAD_HEADROOM plus a guided run's activations at the native size (ONNX
+    Runtime's 240 KB per latent cell per image); never on a GPU (its memory is not measured)."""
+    from types import SimpleNamespace
+
+    from sdrt.runtime import deepcache_memory
+    from sdrt.runtime.manifest import Manifest
+
+    assert deepcache_memory.available_host_memory() > 0  # this machine's, before the stand-ins below
+    manifest = Manifest.load(deepcache_model)
+    names = ("unet_deepcache", "unet_shallow")
+    files = [manifest.model_path(n) for n in names]
+    on_disk = sum(f.stat().st_size for p in files for f in (p, p.with_name(p.name + ".data")) if f.is_file())
+    need = int(on_disk * 1.25 + 240_000 * (manifest.native_size // 8) ** 2 * 2)
+    assert deepcache_memory.need_bytes(manifest, names) == need
+
+    def model(device_memory):
+        engine = SimpleNamespace(capabilities=SimpleNamespace(device_memory=device_memory))
+        return SimpleNamespace(manifest=manifest, engines=dict.fromkeys(names, engine))
+
+    for available, device, fits in ((need, False, True), (need - 1, False, False), (1 << 50, True, False),
+                                    (None, False, False)):  # fmt: skip
+        monkeypatch.setattr(deepcache_memory, "available_host_memory", lambda a=available: a)
+        assert deepcache_memory.room_for(model(device), names) == fits
+
+
+def test_load_memory_bench(deepcache_model, tmp_path):
+    """`python -m sdrt.bench.load_memory`, which found what killed full-size SDXL with DeepCache: one row per load,
+    its graph's bytes on disk, RSS that grows while engines are held, and a table for the docs."""
+    import json
+
+    from sdrt.bench.load_memory import main, markdown
+
+    out = tmp_path / "loads.json"
+    assert main([str(deepcache_model), "unet", "unet_deepcache", "--output", str(out)]) == 0
+    report = json.loads(out.read_text())
+    loads = report["loads"]
+    assert [r["graph"] for r in loads] == ["unet", "unet_deepcache"] and report["benchmark"] == "load_memory"
+    data = deepcache_model / "unet_deepcache" / "model.onnx"
+    assert loads[1]["bytes_on_disk"] == sum(f.stat().st_size for f in (data, data.with_name("model.onnx.data"))
+                                            if f.is_file())  # fmt: skip
+    assert loads[1]["rss_before"] == pytest.approx(loads[0]["vmrss"], rel=0.2)
+    assert loads[1]["vmhwm"] >= loads[1]["vmrss"] >= loads[0]["rss_before"]
+    assert len(markdown(report).splitlines()) == 4

@@ -103,3 +103,23 @@ def test_deepcache_with_lora_on_openvino(lora_case):
         got = pipeline.generate(prompt, latents=latents, progress=False, deepcache_interval=3, **KW)
         images[backend] = np.asarray(got[0])[None]
     assert max_diff(images["openvino-f32"], images["cpu"]) <= PIXEL_TOL
+
+
+def test_a_plain_lora_run_leaves_deepcache_graphs_unloaded(lora_case, tmp_path):
+    """A LoRA merged for a plain image also goes into DeepCache's graphs; ONNX Runtime's first merge into a graph
+    (its optimised-graph cache still empty) loads it to fill the cache. That session must not stay beside the plain
+    UNet (full-size SDXL: a second 9.3 GiB UNet); the merged weights stay for the DeepCache run that follows."""
+    from sdrt import Pipeline
+
+    folder, loras, _ = lora_case
+    fresh = tmp_path / "model"
+    shutil.copytree(folder, fresh, ignore=shutil.ignore_patterns(".ort-cache"))  # no optimised graph cached yet
+    latents = np.random.default_rng(3).standard_normal((1, 4, 8, 8)).astype(np.float32)
+    prompt = f"{PROMPT} <lora:locon:{WEIGHT}>"
+    pipeline = Pipeline.load(fresh, loras=loras)
+    pipeline.generate(prompt, latents=latents, progress=False, **KW)
+    assert pipeline.engines["unet_deepcache"].session is None and pipeline.engines["unet"].session is not None
+    got = pipeline.generate(prompt, latents=latents, progress=False, deepcache_interval=3, **KW)
+    want = Pipeline.load(folder, loras=loras).generate(prompt, latents=latents, progress=False, deepcache_interval=3,
+                                                        **KW)  # fmt: skip
+    assert max_diff(np.asarray(got[0])[None], np.asarray(want[0])[None]) == 0

@@ -101,6 +101,9 @@ class FullGraphAsUnet:
     def run(self, feeds):
         return {"out_sample": self.full.run(feeds)["out_sample"]}
 
+    def unload(self):
+        """Nothing: the graph is DeepCache's, which the DeepCache runs use too."""
+
     def __getattr__(self, name):
         return getattr(self.full, name)
 
@@ -113,11 +116,15 @@ def generate_kwargs(job: dict) -> dict:
 def worker_generate(job: dict) -> dict:
     import numpy as np
 
+    from sdrt.runtime.manifest import Manifest
     from sdrt.runtime.pipeline import Pipeline
 
-    pipe = Pipeline.load(job["model_dir"], backend=job.get("backend", "cpu"))
     if job.get("plain_through_deepcache"):  # the plain UNet never loaded: one UNet's weights in memory, not two
+        pipe = Pipeline(Manifest.load(job["model_dir"]), job.get("backend", "cpu"))  # engines load when first run
         pipe.engines["unet"] = FullGraphAsUnet(pipe.engines["unet_deepcache"])
+        pipe.model.denoiser_kinds.update({"plain", "deepcache"})  # one graph serves both: nothing to release
+    else:
+        pipe = Pipeline.load(job["model_dir"], backend=job.get("backend", "cpu"))
     counters = {name: Counter(pipe.engines[name]) for name in UNET_GRAPHS}
     pipe.engines.update(counters)
     configs = {label: CONFIGS[label] for label in job.get("configs") or CONFIGS}
@@ -140,7 +147,9 @@ def worker_generate(job: dict) -> dict:
     short = job.get("warmup_steps")  # warm-up of that many steps (the graphs loaded), calls counted in round 1
     for label in configs:  # warm-up: every graph loaded
         if short:
-            run(label, False, steps=short, **({} if label in ("plain", "TAESD decoder") else {"output_type": "latent"}))
+            cached = "deepcache_interval" in configs[label]  # 2 steps at least: the shallow graph's first call
+            run(label, False, steps=max(short, 2) if cached else short,
+                **({} if label in ("plain", "TAESD decoder") else {"output_type": "latent"}))  # fmt: skip
         else:
             run(label, True)
     for r in range(job["rounds"]):

@@ -110,6 +110,12 @@ def speed(report: dict, part: str) -> str:
     return markdown(report, part)
 
 
+def load_memory(report: dict, part: str) -> str:
+    from sdrt.bench.load_memory import markdown
+
+    return markdown(report, part)
+
+
 PARTS = {
     "generic": (generic, ("all",)),
     "cpu_e2e": (cpu_e2e, ("sdrt-vs-diffusers", "runtimes")),
@@ -121,6 +127,7 @@ PARTS = {
     "ray_throughput": (ray_throughput, ("all",)),
     "t5_parts": (t5_parts, ("all",)),
     "sd35_arch": (sd35_arch, ("all",)),
+    "load_memory": (load_memory, ("all",)),
 }
 
 

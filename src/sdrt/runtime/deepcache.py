@@ -10,6 +10,7 @@ step percentage") or (c - start) % interval == 0, and whenever the cached featur
 import numpy as np
 
 from sdrt.errors import InvalidOption
+from sdrt.runtime.deepcache_memory import use_denoiser
 from sdrt.runtime.guidance_skip import SECOND_ORDER_SAMPLERS
 
 DEEPCACHE_FULL = "unet_deepcache"
@@ -97,7 +98,12 @@ class DeepCacheUnet:
 def denoiser_engine(model, opts):
     """MODEL's (generation.Model) denoiser engine for a run with OPTS: a DeepCacheUnet when DeepCache is on (and
     MODEL has its graphs: an SDXL refiner without them runs its plain UNet), else the plain engine."""
-    if not getattr(opts, "deepcache_interval", 0) or exported_branch(model.manifest) is None:
+    if exported_branch(model.manifest) is None:
+        return model.denoiser_engine
+    on = bool(getattr(opts, "deepcache_interval", 0))
+    kinds = {"plain": (model.family.denoiser_model,), "deepcache": (DEEPCACHE_FULL, DEEPCACHE_SHALLOW)}
+    use_denoiser(model, "deepcache" if on else "plain", kinds)  # the other kind unloaded when both do not fit
+    if not on:
         return model.denoiser_engine
     calls = opts.steps_run * (2 if opts.sampler in SECOND_ORDER_SAMPLERS else 1)
     start = int(opts.deepcache_start * calls)

@@ -43,3 +43,5 @@ def merge_into_deepcache(loras, part: str, signature: tuple) -> None:
             engine.prepare_weights(sorted({layer["initializer"] for layer in graph_map.values()}))
             _prepared.add(engine)
         engine.merge_weights(updates)
+        if "deepcache" not in getattr(loras, "denoiser_kinds", {"deepcache"}):
+            engine.unload()  # a first merge may load it (ONNX Runtime fills its cache); not in use: its weights stay

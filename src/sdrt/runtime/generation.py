@@ -28,6 +28,8 @@ class Model:
     vae: object  # runtime.vae.Vae
     conditioner: object  # runtime.conditioning.Conditioner
     train_sigmas: np.ndarray  # (N,) float32
+    # the denoiser graphs loaded now: "plain" (the UNet), "deepcache" (its two graphs); deepcache_memory.py
+    denoiser_kinds: set = field(default_factory=lambda: {"plain"})
 
     @property
     def denoiser_engine(self):

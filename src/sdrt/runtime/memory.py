@@ -7,6 +7,7 @@ from sdrt.engines import create_engine
 from sdrt.engines.capabilities import capabilities
 from sdrt.engines.plan import StageCost, parse_size, plan_vram
 from sdrt.errors import InvalidOption, is_int
+from sdrt.runtime.deepcache import DEEPCACHE_SHALLOW
 from sdrt.runtime.tiling import DEFAULT_OVERLAP, DEFAULT_TILE, tiling_for
 
 # Activation bytes per latent cell per image of each engine in fp16 (TensorRT, fused attention), used to plan a
@@ -67,7 +68,9 @@ class MemoryPlan:
             engines[name] = create_engine(path, backend, **options)
             if path != manifest.model_path(name) and caps.fused_weight_places:
                 engines[name].export_file = manifest.model_path(name)  # LoRAs name the export's weights
-        return Stager().wrap(engines) if self.staged else engines
+        # DeepCache's shallow graph (a few percent of the UNet) stays beside the full one: staged, each full call
+        # would load the UNet-sized graph again
+        return Stager().wrap(engines, beside=(DEEPCACHE_SHALLOW,)) if self.staged else engines
 
 
 def static_model_dims(manifest, static) -> dict:
@@ -160,8 +163,9 @@ class Stager:
         self.resident = None
         self.loads = 0  # engine loads so far (a measure of staging's cost)
 
-    def wrap(self, engines: dict) -> dict:
-        return {name: StagedEngine(engine, self) for name, engine in engines.items()}
+    def wrap(self, engines: dict, beside=()) -> dict:
+        """ENGINES staged, but those named in BESIDE: loaded when first run, kept beside the staged one."""
+        return {name: engine if name in beside else StagedEngine(engine, self) for name, engine in engines.items()}
 
     def activate(self, staged: "StagedEngine") -> None:
         if self.resident is staged:

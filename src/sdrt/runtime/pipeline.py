@@ -45,6 +45,7 @@ class Pipeline:
         self.vae = Vae(manifest, self.engines, self.memory, self.backend)
         self.model = Model(manifest, self.family, self.engines, self.vae, self.conditioner,
                            self.family.train_sigmas(manifest))  # fmt: skip
+        self.loras.denoiser_kinds = self.model.denoiser_kinds  # DeepCache's graphs not in use stay unloaded on merges
         self.second_stages = {}  # second-stage model folder (SDXL's refiner) -> its Pipeline, loaded once
         self.controlnets = ControlNetCache(self.backend)  # ControlNets by folder, loaded once (controlnet.py)
         self.upscalers = UpscalerSet(self.backend)  # hires fix's image upscalers: None, Lanczos, Nearest, models
