@@ -138,7 +138,7 @@ def test_http_api_and_cli(dev, tmp_path):
     folder = str(pipeline.manifest.folder)
     args = ["generate", PROMPT, "-m", folder, "--steps", "2", "--width", "64", "--height", "64", "-o", str(tmp_path)]
     assert main(args) == 0 and len(list(tmp_path.glob("*.png"))) == 1
-    assert main([*args, "--sampler", "DPM++ 2M SDE"]) == 2
+    assert main([*args, "--sampler", "DPM++ 3M SDE"]) == 2
 
 
 def test_export_controlnet_variant_refused(dev, tmp_path):
@@ -180,11 +180,12 @@ def test_fp16_export_runs_close_to_fp32(dev, tmp_path):
     assert diff <= 4.0  # measured 1/255
 
 
-def test_euler_ancestral_runs_in_its_flow_form(dev):
-    """Euler a on FLUX: the rectified-flow step (flow_samplers.py; its distribution is checked in
-    test_flow_pieces.py), reproducible per seed, another image than Euler's."""
+@pytest.mark.parametrize("sampler", ["Euler a", "DPM++ 2M SDE"])
+def test_stochastic_samplers_run_in_their_flow_form(dev, sampler):
+    """Euler a and DPM++ 2M SDE on FLUX: their rectified-flow steps (flow_samplers.py; their distributions are
+    checked in test_flow_pieces.py), reproducible per seed, another image than Euler's."""
     _, pipeline = dev
-    kwargs = dict(steps=4, distilled_cfg_scale=3.5, sampler="Euler a")
+    kwargs = dict(steps=4, distilled_cfg_scale=3.5, sampler=sampler)
     first = sdrt_run(pipeline, PROMPT, [15], **kwargs)
     assert np.array_equal(first, sdrt_run(pipeline, PROMPT, [15], **kwargs))
     assert max_diff_255(first, sdrt_run(pipeline, PROMPT, [15], steps=4, distilled_cfg_scale=3.5)) > 8.0

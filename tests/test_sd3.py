@@ -114,7 +114,7 @@ def test_heun_matches_flow_match_heun(sd3):
 
 @pytest.mark.parametrize(
     "field,value",
-    [("sampler", "DPM++ 2M SDE"), ("scheduler", "karras"), ("width", 72), ("width", 512), ("clip_skip", 2),
+    [("sampler", "DPM++ 3M SDE"), ("scheduler", "karras"), ("width", 72), ("width", 512), ("clip_skip", 2),
      ("guidance_rescale", 0.5), ("lora", "<lora:style:0.8>")],
 )  # fmt: skip
 def test_options_the_family_cannot_honour_are_refused(sd3, field, value):

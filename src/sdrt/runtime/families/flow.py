@@ -33,9 +33,10 @@ from sdrt.runtime.flow_specs import TRANSFORMER, gate_count
 from sdrt.runtime.flux_parts import transformer_engine
 from sdrt.runtime.previews import FLUX_PREVIEW_RGB, SD3_PREVIEW_RGB
 
-# The samplers of these families: the deterministic ones run on flow sigmas as they are; Euler a in its rectified-flow
-# form (flow_samplers.py). The other ancestral and SDE samplers add noise in the variance-exploding form (not yet).
-FLOW_SAMPLERS = ("Euler", "Euler a", "Heun", "DPM++ 2M", "UniPC", "LMS", "DPM2")
+# The samplers of these families: the deterministic ones run on flow sigmas as they are; Euler a and DPM++ 2M SDE
+# (and its Heun form) in their rectified-flow forms (flow_samplers.py). The other ancestral and SDE samplers add
+# noise in the variance-exploding form (not yet).
+FLOW_SAMPLERS = ("Euler", "Euler a", "Heun", "DPM++ 2M", "UniPC", "LMS", "DPM2", "DPM++ 2M SDE", "DPM++ 2M SDE Heun")
 
 
 class FlowFamily(Family):
