@@ -430,7 +430,10 @@ def test_ray_progress_and_interrupt_by_task_id(ray_server):
     assert ray_server.get("/sdapi/v1/progress", params={"id_task": "task(other)"}).json()["state"]["job"] == ""
     assert ray_server.post("/sdapi/v1/interrupt?id_task=task(other)").status_code == 200
     time.sleep(0.3)
-    assert thread.is_alive()
+    if not thread.is_alive():  # a quiet machine ran all 150 steps meanwhile: the other id's interrupt left it whole
+        res = result["res"]
+        assert res.status_code == 200 and len(res.json()["images"]) == 1
+        return
     assert ray_server.post("/sdapi/v1/interrupt?id_task=task(long)").status_code == 200
     thread.join(60)
     res = result["res"]
