@@ -74,6 +74,7 @@ def ray_vaes(tiny_sd, tmp_path_factory):
     files = write_vae_files(tiny_swap_vae(5, tiny_sd[0].vae.config.scaling_factor), root / "VAE")
     patch = pytest.MonkeyPatch()
     patch.setenv("SDRT_CACHE", str(root / "cache"))  # the Ray processes inherit it: the ingress exports there
+    patch.setenv("RAY_DEDUP_LOGS", "0")  # Ray folds log lines differing only in numbers ("2 requests" into "1 ...")
     yield root / "VAE", files
     patch.undo()
 
