@@ -210,7 +210,7 @@ class OpenVINOEngine:
             if not self.model_file.is_file():
                 raise ModelError(f"cannot load {str(self.model_file)!r}: no such file")
             try:
-                source, self.weight_files = graph_source(self.model_file, cache_root(), core())
+                source, self.weight_files = graph_source(self.model_file, cache_root(), core(), self.precision)
                 self.model = core().read_model(str(source))
                 drop_zero_terms(self.model)  # baddbmm's zeros, a constant of the scores' size once shapes are static
             except ModelError:
