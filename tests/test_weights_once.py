@@ -153,3 +153,122 @@ def test_no_lora_folder_no_second_copy_of_the_weights(tiny_sd, tmp_path):
     assert lives and all(live.base for live in lives)  # can fail: the LoRA's layers are replaceable now
     for live in lives:  # the base values are read-only maps of the cached graph's file, not copies
         assert all(not b.flags.writeable and not b.flags.owndata for b in live.base.values())
+
+
+# ------------------------------------------------------------------ bf16: MatMul weights stored bf16 in the IR
+
+
+def linear_stack(path, layers: int = 4, width: int = 64, external: bool = True) -> None:
+    """An ONNX graph of LAYERS MatMuls with (width, width) f32 weights at PATH: x (1, 8, width) -> y."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(3)
+    weights = [numpy_helper.from_array((rng.standard_normal((width, width)) / width**0.5).astype(np.float32), f"w{i}")
+               for i in range(layers)]  # fmt: skip
+    nodes = [helper.make_node("MatMul", ["x" if i == 0 else f"h{i}", f"w{i}"], [f"h{i + 1}"]) for i in range(layers)]
+    nodes[-1].output[0] = "y"
+    x, y = (helper.make_tensor_value_info(name, TensorProto.FLOAT, [1, 8, width]) for name in ("x", "y"))
+    graph = helper.make_graph(nodes, "g", [x], [y], weights)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if external:
+        onnx.save_model(model, path, save_as_external_data=True, location=path.name + ".data")
+    else:
+        onnx.save_model(model, path)
+
+
+def test_bf16_bits_round_to_nearest_even_as_torch_does():
+    import torch
+
+    from sdrt.engines.openvino_ir import bf16_bits
+
+    values = np.random.default_rng(0).standard_normal(10_000).astype(np.float32) * 100
+    ties = np.array([0x3F808000, 0x3F818000, 0xBF808000, 0x3F80FFFF, 0x7F800000], np.uint32).view(np.float32)
+    values = np.concatenate([values, ties, [0.0, -0.0, 1e-30, 3e38]]).astype(np.float32)
+    expected = torch.from_numpy(values).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    np.testing.assert_array_equal(bf16_bits(values), expected)
+    assert bf16_bits(ties[:2]).tolist() == [0x3F80, 0x3F82]  # ties go to the even neighbour
+
+
+def test_bf16_ir_stores_matmul_weights_in_bf16_marked_as_decompression(tmp_path):
+    """The IR's .bin holds each MatMul weight in 2 bytes, its Converts carry OpenVINO's decompression mark, and the
+    graph computes with exactly the bf16-rounded weights (compiled in f32 here, so any CPU can check it)."""
+    import onnx
+
+    from sdrt.engines.openvino import core
+    from sdrt.engines.openvino_ir import bf16_bits, graph_source
+
+    linear_stack(tmp_path / "m" / "model.onnx", layers=4, width=64)
+    source, files = graph_source(tmp_path / "m" / "model.onnx", tmp_path / "cache", core(), "bf16")
+    assert source.suffix == ".xml" and files == [source.with_suffix(".bin")] and tmp_path / "cache" in source.parents
+    assert source.with_suffix(".bin").stat().st_size == 4 * 64 * 64 * 2  # bf16: half the f32 weights' bytes
+    assert source.read_text().count('<attribute name="decompression"') == 4
+    x = np.random.default_rng(4).standard_normal((1, 8, 64)).astype(np.float32)
+    model = core().read_model(str(source))
+    got = core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})({"x": x})[0]
+    graph = onnx.load(tmp_path / "m" / "model.onnx")
+    expected = x
+    for init in graph.graph.initializer:  # w0..w3, in order
+        w = onnx.numpy_helper.to_array(init)
+        rounded = (bf16_bits(w).astype(np.uint32) << 16).view(np.float32)
+        assert not np.array_equal(rounded, w)  # can fail: the rounding changes the weights
+        expected = expected @ rounded
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    f32_source, _ = graph_source(tmp_path / "m" / "model.onnx", tmp_path / "cache", core(), "f32")
+    assert f32_source == tmp_path / "m" / "model.onnx"  # f32: external data read as it is
+
+
+needs_bf16 = pytest.mark.skipif("not __import__('sdrt.engines.openvino', fromlist=['x']).cpu_has_bf16()",
+                                reason="OpenVINO computes bf16 only on a CPU with AVX512_BF16 or AMX")  # fmt: skip
+
+
+@needs_bf16
+def test_bf16_engine_from_the_bf16_ir_is_bit_identical_to_the_f32_source(tiny_sd, tmp_path, monkeypatch):
+    """The bf16 IR changes where the weights live, not the result: the tiny UNet compiled in bf16 from it gives the
+    same bits as from the f32 graph (the plugin rounds the same way), and the IR is what the engine read."""
+    import sdrt.engines.openvino as openvino_engine
+    from sdrt.engines.openvino import OpenVINOEngine
+    from sdrt.engines.openvino_ir import graph_source
+
+    monkeypatch.setenv("SDRT_CACHE", str(tmp_path))
+    model_file = tiny_sd[1] / "unet" / "model.onnx"
+    engine = OpenVINOEngine(model_file, precision="bf16")
+    got = engine.run(unet_feeds())["out_sample"]
+    assert engine.weight_files[0].suffix == ".bin" and "decompression" in engine.weight_files[0].with_suffix(
+        ".xml").read_text()  # fmt: skip
+    monkeypatch.setattr(openvino_engine, "graph_source", lambda f, root, core, precision: graph_source(f, root, core))
+    old = OpenVINOEngine(model_file, precision="bf16").run(unet_feeds())["out_sample"]
+    np.testing.assert_array_equal(got, old)
+    f32 = OpenVINOEngine(model_file, precision="f32").run(unet_feeds())["out_sample"]
+    assert not np.array_equal(got, f32)  # can fail: bf16 did run in bf16
+
+
+ANON_AFTER_COMPILE = """
+import sys, numpy as np
+import sdrt.engines.openvino as ov_engine
+from sdrt.engines.openvino_ir import graph_source
+if sys.argv[2] == "f32-source":
+    ov_engine.graph_source = lambda f, root, core, precision: graph_source(f, root, core)
+engine = ov_engine.OpenVINOEngine(sys.argv[1], precision="bf16")
+engine.run({"x": np.ones((1, 8, 1024), np.float32)})
+print(next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("RssAnon")))
+"""
+
+
+@linux
+@needs_bf16
+def test_bf16_matmul_weights_are_held_at_two_bytes(tmp_path):
+    """24 Linear layers of 1024x1024 (96 MiB f32): compiled in bf16 from the f32 graph, OpenVINO holds them at f32
+    size; from the bf16 IR at bf16 size (48 MiB less anonymous memory). Each in a fresh process."""
+    import os
+    import subprocess
+
+    linear_stack(tmp_path / "m" / "model.onnx", layers=24, width=1024)
+    env = {**os.environ, "SDRT_CACHE": str(tmp_path / "cache")}
+    anon = {}
+    for source in ("bf16-ir", "f32-source"):
+        done = subprocess.run([sys.executable, "-c", ANON_AFTER_COMPILE, str(tmp_path / "m" / "model.onnx"), source],
+                              capture_output=True, text=True, env=env, check=True)  # fmt: skip
+        anon[source] = int(done.stdout.split()[-1])
+    assert anon["f32-source"] - anon["bf16-ir"] > 36 * 2**20, anon  # 48 MiB of weights at 2 bytes, not 4
