@@ -104,8 +104,8 @@ def bf16_bits(values: np.ndarray) -> np.ndarray:
 
 def store_matmul_weights_bf16(model) -> list[str]:
     """Replace, in MODEL (an openvino.Model), every MatMul's f32 constant weight (its second input) by a bf16
-    constant and a Convert back to f32 named BF16_WEIGHT<n>; those names. A constant read by several MatMuls is
-    converted once."""
+    constant and a Convert back to f32 named BF16_WEIGHT<n>, which carries the constant's tensor names (the ONNX
+    initializer's); those Converts' names. A constant read by several MatMuls is converted once."""
     import openvino
     import openvino.opset13 as ops
 
@@ -124,6 +124,7 @@ def store_matmul_weights_bf16(model) -> list[str]:
             tensor.data.view(np.uint16)[...] = bf16_bits(values)
             convert_node = ops.convert(openvino.op.Constant(tensor), openvino.Type.f32)
             convert_node.set_friendly_name(f"{BF16_WEIGHT}{len(converted)}")
+            convert_node.output(0).set_names(weight.get_names())  # the initializer's name (LoRAs find it by it)
             converted[key] = convert_node
         node.input(1).replace_source_output(converted[key].output(0))
     return [node.get_friendly_name() for node in converted.values()]

@@ -27,6 +27,7 @@ from sdrt.engines.openvino import (
     parse_backend,
     resolve_precision,
 )
+from sdrt.engines.openvino_ir import BF16_WEIGHT
 from sdrt.engines.weight_merge import merge_all, merged_value
 from sdrt.errors import ModelError
 
@@ -68,13 +69,14 @@ class ReplaceableWeights:
         return tuple(sorted(self.inputs))
 
     def patch(self, model, names) -> None:
-        """Replace the Constants of the initializers NAMES in MODEL (an ov.Model) by Parameters."""
+        """Replace the Constants of the initializers NAMES in MODEL (an ov.Model) by Parameters (in a graph read
+        from the bf16 IR, a MatMul weight's Convert from its bf16 constant: openvino_ir.py)."""
         import openvino.opset13 as ops
 
         wanted = set(names)
         params = []
         for op in model.get_ops():
-            if not wanted or op.get_type_name() != "Constant":
+            if not wanted or not is_weight(op):
                 continue
             hit = wanted & (op.output(0).get_names() | {op.get_friendly_name()})
             if not hit:
@@ -114,6 +116,12 @@ class ReplaceableWeights:
         merge_all(jobs, self.threads)
         for name in self.current.keys() - updates.keys():
             self.current[name] = self.base[name]
+
+
+def is_weight(op) -> bool:
+    """OP holds an initializer's value: a Constant, or the Convert of a bf16 MatMul weight (openvino_ir.py)."""
+    kind = op.get_type_name()
+    return kind == "Constant" or (kind == "Convert" and op.get_friendly_name().startswith(BF16_WEIGHT))
 
 
 class OpenVINOWeightsEngine(OpenVINOEngine):
