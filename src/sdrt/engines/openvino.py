@@ -166,7 +166,8 @@ class OpenVINOEngine:
     new shape must be compiled, from a file whose weights OpenVINO maps (openvino_ir.py), and dropped once it is;
     OpenVINO's compiled model keeps that source model, but its mapped pages are given back as the compile reads them
     (mapped.py), so the weights are held once, in the plugin's layout: measured on SD 1.5's UNet, f32 6.70 -> 3.55
-    GiB peak, bf16 5.53 -> 2.47 GiB (docs/benchmarks/cpu-memory.md).
+    GiB peak, bf16 5.53 -> 2.47 GiB (docs/benchmarks/cpu-memory.md). In bf16 the file is an IR with bf16 MatMul
+    weights (openvino_ir.py): from f32 ones the plugin keeps FullyConnected weights at f32 size.
     """
 
     def __init__(self, model_file: Path, device: str = "CPU", precision: str | None = "f32", threads: int | None = None,
