@@ -5,7 +5,8 @@ half their f32 bytes where OpenVINO runs bf16 (text encoders stay f32). Activati
 on the CPU, from `python -m sdrt.bench.graph_memory` on SD 1.5 at 256x256 (each graph's peak RSS less its weights and
 the bare interpreter's 0.08 GiB), rounded up. ONNX Runtime, whose memory pattern plans every intermediate of a run at
 once: UNet 0.45 GiB for 2 x 1024 cells, VAE decoder 0.67 GiB and encoder 0.31 GiB for 1024. OpenVINO f32: UNet 0.27
-GiB (bf16 0.79 GiB, counted at the f32 rate plus half-size weights), VAE decoder 0.42 GiB (bf16 0.33), encoder 0.26.
+GiB (bf16: 0.21 GiB beyond half-size weights since its MatMul weights are read in bf16, openvino_ir.py; 0.79
+before), VAE decoder 0.42 GiB (bf16 0.33), encoder 0.26.
 """
 
 from sdrt.engines.openvino import is_openvino_backend, parse_backend, resolve_precision
