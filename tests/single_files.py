@@ -68,36 +68,23 @@ def sd3_transformer_original(state: dict) -> dict:
 
 
 def diffusers_to_flux(state: dict) -> dict:
-    """sdrt.export.flux_keys.flux_to_diffusers' inverse: FluxTransformer2DModel's state dict in BFL's layout."""
-    from sdrt.export.flux_keys import DOUBLE_LINEARS, DOUBLE_NORMS, DOUBLE_QKV, EMBEDDERS, SINGLE_LINEARS, SINGLE_NORMS
+    """sdrt.export.flux_keys.flux_to_diffusers' inverse: FluxTransformer2DModel's state dict in BFL's layout (from
+    the product's key table: diffusers' own converter, in round_trips and test_flow_single_file, judges it)."""
+    from sdrt.export.flux_keys import DOUBLE_QKV, renamed_keys
 
-    out = {}
-
-    def linear(new: str, old: str) -> None:
-        for end in LINEAR:
-            out[old + end] = state[new + end]
-
-    for new, old in EMBEDDERS.items():
-        if new + ".weight" in state:
-            linear(new, old)
+    double, single = _block_count(state, "transformer_blocks"), _block_count(state, "single_transformer_blocks")
+    guidance = "time_text_embed.guidance_embedder.linear_1.weight" in state
+    out = {old: state[new] for new, old in renamed_keys(double, single, guidance)}
     for end in LINEAR:
         scale, shift = state["norm_out.linear" + end].chunk(2, dim=0)
         out["final_layer.adaLN_modulation.1" + end] = torch.cat([shift, scale], dim=0)
-    for i in range(_block_count(state, "transformer_blocks")):
+    for i in range(double):
         old, new = f"double_blocks.{i}.", f"transformer_blocks.{i}."
-        for n, o in DOUBLE_LINEARS.items():
-            linear(new + n, old + o)
-        for n, o in DOUBLE_NORMS.items():
-            out[old + o + ".scale"] = state[new + n + ".weight"]
         for o, names in DOUBLE_QKV.items():
             for end in LINEAR:
                 out[old + o + end] = torch.cat([state[new + n + end] for n in names], dim=0)
-    for i in range(_block_count(state, "single_transformer_blocks")):
+    for i in range(single):
         old, new = f"single_blocks.{i}.", f"single_transformer_blocks.{i}."
-        for n, o in SINGLE_LINEARS.items():
-            linear(new + n, old + o)
-        for n, o in SINGLE_NORMS.items():
-            out[old + o + ".scale"] = state[new + n + ".weight"]
         for end in LINEAR:
             parts = ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")
             out[old + "linear1" + end] = torch.cat([state[new + p + end] for p in parts], dim=0)

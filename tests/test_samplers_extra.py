@@ -10,8 +10,11 @@ import numpy as np
 import pytest
 import torch
 
+from sdrt.runtime.flow_samplers import FLOW_PATH
+from sdrt.runtime.sampler_kit import VARIANCE_EXPLODING
 from sdrt.runtime.samplers import SAMPLERS, resolve_sampler, sampler_function
 from sdrt.runtime.samplers_extra import dpm_fast_orders, restart_steps
+from sdrt.runtime.samplers_sde import dpmpp_2m_sde
 
 SHAPE = (2, 4, 3, 3)
 RTOL = 1e-4
@@ -266,6 +269,24 @@ def test_dpmpp_2m_sde_heun_matches_k_diffusion(eta):
     np.testing.assert_allclose(midpoint, dpmpp_2m_sde_ref(start() * as_f32[0], as_f32, Draws(), eta=eta,
                                                           solver_type="midpoint"), rtol=RTOL, atol=1e-5)  # fmt: skip
     assert np.abs(midpoint - ours).max() > 1e-3
+
+
+@pytest.mark.parametrize("solver_type", ["midpoint", "heun"])
+def test_dpmpp_2m_sde_noise_path_is_the_only_difference(solver_type):
+    """One DPM-Solver++(2M) SDE serves the UNet and flow families: on k-diffusion's path (alpha = 1, lambda =
+    -log sigma) it is k-diffusion's algorithm, also on sigmas below 1; the flow path (alpha = 1 - sigma) on the same
+    sigmas gives another result (the twin: the path is what the flow families change)."""
+    sigmas = np.append(np.exp(np.linspace(math.log(0.95), math.log(0.03), 8)), 0.0)
+    as_f32 = [float(v) for v in np.asarray(sigmas, np.float32)]
+    want = dpmpp_2m_sde_ref(start() * as_f32[0], as_f32, Draws(), solver_type=solver_type)
+    x = (Draws(99).values[0] * as_f32[0]).astype(np.float32)
+
+    def run(path):
+        return dpmpp_2m_sde(path, lambda x, s: toy_denoise(x, np.float32(s)), x, np.asarray(sigmas, np.float32),
+                            Draws().numpy, solver_type=solver_type).astype(np.float64)  # fmt: skip
+
+    np.testing.assert_allclose(run(VARIANCE_EXPLODING), want, rtol=RTOL, atol=1e-5)
+    assert np.abs(run(FLOW_PATH) - want).max() > 1e-2
 
 
 def test_dpm_fast_orders_spend_the_steps():

@@ -18,9 +18,11 @@ EMBEDDERS = {  # diffusers module -> original module (weight and bias each)
     "time_text_embed.timestep_embedder.linear_2": "time_in.out_layer",
     "time_text_embed.text_embedder.linear_1": "vector_in.in_layer",
     "time_text_embed.text_embedder.linear_2": "vector_in.out_layer",
-    "time_text_embed.guidance_embedder.linear_1": "guidance_in.in_layer",  # dev only
-    "time_text_embed.guidance_embedder.linear_2": "guidance_in.out_layer",
     "proj_out": "final_layer.linear",
+}
+GUIDANCE_EMBEDDER = {  # FLUX.1 dev's files only
+    "time_text_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
+    "time_text_embed.guidance_embedder.linear_2": "guidance_in.out_layer",
 }
 DOUBLE_LINEARS = {
     "norm1.linear": "img_mod.lin",
@@ -42,6 +44,10 @@ DOUBLE_QKV = {"img_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
               "txt_attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")}  # fmt: skip
 SINGLE_LINEARS = {"norm.linear": "modulation.lin", "proj_out": "linear2"}
 SINGLE_NORMS = {"attn.norm_q": "norm.query_norm", "attn.norm_k": "norm.key_norm"}
+BLOCKS = (  # (original block name, diffusers block name, their linears, their RMS norms)
+    ("double_blocks", "transformer_blocks", DOUBLE_LINEARS, DOUBLE_NORMS),
+    ("single_blocks", "single_transformer_blocks", SINGLE_LINEARS, SINGLE_NORMS),
+)
 
 
 def _blocks(checkpoint: dict, name: str) -> int:
@@ -50,38 +56,37 @@ def _blocks(checkpoint: dict, name: str) -> int:
     return max(found) + 1 if found else 0
 
 
+def renamed_keys(double: int, single: int, guidance: bool) -> list[tuple[str, str]]:
+    """(diffusers key, original key) of every tensor that only changes its name: the embedders' linears (the
+    guidance embedder's where GUIDANCE), and in DOUBLE double and SINGLE single blocks their linears and RMS norms
+    (the original's `scale` is diffusers' `weight`). Both directions use it (tests/single_files.py writes files)."""
+    embedders = {**EMBEDDERS, **(GUIDANCE_EMBEDDER if guidance else {})}
+    pairs = [(new + end, old + end) for new, old in embedders.items() for end in LINEAR]
+    for (old_name, new_name, linears, norms), count in zip(BLOCKS, (double, single), strict=True):
+        for i in range(count):
+            old, new = f"{old_name}.{i}.", f"{new_name}.{i}."
+            pairs += [(new + n + end, old + o + end) for n, o in linears.items() for end in LINEAR]
+            pairs += [(new + n + ".weight", old + o + ".scale") for n, o in norms.items()]
+    return pairs
+
+
 def flux_to_diffusers(checkpoint: dict) -> dict:
     """{diffusers key: tensor} from an original-layout FLUX.1 transformer state dict."""
     ck = {k.removeprefix(PREFIX): v for k, v in checkpoint.items()}
-    out = {}
-
-    def linear(new: str, old: str) -> None:
-        for end in LINEAR:
-            out[new + end] = ck[old + end]
-
-    for new, old in EMBEDDERS.items():
-        if old + ".weight" in ck:
-            linear(new, old)
+    double, single = _blocks(ck, "double_blocks"), _blocks(ck, "single_blocks")
+    out = {new: ck[old] for new, old in renamed_keys(double, single, "guidance_in.in_layer.weight" in ck)}
     for end in LINEAR:  # the final AdaLN: the original is (shift, scale), diffusers' (scale, shift)
         shift, scale = ck["final_layer.adaLN_modulation.1" + end].chunk(2, dim=0)
         out["norm_out.linear" + end] = torch.cat([scale, shift], dim=0)
     width = ck["img_in.weight"].shape[0]
-    for i in range(_blocks(ck, "double_blocks")):
+    for i in range(double):
         old, new = f"double_blocks.{i}.", f"transformer_blocks.{i}."
-        for n, o in DOUBLE_LINEARS.items():
-            linear(new + n, old + o)
-        for n, o in DOUBLE_NORMS.items():
-            out[new + n + ".weight"] = ck[old + o + ".scale"]
         for o, names in DOUBLE_QKV.items():
             for end in LINEAR:
                 for n, part in zip(names, ck[old + o + end].chunk(3, dim=0), strict=True):
                     out[new + n + end] = part
-    for i in range(_blocks(ck, "single_blocks")):
+    for i in range(single):
         old, new = f"single_blocks.{i}.", f"single_transformer_blocks.{i}."
-        for n, o in SINGLE_LINEARS.items():
-            linear(new + n, old + o)
-        for n, o in SINGLE_NORMS.items():
-            out[new + n + ".weight"] = ck[old + o + ".scale"]
         for end in LINEAR:  # linear1 = [q; k; v; mlp in]
             fused = ck[old + "linear1" + end]
             sizes = (width, width, width, fused.shape[0] - 3 * width)

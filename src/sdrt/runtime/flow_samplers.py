@@ -1,11 +1,14 @@
 """Samplers whose noise step is written for the flow forward process x = (1 - sigma) x0 + sigma noise (the
-k-diffusion ones add noise as x0 + sigma noise). The deterministic samplers need no variant (flow.py)."""
+k-diffusion ones add noise as x0 + sigma noise): Euler a's own step, and DPM++ 2M SDE as samplers_sde.py's one
+implementation (dpmpp_2m_sde) on FLOW_PATH. The deterministic samplers need no variant (flow.py)."""
 
 import math
+from functools import partial
 
 import numpy as np
 
-from sdrt.runtime.sampler_kit import Denoise, Noise, no_callback
+from sdrt.runtime.sampler_kit import Denoise, Noise, NoisePath, no_callback
+from sdrt.runtime.samplers_sde import dpmpp_2m_sde
 
 
 def rf_ancestral_step(sigma: float, sigma_next: float, eta: float = 1.0) -> tuple[float, float]:
@@ -34,48 +37,22 @@ def sample_euler_ancestral_rf(denoise: Denoise, x, sigmas, noise: Noise, eta=1.0
     return x
 
 
-def sample_dpmpp_2m_sde_rf(denoise: Denoise, x, sigmas, noise: Noise, eta=1.0, s_noise=1.0, solver_type="midpoint",
-                           callback=no_callback):  # fmt: skip
-    """DPM-Solver++(2M) SDE (Lu et al. 2022) on the flow path: the general form with alpha = 1 - sigma and
-    lambda = log(alpha / sigma), as ComfyUI writes it for flow models (k-diffusion's has alpha = 1). From sigma = 1
-    (alpha 0, lambda -inf) the step is x = (1 - sigma_next) D + sigma_next noise. SOLVER_TYPE "heun": DPM++ 2M SDE
-    Heun's correction."""
-    old_denoised, h_last = None, None
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
-        denoised = denoise(x, sigmas[i])
-        h = None
-        if sigma_next == 0:
-            x = denoised
-        else:
-            h = _half_log_snr(sigma_next) - _half_log_snr(sigma)  # > 0; inf from sigma = 1
-            eta_h = eta * h if eta else 0.0
-            data_weight = (1 - sigma_next) * -math.expm1(-h - eta_h)
-            x = np.float32(sigma_next / sigma * math.exp(-eta_h)) * x + np.float32(data_weight) * denoised
-            if old_denoised is not None and math.isfinite(h_last) and solver_type == "heun":
-                gain = (1 - sigma_next) * (1 + math.expm1(-h - eta_h) / (h + eta_h)) * h / h_last
-                x = x + np.float32(gain) * (denoised - old_denoised)
-            elif old_denoised is not None and math.isfinite(h_last):
-                x = x + np.float32(0.5 * data_weight * h / h_last) * (denoised - old_denoised)
-            if eta:
-                x = x + noise() * np.float32(sigma_next * (-math.expm1(-2 * eta_h)) ** 0.5 * s_noise)
-        old_denoised, h_last = denoised, h
-        callback(i, x, denoised)
-    return x
-
-
 def _half_log_snr(sigma: float) -> float:
     """lambda = log(alpha / sigma) with alpha = 1 - sigma on the flow path (-inf at sigma = 1)."""
     return -math.inf if sigma >= 1 else math.log((1 - sigma) / sigma)
 
 
-def sample_dpmpp_2m_sde_heun_rf(denoise: Denoise, x, sigmas, noise: Noise, eta=1.0, s_noise=1.0, callback=no_callback):
-    return sample_dpmpp_2m_sde_rf(denoise, x, sigmas, noise, eta, s_noise, "heun", callback)
+# DPM-Solver++(2M) SDE's general form with alpha = 1 - sigma, as ComfyUI writes it for flow models: from sigma = 1
+# (alpha 0, lambda -inf) its step is x = (1 - sigma_next) D + sigma_next noise.
+FLOW_PATH = NoisePath(
+    alpha=lambda sigma: 1 - sigma,
+    log_snr_step=lambda sigma, sigma_next: _half_log_snr(sigma_next) - _half_log_snr(sigma),
+)
 
 
 # A1111 sampler name -> (function, the keyword arguments it takes), where the flow families need their own.
 FLOW_VARIANTS = {
     "Euler a": (sample_euler_ancestral_rf, ("eta", "s_noise")),
-    "DPM++ 2M SDE": (sample_dpmpp_2m_sde_rf, ("eta", "s_noise")),
-    "DPM++ 2M SDE Heun": (sample_dpmpp_2m_sde_heun_rf, ("eta", "s_noise")),
+    "DPM++ 2M SDE": (partial(dpmpp_2m_sde, FLOW_PATH), ("eta", "s_noise")),
+    "DPM++ 2M SDE Heun": (partial(dpmpp_2m_sde, FLOW_PATH, solver_type="heun"), ("eta", "s_noise")),
 }

@@ -5,7 +5,7 @@ import math
 
 import numpy as np
 
-from sdrt.runtime.sampler_kit import Denoise, Noise, ancestral_step, log_midpoint
+from sdrt.runtime.sampler_kit import VARIANCE_EXPLODING, Denoise, Noise, NoisePath, ancestral_step, log_midpoint
 from sdrt.runtime.sampler_kit import no_callback as _noop
 
 
@@ -66,8 +66,18 @@ def sample_dpmpp_sde(denoise: Denoise, x, sigmas, noise: Noise, eta=1.0, s_noise
 def sample_dpmpp_2m_sde(
     denoise: Denoise, x, sigmas, noise: Noise, eta=1.0, s_noise=1.0, solver_type="midpoint", callback=_noop
 ):
-    """DPM-Solver++(2M) SDE (Lu et al. 2022; k-diffusion sample_dpmpp_2m_sde), its second-order correction in the
-    midpoint form or, SOLVER_TYPE "heun", the Heun form (A1111's DPM++ 2M SDE Heun); x = D(x) at the end."""
+    """k-diffusion's sample_dpmpp_2m_sde: dpmpp_2m_sde on its variance-exploding path."""
+    return dpmpp_2m_sde(VARIANCE_EXPLODING, denoise, x, sigmas, noise, eta, s_noise, solver_type, callback)
+
+
+def dpmpp_2m_sde(
+    path: NoisePath, denoise: Denoise, x, sigmas, noise: Noise, eta=1.0, s_noise=1.0, solver_type="midpoint",
+    callback=_noop,
+):  # fmt: skip
+    """DPM-Solver++(2M) SDE (Lu et al. 2022) on PATH: k-diffusion's sample_dpmpp_2m_sde on its variance-exploding
+    path (alpha = 1), the general form as ComfyUI writes it for flow models on the flow path (flow_samplers.py). Its
+    second-order correction in the midpoint form or, SOLVER_TYPE "heun", the Heun form (A1111's DPM++ 2M SDE Heun);
+    x = D(x) at the end. A step from lambda = -inf (the flow path's sigma = 1) is first order."""
     old_denoised, h_last = None, None
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
@@ -76,13 +86,14 @@ def sample_dpmpp_2m_sde(
         if sigma_next == 0:
             x = denoised
         else:
-            h = math.log(sigma / sigma_next)  # lambda(sigma_next) - lambda(sigma), lambda = -log sigma
-            eta_h = eta * h
-            data_weight = -math.expm1(-h - eta_h)
+            h, alpha_next = path.log_snr_step(sigma, sigma_next), path.alpha(sigma_next)  # h > 0, inf from lambda -inf
+            eta_h = eta * h if eta else 0.0
+            data_weight = alpha_next * -math.expm1(-h - eta_h)
             x = np.float32(sigma_next / sigma * math.exp(-eta_h)) * x + np.float32(data_weight) * denoised
-            if old_denoised is not None and solver_type == "heun":
-                x = x + np.float32((1 - data_weight / (h + eta_h)) * h / h_last) * (denoised - old_denoised)
-            elif old_denoised is not None:
+            if old_denoised is not None and math.isfinite(h_last) and solver_type == "heun":
+                gain = alpha_next * (1 + math.expm1(-h - eta_h) / (h + eta_h)) * h / h_last
+                x = x + np.float32(gain) * (denoised - old_denoised)
+            elif old_denoised is not None and math.isfinite(h_last):
                 x = x + np.float32(0.5 * data_weight * h / h_last) * (denoised - old_denoised)
             if eta:
                 x = x + noise() * np.float32(sigma_next * (-math.expm1(-2 * eta_h)) ** 0.5 * s_noise)
