@@ -472,24 +472,25 @@ def test_ray_batches_compatible_requests_bit_identically(ray_server, ray_gate, t
 def test_ray_queue_full_is_429_with_retry_after(ray_server, ray_gate):
     """The server holds REPLICAS * ONGOING requests on the replicas plus at least QUEUE in Ray Serve's queue; past
     that a request gets 429 with Retry-After. The gate holds every request reaching a replica, so nothing finishes
-    while clients keep sending (a 429 is sent again) until the replicas are full and a 429 came after that (Ray
-    Serve's queue full too); then the gate opens: every client gets its own image or a 429 (Retry-After >= 1), and
-    at least REPLICAS * ONGOING + QUEUE got images. (Not exactly that many: Ray Serve counts a queued request out of
-    its queue while a full replica turns it down, and may let one more in meanwhile.) Can fail: an unbounded queue
-    (no 429), a queue smaller than QUEUE (fewer images), a missing Retry-After, a held request lost or answered
-    with another's image."""
+    while clients keep sending (a 429 is sent again) until the replicas are full and a request sent after that got
+    a 429 (Ray Serve's queue was full then, and stays so); then the gate opens: every client gets its own image or
+    a 429 (Retry-After >= 1), and at least REPLICAS * ONGOING + QUEUE got images. (Not exactly that many: Ray Serve
+    counts a queued request out of its queue while a full replica turns it down, and may let one more in
+    meanwhile.) Can fail: an unbounded queue (no 429), a queue smaller than QUEUE (fewer images), a missing
+    Retry-After, a held request lost or answered with another's image."""
     capacity = REPLICAS * ONGOING + QUEUE
     clients = capacity + 8
     full = threading.Event()  # the replicas full and a 429 since: a client answered 429 stops sending
-    lock, retry_afters = threading.Lock(), []
+    lock, rejected = threading.Lock(), []  # (when the request was sent, its Retry-After) of each 429
 
     def one(i):
         while True:
+            sent = time.monotonic()
             res = ray_server.post("/sdapi/v1/txt2img", {"prompt": f"q{i}", **SMALL, "seed": i})
             if res.status_code != 429:
                 return res
             with lock:
-                retry_afters.append(res.headers.get("Retry-After"))
+                rejected.append((sent, res.headers.get("Retry-After")))
             if full.is_set():
                 return res
             time.sleep(0.1)
@@ -498,9 +499,10 @@ def test_ray_queue_full_is_429_with_retry_after(ray_server, ray_gate):
         try:
             with ray_gate.holding():
                 futures = [pool.submit(one, i) for i in range(clients)]
-                ray_gate.wait_arrived(REPLICAS * ONGOING)  # the replicas are full
-                rejected, deadline = len(retry_afters), time.monotonic() + 60
-                while len(retry_afters) == rejected:  # a 429 now: Ray Serve's queue holds QUEUE requests
+                ray_gate.wait_arrived(REPLICAS * ONGOING)
+                replicas_full = time.monotonic()  # they stay full: what they hold waits at the gate
+                deadline = replicas_full + 60
+                while not any(sent > replicas_full for sent, _ in rejected):  # Ray Serve's queue held QUEUE then
                     assert time.monotonic() < deadline, "no 429 with the replicas full"
                     time.sleep(0.05)
                 full.set()
@@ -509,12 +511,12 @@ def test_ray_queue_full_is_429_with_retry_after(ray_server, ray_gate):
         answers = [f.result() for f in futures]
     served = [i for i, res in enumerate(answers) if res.status_code == 200]
     assert all(res.status_code in (200, 429) for res in answers), [res.status_code for res in answers]
-    print(f"\n429 test: {len(served)} of {clients} clients served, {len(retry_afters)} answers 429")
+    print(f"\n429 test: {len(served)} of {clients} clients served, {len(rejected)} answers 429")
     assert len(served) >= capacity, served
     for i in served:
         info = json.loads(answers[i].json()["info"])
         assert len(answers[i].json()["images"]) == 1 and info["prompt"] == f"q{i}" and info["all_seeds"] == [i]
-    assert all(int(after) >= 1 for after in retry_afters)
+    assert all(int(after) >= 1 for _, after in rejected)
 
 
 def long_job(server, task_id: str, **fields) -> tuple[threading.Thread, dict]:
