@@ -396,7 +396,11 @@ def test_ray_sd_vae_from_the_vae_dir(ray_server, ray_vaes, tiny_sd):
     from sdrt.export.vae_files import export_vae
 
     assert "swap.safetensors" in [v["model_name"] for v in ray_server.get("/sdapi/v1/sd-vae").json()]
-    body = txt2img(ray_server, seed=21, override_settings={"sd_vae": "swap.safetensors"})
+    first = {"prompt": "a cat", **SMALL, "seed": 21, "override_settings": {"sd_vae": "swap.safetensors"}}
+    # the first use: the ingress imports torch and exports the VAE (past 60 s on a loaded 2-core machine)
+    res = requests.post(ray_server.url + "/sdapi/v1/txt2img", json=first, auth=AUTH, timeout=START_TIMEOUT_S)
+    assert res.status_code == 200, res.text
+    body = res.json()
     assert json.loads(body["info"])["sd_vae_name"] == "swap.safetensors"
     folder = str(export_vae(str(ray_vaes[1]["safetensors"]), tiny_sd[1], progress=False))  # the ingress's export
     pipe = Pipeline.load(tiny_sd[1])
