@@ -152,8 +152,13 @@ def ray_server(ray_models, ray_vaes, ray_gate, tiny_upscalers, tmp_path_factory)
     upscalers = ("--upscaler-dir", str(tiny_upscalers["rrdb_x2"].parent))  # every replica and the ingress load it
     folder = ("--models-dir", str(ray_models), "-m", "alpha", "--max-loaded-models", "2", "--vae-dir", str(ray_vaes[0]))
     entry = (str(Path(__file__).with_name("ray_gate.py")),)  # sdrt's CLI, its replicas gated
-    server = start_server(None, tmp_path_factory.mktemp("ray"), *folder, *RAY_ARGS, *upscalers, auth=AUTH,
-                          timeout=START_TIMEOUT_S, entry=entry)  # fmt: skip
+    patch = pytest.MonkeyPatch()  # Ray Serve kills a proxy not ready in 3 checks of 5 s (seen on a loaded 2-core box)
+    patch.setenv("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", str(START_TIMEOUT_S // 3))
+    try:
+        server = start_server(None, tmp_path_factory.mktemp("ray"), *folder, *RAY_ARGS, *upscalers, auth=AUTH,
+                              timeout=START_TIMEOUT_S, entry=entry)  # fmt: skip
+    finally:
+        patch.undo()  # the processes started have it
     started = []
     try:
         deadline = time.monotonic() + START_TIMEOUT_S  # the proxy answers before the app is deployed
