@@ -15,6 +15,7 @@ import requests
 from PIL import Image
 
 START_TIMEOUT = 60.0  # seconds for import + model load on a busy 2-core machine
+CLI = ("-m", "sdrt.cli")  # what python runs: sdrt's CLI
 SMALL = {"width": 64, "height": 64, "steps": 4}  # fast on the tiny model (~0.1 s per image)
 
 
@@ -42,13 +43,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model_dir, log_dir, *args, auth=None, timeout=START_TIMEOUT) -> RunningServer:
-    """Run `python -m sdrt.cli serve [-m MODEL_DIR] --port P ARGS...` and wait until /sdapi/v1/sd-models answers."""
+def start_server(model_dir, log_dir, *args, auth=None, timeout=START_TIMEOUT, entry=CLI) -> RunningServer:
+    """Run `python -m sdrt.cli serve [-m MODEL_DIR] --port P ARGS...` and wait until /sdapi/v1/sd-models answers
+    (ENTRY: what python runs in place of `-m sdrt.cli`, e.g. tests/ray_gate.py)."""
     port = free_port()
     log_path = os.path.join(log_dir, f"server-{port}.log")
     log = open(log_path, "w")  # noqa: SIM115 - closed with the process
     model = () if model_dir is None else ("-m", str(model_dir))  # None: ARGS name the models (--models-dir)
-    cmd = [sys.executable, "-m", "sdrt.cli", "serve", *model, "--port", str(port), *args]
+    cmd = [sys.executable, *entry, "serve", *model, "--port", str(port), *args]
     process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     server = RunningServer(f"http://127.0.0.1:{port}", process, log_path, auth)
     deadline = time.monotonic() + timeout

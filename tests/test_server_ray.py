@@ -5,18 +5,27 @@ module-scoped server for every test here (Ray starts in about 30 s).
 The same A1111 API as `sdrt serve` (images bit for bit those of the Python API, alone or batched), auth, 429 with
 Retry-After, progress and interrupt by task id, a Schemathesis fuzz, and a load test during which one replica
 process is killed: every request gets its own image (a 503/429 is retried), none hangs, the replica comes back.
+
+No test here hopes for a timing (CI: a 2-core machine, quiet or loaded). The server runs through tests/ray_gate.py,
+whose replicas can hold requests at a gate (`ray_gate.holding()`) and pause running jobs at a step
+(`ray_gate.pausing(step)`): the batching and queue tests fill the replicas with held requests and open the gate when
+the condition they check exists; the progress tests pause a job of LONG_STEPS steps (--max-steps allows them)
+wherever they look at it, and it ends by an interrupt.
 """
 
+import contextlib
 import json
 import os
 import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
 import requests
+from ray_gate import GATE_ENV
 from server_fixture import decode_b64, gradient, png_b64, start_server, stop_server
 
 from sdrt.errors import InvalidOption
@@ -27,10 +36,12 @@ psutil = pytest.importorskip("psutil")
 
 AUTH = ("sdrt", "secret")
 REPLICAS, BATCH, QUEUE, ONGOING = 2, 4, 4, 4
+A1111_MAX_STEPS = 150  # sdrt serve's default --max-steps (A1111's slider)
+LONG_STEPS = 1000  # the most a job may have (runtime/options.py): the gate pauses it; it ends by an interrupt
 RAY_ARGS = (
     "--ray", "--backend", "cpu", "--replicas", str(REPLICAS), "--ray-batch-size", str(BATCH), "--batch-wait-s", "0.2",
     "--max-queue", str(QUEUE), "--max-ongoing-requests", str(ONGOING), "--cpus-per-replica", "1",
-    "--max-pixels", str(96 * 96), "--max-images", "4", "--api-auth", ":".join(AUTH),
+    "--max-pixels", str(96 * 96), "--max-images", "4", "--max-steps", str(LONG_STEPS), "--api-auth", ":".join(AUTH),
 )  # fmt: skip
 START_TIMEOUT_S = 240  # Ray and Serve start, two replicas load the model (2 busy cores in CI)
 SMALL = {"width": 64, "height": 64, "steps": 4}
@@ -79,12 +90,75 @@ def ray_vaes(tiny_sd, tmp_path_factory):
     patch.undo()
 
 
+class Gate:
+    """The gate of the replicas (tests/ray_gate.py) in FOLDER: within `holding()` every request reaching a replica
+    waits there (one of the replica's ongoing requests) and says so in FOLDER/arrived; the block's end lets them on
+    together. Each batched Pipeline call is recorded in FOLDER/batches."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        for name in ("arrived", "batches"):
+            (folder / name).mkdir()
+
+    @contextlib.contextmanager
+    def holding(self):
+        for old in [*(self.folder / "arrived").iterdir(), *(self.folder / "batches").iterdir()]:
+            old.unlink()
+        (self.folder / "hold").touch()
+        try:
+            yield self
+        finally:
+            (self.folder / "hold").unlink()
+
+    def arrived(self) -> list[str]:
+        """The requests held since `holding()` began, as "<replica pid>-<task id>"."""
+        return sorted(p.name for p in (self.folder / "arrived").iterdir())
+
+    @contextlib.contextmanager
+    def pausing(self, step: int):
+        """Within the block, a running job stops once it has reported STEP (or the step a later pause_at names)."""
+        self.pause_at(step)
+        try:
+            yield self
+        finally:
+            (self.folder / "pause-at").unlink()
+
+    def pause_at(self, step: int) -> None:
+        (self.folder / "pause-at.new").write_text(str(step))
+        (self.folder / "pause-at.new").replace(self.folder / "pause-at")  # the replicas never read half a number
+
+    def batches(self) -> list[list[str]]:
+        """The requests of each batched Pipeline call since `holding()` began, as arrived() names them."""
+        return sorted(sorted(p.read_text().split("\n")) for p in (self.folder / "batches").iterdir())
+
+    def wait_arrived(self, count: int, timeout_s: float = 60) -> None:
+        deadline = time.monotonic() + timeout_s
+        while len(self.arrived()) < count:
+            assert time.monotonic() < deadline, f"{len(self.arrived())} of {count} requests reached the replicas"
+            time.sleep(0.05)
+
+
 @pytest.fixture(scope="module")
-def ray_server(ray_models, ray_vaes, tiny_upscalers, tmp_path_factory):
+def ray_gate(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ray-gate")
+    patch = pytest.MonkeyPatch()
+    patch.setenv(GATE_ENV, str(folder))  # the replicas inherit it
+    yield Gate(folder)
+    patch.undo()
+
+
+@pytest.fixture(scope="module")
+def ray_server(ray_models, ray_vaes, ray_gate, tiny_upscalers, tmp_path_factory):
     upscalers = ("--upscaler-dir", str(tiny_upscalers["rrdb_x2"].parent))  # every replica and the ingress load it
     folder = ("--models-dir", str(ray_models), "-m", "alpha", "--max-loaded-models", "2", "--vae-dir", str(ray_vaes[0]))
-    server = start_server(None, tmp_path_factory.mktemp("ray"), *folder, *RAY_ARGS, *upscalers, auth=AUTH,
-                          timeout=START_TIMEOUT_S)  # fmt: skip
+    entry = (str(Path(__file__).with_name("ray_gate.py")),)  # sdrt's CLI, its replicas gated
+    patch = pytest.MonkeyPatch()  # Ray Serve kills a proxy not ready in 3 checks of 5 s (seen on a loaded 2-core box)
+    patch.setenv("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", str(START_TIMEOUT_S // 3))
+    try:
+        server = start_server(None, tmp_path_factory.mktemp("ray"), *folder, *RAY_ARGS, *upscalers, auth=AUTH,
+                              timeout=START_TIMEOUT_S, entry=entry)  # fmt: skip
+    finally:
+        patch.undo()  # the processes started have it
     started = []
     try:
         deadline = time.monotonic() + START_TIMEOUT_S  # the proxy answers before the app is deployed
@@ -327,7 +401,11 @@ def test_ray_sd_vae_from_the_vae_dir(ray_server, ray_vaes, tiny_sd):
     from sdrt.export.vae_files import export_vae
 
     assert "swap.safetensors" in [v["model_name"] for v in ray_server.get("/sdapi/v1/sd-vae").json()]
-    body = txt2img(ray_server, seed=21, override_settings={"sd_vae": "swap.safetensors"})
+    first = {"prompt": "a cat", **SMALL, "seed": 21, "override_settings": {"sd_vae": "swap.safetensors"}}
+    # the first use: the ingress imports torch and exports the VAE (past 60 s on a loaded 2-core machine)
+    res = requests.post(ray_server.url + "/sdapi/v1/txt2img", json=first, auth=AUTH, timeout=START_TIMEOUT_S)
+    assert res.status_code == 200, res.text
+    body = res.json()
     assert json.loads(body["info"])["sd_vae_name"] == "swap.safetensors"
     folder = str(export_vae(str(ray_vaes[1]["safetensors"]), tiny_sd[1], progress=False))  # the ingress's export
     pipe = Pipeline.load(tiny_sd[1])
@@ -365,18 +443,27 @@ def test_ray_hires_with_an_image_upscaler_and_extras(ray_server, tiny_sd, tiny_u
     assert np.array_equal(pixels(decode_b64(extras.json()["image"])), pixels(want))
 
 
-def test_ray_batches_compatible_requests_bit_identically(ray_server, tiny_pipeline):
-    """Concurrent requests with other prompts and seeds share UNet batches (the replicas log them); each image
-    equals its request served alone by the Python API, and carries its own prompt and seed."""
-    prompts = [f"a house number {i}" for i in range(8)]
-    start = threading.Barrier(len(prompts))
+def test_ray_batches_compatible_requests_bit_identically(ray_server, ray_gate, tiny_pipeline):
+    """Compatible requests (other prompts, negative prompts and seeds) that meet on a replica share one UNet batch.
+    The gate holds REPLICAS * ONGOING of them until every replica holds ONGOING (= BATCH), then lets them on
+    together (within 10 ms; the batch window is 0.2 s): each replica runs one batch of all its requests, whatever
+    the arrival timing. Each image equals its request served alone by the Python API and carries its own prompt and
+    seed. Can fail: replicas running each request alone (no batching, or a batch key telling prompts apart) make
+    1-request batches; a batch handing out images or seeds in the wrong order fails the bit-for-bit check.
+    (The evidence: the gate's record of each Generator.run_batch call, which logs `sdrt batch: N requests`; no
+    waiting for Ray to forward the replicas' logs.)"""
+    count = REPLICAS * ONGOING
+    prompts = [f"a house number {i}" for i in range(count)]
 
     def one(i):
-        start.wait()
-        return txt2img_retrying(ray_server, prompt=prompts[i], seed=500 + i, negative_prompt="blur" if i % 2 else "")
+        return txt2img_retrying(ray_server, prompt=prompts[i], seed=500 + i, negative_prompt="blur" if i % 2 else "",
+                                force_task_id=f"task(batch-{i})")  # fmt: skip
 
-    with ThreadPoolExecutor(len(prompts)) as pool:
-        bodies = list(pool.map(one, range(len(prompts))))
+    with ThreadPoolExecutor(count) as pool:
+        with ray_gate.holding():
+            futures = [pool.submit(one, i) for i in range(count)]
+            ray_gate.wait_arrived(count)  # every replica full: ONGOING requests each
+        bodies = [f.result() for f in futures]
     for i, body in enumerate(bodies):
         info = json.loads(body["info"])
         assert info["all_seeds"] == [500 + i] and info["prompt"] == prompts[i]
@@ -385,83 +472,137 @@ def test_ray_batches_compatible_requests_bit_identically(ray_server, tiny_pipeli
         )[0]
         got = decode_b64(body["images"][0])
         assert np.array_equal(pixels(got), pixels(direct)) and got.info["parameters"] == direct.info["parameters"]
-    deadline = time.monotonic() + 10  # replica logs reach the driver's output within about a second
-    while "sdrt batch:" not in ray_server.log() and time.monotonic() < deadline:
-        time.sleep(0.2)
-    batches = [line for line in ray_server.log().splitlines() if "sdrt batch:" in line]
-    assert batches and any(" 1 requests" not in line for line in batches), batches
+    held = {}  # replica pid -> the requests it held
+    for name in ray_gate.arrived():
+        held.setdefault(name.split("-")[0], []).append(name)
+    assert len(held) == REPLICAS and ray_gate.batches() == sorted(held.values())  # each replica: one batch of all
 
 
-def test_ray_queue_full_is_429_with_retry_after(ray_server):
-    """More concurrent requests than replicas hold plus the queue: some get 429 + Retry-After, the rest images."""
-    clients = REPLICAS * ONGOING + QUEUE + 12
+def test_ray_queue_full_is_429_with_retry_after(ray_server, ray_gate):
+    """The server holds REPLICAS * ONGOING requests on the replicas plus at least QUEUE in Ray Serve's queue; past
+    that a request gets 429 with Retry-After. The gate holds every request reaching a replica, so nothing finishes
+    while clients keep sending (a 429 is sent again) until the replicas are full and a request sent after that got
+    a 429 (Ray Serve's queue was full then, and stays so); then the gate opens: every client gets its own image or
+    a 429 (Retry-After >= 1), and at least REPLICAS * ONGOING + QUEUE got images. (Not exactly that many: Ray Serve
+    counts a queued request out of its queue while a full replica turns it down, and may let one more in
+    meanwhile.) Can fail: an unbounded queue (no 429), a queue smaller than QUEUE (fewer images), a missing
+    Retry-After, a held request lost or answered with another's image."""
+    capacity = REPLICAS * ONGOING + QUEUE
+    clients = capacity + 8
+    full = threading.Event()  # the replicas full and a 429 since: a client answered 429 stops sending
+    lock, rejected = threading.Lock(), []  # (when the request was sent, its Retry-After) of each 429
 
     def one(i):
-        res = ray_server.post("/sdapi/v1/txt2img", {"prompt": f"q{i}", "width": 64, "height": 64, "steps": 40,
-                                                    "seed": i})  # fmt: skip
-        return res.status_code, res.headers.get("Retry-After")
+        while True:
+            sent = time.monotonic()
+            res = ray_server.post("/sdapi/v1/txt2img", {"prompt": f"q{i}", **SMALL, "seed": i})
+            if res.status_code != 429:
+                return res
+            with lock:
+                rejected.append((sent, res.headers.get("Retry-After")))
+            if full.is_set():
+                return res
+            time.sleep(0.1)
 
     with ThreadPoolExecutor(clients) as pool:
-        outcomes = list(pool.map(one, range(clients)))
-    codes = [code for code, _ in outcomes]
-    assert set(codes) <= {200, 429} and codes.count(429) > 0 and codes.count(200) >= REPLICAS * ONGOING
-    assert all(int(after) >= 1 for code, after in outcomes if code == 429)
+        try:
+            with ray_gate.holding():
+                futures = [pool.submit(one, i) for i in range(clients)]
+                ray_gate.wait_arrived(REPLICAS * ONGOING)
+                replicas_full = time.monotonic()  # they stay full: what they hold waits at the gate
+                deadline = replicas_full + 60
+                while not any(sent > replicas_full for sent, _ in rejected):  # Ray Serve's queue held QUEUE then
+                    assert time.monotonic() < deadline, "no 429 with the replicas full"
+                    time.sleep(0.05)
+                full.set()
+        finally:
+            full.set()
+        answers = [f.result() for f in futures]
+    served = [i for i, res in enumerate(answers) if res.status_code == 200]
+    assert all(res.status_code in (200, 429) for res in answers), [res.status_code for res in answers]
+    print(f"\n429 test: {len(served)} of {clients} clients served, {len(rejected)} answers 429")
+    assert len(served) >= capacity, served
+    for i in served:
+        info = json.loads(answers[i].json()["info"])
+        assert len(answers[i].json()["images"]) == 1 and info["prompt"] == f"q{i}" and info["all_seeds"] == [i]
+    assert all(int(after) >= 1 for _, after in rejected)
 
 
-def test_ray_progress_and_interrupt_by_task_id(ray_server):
-    """progress?id_task= follows a job on whichever replica runs it; interrupt with another id leaves it alone;
-    interrupt with its id stops it (no images, as in one process)."""
+def long_job(server, task_id: str, **fields) -> tuple[threading.Thread, dict]:
+    """A txt2img of LONG_STEPS steps as TASK_ID in a thread: (the thread, {"res": its response once answered})."""
     result = {}
 
-    def long_job():
-        result["res"] = ray_server.post("/sdapi/v1/txt2img", {"prompt": "long", **SMALL, "steps": 150, "seed": 1,
-                                                              "force_task_id": "task(long)"})  # fmt: skip
+    def run():
+        result["res"] = server.post("/sdapi/v1/txt2img", {"prompt": "long", **SMALL, "steps": LONG_STEPS,
+                                                          "force_task_id": task_id, **fields})  # fmt: skip
 
-    thread = threading.Thread(target=long_job)
+    thread = threading.Thread(target=run)
     thread.start()
-    deadline = time.monotonic() + 60
-    state = {}
-    while time.monotonic() < deadline:
-        progress = ray_server.get("/sdapi/v1/progress", params={"id_task": "task(long)"}).json()
-        state = progress["state"]
-        if state["job"] == "txt2img" and state["sampling_step"] > 0:
-            break
+    return thread, result
+
+
+def progress_of(server, task_id: str, **params) -> dict:
+    return server.get("/sdapi/v1/progress", params={"id_task": task_id, **params}).json()
+
+
+def wait_for_step(server, task_id: str, step: int, running: bool = False, timeout_s: float = 60) -> dict:
+    """TASK_ID's progress once its job reached STEP (RUNNING: it runs already, and ending first fails at once)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        progress = progress_of(server, task_id)
+        if progress["state"]["sampling_step"] >= step:
+            return progress
+        assert not (running and progress["state"]["job"] == ""), f"{task_id} ended before step {step}"
+        assert time.monotonic() < deadline, f"{task_id} did not reach step {step}: {progress}"
         time.sleep(0.05)
-    assert state["job"] == "txt2img" and state["sampling_steps"] == 150 and 0 < progress["progress"] < 1, progress
-    assert ray_server.get("/sdapi/v1/progress", params={"id_task": "task(other)"}).json()["state"]["job"] == ""
-    assert ray_server.post("/sdapi/v1/interrupt?id_task=task(other)").status_code == 200
-    time.sleep(0.3)
-    if not thread.is_alive():  # a quiet machine ran all 150 steps meanwhile: the other id's interrupt left it whole
-        res = result["res"]
-        assert res.status_code == 200 and len(res.json()["images"]) == 1
-        return
-    assert ray_server.post("/sdapi/v1/interrupt?id_task=task(long)").status_code == 200
-    thread.join(60)
+
+
+def test_ray_progress_and_interrupt_by_task_id(ray_server, ray_gate):
+    """progress?id_task= follows a job on whichever replica runs it; interrupt with another id leaves it alone (not
+    marked interrupted, and it runs on); interrupt with its id stops it (no images, as in one process). The gate
+    pauses the job (LONG_STEPS steps) at the step the test names, so it is running, at a known step, whenever the
+    test looks; after its interrupt it has hundreds of steps left to notice it. Can fail: an interrupt of every job
+    marks it at the other id's interrupt (and ends it before step 25); one ignoring the id lets it end with images."""
+    with ray_gate.pausing(5):
+        thread, result = long_job(ray_server, "task(long)", seed=1)
+        progress = wait_for_step(ray_server, "task(long)", 5)
+        state = progress["state"]
+        assert state["job"] == "txt2img" and (state["sampling_step"], state["sampling_steps"]) == (5, LONG_STEPS)
+        assert 0 < progress["progress"] < 1 and not state["interrupted"], progress
+        assert progress_of(ray_server, "task(other)")["state"]["job"] == ""
+        assert ray_server.post("/sdapi/v1/interrupt?id_task=task(other)").status_code == 200
+        assert not progress_of(ray_server, "task(long)")["state"]["interrupted"]
+        ray_gate.pause_at(25)
+        later = wait_for_step(ray_server, "task(long)", 25, running=True)["state"]
+        assert later["sampling_step"] == 25 and not later["interrupted"] and thread.is_alive()
+        assert ray_server.post("/sdapi/v1/interrupt?id_task=task(long)").status_code == 200
+        assert progress_of(ray_server, "task(long)")["state"]["interrupted"]
+    thread.join(60)  # unpaused: the job stops at the first step the board answers after the interrupt
+    assert not thread.is_alive(), "the interrupted job did not stop"
     res = result["res"]
     assert res.status_code == 200 and res.json()["images"] == []
-    idle = ray_server.get("/sdapi/v1/progress", params={"id_task": "task(long)"}).json()
+    idle = progress_of(ray_server, "task(long)")
     assert idle["state"]["job"] == "" and idle["progress"] == 0
 
 
-def test_ray_live_preview_when_polled(ray_server):
-    """A poll asking for current_image gets a preview decoded on the replica (lazily: test_ray_previews.py)."""
-    result = {}
-
-    def long_job():
-        result["res"] = ray_server.post("/sdapi/v1/txt2img", {"prompt": "preview", **SMALL, "steps": 150, "seed": 2,
-                                                              "force_task_id": "task(preview)"})  # fmt: skip
-
-    thread = threading.Thread(target=long_job)
-    thread.start()
-    deadline, image = time.monotonic() + 60, None
-    while time.monotonic() < deadline and image is None:
-        progress = ray_server.get("/sdapi/v1/progress", params={"id_task": "task(preview)",
-                                                               "skip_current_image": "false"}).json()  # fmt: skip
-        image = progress["current_image"]
-        time.sleep(0.05)
-    assert ray_server.post("/sdapi/v1/interrupt?id_task=task(preview)").status_code == 200
+def test_ray_live_preview_when_polled(ray_server, ray_gate):
+    """A poll asking for current_image gets a preview decoded on the replica (lazily: test_ray_previews.py). The gate
+    lets the job (LONG_STEPS steps) on 5 steps at a time until a poll finds the preview: it comes, however fast the
+    machine, before the job could end."""
+    with ray_gate.pausing(5):
+        thread, _ = long_job(ray_server, "task(preview)", prompt="preview", seed=2)
+        step, image = 5, None
+        while True:
+            wait_for_step(ray_server, "task(preview)", step, running=step > 5)
+            image = progress_of(ray_server, "task(preview)", skip_current_image="false")["current_image"]
+            if image is not None or step >= LONG_STEPS - 100:
+                break
+            step += 5
+            ray_gate.pause_at(step)
+        assert ray_server.post("/sdapi/v1/interrupt?id_task=task(preview)").status_code == 200
     thread.join(60)
-    assert image is not None and decode_b64(image).size == (8, 8)  # Approx NN -> Approx cheap: latent-sized
+    assert not thread.is_alive() and image is not None
+    assert decode_b64(image).size == (8, 8)  # Approx NN -> Approx cheap: latent-sized
 
 
 def test_ray_fuzz(ray_server):
@@ -471,6 +612,9 @@ def test_ray_fuzz(ray_server):
     def bounded(case):  # quick generations: the limits paths are fuzzed on sdrt serve (test_server_fuzz.py)
         if isinstance(case.body, dict) and isinstance(case.body.get("steps"), int) and case.body["steps"] > 8:
             case.body["steps"] = 8
+        hires_steps = case.body.get("hr_second_pass_steps") if isinstance(case.body, dict) else None
+        if isinstance(hires_steps, int) and hires_steps > A1111_MAX_STEPS:  # a 422, as under the default --max-steps
+            case.body["hr_second_pass_steps"] = LONG_STEPS + 1
 
     statuses = fuzz(ray_server.url, auth=AUTH, examples=12, prepare=bounded, budget_s=90)
     total = sum(statuses.values())
