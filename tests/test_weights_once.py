@@ -63,6 +63,8 @@ def test_writable_mappings_are_never_released(tmp_path):
 
 ov = pytest.importorskip("openvino", reason="the openvino extra is not installed")
 
+import sdrt.engines.openvino as ov_backend  # noqa: E402  (after the importorskip above)
+
 
 def unet_feeds() -> dict:
     rng = np.random.default_rng(1)
@@ -219,8 +221,7 @@ def test_bf16_ir_stores_matmul_weights_in_bf16_marked_as_decompression(tmp_path)
     assert f32_source == tmp_path / "m" / "model.onnx"  # f32: external data read as it is
 
 
-needs_bf16 = pytest.mark.skipif("not __import__('sdrt.engines.openvino', fromlist=['x']).cpu_has_bf16()",
-                                reason="OpenVINO computes bf16 only on a CPU with AVX512_BF16 or AMX")  # fmt: skip
+needs_bf16 = pytest.mark.skipif(not ov_backend.cpu_has_bf16(), reason=ov_backend.NO_BF16_REASON)
 
 
 @needs_bf16

@@ -35,15 +35,14 @@ def _madvise():
 _MADVISE = _madvise()
 
 
-def trim_heap() -> bool:
+def trim_heap() -> None:
     """Give the C heap's free memory back to the system (glibc's malloc_trim): memory freed in many allocations under
     glibc's mmap threshold (an IR conversion's bf16 weights: 4.4 GiB for SDXL's UNet) otherwise stays in the process's
-    RSS. Whether it ran (False off glibc)."""
+    RSS. Nothing off glibc."""
     try:
         ctypes.CDLL(None).malloc_trim(0)
     except (OSError, AttributeError):
-        return False
-    return True
+        pass
 
 
 def read_only_mappings(files) -> list[tuple[int, int]]:

@@ -3,12 +3,12 @@
 OpenVINO maps an ONNX graph's external data file and an IR's .bin file; it reads weights stored inside an .onnx
 file (graphs under 2 GB: sdrt's text encoders and VAEs) into its own memory, which the compiled model then keeps
 beside its re-laid copy. Such a graph is converted once to OpenVINO's IR (weights unchanged, f32) in sdrt's cache
-folder, keyed by the ONNX file, its size and time, and OpenVINO's version; a graph with external data is read as it
-is. mapped.py then gives the mapped pages back once the graph is compiled.
+folder, keyed by the ONNX file, its size and time, and OpenVINO's version; in f32 a graph with external data is read
+as it is. mapped.py then gives the mapped pages back once the graph is compiled.
 
-In bf16, OpenVINO's CPU plugin keeps a MatMul's f32 constant weight at f32 size beside nothing else: its
-FullyConnected layers hold 4 bytes per weight although they run in bf16 (measured: 24 Linear layers of 2048x2048,
-0.41 GiB anonymous memory after the compile in f32 and in bf16 alike). A MatMul whose weight arrives as a bf16
+In bf16, OpenVINO's CPU plugin keeps a MatMul's f32 constant weight at f32 size: its FullyConnected layers hold 4 bytes
+per weight although they run in bf16 (measured: 24 Linear layers of 2048x2048, 0.41 GiB anonymous memory after the
+compile in f32 and in bf16 alike). A MatMul whose weight arrives as a bf16
 constant and a Convert marked as decompression keeps it at 2 bytes. So a graph compiled in bf16 is read from its own
 IR, "bf16 weights": each MatMul's f32 weight stored rounded to bf16 (round to nearest even, what the plugin does to
 run it in bf16: the outputs are bit-identical), the rest as it is. SDXL's UNet holds 8.2 GiB of MatMul weights:
