@@ -19,6 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from sdrt.bench.load_memory import sample_rss_split
+
 FLUX_DEV = {"num_layers": 19, "num_single_layers": 38, "attention_head_dim": 128, "num_attention_heads": 24,
             "joint_attention_dim": 4096, "pooled_projection_dim": 768, "in_channels": 64, "guidance_embeds": True,
             "axes_dims_rope": [16, 56, 56]}  # fmt: skip
@@ -39,16 +41,6 @@ def build(folder: Path, double: int, single: int) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _sample_rss(peaks: dict, stop) -> None:
-    """Record the largest RssAnon and RssFile (/proc/self/status) until STOP is set: the weights' file pages
-    (safetensors maps the files) are kept apart from the process's own memory."""
-    while not stop.wait(0.2):
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(("RssAnon:", "RssFile:")):
-                name, value = line.split(":")
-                peaks[name] = max(peaks.get(name, 0), int(value.split()[0]) * 1024)
-
-
 def run_one(folder: str, part_bytes: int) -> dict:
     """Export the transformer saved in FOLDER in this process (weights read lazily); its figures."""
     from sdrt.export import lazy_weights as lazy
@@ -62,7 +54,7 @@ def run_one(folder: str, part_bytes: int) -> dict:
     import threading
 
     peaks, stop = {}, threading.Event()
-    sampler = threading.Thread(target=_sample_rss, args=(peaks, stop), daemon=True)
+    sampler = threading.Thread(target=sample_rss_split, args=(peaks, stop), daemon=True)
     sampler.start()
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as out:

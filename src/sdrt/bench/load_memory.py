@@ -29,6 +29,21 @@ def memory_status() -> dict:
     return fields
 
 
+def sample_rss_split(peaks: dict, stop, status: str = "/proc/self/status") -> None:
+    """Record in PEAKS the largest RssAnon and RssFile (bytes, keyed by those names) of the process whose STATUS file
+    is read, every 0.2 s until STOP (a threading.Event) is set or the process is gone: mapped weight files
+    (safetensors, ONNX external data) apart from the process's own memory."""
+    while not stop.wait(0.2):
+        try:
+            lines = Path(status).read_text().splitlines()
+        except OSError:
+            return
+        for line in lines:
+            if line.startswith(("RssAnon:", "RssFile:")):
+                name, value = line.split(":")
+                peaks[name] = max(peaks.get(name, 0), int(value.split()[0]) * 1024)
+
+
 def reset_peak() -> bool:
     """Reset the high-water mark to the current RSS (Linux's clear_refs "5"); False where the kernel refuses."""
     try:

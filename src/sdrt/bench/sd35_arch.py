@@ -37,6 +37,7 @@ from sdrt.bench.flow_arch import (
     TINY_T5,
 )
 from sdrt.bench.flow_arch import T5_XXL as T5_XXL_BASE
+from sdrt.bench.load_memory import sample_rss_split
 
 # SD 3.5 Medium's transformer, VAE and T5-XXL: the bench's one definition (flow_arch.py)
 SD35_MEDIUM_TRANSFORMER, SD35_VAE = SD35M_TRANSFORMER, SD3_VAE
@@ -104,21 +105,6 @@ def build_folder(folder, with_t5: bool = False, seed: int = 0, tiny: bool = Fals
     return folder
 
 
-def _sample_child(pid: int, peaks: dict, stop) -> None:
-    """Record the largest RssAnon / RssFile of process PID (/proc/PID/status) every 0.2 s until STOP is set: the
-    weight files' mapped pages (safetensors, ONNX external data) apart from the process's own memory."""
-    while not stop.wait(0.2):
-        try:
-            lines = Path(f"/proc/{pid}/status").read_text().splitlines()
-        except OSError:
-            return
-        for line in lines:
-            if line.startswith(("RssAnon:", "RssFile:")):
-                name, value = line.split(":")
-                key = "peak_" + name.lower().replace("rss", "rss_") + "_gib"
-                peaks[key] = max(peaks.get(key, 0), round(int(value.split()[0]) / 2**20, 2))
-
-
 def child(cmd: list[str]) -> dict:
     """Run CMD; its wall seconds, exit status, peak RSS (GiB, the kernel's, getrusage), the largest anonymous and
     file-backed RSS sampled apart, and the JSON its last stdout line prints, if any."""
@@ -127,14 +113,17 @@ def child(cmd: list[str]) -> dict:
     start = time.perf_counter()
     process = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     peaks, stop = {}, threading.Event()
-    sampler = threading.Thread(target=_sample_child, args=(process.pid, peaks, stop), daemon=True)
+    sampler = threading.Thread(target=sample_rss_split, args=(peaks, stop, f"/proc/{process.pid}/status"),
+                               daemon=True)  # fmt: skip
     sampler.start()
     stdout, _ = process.communicate()
     stop.set()
     seconds = time.perf_counter() - start
     usage = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # the largest child so far: children run in turn
+    # RssAnon -> peak_rss_anon_gib, RssFile -> peak_rss_file_gib
+    split = {f"peak_rss_{name[3:].lower()}_gib": round(value / 2**30, 2) for name, value in peaks.items()}
     out = {"rc": process.returncode, "seconds": round(seconds, 1), "peak_rss_gib_so_far": round(usage / 2**20, 2),
-           **peaks}  # fmt: skip
+           **split}  # fmt: skip
     lines = stdout.strip().splitlines()
     if lines and lines[-1].startswith("{"):
         out.update(json.loads(lines[-1]))

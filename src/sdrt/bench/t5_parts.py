@@ -20,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from sdrt.bench.load_memory import memory_status, reset_peak
+
 XXL = {"d_model": 4096, "d_ff": 10240, "num_heads": 64, "d_kv": 64, "vocab_size": 32128, "blocks": 24}
 
 
@@ -39,38 +41,25 @@ def build(blocks: int):
         torch.set_default_dtype(torch.float32)
 
 
-def _peak_rss() -> int:
-    """This process's peak RSS in bytes since the last _reset_peak() (VmHWM)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
-def _reset_peak() -> None:
-    """Start VmHWM again from the current RSS (writing 5 to /proc/self/clear_refs): a peak per part."""
-    Path("/proc/self/clear_refs").write_text("5")
-
-
 def run_one(blocks: int, part_bytes: int) -> dict:
     """Export in this process; its figures, with each part's time, peak RSS and error against torch."""
     from sdrt.export import t5
 
     encoder = build(blocks)
-    built_rss = _peak_rss()
+    built_rss = memory_status()["VmHWM"]
     params = sum(p.numel() for p in encoder.parameters())
     start = time.perf_counter()
     parts = []
     with tempfile.TemporaryDirectory() as folder:
         steps = t5.t5_steps(encoder, "text_encoder_3", part_bytes=part_bytes)
         for step in steps:
-            _reset_peak()
+            reset_peak()
             began = time.perf_counter()
             blocks_range = step.manifest_entry["blocks"]
             error = step.run(Path(folder), "fp32")
             out = Path(folder) / step.spec.name
             parts.append({"blocks": blocks_range, "seconds": round(time.perf_counter() - began, 1),
-                          "peak_rss_bytes": _peak_rss(), "max_relative_error": error,
+                          "peak_rss_bytes": memory_status()["VmHWM"], "max_relative_error": error,
                           "onnx_bytes": sum(f.stat().st_size for f in out.rglob("*") if f.is_file())})  # fmt: skip
             shutil.rmtree(out)  # measured and verified: a full T5-XXL's 19 GB of graphs never sit on disk at once
             print(f"part {len(parts) - 1} {parts[-1]}", file=sys.stderr, flush=True)
