@@ -56,17 +56,18 @@ def graph_source(model_file: Path, cache_root: Path, core, precision: str | None
     and its external data, or the IR (converted once with CORE, an openvino.Core) and its .bin; in bf16 (PRECISION)
     always the IR with bf16 MatMul weights. Where the IR cannot be written, the ONNX file (its weights then stay in
     OpenVINO's memory, or at f32 size in bf16: logged)."""
-    external = external_data_files(model_file)
     bf16_weights = precision == "bf16"
+    xml = ir_path(model_file, cache_root, bf16_weights)
+    if xml.is_file():  # converted before: the ONNX file need not be parsed (0.25 s for SDXL's first text encoder)
+        return xml, [xml.with_suffix(".bin")]
+    external = external_data_files(model_file)
     if external and not bf16_weights:
         return model_file, external
-    xml = ir_path(model_file, cache_root, bf16_weights)
-    if not xml.is_file():
-        try:
-            convert(model_file, xml, core, bf16_weights, mapped=external)
-        except OSError as e:
-            log.info("%s: no IR written (%s): its weights stay in memory beside the compiled model", model_file, e)
-            return model_file, external
+    try:
+        convert(model_file, xml, core, bf16_weights, mapped=external)
+    except OSError as e:
+        log.info("%s: no IR written (%s): its weights stay in memory beside the compiled model", model_file, e)
+        return model_file, external
     return xml, [xml.with_suffix(".bin")]
 
 
